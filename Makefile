@@ -8,13 +8,22 @@ PY      := $(VENV)/bin/python
 PYTEST  := $(VENV)/bin/pytest
 ENVOY   := $(VENV)/bin/envoy
 WASM    := target/wasm32-wasip1/release/kvab_filter.wasm
+# wasm-bindgen-test-runner must match the wasm-bindgen version in Cargo.lock exactly.
+WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = "\(.*\)"/\1/p;q}' Cargo.lock)
+WB_RUNNER := .tools/bin/wasm-bindgen-test-runner
 export KVAB_ENVOY := $(abspath $(ENVOY))
 export KVAB_WASM  := $(abspath $(WASM))
 
-.PHONY: build filter rust-targets venv lint unit test e2e demo clean
+.PHONY: build filter rust-targets venv wasm-runner lint unit wasm-unit test e2e demo clean
 
 rust-targets:
-	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+	@for t in wasm32-wasip1 wasm32-unknown-unknown; do \
+	  rustup target list --installed | grep -qx $$t || rustup target add $$t; done
+
+wasm-runner:
+	@if ! $(WB_RUNNER) --version 2>/dev/null | grep -q " $(WASM_BINDGEN_VERSION)$$"; then \
+	  echo "installing wasm-bindgen-cli $(WASM_BINDGEN_VERSION) into .tools"; \
+	  cargo install --quiet --root .tools wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION); fi
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: tests/requirements.txt
@@ -35,10 +44,15 @@ lint:
 unit:
 	cargo test --workspace
 
+# The filter's logic tests again, compiled to wasm and run in Node: same behaviour inside a VM.
+wasm-unit: rust-targets wasm-runner
+	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(abspath $(WB_RUNNER)) \
+	  cargo test -p kvab-filter-core --target wasm32-unknown-unknown
+
 e2e: filter venv
 	$(PYTEST) -q tests
 
-test: lint unit e2e
+test: lint unit wasm-unit e2e
 
 clean:
 	cargo clean
