@@ -50,9 +50,13 @@ wasm-unit: rust-targets wasm-runner
 	  cargo test -p kvab-filter-core --target wasm32-unknown-unknown
 
 e2e: filter venv
-	$(PYTEST) -q tests
+	$(PYTEST) -q -p no:cacheprovider tests
 
 test: lint unit wasm-unit e2e
+
+# The main job on the embedded local stack (see README).
+demo: filter venv
+	cd local && ../$(PY) -m kvablocal.demo
 
 clean:
 	cargo clean

@@ -122,7 +122,12 @@ pub fn parse(json: &[u8]) -> Result<Plan, ConfigError> {
     let mut de = serde_json::Deserializer::from_slice(input);
     let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let field = e.path().to_string();
-        let field = if field == "." { String::new() } else { field };
+        // "." is the root and "?" an unknown position (syntax errors): no field to name.
+        let field = if field == "." || field == "?" {
+            String::new()
+        } else {
+            field
+        };
         error(field, e.into_inner().to_string())
     })?;
     de.end().map_err(|e| error("", e.to_string()))?;
@@ -426,6 +431,33 @@ mod tests {
         assert_eq!(err(r#"{"onMissing":"split"}"#).field, "split");
         let e = err(r#"{"split":{"weights":{"fs":1},"keyHeader":"bad header"}}"#);
         assert_eq!(e.field, "split.keyHeader");
+    }
+
+    /// The shipped fixtures (also checked against the JSON Schema by the Python tests).
+    #[cfg(not(target_arch = "wasm32"))]
+    #[test]
+    fn fixtures_are_accepted_and_refused_as_filed() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+        let mut seen = 0;
+        for (folder, should_parse) in [
+            ("valid", true),
+            ("invalid", false),
+            ("invalid-semantic", false),
+        ] {
+            for entry in std::fs::read_dir(dir.join(folder)).unwrap() {
+                let path = entry.unwrap().path();
+                let result = parse(&std::fs::read(&path).unwrap());
+                assert_eq!(
+                    result.is_ok(),
+                    should_parse,
+                    "{}: {:?}",
+                    path.display(),
+                    result.err()
+                );
+                seen += 1;
+            }
+        }
+        assert!(seen >= 15, "only {seen} fixtures found");
     }
 
     #[test]

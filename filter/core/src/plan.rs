@@ -244,6 +244,34 @@ impl Plan {
         self.split.as_ref()
     }
 
+    /// One line summarizing the configuration in its own vocabulary, for the log.
+    pub fn describe(&self) -> String {
+        let name = |arm: ArmId| self.arm_label(Some(arm)).to_owned();
+        let missing = match self.on_missing {
+            Missing::Passthrough => "passthrough".to_owned(),
+            Missing::Default(arm) => format!("default ({})", name(arm)),
+            Missing::Split => {
+                let weights: Vec<String> = self
+                    .split
+                    .iter()
+                    .flat_map(|s| s.weights())
+                    .map(|(arm, w)| format!("{}={w}", name(arm)))
+                    .collect();
+                format!("split ({})", weights.join(", "))
+            }
+        };
+        let unknown = match self.on_unknown {
+            Unknown::Reject => "reject".to_owned(),
+            Unknown::Passthrough => "passthrough".to_owned(),
+            Unknown::Default(arm) => format!("default ({})", name(arm)),
+        };
+        format!(
+            "header {}, arms [{}], onMissing {missing}, onUnknown {unknown}",
+            self.header,
+            self.arms.join(", ")
+        )
+    }
+
     /// The JSON body answered with a rejection (prepared once at configure time).
     pub fn rejection_body(&self, rejection: Rejection) -> &[u8] {
         let i = match rejection {
@@ -540,6 +568,21 @@ mod tests {
         );
         assert_eq!(Rejection::UnknownBackend.code(), "unknown_kv_backend");
         assert_eq!(Rejection::AmbiguousBackend.code(), "ambiguous_kv_backend");
+    }
+
+    #[test]
+    fn describe_names_the_policies() {
+        assert_eq!(
+            plan("{}").describe(),
+            "header x-kv-backend, arms [nvlink, fs], onMissing passthrough, onUnknown reject"
+        );
+        let p = plan(
+            r#"{"onMissing":"split","split":{"weights":{"nvlink":3,"fs":1}},"onUnknown":"default","defaultArm":"fs"}"#,
+        );
+        assert_eq!(
+            p.describe(),
+            "header x-kv-backend, arms [nvlink, fs], onMissing split (fs=1, nvlink=3), onUnknown default (fs)"
+        );
     }
 
     #[test]

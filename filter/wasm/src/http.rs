@@ -61,7 +61,7 @@ impl HttpContext for RequestContext {
             Err(e) => {
                 abi::log(
                     Level::Error,
-                    &format!("kvab: cannot read request headers: host status {}", e.0),
+                    &format!("cannot read request headers: host status {}", e.0),
                 );
                 Box::default()
             }

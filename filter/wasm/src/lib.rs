@@ -12,7 +12,7 @@ mod worker;
 proxy_wasm::main! {{
     // A panic would trap the VM; leave one critical log line naming where, for the operator.
     std::panic::set_hook(Box::new(|info| {
-        abi::log(abi::Level::Critical, &format!("kvab: panic: {info}"));
+        abi::log(abi::Level::Critical, &format!("panic: {info}"));
     }));
     proxy_wasm::set_root_context(|context_id| Box::new(root::Root::new(context_id)));
 }}

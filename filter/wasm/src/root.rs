@@ -34,10 +34,7 @@ impl RootContext for Root {
             Err(e) => {
                 abi::log(
                     Level::Error,
-                    &format!(
-                        "kvab: cannot read the plugin configuration: host status {}",
-                        e.0
-                    ),
+                    &format!("cannot read the plugin configuration: host status {}", e.0),
                 );
                 return false;
             }
@@ -45,10 +42,7 @@ impl RootContext for Root {
         let plan = match kvab_filter_core::parse(&raw) {
             Ok(plan) => plan,
             Err(e) => {
-                abi::log(
-                    Level::Error,
-                    &format!("kvab: invalid plugin configuration: {e}"),
-                );
+                abi::log(Level::Error, &format!("invalid plugin configuration: {e}"));
                 return false;
             }
         };
@@ -57,13 +51,7 @@ impl RootContext for Root {
             Ok(worker) => {
                 abi::log(
                     Level::Info,
-                    &format!(
-                        "kvab: configured header {} with arms [{}], on missing {:?}, on unknown {:?}",
-                        worker.plan.header(),
-                        worker.plan.arm_names().join(", "),
-                        worker.plan.on_missing(),
-                        worker.plan.on_unknown()
-                    ),
+                    &format!("configured: {}", worker.plan.describe()),
                 );
                 self.worker = Some(Rc::new(worker));
                 true
@@ -71,7 +59,7 @@ impl RootContext for Root {
             Err((name, e)) => {
                 abi::log(
                     Level::Error,
-                    &format!("kvab: cannot define metric {name}: host status {}", e.0),
+                    &format!("cannot define metric {name}: host status {}", e.0),
                 );
                 false
             }
