@@ -17,6 +17,7 @@ export KVAB_WASM  := $(abspath $(WASM))
 .PHONY: build filter rust-targets venv wasm-runner lint unit wasm-unit test e2e demo clean
 
 rust-targets:
+	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
 	@for t in wasm32-wasip1 wasm32-unknown-unknown; do \
 	  rustup target list --installed | grep -qx $$t || rustup target add $$t; done
 
@@ -36,7 +37,7 @@ filter: rust-targets
 
 build: filter
 
-lint:
+lint: rust-targets
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy --release --target wasm32-wasip1 -p kvab-filter -- -D warnings
