@@ -7,7 +7,8 @@ use std::fmt;
 use serde::Deserialize;
 
 use crate::assign::Split;
-use crate::plan::{ArmId, Missing, Plan, Unknown};
+use crate::plan::{ArmId, Missing, Plan, Unavailable, Unknown};
+use crate::sidecar::Sidecar;
 
 /// Arm names and aliases end up in metric names and header values: keep them to a safe,
 /// bounded alphabet.
@@ -34,6 +35,33 @@ struct RawConfig {
     default_arm: Option<String>,
     #[serde(default)]
     split: Option<RawSplit>,
+    #[serde(default)]
+    on_unavailable: UnavailablePolicy,
+    #[serde(default)]
+    sidecar: Option<RawSidecar>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSidecar {
+    cluster: String,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default = "default_refresh_ms")]
+    refresh_ms: u64,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default = "default_stale_after_ms")]
+    stale_after_ms: u64,
+}
+
+fn default_refresh_ms() -> u64 {
+    1_000
+}
+/// Default call timeout, capped at the refresh interval.
+const DEFAULT_TIMEOUT_MS: u64 = 500;
+fn default_stale_after_ms() -> u64 {
+    10_000
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,6 +87,14 @@ enum MissingPolicy {
     Passthrough,
     Default,
     Split,
+}
+
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum UnavailablePolicy {
+    #[default]
+    Reject,
+    Passthrough,
 }
 
 #[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -210,9 +246,84 @@ fn build(raw: RawConfig) -> Result<Plan, ConfigError> {
         (Some(split), _) => Some(build_split(split, &arm_id)?),
     };
 
-    Ok(Plan::new(
-        header, arms, spellings, on_missing, on_unknown, split,
-    ))
+    let sidecar = match &raw.sidecar {
+        Some(sidecar) => Some(build_sidecar(sidecar)?),
+        None => None,
+    };
+    let on_unavailable = match raw.on_unavailable {
+        UnavailablePolicy::Reject => Unavailable::Reject,
+        UnavailablePolicy::Passthrough => Unavailable::Passthrough,
+    };
+
+    Ok(Plan::new(crate::plan::Policies {
+        header,
+        arms,
+        spellings,
+        on_missing,
+        on_unknown,
+        on_unavailable,
+        split,
+        sidecar,
+    }))
+}
+
+fn build_sidecar(raw: &RawSidecar) -> Result<Sidecar, ConfigError> {
+    let cluster = raw.cluster.trim();
+    if cluster.is_empty()
+        || cluster.len() > 256
+        || cluster.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(error(
+            "sidecar.cluster",
+            format!(
+                "\"{}\" is not an Envoy cluster name (under Istio: outbound|PORT||SERVICE.NAMESPACE.svc.cluster.local)",
+                raw.cluster
+            ),
+        ));
+    }
+    let valid_authority = |a: &str| {
+        !a.is_empty() && a.is_ascii() && !a.chars().any(|c| c.is_whitespace() || c.is_control())
+    };
+    let authority = match &raw.authority {
+        Some(a) if valid_authority(a.trim()) => a.trim().to_owned(),
+        Some(a) => {
+            return Err(error(
+                "sidecar.authority",
+                format!("\"{a}\" is not a valid :authority"),
+            ))
+        }
+        None => Sidecar::default_authority(cluster),
+    };
+    let in_range = |field: &str, value: u64, min: u64, max: u64| {
+        if (min..=max).contains(&value) {
+            Ok(value)
+        } else {
+            Err(error(
+                field,
+                format!("must be between {min} and {max} milliseconds, got {value}"),
+            ))
+        }
+    };
+    let refresh_ms = in_range("sidecar.refreshMs", raw.refresh_ms, 100, 60_000)?;
+    let timeout_ms = in_range(
+        "sidecar.timeoutMs",
+        raw.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS.min(refresh_ms)),
+        10,
+        refresh_ms,
+    )?;
+    let stale_after_ms = in_range(
+        "sidecar.staleAfterMs",
+        raw.stale_after_ms,
+        2 * refresh_ms,
+        3_600_000,
+    )?;
+    Ok(Sidecar {
+        cluster: cluster.to_owned(),
+        authority,
+        refresh_ms,
+        timeout_ms,
+        stale_after_ms,
+    })
 }
 
 fn build_split(
@@ -458,6 +569,55 @@ mod tests {
             }
         }
         assert!(seen >= 15, "only {seen} fixtures found");
+    }
+
+    #[test]
+    fn sidecar_settings_are_checked() {
+        let plan = parse(
+            br#"{"sidecar":{"cluster":"outbound|18090||kvab.llm-d-vllm.svc.cluster.local"}}"#,
+        )
+        .unwrap();
+        let sidecar = plan.sidecar().unwrap();
+        assert_eq!(sidecar.authority, "kvab.llm-d-vllm.svc.cluster.local:18090");
+        assert_eq!(
+            (
+                sidecar.refresh_ms,
+                sidecar.timeout_ms,
+                sidecar.stale_after_ms
+            ),
+            (1000, 500, 10_000)
+        );
+        assert_eq!(plan.on_unavailable(), Unavailable::Reject);
+        let plan = parse(br#"{"sidecar":{"cluster":"kvab_sidecar","refreshMs":200}}"#).unwrap();
+        assert_eq!(plan.sidecar().unwrap().authority, "kvab_sidecar");
+        for (json, field) in [
+            (r#"{"sidecar":{}}"#, "sidecar"),
+            (r#"{"sidecar":{"cluster":""}}"#, "sidecar.cluster"),
+            (r#"{"sidecar":{"cluster":"a b"}}"#, "sidecar.cluster"),
+            (
+                r#"{"sidecar":{"cluster":"c","refreshMs":50}}"#,
+                "sidecar.refreshMs",
+            ),
+            (
+                r#"{"sidecar":{"cluster":"c","timeoutMs":2000}}"#,
+                "sidecar.timeoutMs",
+            ),
+            (
+                r#"{"sidecar":{"cluster":"c","staleAfterMs":1500}}"#,
+                "sidecar.staleAfterMs",
+            ),
+            (
+                r#"{"sidecar":{"cluster":"c","authority":"a b"}}"#,
+                "sidecar.authority",
+            ),
+            (
+                r#"{"sidecar":{"cluster":"c","url":"http://x"}}"#,
+                "sidecar.url",
+            ),
+            (r#"{"onUnavailable":"wait"}"#, "onUnavailable"),
+        ] {
+            assert_eq!(err(json).field, field, "{json}");
+        }
     }
 
     #[test]

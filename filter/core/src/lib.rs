@@ -5,10 +5,13 @@
 
 pub mod assign;
 pub mod config;
+pub mod endpoints;
 pub mod headers;
 pub mod metrics;
 pub mod plan;
 mod reply;
+pub mod sidecar;
+pub mod tally;
 
 pub use config::{parse, ConfigError};
-pub use plan::{ArmId, Decision, Invalid, Plan, Reading, Rejection, Source, Verdict};
+pub use plan::{Admission, ArmId, Decision, Invalid, Plan, Reading, Rejection, Source, Verdict};

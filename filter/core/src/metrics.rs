@@ -5,6 +5,7 @@
 //! `(<tag>=\.=(.*?);\.;)` (our bootstrap; Istio's `extraStatTags`) cut them back out, so
 //! `/stats/prometheus` shows `kvab_requests_total{backend="nvlink",source="header"}`.
 
+use crate::endpoints::Served;
 use crate::plan::{ArmId, Invalid, Plan, Rejection, Source};
 
 pub const REQUESTS: &str = "kvab_requests_total";
@@ -13,9 +14,67 @@ pub const REJECTED: &str = "kvab_rejected_total";
 pub const INVALID_VALUES: &str = "kvab_invalid_values_total";
 pub const REQUEST_DURATION: &str = "kvab_request_duration_milliseconds";
 pub const TIME_TO_FIRST_BYTE: &str = "kvab_time_to_first_byte_milliseconds";
+pub const SERVED: &str = "kvab_served_total";
+pub const UNAVAILABLE: &str = "kvab_unavailable_total";
+pub const MAP_FETCHES: &str = "kvab_endpoint_map_fetches_total";
+pub const MAP_AGE: &str = "kvab_endpoint_map_age_seconds";
+pub const REPORTS: &str = "kvab_reports_total";
 
 /// Tag names, for the `stats_tags` / `extraStatTags` configuration.
-pub const TAGS: [&str; 4] = ["backend", "source", "code_class", "reason"];
+pub const TAGS: [&str; 7] = [
+    "backend",
+    "source",
+    "code_class",
+    "reason",
+    "requested",
+    "served",
+    "result",
+];
+
+/// Outcome of one endpoint-map fetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchResult {
+    Ok,
+    NotModified,
+    Error,
+    Timeout,
+}
+
+impl FetchResult {
+    pub const ALL: [FetchResult; 4] = [
+        FetchResult::Ok,
+        FetchResult::NotModified,
+        FetchResult::Error,
+        FetchResult::Timeout,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            FetchResult::Ok => "ok",
+            FetchResult::NotModified => "not_modified",
+            FetchResult::Error => "error",
+            FetchResult::Timeout => "timeout",
+        }
+    }
+}
+
+/// Outcome of one report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportResult {
+    Ok,
+    Error,
+}
+
+impl ReportResult {
+    pub const ALL: [ReportResult; 2] = [ReportResult::Ok, ReportResult::Error];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ReportResult::Ok => "ok",
+            ReportResult::Error => "error",
+        }
+    }
+}
 
 /// Label of a request that carries no arm.
 const SOURCE_NONE: &str = "none";
@@ -23,6 +82,7 @@ const SOURCE_NONE: &str = "none";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Counter,
+    Gauge,
     Histogram,
 }
 
@@ -38,7 +98,7 @@ pub enum CodeClass {
 }
 
 impl CodeClass {
-    const ALL: [CodeClass; 6] = [
+    pub const ALL: [CodeClass; 6] = [
         CodeClass::C1xx,
         CodeClass::C2xx,
         CodeClass::C3xx,
@@ -132,9 +192,50 @@ impl MetricLayout {
         self.duration_base() + self.backends()
     }
 
+    fn served_base(&self) -> usize {
+        self.ttfb_base() + self.backends()
+    }
+    fn unavailable_base(&self) -> usize {
+        self.served_base() + self.backends() * (self.arms + 2)
+    }
+    fn fetches_base(&self) -> usize {
+        self.unavailable_base() + self.arms
+    }
+    fn reports_base(&self) -> usize {
+        self.fetches_base() + FetchResult::ALL.len()
+    }
+    fn map_age_index(&self) -> usize {
+        self.reports_base() + ReportResult::ALL.len()
+    }
+
     /// Number of metrics, i.e. the length of the id table.
     pub fn len(&self) -> usize {
-        self.ttfb_base() + self.backends()
+        self.map_age_index() + 1
+    }
+
+    /// `kvab_served_total{requested,served}`.
+    pub fn served(&self, requested: Option<ArmId>, served: Served) -> usize {
+        self.served_base()
+            + self.backend_index(requested) * (self.arms + 2)
+            + served.index(self.arms)
+    }
+
+    /// `kvab_unavailable_total{backend}`.
+    pub fn unavailable(&self, arm: ArmId) -> usize {
+        self.unavailable_base() + arm.0.min(self.arms.saturating_sub(1))
+    }
+
+    pub fn map_fetches(&self, result: FetchResult) -> usize {
+        self.fetches_base() + result as usize
+    }
+
+    pub fn reports(&self, result: ReportResult) -> usize {
+        self.reports_base() + result as usize
+    }
+
+    /// `kvab_endpoint_map_age_seconds` (gauge).
+    pub fn map_age(&self) -> usize {
+        self.map_age_index()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -205,6 +306,38 @@ impl MetricLayout {
                 ));
             }
         }
+        let served_kinds: Vec<Served> = (0..self.arms)
+            .map(|a| Served::Arm(ArmId(a)))
+            .chain([Served::Unknown, Served::None])
+            .collect();
+        for requested in 0..self.backends() {
+            for served in &served_kinds {
+                let tags = [
+                    ("requested", backend(requested)),
+                    ("served", served.label(plan)),
+                ];
+                defs.push((Kind::Counter, stat_name(SERVED, &tags)));
+            }
+        }
+        for arm in 0..self.arms {
+            defs.push((
+                Kind::Counter,
+                stat_name(UNAVAILABLE, &[("backend", backend(arm))]),
+            ));
+        }
+        for result in FetchResult::ALL {
+            defs.push((
+                Kind::Counter,
+                stat_name(MAP_FETCHES, &[("result", result.label())]),
+            ));
+        }
+        for result in ReportResult::ALL {
+            defs.push((
+                Kind::Counter,
+                stat_name(REPORTS, &[("result", result.label())]),
+            ));
+        }
+        defs.push((Kind::Gauge, MAP_AGE.to_owned()));
         defs
     }
 }
@@ -276,6 +409,41 @@ mod tests {
                 stat_name(INVALID_VALUES, &[("reason", i.label())])
             );
         }
+        for requested in arms {
+            for served in [
+                Served::Arm(ArmId(0)),
+                Served::Arm(ArmId(2)),
+                Served::Unknown,
+                Served::None,
+            ] {
+                let expected = stat_name(
+                    SERVED,
+                    &[
+                        ("requested", plan.arm_label(requested)),
+                        ("served", served.label(&plan)),
+                    ],
+                );
+                assert_eq!(name(layout.served(requested, served)), expected);
+            }
+        }
+        assert_eq!(
+            name(layout.unavailable(ArmId(1))),
+            stat_name(UNAVAILABLE, &[("backend", "b")])
+        );
+        for r in FetchResult::ALL {
+            assert_eq!(
+                name(layout.map_fetches(r)),
+                stat_name(MAP_FETCHES, &[("result", r.label())])
+            );
+        }
+        for r in ReportResult::ALL {
+            assert_eq!(
+                name(layout.reports(r)),
+                stat_name(REPORTS, &[("result", r.label())])
+            );
+        }
+        assert_eq!(name(layout.map_age()), MAP_AGE);
+        assert_eq!(defs[layout.map_age()].0, Kind::Gauge);
         // Every definition is distinct: no two lookups share a stat.
         let mut names: Vec<&str> = defs.iter().map(|(_, n)| n.as_str()).collect();
         names.sort_unstable();

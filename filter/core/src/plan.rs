@@ -3,6 +3,7 @@
 
 use crate::assign::Split;
 use crate::config::NO_ARM;
+use crate::sidecar::Sidecar;
 
 /// Index of a configured arm (in configuration order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -24,6 +25,15 @@ pub enum Unknown {
     /// Strip the value and leave the request untagged.
     Passthrough,
     Default(ArmId),
+}
+
+/// What to do when the endpoint map says the requested arm has no ready endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// Answer 503 `kv_backend_unavailable` naming the arm (instead of the scheduler's 429).
+    Reject,
+    /// Let it through and count it.
+    Passthrough,
 }
 
 /// How the arm of a tagged request was chosen: the `x-kv-backend-source` tag and metric label.
@@ -79,21 +89,40 @@ impl Invalid {
 pub enum Rejection {
     UnknownBackend,
     AmbiguousBackend,
+    /// The requested arm has no ready endpoint (per a fresh endpoint map).
+    Unavailable,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 2] = [Rejection::UnknownBackend, Rejection::AmbiguousBackend];
+    pub const ALL: [Rejection; 3] = [
+        Rejection::UnknownBackend,
+        Rejection::AmbiguousBackend,
+        Rejection::Unavailable,
+    ];
 
     /// The JSON error `code`, also the label of `kvab_rejected_total{reason}`.
     pub fn code(self) -> &'static str {
         match self {
             Rejection::UnknownBackend => "unknown_kv_backend",
             Rejection::AmbiguousBackend => "ambiguous_kv_backend",
+            Rejection::Unavailable => "kv_backend_unavailable",
         }
     }
 
     pub fn status(self) -> u32 {
-        400
+        match self {
+            Rejection::UnknownBackend | Rejection::AmbiguousBackend => 400,
+            Rejection::Unavailable => 503,
+        }
+    }
+
+    /// Envoy's response code details for the local reply (shows in access logs).
+    pub fn details(self) -> &'static str {
+        match self {
+            Rejection::UnknownBackend => "kvab_unknown_kv_backend",
+            Rejection::AmbiguousBackend => "kvab_ambiguous_kv_backend",
+            Rejection::Unavailable => "kvab_kv_backend_unavailable",
+        }
     }
 }
 
@@ -102,6 +131,15 @@ impl Rejection {
 pub enum Decision {
     Tag { arm: ArmId, source: Source },
     Untagged,
+    Reject(Rejection),
+}
+
+/// Whether an arm with no ready endpoint lets a request through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Admit,
+    /// Admitted although the arm has no ready endpoint (counted).
+    Unavailable,
     Reject(Rejection),
 }
 
@@ -163,6 +201,18 @@ impl Reading {
 /// Names and aliases longer than this cannot match; longer elements are unknown without a scan.
 const MAX_SPELLING_LEN: usize = 32;
 
+/// The validated pieces a [`Plan`] is made of (built by `config`).
+pub(crate) struct Policies {
+    pub header: String,
+    pub arms: Vec<String>,
+    pub spellings: Vec<(String, ArmId, bool)>,
+    pub on_missing: Missing,
+    pub on_unknown: Unknown,
+    pub on_unavailable: Unavailable,
+    pub split: Option<Split>,
+    pub sidecar: Option<Sidecar>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Plan {
     header: String,
@@ -173,38 +223,59 @@ pub struct Plan {
     spellings: Vec<(Box<[u8]>, ArmId, bool)>,
     on_missing: Missing,
     on_unknown: Unknown,
+    on_unavailable: Unavailable,
     split: Option<Split>,
-    reject_bodies: [Vec<u8>; 2],
+    sidecar: Option<Sidecar>,
+    unknown_body: Vec<u8>,
+    ambiguous_body: Vec<u8>,
+    /// One per arm: the message names the arm.
+    unavailable_bodies: Vec<Vec<u8>>,
 }
 
 impl Plan {
-    pub(crate) fn new(
-        header: String,
-        arms: Vec<String>,
-        spellings: Vec<(String, ArmId, bool)>,
-        on_missing: Missing,
-        on_unknown: Unknown,
-        split: Option<Split>,
-    ) -> Plan {
-        let source_header = format!("{header}-source");
-        let endpoint_header = format!("{header}-endpoint");
-        let spellings: Vec<(Box<[u8]>, ArmId, bool)> = spellings
+    pub(crate) fn new(p: Policies) -> Plan {
+        let source_header = format!("{}-source", p.header);
+        let endpoint_header = format!("{}-endpoint", p.header);
+        let spellings: Vec<(Box<[u8]>, ArmId, bool)> = p
+            .spellings
             .into_iter()
             .map(|(s, id, canonical)| (s.into_bytes().into_boxed_slice(), id, canonical))
             .collect();
-        let reject_bodies =
-            Rejection::ALL.map(|r| crate::reply::rejection_body(r, &header, &arms, &spellings));
+        let body = |r, arm| crate::reply::rejection_body(r, arm, &p.header, &p.arms, &spellings);
+        let unknown_body = body(Rejection::UnknownBackend, None);
+        let ambiguous_body = body(Rejection::AmbiguousBackend, None);
+        let unavailable_bodies = (0..p.arms.len())
+            .map(|i| body(Rejection::Unavailable, Some(ArmId(i))))
+            .collect();
         Plan {
-            header,
+            header: p.header,
             source_header,
             endpoint_header,
-            arms,
+            arms: p.arms,
             spellings,
-            on_missing,
-            on_unknown,
-            split,
-            reject_bodies,
+            on_missing: p.on_missing,
+            on_unknown: p.on_unknown,
+            on_unavailable: p.on_unavailable,
+            split: p.split,
+            sidecar: p.sidecar,
+            unknown_body,
+            ambiguous_body,
+            unavailable_bodies,
         }
+    }
+
+    pub fn on_unavailable(&self) -> Unavailable {
+        self.on_unavailable
+    }
+
+    /// Where to fetch endpoint maps and send reports; `None` runs the filter on its own.
+    pub fn sidecar(&self) -> Option<&Sidecar> {
+        self.sidecar.as_ref()
+    }
+
+    /// The arm with this canonical name (endpoint maps use canonical names only).
+    pub fn arm_by_name(&self, name: &str) -> Option<ArmId> {
+        self.arms.iter().position(|a| a == name).map(ArmId)
     }
 
     /// The request header read (lowercase); also the request and response tag.
@@ -265,20 +336,46 @@ impl Plan {
             Unknown::Passthrough => "passthrough".to_owned(),
             Unknown::Default(arm) => format!("default ({})", name(arm)),
         };
+        let sidecar = match &self.sidecar {
+            Some(s) => format!(
+                ", sidecar {} every {} ms (stale after {} ms), onUnavailable {}",
+                s.cluster,
+                s.refresh_ms,
+                s.stale_after_ms,
+                match self.on_unavailable {
+                    Unavailable::Reject => "reject",
+                    Unavailable::Passthrough => "passthrough",
+                }
+            ),
+            None => String::new(),
+        };
         format!(
-            "header {}, arms [{}], onMissing {missing}, onUnknown {unknown}",
+            "header {}, arms [{}], onMissing {missing}, onUnknown {unknown}{sidecar}",
             self.header,
             self.arms.join(", ")
         )
     }
 
-    /// The JSON body answered with a rejection (prepared once at configure time).
-    pub fn rejection_body(&self, rejection: Rejection) -> &[u8] {
-        let i = match rejection {
-            Rejection::UnknownBackend => 0,
-            Rejection::AmbiguousBackend => 1,
-        };
-        self.reject_bodies.get(i).map_or(&[], Vec::as_slice)
+    /// Whether a tagged request goes ahead, given its arm's ready endpoints per a
+    /// fresh endpoint map (`None`: no fresh map, so nothing is known and nothing is refused).
+    pub fn admit(&self, ready_endpoints: Option<u32>) -> Admission {
+        match (ready_endpoints, self.on_unavailable) {
+            (Some(0), Unavailable::Reject) => Admission::Reject(Rejection::Unavailable),
+            (Some(0), Unavailable::Passthrough) => Admission::Unavailable,
+            _ => Admission::Admit,
+        }
+    }
+
+    /// The JSON body answered with a rejection (prepared once at configure time); `arm` is the
+    /// requested arm, named in the `kv_backend_unavailable` message.
+    pub fn rejection_body(&self, rejection: Rejection, arm: Option<ArmId>) -> &[u8] {
+        match rejection {
+            Rejection::UnknownBackend => &self.unknown_body,
+            Rejection::AmbiguousBackend => &self.ambiguous_body,
+            Rejection::Unavailable => arm
+                .and_then(|a| self.unavailable_bodies.get(a.0))
+                .map_or(&[], Vec::as_slice),
+        }
     }
 
     /// Feeds one occurrence of the arm header: trims blanks, splits comma lists, matches names
@@ -554,6 +651,22 @@ mod tests {
         assert_eq!(keyed, p.decide(&reading, Some(b"user-1"), || 0));
         // An explicit header still wins over split.
         assert_eq!(decide(&p, &[b"fs"]), tag(FS, Source::Header));
+    }
+
+    #[test]
+    fn an_arm_without_ready_endpoints_is_refused_or_counted() {
+        let p = plan("{}");
+        assert_eq!(p.admit(Some(0)), Admission::Reject(Rejection::Unavailable));
+        assert_eq!(p.admit(Some(2)), Admission::Admit);
+        assert_eq!(
+            p.admit(None),
+            Admission::Admit,
+            "no fresh map: nothing is refused"
+        );
+        let p = plan(r#"{"onUnavailable":"passthrough"}"#);
+        assert_eq!(p.admit(Some(0)), Admission::Unavailable);
+        assert_eq!(Rejection::Unavailable.status(), 503);
+        assert_eq!(Rejection::Unavailable.code(), "kv_backend_unavailable");
     }
 
     #[test]

@@ -6,6 +6,7 @@ use crate::plan::{ArmId, Rejection};
 /// Builds the JSON body of a rejection. Called once per configuration, never per request.
 pub(crate) fn rejection_body(
     rejection: Rejection,
+    arm: Option<ArmId>,
     header: &str,
     arms: &[String],
     spellings: &[(Box<[u8]>, ArmId, bool)],
@@ -34,13 +35,27 @@ pub(crate) fn rejection_body(
             "{header} names more than one KV backend; send exactly one of: {}",
             arms.join(", ")
         ),
+        Rejection::Unavailable => {
+            let name = arm
+                .and_then(|a| arms.get(a.0))
+                .map_or("the requested arm", String::as_str);
+            format!(
+                "KV backend {name} has no ready endpoint; retry later or choose another {header}"
+            )
+        }
+    };
+    let error_type = match rejection {
+        Rejection::Unavailable => "service_unavailable_error",
+        Rejection::UnknownBackend | Rejection::AmbiguousBackend => "invalid_request_error",
     };
     // Built by hand: every piece is configuration text from a restricted alphabet or a constant,
     // and this keeps a JSON serializer out of the .wasm.
     let mut body = String::with_capacity(message.len() + 128);
     body.push_str("{\"error\":{\"message\":");
     push_json_string(&mut body, &message);
-    body.push_str(",\"type\":\"invalid_request_error\",\"code\":");
+    body.push_str(",\"type\":");
+    push_json_string(&mut body, error_type);
+    body.push_str(",\"code\":");
     push_json_string(&mut body, rejection.code());
     body.push_str(",\"param\":");
     push_json_string(&mut body, header);
@@ -89,7 +104,7 @@ mod tests {
     fn rejection_bodies_follow_the_openai_error_shape() {
         let plan = parse(b"{}").unwrap();
         let body: Value =
-            serde_json::from_slice(plan.rejection_body(Rejection::UnknownBackend)).unwrap();
+            serde_json::from_slice(plan.rejection_body(Rejection::UnknownBackend, None)).unwrap();
         assert_eq!(body["error"]["code"], "unknown_kv_backend");
         assert_eq!(body["error"]["type"], "invalid_request_error");
         assert_eq!(body["error"]["param"], "x-kv-backend");
@@ -98,11 +113,21 @@ mod tests {
             "x-kv-backend must name one KV backend: nvlink (aliases: p2p, nccl); fs (aliases: filesystem, file)"
         );
         let body: Value =
-            serde_json::from_slice(plan.rejection_body(Rejection::AmbiguousBackend)).unwrap();
+            serde_json::from_slice(plan.rejection_body(Rejection::AmbiguousBackend, None)).unwrap();
         assert_eq!(body["error"]["code"], "ambiguous_kv_backend");
         assert_eq!(
             body["error"]["message"],
             "x-kv-backend names more than one KV backend; send exactly one of: nvlink, fs"
+        );
+        let body: Value = serde_json::from_slice(
+            plan.rejection_body(Rejection::Unavailable, Some(crate::ArmId(1))),
+        )
+        .unwrap();
+        assert_eq!(body["error"]["code"], "kv_backend_unavailable");
+        assert_eq!(body["error"]["type"], "service_unavailable_error");
+        assert_eq!(
+            body["error"]["message"],
+            "KV backend fs has no ready endpoint; retry later or choose another x-kv-backend"
         );
     }
 }

@@ -15,15 +15,18 @@ const NOT_FOUND: u32 = 1;
 
 #[derive(Clone, Copy)]
 #[repr(u32)]
-pub enum Map {
-    RequestHeaders = 0,
-    ResponseHeaders = 2,
+pub enum Headers {
+    Request = 0,
+    Response = 2,
+    /// Of the answer to an `http_call`.
+    CallResponse = 6,
 }
 
 #[derive(Clone, Copy)]
 #[repr(u32)]
 pub enum Level {
     Info = 2,
+    Warn = 3,
     Error = 4,
     Critical = 5,
 }
@@ -32,9 +35,11 @@ pub enum Level {
 #[repr(u32)]
 pub enum MetricKind {
     Counter = 0,
+    Gauge = 1,
     Histogram = 2,
 }
 
+const HTTP_CALL_RESPONSE_BODY: u32 = 4;
 const PLUGIN_CONFIGURATION: u32 = 7;
 
 extern "C" {
@@ -83,6 +88,33 @@ extern "C" {
         return_id: *mut u32,
     ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+    fn proxy_http_call(
+        upstream_data: *const u8,
+        upstream_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        trailers_data: *const u8,
+        trailers_size: usize,
+        timeout: u32,
+        return_token: *mut u32,
+    ) -> u32;
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> u32;
+    fn proxy_set_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> u32;
     fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
 }
 
@@ -140,13 +172,13 @@ pub fn plugin_configuration() -> Result<Option<Box<[u8]>>, HostError> {
 }
 
 /// All headers of a map in the serialized wire form (see `kvab_filter_core::headers`).
-pub fn header_pairs(map: Map) -> Result<Option<Box<[u8]>>, HostError> {
+pub fn header_pairs(map: Headers) -> Result<Option<Box<[u8]>>, HostError> {
     // SAFETY: out-pointers are valid for the duration of the call.
     fetch(|d, s| unsafe { proxy_get_header_map_pairs(map as u32, d, s) })
 }
 
 /// Sets a header, replacing every existing occurrence.
-pub fn replace_header(map: Map, name: &str, value: &[u8]) -> Result<(), HostError> {
+pub fn replace_header(map: Headers, name: &str, value: &[u8]) -> Result<(), HostError> {
     // SAFETY: pointers and lengths describe live buffers.
     status(unsafe {
         proxy_replace_header_map_value(
@@ -159,7 +191,7 @@ pub fn replace_header(map: Map, name: &str, value: &[u8]) -> Result<(), HostErro
     })
 }
 
-pub fn remove_header(map: Map, name: &str) -> Result<(), HostError> {
+pub fn remove_header(map: Headers, name: &str) -> Result<(), HostError> {
     // SAFETY: pointer and length describe a live string.
     status(unsafe { proxy_remove_header_map_value(map as u32, name.as_ptr(), name.len()) })
 }
@@ -212,4 +244,78 @@ pub fn increment_metric(id: u32, offset: i64) -> Result<(), HostError> {
 pub fn record_metric(id: u32, value: u64) -> Result<(), HostError> {
     // SAFETY: plain values.
     status(unsafe { proxy_record_metric(id, value) })
+}
+
+pub fn set_tick_period_ms(period: u32) -> Result<(), HostError> {
+    // SAFETY: plain value.
+    status(unsafe { proxy_set_tick_period_milliseconds(period) })
+}
+
+/// Sends an HTTP request to an Envoy cluster; the answer arrives in `on_http_call_response`
+/// with the returned token. `headers` is a serialized header map with `:method`, `:path` and
+/// `:authority`. An unknown cluster is `BadArgument` (2).
+pub fn http_call(
+    cluster: &str,
+    headers: &[u8],
+    body: &[u8],
+    timeout_ms: u32,
+) -> Result<u32, HostError> {
+    let mut token: u32 = 0;
+    let trailers: &[u8] = &[0, 0, 0, 0];
+    // SAFETY: pointers and lengths describe live buffers; `token` outlives the call.
+    status(unsafe {
+        proxy_http_call(
+            cluster.as_ptr(),
+            cluster.len(),
+            headers.as_ptr(),
+            headers.len(),
+            if body.is_empty() {
+                null()
+            } else {
+                body.as_ptr()
+            },
+            body.len(),
+            trailers.as_ptr(),
+            trailers.len(),
+            timeout_ms,
+            &mut token,
+        )
+    })?;
+    Ok(token)
+}
+
+pub fn http_call_response_body(size: usize) -> Result<Option<Box<[u8]>>, HostError> {
+    // SAFETY: out-pointers are valid for the duration of the call.
+    fetch(|d, s| unsafe { proxy_get_buffer_bytes(HTTP_CALL_RESPONSE_BODY, 0, size, d, s) })
+}
+
+/// A value shared by every worker VM of this plugin, with its compare-and-swap token.
+pub struct Shared {
+    pub value: Box<[u8]>,
+    pub cas: u32,
+}
+
+pub fn shared_data(key: &str) -> Result<Option<Shared>, HostError> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    let mut cas: u32 = 0;
+    // SAFETY: pointer and length describe a live string; out-pointers are valid for the call.
+    match unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) }
+    {
+        OK => Ok(Some(Shared {
+            value: owned(data, size),
+            cas,
+        })),
+        NOT_FOUND => Ok(None),
+        code => Err(HostError(code)),
+    }
+}
+
+/// Writes a shared value; with `cas` other than 0 only if nobody wrote since it was read
+/// (`CAS_MISMATCH` otherwise).
+pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> Result<(), HostError> {
+    // SAFETY: pointers and lengths describe live buffers.
+    status(unsafe {
+        proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas)
+    })
 }

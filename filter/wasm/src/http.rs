@@ -1,15 +1,16 @@
-//! One request's path through the filter: decide and tag on request headers, tag the response,
-//! count when the stream ends.
+//! One request's path through the filter: decide and tag on request headers, tag the response
+//! with the arm that served it, count when the stream ends.
 
 use std::rc::Rc;
 
+use kvab_filter_core::endpoints::Served;
 use kvab_filter_core::headers::scan_request_headers;
 use kvab_filter_core::metrics::CodeClass;
-use kvab_filter_core::{ArmId, Decision};
+use kvab_filter_core::{Admission, ArmId, Decision, Rejection};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
-use crate::abi::{self, Level, Map};
+use crate::abi::{self, Headers, Level};
 use crate::worker::Worker;
 
 const RESPONSE_CODE: &[u8] = b"response\0code";
@@ -30,6 +31,9 @@ pub struct RequestContext {
     stage: Stage,
     arm: Option<ArmId>,
     start_nanos: u64,
+    /// Upstream `ip:port` that answered, and the arm it belongs to per the endpoint map.
+    upstream: Option<Box<[u8]>>,
+    served: Served,
 }
 
 impl RequestContext {
@@ -39,7 +43,35 @@ impl RequestContext {
             stage: Stage::Idle,
             arm: None,
             start_nanos: 0,
+            upstream: None,
+            served: Served::None,
         }
+    }
+
+    fn reject(&mut self, worker: &Worker, rejection: Rejection, arm: Option<ArmId>) -> Action {
+        let plan = &worker.plan;
+        self.stage = Stage::Rejected;
+        worker
+            .metrics
+            .count(worker.metrics.layout.rejected(rejection));
+        let body = plan.rejection_body(rejection, arm);
+        if abi::send_local_response(
+            rejection.status(),
+            rejection.details(),
+            body,
+            &worker.reject_headers,
+        )
+        .is_ok()
+        {
+            return Action::Pause;
+        }
+        // The host refused the local reply: let the request through untagged rather than hang it.
+        self.stage = Stage::Admitted;
+        self.arm = None;
+        let _ = abi::remove_header(Headers::Request, plan.header());
+        let _ = abi::remove_header(Headers::Request, plan.source_header());
+        worker.metrics.count(worker.metrics.layout.requests(None));
+        Action::Continue
     }
 }
 
@@ -55,8 +87,8 @@ impl HttpContext for RequestContext {
             return Action::Continue;
         };
         self.start_nanos = abi::now_nanos();
-        let plan = &worker.plan;
-        let map = match abi::header_pairs(Map::RequestHeaders) {
+        let (plan, metrics) = (&worker.plan, &worker.metrics);
+        let map = match abi::header_pairs(Headers::Request) {
             Ok(map) => map.unwrap_or_default(),
             Err(e) => {
                 abi::log(
@@ -69,91 +101,97 @@ impl HttpContext for RequestContext {
         let scan = scan_request_headers(plan, &map);
         let verdict = plan.decide(&scan.reading, scan.split_key, || worker.next_draw());
         if let Some(why) = verdict.invalid {
-            worker.count(worker.layout.invalid_values(why));
+            metrics.count(metrics.layout.invalid_values(why));
         }
         if scan.forged_tags {
-            let _ = abi::remove_header(Map::RequestHeaders, plan.endpoint_header());
+            let _ = abi::remove_header(Headers::Request, plan.endpoint_header());
         }
         match verdict.decision {
-            Decision::Reject(rejection) => {
-                self.stage = Stage::Rejected;
-                worker.count(worker.layout.rejected(rejection));
-                let details = match rejection {
-                    kvab_filter_core::Rejection::UnknownBackend => "kvab_unknown_kv_backend",
-                    kvab_filter_core::Rejection::AmbiguousBackend => "kvab_ambiguous_kv_backend",
-                };
-                let body = plan.rejection_body(rejection);
-                if abi::send_local_response(
-                    rejection.status(),
-                    details,
-                    body,
-                    &worker.reject_headers,
-                )
-                .is_ok()
-                {
-                    return Action::Pause;
-                }
-                // The host refused the local reply: let the request through untagged rather than hang it.
-                self.stage = Stage::Admitted;
-                let _ = abi::remove_header(Map::RequestHeaders, plan.header());
-                let _ = abi::remove_header(Map::RequestHeaders, plan.source_header());
-                worker.count(worker.layout.requests(None));
-            }
+            Decision::Reject(rejection) => return self.reject(&worker, rejection, None),
             Decision::Tag { arm, source } => {
+                let fresh = worker
+                    .link
+                    .as_ref()
+                    .and_then(|l| l.fresh_map(self.start_nanos));
+                match plan.admit(fresh.map(|m| m.ready_endpoints(arm))) {
+                    Admission::Reject(rejection) => {
+                        metrics.count(metrics.layout.unavailable(arm));
+                        return self.reject(&worker, rejection, Some(arm));
+                    }
+                    Admission::Unavailable => metrics.count(metrics.layout.unavailable(arm)),
+                    Admission::Admit => {}
+                }
                 self.stage = Stage::Admitted;
                 self.arm = Some(arm);
                 if !scan.reading.already_canonical() {
                     let name = plan.arm_label(Some(arm));
-                    let _ =
-                        abi::replace_header(Map::RequestHeaders, plan.header(), name.as_bytes());
+                    let _ = abi::replace_header(Headers::Request, plan.header(), name.as_bytes());
                 }
                 let _ = abi::replace_header(
-                    Map::RequestHeaders,
+                    Headers::Request,
                     plan.source_header(),
                     source.label().as_bytes(),
                 );
-                worker.count(worker.layout.requests(Some((arm, source))));
+                metrics.count(metrics.layout.requests(Some((arm, source))));
             }
             Decision::Untagged => {
                 self.stage = Stage::Admitted;
                 if scan.reading.present() {
-                    let _ = abi::remove_header(Map::RequestHeaders, plan.header());
+                    let _ = abi::remove_header(Headers::Request, plan.header());
                 }
                 if scan.forged_tags {
-                    let _ = abi::remove_header(Map::RequestHeaders, plan.source_header());
+                    let _ = abi::remove_header(Headers::Request, plan.source_header());
                 }
-                worker.count(worker.layout.requests(None));
+                metrics.count(metrics.layout.requests(None));
             }
         }
         Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let Some(worker) = self.worker.as_deref() else {
+        let Some(worker) = self.worker.clone() else {
             return Action::Continue;
         };
         if self.stage != Stage::Admitted {
             return Action::Continue;
         }
-        let plan = &worker.plan;
-        worker.record(
-            worker.layout.time_to_first_byte(self.arm),
-            millis_since(self.start_nanos),
+        let (plan, metrics) = (&worker.plan, &worker.metrics);
+        let now = abi::now_nanos();
+        metrics.record(
+            metrics.layout.time_to_first_byte(self.arm),
+            now.saturating_sub(self.start_nanos) / 1_000_000,
         );
-        if self.arm.is_some() {
+        self.upstream = abi::property(UPSTREAM_ADDRESS)
+            .ok()
+            .flatten()
+            .filter(|a| !a.is_empty());
+        self.served = match (
+            &self.upstream,
+            worker.link.as_ref().and_then(|l| l.fresh_map(now)),
+        ) {
+            (None, _) => Served::None,
+            (Some(address), Some(map)) => map.arm_of(address),
+            (Some(_), None) => Served::Unknown,
+        };
+        // The arm that served it when the map knows, else the arm the request was tagged with.
+        let shown = match self.served {
+            Served::Arm(arm) => Some(arm),
+            Served::Unknown | Served::None => self.arm,
+        };
+        if shown.is_some() {
             let _ = abi::replace_header(
-                Map::ResponseHeaders,
+                Headers::Response,
                 plan.header(),
-                plan.arm_label(self.arm).as_bytes(),
+                plan.arm_label(shown).as_bytes(),
             );
         }
-        match abi::property(UPSTREAM_ADDRESS) {
-            Ok(Some(address)) if !address.is_empty() => {
-                let _ = abi::replace_header(Map::ResponseHeaders, plan.endpoint_header(), &address);
+        match &self.upstream {
+            Some(address) => {
+                let _ = abi::replace_header(Headers::Response, plan.endpoint_header(), address);
             }
             // No upstream (e.g. an Envoy local reply): make sure nobody else's value shows.
-            _ => {
-                let _ = abi::remove_header(Map::ResponseHeaders, plan.endpoint_header());
+            None => {
+                let _ = abi::remove_header(Headers::Response, plan.endpoint_header());
             }
         }
         Action::Continue
@@ -166,6 +204,7 @@ impl HttpContext for RequestContext {
         if self.stage == Stage::Idle {
             return;
         }
+        let metrics = &worker.metrics;
         let status = match abi::property(RESPONSE_CODE) {
             Ok(Some(bytes)) => bytes
                 .get(..8)
@@ -173,10 +212,20 @@ impl HttpContext for RequestContext {
                 .map_or(0, u64::from_le_bytes),
             _ => 0,
         };
-        worker.count(worker.layout.responses(self.arm, CodeClass::of(status)));
+        let class = CodeClass::of(status);
+        metrics.count(metrics.layout.responses(self.arm, class));
+        metrics.count(metrics.layout.served(self.arm, self.served));
+        if let Some(link) = &worker.link {
+            link.record(
+                self.arm,
+                self.served,
+                self.upstream.as_deref().unwrap_or_default(),
+                class,
+            );
+        }
         if self.stage == Stage::Admitted {
-            worker.record(
-                worker.layout.request_duration(self.arm),
+            metrics.record(
+                metrics.layout.request_duration(self.arm),
                 millis_since(self.start_nanos),
             );
         }

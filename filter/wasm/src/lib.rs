@@ -6,6 +6,7 @@
 
 mod abi;
 mod http;
+mod link;
 mod root;
 mod worker;
 
