@@ -302,6 +302,7 @@ def test_shipped_envoy_configs_validate(tmp_path):
             KVAB_FILTER_CONFIG=json.dumps("{}"),
             NVLINK_PORT=18101,
             FS_PORT=18102,
+            SIDECAR_PORT=18090,
         )
     )
     result = validate(config)

@@ -50,6 +50,13 @@ class ArmServer(ThreadingHTTPServer):
         self._lock = threading.Lock()
         self.requests = 0
 
+    def handle_error(self, request, client_address):
+        # A client (Envoy) closing a kept-alive connection is routine, not an error to print.
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
+
     def count_request(self, method, path):
         with self._lock:
             self.requests += 1

@@ -47,7 +47,7 @@ def validate(config_path: Path) -> subprocess.CompletedProcess:
 class Gateway:
     """One Envoy process serving the local gateway configuration."""
 
-    def __init__(self, filter_config, nvlink_port: int, fs_port: int, gateway_port: int = 0, admin_port: int = 0, concurrency: int = 2, workdir=None):
+    def __init__(self, filter_config, nvlink_port: int, fs_port: int, gateway_port: int = 0, admin_port: int = 0, concurrency: int = 2, workdir=None, sidecar_port: int = 0):
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kvab-envoy-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = gateway_port or free_port()
@@ -66,6 +66,8 @@ class Gateway:
                 KVAB_FILTER_CONFIG=filter_config_value(filter_config),
                 NVLINK_PORT=nvlink_port,
                 FS_PORT=fs_port,
+                # Without a sidecar the cluster points at a free port nobody calls.
+                SIDECAR_PORT=sidecar_port or free_port(),
             )
         )
         self.process = None

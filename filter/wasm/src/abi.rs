@@ -5,6 +5,7 @@
 //! with the status read as a plain integer, keeps every host answer an ordinary value.
 
 use std::ptr::{null, null_mut};
+use std::time::Duration;
 
 /// A non-OK status returned by the host (proxy-wasm ABI 0.2.1 numbering).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,18 +90,6 @@ extern "C" {
     ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
-    fn proxy_http_call(
-        upstream_data: *const u8,
-        upstream_size: usize,
-        headers_data: *const u8,
-        headers_size: usize,
-        body_data: *const u8,
-        body_size: usize,
-        trailers_data: *const u8,
-        trailers_size: usize,
-        timeout: u32,
-        return_token: *mut u32,
-    ) -> u32;
     fn proxy_get_shared_data(
         key_data: *const u8,
         key_size: usize,
@@ -252,36 +241,26 @@ pub fn set_tick_period_ms(period: u32) -> Result<(), HostError> {
 }
 
 /// Sends an HTTP request to an Envoy cluster; the answer arrives in `on_http_call_response`
-/// with the returned token. `headers` is a serialized header map with `:method`, `:path` and
-/// `:authority`. An unknown cluster is `BadArgument` (2).
+/// with the returned token. An unknown cluster is `BadArgument` (2).
+///
+/// This one goes through the SDK: its dispatcher must learn the token to route the answer back
+/// (and panics on an answer it did not register). Envoy's `httpCall` returns only the three
+/// statuses the SDK expects (Ok, BadArgument, InternalFailure).
 pub fn http_call(
     cluster: &str,
-    headers: &[u8],
+    headers: Vec<(&str, &str)>,
     body: &[u8],
-    timeout_ms: u32,
+    timeout_ms: u64,
 ) -> Result<u32, HostError> {
-    let mut token: u32 = 0;
-    let trailers: &[u8] = &[0, 0, 0, 0];
-    // SAFETY: pointers and lengths describe live buffers; `token` outlives the call.
-    status(unsafe {
-        proxy_http_call(
-            cluster.as_ptr(),
-            cluster.len(),
-            headers.as_ptr(),
-            headers.len(),
-            if body.is_empty() {
-                null()
-            } else {
-                body.as_ptr()
-            },
-            body.len(),
-            trailers.as_ptr(),
-            trailers.len(),
-            timeout_ms,
-            &mut token,
-        )
-    })?;
-    Ok(token)
+    let body = if body.is_empty() { None } else { Some(body) };
+    proxy_wasm::hostcalls::dispatch_http_call(
+        cluster,
+        headers,
+        body,
+        Vec::new(),
+        Duration::from_millis(timeout_ms),
+    )
+    .map_err(|status| HostError(status as u32))
 }
 
 pub fn http_call_response_body(size: usize) -> Result<Option<Box<[u8]>>, HostError> {

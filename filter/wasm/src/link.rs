@@ -10,7 +10,7 @@ use std::rc::Rc;
 use kvab_contract::report::REPORTS_PATH;
 use kvab_contract::ENDPOINTS_PATH;
 use kvab_filter_core::endpoints::{ArmMap, Served};
-use kvab_filter_core::headers::{serialize_pairs, HeaderPairs};
+use kvab_filter_core::headers::HeaderPairs;
 use kvab_filter_core::metrics::{CodeClass, FetchResult, ReportResult};
 use kvab_filter_core::sidecar::Sidecar;
 use kvab_filter_core::tally::Tally;
@@ -129,20 +129,18 @@ impl Link {
             .try_borrow()
             .map(|v| v.etag.clone())
             .unwrap_or_default();
-        let mut headers: Vec<(&[u8], &[u8])> = vec![
-            (b":method", b"GET"),
-            (b":path", ENDPOINTS_PATH.as_bytes()),
-            (b":authority", self.sidecar.authority.as_bytes()),
+        let mut headers = vec![
+            (":method", "GET"),
+            (":path", ENDPOINTS_PATH),
+            (":authority", self.sidecar.authority.as_str()),
         ];
-        if !etag.is_empty() {
-            headers.push((b"if-none-match", &etag));
+        // ETags are ASCII (the sidecar sends a quoted hash); anything else is not sent back.
+        if let Ok(etag) = std::str::from_utf8(&etag) {
+            if !etag.is_empty() {
+                headers.push(("if-none-match", etag));
+            }
         }
-        match abi::http_call(
-            &self.sidecar.cluster,
-            &serialize_pairs(&headers),
-            &[],
-            self.timeout(),
-        ) {
+        match abi::http_call(&self.sidecar.cluster, headers, &[], self.sidecar.timeout_ms) {
             Ok(token) => {
                 self.remember(token, Call::Fetch { started_nanos: now });
                 Ok(())
@@ -156,10 +154,6 @@ impl Link {
 
     pub fn cluster(&self) -> &str {
         &self.sidecar.cluster
-    }
-
-    fn timeout(&self) -> u32 {
-        u32::try_from(self.sidecar.timeout_ms).unwrap_or(u32::MAX)
     }
 
     fn remember(&self, token: u32, call: Call) {
@@ -232,14 +226,19 @@ impl Link {
                 .unwrap_or_default(),
             Err(_) => return,
         };
-        let headers = serialize_pairs(&[
-            (b":method", b"POST"),
-            (b":path", REPORTS_PATH.as_bytes()),
-            (b":authority", self.sidecar.authority.as_bytes()),
-            (b"content-type", b"application/json"),
-        ]);
+        let headers = vec![
+            (":method", "POST"),
+            (":path", REPORTS_PATH),
+            (":authority", self.sidecar.authority.as_str()),
+            ("content-type", "application/json"),
+        ];
         self.sequence.set(sequence);
-        match abi::http_call(&self.sidecar.cluster, &headers, &body, self.timeout()) {
+        match abi::http_call(
+            &self.sidecar.cluster,
+            headers,
+            &body,
+            self.sidecar.timeout_ms,
+        ) {
             Ok(token) => self.remember(token, Call::Report { changes }),
             Err(_) => metrics.count(metrics.layout.reports(ReportResult::Error)),
         }
