@@ -303,6 +303,8 @@ def test_shipped_envoy_configs_validate(tmp_path):
             NVLINK_PORT=18101,
             FS_PORT=18102,
             SIDECAR_PORT=18090,
+            NVLINK_ROUTE="vllm-p2p-proxy",
+            FS_ROUTE="vllm-fs-proxy",
         )
     )
     result = validate(config)

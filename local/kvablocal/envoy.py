@@ -47,7 +47,7 @@ def validate(config_path: Path) -> subprocess.CompletedProcess:
 class Gateway:
     """One Envoy process serving the local gateway configuration."""
 
-    def __init__(self, filter_config, nvlink_port: int, fs_port: int, gateway_port: int = 0, admin_port: int = 0, concurrency: int = 2, workdir=None, sidecar_port: int = 0):
+    def __init__(self, filter_config, nvlink_port: int, fs_port: int, gateway_port: int = 0, admin_port: int = 0, concurrency: int = 2, workdir=None, sidecar_port: int = 0, swap_routes: bool = False):
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kvab-envoy-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = gateway_port or free_port()
@@ -68,6 +68,8 @@ class Gateway:
                 FS_PORT=fs_port,
                 # Without a sidecar the cluster points at a free port nobody calls.
                 SIDECAR_PORT=sidecar_port or free_port(),
+                NVLINK_ROUTE="vllm-fs-proxy" if swap_routes else "vllm-p2p-proxy",
+                FS_ROUTE="vllm-p2p-proxy" if swap_routes else "vllm-fs-proxy",
             )
         )
         self.process = None
