@@ -856,3 +856,114 @@ def test_kubectl_watch_only(kube):
         proc.terminate()
         out, err = proc.communicate(timeout=10)
     assert summary(json_stream(out)) == [("MODIFIED", "a"), ("DELETED", "a")], err
+
+
+# ------------------------------------------------------------------ kube-rs
+
+PROBE = Path(os.environ.get("FAKEKUBE_KUBERS_PROBE") or
+             Path(__file__).resolve().parent / "kubers-probe" / "target" / "release" / "kubers-probe")
+needs_probe = pytest.mark.skipif(not PROBE.is_file(), reason=(
+    "kube-rs probe not built (cargo build --release --manifest-path tests/fakekube/kubers-probe/Cargo.toml)"))
+
+
+class Probe:
+    """The kube-rs watcher binary, its output lines read by a thread."""
+
+    def __init__(self, kube: FakeKube, *args: str):
+        import queue
+        self.lines: queue.Queue = queue.Queue()
+        self.seen: list[str] = []
+        self.proc = subprocess.Popen([str(PROBE), "--seconds", "60", *args],
+                                     env={**os.environ, **kube.env(), "RUST_LOG": "off"},
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def expect(self, prefix: str, timeout: float = 10.0) -> str:
+        """Skip lines until one starts with prefix."""
+        import queue
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line starting with {prefix!r}; saw {self.seen}") from None
+            self.seen.append(line)
+            if line.startswith(prefix):
+                return line
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@needs_probe
+@pytest.mark.parametrize("streaming", [False, True], ids=["listwatch", "streaming-list"])
+def test_kube_rs_watcher_against_fake(kube, streaming):
+    kube.put_pod(make_pod("a", "llm", {"role": "proxy"}, "10.0.0.1"))
+    kube.put_pod(make_pod("b", "llm", {"role": "decode"}, "10.0.0.2"))
+    probe = Probe(kube, "role=proxy", *(["--streaming"] if streaming else []))
+    try:
+        assert probe.expect("CONFIG") == f"CONFIG http://127.0.0.1:{kube.port}/"
+        probe.expect("INIT")
+        assert probe.expect("INITAPPLY").startswith("INITAPPLY llm/a ")
+        probe.expect("INITDONE")
+        kube.wait_for_watches(1)
+        # selector enter / leave
+        kube.patch_pod("llm", "b", {"labels": {"role": "proxy"}})
+        assert probe.expect("APPLY").startswith("APPLY llm/b ")
+        kube.patch_pod("llm", "a", {"labels": {"role": "x"}})
+        assert probe.expect("DELETE").startswith("DELETE llm/a ")
+        # 410 ERROR event -> relist
+        kube.reset_log()
+        kube.expire_watches()
+        assert probe.expect("ERROR").endswith("Expired")
+        probe.expect("INIT")
+        assert probe.expect("INITAPPLY").startswith("INITAPPLY llm/b ")
+        probe.expect("INITDONE")
+        relist = [r for r in kube.requests() if "sendInitialEvents=true" in r["path"]] if streaming else \
+            kube.requests(watch=False)
+        assert relist and all("labelSelector=role%3Dproxy" in r["path"] for r in relist)
+        # a cut connection -> re-watch from the last resourceVersion, no relist
+        kube.wait_for_watches(1)
+        kube.reset_log()
+        rv = kube.resource_version()
+        kube.drop_watches()
+        kube.put_pod(make_pod("c", "llm", {"role": "proxy"}, "10.0.0.3"))
+        assert probe.expect("APPLY").startswith("APPLY llm/c ")
+        assert kube.requests(watch=False) == []
+        assert any(f"resourceVersion={rv}" in r["path"] for r in kube.requests(watch=True))
+        # API server down for a while, a change meanwhile, back up
+        kube.wait_for_watches(1)
+        kube.down()
+        kube.put_pod(make_pod("d", "llm", {"role": "proxy"}, "10.0.0.4"))
+        time.sleep(0.3)
+        kube.up()
+        assert probe.expect("APPLY", timeout=20).startswith("APPLY llm/d ")
+        # resume from an RV that was compacted away (no bookmark has advanced it) -> 410 -> relist
+        kube.wait_for_watches(1)
+        kube.configure(bookmark_interval=60)
+        kube.drop_watches()  # restart the watch so the new interval applies
+        kube.wait_for_watches(1)
+        kube.put_pod(make_pod("z", "llm", {"role": "other"}, "10.0.0.9"))  # not seen by the watcher
+        kube.compact()
+        kube.drop_watches()
+        assert "too old resource version" in probe.expect("ERROR")
+        probe.expect("INITDONE")
+        # an injected 500 on the next watch surfaces as an error, then it recovers
+        kube.wait_for_watches(1)
+        kube.fail(500, count=1, paths="watch=true")
+        kube.drop_watches()
+        assert "InternalError" in probe.expect("ERROR")
+        kube.wait_for_watches(1, timeout=15)
+        kube.put_pod(make_pod("e", "llm", {"role": "proxy"}, "10.0.0.5"))
+        assert probe.expect("APPLY", timeout=15).startswith("APPLY llm/e ")
+    finally:
+        probe.stop()
