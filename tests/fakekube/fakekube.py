@@ -791,6 +791,9 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+_INVALID = 'ListOptions.meta.k8s.io "" is invalid: '
+
+
 def _parse_bool(v: str | None, name: str) -> bool | None:
     if v is None:
         return None
@@ -919,6 +922,7 @@ class App:
         self.token = args.token
         self.require_token = args.require_token
         self.lock = threading.Lock()
+        self.lifecycle = threading.RLock()
         self.failures: list[dict] = []
         self.log: collections.deque = collections.deque(maxlen=args.log_size)
         self.api_server: ThreadingServer | None = None
@@ -930,26 +934,30 @@ class App:
 
     # -- listener lifecycle --
     def start_api(self) -> None:
-        with self.lock:
-            if self.up:
-                return
+        with self.lifecycle:
+            with self.lock:
+                if self.up:
+                    return
             srv = ThreadingServer(("127.0.0.1", self.port), ApiHandler, self, api=True)
-            self.port = srv.server_address[1]
-            self.api_server = srv
-            self.up = True
-        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1},
-                         name="api-listener", daemon=True).start()
+            with self.lock:
+                self.port = srv.server_address[1]
+                self.api_server = srv
+                self.up = True
+            threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                             name="api-listener", daemon=True).start()
 
     def stop_api(self, keep: socket.socket | None = None) -> None:
-        with self.lock:
-            srv, self.api_server = self.api_server, None
-            self.up = False
-            conns = [c for c in self.conns if c is not keep]
-        if srv is not None:
-            srv.shutdown()
-            srv.server_close()
-        for c in conns:
-            _abort(c)
+        with self.lifecycle:
+            with self.lock:
+                srv, self.api_server = self.api_server, None
+                self.up = False
+            if srv is not None:
+                srv.shutdown()
+                srv.server_close()
+            with self.lock:
+                conns = [c for c in self.conns if c is not keep]
+            for c in conns:
+                _abort(c)
 
     def start_ctl(self) -> None:
         srv = ThreadingServer(("127.0.0.1", self.args.control_port), ApiHandler, self, api=False)
@@ -968,16 +976,23 @@ class App:
                     return rule
         return None
 
-    def record(self, method: str, path: str, status: int, watch: bool, headers) -> None:
-        self.log.append({
+    def record(self, method: str, path: str, headers) -> dict:
+        entry = {
             "time": time.time(),
             "method": method,
             "path": path,
-            "status": status,
-            "watch": watch,
+            "status": 0,
+            "watch": False,
             "userAgent": headers.get("User-Agent", ""),
             "auth": bool(headers.get("Authorization")),
-        })
+        }
+        with self.lock:
+            self.log.append(entry)
+        return entry
+
+    def log_entries(self) -> list[dict]:
+        with self.lock:
+            return [dict(e) for e in self.log]
 
     def watch_count(self) -> int:
         with self.store.cond:
@@ -1109,7 +1124,9 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             return self._send_json(404, {"error": "control port serves /_fake/ only"})
         query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
         q = {k: v[-1] for k, v in query.items()}
-        state = {"status": 0, "watch": False}
+        # logged when the request arrives; "status" is filled in once the response starts
+        # (so a long-running watch shows up in /_fake/requests while it is open)
+        state = self.app.record(self.command, self.path, self.headers)
         try:
             self._api(path, q, state)
         except ApiError as e:
@@ -1118,8 +1135,6 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                 self._send_json(e.code, e.status, e.headers)
         except (ConnectionError, OSError):
             self.close_connection = True
-        finally:
-            self.app.record(self.command, self.path, state["status"], state["watch"], self.headers)
 
     # ================================================================ API
     def _api(self, path: str, q: dict, state: dict) -> None:
@@ -1236,16 +1251,16 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             if limit < 0:
                 raise ApiError(400, f"limit: Invalid value: {limit}: must be greater than or equal to 0")
         if match and match not in ("NotOlderThan", "Exact"):
-            raise ApiError(422, f'resourceVersionMatch: Unsupported value: "{match}": supported values: '
+            raise ApiError(422, _INVALID + f'resourceVersionMatch: Unsupported value: "{match}": supported values: '
                                 '"Exact", "NotOlderThan"', reason="Invalid")
         if match and not rv_s:
-            raise ApiError(422, "resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden unless "
+            raise ApiError(422, _INVALID + "resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden unless "
                                 "resourceVersion is provided", reason="Invalid")
         if match == "Exact" and rv_s == "0":
-            raise ApiError(422, 'resourceVersionMatch: Forbidden: resourceVersionMatch "exact" is forbidden '
+            raise ApiError(422, _INVALID + 'resourceVersionMatch: Forbidden: resourceVersionMatch "exact" is forbidden '
                                 'for resourceVersion "0"', reason="Invalid")
         if cont and match:
-            raise ApiError(422, "resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden when "
+            raise ApiError(422, _INVALID + "resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden when "
                                 "continue is provided", reason="Invalid")
 
         start_after = ""
@@ -1322,13 +1337,13 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             timeout = 1800
         if sie is not None:
             if match != "NotOlderThan":
-                raise ApiError(422, "resourceVersionMatch: Forbidden: sendInitialEvents requires setting "
+                raise ApiError(422, _INVALID + "resourceVersionMatch: Forbidden: sendInitialEvents requires setting "
                                     "resourceVersionMatch to NotOlderThan", reason="Invalid")
             if sie and not bookmarks:
-                raise ApiError(422, "allowWatchBookmarks: Forbidden: sendInitialEvents requires setting "
+                raise ApiError(422, _INVALID + "allowWatchBookmarks: Forbidden: sendInitialEvents requires setting "
                                     "allowWatchBookmarks to true", reason="Invalid")
         elif match:
-            raise ApiError(422, "resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden for watch "
+            raise ApiError(422, _INVALID + "resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden for watch "
                                 "unless sendInitialEvents is provided", reason="Invalid")
         table = _wants_table(self.headers.get("Accept", ""))
 
@@ -1502,9 +1517,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                     ws = [{"id": w.id, "path": w.path, "since": w.started} for w in store.watchers]
                 return self._send_json(200, {"count": len(ws), "watches": ws})
             if cmd == "GET" and op == "requests":
-                return self._send_json(200, {"requests": list(app.log)})
+                return self._send_json(200, {"requests": app.log_entries()})
             if cmd == "POST" and op == "reset-log":
-                app.log.clear()
+                with app.lock:
+                    app.log.clear()
                 return self._send_json(200, {"ok": True})
             if cmd == "POST" and op == "compact":
                 store.compact()
@@ -1533,11 +1549,11 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                         return self._send_json(200, {"failures": list(app.failures)})
             if cmd == "POST" and op == "down":
                 on_api = self.server.api
-                self._send_json(200, {"up": False, "port": app.port})
+                # close the listener first, so the caller sees a closed port once answered
+                app.stop_api(keep=self.connection if on_api else None)
                 if on_api:
                     self.close_connection = True
-                app.stop_api(keep=self.connection if on_api else None)
-                return
+                return self._send_json(200, {"up": False, "port": app.port})
             if cmd == "POST" and op == "up":
                 try:
                     app.start_api()
