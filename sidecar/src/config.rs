@@ -458,6 +458,7 @@ fn static_endpoints(
     arms: &[String],
 ) -> Result<Vec<StaticEndpoint>, ConfigError> {
     let mut endpoints: Vec<StaticEndpoint> = Vec::new();
+    let mut addresses = BTreeSet::new();
     for raw in raw.endpoints {
         if !arms.contains(raw.backend.get_ref()) {
             return Err(loc.at(
@@ -478,7 +479,7 @@ fn static_endpoints(
             )
         })?;
         let address = address.to_string();
-        if endpoints.iter().any(|e| e.address == address) {
+        if !addresses.insert(address.clone()) {
             return Err(loc.at(
                 &raw.address,
                 format!("`static.endpoints.address`: {address} is listed twice"),
