@@ -8,13 +8,23 @@ PY      := $(VENV)/bin/python
 PYTEST  := $(VENV)/bin/pytest
 ENVOY   := $(VENV)/bin/envoy
 WASM    := target/wasm32-wasip1/release/kvab_filter.wasm
+# wasm-bindgen-test-runner must match the wasm-bindgen version in Cargo.lock exactly.
+WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = "\(.*\)"/\1/p;q}' Cargo.lock)
+WB_RUNNER := .tools/bin/wasm-bindgen-test-runner
 export KVAB_ENVOY := $(abspath $(ENVOY))
 export KVAB_WASM  := $(abspath $(WASM))
 
-.PHONY: build filter rust-targets venv lint unit test e2e demo clean
+.PHONY: build filter rust-targets venv wasm-runner lint unit wasm-unit test e2e demo clean
 
 rust-targets:
-	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
+	@for t in wasm32-wasip1 wasm32-unknown-unknown; do \
+	  rustup target list --installed | grep -qx $$t || rustup target add $$t; done
+
+wasm-runner:
+	@if ! $(WB_RUNNER) --version 2>/dev/null | grep -q " $(WASM_BINDGEN_VERSION)$$"; then \
+	  echo "installing wasm-bindgen-cli $(WASM_BINDGEN_VERSION) into .tools"; \
+	  cargo install --quiet --root .tools wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION); fi
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: tests/requirements.txt
@@ -27,7 +37,7 @@ filter: rust-targets
 
 build: filter
 
-lint:
+lint: rust-targets
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy --release --target wasm32-wasip1 -p kvab-filter -- -D warnings
@@ -35,10 +45,19 @@ lint:
 unit:
 	cargo test --workspace
 
-e2e: filter venv
-	$(PYTEST) -q tests
+# The filter's logic tests again, compiled to wasm and run in Node: same behaviour inside a VM.
+wasm-unit: rust-targets wasm-runner
+	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(abspath $(WB_RUNNER)) \
+	  cargo test -p kvab-filter-core --target wasm32-unknown-unknown
 
-test: lint unit e2e
+e2e: filter venv
+	$(PYTEST) -q -p no:cacheprovider tests
+
+test: lint unit wasm-unit e2e
+
+# The main job on the embedded local stack (see README).
+demo: filter venv
+	cd local && ../$(PY) -m kvablocal.demo
 
 clean:
 	cargo clean

@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 
+pub mod report;
+
 use serde::{Deserialize, Serialize};
 
 /// Path of the endpoint map on the sidecar.

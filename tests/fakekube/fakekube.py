@@ -1748,7 +1748,7 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGINT, _term)
-    while not app.stopping.wait(0.5):
+    while not app.stopping.wait(0.05):
         pass
     app.signal_watches("drop")
     app.stop_api()

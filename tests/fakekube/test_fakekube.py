@@ -37,6 +37,17 @@ def kube(tmp_path):
         k.cleanup()
 
 
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    """One seeded server shared by read-only tests."""
+    k = FakeKube(workdir=tmp_path_factory.mktemp("seeded") / "fk")
+    seed(k)
+    try:
+        yield k
+    finally:
+        k.cleanup()
+
+
 def seed(kube: FakeKube) -> None:
     kube.put_pod(make_pod("proxy-a", "llm", {"role": "proxy", "llm-d.ai/kv-backend": "fs"}, "10.0.0.1"))
     kube.put_pod(make_pod("proxy-b", "llm", {"role": "proxy", "llm-d.ai/kv-backend": "nvlink"}, "10.0.0.2"))
@@ -300,16 +311,15 @@ def test_list_and_get(kube):
     ("!tier,role", ["proxy-a", "proxy-b", "proxy-c"]),
     ("role=decode,tier=2", ["decode-1"]),
 ])
-def test_list_label_selector_http(kube, sel, expected):
-    seed(kube)
-    st, body = get(kube, "/api/v1/pods", labelSelector=sel)
+def test_list_label_selector_http(seeded, sel, expected):
+    st, body = get(seeded, "/api/v1/pods", labelSelector=sel)
     assert st == 200, body
     assert names(body) == expected
 
 
 @pytest.mark.parametrize("sel", ["role in proxy", "role=(", "a b", "=x", "role in ()"])
-def test_list_bad_label_selector_is_400(kube, sel):
-    st, status = get(kube, "/api/v1/pods", labelSelector=sel)
+def test_list_bad_label_selector_is_400(seeded, sel):
+    st, status = get(seeded, "/api/v1/pods", labelSelector=sel)
     assert st == 400
     assert status["kind"] == "Status" and status["apiVersion"] == "v1"
     assert status["reason"] == "BadRequest" and status["code"] == 400 and status["message"]
@@ -856,3 +866,23 @@ def test_kubectl_watch_only(kube):
         proc.terminate()
         out, err = proc.communicate(timeout=10)
     assert summary(json_stream(out)) == [("MODIFIED", "a"), ("DELETED", "a")], err
+
+
+@needs_kubectl
+def test_kubectl_watch_human_readable_table(kube):
+    kube.put_pod(make_pod("a", "default", {"role": "proxy"}, "10.0.0.1"))
+    cache = Path(kube.workdir) / "kubectl-cache"
+    proc = subprocess.Popen([KUBECTL, "--kubeconfig", kube.kubeconfig, "--cache-dir", str(cache), "get", "pods",
+                             "-w"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        kube.wait_for_watches(1, timeout=10)
+        kube.patch_pod("default", "a", {"ready": False})
+        kube.patch_pod("default", "a", {"terminating": True})
+        time.sleep(0.5)
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=10)
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[0][:3] == ["NAME", "READY", "STATUS"], (out, err)
+    assert [r[:3] for r in rows[1:]] == [["a", "1/1", "Running"], ["a", "0/1", "Running"],
+                                         ["a", "0/1", "Terminating"]]

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import time
 
-from conftest import promtool_check, wait_until
+from kvabtest import promtool_check, wait_until
 
 STATIC = """
 listen = "127.0.0.1:{port}"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import promtool_check, wait_until
+from kvabtest import promtool_check, wait_until
 from fakekube import FakeKube, make_pod
 
 NS = "llm-d-vllm"

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from conftest import free_port, promtool_check, wait_until
+from kvabtest import free_port, promtool_check, wait_until
 
 
 class _Proxy(http.server.BaseHTTPRequestHandler):

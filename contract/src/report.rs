@@ -1,0 +1,53 @@
+//! `POST /v1/reports`: the filter's routing counts, sent to the sidecar on every tick.
+//!
+//! Each filter VM is one reporter with an id it never reuses, and every report carries the
+//! reporter's cumulative totals since it started plus a sequence number. The sidecar keeps the
+//! newest report per reporter and adds only the difference to the previous one, so a lost report
+//! is made up by the next, a repeated or reordered one changes nothing, and a restarted VM (a new
+//! reporter) starts from zero without touching what was counted before.
+
+use serde::{Deserialize, Serialize};
+
+/// Path of the report endpoint on the sidecar.
+pub const REPORTS_PATH: &str = "/v1/reports";
+
+/// Reports larger than this are refused (413) without being read further.
+pub const MAX_REPORT_BYTES: usize = 1 << 20;
+
+/// Longest reporter id accepted.
+pub const MAX_REPORTER_LEN: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    /// Unique per filter VM instance (never reused across restarts).
+    pub reporter: String,
+    /// Increases with every report this reporter sends; starts at 1.
+    pub sequence: u64,
+    /// Cumulative counts since the reporter started; entries with a zero count may be omitted.
+    pub totals: Vec<RoutedCount>,
+}
+
+/// Requests counted by the filter, keyed the way the sidecar exports them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutedCount {
+    /// Arm the request was tagged with, or `none`.
+    pub requested: String,
+    /// Arm of the endpoint that served it per the endpoint map, `unknown` (not in the map, or the
+    /// map is stale), or `none` (no upstream answered).
+    pub served: String,
+    /// Upstream `ip:port` that served it, `""` when none did.
+    pub endpoint: String,
+    /// `1xx` … `5xx`, or `none` when the stream ended without a response status.
+    pub code_class: String,
+    pub count: u64,
+}
+
+/// The sidecar's answer to a report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportAck {
+    /// `applied` (newer than anything seen from this reporter), `duplicate` (same sequence as the
+    /// newest) or `stale` (older than the newest). All three are 200: the reporter moves on.
+    pub result: String,
+}

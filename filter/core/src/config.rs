@@ -1,0 +1,628 @@
+//! Plugin configuration: the JSON users write (`pluginConfig` in Istio, a `StringValue` in plain
+//! Envoy), validated once into the runtime [`Plan`] the request path reads.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Deserialize;
+
+use crate::assign::Split;
+use crate::plan::{ArmId, Missing, Plan, Unavailable, Unknown};
+use crate::sidecar::Sidecar;
+
+/// Arm names and aliases end up in metric names and header values: keep them to a safe,
+/// bounded alphabet.
+const MAX_NAME_LEN: usize = 32;
+/// Bounds the label cardinality of every per-arm metric.
+pub const MAX_ARMS: usize = 16;
+/// Same cap as a Gateway API `backendRef` weight; keeps the weight sum far from overflow.
+const MAX_WEIGHT: u32 = 1_000_000;
+/// Reserved label value for untagged traffic.
+pub const NO_ARM: &str = "none";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawConfig {
+    #[serde(default = "default_header")]
+    header: String,
+    #[serde(default = "default_arms")]
+    arms: Vec<RawArm>,
+    #[serde(default)]
+    on_missing: MissingPolicy,
+    #[serde(default)]
+    on_unknown: UnknownPolicy,
+    #[serde(default)]
+    default_arm: Option<String>,
+    #[serde(default)]
+    split: Option<RawSplit>,
+    #[serde(default)]
+    on_unavailable: UnavailablePolicy,
+    #[serde(default)]
+    sidecar: Option<RawSidecar>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSidecar {
+    cluster: String,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default = "default_refresh_ms")]
+    refresh_ms: u64,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default = "default_stale_after_ms")]
+    stale_after_ms: u64,
+}
+
+fn default_refresh_ms() -> u64 {
+    1_000
+}
+/// Default call timeout, capped at the refresh interval.
+const DEFAULT_TIMEOUT_MS: u64 = 500;
+fn default_stale_after_ms() -> u64 {
+    10_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawArm {
+    name: String,
+    #[serde(default)]
+    aliases: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSplit {
+    weights: BTreeMap<String, u32>,
+    #[serde(default)]
+    key_header: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum MissingPolicy {
+    #[default]
+    Passthrough,
+    Default,
+    Split,
+}
+
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum UnavailablePolicy {
+    #[default]
+    Reject,
+    Passthrough,
+}
+
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum UnknownPolicy {
+    #[default]
+    Reject,
+    Passthrough,
+    Default,
+}
+
+fn default_header() -> String {
+    "x-kv-backend".to_owned()
+}
+
+fn default_arms() -> Vec<RawArm> {
+    let arm = |name: &str, aliases: &[&str]| RawArm {
+        name: name.to_owned(),
+        aliases: aliases.iter().map(|a| (*a).to_owned()).collect(),
+    };
+    vec![
+        arm("nvlink", &["p2p", "nccl"]),
+        arm("fs", &["filesystem", "file"]),
+    ]
+}
+
+/// A configuration error, naming the field it is about (`arms[1].aliases[0]`, `split.weights.fs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.field, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn error(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Parses and validates the plugin configuration. Empty input means all defaults.
+pub fn parse(json: &[u8]) -> Result<Plan, ConfigError> {
+    let trimmed = json.trim_ascii();
+    let input: &[u8] = if trimmed.is_empty() { b"{}" } else { trimmed };
+    // serde would also accept a JSON array for a struct; only an object is a configuration.
+    if input.first() != Some(&b'{') {
+        return Err(error("", "the configuration must be a JSON object"));
+    }
+    let mut de = serde_json::Deserializer::from_slice(input);
+    let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let field = e.path().to_string();
+        // "." is the root and "?" an unknown position (syntax errors): no field to name.
+        let field = if field == "." || field == "?" {
+            String::new()
+        } else {
+            field
+        };
+        error(field, e.into_inner().to_string())
+    })?;
+    de.end().map_err(|e| error("", e.to_string()))?;
+    build(raw)
+}
+
+fn build(raw: RawConfig) -> Result<Plan, ConfigError> {
+    let header = validate_header_name("header", &raw.header)?;
+    if raw.arms.is_empty() {
+        return Err(error("arms", "at least one arm is required"));
+    }
+    if raw.arms.len() > MAX_ARMS {
+        return Err(error(
+            "arms",
+            format!(
+                "at most {MAX_ARMS} arms are allowed, got {}",
+                raw.arms.len()
+            ),
+        ));
+    }
+
+    let mut arms: Vec<String> = Vec::with_capacity(raw.arms.len());
+    // Every name and alias, lowercased, with the arm it selects: the table the request path scans.
+    let mut spellings: Vec<(String, ArmId, bool)> = Vec::new();
+    for (i, arm) in raw.arms.iter().enumerate() {
+        let field = format!("arms[{i}].name");
+        let name = validate_token(&field, &arm.name)?;
+        if name == NO_ARM {
+            return Err(error(field, "\"none\" is reserved for untagged traffic"));
+        }
+        let id = ArmId(i);
+        claim(&mut spellings, &field, &name, id, true, &arms)?;
+        arms.push(name);
+        for (j, alias) in arm.aliases.iter().enumerate() {
+            let field = format!("arms[{i}].aliases[{j}]");
+            let alias = validate_token(&field, alias)?;
+            claim(&mut spellings, &field, &alias, id, false, &arms)?;
+        }
+    }
+    let arm_id = |field: &str, name: &str| -> Result<ArmId, ConfigError> {
+        let wanted = name.trim().to_ascii_lowercase();
+        arms.iter()
+            .position(|a| *a == wanted)
+            .map(ArmId)
+            .ok_or_else(|| {
+                error(
+                    field,
+                    format!(
+                        "\"{name}\" is not a configured arm (arms: {})",
+                        arms.join(", ")
+                    ),
+                )
+            })
+    };
+
+    let default_arm = match &raw.default_arm {
+        Some(name) => Some(arm_id("defaultArm", name)?),
+        None => None,
+    };
+    let needs_default = |what: &str| {
+        default_arm
+            .ok_or_else(|| error("defaultArm", format!("required when {what} is \"default\"")))
+    };
+    let on_unknown = match raw.on_unknown {
+        UnknownPolicy::Reject => Unknown::Reject,
+        UnknownPolicy::Passthrough => Unknown::Passthrough,
+        UnknownPolicy::Default => Unknown::Default(needs_default("onUnknown")?),
+    };
+    let on_missing = match raw.on_missing {
+        MissingPolicy::Passthrough => Missing::Passthrough,
+        MissingPolicy::Default => Missing::Default(needs_default("onMissing")?),
+        MissingPolicy::Split => Missing::Split,
+    };
+
+    let split = match (&raw.split, on_missing) {
+        (None, Missing::Split) => {
+            return Err(error("split", "required when onMissing is \"split\""));
+        }
+        (None, _) => None,
+        (Some(split), _) => Some(build_split(split, &arm_id)?),
+    };
+
+    let sidecar = match &raw.sidecar {
+        Some(sidecar) => Some(build_sidecar(sidecar)?),
+        None => None,
+    };
+    let on_unavailable = match raw.on_unavailable {
+        UnavailablePolicy::Reject => Unavailable::Reject,
+        UnavailablePolicy::Passthrough => Unavailable::Passthrough,
+    };
+
+    Ok(Plan::new(crate::plan::Policies {
+        header,
+        arms,
+        spellings,
+        on_missing,
+        on_unknown,
+        on_unavailable,
+        split,
+        sidecar,
+    }))
+}
+
+fn build_sidecar(raw: &RawSidecar) -> Result<Sidecar, ConfigError> {
+    let cluster = raw.cluster.trim();
+    if cluster.is_empty()
+        || cluster.len() > 256
+        || cluster.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(error(
+            "sidecar.cluster",
+            format!(
+                "\"{}\" is not an Envoy cluster name (under Istio: outbound|PORT||SERVICE.NAMESPACE.svc.cluster.local)",
+                raw.cluster
+            ),
+        ));
+    }
+    let valid_authority = |a: &str| {
+        !a.is_empty() && a.is_ascii() && !a.chars().any(|c| c.is_whitespace() || c.is_control())
+    };
+    let authority = match &raw.authority {
+        Some(a) if valid_authority(a.trim()) => a.trim().to_owned(),
+        Some(a) => {
+            return Err(error(
+                "sidecar.authority",
+                format!("\"{a}\" is not a valid :authority"),
+            ))
+        }
+        None => Sidecar::default_authority(cluster),
+    };
+    let in_range = |field: &str, value: u64, min: u64, max: u64| {
+        if (min..=max).contains(&value) {
+            Ok(value)
+        } else {
+            Err(error(
+                field,
+                format!("must be between {min} and {max} milliseconds, got {value}"),
+            ))
+        }
+    };
+    let refresh_ms = in_range("sidecar.refreshMs", raw.refresh_ms, 100, 60_000)?;
+    let timeout_ms = in_range(
+        "sidecar.timeoutMs",
+        raw.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS.min(refresh_ms)),
+        10,
+        refresh_ms,
+    )?;
+    let stale_after_ms = in_range(
+        "sidecar.staleAfterMs",
+        raw.stale_after_ms,
+        2 * refresh_ms,
+        3_600_000,
+    )?;
+    Ok(Sidecar {
+        cluster: cluster.to_owned(),
+        authority,
+        refresh_ms,
+        timeout_ms,
+        stale_after_ms,
+    })
+}
+
+fn build_split(
+    raw: &RawSplit,
+    arm_id: &dyn Fn(&str, &str) -> Result<ArmId, ConfigError>,
+) -> Result<Split, ConfigError> {
+    if raw.weights.is_empty() {
+        return Err(error("split.weights", "at least one arm needs a weight"));
+    }
+    let mut weights = Vec::with_capacity(raw.weights.len());
+    for (name, &weight) in &raw.weights {
+        let field = format!("split.weights.{name}");
+        let id = arm_id(&field, name)?;
+        if weights.iter().any(|(other, _)| *other == id) {
+            return Err(error(field, "the same arm is weighted twice"));
+        }
+        if weight == 0 || weight > MAX_WEIGHT {
+            return Err(error(
+                field,
+                format!("weight must be between 1 and {MAX_WEIGHT}, got {weight}"),
+            ));
+        }
+        weights.push((id, weight));
+    }
+    let key_header = match &raw.key_header {
+        Some(h) => Some(validate_header_name("split.keyHeader", h)?),
+        None => None,
+    };
+    Ok(Split::new(weights, key_header))
+}
+
+fn claim(
+    spellings: &mut Vec<(String, ArmId, bool)>,
+    field: &str,
+    spelling: &str,
+    id: ArmId,
+    canonical: bool,
+    arms: &[String],
+) -> Result<(), ConfigError> {
+    if let Some((_, owner, _)) = spellings.iter().find(|(s, _, _)| s == spelling) {
+        let owner = arms.get(owner.0).map(String::as_str).unwrap_or(spelling);
+        return Err(error(
+            field,
+            format!("\"{spelling}\" is already a name or alias of arm \"{owner}\""),
+        ));
+    }
+    spellings.push((spelling.to_owned(), id, canonical));
+    Ok(())
+}
+
+/// Arm names and aliases: 1..=32 of `[a-z0-9._-]`, starting with a letter or digit, compared
+/// case-insensitively (stored lowercase).
+fn validate_token(field: &str, value: &str) -> Result<String, ConfigError> {
+    let v = value.trim().to_ascii_lowercase();
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c);
+    let first_ok = v.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if v.is_empty() || v.len() > MAX_NAME_LEN || !first_ok || !v.chars().all(ok_char) {
+        return Err(error(
+            field,
+            format!(
+                "\"{value}\" must be 1 to {MAX_NAME_LEN} characters of a-z, 0-9, '.', '_', '-' starting with a letter or digit"
+            ),
+        ));
+    }
+    Ok(v)
+}
+
+/// HTTP header names as Envoy stores them: lowercase RFC 9110 tokens, no pseudo-headers.
+fn validate_header_name(field: &str, value: &str) -> Result<String, ConfigError> {
+    let v = value.trim().to_ascii_lowercase();
+    let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if v.is_empty() || v.len() > 128 || !v.chars().all(tchar) {
+        return Err(error(
+            field,
+            format!("\"{value}\" is not a valid HTTP header name"),
+        ));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    fn err(json: &str) -> ConfigError {
+        parse(json.as_bytes()).expect_err("config should be refused")
+    }
+
+    #[test]
+    fn empty_config_gives_the_documented_defaults() {
+        for input in ["", "  ", "{}"] {
+            let plan = parse(input.as_bytes()).unwrap();
+            assert_eq!(plan.header(), "x-kv-backend");
+            assert_eq!(plan.source_header(), "x-kv-backend-source");
+            assert_eq!(plan.endpoint_header(), "x-kv-backend-endpoint");
+            assert_eq!(plan.arm_names(), ["nvlink", "fs"]);
+            assert_eq!(plan.on_missing(), Missing::Passthrough);
+            assert_eq!(plan.on_unknown(), Unknown::Reject);
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let e = err(r#"{"arms":[{"name":"a","alias":["b"]}]}"#);
+        assert_eq!(e.field, "arms[0].alias");
+        assert!(e.message.contains("unknown field `alias`"), "{e}");
+        let e = err(r#"{"onMisssing":"split"}"#);
+        assert!(e.message.contains("unknown field `onMisssing`"), "{e}");
+    }
+
+    #[test]
+    fn invalid_json_is_refused() {
+        assert!(err("{").message.contains("EOF"));
+        assert!(err("[]").message.contains("JSON object"));
+        assert!(err("\"x\"").message.contains("JSON object"));
+        assert!(err("{} {}").message.contains("trailing"));
+    }
+
+    #[test]
+    fn empty_arm_set_is_refused() {
+        assert_eq!(err(r#"{"arms":[]}"#).field, "arms");
+    }
+
+    #[test]
+    fn too_many_arms_are_refused() {
+        let arms: Vec<String> = (0..17).map(|i| format!(r#"{{"name":"a{i}"}}"#)).collect();
+        let e = err(&format!(r#"{{"arms":[{}]}}"#, arms.join(",")));
+        assert_eq!(e.field, "arms");
+    }
+
+    #[test]
+    fn alias_conflicts_are_refused() {
+        let e = err(
+            r#"{"arms":[{"name":"nvlink","aliases":["p2p"]},{"name":"fs","aliases":["P2P"]}]}"#,
+        );
+        assert_eq!(e.field, "arms[1].aliases[0]");
+        assert!(e.message.contains("arm \"nvlink\""), "{e}");
+        let e = err(r#"{"arms":[{"name":"nvlink","aliases":["fs"]},{"name":"fs"}]}"#);
+        assert_eq!(e.field, "arms[1].name");
+        let e = err(r#"{"arms":[{"name":"nvlink","aliases":["nvlink"]}]}"#);
+        assert_eq!(e.field, "arms[0].aliases[0]");
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        for (json, field) in [
+            (r#"{"arms":[{"name":""}]}"#, "arms[0].name"),
+            (r#"{"arms":[{"name":"none"}]}"#, "arms[0].name"),
+            (r#"{"arms":[{"name":"a;b"}]}"#, "arms[0].name"),
+            (r#"{"arms":[{"name":"-a"}]}"#, "arms[0].name"),
+            (
+                r#"{"arms":[{"name":"a","aliases":["x y"]}]}"#,
+                "arms[0].aliases[0]",
+            ),
+            (r#"{"header":"x kv"}"#, "header"),
+            (r#"{"header":""}"#, "header"),
+        ] {
+            assert_eq!(err(json).field, field, "{json}");
+        }
+        let long = "a".repeat(33);
+        assert_eq!(
+            err(&format!(r#"{{"arms":[{{"name":"{long}"}}]}}"#)).field,
+            "arms[0].name"
+        );
+    }
+
+    #[test]
+    fn names_are_normalized() {
+        let plan = parse(br#"{"header":"X-KV-Arm","arms":[{"name":" NVLink "}]}"#).unwrap();
+        assert_eq!(plan.header(), "x-kv-arm");
+        assert_eq!(plan.source_header(), "x-kv-arm-source");
+        assert_eq!(plan.arm_names(), ["nvlink"]);
+    }
+
+    #[test]
+    fn default_policies_need_a_configured_default_arm() {
+        assert_eq!(err(r#"{"onMissing":"default"}"#).field, "defaultArm");
+        assert_eq!(err(r#"{"onUnknown":"default"}"#).field, "defaultArm");
+        let e = err(r#"{"onMissing":"default","defaultArm":"gpu"}"#);
+        assert_eq!(e.field, "defaultArm");
+        assert!(e.message.contains("nvlink, fs"), "{e}");
+        let plan = parse(br#"{"onMissing":"default","defaultArm":"FS"}"#).unwrap();
+        assert_eq!(plan.on_missing(), Missing::Default(ArmId(1)));
+    }
+
+    #[test]
+    fn unknown_policy_values_are_refused() {
+        let e = err(r#"{"onUnknown":"allow"}"#);
+        assert_eq!(e.field, "onUnknown");
+        assert!(e.message.contains("unknown variant `allow`"), "{e}");
+    }
+
+    #[test]
+    fn bad_weights_are_refused() {
+        for (weights, field) in [
+            (r#"{"nvlink":0}"#, "split.weights.nvlink"),
+            (r#"{"nvlink":-1}"#, "split.weights.nvlink"),
+            (r#"{"nvlink":1.5}"#, "split.weights.nvlink"),
+            (r#"{"nvlink":4294967296}"#, "split.weights.nvlink"),
+            (r#"{"nvlink":1000001}"#, "split.weights.nvlink"),
+            (r#"{"gpu":1}"#, "split.weights.gpu"),
+            (r#"{"nvlink":1,"NVLINK":1}"#, "split.weights.nvlink"),
+            (r#"{}"#, "split.weights"),
+        ] {
+            let json = format!(r#"{{"onMissing":"split","split":{{"weights":{weights}}}}}"#);
+            assert_eq!(err(&json).field, field, "{json}");
+        }
+        assert_eq!(err(r#"{"onMissing":"split"}"#).field, "split");
+        let e = err(r#"{"split":{"weights":{"fs":1},"keyHeader":"bad header"}}"#);
+        assert_eq!(e.field, "split.keyHeader");
+    }
+
+    /// The shipped fixtures (also checked against the JSON Schema by the Python tests).
+    #[cfg(not(target_arch = "wasm32"))]
+    #[test]
+    fn fixtures_are_accepted_and_refused_as_filed() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+        let mut seen = 0;
+        for (folder, should_parse) in [
+            ("valid", true),
+            ("invalid", false),
+            ("invalid-semantic", false),
+        ] {
+            for entry in std::fs::read_dir(dir.join(folder)).unwrap() {
+                let path = entry.unwrap().path();
+                let result = parse(&std::fs::read(&path).unwrap());
+                assert_eq!(
+                    result.is_ok(),
+                    should_parse,
+                    "{}: {:?}",
+                    path.display(),
+                    result.err()
+                );
+                seen += 1;
+            }
+        }
+        assert!(seen >= 15, "only {seen} fixtures found");
+    }
+
+    #[test]
+    fn sidecar_settings_are_checked() {
+        let plan = parse(
+            br#"{"sidecar":{"cluster":"outbound|18090||kvab.llm-d-vllm.svc.cluster.local"}}"#,
+        )
+        .unwrap();
+        let sidecar = plan.sidecar().unwrap();
+        assert_eq!(sidecar.authority, "kvab.llm-d-vllm.svc.cluster.local:18090");
+        assert_eq!(
+            (
+                sidecar.refresh_ms,
+                sidecar.timeout_ms,
+                sidecar.stale_after_ms
+            ),
+            (1000, 500, 10_000)
+        );
+        assert_eq!(plan.on_unavailable(), Unavailable::Reject);
+        let plan = parse(br#"{"sidecar":{"cluster":"kvab_sidecar","refreshMs":200}}"#).unwrap();
+        assert_eq!(plan.sidecar().unwrap().authority, "kvab_sidecar");
+        for (json, field) in [
+            (r#"{"sidecar":{}}"#, "sidecar"),
+            (r#"{"sidecar":{"cluster":""}}"#, "sidecar.cluster"),
+            (r#"{"sidecar":{"cluster":"a b"}}"#, "sidecar.cluster"),
+            (
+                r#"{"sidecar":{"cluster":"c","refreshMs":50}}"#,
+                "sidecar.refreshMs",
+            ),
+            (
+                r#"{"sidecar":{"cluster":"c","timeoutMs":2000}}"#,
+                "sidecar.timeoutMs",
+            ),
+            (
+                r#"{"sidecar":{"cluster":"c","staleAfterMs":1500}}"#,
+                "sidecar.staleAfterMs",
+            ),
+            (
+                r#"{"sidecar":{"cluster":"c","authority":"a b"}}"#,
+                "sidecar.authority",
+            ),
+            (
+                r#"{"sidecar":{"cluster":"c","url":"http://x"}}"#,
+                "sidecar.url",
+            ),
+            (r#"{"onUnavailable":"wait"}"#, "onUnavailable"),
+        ] {
+            assert_eq!(err(json).field, field, "{json}");
+        }
+    }
+
+    #[test]
+    fn display_names_the_field() {
+        let e = err(r#"{"arms":[]}"#);
+        assert_eq!(e.to_string(), "arms: at least one arm is required");
+    }
+}

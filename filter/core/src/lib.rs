@@ -1,0 +1,17 @@
+//! Host-independent logic of the kvab filter. Nothing here calls the proxy: the wasm crate feeds
+//! it header bytes and turns its decisions into host calls, so all of it is tested natively (and,
+//! with `wasm-bindgen-test`, inside a wasm VM).
+#![deny(clippy::indexing_slicing)]
+
+pub mod assign;
+pub mod config;
+pub mod endpoints;
+pub mod headers;
+pub mod metrics;
+pub mod plan;
+mod reply;
+pub mod sidecar;
+pub mod tally;
+
+pub use config::{parse, ConfigError};
+pub use plan::{Admission, ArmId, Decision, Invalid, Plan, Reading, Rejection, Source, Verdict};

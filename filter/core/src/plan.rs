@@ -1,0 +1,708 @@
+//! The validated configuration in the form the request path uses, and the per-request decision:
+//! which arm a request is tagged with, or whether it is left untagged or rejected.
+
+use crate::assign::Split;
+use crate::config::NO_ARM;
+use crate::sidecar::Sidecar;
+
+/// Index of a configured arm (in configuration order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ArmId(pub usize);
+
+/// What to do when the request carries no arm header (or only an empty value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Missing {
+    /// Leave it untagged: the scheduler may pick any proxy (the runbook's Step 4).
+    Passthrough,
+    Default(ArmId),
+    Split,
+}
+
+/// What to do when the header names no configured arm or several different ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unknown {
+    Reject,
+    /// Strip the value and leave the request untagged.
+    Passthrough,
+    Default(ArmId),
+}
+
+/// What to do when the endpoint map says the requested arm has no ready endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// Answer 503 `kv_backend_unavailable` naming the arm (instead of the scheduler's 429).
+    Reject,
+    /// Let it through and count it.
+    Passthrough,
+}
+
+/// How the arm of a tagged request was chosen: the `x-kv-backend-source` tag and metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Header,
+    Alias,
+    Split,
+    Default,
+}
+
+impl Source {
+    pub const ALL: [Source; 4] = [
+        Source::Header,
+        Source::Alias,
+        Source::Split,
+        Source::Default,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::Header => "header",
+            Source::Alias => "alias",
+            Source::Split => "split",
+            Source::Default => "default",
+        }
+    }
+}
+
+/// Why a header value was not usable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalid {
+    /// No configured arm or alias matches.
+    Unknown,
+    /// Several different values (repeated header or a comma list).
+    Ambiguous,
+}
+
+impl Invalid {
+    pub const ALL: [Invalid; 2] = [Invalid::Unknown, Invalid::Ambiguous];
+
+    /// Label of `kvab_invalid_values_total{reason}`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Invalid::Unknown => "unknown",
+            Invalid::Ambiguous => "ambiguous",
+        }
+    }
+}
+
+/// A request the filter answers itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    UnknownBackend,
+    AmbiguousBackend,
+    /// The requested arm has no ready endpoint (per a fresh endpoint map).
+    Unavailable,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 3] = [
+        Rejection::UnknownBackend,
+        Rejection::AmbiguousBackend,
+        Rejection::Unavailable,
+    ];
+
+    /// The JSON error `code`, also the label of `kvab_rejected_total{reason}`.
+    pub fn code(self) -> &'static str {
+        match self {
+            Rejection::UnknownBackend => "unknown_kv_backend",
+            Rejection::AmbiguousBackend => "ambiguous_kv_backend",
+            Rejection::Unavailable => "kv_backend_unavailable",
+        }
+    }
+
+    pub fn status(self) -> u32 {
+        match self {
+            Rejection::UnknownBackend | Rejection::AmbiguousBackend => 400,
+            Rejection::Unavailable => 503,
+        }
+    }
+
+    /// Envoy's response code details for the local reply (shows in access logs).
+    pub fn details(self) -> &'static str {
+        match self {
+            Rejection::UnknownBackend => "kvab_unknown_kv_backend",
+            Rejection::AmbiguousBackend => "kvab_ambiguous_kv_backend",
+            Rejection::Unavailable => "kvab_kv_backend_unavailable",
+        }
+    }
+}
+
+/// The outcome for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Tag { arm: ArmId, source: Source },
+    Untagged,
+    Reject(Rejection),
+}
+
+/// Whether an arm with no ready endpoint lets a request through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Admit,
+    /// Admitted although the arm has no ready endpoint (counted).
+    Unavailable,
+    Reject(Rejection),
+}
+
+/// A decision plus whether the header value was unusable (counted even when policy lets it pass).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub decision: Decision,
+    pub invalid: Option<Invalid>,
+}
+
+/// Accumulates every occurrence of the arm header of one request, without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reading {
+    state: ReadState,
+    occurrences: u32,
+    /// The single occurrence is byte-for-byte the canonical name: no rewrite needed.
+    canonical_bytes: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum ReadState {
+    /// No occurrence, or only empty / blank list elements.
+    #[default]
+    Empty,
+    Arm(ArmId, Source),
+    Unknown,
+    Ambiguous,
+}
+
+impl Reading {
+    /// Whether the header arrived at all (even empty); an untagged request must lose it.
+    pub fn present(&self) -> bool {
+        self.occurrences > 0
+    }
+
+    /// Whether forwarding the header as received already carries exactly `arm`'s canonical name.
+    pub fn already_canonical(&self) -> bool {
+        self.occurrences == 1 && self.canonical_bytes
+    }
+
+    fn add(&mut self, element: ReadState) {
+        self.state = match (self.state, element) {
+            (ReadState::Empty, e) => e,
+            (ReadState::Arm(a, s1), ReadState::Arm(b, s2)) if a == b => {
+                let source = if s1 == Source::Alias || s2 == Source::Alias {
+                    Source::Alias
+                } else {
+                    Source::Header
+                };
+                ReadState::Arm(a, source)
+            }
+            (ReadState::Unknown, ReadState::Unknown) => ReadState::Unknown,
+            (s, ReadState::Empty) => s,
+            _ => ReadState::Ambiguous,
+        };
+    }
+}
+
+/// Names and aliases longer than this cannot match; longer elements are unknown without a scan.
+const MAX_SPELLING_LEN: usize = 32;
+
+/// The validated pieces a [`Plan`] is made of (built by `config`).
+pub(crate) struct Policies {
+    pub header: String,
+    pub arms: Vec<String>,
+    pub spellings: Vec<(String, ArmId, bool)>,
+    pub on_missing: Missing,
+    pub on_unknown: Unknown,
+    pub on_unavailable: Unavailable,
+    pub split: Option<Split>,
+    pub sidecar: Option<Sidecar>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    header: String,
+    source_header: String,
+    endpoint_header: String,
+    arms: Vec<String>,
+    /// Lowercase spelling → arm, and whether it is the canonical name (else an alias).
+    spellings: Vec<(Box<[u8]>, ArmId, bool)>,
+    on_missing: Missing,
+    on_unknown: Unknown,
+    on_unavailable: Unavailable,
+    split: Option<Split>,
+    sidecar: Option<Sidecar>,
+    unknown_body: Vec<u8>,
+    ambiguous_body: Vec<u8>,
+    /// One per arm: the message names the arm.
+    unavailable_bodies: Vec<Vec<u8>>,
+}
+
+impl Plan {
+    pub(crate) fn new(p: Policies) -> Plan {
+        let source_header = format!("{}-source", p.header);
+        let endpoint_header = format!("{}-endpoint", p.header);
+        let spellings: Vec<(Box<[u8]>, ArmId, bool)> = p
+            .spellings
+            .into_iter()
+            .map(|(s, id, canonical)| (s.into_bytes().into_boxed_slice(), id, canonical))
+            .collect();
+        let body = |r, arm| crate::reply::rejection_body(r, arm, &p.header, &p.arms, &spellings);
+        let unknown_body = body(Rejection::UnknownBackend, None);
+        let ambiguous_body = body(Rejection::AmbiguousBackend, None);
+        let unavailable_bodies = (0..p.arms.len())
+            .map(|i| body(Rejection::Unavailable, Some(ArmId(i))))
+            .collect();
+        Plan {
+            header: p.header,
+            source_header,
+            endpoint_header,
+            arms: p.arms,
+            spellings,
+            on_missing: p.on_missing,
+            on_unknown: p.on_unknown,
+            on_unavailable: p.on_unavailable,
+            split: p.split,
+            sidecar: p.sidecar,
+            unknown_body,
+            ambiguous_body,
+            unavailable_bodies,
+        }
+    }
+
+    pub fn on_unavailable(&self) -> Unavailable {
+        self.on_unavailable
+    }
+
+    /// Where to fetch endpoint maps and send reports; `None` runs the filter on its own.
+    pub fn sidecar(&self) -> Option<&Sidecar> {
+        self.sidecar.as_ref()
+    }
+
+    /// The arm with this canonical name (endpoint maps use canonical names only).
+    pub fn arm_by_name(&self, name: &str) -> Option<ArmId> {
+        self.arms.iter().position(|a| a == name).map(ArmId)
+    }
+
+    /// The request header read (lowercase); also the request and response tag.
+    pub fn header(&self) -> &str {
+        &self.header
+    }
+
+    /// `<header>-source`: how the arm was chosen.
+    pub fn source_header(&self) -> &str {
+        &self.source_header
+    }
+
+    /// `<header>-endpoint`: the upstream `ip:port` that served the response.
+    pub fn endpoint_header(&self) -> &str {
+        &self.endpoint_header
+    }
+
+    pub fn arm_names(&self) -> &[String] {
+        &self.arms
+    }
+
+    /// Canonical name of an arm, `none` for untagged traffic.
+    pub fn arm_label(&self, arm: Option<ArmId>) -> &str {
+        arm.and_then(|a| self.arms.get(a.0))
+            .map_or(NO_ARM, String::as_str)
+    }
+
+    pub fn on_missing(&self) -> Missing {
+        self.on_missing
+    }
+
+    pub fn on_unknown(&self) -> Unknown {
+        self.on_unknown
+    }
+
+    pub fn split(&self) -> Option<&Split> {
+        self.split.as_ref()
+    }
+
+    /// One line summarizing the configuration in its own vocabulary, for the log.
+    pub fn describe(&self) -> String {
+        let name = |arm: ArmId| self.arm_label(Some(arm)).to_owned();
+        let missing = match self.on_missing {
+            Missing::Passthrough => "passthrough".to_owned(),
+            Missing::Default(arm) => format!("default ({})", name(arm)),
+            Missing::Split => {
+                let weights: Vec<String> = self
+                    .split
+                    .iter()
+                    .flat_map(|s| s.weights())
+                    .map(|(arm, w)| format!("{}={w}", name(arm)))
+                    .collect();
+                format!("split ({})", weights.join(", "))
+            }
+        };
+        let unknown = match self.on_unknown {
+            Unknown::Reject => "reject".to_owned(),
+            Unknown::Passthrough => "passthrough".to_owned(),
+            Unknown::Default(arm) => format!("default ({})", name(arm)),
+        };
+        let sidecar = match &self.sidecar {
+            Some(s) => format!(
+                ", sidecar {} every {} ms (stale after {} ms), onUnavailable {}",
+                s.cluster,
+                s.refresh_ms,
+                s.stale_after_ms,
+                match self.on_unavailable {
+                    Unavailable::Reject => "reject",
+                    Unavailable::Passthrough => "passthrough",
+                }
+            ),
+            None => String::new(),
+        };
+        format!(
+            "header {}, arms [{}], onMissing {missing}, onUnknown {unknown}{sidecar}",
+            self.header,
+            self.arms.join(", ")
+        )
+    }
+
+    /// Whether a tagged request goes ahead, given its arm's ready endpoints per a
+    /// fresh endpoint map (`None`: no fresh map, so nothing is known and nothing is refused).
+    pub fn admit(&self, ready_endpoints: Option<u32>) -> Admission {
+        match (ready_endpoints, self.on_unavailable) {
+            (Some(0), Unavailable::Reject) => Admission::Reject(Rejection::Unavailable),
+            (Some(0), Unavailable::Passthrough) => Admission::Unavailable,
+            _ => Admission::Admit,
+        }
+    }
+
+    /// The JSON body answered with a rejection (prepared once at configure time); `arm` is the
+    /// requested arm, named in the `kv_backend_unavailable` message.
+    pub fn rejection_body(&self, rejection: Rejection, arm: Option<ArmId>) -> &[u8] {
+        match rejection {
+            Rejection::UnknownBackend => &self.unknown_body,
+            Rejection::AmbiguousBackend => &self.ambiguous_body,
+            Rejection::Unavailable => arm
+                .and_then(|a| self.unavailable_bodies.get(a.0))
+                .map_or(&[], Vec::as_slice),
+        }
+    }
+
+    /// Feeds one occurrence of the arm header: trims blanks, splits comma lists, matches names
+    /// and aliases case-insensitively. Any bytes are accepted (non-UTF-8 simply does not match).
+    pub fn read(&self, reading: &mut Reading, value: &[u8]) {
+        reading.occurrences = reading.occurrences.saturating_add(1);
+        reading.canonical_bytes = false;
+        for element in value.split(|&b| b == b',') {
+            let element = trim_ows(element);
+            if element.is_empty() {
+                continue;
+            }
+            let matched = self.match_spelling(element);
+            if let Some((arm, canonical)) = matched {
+                reading.canonical_bytes = canonical
+                    && element.len() == value.len()
+                    && self.arms.get(arm.0).is_some_and(|n| n.as_bytes() == value);
+            }
+            reading.add(match matched {
+                Some((arm, true)) => ReadState::Arm(arm, Source::Header),
+                Some((arm, false)) => ReadState::Arm(arm, Source::Alias),
+                None => ReadState::Unknown,
+            });
+        }
+    }
+
+    fn match_spelling(&self, element: &[u8]) -> Option<(ArmId, bool)> {
+        if element.len() > MAX_SPELLING_LEN {
+            return None;
+        }
+        self.spellings
+            .iter()
+            .find(|(s, _, _)| s.eq_ignore_ascii_case(element))
+            .map(|&(_, arm, canonical)| (arm, canonical))
+    }
+
+    /// Decides the request's arm. `split_key` is the value of the split key header, if any;
+    /// `draw` is called only for a key-less split assignment.
+    pub fn decide(
+        &self,
+        reading: &Reading,
+        split_key: Option<&[u8]>,
+        draw: impl FnOnce() -> u64,
+    ) -> Verdict {
+        let (decision, invalid) = match reading.state {
+            ReadState::Arm(arm, source) => (Decision::Tag { arm, source }, None),
+            ReadState::Empty => (self.assign_missing(split_key, draw), None),
+            ReadState::Unknown => (
+                self.handle_invalid(Invalid::Unknown),
+                Some(Invalid::Unknown),
+            ),
+            ReadState::Ambiguous => (
+                self.handle_invalid(Invalid::Ambiguous),
+                Some(Invalid::Ambiguous),
+            ),
+        };
+        Verdict { decision, invalid }
+    }
+
+    fn assign_missing(&self, split_key: Option<&[u8]>, draw: impl FnOnce() -> u64) -> Decision {
+        match (self.on_missing, &self.split) {
+            (Missing::Passthrough, _) => Decision::Untagged,
+            (Missing::Default(arm), _) => Decision::Tag {
+                arm,
+                source: Source::Default,
+            },
+            (Missing::Split, Some(split)) => {
+                let arm = match split_key.map(trim_ows).filter(|k| !k.is_empty()) {
+                    Some(key) => split.pick_for_key(key),
+                    None => split.pick(draw()),
+                };
+                Decision::Tag {
+                    arm,
+                    source: Source::Split,
+                }
+            }
+            // Configuration guarantees a split exists for Missing::Split.
+            (Missing::Split, None) => Decision::Untagged,
+        }
+    }
+
+    fn handle_invalid(&self, why: Invalid) -> Decision {
+        match self.on_unknown {
+            Unknown::Reject => Decision::Reject(match why {
+                Invalid::Unknown => Rejection::UnknownBackend,
+                Invalid::Ambiguous => Rejection::AmbiguousBackend,
+            }),
+            Unknown::Passthrough => Decision::Untagged,
+            Unknown::Default(arm) => Decision::Tag {
+                arm,
+                source: Source::Default,
+            },
+        }
+    }
+}
+
+/// Trims RFC 9110 optional whitespace (SP, HTAB).
+fn trim_ows(bytes: &[u8]) -> &[u8] {
+    let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = bytes.iter().position(|b| !is_ows(b)).unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !is_ows(b))
+        .map_or(start, |i| i + 1);
+    bytes.get(start..end).unwrap_or(&[])
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    const NVLINK: ArmId = ArmId(0);
+    const FS: ArmId = ArmId(1);
+
+    fn plan(json: &str) -> Plan {
+        parse(json.as_bytes()).unwrap()
+    }
+
+    fn verdict(plan: &Plan, values: &[&[u8]], key: Option<&[u8]>) -> Verdict {
+        let mut reading = Reading::default();
+        for v in values {
+            plan.read(&mut reading, v);
+        }
+        plan.decide(&reading, key, || 0)
+    }
+
+    fn decide(plan: &Plan, values: &[&[u8]]) -> Decision {
+        verdict(plan, values, None).decision
+    }
+
+    fn tag(arm: ArmId, source: Source) -> Decision {
+        Decision::Tag { arm, source }
+    }
+
+    #[test]
+    fn canonical_names_and_aliases_normalize() {
+        let p = plan("{}");
+        assert_eq!(decide(&p, &[b"nvlink"]), tag(NVLINK, Source::Header));
+        assert_eq!(decide(&p, &[b"NVLink"]), tag(NVLINK, Source::Header));
+        assert_eq!(decide(&p, &[b" \tfs \t"]), tag(FS, Source::Header));
+        assert_eq!(decide(&p, &[b"P2P"]), tag(NVLINK, Source::Alias));
+        assert_eq!(decide(&p, &[b"nccl"]), tag(NVLINK, Source::Alias));
+        assert_eq!(decide(&p, &[b"filesystem"]), tag(FS, Source::Alias));
+        assert_eq!(decide(&p, &[b"File"]), tag(FS, Source::Alias));
+    }
+
+    #[test]
+    fn only_the_exact_canonical_bytes_skip_the_rewrite() {
+        let p = plan("{}");
+        let read = |values: &[&[u8]]| {
+            let mut r = Reading::default();
+            for v in values {
+                p.read(&mut r, v);
+            }
+            r
+        };
+        assert!(read(&[b"nvlink"]).already_canonical());
+        for values in [
+            &[&b"NVLINK"[..]][..],
+            &[b" nvlink"],
+            &[b"p2p"],
+            &[b"nvlink,nvlink"],
+            &[b"nvlink", b"nvlink"],
+            &[b"fs", b"nvlink"],
+        ] {
+            assert!(!read(values).already_canonical(), "{values:?}");
+        }
+        assert!(!read(&[]).present());
+        assert!(read(&[b""]).present());
+    }
+
+    #[test]
+    fn repeated_and_listed_values_of_one_arm_are_fine() {
+        let p = plan("{}");
+        assert_eq!(
+            decide(&p, &[b"nvlink", b"nvlink"]),
+            tag(NVLINK, Source::Header)
+        );
+        assert_eq!(decide(&p, &[b"nvlink, p2p"]), tag(NVLINK, Source::Alias));
+        assert_eq!(decide(&p, &[b"fs,", b",FS"]), tag(FS, Source::Header));
+    }
+
+    #[test]
+    fn different_values_are_ambiguous() {
+        let p = plan("{}");
+        let ambiguous = Decision::Reject(Rejection::AmbiguousBackend);
+        assert_eq!(decide(&p, &[b"nvlink", b"fs"]), ambiguous);
+        assert_eq!(decide(&p, &[b"nvlink,fs"]), ambiguous);
+        assert_eq!(decide(&p, &[b"p2p, file"]), ambiguous);
+        assert_eq!(decide(&p, &[b"nvlink, bogus"]), ambiguous);
+        assert_eq!(decide(&p, &[b"bogus", b"fs"]), ambiguous);
+        let v = verdict(&p, &[b"fs", b"nvlink"], None);
+        assert_eq!(v.invalid, Some(Invalid::Ambiguous));
+    }
+
+    #[test]
+    fn unknown_values_are_rejected_by_default() {
+        let p = plan("{}");
+        let unknown = Decision::Reject(Rejection::UnknownBackend);
+        let long = vec![b'a'; 8192];
+        let mut near_misses: Vec<&[u8]> = vec![
+            b"nvlink2",
+            b"fs.",
+            b"f s",
+            b"nv link",
+            b"none",
+            b"\xff\xfe",
+            b"nvl\x00ink",
+            b"\x80nvlink",
+            b"nvlink\x7f",
+            b"\xc3\xa9",
+        ];
+        near_misses.push(&long);
+        for value in near_misses {
+            let v = verdict(&p, &[value], None);
+            assert_eq!(v.decision, unknown, "{value:?}");
+            assert_eq!(v.invalid, Some(Invalid::Unknown));
+        }
+        assert_eq!(decide(&p, &[b"foo, bar"]), unknown);
+    }
+
+    #[test]
+    fn empty_and_blank_values_count_as_missing() {
+        let p = plan("{}");
+        for values in [&[][..], &[&b""[..]], &[b"  \t "], &[b","], &[b"", b" , "]] {
+            let v = verdict(&p, values, None);
+            assert_eq!(v.decision, Decision::Untagged, "{values:?}");
+            assert_eq!(v.invalid, None);
+        }
+    }
+
+    #[test]
+    fn unknown_policy_passthrough_and_default() {
+        let p = plan(r#"{"onUnknown":"passthrough"}"#);
+        let v = verdict(&p, &[b"bogus"], None);
+        assert_eq!(v.decision, Decision::Untagged);
+        assert_eq!(v.invalid, Some(Invalid::Unknown));
+        let p = plan(r#"{"onUnknown":"default","defaultArm":"fs"}"#);
+        assert_eq!(decide(&p, &[b"nvlink,fs"]), tag(FS, Source::Default));
+        assert_eq!(decide(&p, &[b"nvlink"]), tag(NVLINK, Source::Header));
+    }
+
+    #[test]
+    fn missing_policy_default_and_split() {
+        let p = plan(r#"{"onMissing":"default","defaultArm":"nvlink"}"#);
+        assert_eq!(decide(&p, &[]), tag(NVLINK, Source::Default));
+        let p = plan(
+            r#"{"onMissing":"split","split":{"weights":{"nvlink":1,"fs":1},"keyHeader":"x-session-id"}}"#,
+        );
+        assert_eq!(p.split().unwrap().key_header(), Some("x-session-id"));
+        let mut reading = Reading::default();
+        p.read(&mut reading, b"");
+        // Draw 0 falls in the first bound, u64::MAX in the last: the draw is used without a key.
+        let first = p.decide(&reading, None, || 0).decision;
+        let last = p.decide(&reading, Some(b"  "), || u64::MAX).decision;
+        assert_eq!(
+            first,
+            tag(FS, Source::Split),
+            "weights are ordered by arm name"
+        );
+        assert_eq!(last, tag(NVLINK, Source::Split));
+        // With a key, the draw is not consulted and the result is stable.
+        let keyed = p.decide(&reading, Some(b"user-1"), || panic!("no draw with a key"));
+        assert_eq!(keyed, p.decide(&reading, Some(b"user-1"), || 0));
+        // An explicit header still wins over split.
+        assert_eq!(decide(&p, &[b"fs"]), tag(FS, Source::Header));
+    }
+
+    #[test]
+    fn an_arm_without_ready_endpoints_is_refused_or_counted() {
+        let p = plan("{}");
+        assert_eq!(p.admit(Some(0)), Admission::Reject(Rejection::Unavailable));
+        assert_eq!(p.admit(Some(2)), Admission::Admit);
+        assert_eq!(
+            p.admit(None),
+            Admission::Admit,
+            "no fresh map: nothing is refused"
+        );
+        let p = plan(r#"{"onUnavailable":"passthrough"}"#);
+        assert_eq!(p.admit(Some(0)), Admission::Unavailable);
+        assert_eq!(Rejection::Unavailable.status(), 503);
+        assert_eq!(Rejection::Unavailable.code(), "kv_backend_unavailable");
+    }
+
+    #[test]
+    fn labels_and_headers() {
+        let p = plan("{}");
+        assert_eq!(p.arm_label(Some(FS)), "fs");
+        assert_eq!(p.arm_label(None), "none");
+        assert_eq!(p.arm_label(Some(ArmId(9))), "none");
+        assert_eq!(
+            Source::ALL.map(Source::label),
+            ["header", "alias", "split", "default"]
+        );
+        assert_eq!(Rejection::UnknownBackend.code(), "unknown_kv_backend");
+        assert_eq!(Rejection::AmbiguousBackend.code(), "ambiguous_kv_backend");
+    }
+
+    #[test]
+    fn describe_names_the_policies() {
+        assert_eq!(
+            plan("{}").describe(),
+            "header x-kv-backend, arms [nvlink, fs], onMissing passthrough, onUnknown reject"
+        );
+        let p = plan(
+            r#"{"onMissing":"split","split":{"weights":{"nvlink":3,"fs":1}},"onUnknown":"default","defaultArm":"fs"}"#,
+        );
+        assert_eq!(
+            p.describe(),
+            "header x-kv-backend, arms [nvlink, fs], onMissing split (fs=1, nvlink=3), onUnknown default (fs)"
+        );
+    }
+
+    #[test]
+    fn trim_ows_only_trims_blanks() {
+        assert_eq!(trim_ows(b" \t a b \t"), b"a b");
+        assert_eq!(trim_ows(b"   "), b"");
+        assert_eq!(trim_ows(b""), b"");
+        assert_eq!(trim_ows(b"\na\r"), b"\na\r");
+    }
+}

@@ -1,0 +1,133 @@
+//! Bodies of the answers the filter gives itself, in the OpenAI error shape clients of an
+//! OpenAI-compatible server already parse.
+
+use crate::plan::{ArmId, Rejection};
+
+/// Builds the JSON body of a rejection. Called once per configuration, never per request.
+pub(crate) fn rejection_body(
+    rejection: Rejection,
+    arm: Option<ArmId>,
+    header: &str,
+    arms: &[String],
+    spellings: &[(Box<[u8]>, ArmId, bool)],
+) -> Vec<u8> {
+    let message = match rejection {
+        Rejection::UnknownBackend => {
+            let choices: Vec<String> = arms
+                .iter()
+                .enumerate()
+                .map(|(i, arm)| {
+                    let aliases: Vec<&str> = spellings
+                        .iter()
+                        .filter(|(_, id, canonical)| id.0 == i && !canonical)
+                        .filter_map(|(s, _, _)| std::str::from_utf8(s).ok())
+                        .collect();
+                    if aliases.is_empty() {
+                        arm.clone()
+                    } else {
+                        format!("{arm} (aliases: {})", aliases.join(", "))
+                    }
+                })
+                .collect();
+            format!("{header} must name one KV backend: {}", choices.join("; "))
+        }
+        Rejection::AmbiguousBackend => format!(
+            "{header} names more than one KV backend; send exactly one of: {}",
+            arms.join(", ")
+        ),
+        Rejection::Unavailable => {
+            let name = arm
+                .and_then(|a| arms.get(a.0))
+                .map_or("the requested arm", String::as_str);
+            format!(
+                "KV backend {name} has no ready endpoint; retry later or choose another {header}"
+            )
+        }
+    };
+    let error_type = match rejection {
+        Rejection::Unavailable => "service_unavailable_error",
+        Rejection::UnknownBackend | Rejection::AmbiguousBackend => "invalid_request_error",
+    };
+    // Built by hand: every piece is configuration text from a restricted alphabet or a constant,
+    // and this keeps a JSON serializer out of the .wasm.
+    let mut body = String::with_capacity(message.len() + 128);
+    body.push_str("{\"error\":{\"message\":");
+    push_json_string(&mut body, &message);
+    body.push_str(",\"type\":");
+    push_json_string(&mut body, error_type);
+    body.push_str(",\"code\":");
+    push_json_string(&mut body, rejection.code());
+    body.push_str(",\"param\":");
+    push_json_string(&mut body, header);
+    body.push_str("}}");
+    body.into_bytes()
+}
+
+/// Appends `s` as a JSON string literal.
+fn push_json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod tests {
+    use crate::config::parse;
+    use crate::plan::Rejection;
+    use serde_json::Value;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn json_strings_are_escaped() {
+        let mut out = String::new();
+        super::push_json_string(&mut out, "a\"b\\c\n");
+        assert_eq!(out, r#""a\"b\\c\u000a""#);
+        let parsed: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(parsed, "a\"b\\c\n");
+    }
+
+    #[test]
+    fn rejection_bodies_follow_the_openai_error_shape() {
+        let plan = parse(b"{}").unwrap();
+        let body: Value =
+            serde_json::from_slice(plan.rejection_body(Rejection::UnknownBackend, None)).unwrap();
+        assert_eq!(body["error"]["code"], "unknown_kv_backend");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["param"], "x-kv-backend");
+        assert_eq!(
+            body["error"]["message"],
+            "x-kv-backend must name one KV backend: nvlink (aliases: p2p, nccl); fs (aliases: filesystem, file)"
+        );
+        let body: Value =
+            serde_json::from_slice(plan.rejection_body(Rejection::AmbiguousBackend, None)).unwrap();
+        assert_eq!(body["error"]["code"], "ambiguous_kv_backend");
+        assert_eq!(
+            body["error"]["message"],
+            "x-kv-backend names more than one KV backend; send exactly one of: nvlink, fs"
+        );
+        let body: Value = serde_json::from_slice(
+            plan.rejection_body(Rejection::Unavailable, Some(crate::ArmId(1))),
+        )
+        .unwrap();
+        assert_eq!(body["error"]["code"], "kv_backend_unavailable");
+        assert_eq!(body["error"]["type"], "service_unavailable_error");
+        assert_eq!(
+            body["error"]["message"],
+            "KV backend fs has no ready endpoint; retry later or choose another x-kv-backend"
+        );
+    }
+}

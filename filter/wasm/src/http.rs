@@ -1,0 +1,233 @@
+//! One request's path through the filter: decide and tag on request headers, tag the response
+//! with the arm that served it, count when the stream ends.
+
+use std::rc::Rc;
+
+use kvab_filter_core::endpoints::Served;
+use kvab_filter_core::headers::scan_request_headers;
+use kvab_filter_core::metrics::CodeClass;
+use kvab_filter_core::{Admission, ArmId, Decision, Rejection};
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::Action;
+
+use crate::abi::{self, Headers, Level};
+use crate::worker::Worker;
+
+const RESPONSE_CODE: &[u8] = b"response\0code";
+const UPSTREAM_ADDRESS: &[u8] = b"upstream\0address";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Request headers not seen yet (or no configuration).
+    Idle,
+    /// Admitted, tagged with `arm` or untagged.
+    Admitted,
+    /// Answered by the filter itself.
+    Rejected,
+}
+
+pub struct RequestContext {
+    worker: Option<Rc<Worker>>,
+    stage: Stage,
+    arm: Option<ArmId>,
+    start_nanos: u64,
+    /// Upstream `ip:port` that answered, and the arm it belongs to per the endpoint map.
+    upstream: Option<Box<[u8]>>,
+    served: Served,
+}
+
+impl RequestContext {
+    pub fn new(worker: Option<Rc<Worker>>) -> Self {
+        RequestContext {
+            worker,
+            stage: Stage::Idle,
+            arm: None,
+            start_nanos: 0,
+            upstream: None,
+            served: Served::None,
+        }
+    }
+
+    fn reject(&mut self, worker: &Worker, rejection: Rejection, arm: Option<ArmId>) -> Action {
+        let plan = &worker.plan;
+        self.stage = Stage::Rejected;
+        worker
+            .metrics
+            .count(worker.metrics.layout.rejected(rejection));
+        let body = plan.rejection_body(rejection, arm);
+        if abi::send_local_response(
+            rejection.status(),
+            rejection.details(),
+            body,
+            &worker.reject_headers,
+        )
+        .is_ok()
+        {
+            return Action::Pause;
+        }
+        // The host refused the local reply: let the request through untagged rather than hang it.
+        self.stage = Stage::Admitted;
+        self.arm = None;
+        let _ = abi::remove_header(Headers::Request, plan.header());
+        let _ = abi::remove_header(Headers::Request, plan.source_header());
+        worker.metrics.count(worker.metrics.layout.requests(None));
+        Action::Continue
+    }
+}
+
+fn millis_since(start_nanos: u64) -> u64 {
+    abi::now_nanos().saturating_sub(start_nanos) / 1_000_000
+}
+
+impl Context for RequestContext {}
+
+impl HttpContext for RequestContext {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let Some(worker) = self.worker.clone() else {
+            return Action::Continue;
+        };
+        self.start_nanos = abi::now_nanos();
+        let (plan, metrics) = (&worker.plan, &worker.metrics);
+        let map = match abi::header_pairs(Headers::Request) {
+            Ok(map) => map.unwrap_or_default(),
+            Err(e) => {
+                abi::log(
+                    Level::Error,
+                    &format!("cannot read request headers: host status {}", e.0),
+                );
+                Box::default()
+            }
+        };
+        let scan = scan_request_headers(plan, &map);
+        let verdict = plan.decide(&scan.reading, scan.split_key, || worker.next_draw());
+        if let Some(why) = verdict.invalid {
+            metrics.count(metrics.layout.invalid_values(why));
+        }
+        if scan.forged_tags {
+            let _ = abi::remove_header(Headers::Request, plan.endpoint_header());
+        }
+        match verdict.decision {
+            Decision::Reject(rejection) => return self.reject(&worker, rejection, None),
+            Decision::Tag { arm, source } => {
+                let fresh = worker
+                    .link
+                    .as_ref()
+                    .and_then(|l| l.fresh_map(self.start_nanos));
+                match plan.admit(fresh.map(|m| m.ready_endpoints(arm))) {
+                    Admission::Reject(rejection) => {
+                        metrics.count(metrics.layout.unavailable(arm));
+                        return self.reject(&worker, rejection, Some(arm));
+                    }
+                    Admission::Unavailable => metrics.count(metrics.layout.unavailable(arm)),
+                    Admission::Admit => {}
+                }
+                self.stage = Stage::Admitted;
+                self.arm = Some(arm);
+                if !scan.reading.already_canonical() {
+                    let name = plan.arm_label(Some(arm));
+                    let _ = abi::replace_header(Headers::Request, plan.header(), name.as_bytes());
+                }
+                let _ = abi::replace_header(
+                    Headers::Request,
+                    plan.source_header(),
+                    source.label().as_bytes(),
+                );
+                metrics.count(metrics.layout.requests(Some((arm, source))));
+            }
+            Decision::Untagged => {
+                self.stage = Stage::Admitted;
+                if scan.reading.present() {
+                    let _ = abi::remove_header(Headers::Request, plan.header());
+                }
+                if scan.forged_tags {
+                    let _ = abi::remove_header(Headers::Request, plan.source_header());
+                }
+                metrics.count(metrics.layout.requests(None));
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let Some(worker) = self.worker.clone() else {
+            return Action::Continue;
+        };
+        if self.stage != Stage::Admitted {
+            return Action::Continue;
+        }
+        let (plan, metrics) = (&worker.plan, &worker.metrics);
+        let now = abi::now_nanos();
+        metrics.record(
+            metrics.layout.time_to_first_byte(self.arm),
+            now.saturating_sub(self.start_nanos) / 1_000_000,
+        );
+        self.upstream = abi::property(UPSTREAM_ADDRESS)
+            .ok()
+            .flatten()
+            .filter(|a| !a.is_empty());
+        self.served = match (
+            &self.upstream,
+            worker.link.as_ref().and_then(|l| l.fresh_map(now)),
+        ) {
+            (None, _) => Served::None,
+            (Some(address), Some(map)) => map.arm_of(address),
+            (Some(_), None) => Served::Unknown,
+        };
+        // The arm that served it when the map knows, else the arm the request was tagged with.
+        let shown = match self.served {
+            Served::Arm(arm) => Some(arm),
+            Served::Unknown | Served::None => self.arm,
+        };
+        if shown.is_some() {
+            let _ = abi::replace_header(
+                Headers::Response,
+                plan.header(),
+                plan.arm_label(shown).as_bytes(),
+            );
+        }
+        match &self.upstream {
+            Some(address) => {
+                let _ = abi::replace_header(Headers::Response, plan.endpoint_header(), address);
+            }
+            // No upstream (e.g. an Envoy local reply): make sure nobody else's value shows.
+            None => {
+                let _ = abi::remove_header(Headers::Response, plan.endpoint_header());
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let Some(worker) = self.worker.as_deref() else {
+            return;
+        };
+        if self.stage == Stage::Idle {
+            return;
+        }
+        let metrics = &worker.metrics;
+        let status = match abi::property(RESPONSE_CODE) {
+            Ok(Some(bytes)) => bytes
+                .get(..8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map_or(0, u64::from_le_bytes),
+            _ => 0,
+        };
+        let class = CodeClass::of(status);
+        metrics.count(metrics.layout.responses(self.arm, class));
+        metrics.count(metrics.layout.served(self.arm, self.served));
+        if let Some(link) = &worker.link {
+            link.record(
+                self.arm,
+                self.served,
+                self.upstream.as_deref().unwrap_or_default(),
+                class,
+            );
+        }
+        if self.stage == Stage::Admitted {
+            metrics.record(
+                metrics.layout.request_duration(self.arm),
+                millis_since(self.start_nanos),
+            );
+        }
+    }
+}

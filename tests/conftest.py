@@ -1,0 +1,44 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "local"))
+
+from kvablocal.arm import ArmServer  # noqa: E402
+from kvablocal.envoy import Gateway  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def arms():
+    """The two local proxy arms, as the runbook names them."""
+    nvlink = ArmServer("nvlink").start()
+    fs = ArmServer("fs").start()
+    yield {"nvlink": nvlink, "fs": fs}
+    nvlink.stop()
+    fs.stop()
+
+
+def assert_envoy_healthy(gateway: Gateway):
+    """After any traffic: no trapped VM (503 wasm_fail_stream) and no panic logged."""
+    log = gateway.log()
+    assert "wasm_fail_stream" not in "\n".join(gateway.access_log())
+    assert "panic" not in log and "Uncaught RuntimeError" not in log, log[-2000:]
+
+
+@pytest.fixture(scope="module")
+def gateways(arms, tmp_path_factory):
+    """Starts Envoy + filter with a given filter configuration; all are stopped and checked at the end."""
+    started = []
+
+    def start(filter_config, **kw):
+        g = Gateway(filter_config, arms["nvlink"].port, arms["fs"].port, workdir=tmp_path_factory.mktemp("envoy"), **kw)
+        started.append(g)
+        return g.start()
+
+    yield start
+    for g in started:
+        g.stop()
+    for g in started:
+        assert_envoy_healthy(g)

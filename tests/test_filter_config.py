@@ -1,0 +1,61 @@
+"""The shipped JSON Schema agrees with the filter's own validation on every fixture, and the
+filter refuses bad configurations inside a real Envoy with one log line naming the field."""
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from kvablocal.envoy import Gateway
+
+FILTER = Path(__file__).resolve().parents[1] / "filter"
+SCHEMA = json.loads((FILTER / "config.schema.json").read_text())
+
+
+def fixtures(folder):
+    paths = sorted((FILTER / "fixtures" / folder).glob("*.json"))
+    assert paths, folder
+    return paths
+
+
+def test_schema_is_a_valid_draft_2020_12_schema():
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+
+
+@pytest.mark.parametrize("path", fixtures("valid") + fixtures("invalid-semantic"), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_schema_accepts(path):
+    jsonschema.Draft202012Validator(SCHEMA).validate(json.loads(path.read_text()))
+
+
+@pytest.mark.parametrize("path", fixtures("invalid"), ids=lambda p: p.name)
+def test_schema_refuses(path):
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(SCHEMA).validate(json.loads(path.read_text()))
+
+
+REFUSED = [
+    ('{"arms": []}', "invalid plugin configuration: arms: at least one arm is required"),
+    ('{"arms": [{"name": "nvlink", "alias": ["p2p"]}]}', "invalid plugin configuration: arms[0].alias: unknown field `alias`"),
+    (
+        '{"arms": [{"name": "nvlink", "aliases": ["p2p"]}, {"name": "fs", "aliases": ["P2P"]}]}',
+        'invalid plugin configuration: arms[1].aliases[0]: "p2p" is already a name or alias of arm "nvlink"',
+    ),
+    ('{"onMissing": "split", "split": {"weights": {"nvlink": 0}}}', "invalid plugin configuration: split.weights.nvlink: weight must be between 1 and 1000000, got 0"),
+    ('{"onMissing": "split", "split": {"weights": {"nvlink": -1}}}', "invalid plugin configuration: split.weights.nvlink: invalid value: integer `-1`"),
+    ('{"onMissing": "default"}', 'invalid plugin configuration: defaultArm: required when onMissing is "default"'),
+    ("{not json", "invalid plugin configuration: key must be a string"),
+]
+
+
+@pytest.mark.parametrize("config,line", REFUSED, ids=[c for c, _ in REFUSED])
+def test_envoy_refuses_bad_configuration_at_startup(arms, tmp_path, config, line):
+    g = Gateway(config, arms["nvlink"].port, arms["fs"].port, workdir=tmp_path)
+    g.start_process()
+    code = g.wait_exit(timeout=60)
+    log = g.log()
+    assert code != 0
+    kvab_lines = [l for l in log.splitlines() if "invalid plugin configuration" in l]
+    assert len(kvab_lines) >= 1, log[-3000:]
+    assert line in kvab_lines[0], kvab_lines[0]
+    assert "panic" not in log
