@@ -1,0 +1,647 @@
+//! `kvab serve` configuration: a strict TOML file. Unknown keys are errors, and every error names the key and,
+//! where the file has one, its line and column. Defaults are documented in `sidecar/README.md`.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Used when neither `--config` nor `KVAB_CONFIG` is given: static endpoints for the local stack.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../config/local.toml");
+pub const EMBEDDED_DEFAULT_NAME: &str = "<embedded sidecar/config/local.toml>";
+
+/// Arm label reserved by the filter for untagged traffic (`backend="none"` in its metrics).
+const RESERVED_ARM: &str = "none";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub arms: Vec<String>,
+    pub source: Source,
+    pub probe: Probe,
+    pub shutdown: Shutdown,
+}
+
+#[derive(Debug, Clone)]
+pub enum Source {
+    Kubernetes(Kubernetes),
+    Static(Vec<StaticEndpoint>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kubernetes {
+    /// Empty: all namespaces (one cluster-wide watch).
+    pub namespaces: Vec<String>,
+    pub pod_selector: String,
+    pub backend_label: String,
+    pub endpoint_port: EndpointPort,
+    /// How long the watch may fail without a single success before `/readyz` answers 503.
+    pub unready_after: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum EndpointPort {
+    Number(u16),
+    /// A container port name, looked up in the pod's `spec.containers[].ports[]`.
+    Name(String),
+}
+
+impl fmt::Display for EndpointPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EndpointPort::Number(n) => write!(f, "{n}"),
+            EndpointPort::Name(name) => write!(f, "{name:?}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticEndpoint {
+    pub backend: String,
+    pub address: String,
+    pub pod: String,
+    pub ready: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Probe {
+    /// `None`: probing disabled (`interval_seconds = 0`).
+    pub interval: Option<Duration>,
+    pub timeout: Duration,
+    pub path: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shutdown {
+    pub drain_delay: Duration,
+    pub grace: Duration,
+}
+
+/// A configuration error: origin (file name), optional position, and a message naming the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub origin: String,
+    pub position: Option<(usize, usize)>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.position {
+            Some((line, column)) => write!(
+                f,
+                "{}: line {line}, column {column}: {}",
+                self.origin, self.message
+            ),
+            None => write!(f, "{}: {}", self.origin, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---- raw TOML shape ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<Spanned<String>>,
+    source: Option<Spanned<String>>,
+    arms: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    kubernetes: RawKubernetes,
+    #[serde(default, rename = "static")]
+    static_source: RawStatic,
+    #[serde(default)]
+    probe: RawProbe,
+    #[serde(default)]
+    shutdown: RawShutdown,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKubernetes {
+    namespaces: Option<Vec<Spanned<String>>>,
+    pod_selector: Option<Spanned<String>>,
+    backend_label: Option<Spanned<String>>,
+    endpoint_port: Option<Spanned<EndpointPort>>,
+    unready_after_seconds: Option<Spanned<f64>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStatic {
+    #[serde(default)]
+    endpoints: Vec<RawStaticEndpoint>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStaticEndpoint {
+    backend: Spanned<String>,
+    address: Spanned<String>,
+    pod: Option<String>,
+    ready: Option<bool>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    interval_seconds: Option<Spanned<f64>>,
+    timeout_seconds: Option<Spanned<f64>>,
+    path: Option<Spanned<String>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShutdown {
+    drain_delay_seconds: Option<Spanned<f64>>,
+    grace_seconds: Option<Spanned<f64>>,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:18090";
+pub const DEFAULT_ARMS: [&str; 2] = ["nvlink", "fs"];
+pub const DEFAULT_POD_SELECTOR: &str = "role=proxy";
+pub const DEFAULT_BACKEND_LABEL: &str = "llm-d.ai/kv-backend";
+pub const DEFAULT_ENDPOINT_PORT: u16 = 8080;
+pub const DEFAULT_UNREADY_AFTER_SECONDS: f64 = 30.0;
+pub const DEFAULT_PROBE_INTERVAL_SECONDS: f64 = 10.0;
+pub const DEFAULT_PROBE_TIMEOUT_SECONDS: f64 = 2.0;
+pub const DEFAULT_PROBE_PATH: &str = "/metrics";
+pub const DEFAULT_DRAIN_DELAY_SECONDS: f64 = 0.0;
+pub const DEFAULT_GRACE_SECONDS: f64 = 10.0;
+
+/// Turns spans into `line, column` for one source text.
+struct Locator<'a> {
+    origin: &'a str,
+    text: &'a str,
+}
+
+impl Locator<'_> {
+    fn error(&self, span: Option<Range<usize>>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            origin: self.origin.to_string(),
+            position: span.map(|s| line_column(self.text, s.start)),
+            message: message.into(),
+        }
+    }
+
+    fn at<T>(&self, value: &Spanned<T>, message: impl Into<String>) -> ConfigError {
+        self.error(Some(value.span()), message)
+    }
+
+    fn seconds(
+        &self,
+        value: Option<Spanned<f64>>,
+        key: &str,
+        default: f64,
+        allow_zero: bool,
+    ) -> Result<Duration, ConfigError> {
+        let Some(value) = value else {
+            return Ok(Duration::from_secs_f64(default));
+        };
+        let seconds = *value.get_ref();
+        let valid = seconds.is_finite()
+            && seconds <= 86_400.0
+            && (seconds > 0.0 || (allow_zero && seconds == 0.0));
+        if !valid {
+            let range = if allow_zero { ">= 0" } else { "> 0" };
+            return Err(self.at(
+                &value,
+                format!("`{key}` must be a number of seconds {range} and <= 86400, got {seconds}"),
+            ));
+        }
+        Ok(Duration::from_secs_f64(seconds))
+    }
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// A Kubernetes label value: at most 63 characters, alphanumerics, `-`, `_`, `.`, alphanumeric at both ends.
+fn is_label_value(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    !value.is_empty()
+        && value.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(b))
+        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
+impl Config {
+    /// Reads the file named by `--config` or `KVAB_CONFIG`, or the embedded local default.
+    pub fn load(path: Option<&str>) -> Result<Config, ConfigError> {
+        match path {
+            None => Config::parse(EMBEDDED_DEFAULT, EMBEDDED_DEFAULT_NAME),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                    origin: path.to_string(),
+                    position: None,
+                    message: format!("cannot read the configuration file: {e}"),
+                })?;
+                Config::parse(&text, path)
+            }
+        }
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let loc = Locator { origin, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            // toml's Display spans several lines; keep one line and put the position in front.
+            loc.error(e.span(), e.message().trim().replace('\n', " "))
+        })?;
+
+        let listen = match &raw.listen {
+            None => DEFAULT_LISTEN
+                .parse()
+                .map_err(|_| loc.error(None, "internal: bad default listen address"))?,
+            Some(value) => value.get_ref().parse().map_err(|_| {
+                loc.at(
+                    value,
+                    format!(
+                        "`listen` must be an `ip:port` socket address, got {:?}",
+                        value.get_ref()
+                    ),
+                )
+            })?,
+        };
+
+        let arms = match &raw.arms {
+            None => DEFAULT_ARMS.iter().map(|s| s.to_string()).collect(),
+            Some(value) => {
+                let arms = value.get_ref().clone();
+                if arms.is_empty() {
+                    return Err(loc.at(value, "`arms` must list at least one arm"));
+                }
+                let mut seen = BTreeSet::new();
+                for arm in &arms {
+                    if !is_label_value(arm) {
+                        return Err(loc.at(
+                            value,
+                            format!("`arms`: {arm:?} is not a valid Kubernetes label value"),
+                        ));
+                    }
+                    if arm == RESERVED_ARM {
+                        return Err(
+                            loc.at(value, "`arms`: \"none\" is reserved for untagged traffic")
+                        );
+                    }
+                    if !seen.insert(arm.as_str()) {
+                        return Err(loc.at(value, format!("`arms`: {arm:?} is listed twice")));
+                    }
+                }
+                arms
+            }
+        };
+
+        let source_name = raw
+            .source
+            .as_ref()
+            .map_or("static", |s| s.get_ref().as_str());
+        // Both sections are validated whichever source is chosen: a mistake in the other one is still a mistake.
+        let kubernetes = kubernetes(&loc, raw.kubernetes)?;
+        let static_endpoints = static_endpoints(&loc, raw.static_source, &arms)?;
+        let source = match source_name {
+            "kubernetes" => Source::Kubernetes(kubernetes),
+            "static" => Source::Static(static_endpoints),
+            other => {
+                let span = raw.source.as_ref().map(|s| s.span());
+                return Err(loc.error(
+                    span,
+                    format!("`source` must be \"kubernetes\" or \"static\", got {other:?}"),
+                ));
+            }
+        };
+
+        let interval = loc.seconds(
+            raw.probe.interval_seconds,
+            "probe.interval_seconds",
+            DEFAULT_PROBE_INTERVAL_SECONDS,
+            true,
+        )?;
+        let probe = Probe {
+            interval: (!interval.is_zero()).then_some(interval),
+            timeout: loc.seconds(
+                raw.probe.timeout_seconds,
+                "probe.timeout_seconds",
+                DEFAULT_PROBE_TIMEOUT_SECONDS,
+                false,
+            )?,
+            path: match raw.probe.path {
+                None => DEFAULT_PROBE_PATH.to_string(),
+                Some(path)
+                    if path.get_ref().starts_with('/')
+                        && !path.get_ref().contains(char::is_whitespace) =>
+                {
+                    path.into_inner()
+                }
+                Some(path) => {
+                    return Err(loc.at(
+                        &path,
+                        "`probe.path` must start with `/` and contain no spaces",
+                    ))
+                }
+            },
+        };
+
+        let shutdown = Shutdown {
+            drain_delay: loc.seconds(
+                raw.shutdown.drain_delay_seconds,
+                "shutdown.drain_delay_seconds",
+                DEFAULT_DRAIN_DELAY_SECONDS,
+                true,
+            )?,
+            grace: loc.seconds(
+                raw.shutdown.grace_seconds,
+                "shutdown.grace_seconds",
+                DEFAULT_GRACE_SECONDS,
+                false,
+            )?,
+        };
+
+        Ok(Config {
+            listen,
+            arms,
+            source,
+            probe,
+            shutdown,
+        })
+    }
+}
+
+fn kubernetes(loc: &Locator<'_>, raw: RawKubernetes) -> Result<Kubernetes, ConfigError> {
+    let mut namespaces = Vec::new();
+    for ns in raw.namespaces.unwrap_or_default() {
+        if !is_label_value(ns.get_ref()) || ns.get_ref().contains(['_', '.']) {
+            return Err(loc.at(
+                &ns,
+                format!(
+                    "`kubernetes.namespaces`: {:?} is not a namespace name",
+                    ns.get_ref()
+                ),
+            ));
+        }
+        if namespaces.contains(ns.get_ref()) {
+            return Err(loc.at(
+                &ns,
+                format!(
+                    "`kubernetes.namespaces`: {:?} is listed twice",
+                    ns.get_ref()
+                ),
+            ));
+        }
+        namespaces.push(ns.into_inner());
+    }
+    let pod_selector = raw
+        .pod_selector
+        .map_or_else(|| DEFAULT_POD_SELECTOR.to_string(), Spanned::into_inner);
+    let backend_label = match raw.backend_label {
+        None => DEFAULT_BACKEND_LABEL.to_string(),
+        Some(label)
+            if !label.get_ref().is_empty() && !label.get_ref().contains([' ', ',', '=', '!']) =>
+        {
+            label.into_inner()
+        }
+        Some(label) => {
+            return Err(loc.at(
+                &label,
+                "`kubernetes.backend_label` must be a label key such as \"llm-d.ai/kv-backend\"",
+            ))
+        }
+    };
+    let endpoint_port = match raw.endpoint_port {
+        None => EndpointPort::Number(DEFAULT_ENDPOINT_PORT),
+        Some(port) => match port.get_ref() {
+            EndpointPort::Number(0) => {
+                return Err(loc.at(
+                    &port,
+                    "`kubernetes.endpoint_port` must be 1..=65535 or a container port name",
+                ))
+            }
+            EndpointPort::Name(name) if name.is_empty() || name.len() > 15 => {
+                return Err(loc.at(
+                    &port,
+                    "`kubernetes.endpoint_port`: a container port name has 1 to 15 characters",
+                ))
+            }
+            _ => port.into_inner(),
+        },
+    };
+    Ok(Kubernetes {
+        namespaces,
+        pod_selector,
+        backend_label,
+        endpoint_port,
+        unready_after: loc.seconds(
+            raw.unready_after_seconds,
+            "kubernetes.unready_after_seconds",
+            DEFAULT_UNREADY_AFTER_SECONDS,
+            true,
+        )?,
+    })
+}
+
+fn static_endpoints(
+    loc: &Locator<'_>,
+    raw: RawStatic,
+    arms: &[String],
+) -> Result<Vec<StaticEndpoint>, ConfigError> {
+    let mut endpoints: Vec<StaticEndpoint> = Vec::new();
+    let mut addresses = BTreeSet::new();
+    for raw in raw.endpoints {
+        if !arms.contains(raw.backend.get_ref()) {
+            return Err(loc.at(
+                &raw.backend,
+                format!(
+                    "`static.endpoints.backend`: {:?} is not one of the configured arms {arms:?}",
+                    raw.backend.get_ref()
+                ),
+            ));
+        }
+        let address: SocketAddr = raw.address.get_ref().parse().map_err(|_| {
+            loc.at(
+                &raw.address,
+                format!(
+                    "`static.endpoints.address` must be `ip:port`, got {:?}",
+                    raw.address.get_ref()
+                ),
+            )
+        })?;
+        let address = address.to_string();
+        if !addresses.insert(address.clone()) {
+            return Err(loc.at(
+                &raw.address,
+                format!("`static.endpoints.address`: {address} is listed twice"),
+            ));
+        }
+        endpoints.push(StaticEndpoint {
+            backend: raw.backend.into_inner(),
+            pod: raw.pod.unwrap_or_else(|| address.clone()),
+            address,
+            ready: raw.ready.unwrap_or(true),
+        });
+    }
+    Ok(endpoints)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn error(text: &str) -> ConfigError {
+        match Config::parse(text, "t.toml") {
+            Err(e) => e,
+            Ok(c) => panic!("expected an error, got {c:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let c = Config::parse("", "t.toml").unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:18090");
+        assert_eq!(c.arms, ["nvlink", "fs"]);
+        assert!(matches!(c.source, Source::Static(ref e) if e.is_empty()));
+        assert_eq!(c.probe.interval, Some(Duration::from_secs(10)));
+        assert_eq!(c.probe.timeout, Duration::from_secs(2));
+        assert_eq!(c.probe.path, "/metrics");
+        assert_eq!(c.shutdown.drain_delay, Duration::ZERO);
+        assert_eq!(c.shutdown.grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn kubernetes_defaults() {
+        let c = Config::parse("source = \"kubernetes\"", "t.toml").unwrap();
+        let Source::Kubernetes(k) = c.source else {
+            panic!("not kubernetes")
+        };
+        assert_eq!(
+            k,
+            Kubernetes {
+                namespaces: vec![],
+                pod_selector: "role=proxy".into(),
+                backend_label: "llm-d.ai/kv-backend".into(),
+                endpoint_port: EndpointPort::Number(8080),
+                unready_after: Duration::from_secs(30),
+            }
+        );
+    }
+
+    #[test]
+    fn endpoint_port_accepts_a_number_or_a_name() {
+        let c = Config::parse(
+            "source = \"kubernetes\"\n[kubernetes]\nendpoint_port = \"http\"\n",
+            "t",
+        )
+        .unwrap();
+        let Source::Kubernetes(k) = c.source else {
+            panic!("not kubernetes")
+        };
+        assert_eq!(k.endpoint_port, EndpointPort::Name("http".into()));
+        let e = error("[kubernetes]\nendpoint_port = 0\n");
+        assert_eq!(e.position, Some((2, 17)));
+        assert!(e.message.contains("kubernetes.endpoint_port"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_reported_with_line_and_column() {
+        let e = error("listen = \"127.0.0.1:1\"\n[probe]\ninterval = 3\n");
+        assert_eq!(e.position, Some((3, 1)));
+        assert!(e.message.contains("unknown field `interval`"), "{e}");
+        let line = e.to_string();
+        assert!(line.starts_with("t.toml: line 3, column 1: "), "{line}");
+        assert!(!line.contains('\n'), "{line}");
+    }
+
+    #[test]
+    fn static_endpoint_must_name_a_configured_arm() {
+        let e = error("[[static.endpoints]]\nbackend = \"p2p\"\naddress = \"127.0.0.1:1\"\n");
+        assert_eq!(e.position, Some((2, 11)));
+        assert!(
+            e.message
+                .contains("\"p2p\" is not one of the configured arms"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn static_endpoint_defaults_and_duplicates() {
+        let c = Config::parse(
+            "[[static.endpoints]]\nbackend = \"fs\"\naddress = \"127.0.0.1:1\"\n",
+            "t",
+        )
+        .unwrap();
+        let Source::Static(endpoints) = c.source else {
+            panic!("not static")
+        };
+        assert_eq!(
+            endpoints,
+            [StaticEndpoint {
+                backend: "fs".into(),
+                address: "127.0.0.1:1".into(),
+                pod: "127.0.0.1:1".into(),
+                ready: true
+            }]
+        );
+        let e = error(
+            "[[static.endpoints]]\nbackend = \"fs\"\naddress = \"127.0.0.1:1\"\n\
+             [[static.endpoints]]\nbackend = \"nvlink\"\naddress = \"127.0.0.1:1\"\n",
+        );
+        assert_eq!(e.position, Some((6, 11)));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (text, key) in [
+            ("listen = \"localhost\"", "`listen`"),
+            ("arms = []", "`arms`"),
+            ("arms = [\"fs\", \"fs\"]", "listed twice"),
+            ("arms = [\"none\"]", "reserved"),
+            ("arms = [\"NV link\"]", "label value"),
+            ("source = \"etcd\"", "`source`"),
+            ("[probe]\ninterval_seconds = -1", "probe.interval_seconds"),
+            ("[probe]\ntimeout_seconds = 0", "probe.timeout_seconds"),
+            ("[probe]\npath = \"metrics\"", "probe.path"),
+            (
+                "[kubernetes]\nnamespaces = [\"Bad_NS\"]",
+                "kubernetes.namespaces",
+            ),
+            (
+                "[kubernetes]\nbackend_label = \"a=b\"",
+                "kubernetes.backend_label",
+            ),
+            ("[shutdown]\ngrace_seconds = 0", "shutdown.grace_seconds"),
+        ] {
+            let e = error(text);
+            assert!(e.message.contains(key), "{text:?} gave {e}");
+            assert!(e.position.is_some(), "{text:?} gave no position: {e}");
+        }
+    }
+
+    #[test]
+    fn probe_interval_zero_disables_probing() {
+        let c = Config::parse("[probe]\ninterval_seconds = 0", "t").unwrap();
+        assert_eq!(c.probe.interval, None);
+    }
+
+    #[test]
+    fn shipped_example_files_parse() {
+        for (name, text) in [
+            ("local.toml", EMBEDDED_DEFAULT),
+            ("in-cluster.toml", include_str!("../config/in-cluster.toml")),
+        ] {
+            Config::parse(text, name).unwrap();
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! `kvab serve`: the sidecar. Wiring only; the parts live in their modules:
+//! `config` (TOML), `index` (pods → endpoint map), `watch` (Kubernetes source), `probe` (proxy `/metrics`),
+//! `state` (published snapshot, readiness), `http` (the API), `metrics` (Prometheus).
+
+mod config;
+mod http;
+mod index;
+mod metrics;
+mod probe;
+mod state;
+mod watch;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch as shutdown_channel;
+
+use crate::config::{Config, Source};
+use crate::index::{Index, Proxy};
+use crate::state::State;
+
+const USAGE: &str = "\
+kvab: A/B testing of KV-cache transfer backends
+
+Usage:
+  kvab serve [--config PATH] [--check-config]
+  kvab --help | --version
+
+kvab serve
+  Serves the arm -> proxy endpoint map (GET /v1/endpoints), /healthz, /readyz and /metrics.
+
+  --config PATH    TOML configuration (default: $KVAB_CONFIG, else the embedded local configuration
+                   with static endpoints). See sidecar/README.md for every key.
+  --check-config   Validate the configuration, print a summary and exit (0 valid, 2 invalid).
+
+Environment:
+  KVAB_CONFIG   configuration path when --config is not given
+  KUBECONFIG    kubeconfig for source = \"kubernetes\" (default: ~/.kube/config, then in-cluster)
+  RUST_LOG      log filter (default: info)
+
+Exit status: 0 clean shutdown, 1 runtime failure, 2 usage or configuration error.
+";
+
+enum Command {
+    Serve {
+        config: Option<String>,
+        check_only: bool,
+    },
+    Help,
+    Version,
+}
+
+fn parse_args(args: &[String]) -> Result<Command, String> {
+    match args.first().map(String::as_str) {
+        None => Err("missing command".into()),
+        Some("-h" | "--help" | "help") => Ok(Command::Help),
+        Some("-V" | "--version") => Ok(Command::Version),
+        Some("serve") => {
+            let mut config = None;
+            let mut check_only = false;
+            let mut rest = args[1..].iter();
+            while let Some(arg) = rest.next() {
+                match arg.as_str() {
+                    "--config" => match rest.next() {
+                        Some(path) => config = Some(path.clone()),
+                        None => return Err("--config needs a path".into()),
+                    },
+                    _ if arg.starts_with("--config=") => {
+                        config = Some(arg["--config=".len()..].to_string());
+                    }
+                    "--check-config" => check_only = true,
+                    "-h" | "--help" => return Ok(Command::Help),
+                    other => return Err(format!("unknown argument {other:?} for `kvab serve`")),
+                }
+            }
+            if config.is_none() {
+                config = std::env::var("KVAB_CONFIG").ok().filter(|p| !p.is_empty());
+            }
+            Ok(Command::Serve { config, check_only })
+        }
+        Some(other) => Err(format!("unknown command {other:?}")),
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (config_path, check_only) = match parse_args(&args) {
+        Ok(Command::Help) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Version) => {
+            println!("kvab {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Serve { config, check_only }) => (config, check_only),
+        Err(message) => {
+            eprintln!("kvab: {message}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = match Config::load(config_path.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            log::error!("configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if check_only {
+        println!("{}", summary(&config));
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            log::error!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn summary(config: &Config) -> String {
+    let source = match &config.source {
+        Source::Static(endpoints) => format!("static ({} endpoints)", endpoints.len()),
+        Source::Kubernetes(k) => format!(
+            "kubernetes (namespaces {}, selector {:?}, label {}, port {})",
+            if k.namespaces.is_empty() {
+                "all".to_string()
+            } else {
+                k.namespaces.join(",")
+            },
+            k.pod_selector,
+            k.backend_label,
+            k.endpoint_port
+        ),
+    };
+    format!(
+        "configuration ok: listen {}, arms {}, source {source}",
+        config.listen,
+        config.arms.join(",")
+    )
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let unready_after = match &config.source {
+        Source::Kubernetes(k) => k.unready_after,
+        Source::Static(_) => Duration::MAX,
+    };
+    let state = Arc::new(State::new(unready_after)?);
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (key `listen`)", config.listen))?;
+    let (shutdown_tx, shutdown_rx) = shutdown_channel::channel(false);
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+
+    let mut source_task = match &config.source {
+        Source::Static(endpoints) => {
+            let mut index = Index::new(&config.arms);
+            for endpoint in endpoints {
+                index.apply(Proxy {
+                    namespace: String::new(),
+                    name: endpoint.pod.clone(),
+                    backend: Some(endpoint.backend.clone()),
+                    address: Some(endpoint.address.clone()),
+                    ready: endpoint.ready,
+                });
+            }
+            state.publish(index.view(), jiff::Timestamp::now())?;
+            log::info!("static source: {} endpoints", endpoints.len());
+            None
+        }
+        Source::Kubernetes(settings) => Some(tokio::spawn(watch::run(
+            settings.clone(),
+            config.arms.clone(),
+            state.clone(),
+            shutdown_rx.clone(),
+        ))),
+    };
+    let probe_task = config.probe.interval.map(|interval| {
+        tokio::spawn(probe::run(
+            config.probe.clone(),
+            interval,
+            state.clone(),
+            shutdown_rx.clone(),
+        ))
+    });
+
+    let mut server_shutdown = shutdown_rx.clone();
+    let server = warp::serve(http::routes(state.clone()))
+        .incoming(listener)
+        .graceful(async move {
+            let _ = server_shutdown.changed().await;
+        });
+    let mut server_task = tokio::spawn(server.run());
+    log::info!("kvab serve listening on http://{}", config.listen);
+
+    // Run until a signal, or until the source fails for good (e.g. no Kubernetes client can be configured).
+    let source_failure = tokio::select! {
+        _ = terminate.recv() => { log::info!("SIGTERM: shutting down"); None }
+        _ = interrupt.recv() => { log::info!("SIGINT: shutting down"); None }
+        result = async { match source_task.as_mut() { Some(task) => task.await, None => std::future::pending().await } } => {
+            source_task = None;
+            Some(match result {
+                Ok(Ok(())) => anyhow::anyhow!("the Kubernetes watch ended unexpectedly"),
+                Ok(Err(e)) => e,
+                Err(e) => anyhow::anyhow!("the Kubernetes watch task failed: {e}"),
+            })
+        }
+        result = &mut server_task => {
+            return Err(anyhow::anyhow!("the HTTP server stopped unexpectedly: {result:?}"));
+        }
+    };
+
+    // Readiness goes false first; after the drain delay the listener closes and in-flight requests finish.
+    state.start_draining();
+    if source_failure.is_none() && !config.shutdown.drain_delay.is_zero() {
+        log::info!(
+            "readiness is off; waiting {:?} before closing the listener",
+            config.shutdown.drain_delay
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(config.shutdown.drain_delay) => {}
+            _ = terminate.recv() => log::warn!("second signal: skipping the drain delay"),
+            _ = interrupt.recv() => log::warn!("second signal: skipping the drain delay"),
+        }
+    }
+    let _ = shutdown_tx.send(true);
+    match tokio::time::timeout(config.shutdown.grace, server_task).await {
+        Ok(_) => log::info!("HTTP server drained"),
+        Err(_) => log::warn!(
+            "in-flight requests still open after {:?}; exiting anyway",
+            config.shutdown.grace
+        ),
+    }
+    if let Some(task) = source_task {
+        if tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .is_err()
+        {
+            log::warn!("the Kubernetes watch did not stop within 2s");
+        }
+    }
+    if let Some(task) = probe_task {
+        if tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .is_err()
+        {
+            log::warn!("the proxy prober did not stop within 2s");
+        }
+    }
+    match source_failure {
+        Some(e) => Err(e),
+        None => {
+            log::info!("shutdown complete");
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn serve_arguments() {
+        match parse_args(&args(&["serve", "--config", "a.toml", "--check-config"])) {
+            Ok(Command::Serve { config, check_only }) => {
+                assert_eq!(config.as_deref(), Some("a.toml"));
+                assert!(check_only);
+            }
+            _ => panic!("not parsed as serve"),
+        }
+        match parse_args(&args(&["serve", "--config=b.toml"])) {
+            Ok(Command::Serve { config, .. }) => assert_eq!(config.as_deref(), Some("b.toml")),
+            _ => panic!("not parsed as serve"),
+        }
+        assert!(parse_args(&args(&["serve", "--config"])).is_err());
+        assert!(parse_args(&args(&["serve", "--listen", "x"])).is_err());
+        assert!(parse_args(&args(&["check"])).is_err());
+        assert!(parse_args(&args(&[])).is_err());
+    }
+}

@@ -1,0 +1,211 @@
+//! Prometheus metrics. Counters are incremented where things happen; gauges are recomputed from the current
+//! snapshot and probe results at scrape time, so they cannot drift from what `/v1/endpoints` serves.
+
+use std::sync::Mutex;
+
+use prometheus::{
+    Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::state::State;
+
+pub struct Metrics {
+    registry: Registry,
+    /// Serializes "recompute gauges, then gather" so two scrapes cannot interleave.
+    scrape: Mutex<()>,
+    backend_endpoints: IntGaugeVec,
+    unlabeled_proxies: IntGaugeVec,
+    proxy_metrics_up: IntGaugeVec,
+    proxy_metrics_status_code: IntGaugeVec,
+    map_generation: IntGauge,
+    map_last_change: Gauge,
+    last_sync: Gauge,
+    ready: IntGauge,
+    pub watch_events: IntCounterVec,
+    pub watch_errors: IntCounter,
+    pub watch_skipped_objects: IntCounter,
+    pub http_requests: IntCounterVec,
+}
+
+fn register<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    collector: C,
+) -> prometheus::Result<C> {
+    registry.register(Box::new(collector.clone()))?;
+    Ok(collector)
+}
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let r = &registry;
+        Ok(Self {
+            backend_endpoints: register(r, IntGaugeVec::new(
+                Opts::new("kvab_backend_endpoints", "Proxy endpoints per arm (backend) and state (ready, not_ready)."),
+                &["backend", "state"],
+            )?)?,
+            unlabeled_proxies: register(r, IntGaugeVec::new(
+                Opts::new(
+                    "kvab_unlabeled_proxies",
+                    "Pods matching the proxy selector that are not in the map: reason=missing_label (no backend label) or unknown_backend (value is not a configured arm).",
+                ),
+                &["reason"],
+            )?)?,
+            proxy_metrics_up: register(r, IntGaugeVec::new(
+                Opts::new("kvab_proxy_metrics_up", "1 if the last GET of the endpoint's metrics path answered 200, else 0."),
+                &["backend", "pod"],
+            )?)?,
+            proxy_metrics_status_code: register(r, IntGaugeVec::new(
+                Opts::new(
+                    "kvab_proxy_metrics_status_code",
+                    "HTTP status of the last GET of the endpoint's metrics path; 0 when no HTTP answer came.",
+                ),
+                &["backend", "pod"],
+            )?)?,
+            map_generation: register(r, IntGauge::new(
+                "kvab_endpoint_map_generation",
+                "Number of distinct endpoint-map contents published since start (0 before the first sync).",
+            )?)?,
+            map_last_change: register(r, Gauge::new(
+                "kvab_endpoint_map_last_change_timestamp_seconds",
+                "Unix time at which the served endpoint-map content last changed.",
+            )?)?,
+            last_sync: register(r, Gauge::new(
+                "kvab_last_sync_timestamp_seconds",
+                "Unix time of the last full sync of the source (Kubernetes relist, or static load).",
+            )?)?,
+            ready: register(r, IntGauge::new("kvab_ready", "1 when /readyz answers 200, else 0.")?)?,
+            watch_events: register(r, IntCounterVec::new(
+                Opts::new("kvab_watch_events_total", "Kubernetes watch events by kind (init, init_apply, init_done, apply, delete)."),
+                &["kind"],
+            )?)?,
+            watch_errors: register(r, IntCounter::new(
+                "kvab_watch_errors_total",
+                "Errors from the Kubernetes watch (each is retried with backoff).",
+            )?)?,
+            watch_skipped_objects: register(r, IntCounter::new(
+                "kvab_watch_skipped_objects_total",
+                "Watched objects that could not be read as pods and were left out of the map.",
+            )?)?,
+            http_requests: register(r, IntCounterVec::new(
+                Opts::new("kvab_http_requests_total", "HTTP requests served, by route and status code."),
+                &["route", "code"],
+            )?)?,
+            scrape: Mutex::new(()),
+            registry,
+        })
+    }
+
+    /// Recomputes the gauges from `state` and returns the text exposition format.
+    pub fn render(&self, state: &State) -> anyhow::Result<Vec<u8>> {
+        let _guard = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        self.backend_endpoints.reset();
+        self.unlabeled_proxies.reset();
+        self.proxy_metrics_up.reset();
+        self.proxy_metrics_status_code.reset();
+        self.ready
+            .set(i64::from(state.not_ready_reason().is_none()));
+        if let Some(snapshot) = state.snapshot() {
+            for (arm, counts) in &snapshot.counts {
+                self.backend_endpoints
+                    .with_label_values(&[arm.as_str(), "ready"])
+                    .set(gauge_value(counts.ready));
+                self.backend_endpoints
+                    .with_label_values(&[arm.as_str(), "not_ready"])
+                    .set(gauge_value(counts.not_ready));
+            }
+            self.unlabeled_proxies
+                .with_label_values(&["missing_label"])
+                .set(gauge_value(snapshot.missing_label));
+            self.unlabeled_proxies
+                .with_label_values(&["unknown_backend"])
+                .set(gauge_value(snapshot.unknown_arm));
+            self.map_generation
+                .set(i64::try_from(snapshot.generation).unwrap_or(i64::MAX));
+            self.map_last_change
+                .set(snapshot.generated_at.as_millisecond() as f64 / 1000.0);
+            self.last_sync
+                .set(snapshot.last_sync.as_millisecond() as f64 / 1000.0);
+        }
+        for ((arm, pod), result) in state.probe_results() {
+            let labels = [arm.as_str(), pod.as_str()];
+            self.proxy_metrics_up
+                .with_label_values(&labels)
+                .set(i64::from(result.up()));
+            self.proxy_metrics_status_code
+                .with_label_values(&labels)
+                .set(i64::from(result.status.unwrap_or(0)));
+        }
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        Ok(out)
+    }
+}
+
+fn gauge_value(count: usize) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::index::{Index, Proxy};
+    use crate::state::ProbeResult;
+
+    #[test]
+    fn gauges_follow_the_snapshot_and_probes() {
+        let state = State::new(Duration::from_secs(30)).unwrap();
+        let before = String::from_utf8(state.metrics.render(&state).unwrap()).unwrap();
+        assert!(before.contains("kvab_ready 0"), "{before}");
+        assert!(
+            !before.contains("kvab_backend_endpoints{"),
+            "no per-arm gauges before the first sync"
+        );
+
+        let mut index = Index::new(&["nvlink".to_string(), "fs".to_string()]);
+        index.apply(Proxy {
+            namespace: "ns".into(),
+            name: "p2p".into(),
+            backend: Some("nvlink".into()),
+            address: Some("10.0.0.1:8080".into()),
+            ready: true,
+        });
+        index.apply(Proxy {
+            namespace: "ns".into(),
+            name: "odd".into(),
+            backend: Some("p2p".into()),
+            address: None,
+            ready: false,
+        });
+        state.publish(index.view(), jiff::Timestamp::now()).unwrap();
+        state.set_probe_results(BTreeMap::from([(
+            ("nvlink".into(), "ns/p2p".into()),
+            ProbeResult { status: Some(404) },
+        )]));
+        let text = String::from_utf8(state.metrics.render(&state).unwrap()).unwrap();
+        for line in [
+            "kvab_ready 1",
+            "kvab_backend_endpoints{backend=\"nvlink\",state=\"ready\"} 1",
+            "kvab_backend_endpoints{backend=\"fs\",state=\"ready\"} 0",
+            "kvab_unlabeled_proxies{reason=\"unknown_backend\"} 1",
+            "kvab_unlabeled_proxies{reason=\"missing_label\"} 0",
+            "kvab_proxy_metrics_up{backend=\"nvlink\",pod=\"ns/p2p\"} 0",
+            "kvab_proxy_metrics_status_code{backend=\"nvlink\",pod=\"ns/p2p\"} 404",
+            "kvab_endpoint_map_generation 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+
+        // A pod that left the map disappears from the probe gauges at the next scrape.
+        state.set_probe_results(BTreeMap::new());
+        let text = String::from_utf8(state.metrics.render(&state).unwrap()).unwrap();
+        assert!(!text.contains("kvab_proxy_metrics_up{"), "{text}");
+    }
+}
