@@ -14,7 +14,7 @@ WB_RUNNER := .tools/bin/wasm-bindgen-test-runner
 export KVAB_ENVOY := $(abspath $(ENVOY))
 export KVAB_WASM  := $(abspath $(WASM))
 
-.PHONY: build filter rust-targets venv wasm-runner lint unit wasm-unit test e2e demo clean
+.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner lint unit wasm-unit test e2e demo bench clean
 
 rust-targets:
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
@@ -26,6 +26,10 @@ wasm-runner:
 	  echo "installing wasm-bindgen-cli $(WASM_BINDGEN_VERSION) into .tools"; \
 	  cargo install --quiet --root .tools wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION); fi
 
+# Debian tools the tests use for real: promtool (package prometheus) checks metrics output.
+system-deps:
+	@command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; }
+
 venv: $(VENV)/.installed
 $(VENV)/.installed: tests/requirements.txt
 	python3 -m venv $(VENV)
@@ -35,12 +39,18 @@ $(VENV)/.installed: tests/requirements.txt
 filter: rust-targets
 	cargo build --release --target wasm32-wasip1 -p kvab-filter
 
+# The sidecar binary the end-to-end tests and the demo run (debug: quick to build).
+sidecar:
+	cargo build -p kvab
+
 build: filter
+	cargo build --release -p kvab
 
 lint: rust-targets
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy --release --target wasm32-wasip1 -p kvab-filter -- -D warnings
+	cargo build --target wasm32-wasip1 -p kvab-contract
 
 unit:
 	cargo test --workspace
@@ -50,14 +60,20 @@ wasm-unit: rust-targets wasm-runner
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(abspath $(WB_RUNNER)) \
 	  cargo test -p kvab-filter-core --target wasm32-unknown-unknown
 
-e2e: filter venv
+e2e: filter sidecar venv system-deps
 	$(PYTEST) -q -p no:cacheprovider tests
 
 test: lint unit wasm-unit e2e
 
 # The main job on the embedded local stack (see README).
-demo: filter venv
+demo: filter sidecar venv
 	cd local && ../$(PY) -m kvablocal.demo
+
+# Sidecar speed and memory (see BENCHMARKS.md).
+bench: venv
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+	cargo build --release -p kvab
+	$(PY) sidecar/bench/bench.py
 
 clean:
 	cargo clean

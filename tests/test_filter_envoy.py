@@ -182,6 +182,11 @@ def test_every_counter_is_exact(gateways):
         ("kvab_rejected_total", labels(reason="ambiguous_kv_backend")): 1,
         ("kvab_invalid_values_total", labels(reason="unknown")): 2,
         ("kvab_invalid_values_total", labels(reason="ambiguous")): 1,
+        # No sidecar, so no endpoint map: what served is unknown; rejections had no upstream.
+        ("kvab_served_total", labels(requested="nvlink", served="unknown")): 7,
+        ("kvab_served_total", labels(requested="fs", served="unknown")): 5,
+        ("kvab_served_total", labels(requested="none", served="unknown")): 3,
+        ("kvab_served_total", labels(requested="none", served="none")): 3,
     }
 
     def matches():

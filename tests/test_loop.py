@@ -47,7 +47,7 @@ def stack(arms, kube, tmp_path):
     kube.put_pod(proxy_pod("vllm-p2p-proxy", "nvlink", arms["nvlink"].port))
     kube.put_pod(proxy_pod("vllm-fs-proxy", "fs", arms["fs"].port))
     sidecar = Sidecar(SIDECAR_CONFIG, workdir=tmp_path, env=kube.env()).start()
-    wait_until(lambda: sidecar.get("/readyz")[0] == 200, 10, what="sidecar synced")
+    wait_until(lambda: sidecar.get("/readyz").status == 200, 10, what="sidecar synced")
     started = []
 
     def gateway(**kw):
@@ -61,10 +61,8 @@ def stack(arms, kube, tmp_path):
     for g in started:
         g.stop()
     sidecar.stop()
-    from conftest import assert_envoy_healthy
-
     for g in started:
-        assert_envoy_healthy(g)
+        g.assert_healthy()
 
 
 def send(g, arm=None):

@@ -118,6 +118,12 @@ class Gateway:
         if getattr(self, "_log", None):
             self._log.close()
 
+    def assert_healthy(self):
+        """After any traffic: no trapped VM (503 wasm_fail_stream) and no panic logged."""
+        log = self.log()
+        assert not any("wasm_fail_stream" in line for line in self.access_log())
+        assert "panic" not in log and "Uncaught RuntimeError" not in log, log[-2000:]
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

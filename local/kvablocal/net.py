@@ -17,6 +17,17 @@ class Response:
         self.header_list = [(k.lower(), v) for k, v in headers]
         self.body = body
 
+    @property
+    def headers(self) -> dict:
+        """Lowercase name → first value."""
+        out = {}
+        for k, v in self.header_list:
+            out.setdefault(k, v)
+        return out
+
+    def __repr__(self) -> str:
+        return f"<{self.status} {self.body[:200]!r}>"
+
     def header(self, name: str):
         """First value of a response header, or None."""
         for k, v in self.header_list:
@@ -31,8 +42,10 @@ class Response:
 
 
 def request(port: int, method: str = "GET", path: str = "/", headers=(), body: bytes = b"", timeout: float = 10.0) -> Response:
-    """Sends one request to 127.0.0.1:port. `headers` is a sequence of (name, value) pairs, values
-    str or bytes, sent exactly as given (repeats allowed)."""
+    """Sends one request to 127.0.0.1:port. `headers` is a dict or a sequence of (name, value)
+    pairs, values str or bytes, sent exactly as given (repeats allowed)."""
+    if isinstance(headers, dict):
+        headers = list(headers.items())
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.putrequest(method, path, skip_accept_encoding=True)
@@ -47,16 +60,22 @@ def request(port: int, method: str = "GET", path: str = "/", headers=(), body: b
         conn.close()
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
-    """Polls `predicate` until it returns a truthy value or `timeout` seconds pass."""
+class Timeout(AssertionError):
+    pass
+
+
+def wait_until(predicate, timeout: float, what: str = "condition", interval: float = 0.05):
+    """Polls `predicate` until it returns a truthy value or `timeout` seconds pass; returns the value.
+    Connection errors count as "not yet" (the thing polled may be starting or restarting)."""
     deadline = time.monotonic() + timeout
-    last_error = None
-    while time.monotonic() < deadline:
+    last = None
+    while True:
         try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as e:  # the thing polled may not be up yet
-            last_error = e
+            last = predicate()
+            if last:
+                return last
+        except (OSError, http.client.HTTPException) as e:
+            last = e
+        if time.monotonic() >= deadline:
+            raise Timeout(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
         time.sleep(interval)
-    raise TimeoutError(f"{what} not reached within {timeout}s (last error: {last_error})")

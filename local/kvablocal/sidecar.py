@@ -5,12 +5,10 @@ import os
 import signal
 import subprocess
 import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from . import prom
-from .net import free_port, wait_until
+from .net import Response, free_port, request, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,57 +27,78 @@ def static_config(port: int, endpoints: list, arms=("nvlink", "fs"), extra: str 
 
 
 class Sidecar:
-    """One `kvab serve` process with its own configuration file and log."""
+    """One `kvab serve` process with its own configuration file and log. `{port}` in the
+    configuration text is replaced by the port it listens on."""
 
-    def __init__(self, config: str, port: int = 0, workdir=None, env=None):
+    def __init__(self, config: str, port: int = 0, workdir=None, env=None, binary=None):
         self.port = port or free_port()
+        self.binary = binary or kvab_binary()
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kvab-serve-"))
         self.config_path = self.workdir / f"kvab-{self.port}.toml"
         self.config_path.write_text(config.replace("{port}", str(self.port)))
         self.log_path = self.workdir / f"kvab-{self.port}.log"
         self.env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "info"), **(env or {})}
         self.env.pop("KVAB_CONFIG", None)
-        self.process = None
+        self.proc = None
 
     def start(self, wait: bool = True, timeout: float = 15.0) -> "Sidecar":
         self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [kvab_binary(), "serve", "--config", str(self.config_path)], stdout=self._log, stderr=subprocess.STDOUT, env=self.env
+        self.proc = subprocess.Popen(
+            [self.binary, "serve", "--config", str(self.config_path)], stdout=self._log, stderr=subprocess.STDOUT, env=self.env
         )
-        if wait:
-            wait_until(self._alive, timeout, what="kvab serve /healthz")
+        return self.wait_alive(timeout) if wait else self
+
+    def wait_alive(self, timeout: float = 15.0) -> "Sidecar":
+        def alive():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"kvab serve exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            return self.get("/healthz").status == 200
+
+        wait_until(alive, timeout, "kvab serve /healthz")
         return self
 
-    def _alive(self):
-        if self.process.poll() is not None:
-            raise RuntimeError(f"kvab serve exited with {self.process.returncode}:\n{self.log()[-3000:]}")
-        return self.get("/healthz")[0] == 200
+    def request(self, method: str, path: str, headers=None, body: bytes = b"") -> Response:
+        return request(self.port, method, path, headers or {}, body, timeout=5)
 
-    def get(self, path: str, headers=None):
-        """(status, body bytes) of a GET."""
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", headers=headers or {})
-        try:
-            with urllib.request.urlopen(req, timeout=5) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
+    def get(self, path: str, headers=None) -> Response:
+        return self.request("GET", path, headers)
 
-    def metrics(self) -> dict:
-        status, body = self.get("/metrics")
-        assert status == 200, body
-        return prom.parse(body.decode())
+    def endpoints(self) -> dict:
+        resp = self.get("/v1/endpoints")
+        assert resp.status == 200, resp
+        return resp.json()
 
-    def stop(self, sig=signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
-        if getattr(self, "_log", None):
-            self._log.close()
-        return self.process.returncode if self.process else 0
+    def metrics(self) -> str:
+        """The `/metrics` text."""
+        resp = self.get("/metrics")
+        assert resp.status == 200, resp
+        return resp.body.decode()
+
+    def samples(self) -> dict:
+        """`/metrics` parsed (see `prom.parse`)."""
+        return prom.parse(self.metrics())
+
+    def metric(self, name_and_labels: str):
+        """Value of one sample as written, e.g. 'kvab_unlabeled_proxies{reason="missing_label"}', or None."""
+        for line in self.metrics().splitlines():
+            if line.startswith(name_and_labels + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Signals the process and waits; a process that does not exit in time is killed and the
+        call fails."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+                raise AssertionError(f"kvab serve did not exit within {timeout}s of {sig!r}:\n{self.log()[-3000:]}")
+        if getattr(self, "_log", None):
+            self._log.close()
+        return self.proc.returncode if self.proc else 0

@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 # This directory (for kvabtest) and tests/ (for fakekube) on sys.path.
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from kvabtest import REPO, Sidecar  # noqa: E402
+from kvablocal.sidecar import REPO, Sidecar  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -40,9 +40,9 @@ def sidecar(kvab_bin, tmp_path):
     started: list[Sidecar] = []
 
     def start(config: str, env: dict | None = None, wait: bool = True) -> Sidecar:
-        s = Sidecar(kvab_bin, tmp_path, config, env)
+        s = Sidecar(config, workdir=tmp_path, env=env, binary=kvab_bin)
         started.append(s)
-        return s.wait_alive() if wait else s
+        return s.start(wait=wait)
 
     yield start
     for s in started:
