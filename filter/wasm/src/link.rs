@@ -222,8 +222,13 @@ impl Link {
         }
         let sequence = self.sequence.get() + 1;
         let body = match self.tally.try_borrow() {
-            Ok(tally) => serde_json::to_vec(&tally.report(plan, &self.reporter, sequence))
-                .unwrap_or_default(),
+            Ok(tally) => serde_json::to_vec(&tally.report(
+                plan,
+                &self.reporter,
+                sequence,
+                self.started_nanos / 1_000_000,
+            ))
+            .unwrap_or_default(),
             Err(_) => return,
         };
         let headers = vec![
