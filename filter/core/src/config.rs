@@ -92,14 +92,27 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// Field paths and messages quote the input (unknown keys, bad names); control characters in it
+/// are written escaped (`\n`, `\u{1b}`), so a refusal is always one printable log line.
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.field.is_empty() {
-            write!(f, "{}", self.message)
+        if !self.field.is_empty() {
+            write_printable(f, &self.field)?;
+            f.write_str(": ")?;
+        }
+        write_printable(f, &self.message)
+    }
+}
+
+fn write_printable(f: &mut fmt::Formatter<'_>, s: &str) -> fmt::Result {
+    for c in s.chars() {
+        if c.is_control() {
+            write!(f, "{}", c.escape_default())?;
         } else {
-            write!(f, "{}: {}", self.field, self.message)
+            fmt::Write::write_char(f, c)?;
         }
     }
+    Ok(())
 }
 
 impl std::error::Error for ConfigError {}
@@ -458,6 +471,23 @@ mod tests {
             }
         }
         assert!(seen >= 15, "only {seen} fixtures found");
+    }
+
+    /// The refusal is logged as one line: control characters from the input (a key or value
+    /// with a newline, DEL, an escape sequence) must not break or forge log lines.
+    #[test]
+    fn refusals_are_one_printable_line() {
+        for json in [
+            "{\"a\\nb\":1}",
+            "{\"split\":{\"\u{7f}eights\":{}}}",
+            "{\"arms\":[{\"name\":\"x\\u001b[31my\"}]}",
+            "{\"onMissing\":\"split\",\"split\":{\"weights\":{\"a\\r\\nkvab: forged\":1}}}",
+        ] {
+            let line = err(json).to_string();
+            assert!(!line.chars().any(char::is_control), "{json} -> {line:?}");
+        }
+        let e = err("{\"a\\nb\":1}");
+        assert!(e.to_string().contains("unknown field `a\\nb`"), "{e}");
     }
 
     #[test]
