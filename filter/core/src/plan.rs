@@ -376,7 +376,7 @@ impl Plan {
 }
 
 /// Trims RFC 9110 optional whitespace (SP, HTAB).
-fn trim_ows(bytes: &[u8]) -> &[u8] {
+pub(crate) fn trim_ows(bytes: &[u8]) -> &[u8] {
     let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
     let start = bytes.iter().position(|b| !is_ows(b)).unwrap_or(bytes.len());
     let end = bytes
