@@ -7,6 +7,7 @@ use std::fmt;
 use serde::Deserialize;
 
 use crate::assign::Split;
+use crate::choice::{ChoicePolicy, IpRange, MAX_HEADER_VALUES, MAX_HEADER_VALUE_LEN, MAX_RANGES};
 use crate::plan::{ArmId, Missing, Plan, Unknown};
 
 /// Arm names and aliases end up in metric names and header values: keep them to a safe,
@@ -34,6 +35,19 @@ struct RawConfig {
     default_arm: Option<String>,
     #[serde(default)]
     split: Option<RawSplit>,
+    #[serde(default)]
+    allow_choice: Option<RawChoice>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawChoice {
+    #[serde(default)]
+    source_ranges: Vec<String>,
+    #[serde(default)]
+    header: Option<String>,
+    #[serde(default)]
+    header_values: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -223,9 +237,88 @@ fn build(raw: RawConfig) -> Result<Plan, ConfigError> {
         (Some(split), _) => Some(build_split(split, &arm_id)?),
     };
 
+    let choice = match &raw.allow_choice {
+        Some(choice) => Some(build_choice(choice, &header)?),
+        None => None,
+    };
+
     Ok(Plan::new(
-        header, arms, spellings, on_missing, on_unknown, split,
+        header, arms, spellings, on_missing, on_unknown, split, choice,
     ))
+}
+
+fn build_choice(raw: &RawChoice, arm_header: &str) -> Result<ChoicePolicy, ConfigError> {
+    if raw.source_ranges.is_empty() && raw.header.is_none() {
+        return Err(error(
+            "allowChoice",
+            "needs sourceRanges, header, or both (omit allowChoice to let every request choose)",
+        ));
+    }
+    if raw.source_ranges.len() > MAX_RANGES {
+        return Err(error(
+            "allowChoice.sourceRanges",
+            format!(
+                "at most {MAX_RANGES} ranges are allowed, got {}",
+                raw.source_ranges.len()
+            ),
+        ));
+    }
+    let mut ranges = Vec::with_capacity(raw.source_ranges.len());
+    for (i, text) in raw.source_ranges.iter().enumerate() {
+        let range =
+            IpRange::parse(text).map_err(|m| error(format!("allowChoice.sourceRanges[{i}]"), m))?;
+        ranges.push(range);
+    }
+    let header = match &raw.header {
+        Some(h) => {
+            let h = validate_header_name("allowChoice.header", h)?;
+            let tags = [
+                arm_header.to_owned(),
+                format!("{arm_header}-source"),
+                format!("{arm_header}-endpoint"),
+            ];
+            if tags.contains(&h) {
+                return Err(error(
+                    "allowChoice.header",
+                    format!("\"{h}\" is the arm header or one of its tags"),
+                ));
+            }
+            Some(h)
+        }
+        None => None,
+    };
+    if !raw.header_values.is_empty() && header.is_none() {
+        return Err(error(
+            "allowChoice.headerValues",
+            "requires allowChoice.header",
+        ));
+    }
+    if raw.header_values.len() > MAX_HEADER_VALUES {
+        return Err(error(
+            "allowChoice.headerValues",
+            format!(
+                "at most {MAX_HEADER_VALUES} values are allowed, got {}",
+                raw.header_values.len()
+            ),
+        ));
+    }
+    let mut values = Vec::with_capacity(raw.header_values.len());
+    for (i, value) in raw.header_values.iter().enumerate() {
+        let v = value.trim_matches([' ', '\t']);
+        if v.is_empty()
+            || v.len() > MAX_HEADER_VALUE_LEN
+            || !v
+                .bytes()
+                .all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic())
+        {
+            return Err(error(
+                format!("allowChoice.headerValues[{i}]"),
+                format!("must be 1 to {MAX_HEADER_VALUE_LEN} printable ASCII characters"),
+            ));
+        }
+        values.push(v.to_owned());
+    }
+    Ok(ChoicePolicy::new(ranges, header, values))
 }
 
 fn build_split(
@@ -488,6 +581,110 @@ mod tests {
         }
         let e = err("{\"a\\nb\":1}");
         assert!(e.to_string().contains("unknown field `a\\nb`"), "{e}");
+    }
+
+    #[test]
+    fn allow_choice_is_validated() {
+        for (choice, field, why) in [
+            ("{}", "allowChoice", "needs sourceRanges, header, or both"),
+            (
+                r#"{"sourceRanges":[]}"#,
+                "allowChoice",
+                "needs sourceRanges",
+            ),
+            (
+                r#"{"sourceRanges":["10.0.0.0/33"]}"#,
+                "allowChoice.sourceRanges[0]",
+                "prefix length",
+            ),
+            (
+                r#"{"sourceRanges":["::1","10.1.0.0/8"]}"#,
+                "allowChoice.sourceRanges[1]",
+                "host bits",
+            ),
+            (
+                r#"{"sourceRanges":"10.0.0.0/8"}"#,
+                "allowChoice.sourceRanges",
+                "invalid type",
+            ),
+            (
+                r#"{"header":"x kv"}"#,
+                "allowChoice.header",
+                "not a valid HTTP header name",
+            ),
+            (
+                r#"{"header":"X-KV-Backend"}"#,
+                "allowChoice.header",
+                "the arm header",
+            ),
+            (
+                r#"{"header":"x-kv-backend-source"}"#,
+                "allowChoice.header",
+                "its tags",
+            ),
+            (
+                r#"{"headerValues":["a"],"sourceRanges":["::1"]}"#,
+                "allowChoice.headerValues",
+                "requires allowChoice.header",
+            ),
+            (
+                r#"{"header":"x-ab","headerValues":[" "]}"#,
+                "allowChoice.headerValues[0]",
+                "printable ASCII",
+            ),
+            (
+                r#"{"header":"x-ab","headerValues":["a\u0000"]}"#,
+                "allowChoice.headerValues[0]",
+                "printable ASCII",
+            ),
+            (
+                r#"{"header":"x-ab","headerValues":["é"]}"#,
+                "allowChoice.headerValues[0]",
+                "printable ASCII",
+            ),
+            (
+                r#"{"header":"x-ab","sources":["::1"]}"#,
+                "allowChoice.sources",
+                "unknown field",
+            ),
+        ] {
+            let e = err(&format!(r#"{{"allowChoice":{choice}}}"#));
+            assert_eq!(e.field, field, "{choice}: {e}");
+            assert!(e.message.contains(why), "{choice}: {e}");
+        }
+        let ranges: Vec<String> = (0..65).map(|i| format!("\"10.0.0.{i}\"")).collect();
+        let e = err(&format!(
+            r#"{{"allowChoice":{{"sourceRanges":[{}]}}}}"#,
+            ranges.join(",")
+        ));
+        assert_eq!(e.field, "allowChoice.sourceRanges");
+        let values: Vec<String> = (0..17).map(|i| format!("\"v{i}\"")).collect();
+        let e = err(&format!(
+            r#"{{"allowChoice":{{"header":"x-ab","headerValues":[{}]}}}}"#,
+            values.join(",")
+        ));
+        assert_eq!(e.field, "allowChoice.headerValues");
+        let long = "v".repeat(257);
+        assert_eq!(
+            err(&format!(
+                r#"{{"allowChoice":{{"header":"x-ab","headerValues":["{long}"]}}}}"#
+            ))
+            .field,
+            "allowChoice.headerValues[0]"
+        );
+
+        let plan = parse(br#"{"allowChoice":{"sourceRanges":["10.0.0.0/8"," ::1 "],"header":"X-AB-Tester","headerValues":[" team-a "]}}"#).unwrap();
+        let choice = plan.choice().unwrap();
+        assert_eq!(choice.header(), Some("x-ab-tester"));
+        assert!(choice.allows_header_value(b"team-a"));
+        assert!(choice.allows_source(b"[::1]:5"));
+        assert!(
+            plan.describe()
+                .ends_with(", allowChoice from 10.0.0.0/8, ::1/128 or with header x-ab-tester"),
+            "{}",
+            plan.describe()
+        );
+        assert!(parse(b"{}").unwrap().choice().is_none());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 #![deny(clippy::indexing_slicing)]
 
 pub mod assign;
+pub mod choice;
 pub mod config;
 pub mod headers;
 pub mod metrics;

@@ -2,6 +2,7 @@
 //! which arm a request is tagged with, or whether it is left untagged or rejected.
 
 use crate::assign::Split;
+use crate::choice::ChoicePolicy;
 use crate::config::NO_ARM;
 
 /// Index of a configured arm (in configuration order).
@@ -60,16 +61,19 @@ pub enum Invalid {
     Unknown,
     /// Several different values (repeated header or a comma list).
     Ambiguous,
+    /// Any value, from a request the `allowChoice` policy does not let choose.
+    NotAllowed,
 }
 
 impl Invalid {
-    pub const ALL: [Invalid; 2] = [Invalid::Unknown, Invalid::Ambiguous];
+    pub const ALL: [Invalid; 3] = [Invalid::Unknown, Invalid::Ambiguous, Invalid::NotAllowed];
 
     /// Label of `kvab_invalid_values_total{reason}`.
     pub fn label(self) -> &'static str {
         match self {
             Invalid::Unknown => "unknown",
             Invalid::Ambiguous => "ambiguous",
+            Invalid::NotAllowed => "not_allowed",
         }
     }
 }
@@ -138,8 +142,15 @@ impl Reading {
     }
 
     /// Whether forwarding the header as received already carries exactly `arm`'s canonical name.
-    pub fn already_canonical(&self) -> bool {
-        self.occurrences == 1 && self.canonical_bytes
+    pub fn already_canonical(&self, arm: ArmId) -> bool {
+        self.occurrences == 1
+            && self.canonical_bytes
+            && matches!(self.state, ReadState::Arm(a, _) if a == arm)
+    }
+
+    /// Whether the request tries to choose an arm (any non-blank value, valid or not).
+    pub fn chooses(&self) -> bool {
+        self.state != ReadState::Empty
     }
 
     fn add(&mut self, element: ReadState) {
@@ -174,6 +185,7 @@ pub struct Plan {
     on_missing: Missing,
     on_unknown: Unknown,
     split: Option<Split>,
+    choice: Option<ChoicePolicy>,
     reject_bodies: [Vec<u8>; 2],
 }
 
@@ -185,6 +197,7 @@ impl Plan {
         on_missing: Missing,
         on_unknown: Unknown,
         split: Option<Split>,
+        choice: Option<ChoicePolicy>,
     ) -> Plan {
         let source_header = format!("{header}-source");
         let endpoint_header = format!("{header}-endpoint");
@@ -203,6 +216,7 @@ impl Plan {
             on_missing,
             on_unknown,
             split,
+            choice,
             reject_bodies,
         }
     }
@@ -244,6 +258,11 @@ impl Plan {
         self.split.as_ref()
     }
 
+    /// The `allowChoice` policy; `None`: every request may choose its arm.
+    pub fn choice(&self) -> Option<&ChoicePolicy> {
+        self.choice.as_ref()
+    }
+
     /// One line summarizing the configuration in its own vocabulary, for the log.
     pub fn describe(&self) -> String {
         let name = |arm: ArmId| self.arm_label(Some(arm)).to_owned();
@@ -265,8 +284,12 @@ impl Plan {
             Unknown::Passthrough => "passthrough".to_owned(),
             Unknown::Default(arm) => format!("default ({})", name(arm)),
         };
+        let choice = match &self.choice {
+            Some(c) => format!(", allowChoice {}", c.describe()),
+            None => String::new(),
+        };
         format!(
-            "header {}, arms [{}], onMissing {missing}, onUnknown {unknown}",
+            "header {}, arms [{}], onMissing {missing}, onUnknown {unknown}{choice}",
             self.header,
             self.arms.join(", ")
         )
@@ -323,6 +346,25 @@ impl Plan {
         split_key: Option<&[u8]>,
         draw: impl FnOnce() -> u64,
     ) -> Verdict {
+        self.decide_for(reading, true, split_key, draw)
+    }
+
+    /// As [`Plan::decide`], for a request that may or may not choose its arm (`allowChoice`).
+    /// One that may not is assigned as if it had sent no arm header (`onMissing`), whatever the
+    /// value, and its value counts as `not_allowed`; it is never rejected for it.
+    pub fn decide_for(
+        &self,
+        reading: &Reading,
+        may_choose: bool,
+        split_key: Option<&[u8]>,
+        draw: impl FnOnce() -> u64,
+    ) -> Verdict {
+        if !may_choose && reading.chooses() {
+            return Verdict {
+                decision: self.assign_missing(split_key, draw),
+                invalid: Some(Invalid::NotAllowed),
+            };
+        }
         let (decision, invalid) = match reading.state {
             ReadState::Arm(arm, source) => (Decision::Tag { arm, source }, None),
             ReadState::Empty => (self.assign_missing(split_key, draw), None),
@@ -363,8 +405,8 @@ impl Plan {
     fn handle_invalid(&self, why: Invalid) -> Decision {
         match self.on_unknown {
             Unknown::Reject => Decision::Reject(match why {
-                Invalid::Unknown => Rejection::UnknownBackend,
                 Invalid::Ambiguous => Rejection::AmbiguousBackend,
+                Invalid::Unknown | Invalid::NotAllowed => Rejection::UnknownBackend,
             }),
             Unknown::Passthrough => Decision::Untagged,
             Unknown::Default(arm) => Decision::Tag {
@@ -444,7 +486,8 @@ mod tests {
             }
             r
         };
-        assert!(read(&[b"nvlink"]).already_canonical());
+        assert!(read(&[b"nvlink"]).already_canonical(NVLINK));
+        assert!(!read(&[b"nvlink"]).already_canonical(FS));
         for values in [
             &[&b"NVLINK"[..]][..],
             &[b" nvlink"],
@@ -453,7 +496,8 @@ mod tests {
             &[b"nvlink", b"nvlink"],
             &[b"fs", b"nvlink"],
         ] {
-            assert!(!read(values).already_canonical(), "{values:?}");
+            assert!(!read(values).already_canonical(NVLINK), "{values:?}");
+            assert!(!read(values).already_canonical(FS), "{values:?}");
         }
         assert!(!read(&[]).present());
         assert!(read(&[b""]).present());
@@ -554,6 +598,54 @@ mod tests {
         assert_eq!(keyed, p.decide(&reading, Some(b"user-1"), || 0));
         // An explicit header still wins over split.
         assert_eq!(decide(&p, &[b"fs"]), tag(FS, Source::Header));
+    }
+
+    /// `allowChoice`: a request that may not choose is assigned by `onMissing`, whatever its
+    /// value (valid, alias, unknown, ambiguous); it is never rejected for it.
+    #[test]
+    fn a_request_that_may_not_choose_is_assigned_by_on_missing() {
+        for (config, expected) in [
+            (r#"{"allowChoice":{"header":"x-ab"}}"#, Decision::Untagged),
+            (
+                r#"{"allowChoice":{"header":"x-ab"},"onMissing":"default","defaultArm":"fs"}"#,
+                tag(FS, Source::Default),
+            ),
+            (
+                r#"{"allowChoice":{"header":"x-ab"},"onMissing":"split","split":{"weights":{"fs":1}}}"#,
+                tag(FS, Source::Split),
+            ),
+        ] {
+            let p = plan(config);
+            for values in [
+                &[&b"nvlink"[..]][..],
+                &[b"P2P"],
+                &[b"bogus"],
+                &[b"nvlink", b"fs"],
+                &[b"\xff"],
+            ] {
+                let mut r = Reading::default();
+                for v in values {
+                    p.read(&mut r, v);
+                }
+                let v = p.decide_for(&r, false, None, || 0);
+                assert_eq!(v.decision, expected, "{config} {values:?}");
+                assert_eq!(v.invalid, Some(Invalid::NotAllowed));
+                // Allowed, the same request is decided as usual.
+                let allowed = p.decide_for(&r, true, None, || 0);
+                assert_eq!(allowed, p.decide(&r, None, || 0));
+                assert_ne!(allowed.invalid, Some(Invalid::NotAllowed));
+            }
+            // Nothing chosen: nothing denied, nothing counted.
+            for values in [&[][..], &[&b""[..]], &[b" , "]] {
+                let mut r = Reading::default();
+                for v in values {
+                    p.read(&mut r, v);
+                }
+                let v = p.decide_for(&r, false, None, || 0);
+                assert_eq!(v, p.decide(&r, None, || 0), "{values:?}");
+                assert_eq!(v.invalid, None);
+            }
+        }
     }
 
     #[test]
