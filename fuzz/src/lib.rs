@@ -25,6 +25,14 @@ pub struct Model {
     /// `(arm name, weight)` for split, and its key header.
     weights: &'static [(&'static str, u64)],
     key_header: Option<&'static str>,
+    /// `allowChoice`: ranges as `(network, prefix)`, header, accepted values.
+    choice: Option<ChoiceModel>,
+}
+
+pub struct ChoiceModel {
+    ranges: &'static [(&'static str, usize)],
+    header: Option<&'static str>,
+    values: &'static [&'static str],
 }
 
 #[derive(Clone, Copy)]
@@ -59,6 +67,7 @@ fn model(
         on_unknown,
         weights,
         key_header,
+        choice: None,
     }
 }
 
@@ -110,8 +119,60 @@ pub static PLANS: LazyLock<Vec<Model>> = LazyLock::new(|| {
             &[],
             None,
         ),
+        Model {
+            choice: Some(ChoiceModel {
+                ranges: &[("10.0.0.0", 8), ("127.0.0.2", 32), ("2001:db8::", 32)],
+                header: Some("x-ab"),
+                values: &["team-kv", "b c"],
+            }),
+            ..model(
+                r#"{"onMissing":"split","split":{"weights":{"nvlink":1,"fs":1},"keyHeader":"x-ab"},"allowChoice":{"sourceRanges":["10.0.0.0/8","127.0.0.2","2001:db8::/32"],"header":"X-AB","headerValues":["team-kv"," b c "]}}"#,
+                "x-kv-backend",
+                RUNBOOK_ARMS,
+                Policy::Split,
+                Policy::Reject,
+                &[("fs", 1), ("nvlink", 1)],
+                Some("x-ab"),
+            )
+        },
+        Model {
+            choice: Some(ChoiceModel {
+                ranges: &[],
+                header: Some("x-ab"),
+                values: &[],
+            }),
+            ..model(
+                r#"{"allowChoice":{"header":"x-ab"}}"#,
+                "x-kv-backend",
+                RUNBOOK_ARMS,
+                Policy::Passthrough,
+                Policy::Reject,
+                &[],
+                None,
+            )
+        },
+        Model {
+            choice: Some(ChoiceModel {
+                ranges: &[("::", 0), ("0.0.0.0", 1)],
+                header: None,
+                values: &[],
+            }),
+            ..model(
+                r#"{"allowChoice":{"sourceRanges":["::/0","0.0.0.0/1"]},"onMissing":"default","defaultArm":"nvlink"}"#,
+                "x-kv-backend",
+                RUNBOOK_ARMS,
+                Policy::Default("nvlink"),
+                Policy::Reject,
+                &[],
+                None,
+            )
+        },
     ]
 });
+
+/// Name of the pseudo header line that carries the request's source address (Envoy's
+/// `source.address`); it is not part of the header map.
+pub const SOURCE_LINE: &[u8] = b"@source";
 
 /// A request's headers as the fuzzer gave them.
 pub enum Request<'a> {
@@ -142,28 +203,66 @@ impl<'a> Request<'a> {
 
 /// Runs the filter's scan and decision on `request` and checks them against the model.
 pub fn check_request(m: &Model, request: &Request, draw: u64) {
+    let mut source: Option<&[u8]> = None;
+    let mut given: Vec<(&[u8], &[u8])> = Vec::new();
     let owned;
     let map: &[u8] = match request {
         Request::Raw(raw) => raw,
-        Request::Pairs(pairs) => {
-            owned = serialize_pairs(pairs);
+        Request::Pairs(all) => {
+            for &(k, v) in all {
+                if k == SOURCE_LINE {
+                    source = Some(v);
+                } else {
+                    given.push((k, v));
+                }
+            }
+            owned = serialize_pairs(&given);
             &owned
         }
     };
     let pairs: Vec<(&[u8], &[u8])> = HeaderPairs::new(map).collect();
-    if let Request::Pairs(given) = request {
-        assert_eq!(&pairs, given, "header map round trip");
+    if let Request::Pairs(_) = request {
+        assert_eq!(pairs, given, "header map round trip");
     }
     let scan = scan_request_headers(&m.plan, map);
-    let mut draws = 0;
-    let verdict = m.plan.decide(&scan.reading, scan.split_key, || {
-        draws += 1;
-        draw
+    let mut source_reads = 0;
+    let may_choose = scan.may_choose(&m.plan, || {
+        source_reads += 1;
+        source
     });
+    assert_eq!(
+        may_choose,
+        model_may_choose(m, &pairs, source),
+        "allowChoice for {pairs:?} from {source:?}"
+    );
+    if m.choice.as_ref().is_none_or(|c| c.ranges.is_empty()) {
+        assert_eq!(source_reads, 0, "source address read without source ranges");
+    }
+    let mut draws = 0;
+    let verdict = m
+        .plan
+        .decide_for(&scan.reading, may_choose, scan.split_key, || {
+            draws += 1;
+            draw
+        });
     assert!(draws <= 1, "the draw is taken at most once");
     check_invariants(m, &verdict);
 
-    let expected = expected_verdict(m, &pairs, draw);
+    let expected = if may_choose {
+        expected_verdict(m, &pairs, draw)
+    } else {
+        // May not choose: assigned as if no arm header had come, and counted as not_allowed.
+        let without: Vec<(&[u8], &[u8])> = pairs
+            .iter()
+            .filter(|(k, _)| *k != m.header.as_bytes())
+            .copied()
+            .collect();
+        let assigned = expected_verdict(m, &without, draw);
+        Verdict {
+            decision: assigned.decision,
+            invalid: Some(Invalid::NotAllowed),
+        }
+    };
     assert_eq!(verdict, expected, "model disagrees for {pairs:?}");
 
     // Forged tags are always noticed, so they can be stripped.
@@ -178,18 +277,15 @@ pub fn check_request(m: &Model, request: &Request, draw: u64) {
     // The header is reported present exactly when it occurred.
     let present = pairs.iter().any(|(k, _)| *k == m.header.as_bytes());
     assert_eq!(scan.reading.present(), present);
-    if scan.reading.already_canonical() {
-        // Forwarded untouched only when it is the single, exact canonical tag.
-        let values: Vec<&[u8]> = pairs
-            .iter()
-            .filter(|(k, _)| *k == m.header.as_bytes())
-            .map(|(_, v)| *v)
-            .collect();
-        match verdict.decision {
-            Decision::Tag { arm, .. } => {
-                assert_eq!(values, [m.plan.arm_label(Some(arm)).as_bytes()]);
-            }
-            other => panic!("already canonical but {other:?}"),
+    if let Decision::Tag { arm, .. } = verdict.decision {
+        if scan.reading.already_canonical(arm) {
+            // Forwarded untouched only when it is the single, exact canonical tag of that arm.
+            let values: Vec<&[u8]> = pairs
+                .iter()
+                .filter(|(k, _)| *k == m.header.as_bytes())
+                .map(|(_, v)| *v)
+                .collect();
+            assert_eq!(values, [m.plan.arm_label(Some(arm)).as_bytes()]);
         }
     }
 }
@@ -206,6 +302,9 @@ fn check_invariants(m: &Model, verdict: &Verdict) {
             }
         }
         Decision::Untagged => {}
+        Decision::Reject(_) if verdict.invalid == Some(Invalid::NotAllowed) => {
+            panic!("a request that may not choose was rejected")
+        }
         Decision::Reject(r) => {
             assert_eq!(r.status(), 400);
             assert!(verdict.invalid.is_some(), "rejected a valid value");
@@ -214,6 +313,63 @@ fn check_invariants(m: &Model, verdict: &Verdict) {
             assert_eq!(body["error"]["param"], m.header);
         }
     }
+}
+
+/// The allowChoice rule, written out: no policy, no non-blank value, an accepted header value,
+/// or a source address inside a range (compared bit by bit).
+fn model_may_choose(m: &Model, pairs: &[(&[u8], &[u8])], source: Option<&[u8]>) -> bool {
+    let Some(choice) = &m.choice else {
+        return true;
+    };
+    let names_something = pairs.iter().any(|(k, v)| {
+        *k == m.header.as_bytes() && v.split(|&b| b == b',').any(|e| !trim_blanks(e).is_empty())
+    });
+    if !names_something {
+        return true;
+    }
+    let accepted = |v: &[u8]| {
+        let v = trim_blanks(v);
+        if choice.values.is_empty() {
+            !v.is_empty()
+        } else {
+            choice.values.iter().any(|x| x.as_bytes() == v)
+        }
+    };
+    if choice
+        .header
+        .is_some_and(|h| pairs.iter().any(|(k, v)| *k == h.as_bytes() && accepted(v)))
+    {
+        return true;
+    }
+    let ip = source
+        .and_then(|s| std::str::from_utf8(s).ok())
+        .and_then(|s| {
+            s.parse::<std::net::SocketAddr>()
+                .map(|a| a.ip())
+                .or_else(|_| s.parse::<std::net::IpAddr>())
+                .ok()
+        });
+    let Some(ip) = ip else {
+        return false;
+    };
+    let bits = |octets: &[u8]| -> Vec<bool> {
+        octets
+            .iter()
+            .flat_map(|o| (0..8).rev().map(move |i| (o >> i) & 1 == 1))
+            .collect()
+    };
+    let family_bits = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(a) => (true, bits(&a.octets())),
+        std::net::IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(a4) => (true, bits(&a4.octets())),
+            None => (false, bits(&a.octets())),
+        },
+    };
+    let (v4, addr) = family_bits(ip);
+    choice.ranges.iter().any(|(net, prefix)| {
+        let (net_v4, net_bits) = family_bits(net.parse().unwrap());
+        net_v4 == v4 && addr[..*prefix] == net_bits[..*prefix]
+    })
 }
 
 fn arm_id(m: &Model, name: &str) -> ArmId {
@@ -369,7 +525,7 @@ fn check_plan(plan: &Plan) {
         // Each canonical name selects its arm, exactly as configured.
         let map = serialize_pairs(&[(plan.header().as_bytes(), name.as_bytes())]);
         let scan = scan_request_headers(plan, &map);
-        assert!(scan.reading.already_canonical());
+        assert!(scan.reading.already_canonical(ArmId(i)));
         let verdict = plan.decide(&scan.reading, None, || 0);
         assert_eq!(
             verdict.decision,
