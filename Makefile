@@ -17,10 +17,12 @@ CARGO_FUZZ := .tools/bin/cargo-fuzz
 FUZZ_TARGETS := request config
 FUZZ_SECONDS ?= 120
 FUZZ_SMOKE_SECONDS ?= 10
+CARGO_DENY_VERSION := 0.20.2
+CARGO_DENY := .tools/bin/cargo-deny
 export KVAB_ENVOY := $(abspath $(ENVOY))
 export KVAB_WASM  := $(abspath $(WASM))
 
-.PHONY: build filter rust-targets venv wasm-runner lint unit wasm-unit test e2e demo clean cargo-fuzz fuzz fuzz-smoke
+.PHONY: build filter rust-targets venv wasm-runner lint unit wasm-unit test e2e demo clean cargo-fuzz fuzz fuzz-smoke cargo-deny deny
 
 rust-targets:
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
@@ -59,7 +61,17 @@ wasm-unit: rust-targets wasm-runner
 e2e: filter venv
 	$(PYTEST) -q -p no:cacheprovider tests
 
-test: lint unit wasm-unit fuzz-smoke e2e
+test: lint unit wasm-unit deny fuzz-smoke e2e
+
+cargo-deny:
+	@if ! $(CARGO_DENY) --version 2>/dev/null | grep -q " $(CARGO_DENY_VERSION)$$"; then \
+	  echo "installing cargo-deny $(CARGO_DENY_VERSION) into .tools"; \
+	  cargo install --quiet --locked --root .tools cargo-deny --version $(CARGO_DENY_VERSION); fi
+
+# Licenses, bans and sources of the dependency tree (deny.toml). Not advisories: the RustSec
+# database is a git repository these machines cannot fetch (README, "Dependency checks").
+deny: cargo-deny
+	$(CARGO_DENY) --locked check licenses bans sources
 
 cargo-fuzz:
 	@if ! $(CARGO_FUZZ) --version 2>/dev/null | grep -q " $(CARGO_FUZZ_VERSION)$$"; then \
