@@ -56,7 +56,10 @@ def to_json_schema(node, top: bool = True):
         out["additionalProperties"] = False
     if top:
         # apiVersion, kind and metadata are checked by the API server itself, not by the CRD schema.
-        out.setdefault("properties", {})["metadata"] = {"type": "object"}
+        props = out.setdefault("properties", {})
+        props["metadata"] = {"type": "object"}
+        props.setdefault("apiVersion", {"type": "string"})
+        props.setdefault("kind", {"type": "string"})
     return out
 
 
@@ -85,6 +88,8 @@ KUBERNETES_CEL_FUNCTIONS = {
     "getScheme": lambda u: celtypes.StringType(u.parsed.scheme),
     "getHost": lambda u: celtypes.StringType(u.parsed.netloc),
     "getEscapedPath": lambda u: celtypes.StringType(u.parsed.path),
+    # Kubernetes strings library.
+    "split": lambda s, sep: celtypes.ListType([celtypes.StringType(part) for part in str(s).split(str(sep))]),
 }
 
 
