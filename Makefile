@@ -14,7 +14,7 @@ WB_RUNNER := .tools/bin/wasm-bindgen-test-runner
 export KVAB_ENVOY := $(abspath $(ENVOY))
 export KVAB_WASM  := $(abspath $(WASM))
 
-.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner lint unit wasm-unit test e2e demo bench clean
+.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner lint unit wasm-unit test e2e demo bench clean manifests manifests-sha
 
 rust-targets:
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
@@ -64,6 +64,15 @@ e2e: filter sidecar venv system-deps
 	$(PYTEST) -q -p no:cacheprovider tests
 
 test: lint unit wasm-unit e2e
+
+# manifests/ checked offline: schemas and CEL of ../shared/crds, core schemas, kustomize, cross-checks, the
+# pluginConfig in the real Envoy (tests/test_manifests.py; `make e2e` runs it too).
+manifests: filter sidecar venv
+	$(PYTEST) -q -p no:cacheprovider tests/test_manifests.py
+
+# After a filter change: write the built module's sha256 into the WasmPlugin manifests.
+manifests-sha: filter
+	python3 deploy/set_wasm_sha256.py
 
 # The main job on the embedded local stack (see README).
 demo: filter sidecar venv
