@@ -171,7 +171,10 @@ mod tests {
     fn missing_or_foreign_file_is_an_error_naming_the_key() {
         let e = FilterWasm::load("/nonexistent/kvab_filter.wasm").unwrap_err();
         assert!(e.to_string().contains("`filter_wasm`"), "{e}");
-        assert!(e.to_string().contains("/nonexistent/kvab_filter.wasm"), "{e}");
+        assert!(
+            e.to_string().contains("/nonexistent/kvab_filter.wasm"),
+            "{e}"
+        );
         let (_dir, path) = module_file(b"#!/bin/sh\n");
         let e = FilterWasm::load(&path).unwrap_err();
         assert!(e.to_string().contains("not a WebAssembly module"), "{e}");

@@ -114,7 +114,11 @@ fn main() -> ExitCode {
         }
     };
     // Read and hashed once, before anything is served: a missing file stops the start with the key's name.
-    let filter_module = match config.filter_wasm.as_deref().map(filter_wasm::FilterWasm::load) {
+    let filter_module = match config
+        .filter_wasm
+        .as_deref()
+        .map(filter_wasm::FilterWasm::load)
+    {
         None => None,
         Some(Ok(module)) => Some(module),
         Some(Err(e)) => {
