@@ -268,7 +268,11 @@ def test_deployment_is_hardened_and_probed():
     sources = token_volumes[0]["projected"]["sources"]
     assert [s["serviceAccountToken"]["expirationSeconds"] for s in sources if "serviceAccountToken" in s] == [3600]
     assert mounts[token_volumes[0]["name"]]["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount"
-    assert all(m.get("readOnly") for m in container["volumeMounts"])
+    # Read-only everywhere but the report ledger's emptyDir, named by reports.state_file.
+    writable = [m for m in container["volumeMounts"] if not m.get("readOnly")]
+    assert [m["name"] for m in writable] == ["state"]
+    assert "emptyDir" in {v["name"]: v for v in pod["volumes"]}["state"]
+    assert f'state_file = "{writable[0]["mountPath"]}/' in sidecar_toml()
     # One replica, so no PodDisruptionBudget (the issue asks for one only with more than one).
     assert deploy["spec"]["replicas"] == 1 and not [d for _, d in OBJECTS if d["kind"] == "PodDisruptionBudget"]
     # Out of the mesh: the istio-agent fetches the module over plain HTTP.

@@ -26,6 +26,8 @@ pub struct Config {
     pub shutdown: Shutdown,
     /// Path of the filter module served at `GET /v1/filter.wasm`; `None`: that route answers 404.
     pub filter_wasm: Option<String>,
+    /// `reports.state_file`: where the report ledger is kept across restarts.
+    pub reports_state_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -124,6 +126,14 @@ struct RawConfig {
     #[serde(default)]
     shutdown: RawShutdown,
     filter_wasm: Option<Spanned<String>>,
+    #[serde(default)]
+    reports: RawReports,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReports {
+    state_file: Option<Spanned<String>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -387,6 +397,14 @@ impl Config {
             }
         };
 
+        let reports_state_file = match raw.reports.state_file {
+            None => None,
+            Some(path) if !path.get_ref().trim().is_empty() => {
+                Some(std::path::PathBuf::from(path.into_inner()))
+            }
+            Some(path) => return Err(loc.at(&path, "`reports.state_file` must be a file path")),
+        };
+
         Ok(Config {
             listen,
             arms,
@@ -394,6 +412,7 @@ impl Config {
             probe,
             shutdown,
             filter_wasm,
+            reports_state_file,
         })
     }
 }
