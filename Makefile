@@ -22,7 +22,7 @@ CARGO_DENY := .tools/bin/cargo-deny
 export KVAB_ENVOY := $(abspath $(ENVOY))
 export KVAB_WASM  := $(abspath $(WASM))
 
-.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner lint unit wasm-unit test e2e demo bench clean cargo-fuzz fuzz fuzz-smoke cargo-deny deny
+.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner lint unit wasm-unit test e2e demo bench clean cargo-fuzz fuzz fuzz-smoke cargo-deny deny manifests manifests-sha
 
 rust-targets:
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
@@ -43,6 +43,11 @@ $(VENV)/.installed: tests/requirements.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	touch $@
+
+# Paths are remapped so the module (and the sha256 the WasmPlugin pins) is the same whoever
+# builds it, wherever the checkout and the cargo home are.
+CARGO_HOME_DIR := $(or $(CARGO_HOME),$(HOME)/.cargo)
+export CARGO_TARGET_WASM32_WASIP1_RUSTFLAGS := --remap-path-prefix=$(CARGO_HOME_DIR)=/cargo --remap-path-prefix=$(CURDIR)=/kvab
 
 filter: rust-targets
 	cargo build --release --target wasm32-wasip1 -p kvab-filter
@@ -110,6 +115,15 @@ fuzz-smoke:
 # Replays one input, e.g. INPUT=.run/fuzz/artifacts/request-crash-…; the target is the file's prefix.
 fuzz-repro: cargo-fuzz
 	RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) run --fuzz-dir fuzz -s none -a $(notdir $(firstword $(subst -, ,$(notdir $(INPUT))))) $(INPUT)
+
+# manifests/ checked offline: schemas and CEL of ../shared/crds, core schemas, kustomize, cross-checks, the
+# pluginConfig in the real Envoy (tests/test_manifests.py; `make e2e` runs it too).
+manifests: filter sidecar venv
+	$(PYTEST) -q -p no:cacheprovider tests/test_manifests.py
+
+# After a filter change: write the built module's sha256 into the WasmPlugin manifests.
+manifests-sha: filter
+	python3 deploy/set_wasm_sha256.py
 
 # The main job on the embedded local stack (see README).
 demo: filter sidecar venv

@@ -24,6 +24,8 @@ pub struct Config {
     pub source: Source,
     pub probe: Probe,
     pub shutdown: Shutdown,
+    /// Path of the filter module served at `GET /v1/filter.wasm`; `None`: that route answers 404.
+    pub filter_wasm: Option<String>,
     /// `reports.state_file`: where the report ledger is kept across restarts.
     pub reports_state_file: Option<std::path::PathBuf>,
 }
@@ -123,6 +125,7 @@ struct RawConfig {
     probe: RawProbe,
     #[serde(default)]
     shutdown: RawShutdown,
+    filter_wasm: Option<Spanned<String>>,
     #[serde(default)]
     reports: RawReports,
 }
@@ -380,6 +383,20 @@ impl Config {
             )?,
         };
 
+        let filter_wasm = match raw.filter_wasm {
+            None => None,
+            Some(path) if path.get_ref().starts_with('/') => Some(path.into_inner()),
+            Some(path) => {
+                return Err(loc.at(
+                    &path,
+                    format!(
+                        "`filter_wasm` must be an absolute path to kvab_filter.wasm, got {:?}",
+                        path.get_ref()
+                    ),
+                ))
+            }
+        };
+
         let reports_state_file = match raw.reports.state_file {
             None => None,
             Some(path) if !path.get_ref().trim().is_empty() => {
@@ -394,6 +411,7 @@ impl Config {
             source,
             probe,
             shutdown,
+            filter_wasm,
             reports_state_file,
         })
     }
@@ -537,6 +555,16 @@ mod tests {
         assert_eq!(c.probe.path, "/metrics");
         assert_eq!(c.shutdown.drain_delay, Duration::ZERO);
         assert_eq!(c.shutdown.grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn filter_wasm_is_an_optional_absolute_path() {
+        assert_eq!(Config::parse("", "t").unwrap().filter_wasm, None);
+        let c = Config::parse("filter_wasm = \"/kvab/kvab_filter.wasm\"\n", "t").unwrap();
+        assert_eq!(c.filter_wasm.as_deref(), Some("/kvab/kvab_filter.wasm"));
+        let e = error("filter_wasm = \"kvab_filter.wasm\"\n");
+        assert_eq!(e.position, Some((1, 15)));
+        assert!(e.message.contains("`filter_wasm`"), "{e}");
     }
 
     #[test]

@@ -76,6 +76,7 @@ pub fn handle(state: &State, method: &Method, path: &str, headers: &HeaderMap) -
         "/healthz" => "healthz",
         "/readyz" => "readyz",
         "/metrics" => "metrics",
+        crate::filter_wasm::PATH => "filter_wasm",
         REPORTS_PATH => "reports",
         _ => "other",
     };
@@ -105,6 +106,7 @@ pub fn handle(state: &State, method: &Method, path: &str, headers: &HeaderMap) -
             "endpoints" => endpoints(state, headers),
             "healthz" => json(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}")),
             "readyz" => readyz(state),
+            "filter_wasm" => crate::filter_wasm::respond(crate::filter_wasm::served(), headers),
             "metrics" => metrics(state),
             // POST /v1/reports is answered by its own filter in `routes`.
             _ => error(
@@ -142,7 +144,7 @@ fn endpoints(state: &State, headers: &HeaderMap) -> Response<Bytes> {
 }
 
 /// `If-None-Match` uses weak comparison (RFC 9110 §13.1.2): `W/"x"` matches `"x"`; `*` matches any.
-fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
+pub(crate) fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
     headers
         .get_all(header::IF_NONE_MATCH)
         .iter()
@@ -197,7 +199,7 @@ fn json(status: StatusCode, body: Bytes) -> Response<Bytes> {
     response
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response<Bytes> {
+pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response<Bytes> {
     // Serializing two strings cannot fail; fall back to a fixed body rather than panic.
     let body = serde_json::to_vec(&ErrorBody::new(code, message))
         .unwrap_or_else(|_| b"{\"error\":{\"code\":\"internal\",\"message\":\"\"}}".to_vec());
