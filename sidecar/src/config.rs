@@ -28,6 +28,8 @@ pub struct Config {
     pub filter_wasm: Option<String>,
     /// `reports.state_file`: where the report ledger is kept across restarts.
     pub reports_state_file: Option<std::path::PathBuf>,
+    /// `reports.token_file`: reports must carry `Authorization: Bearer <this token>`.
+    pub reports_token: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -134,7 +136,11 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawReports {
     state_file: Option<Spanned<String>>,
+    token_file: Option<Spanned<String>>,
 }
+
+/// Shortest report token accepted (a guessable token would protect nothing).
+pub const MIN_REPORT_TOKEN_LEN: usize = 16;
 
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -404,6 +410,30 @@ impl Config {
             }
             Some(path) => return Err(loc.at(&path, "`reports.state_file` must be a file path")),
         };
+        let reports_token = match raw.reports.token_file {
+            None => None,
+            Some(path) => {
+                let token = std::fs::read_to_string(path.get_ref()).map_err(|e| {
+                    loc.at(
+                        &path,
+                        format!(
+                            "`reports.token_file`: cannot read {:?}: {e}",
+                            path.get_ref()
+                        ),
+                    )
+                })?;
+                let token = token.trim().to_string();
+                if token.len() < MIN_REPORT_TOKEN_LEN
+                    || !token.bytes().all(|b| b.is_ascii_graphic())
+                {
+                    return Err(loc.at(
+                        &path,
+                        format!("`reports.token_file`: the token must be at least {MIN_REPORT_TOKEN_LEN} printable ASCII characters"),
+                    ));
+                }
+                Some(token)
+            }
+        };
 
         Ok(Config {
             listen,
@@ -413,6 +443,7 @@ impl Config {
             shutdown,
             filter_wasm,
             reports_state_file,
+            reports_token,
         })
     }
 }

@@ -27,29 +27,37 @@ pub fn routes(
     let report_state = state.clone();
     let post_reports = warp::post()
         .and(warp::path!("v1" / "reports"))
+        .and(warp::header::optional::<String>("authorization"))
         .and(warp::header::optional::<String>("content-type"))
         .and(warp::body::stream())
-        .then(move |content_type: Option<String>, body| {
-            let (state, reports) = (report_state.clone(), reports.clone());
-            async move {
-                let answer = reports
-                    .receive(&state, content_type.as_deref(), Box::pin(body))
-                    .await;
-                let response = match answer.body {
-                    Ok(ack) => match serde_json::to_vec(&ack) {
-                        Ok(body) => json(answer.status, Bytes::from(body)),
-                        Err(_) => error(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "internal",
-                            "cannot encode the answer",
-                        ),
-                    },
-                    Err((code, message)) => error(answer.status, code, &message),
-                };
-                count(&state, "reports", &response);
-                response
-            }
-        });
+        .then(
+            move |authorization: Option<String>, content_type: Option<String>, body| {
+                let (state, reports) = (report_state.clone(), reports.clone());
+                async move {
+                    let answer = reports
+                        .receive(
+                            &state,
+                            authorization.as_deref(),
+                            content_type.as_deref(),
+                            Box::pin(body),
+                        )
+                        .await;
+                    let response = match answer.body {
+                        Ok(ack) => match serde_json::to_vec(&ack) {
+                            Ok(body) => json(answer.status, Bytes::from(body)),
+                            Err(_) => error(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                "internal",
+                                "cannot encode the answer",
+                            ),
+                        },
+                        Err((code, message)) => error(answer.status, code, &message),
+                    };
+                    count(&state, "reports", &response);
+                    response
+                }
+            },
+        );
     let everything_else = warp::method()
         .and(warp::path::full())
         .and(warp::header::headers_cloned())
@@ -241,7 +249,15 @@ mod tests {
     }
 
     fn test_reports(state: &State) -> Arc<Reports> {
-        Arc::new(Reports::open(vec!["nvlink".into(), "fs".into()], None, &state.metrics).unwrap())
+        Arc::new(
+            Reports::open(
+                vec!["nvlink".into(), "fs".into()],
+                None,
+                None,
+                &state.metrics,
+            )
+            .unwrap(),
+        )
     }
 
     fn error_code(response: &Response<Bytes>) -> String {

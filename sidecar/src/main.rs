@@ -197,6 +197,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let reports = Arc::new(reports::Reports::open(
         config.arms.clone(),
         config.reports_state_file.clone(),
+        config.reports_token.clone(),
         &state.metrics,
     )?);
     let listener = TcpListener::bind(config.listen)
