@@ -454,7 +454,7 @@ def expect_rejected(L):
 
 def expect_invalid(L):
     n = sum(o.status == 400 for o in L.outcomes)
-    return "rate", {key(reason="unknown"): n, key(reason="ambiguous"): 0}
+    return "rate", {key(reason="unknown"): n, key(reason="ambiguous"): 0, key(reason="not_allowed"): 0}
 
 
 def histogram_quantile(q, buckets):
