@@ -22,7 +22,7 @@ CARGO_DENY := .tools/bin/cargo-deny
 export KVAB_ENVOY := $(abspath $(ENVOY))
 export KVAB_WASM  := $(abspath $(WASM))
 
-.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner lint unit wasm-unit test e2e demo bench clean cargo-fuzz fuzz fuzz-smoke cargo-deny deny manifests manifests-sha
+.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner lint unit wasm-unit test e2e demo bench clean cargo-fuzz fuzz fuzz-smoke cargo-deny deny manifests manifests-sha observability prometheus
 
 rust-targets:
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
@@ -34,9 +34,10 @@ wasm-runner:
 	  echo "installing wasm-bindgen-cli $(WASM_BINDGEN_VERSION) into .tools"; \
 	  cargo install --quiet --root .tools wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION); fi
 
-# Debian tools the tests use for real: promtool (package prometheus) checks metrics output.
+# Debian tools the tests use for real, both from package prometheus: promtool checks metrics output
+# and the alert rules; the prometheus server scrapes the local stack (tests/test_observability.py).
 system-deps:
-	@command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; }
+	@{ command -v promtool && test -x /usr/bin/prometheus; } >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; }
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: tests/requirements.txt
@@ -128,6 +129,18 @@ manifests-sha: filter
 # The main job on the embedded local stack (see README).
 demo: filter sidecar venv
 	cd local && ../$(PY) -m kvablocal.demo
+
+# The observability pack: rewrite the dashboard, its ConfigMap and the PrometheusRule from
+# observability/build.py and the rules file, then check the rules with promtool.
+observability: system-deps
+	python3 observability/build.py
+	promtool check rules observability/prometheus/kvab-rules.yaml
+	cd observability/prometheus && promtool test rules kvab-rules.test.yaml
+
+# Prometheus on 127.0.0.1:$${KVAB_PROMETHEUS_PORT:-19090} scraping an already running local stack
+# (Envoy admin 18001, kvab serve 18090), with the kvab alert rules loaded; Ctrl-C stops it.
+prometheus: system-deps venv
+	cd local && ../$(PY) -m kvablocal.prometheus
 
 # Sidecar speed and memory (see BENCHMARKS.md).
 bench: venv
