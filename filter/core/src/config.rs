@@ -924,8 +924,12 @@ mod tests {
         assert_eq!(plan.on_unavailable(), Unavailable::Reject);
         let plan = parse(br#"{"sidecar":{"cluster":"kvab_sidecar","refreshMs":200}}"#).unwrap();
         assert_eq!(plan.sidecar().unwrap().authority, "kvab_sidecar");
-        let plan = parse(br#"{"sidecar":{"cluster":"c","reportToken":"0123456789abcdef"}}"#).unwrap();
-        assert_eq!(plan.sidecar().unwrap().report_token.as_deref(), Some("0123456789abcdef"));
+        let plan =
+            parse(br#"{"sidecar":{"cluster":"c","reportToken":"0123456789abcdef"}}"#).unwrap();
+        assert_eq!(
+            plan.sidecar().unwrap().report_token.as_deref(),
+            Some("0123456789abcdef")
+        );
         for (json, field) in [
             (r#"{"sidecar":{}}"#, "sidecar"),
             (r#"{"sidecar":{"cluster":""}}"#, "sidecar.cluster"),
