@@ -210,11 +210,13 @@ def burst(gateway, n, concurrency=8, during=None):
 
 @pytest.fixture
 def static_stack(arms, tmp_path):
-    started = []
+    started, sidecars = [], []
 
     def start(sidecar_port=None, state_file=None, sidecar_listen_port=None, token_file=None, report_token=None, **kw):
         config = static_sidecar_config(arms, state_file, token_file)
-        sidecar = Sidecar(config, port=sidecar_listen_port or 0, workdir=tmp_path).start()
+        sidecar = Sidecar(config, port=sidecar_listen_port or 0, workdir=tmp_path)
+        sidecars.append(sidecar)  # stopped even if the gateway below fails to start
+        sidecar.start()
         link = {"cluster": "kvab-sidecar", "refreshMs": REFRESH_MS}
         if report_token:
             link["reportToken"] = report_token
@@ -230,8 +232,9 @@ def static_stack(arms, tmp_path):
         return g, sidecar
 
     yield start
-    for g, sidecar in started:
+    for g, _ in started:
         g.stop()
+    for sidecar in sidecars:
         sidecar.stop()
     for g, _ in started:
         g.assert_healthy()
