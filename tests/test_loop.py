@@ -6,6 +6,8 @@ local arm's port, so the sidecar's endpoint addresses are exactly the upstream a
 reports (`upstream.address`).
 """
 
+import time
+
 import pytest
 
 from fakekube import FakeKube, make_pod
@@ -157,3 +159,213 @@ def test_a_stale_map_counts_as_unknown_and_refuses_nothing(stack, arms, tmp_path
     s = g.stats()
     assert prom.value(s, "kvab_endpoint_map_fetches_total", result="error") >= 1
     assert prom.value(s, "kvab_endpoint_map_age_seconds") >= 0
+
+
+# ---- reports: exact per-proxy counts, whatever happens to the sidecar or the reports ----
+
+import http.server  # noqa: E402
+import signal  # noqa: E402
+import threading  # noqa: E402
+import urllib.request  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
+from kvablocal.net import free_port  # noqa: E402
+from kvablocal.sidecar import static_config  # noqa: E402
+
+
+def static_sidecar_config(arms, state_file=None):
+    endpoints = [
+        ("nvlink", f"127.0.0.1:{arms['nvlink'].port}", f"{NS}/vllm-p2p-proxy"),
+        ("fs", f"127.0.0.1:{arms['fs'].port}", f"{NS}/vllm-fs-proxy"),
+    ]
+    extra = f'[reports]\nstate_file = "{state_file}"\n' if state_file else ""
+    # Probing is not under test here.
+    return static_config(0, endpoints).replace("127.0.0.1:0", "127.0.0.1:{port}") + "[probe]\ninterval_seconds = 0\n" + extra
+
+
+def routed_total(sidecar):
+    return sum(v for (name, _), v in sidecar.samples().items() if name == "kvab_routed_requests_total")
+
+
+def burst(gateway, n, concurrency=8, during=None):
+    """Sends n requests (a third each nvlink, fs, untagged); returns how many got an answer.
+    `during(i)` is called from the sender of request i (to inject a fault mid-burst)."""
+    headers = [[("x-kv-backend", "nvlink")], [("x-kv-backend", "fs")], []]
+
+    def one(i):
+        if during:
+            during(i)
+        try:
+            return request(gateway.port, "POST", "/v1/chat/completions", headers[i % 3], b"{}").status
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        statuses = list(pool.map(one, range(n)))
+    assert all(s == 200 for s in statuses if s is not None), set(statuses)
+    return sum(s is not None for s in statuses)
+
+
+@pytest.fixture
+def static_stack(arms, tmp_path):
+    started = []
+
+    def start(sidecar_port=None, state_file=None, sidecar_listen_port=None, **kw):
+        sidecar = Sidecar(static_sidecar_config(arms, state_file), port=sidecar_listen_port or 0, workdir=tmp_path).start()
+        g = Gateway(
+            {"sidecar": {"cluster": "kvab-sidecar", "refreshMs": REFRESH_MS}},
+            arms["nvlink"].port,
+            arms["fs"].port,
+            sidecar_port=sidecar_port or sidecar.port,
+            workdir=tmp_path / "envoy",
+            **kw,
+        ).start()
+        started.append((g, sidecar))
+        return g, sidecar
+
+    yield start
+    for g, sidecar in started:
+        g.stop()
+        sidecar.stop()
+    for g, _ in started:
+        g.assert_healthy()
+
+
+def test_routed_counts_equal_the_answers_across_a_sidecar_kill_mid_burst(static_stack, tmp_path):
+    state_file = tmp_path / "reports.json"
+    g, sidecar = static_stack(state_file=state_file)
+    restarted = threading.Event()
+
+    def kill_and_restart(i):
+        if i == 1000 and not restarted.is_set():
+            restarted.set()
+            sidecar.stop(sig=signal.SIGKILL)
+            threading.Timer(0.5, lambda: sidecar.start()).start()
+
+    answered = burst(g, 3000, during=kill_and_restart)
+    assert restarted.is_set()
+    wait_until(lambda: sidecar.proc.poll() is None and routed_total(sidecar) == answered, 15, what=f"{answered} routed")
+    samples = sidecar.samples()
+    # Every request is attributed to the proxy pod that served it.
+    pods = {dict(labels)["pod"] for (name, labels), v in samples.items() if name == "kvab_routed_requests_total" and v}
+    assert pods == {f"{NS}/vllm-p2p-proxy", f"{NS}/vllm-fs-proxy"}
+    assert prom.value(samples, "kvab_reports_received_total", result="invalid") == 0
+    # The filter's own counters agree.
+    filter_total = sum(prom.select(g.stats(), "kvab_responses_total").values())
+    assert filter_total == answered
+
+
+class ReportTap:
+    """An HTTP proxy between the filter and the sidecar that loses and repeats reports on purpose:
+    of every 4 reports, the 2nd is dropped (answered 503, never forwarded) and the 3rd is
+    forwarded twice. Map requests pass through."""
+
+    def __init__(self, upstream_port):
+        tap = self
+        self.reports = 0
+        self.dropped = 0
+        self.duplicated = 0
+        lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def forward(self, body=None):
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{upstream_port}{self.path}",
+                    data=body,
+                    method=self.command,
+                    headers={k: v for k, v in self.headers.items() if k.lower() in ("content-type", "if-none-match")},
+                )
+                try:
+                    with urllib.request.urlopen(req, timeout=5) as r:
+                        return r.status, r.read(), r.headers
+                except urllib.error.HTTPError as e:
+                    return e.code, e.read(), e.headers
+
+            def answer(self, status, body, headers=None):
+                self.send_response(status)
+                for k in ("content-type", "etag"):
+                    if headers and headers.get(k):
+                        self.send_header(k, headers[k])
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self.answer(*self.forward())
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                with lock:
+                    tap.reports += 1
+                    n = tap.reports
+                if n % 4 == 2:
+                    with lock:
+                        tap.dropped += 1
+                    return self.answer(503, b'{"error":{"code":"dropped","message":"by the test"}}')
+                status, reply, headers = self.forward(body)
+                if n % 4 == 3:
+                    with lock:
+                        tap.duplicated += 1
+                    status, reply, headers = self.forward(body)
+                self.answer(status, reply, headers)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_dropped_and_duplicated_reports_leave_the_counts_exact(static_stack, arms, tmp_path):
+    sidecar_port = free_port()
+    tap = ReportTap(sidecar_port)
+    try:
+        g, sidecar = static_stack(sidecar_port=tap.port, sidecar_listen_port=sidecar_port)
+        answered = 0
+        for _ in range(6):  # several report intervals, so reports are dropped and repeated
+            answered += burst(g, 60, concurrency=4)
+            time.sleep(REFRESH_MS / 1000)
+        wait_until(lambda: routed_total(sidecar) == answered, 10, what=f"{answered} routed")
+        assert tap.dropped >= 1 and tap.duplicated >= 1, (tap.reports, tap.dropped, tap.duplicated)
+        samples = sidecar.samples()
+        assert prom.value(samples, "kvab_reports_received_total", result="duplicate") >= 1
+        assert prom.value(g.stats(), "kvab_reports_total", result="error") >= 1
+    finally:
+        tap.stop()
+
+
+def test_garbage_reports_are_refused_with_json_errors(static_stack):
+    g, sidecar = static_stack()
+    cases = [
+        ("POST", {"content-type": "application/json"}, b"{", 400, "invalid_report"),
+        ("POST", {"content-type": "application/json"}, b'{"reporter":"r","sequence":1,"started_at_ms":0,"totals":[],"x":1}', 400, "invalid_report"),
+        ("POST", {"content-type": "application/json"}, b'{"reporter":"r","sequence":1,"started_at_ms":0,"totals":[{"requested":"gpu","served":"fs","endpoint":"","code_class":"2xx","count":1}]}', 400, "invalid_report"),
+        ("POST", {"content-type": "text/plain"}, b"{}", 415, "unsupported_media_type"),
+        ("POST", {"content-type": "application/json"}, b" " * (1024 * 1024 + 1), 413, "too_large"),
+        ("GET", {}, b"", 405, "method_not_allowed"),
+    ]
+    for method, headers, body, status, code in cases:
+        r = sidecar.request(method, "/v1/reports", headers, body)
+        assert r.status == status, (code, r)
+        assert r.json()["error"]["code"] == code
+    assert routed_total(sidecar) == 0
+    json_type = {"content-type": "application/json"}
+    totals = '[{"requested":"fs","served":"fs","endpoint":"","code_class":"2xx","count":2}]'
+    # A filter VM older than this sidecar (which has no saved state): its first report is a baseline.
+    old = f'{{"reporter":"old","sequence":9,"started_at_ms":0,"totals":{totals}}}'.encode()
+    assert sidecar.request("POST", "/v1/reports", json_type, old).json() == {"result": "baselined"}
+    assert routed_total(sidecar) == 0
+    now_ms = int(time.time() * 1000) + 1000
+    good = f'{{"reporter":"r","sequence":1,"started_at_ms":{now_ms},"totals":{totals}}}'.encode()
+    r = sidecar.request("POST", "/v1/reports", json_type, good)
+    assert (r.status, r.json()) == (200, {"result": "applied"})
+    r = sidecar.request("POST", "/v1/reports", {"content-type": "application/json"}, good)
+    assert (r.status, r.json()) == (200, {"result": "duplicate"})
+    assert prom.value(sidecar.samples(), "kvab_routed_requests_total", requested="fs", served="fs", pod="none", code_class="2xx") == 2

@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 /// Path of the endpoint map on the sidecar.
 pub const ENDPOINTS_PATH: &str = "/v1/endpoints";
 
+/// Largest endpoint map a filter reads (a 10,000-pod map is about 0.8 MB); a larger answer is
+/// refused without being copied into the filter.
+pub const MAX_MAP_BYTES: usize = 16 << 20;
+
 /// `GET /v1/endpoints`: which proxy endpoints serve which arm.
 ///
 /// Every configured arm is present in `backends`, even when it has no endpoints, so that a reader can tell

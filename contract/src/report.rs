@@ -24,6 +24,10 @@ pub struct Report {
     pub reporter: String,
     /// Increases with every report this reporter sends; starts at 1.
     pub sequence: u64,
+    /// When the reporter (the filter VM) started, Unix milliseconds. A sidecar that starts with no
+    /// saved state takes the first report of a reporter older than itself as a baseline: those
+    /// counts may already have been counted by the sidecar's previous run.
+    pub started_at_ms: u64,
     /// Cumulative counts since the reporter started; entries with a zero count may be omitted.
     pub totals: Vec<RoutedCount>,
 }
@@ -44,10 +48,18 @@ pub struct RoutedCount {
     pub count: u64,
 }
 
+/// Values a report may use besides the configured arm names.
+pub const NO_ARM: &str = "none";
+pub const UNKNOWN_ARM: &str = "unknown";
+pub const CODE_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+/// Endpoint of requests counted after a reporter's endpoint table was full.
+pub const OVERFLOW_ENDPOINT: &str = "other";
+
 /// The sidecar's answer to a report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReportAck {
-    /// `applied` (newer than anything seen from this reporter), `duplicate` (same sequence as the
-    /// newest) or `stale` (older than the newest). All three are 200: the reporter moves on.
+    /// `applied` (newer than anything seen from this reporter), `baselined` (a first report taken as
+    /// the starting point, see `started_at_ms`), `duplicate` (same sequence as the newest) or
+    /// `stale` (older than the newest). All are 200: the reporter moves on.
     pub result: String,
 }

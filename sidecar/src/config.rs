@@ -24,6 +24,8 @@ pub struct Config {
     pub source: Source,
     pub probe: Probe,
     pub shutdown: Shutdown,
+    /// `reports.state_file`: where the report ledger is kept across restarts.
+    pub reports_state_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -121,6 +123,14 @@ struct RawConfig {
     probe: RawProbe,
     #[serde(default)]
     shutdown: RawShutdown,
+    #[serde(default)]
+    reports: RawReports,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReports {
+    state_file: Option<Spanned<String>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -370,12 +380,21 @@ impl Config {
             )?,
         };
 
+        let reports_state_file = match raw.reports.state_file {
+            None => None,
+            Some(path) if !path.get_ref().trim().is_empty() => {
+                Some(std::path::PathBuf::from(path.into_inner()))
+            }
+            Some(path) => return Err(loc.at(&path, "`reports.state_file` must be a file path")),
+        };
+
         Ok(Config {
             listen,
             arms,
             source,
             probe,
             shutdown,
+            reports_state_file,
         })
     }
 }

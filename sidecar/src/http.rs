@@ -4,10 +4,12 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use kvab_contract::report::REPORTS_PATH;
 use kvab_contract::{ErrorBody, ENDPOINTS_PATH};
 use warp::http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use warp::Filter;
 
+use crate::reports::Reports;
 use crate::state::State;
 
 const JSON: &str = "application/json";
@@ -15,19 +17,56 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 pub fn routes(
     state: Arc<State>,
+    reports: Arc<Reports>,
 ) -> impl Filter<Extract = (Response<Bytes>,), Error = std::convert::Infallible>
        + Clone
        + Send
        + Sync
        + 'static {
-    warp::method()
+    // The one route with a body; everything else (including other methods on it) is `handle`'s.
+    let report_state = state.clone();
+    let post_reports = warp::post()
+        .and(warp::path!("v1" / "reports"))
+        .and(warp::header::optional::<String>("content-type"))
+        .and(warp::body::stream())
+        .then(move |content_type: Option<String>, body| {
+            let (state, reports) = (report_state.clone(), reports.clone());
+            async move {
+                let answer = reports
+                    .receive(&state, content_type.as_deref(), Box::pin(body))
+                    .await;
+                let response = match answer.body {
+                    Ok(ack) => match serde_json::to_vec(&ack) {
+                        Ok(body) => json(answer.status, Bytes::from(body)),
+                        Err(_) => error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "internal",
+                            "cannot encode the answer",
+                        ),
+                    },
+                    Err((code, message)) => error(answer.status, code, &message),
+                };
+                count(&state, "reports", &response);
+                response
+            }
+        });
+    let everything_else = warp::method()
         .and(warp::path::full())
         .and(warp::header::headers_cloned())
         .map(
             move |method: Method, path: warp::path::FullPath, headers: HeaderMap| {
                 handle(&state, &method, path.as_str(), &headers)
             },
-        )
+        );
+    post_reports.or(everything_else).unify()
+}
+
+fn count(state: &State, route: &str, response: &Response<Bytes>) {
+    state
+        .metrics
+        .http_requests
+        .with_label_values(&[route, response.status().as_str()])
+        .inc();
 }
 
 /// Answers one request. Public for handler tests that need no socket.
@@ -37,7 +76,13 @@ pub fn handle(state: &State, method: &Method, path: &str, headers: &HeaderMap) -
         "/healthz" => "healthz",
         "/readyz" => "readyz",
         "/metrics" => "metrics",
+        REPORTS_PATH => "reports",
         _ => "other",
+    };
+    let allowed = if route == "reports" {
+        Method::POST
+    } else {
+        Method::GET
     };
     let response = if route == "other" {
         error(
@@ -45,29 +90,31 @@ pub fn handle(state: &State, method: &Method, path: &str, headers: &HeaderMap) -
             "not_found",
             &format!("no route for {path}; try GET {ENDPOINTS_PATH}"),
         )
-    } else if method != Method::GET {
+    } else if *method != allowed {
         let mut response = error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
-            &format!("{path} accepts GET only, not {method}"),
+            &format!("{path} accepts {allowed} only, not {method}"),
         );
-        response
-            .headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET"));
+        if let Ok(value) = HeaderValue::from_str(allowed.as_str()) {
+            response.headers_mut().insert(header::ALLOW, value);
+        }
         response
     } else {
         match route {
             "endpoints" => endpoints(state, headers),
             "healthz" => json(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}")),
             "readyz" => readyz(state),
-            _ => metrics(state),
+            "metrics" => metrics(state),
+            // POST /v1/reports is answered by its own filter in `routes`.
+            _ => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "request not routed",
+            ),
         }
     };
-    state
-        .metrics
-        .http_requests
-        .with_label_values(&[route, response.status().as_str()])
-        .inc();
+    count(state, route, &response);
     response
 }
 
@@ -186,7 +233,13 @@ mod tests {
         if let Some(tag) = if_none_match {
             request = request.header("if-none-match", tag);
         }
-        request.reply(&routes(state.clone())).await
+        request
+            .reply(&routes(state.clone(), test_reports(state)))
+            .await
+    }
+
+    fn test_reports(state: &State) -> Arc<Reports> {
+        Arc::new(Reports::open(vec!["nvlink".into(), "fs".into()], None, &state.metrics).unwrap())
     }
 
     fn error_code(response: &Response<Bytes>) -> String {
@@ -250,7 +303,7 @@ mod tests {
         let response = warp::test::request()
             .method("POST")
             .path("/v1/endpoints")
-            .reply(&routes(state.clone()))
+            .reply(&routes(state.clone(), test_reports(&state)))
             .await;
         assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(response.headers()[header::ALLOW], "GET");

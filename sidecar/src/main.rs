@@ -7,8 +7,10 @@ mod check;
 mod config;
 mod http;
 mod index;
+mod ledger;
 mod metrics;
 mod probe;
+mod reports;
 mod state;
 mod watch;
 
@@ -34,7 +36,8 @@ Usage:
   kvab --help | --version
 
 kvab serve
-  Serves the arm -> proxy endpoint map (GET /v1/endpoints), /healthz, /readyz and /metrics.
+  Serves the arm -> proxy endpoint map (GET /v1/endpoints), takes the filter's routing counts
+  (POST /v1/reports), and serves /healthz, /readyz and /metrics.
 
   --config PATH    TOML configuration (default: $KVAB_CONFIG, else the embedded local configuration
                    with static endpoints). See sidecar/README.md for every key.
@@ -168,6 +171,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         Source::Static(_) => Duration::MAX,
     };
     let state = Arc::new(State::new(unready_after)?);
+    let reports = Arc::new(reports::Reports::open(
+        config.arms.clone(),
+        config.reports_state_file.clone(),
+        &state.metrics,
+    )?);
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (key `listen`)", config.listen))?;
@@ -208,7 +216,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     });
 
     let mut server_shutdown = shutdown_rx.clone();
-    let server = warp::serve(http::routes(state.clone()))
+    let server = warp::serve(http::routes(state.clone(), reports))
         .incoming(listener)
         .graceful(async move {
             let _ = server_shutdown.changed().await;

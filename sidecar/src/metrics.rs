@@ -25,6 +25,10 @@ pub struct Metrics {
     pub watch_errors: IntCounter,
     pub watch_skipped_objects: IntCounter,
     pub http_requests: IntCounterVec,
+    pub routed_requests: IntCounterVec,
+    pub reports_received: IntCounterVec,
+    pub reporters: IntGauge,
+    pub state_write_errors: IntCounter,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(
@@ -90,6 +94,28 @@ impl Metrics {
             http_requests: register(r, IntCounterVec::new(
                 Opts::new("kvab_http_requests_total", "HTTP requests served, by route and status code."),
                 &["route", "code"],
+            )?)?,
+            routed_requests: register(r, IntCounterVec::new(
+                Opts::new(
+                    "kvab_routed_requests_total",
+                    "Requests through the gateway as reported by the kvab filter: the arm requested, the arm that served (per the endpoint map; unknown, or none when no upstream answered), the proxy pod that served (unknown when not in the map) and the status class.",
+                ),
+                &["requested", "served", "pod", "code_class"],
+            )?)?,
+            reports_received: register(r, IntCounterVec::new(
+                Opts::new(
+                    "kvab_reports_received_total",
+                    "Filter reports received, by result: applied, baselined, duplicate, stale, invalid, too_large.",
+                ),
+                &["result"],
+            )?)?,
+            reporters: register(r, IntGauge::new(
+                "kvab_reporters",
+                "Filter VMs (reporters) whose totals the sidecar keeps.",
+            )?)?,
+            state_write_errors: register(r, IntCounter::new(
+                "kvab_state_write_errors_total",
+                "Failed writes of the report state file (reports.state_file).",
             )?)?,
             scrape: Mutex::new(()),
             registry,

@@ -1,7 +1,7 @@
 //! Shared state between the sources, the prober and the HTTP layer: the published endpoint-map snapshot,
 //! readiness inputs and the latest probe results.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
@@ -27,6 +27,8 @@ pub struct Snapshot {
     pub body: Bytes,
     /// `(arm, endpoint)` for every listed endpoint, for the prober.
     pub endpoints: Vec<(String, Endpoint)>,
+    /// Endpoint address → pod, for attributing reported requests.
+    pub pod_by_address: HashMap<String, String>,
     pub counts: BTreeMap<String, ArmCounts>,
     pub missing_label: usize,
     pub unknown_arm: usize,
@@ -139,10 +141,14 @@ impl State {
                 (generation, generated_at, Bytes::from(body))
             }
         };
-        let endpoints = view
+        let endpoints: Vec<(String, Endpoint)> = view
             .backends
             .into_iter()
             .flat_map(|(arm, backend)| backend.endpoints.into_iter().map(move |e| (arm.clone(), e)))
+            .collect();
+        let pod_by_address = endpoints
+            .iter()
+            .map(|(_, e)| (e.address.clone(), e.pod.clone()))
             .collect();
         *slot = Some(Arc::new(Snapshot {
             etag: format!("\"{version}\""),
@@ -151,6 +157,7 @@ impl State {
             generated_at,
             body,
             endpoints,
+            pod_by_address,
             counts: view.counts,
             missing_label: view.missing_label,
             unknown_arm: view.unknown_arm,

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use kvab_contract::report::{Report, RoutedCount};
+use kvab_contract::report::{Report, RoutedCount, OVERFLOW_ENDPOINT};
 
 use crate::endpoints::Served;
 use crate::metrics::CodeClass;
@@ -10,7 +10,6 @@ use crate::plan::{ArmId, Plan};
 
 /// Distinct endpoints tracked per reporter; more are folded into [`OVERFLOW_ENDPOINT`].
 pub const MAX_ENDPOINTS: usize = 1024;
-pub const OVERFLOW_ENDPOINT: &[u8] = b"other";
 
 /// Counts since this VM started, never reset (reports carry totals, not deltas).
 #[derive(Debug, Clone)]
@@ -52,7 +51,7 @@ impl Tally {
         {
             endpoint
         } else {
-            OVERFLOW_ENDPOINT
+            OVERFLOW_ENDPOINT.as_bytes()
         };
         if !self.counts.contains_key(key) {
             let cells = self.cells();
@@ -69,7 +68,7 @@ impl Tally {
     }
 
     /// The report with every non-zero total.
-    pub fn report(&self, plan: &Plan, reporter: &str, sequence: u64) -> Report {
+    pub fn report(&self, plan: &Plan, reporter: &str, sequence: u64, started_at_ms: u64) -> Report {
         let mut totals = Vec::new();
         let requested_arms = (0..self.arms).map(|a| Some(ArmId(a))).chain([None]);
         let served_arms: Vec<Served> = (0..self.arms)
@@ -98,6 +97,7 @@ impl Tally {
         Report {
             reporter: reporter.to_owned(),
             sequence,
+            started_at_ms,
             totals,
         }
     }
@@ -136,7 +136,7 @@ mod tests {
             CodeClass::C2xx,
         );
         tally.record(None, Served::None, b"", CodeClass::C4xx);
-        let report = tally.report(&plan, "r1", 1);
+        let report = tally.report(&plan, "r1", 1, 0);
         assert_eq!(report.reporter, "r1");
         let rows: Vec<(&str, &str, &str, &str, u64)> = report
             .totals
@@ -165,7 +165,7 @@ mod tests {
             b"10.0.0.5:8080",
             CodeClass::C2xx,
         );
-        assert_eq!(tally.report(&plan, "r1", 2).totals[0].count, 4);
+        assert_eq!(tally.report(&plan, "r1", 2, 0).totals[0].count, 4);
     }
 
     #[test]
@@ -180,7 +180,7 @@ mod tests {
                 CodeClass::C2xx,
             );
         }
-        let report = tally.report(&plan, "r", 1);
+        let report = tally.report(&plan, "r", 1, 0);
         assert_eq!(report.totals.len(), MAX_ENDPOINTS + 1);
         let other = report
             .totals

@@ -8,7 +8,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use kvab_contract::report::REPORTS_PATH;
-use kvab_contract::ENDPOINTS_PATH;
+use kvab_contract::{ENDPOINTS_PATH, MAX_MAP_BYTES};
 use kvab_filter_core::endpoints::{ArmMap, Served};
 use kvab_filter_core::headers::HeaderPairs;
 use kvab_filter_core::metrics::{CodeClass, FetchResult, ReportResult};
@@ -222,8 +222,13 @@ impl Link {
         }
         let sequence = self.sequence.get() + 1;
         let body = match self.tally.try_borrow() {
-            Ok(tally) => serde_json::to_vec(&tally.report(plan, &self.reporter, sequence))
-                .unwrap_or_default(),
+            Ok(tally) => serde_json::to_vec(&tally.report(
+                plan,
+                &self.reporter,
+                sequence,
+                self.started_nanos / 1_000_000,
+            ))
+            .unwrap_or_default(),
             Err(_) => return,
         };
         let headers = vec![
@@ -297,6 +302,16 @@ impl Link {
         started: u64,
     ) -> FetchResult {
         match status {
+            Some(200) if body_size > MAX_MAP_BYTES => {
+                abi::log(
+                    Level::Warn,
+                    &format!(
+                        "endpoint map from {} refused: {body_size} bytes, over {MAX_MAP_BYTES}",
+                        self.sidecar.cluster
+                    ),
+                );
+                FetchResult::Error
+            }
             Some(200) => {
                 let body = abi::http_call_response_body(body_size)
                     .ok()

@@ -1,0 +1,508 @@
+//! The routing counts the filters report, turned into monotonic per-pod counters.
+//!
+//! Each reporter (one filter VM) sends cumulative totals per upstream endpoint with a sequence
+//! number. The ledger keeps the newest totals per reporter and adds only the difference to the
+//! previous report to `routed`, attributing it to the pod that owns the endpoint *now*. So a lost
+//! report is made up by the next, a repeated or reordered one adds nothing, and a pod that goes
+//! away keeps what it was counted: `routed` only ever grows. Pure: no I/O, no clock.
+
+use std::collections::{BTreeMap, HashMap};
+
+use kvab_contract::report::{
+    Report, CODE_CLASSES, MAX_REPORTER_LEN, NO_ARM, OVERFLOW_ENDPOINT, UNKNOWN_ARM,
+};
+use serde::{Deserialize, Serialize};
+
+/// Most entries one report may carry (a filter VM tracks at most 1024 endpoints).
+pub const MAX_ENTRIES: usize = 100_000;
+/// Pod label for requests no upstream answered.
+pub const NO_POD: &str = "none";
+/// Pod label for an endpoint that is not in the current map.
+pub const UNKNOWN_POD: &str = "unknown";
+
+/// `(requested, served, endpoint, code_class)` as a reporter sends it.
+type EntryKey = (String, String, String, String);
+
+/// `(requested, served, pod, code_class)`: the labels of `kvab_routed_requests_total`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RoutedKey {
+    pub requested: String,
+    pub served: String,
+    pub pod: String,
+    pub code_class: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Reporter {
+    sequence: u64,
+    #[serde(with = "entries")]
+    totals: HashMap<EntryKey, u64>,
+}
+
+/// What happened to a report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Newer than anything seen from this reporter; the increments it brought.
+    Applied(Vec<(RoutedKey, u64)>),
+    /// The first report of a reporter older than this ledger: taken as the starting point.
+    Baselined,
+    /// Same sequence as the newest: nothing to do.
+    Duplicate,
+    /// Older than the newest: nothing to do.
+    Stale,
+}
+
+impl Outcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Applied(_) => "applied",
+            Outcome::Baselined => "baselined",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Stale => "stale",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Ledger {
+    reporters: HashMap<String, Reporter>,
+    #[serde(with = "routed")]
+    routed: BTreeMap<RoutedKey, u64>,
+}
+
+impl Ledger {
+    /// Applies one report. `arms` are the configured arm names; `pod_of` names the pod that
+    /// currently owns an endpoint address (`None`: not in the map); `baseline_unknown` makes the
+    /// first report of a reporter a starting point instead of counting its totals.
+    /// An invalid report changes nothing and says why.
+    pub fn apply(
+        &mut self,
+        report: &Report,
+        arms: &[String],
+        pod_of: &dyn Fn(&str) -> Option<String>,
+        baseline_unknown: bool,
+    ) -> Result<Outcome, String> {
+        let totals = validate(report, arms)?;
+        let previous = self.reporters.get(&report.reporter);
+        match previous {
+            Some(p) if report.sequence == p.sequence => return Ok(Outcome::Duplicate),
+            Some(p) if report.sequence < p.sequence => return Ok(Outcome::Stale),
+            None if baseline_unknown => {
+                self.reporters.insert(
+                    report.reporter.clone(),
+                    Reporter {
+                        sequence: report.sequence,
+                        totals,
+                    },
+                );
+                return Ok(Outcome::Baselined);
+            }
+            _ => {}
+        }
+        let empty = HashMap::new();
+        let before = previous.map_or(&empty, |p| &p.totals);
+        let mut increments: BTreeMap<RoutedKey, u64> = BTreeMap::new();
+        for (key, &count) in &totals {
+            let was = before.get(key).copied().unwrap_or(0);
+            if count < was {
+                return Err(format!(
+                    "count for requested={} served={} endpoint={:?} code_class={} went down from {was} to {count}; totals are cumulative",
+                    key.0, key.1, key.2, key.3
+                ));
+            }
+            if count > was {
+                let (requested, served, endpoint, code_class) = key.clone();
+                let pod = match endpoint.as_str() {
+                    "" => NO_POD.to_owned(),
+                    address => pod_of(address).unwrap_or_else(|| UNKNOWN_POD.to_owned()),
+                };
+                let routed = RoutedKey {
+                    requested,
+                    served,
+                    pod,
+                    code_class,
+                };
+                *increments.entry(routed).or_default() += count - was;
+            }
+        }
+        // Entries a reporter stops sending keep their last total (cumulative counts never vanish).
+        let mut merged = previous.map(|p| p.totals.clone()).unwrap_or_default();
+        merged.extend(totals);
+        self.reporters.insert(
+            report.reporter.clone(),
+            Reporter {
+                sequence: report.sequence,
+                totals: merged,
+            },
+        );
+        for (key, n) in &increments {
+            *self.routed.entry(key.clone()).or_default() += n;
+        }
+        Ok(Outcome::Applied(increments.into_iter().collect()))
+    }
+
+    /// Every counter, for exporting (and for restoring them after a restart).
+    pub fn routed(&self) -> impl Iterator<Item = (&RoutedKey, u64)> {
+        self.routed.iter().map(|(k, v)| (k, *v))
+    }
+
+    pub fn reporters(&self) -> usize {
+        self.reporters.len()
+    }
+}
+
+/// Checks every field against the contract; returns the totals keyed for lookup.
+fn validate(report: &Report, arms: &[String]) -> Result<HashMap<EntryKey, u64>, String> {
+    if report.reporter.is_empty()
+        || report.reporter.len() > MAX_REPORTER_LEN
+        || !report.reporter.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(format!(
+            "reporter must be 1 to {MAX_REPORTER_LEN} printable ASCII characters"
+        ));
+    }
+    if report.sequence == 0 {
+        return Err("sequence starts at 1".into());
+    }
+    if report.totals.len() > MAX_ENTRIES {
+        return Err(format!(
+            "at most {MAX_ENTRIES} totals per report, got {}",
+            report.totals.len()
+        ));
+    }
+    let is_arm = |v: &str| arms.iter().any(|a| a == v);
+    let mut totals = HashMap::with_capacity(report.totals.len());
+    for (i, t) in report.totals.iter().enumerate() {
+        if !(is_arm(&t.requested) || t.requested == NO_ARM) {
+            return Err(format!(
+                "totals[{i}].requested: {:?} is not an arm or \"none\"",
+                t.requested
+            ));
+        }
+        if !(is_arm(&t.served) || t.served == NO_ARM || t.served == UNKNOWN_ARM) {
+            return Err(format!(
+                "totals[{i}].served: {:?} is not an arm, \"unknown\" or \"none\"",
+                t.served
+            ));
+        }
+        if !CODE_CLASSES.contains(&t.code_class.as_str()) {
+            return Err(format!(
+                "totals[{i}].code_class: {:?} is not one of {CODE_CLASSES:?}",
+                t.code_class
+            ));
+        }
+        if !is_endpoint(&t.endpoint) {
+            return Err(format!(
+                "totals[{i}].endpoint: {:?} is not ip:port, \"other\" or empty",
+                t.endpoint
+            ));
+        }
+        let key = (
+            t.requested.clone(),
+            t.served.clone(),
+            t.endpoint.clone(),
+            t.code_class.clone(),
+        );
+        if totals.insert(key, t.count).is_some() {
+            return Err(format!("totals[{i}] repeats an earlier entry"));
+        }
+    }
+    Ok(totals)
+}
+
+/// `ip:port` (IPv6 in brackets), `other`, or empty (no upstream).
+fn is_endpoint(endpoint: &str) -> bool {
+    endpoint.is_empty()
+        || endpoint == OVERFLOW_ENDPOINT
+        || (endpoint.len() <= 64
+            && endpoint.contains(':')
+            && endpoint
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b".:[]".contains(&b)))
+}
+
+/// Maps with tuple or struct keys are stored as lists of rows in JSON.
+mod entries {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(map: &HashMap<EntryKey, u64>, s: S) -> Result<S::Ok, S::Error> {
+        let mut rows: Vec<(&String, &String, &String, &String, u64)> = map
+            .iter()
+            .map(|((a, b, c, d), n)| (a, b, c, d, *n))
+            .collect();
+        rows.sort();
+        rows.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<HashMap<EntryKey, u64>, D::Error> {
+        let rows: Vec<(String, String, String, String, u64)> = Vec::deserialize(d)?;
+        Ok(rows
+            .into_iter()
+            .map(|(a, b, c, e, n)| ((a, b, c, e), n))
+            .collect())
+    }
+}
+
+mod routed {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        map: &BTreeMap<RoutedKey, u64>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        map.iter().collect::<Vec<_>>().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<RoutedKey, u64>, D::Error> {
+        Ok(Vec::<(RoutedKey, u64)>::deserialize(d)?
+            .into_iter()
+            .collect())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use kvab_contract::report::RoutedCount;
+
+    use super::*;
+
+    fn arms() -> Vec<String> {
+        vec!["nvlink".into(), "fs".into()]
+    }
+
+    fn report(reporter: &str, sequence: u64, rows: &[(&str, &str, &str, &str, u64)]) -> Report {
+        Report {
+            reporter: reporter.into(),
+            sequence,
+            started_at_ms: 0,
+            totals: rows
+                .iter()
+                .map(
+                    |&(requested, served, endpoint, code_class, count)| RoutedCount {
+                        requested: requested.into(),
+                        served: served.into(),
+                        endpoint: endpoint.into(),
+                        code_class: code_class.into(),
+                        count,
+                    },
+                )
+                .collect(),
+        }
+    }
+
+    fn pods(address: &str) -> Option<String> {
+        match address {
+            "10.0.0.5:8080" => Some("llm-d-vllm/p2p".into()),
+            "10.0.0.7:8080" => Some("llm-d-vllm/fs".into()),
+            _ => None,
+        }
+    }
+
+    fn key(requested: &str, served: &str, pod: &str, class: &str) -> RoutedKey {
+        RoutedKey {
+            requested: requested.into(),
+            served: served.into(),
+            pod: pod.into(),
+            code_class: class.into(),
+        }
+    }
+
+    fn total(ledger: &Ledger) -> u64 {
+        ledger.routed().map(|(_, n)| n).sum()
+    }
+
+    #[test]
+    fn only_increments_are_added_and_repeats_add_nothing() {
+        let mut ledger = Ledger::default();
+        let r1 = report("a", 1, &[("nvlink", "nvlink", "10.0.0.5:8080", "2xx", 3)]);
+        let out = ledger.apply(&r1, &arms(), &pods, false).unwrap();
+        assert_eq!(
+            out,
+            Outcome::Applied(vec![(key("nvlink", "nvlink", "llm-d-vllm/p2p", "2xx"), 3)])
+        );
+        assert_eq!(
+            ledger.apply(&r1, &arms(), &pods, false).unwrap(),
+            Outcome::Duplicate
+        );
+        let r3 = report(
+            "a",
+            3,
+            &[
+                ("nvlink", "nvlink", "10.0.0.5:8080", "2xx", 5),
+                ("none", "fs", "10.0.0.7:8080", "2xx", 1),
+            ],
+        );
+        ledger.apply(&r3, &arms(), &pods, false).unwrap();
+        // Sequence 2 was lost and arrives late: it changes nothing.
+        let r2 = report("a", 2, &[("nvlink", "nvlink", "10.0.0.5:8080", "2xx", 4)]);
+        assert_eq!(
+            ledger.apply(&r2, &arms(), &pods, false).unwrap(),
+            Outcome::Stale
+        );
+        assert_eq!(total(&ledger), 6);
+        // A second reporter adds its own totals.
+        ledger
+            .apply(
+                &report("b", 1, &[("fs", "fs", "10.0.0.7:8080", "5xx", 2)]),
+                &arms(),
+                &pods,
+                false,
+            )
+            .unwrap();
+        assert_eq!(total(&ledger), 8);
+        assert_eq!(ledger.reporters(), 2);
+    }
+
+    #[test]
+    fn increments_go_to_the_pod_that_owns_the_endpoint_now() {
+        let mut ledger = Ledger::default();
+        ledger
+            .apply(
+                &report("a", 1, &[("fs", "fs", "10.0.0.7:8080", "2xx", 2)]),
+                &arms(),
+                &pods,
+                false,
+            )
+            .unwrap();
+        // The address moves to another pod: the old pod keeps its 2, the new one gets the rest.
+        let moved = |a: &str| (a == "10.0.0.7:8080").then(|| "llm-d-vllm/fs-2".to_string());
+        ledger
+            .apply(
+                &report("a", 2, &[("fs", "fs", "10.0.0.7:8080", "2xx", 5)]),
+                &arms(),
+                &moved,
+                false,
+            )
+            .unwrap();
+        let rows: Vec<(RoutedKey, u64)> = ledger.routed().map(|(k, n)| (k.clone(), n)).collect();
+        assert_eq!(
+            rows,
+            [
+                (key("fs", "fs", "llm-d-vllm/fs", "2xx"), 2),
+                (key("fs", "fs", "llm-d-vllm/fs-2", "2xx"), 3)
+            ]
+        );
+        // No upstream and unknown addresses get their own pod labels.
+        ledger
+            .apply(
+                &report(
+                    "a",
+                    3,
+                    &[
+                        ("none", "none", "", "4xx", 1),
+                        ("fs", "unknown", "10.9.9.9:1", "2xx", 1),
+                    ],
+                ),
+                &arms(),
+                &pods,
+                false,
+            )
+            .unwrap();
+        assert!(ledger.routed().any(|(k, n)| k.pod == NO_POD && n == 1));
+        assert!(ledger.routed().any(|(k, n)| k.pod == UNKNOWN_POD && n == 1));
+    }
+
+    #[test]
+    fn a_first_report_can_be_a_baseline() {
+        let mut ledger = Ledger::default();
+        let r = report(
+            "old",
+            7,
+            &[("nvlink", "nvlink", "10.0.0.5:8080", "2xx", 100)],
+        );
+        assert_eq!(
+            ledger.apply(&r, &arms(), &pods, true).unwrap(),
+            Outcome::Baselined
+        );
+        assert_eq!(total(&ledger), 0);
+        let next = report(
+            "old",
+            8,
+            &[("nvlink", "nvlink", "10.0.0.5:8080", "2xx", 104)],
+        );
+        ledger.apply(&next, &arms(), &pods, true).unwrap();
+        assert_eq!(total(&ledger), 4);
+    }
+
+    #[test]
+    fn invalid_reports_change_nothing() {
+        let mut ledger = Ledger::default();
+        ledger
+            .apply(
+                &report("a", 1, &[("fs", "fs", "10.0.0.7:8080", "2xx", 5)]),
+                &arms(),
+                &pods,
+                false,
+            )
+            .unwrap();
+        for (bad, why) in [
+            (
+                report("a", 2, &[("fs", "fs", "10.0.0.7:8080", "2xx", 4)]),
+                "went down",
+            ),
+            (report("", 2, &[]), "reporter"),
+            (report("a b", 2, &[]), "reporter"),
+            (report("a", 0, &[]), "sequence"),
+            (report("a", 2, &[("gpu", "fs", "", "2xx", 1)]), "requested"),
+            (report("a", 2, &[("fs", "gpu", "", "2xx", 1)]), "served"),
+            (report("a", 2, &[("fs", "fs", "", "2XX", 1)]), "code_class"),
+            (
+                report("a", 2, &[("fs", "fs", "<script>", "2xx", 1)]),
+                "endpoint",
+            ),
+            (
+                report(
+                    "a",
+                    2,
+                    &[("fs", "fs", "", "2xx", 1), ("fs", "fs", "", "2xx", 2)],
+                ),
+                "repeats",
+            ),
+        ] {
+            let e = ledger.apply(&bad, &arms(), &pods, false).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+        assert_eq!(total(&ledger), 5);
+    }
+
+    #[test]
+    fn the_ledger_survives_a_round_trip_through_json() {
+        let mut ledger = Ledger::default();
+        ledger
+            .apply(
+                &report("a", 4, &[("fs", "fs", "10.0.0.7:8080", "2xx", 5)]),
+                &arms(),
+                &pods,
+                false,
+            )
+            .unwrap();
+        let json = serde_json::to_vec(&ledger).unwrap();
+        let mut back: Ledger = serde_json::from_slice(&json).unwrap();
+        assert_eq!(total(&back), 5);
+        assert_eq!(
+            back.apply(
+                &report("a", 4, &[("fs", "fs", "10.0.0.7:8080", "2xx", 5)]),
+                &arms(),
+                &pods,
+                false
+            )
+            .unwrap(),
+            Outcome::Duplicate
+        );
+        back.apply(
+            &report("a", 5, &[("fs", "fs", "10.0.0.7:8080", "2xx", 6)]),
+            &arms(),
+            &pods,
+            false,
+        )
+        .unwrap();
+        assert_eq!(total(&back), 6);
+    }
+}
