@@ -14,7 +14,7 @@ WB_RUNNER := .tools/bin/wasm-bindgen-test-runner
 export KVAB_ENVOY := $(abspath $(ENVOY))
 export KVAB_WASM  := $(abspath $(WASM))
 
-.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner lint unit wasm-unit test e2e demo bench clean
+.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner lint unit wasm-unit test e2e demo demo-up bench clean
 
 rust-targets:
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
@@ -65,9 +65,13 @@ e2e: filter sidecar venv system-deps
 
 test: lint unit wasm-unit e2e
 
-# The main job on the embedded local stack (see README).
+# The full local stack (Envoy + filter, kvab serve, two OpenAI-compatible arms), then `kvab check`
+# on it; everything started is stopped again. demo-up keeps the stack running until Ctrl-C.
 demo: filter sidecar venv
 	cd local && ../$(PY) -m kvablocal.demo
+
+demo-up: filter sidecar venv
+	cd local && ../$(PY) -m kvablocal.demo --up
 
 # Sidecar speed and memory (see BENCHMARKS.md).
 bench: venv

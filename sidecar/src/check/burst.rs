@@ -336,7 +336,8 @@ pub fn judge_misroutes(delta: &Counters, arms: &[Arm]) -> Check {
             }
         }
     }
-    let total_misrouted: f64 = misrouted.values().sum();
+    // Sums start at -0.0; counts are whole numbers.
+    let total_misrouted: f64 = misrouted.values().sum::<f64>() + 0.0;
     let mut measured = format!(
         "{total_misrouted} of {tagged} tagged requests misrouted{}",
         if misrouted.is_empty() {

@@ -104,18 +104,18 @@ pub fn judge(by_arm: &[(String, ArmSamples)], alpha: f64) -> (Check, Value) {
         (median(&b.total), median(&a.total))
     };
     let significant = test.p_value < alpha;
-    let verdict = if significant {
-        format!(
-            "{faster} is faster than {slower} by {by:.1} ms ({:.0}% of {slower}'s median), p={} < {alpha}: significant",
-            100.0 * (slow_median - fast_median) / slow_median.max(f64::MIN_POSITIVE),
-            format_p(test.p_value)
-        )
-    } else {
-        format!(
-            "no significant difference: {faster} ahead by {by:.1} ms, p={} ≥ {alpha}",
-            format_p(test.p_value)
-        )
-    };
+    let verdict = format!(
+        "{faster} faster than {slower}: median {fast_median:.1} vs {slow_median:.1} ms ({:+.0}%), shift {by:.1} ms \
+         (Hodges-Lehmann), U={}, p={} {}",
+        100.0 * (fast_median - slow_median) / slow_median.max(f64::MIN_POSITIVE),
+        test.u_first,
+        format_p(test.p_value),
+        if significant {
+            format!("< {alpha}: significant")
+        } else {
+            format!("≥ {alpha}: not significant")
+        }
+    );
     report["mann_whitney"] = json!({
         "first": first, "second": second, "u_first": test.u_first, "z": test.z, "p_value": test.p_value,
         "shift_ms": test.shift, "faster": faster, "significant": significant,
@@ -147,11 +147,15 @@ mod tests {
         assert!(
             check
                 .measured
-                .contains("nvlink is faster than fs by 90.0 ms"),
+                .contains("nvlink faster than fs: median 14.5 vs 104.5 ms (-86%), shift 90.0 ms"),
             "{}",
             check.measured
         );
-        assert!(check.measured.contains("significant"));
+        assert!(
+            check.measured.contains("U=0, p=0.0002 < 0.01: significant"),
+            "{}",
+            check.measured
+        );
         assert_eq!(report["mann_whitney"]["faster"], "nvlink");
         assert_eq!(report["arms"]["fs"]["latency_ms"]["p50"], 104.5);
     }
@@ -167,7 +171,7 @@ mod tests {
         );
         assert_eq!(check.result, Outcome::Pass);
         assert!(
-            check.measured.contains("no significant difference"),
+            check.measured.contains("not significant"),
             "{}",
             check.measured
         );

@@ -133,7 +133,7 @@ pub fn exit_code(verdict: Outcome) -> u8 {
 
 /// The table a person reads. Long cells wrap inside their column so the table stays aligned.
 pub fn render_table(report: &Report) -> String {
-    const WIDTHS: [usize; 4] = [24, 34, 44, 12];
+    const WIDTHS: [usize; 4] = [27, 32, 46, 12];
     let mut out = String::new();
     let header = ["check", "expected", "measured", "result"];
     let row = |cells: [&str; 4], out: &mut String| {
@@ -297,7 +297,7 @@ mod tests {
         assert!(
             table
                 .lines()
-                .all(|l| l.chars().count() <= 24 + 34 + 44 + 12 + 6),
+                .all(|l| l.chars().count() <= 27 + 32 + 46 + 12 + 6),
             "{table}"
         );
     }
