@@ -323,7 +323,7 @@ pub fn judge_misroutes(delta: &Counters, arms: &[Arm]) -> Check {
     };
     if let Some(routed) = &delta.routed {
         source = "sidecar";
-        for ((requested, served, _), v) in routed {
+        for ((requested, served, _, _), v) in routed {
             if arms.iter().any(|a| &a.name == requested) {
                 count(requested, served, *v);
             }
@@ -466,7 +466,14 @@ mod tests {
     #[test]
     fn misroutes_are_counted_from_the_sidecar() {
         let arms = crate::check::options::Options::default().arms;
-        let key = |r: &str, s: &str| (r.to_string(), s.to_string(), "pod".to_string());
+        let key = |r: &str, s: &str| {
+            (
+                r.to_string(),
+                s.to_string(),
+                "pod".to_string(),
+                "2xx".to_string(),
+            )
+        };
         let delta = Counters {
             routed: Some(BTreeMap::from([
                 (key("nvlink", "fs"), 3.0),

@@ -60,10 +60,11 @@ pub fn judge_arm(
     let tagged_right = tags.get(&arm.name).copied().unwrap_or(0);
     let sidecar = delta.routed_by_served(&arm.name);
     let envoy = delta.served_by_served(&arm.name);
+    // `unknown`: the filter had no current map to tell; `none`: no upstream answered. Neither is a misroute.
     let misrouted = |counts: &BTreeMap<String, f64>| -> f64 {
         counts
             .iter()
-            .filter(|(s, _)| *s != &arm.name && *s != "none")
+            .filter(|(s, _)| *s != &arm.name && *s != "none" && *s != "unknown")
             .map(|(_, v)| v)
             .sum()
     };
@@ -85,7 +86,7 @@ pub fn judge_arm(
     let measured = measured.join("; ");
 
     let misroutes = misrouted(&sidecar) + misrouted(&envoy);
-    let answered_wrong = tagged_right < sent || !wrong_ids.is_empty();
+    let answered_wrong = ok < sent || tagged_right < sent || !wrong_ids.is_empty();
     if answered_wrong || misroutes > 0.0 {
         let diagnosis = if ok < sent && wrong_ids.is_empty() && misroutes == 0.0 {
             format!(

@@ -422,7 +422,7 @@ async fn run(options: &Options) -> Result<Report, String> {
         options.settle,
         |d| {
             d.routed.is_none()
-                || d.routed_by_pod("none").values().sum::<f64>() >= reached.len() as f64
+                || d.routed_by_served("none").values().sum::<f64>() >= reached.len() as f64
         },
     )
     .await;
@@ -438,8 +438,8 @@ async fn run(options: &Options) -> Result<Report, String> {
                 .filter(|(.., ready)| *ready)
                 .map(|(a, pod, ..)| (a.clone(), pod.clone()))
                 .collect(),
-            burst_delta.routed_by_pod("none"),
-            "sidecar counters",
+            burst_delta.answered_by_pod("none"),
+            "sidecar counters, answers below 500",
         ),
         _ => {
             // No sidecar: the proxies are known by their URLs, the counts by the responses' endpoint tag.
@@ -453,10 +453,12 @@ async fn run(options: &Options) -> Result<Report, String> {
                 })
                 .collect();
             let mut counts: BTreeMap<String, f64> = BTreeMap::new();
-            for endpoint in &reached {
-                *counts.entry(endpoint.to_string()).or_default() += 1.0;
+            for exchange in shots.iter().flatten().filter(|e| e.status < 500) {
+                if let Some(endpoint) = exchange.header("x-kv-backend-endpoint") {
+                    *counts.entry(endpoint.to_string()).or_default() += 1.0;
+                }
             }
-            (pool, counts, "response endpoint tags")
+            (pool, counts, "response endpoint tags, answers below 500")
         }
     };
     checks.push(burst::judge_spread(

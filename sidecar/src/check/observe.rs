@@ -65,8 +65,8 @@ impl SidecarView {
     }
 }
 
-/// (requested, served, pod) → requests, summed over code classes.
-pub type Routed = BTreeMap<(String, String, String), f64>;
+/// (requested, served, pod, code_class) → requests.
+pub type Routed = BTreeMap<(String, String, String, String), f64>;
 /// (requested, served) → requests.
 pub type Served = BTreeMap<(String, String), f64>;
 
@@ -92,7 +92,12 @@ impl Counters {
                 for s in prom::select(&samples, "kvab_routed_requests_total", &[]) {
                     let label = |k: &str| s.labels.get(k).cloned().unwrap_or_default();
                     *routed
-                        .entry((label("requested"), label("served"), label("pod")))
+                        .entry((
+                            label("requested"),
+                            label("served"),
+                            label("pod"),
+                            label("code_class"),
+                        ))
                         .or_default() += s.value;
                 }
                 counters.routed = Some(routed);
@@ -144,7 +149,7 @@ impl Counters {
     /// Sidecar count of requests tagged `requested`, by served arm (0 when there is no sidecar).
     pub fn routed_by_served(&self, requested: &str) -> BTreeMap<String, f64> {
         let mut out = BTreeMap::new();
-        for ((r, served, _), v) in self.routed.iter().flatten() {
+        for ((r, served, _, _), v) in self.routed.iter().flatten() {
             if r == requested {
                 *out.entry(served.clone()).or_default() += v;
             }
@@ -152,11 +157,12 @@ impl Counters {
         out
     }
 
-    /// Sidecar count of requests tagged `requested`, by pod that served them.
-    pub fn routed_by_pod(&self, requested: &str) -> BTreeMap<String, f64> {
+    /// Sidecar count of requests tagged `requested` that a proxy answered (status below 500), by pod. A
+    /// 5xx may be the gateway's own answer for a proxy it could not reach, so it does not show traffic.
+    pub fn answered_by_pod(&self, requested: &str) -> BTreeMap<String, f64> {
         let mut out = BTreeMap::new();
-        for ((r, _, pod), v) in self.routed.iter().flatten() {
-            if r == requested && !pod.is_empty() {
+        for ((r, _, pod, class), v) in self.routed.iter().flatten() {
+            if r == requested && !pod.is_empty() && !matches!(class.as_str(), "5xx" | "none") {
                 *out.entry(pod.clone()).or_default() += v;
             }
         }
@@ -244,7 +250,7 @@ mod tests {
             BTreeMap::from([("fs".to_string(), 3.0)])
         );
         assert_eq!(
-            delta.routed_by_pod("none"),
+            delta.answered_by_pod("none"),
             BTreeMap::from([("a".to_string(), 2.0)]),
             "restarted counter"
         );
