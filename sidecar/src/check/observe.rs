@@ -228,7 +228,7 @@ mod tests {
 
     #[test]
     fn differences_drop_unchanged_series_and_survive_restarts() {
-        let key = |r: &str, s: &str, p: &str| (r.to_string(), s.to_string(), p.to_string());
+        let key = |r: &str, s: &str, p: &str| (r.into(), s.into(), p.into(), "2xx".into());
         let before = Counters {
             routed: Some(Routed::from([
                 (key("fs", "fs", "a"), 5.0),
@@ -255,6 +255,16 @@ mod tests {
             "restarted counter"
         );
         assert_eq!(delta.routed_by_served("nvlink")["fs"], 1.0);
+        // A 5xx may be the gateway's own answer: not traffic a proxy received.
+        let gateway_error = Counters {
+            routed: Some(Routed::from([(
+                ("none".into(), "fs".into(), "a".into(), "5xx".into()),
+                4.0,
+            )])),
+            served: None,
+        };
+        assert!(gateway_error.answered_by_pod("none").is_empty());
+        assert_eq!(gateway_error.routed_by_served("none")["fs"], 4.0);
         assert_eq!(render_counts(&delta.routed_by_served("fs")), "fs 3");
     }
 }
