@@ -11,10 +11,18 @@ WASM    := target/wasm32-wasip1/release/kvab_filter.wasm
 # wasm-bindgen-test-runner must match the wasm-bindgen version in Cargo.lock exactly.
 WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = "\(.*\)"/\1/p;q}' Cargo.lock)
 WB_RUNNER := .tools/bin/wasm-bindgen-test-runner
+# cargo-fuzz drives libFuzzer; its nightly-only flags are enabled on stable with RUSTC_BOOTSTRAP.
+CARGO_FUZZ_VERSION := 0.13.2
+CARGO_FUZZ := .tools/bin/cargo-fuzz
+FUZZ_TARGETS := request config
+FUZZ_SECONDS ?= 120
+FUZZ_SMOKE_SECONDS ?= 10
+CARGO_DENY_VERSION := 0.20.2
+CARGO_DENY := .tools/bin/cargo-deny
 export KVAB_ENVOY := $(abspath $(ENVOY))
 export KVAB_WASM  := $(abspath $(WASM))
 
-.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner lint unit wasm-unit test e2e demo demo-up bench clean
+.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner lint unit wasm-unit test e2e demo demo-up bench clean cargo-fuzz fuzz fuzz-smoke cargo-deny deny
 
 rust-targets:
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
@@ -63,7 +71,45 @@ wasm-unit: rust-targets wasm-runner
 e2e: filter sidecar venv system-deps
 	$(PYTEST) -q -p no:cacheprovider tests
 
-test: lint unit wasm-unit e2e
+test: lint unit wasm-unit deny fuzz-smoke e2e
+
+cargo-deny:
+	@if ! $(CARGO_DENY) --version 2>/dev/null | grep -q " $(CARGO_DENY_VERSION)$$"; then \
+	  echo "installing cargo-deny $(CARGO_DENY_VERSION) into .tools"; \
+	  cargo install --quiet --locked --root .tools cargo-deny --version $(CARGO_DENY_VERSION); fi
+
+# Licenses, bans and sources of the dependency tree (deny.toml). Not advisories: the RustSec
+# database is a git repository these machines cannot fetch (README, "Dependency checks").
+deny: cargo-deny
+	$(CARGO_DENY) --locked check licenses bans sources
+
+cargo-fuzz:
+	@if ! $(CARGO_FUZZ) --version 2>/dev/null | grep -q " $(CARGO_FUZZ_VERSION)$$"; then \
+	  echo "installing cargo-fuzz $(CARGO_FUZZ_VERSION) into .tools"; \
+	  cargo install --quiet --locked --root .tools cargo-fuzz --version $(CARGO_FUZZ_VERSION); fi
+
+# Each fuzz target for FUZZ_SECONDS, starting from the committed seeds (fuzz/corpus/<target>);
+# what libFuzzer finds goes to .run/fuzz, a crashing input to .run/fuzz/artifacts. No sanitizer:
+# the code under test is safe Rust; debug assertions (-a) are on, so overflows are caught.
+fuzz: cargo-fuzz
+	@mkdir -p .run/fuzz/artifacts
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p .run/fuzz/corpus/$$t; \
+	  echo "fuzz $$t: $(FUZZ_SECONDS) s (log .run/fuzz/$$t.log)"; \
+	  if ! RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) run --fuzz-dir fuzz -s none -a $$t .run/fuzz/corpus/$$t fuzz/corpus/$$t -- \
+	      -max_total_time=$(FUZZ_SECONDS) -timeout=5 -artifact_prefix=$(abspath .run/fuzz/artifacts)/$$t- \
+	      > .run/fuzz/$$t.log 2>&1; then \
+	    tail -n 40 .run/fuzz/$$t.log; echo "fuzz $$t: FAILED (reproduce: make fuzz-repro INPUT=<artifact>)"; exit 1; fi; \
+	  grep -E '^Done [0-9]+ runs' .run/fuzz/$$t.log | sed "s/^/fuzz $$t: /"; \
+	done
+
+# The bounded run inside `make test`: the seeds plus FUZZ_SMOKE_SECONDS of new inputs per target.
+fuzz-smoke:
+	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS)
+
+# Replays one input, e.g. INPUT=.run/fuzz/artifacts/request-crash-…; the target is the file's prefix.
+fuzz-repro: cargo-fuzz
+	RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) run --fuzz-dir fuzz -s none -a $(notdir $(firstword $(subst -, ,$(notdir $(INPUT))))) $(INPUT)
 
 # The full local stack (Envoy + filter, kvab serve, two OpenAI-compatible arms), then `kvab check`
 # on it; everything started is stopped again. demo-up keeps the stack running until Ctrl-C.

@@ -47,9 +47,10 @@ impl Split {
             .map_or(ArmId(0), |(arm, _)| *arm)
     }
 
-    /// Arm for a session key: stable for the same key bytes (surrounding blanks ignored).
+    /// Arm for a session key: stable for the same key bytes (surrounding spaces and tabs
+    /// ignored, as documented; other bytes are part of the key).
     pub fn pick_for_key(&self, key: &[u8]) -> ArmId {
-        self.pick(key_hash(key.trim_ascii()))
+        self.pick(key_hash(crate::plan::trim_ows(key)))
     }
 
     /// The configured weights, for reports and tests: `(arm, weight)`.
@@ -152,6 +153,27 @@ mod tests {
             let key = format!("user-{i}");
             let arm = s.pick_for_key(key.as_bytes());
             assert_eq!(s.pick_for_key(format!("  {key}\t").as_bytes()), arm);
+        }
+    }
+
+    /// The README's contract: only surrounding spaces and tabs are ignored. Other bytes that
+    /// `trim_ascii` would drop (CR, LF, form feed) are part of the key.
+    #[test]
+    fn only_blanks_around_a_key_are_ignored() {
+        let s = split(&[(0, 1), (1, 1), (2, 1), (3, 1)]);
+        for i in 0..100 {
+            for key in [format!("k{i}\x0c"), format!("\rk{i}"), format!("k{i}\n")] {
+                assert_eq!(
+                    s.pick_for_key(key.as_bytes()),
+                    s.pick(key_hash(key.as_bytes())),
+                    "{key:?}"
+                );
+            }
+            let key = format!("k{i}");
+            assert_eq!(
+                s.pick_for_key(format!(" \t{key} ").as_bytes()),
+                s.pick(key_hash(key.as_bytes()))
+            );
         }
     }
 

@@ -4,9 +4,11 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::Deserialize;
+use serde_json::Value;
 
 use crate::assign::Split;
+use crate::choice::{ChoicePolicy, IpRange, MAX_HEADER_VALUES, MAX_HEADER_VALUE_LEN, MAX_RANGES};
+use crate::json::{self, error, Fields};
 use crate::plan::{ArmId, Missing, Plan, Unavailable, Unknown};
 use crate::sidecar::Sidecar;
 
@@ -20,90 +22,205 @@ const MAX_WEIGHT: u32 = 1_000_000;
 /// Reserved label value for untagged traffic.
 pub const NO_ARM: &str = "none";
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+/// The configuration as written, before validation.
 struct RawConfig {
-    #[serde(default = "default_header")]
     header: String,
-    #[serde(default = "default_arms")]
     arms: Vec<RawArm>,
-    #[serde(default)]
     on_missing: MissingPolicy,
-    #[serde(default)]
     on_unknown: UnknownPolicy,
-    #[serde(default)]
     default_arm: Option<String>,
-    #[serde(default)]
     split: Option<RawSplit>,
-    #[serde(default)]
     on_unavailable: UnavailablePolicy,
-    #[serde(default)]
     sidecar: Option<RawSidecar>,
+    allow_choice: Option<RawChoice>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawSidecar {
     cluster: String,
-    #[serde(default)]
     authority: Option<String>,
-    #[serde(default = "default_refresh_ms")]
     refresh_ms: u64,
-    #[serde(default)]
     timeout_ms: Option<u64>,
-    #[serde(default = "default_stale_after_ms")]
     stale_after_ms: u64,
 }
 
-fn default_refresh_ms() -> u64 {
-    1_000
-}
+const DEFAULT_REFRESH_MS: u64 = 1_000;
 /// Default call timeout, capped at the refresh interval.
 const DEFAULT_TIMEOUT_MS: u64 = 500;
-fn default_stale_after_ms() -> u64 {
-    10_000
+const DEFAULT_STALE_AFTER_MS: u64 = 10_000;
+
+struct RawChoice {
+    source_ranges: Vec<String>,
+    header: Option<String>,
+    header_values: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawArm {
     name: String,
-    #[serde(default)]
     aliases: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawSplit {
     weights: BTreeMap<String, u32>,
-    #[serde(default)]
     key_header: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum MissingPolicy {
-    #[default]
     Passthrough,
     Default,
     Split,
 }
 
-#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum UnavailablePolicy {
-    #[default]
     Reject,
     Passthrough,
 }
 
-#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum UnknownPolicy {
-    #[default]
     Reject,
     Passthrough,
     Default,
+}
+
+impl RawConfig {
+    fn read(value: &Value) -> Result<RawConfig, ConfigError> {
+        let f = Fields::new(
+            value,
+            "",
+            &[
+                "header",
+                "arms",
+                "onMissing",
+                "onUnknown",
+                "defaultArm",
+                "split",
+                "onUnavailable",
+                "sidecar",
+                "allowChoice",
+            ],
+        )?;
+        f.finish()?;
+        let arms = match f.array("arms")? {
+            None => default_arms(),
+            Some(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| RawArm::read(item, &format!("arms[{i}]")))
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(RawConfig {
+            header: f.string("header")?.unwrap_or_else(default_header),
+            arms,
+            on_missing: match f.variant("onMissing", &["passthrough", "default", "split"])? {
+                Some("default") => MissingPolicy::Default,
+                Some("split") => MissingPolicy::Split,
+                _ => MissingPolicy::Passthrough,
+            },
+            on_unknown: match f.variant("onUnknown", &["reject", "passthrough", "default"])? {
+                Some("passthrough") => UnknownPolicy::Passthrough,
+                Some("default") => UnknownPolicy::Default,
+                _ => UnknownPolicy::Reject,
+            },
+            default_arm: f.string("defaultArm")?,
+            split: f
+                .get("split")
+                .map(|v| RawSplit::read(v, &f.path_of("split")))
+                .transpose()?,
+            on_unavailable: match f.variant("onUnavailable", &["reject", "passthrough"])? {
+                Some("passthrough") => UnavailablePolicy::Passthrough,
+                _ => UnavailablePolicy::Reject,
+            },
+            sidecar: f
+                .get("sidecar")
+                .map(|v| RawSidecar::read(v, &f.path_of("sidecar")))
+                .transpose()?,
+            allow_choice: f
+                .get("allowChoice")
+                .map(|v| RawChoice::read(v, &f.path_of("allowChoice")))
+                .transpose()?,
+        })
+    }
+}
+
+impl RawArm {
+    fn read(value: &Value, path: &str) -> Result<RawArm, ConfigError> {
+        let f = Fields::new(value, path, &["name", "aliases"])?;
+        f.finish()?;
+        Ok(RawArm {
+            name: f
+                .string("name")?
+                .ok_or_else(|| error(path, "missing field `name`"))?,
+            aliases: f.strings("aliases")?,
+        })
+    }
+}
+
+impl RawSplit {
+    fn read(value: &Value, path: &str) -> Result<RawSplit, ConfigError> {
+        let f = Fields::new(value, path, &["weights", "keyHeader"])?;
+        f.finish()?;
+        let weights_path = f.path_of("weights");
+        let Some(weights) = f.get("weights") else {
+            return Err(error(path, "missing field `weights`"));
+        };
+        let Value::Object(weights) = weights else {
+            return Err(error(
+                weights_path,
+                "expected an object of arm name to weight",
+            ));
+        };
+        let weights = weights
+            .iter()
+            .map(|(arm, w)| {
+                let w = json::unsigned(w, &format!("{weights_path}.{arm}"), u64::from(u32::MAX))?;
+                Ok((arm.clone(), u32::try_from(w).unwrap_or(u32::MAX)))
+            })
+            .collect::<Result<_, ConfigError>>()?;
+        Ok(RawSplit {
+            weights,
+            key_header: f.string("keyHeader")?,
+        })
+    }
+}
+
+impl RawSidecar {
+    fn read(value: &Value, path: &str) -> Result<RawSidecar, ConfigError> {
+        let f = Fields::new(
+            value,
+            path,
+            &[
+                "cluster",
+                "authority",
+                "refreshMs",
+                "timeoutMs",
+                "staleAfterMs",
+            ],
+        )?;
+        f.finish()?;
+        Ok(RawSidecar {
+            cluster: f
+                .string("cluster")?
+                .ok_or_else(|| error(path, "missing field `cluster`"))?,
+            authority: f.string("authority")?,
+            refresh_ms: f.u64("refreshMs")?.unwrap_or(DEFAULT_REFRESH_MS),
+            timeout_ms: f.u64("timeoutMs")?,
+            stale_after_ms: f.u64("staleAfterMs")?.unwrap_or(DEFAULT_STALE_AFTER_MS),
+        })
+    }
+}
+
+impl RawChoice {
+    fn read(value: &Value, path: &str) -> Result<RawChoice, ConfigError> {
+        let f = Fields::new(value, path, &["sourceRanges", "header", "headerValues"])?;
+        f.finish()?;
+        Ok(RawChoice {
+            source_ranges: f.strings("sourceRanges")?,
+            header: f.string("header")?,
+            header_values: f.strings("headerValues")?,
+        })
+    }
 }
 
 fn default_header() -> String {
@@ -128,46 +245,40 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// Field paths and messages quote the input (unknown keys, bad names); control characters in it
+/// are written escaped (`\n`, `\u{1b}`), so a refusal is always one printable log line.
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.field.is_empty() {
-            write!(f, "{}", self.message)
+        if !self.field.is_empty() {
+            write_printable(f, &self.field)?;
+            f.write_str(": ")?;
+        }
+        write_printable(f, &self.message)
+    }
+}
+
+fn write_printable(f: &mut fmt::Formatter<'_>, s: &str) -> fmt::Result {
+    for c in s.chars() {
+        if c.is_control() {
+            write!(f, "{}", c.escape_default())?;
         } else {
-            write!(f, "{}: {}", self.field, self.message)
+            fmt::Write::write_char(f, c)?;
         }
     }
+    Ok(())
 }
 
 impl std::error::Error for ConfigError {}
-
-fn error(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field: field.into(),
-        message: message.into(),
-    }
-}
 
 /// Parses and validates the plugin configuration. Empty input means all defaults.
 pub fn parse(json: &[u8]) -> Result<Plan, ConfigError> {
     let trimmed = json.trim_ascii();
     let input: &[u8] = if trimmed.is_empty() { b"{}" } else { trimmed };
-    // serde would also accept a JSON array for a struct; only an object is a configuration.
-    if input.first() != Some(&b'{') {
+    let value: Value = serde_json::from_slice(input).map_err(|e| error("", e.to_string()))?;
+    if !value.is_object() {
         return Err(error("", "the configuration must be a JSON object"));
     }
-    let mut de = serde_json::Deserializer::from_slice(input);
-    let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let field = e.path().to_string();
-        // "." is the root and "?" an unknown position (syntax errors): no field to name.
-        let field = if field == "." || field == "?" {
-            String::new()
-        } else {
-            field
-        };
-        error(field, e.into_inner().to_string())
-    })?;
-    de.end().map_err(|e| error("", e.to_string()))?;
-    build(raw)
+    build(RawConfig::read(&value)?)
 }
 
 fn build(raw: RawConfig) -> Result<Plan, ConfigError> {
@@ -246,6 +357,10 @@ fn build(raw: RawConfig) -> Result<Plan, ConfigError> {
         (Some(split), _) => Some(build_split(split, &arm_id)?),
     };
 
+    let choice = match &raw.allow_choice {
+        Some(choice) => Some(build_choice(choice, &header)?),
+        None => None,
+    };
     let sidecar = match &raw.sidecar {
         Some(sidecar) => Some(build_sidecar(sidecar)?),
         None => None,
@@ -264,6 +379,7 @@ fn build(raw: RawConfig) -> Result<Plan, ConfigError> {
         on_unavailable,
         split,
         sidecar,
+        choice,
     }))
 }
 
@@ -324,6 +440,80 @@ fn build_sidecar(raw: &RawSidecar) -> Result<Sidecar, ConfigError> {
         timeout_ms,
         stale_after_ms,
     })
+}
+
+fn build_choice(raw: &RawChoice, arm_header: &str) -> Result<ChoicePolicy, ConfigError> {
+    if raw.source_ranges.is_empty() && raw.header.is_none() {
+        return Err(error(
+            "allowChoice",
+            "needs sourceRanges, header, or both (omit allowChoice to let every request choose)",
+        ));
+    }
+    if raw.source_ranges.len() > MAX_RANGES {
+        return Err(error(
+            "allowChoice.sourceRanges",
+            format!(
+                "at most {MAX_RANGES} ranges are allowed, got {}",
+                raw.source_ranges.len()
+            ),
+        ));
+    }
+    let mut ranges = Vec::with_capacity(raw.source_ranges.len());
+    for (i, text) in raw.source_ranges.iter().enumerate() {
+        let range =
+            IpRange::parse(text).map_err(|m| error(format!("allowChoice.sourceRanges[{i}]"), m))?;
+        ranges.push(range);
+    }
+    let header = match &raw.header {
+        Some(h) => {
+            let h = validate_header_name("allowChoice.header", h)?;
+            let tags = [
+                arm_header.to_owned(),
+                format!("{arm_header}-source"),
+                format!("{arm_header}-endpoint"),
+            ];
+            if tags.contains(&h) {
+                return Err(error(
+                    "allowChoice.header",
+                    format!("\"{h}\" is the arm header or one of its tags"),
+                ));
+            }
+            Some(h)
+        }
+        None => None,
+    };
+    if !raw.header_values.is_empty() && header.is_none() {
+        return Err(error(
+            "allowChoice.headerValues",
+            "requires allowChoice.header",
+        ));
+    }
+    if raw.header_values.len() > MAX_HEADER_VALUES {
+        return Err(error(
+            "allowChoice.headerValues",
+            format!(
+                "at most {MAX_HEADER_VALUES} values are allowed, got {}",
+                raw.header_values.len()
+            ),
+        ));
+    }
+    let mut values = Vec::with_capacity(raw.header_values.len());
+    for (i, value) in raw.header_values.iter().enumerate() {
+        let v = value.trim_matches([' ', '\t']);
+        if v.is_empty()
+            || v.len() > MAX_HEADER_VALUE_LEN
+            || !v
+                .bytes()
+                .all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic())
+        {
+            return Err(error(
+                format!("allowChoice.headerValues[{i}]"),
+                format!("must be 1 to {MAX_HEADER_VALUE_LEN} printable ASCII characters"),
+            ));
+        }
+        values.push(v.to_owned());
+    }
+    Ok(ChoicePolicy::new(ranges, header, values))
 }
 
 fn build_split(
@@ -569,6 +759,127 @@ mod tests {
             }
         }
         assert!(seen >= 15, "only {seen} fixtures found");
+    }
+
+    /// The refusal is logged as one line: control characters from the input (a key or value
+    /// with a newline, DEL, an escape sequence) must not break or forge log lines.
+    #[test]
+    fn refusals_are_one_printable_line() {
+        for json in [
+            "{\"a\\nb\":1}",
+            "{\"split\":{\"\u{7f}eights\":{}}}",
+            "{\"arms\":[{\"name\":\"x\\u001b[31my\"}]}",
+            "{\"onMissing\":\"split\",\"split\":{\"weights\":{\"a\\r\\nkvab: forged\":1}}}",
+        ] {
+            let line = err(json).to_string();
+            assert!(!line.chars().any(char::is_control), "{json} -> {line:?}");
+        }
+        let e = err("{\"a\\nb\":1}");
+        assert!(e.to_string().contains("unknown field `a\\nb`"), "{e}");
+    }
+
+    #[test]
+    fn allow_choice_is_validated() {
+        for (choice, field, why) in [
+            ("{}", "allowChoice", "needs sourceRanges, header, or both"),
+            (
+                r#"{"sourceRanges":[]}"#,
+                "allowChoice",
+                "needs sourceRanges",
+            ),
+            (
+                r#"{"sourceRanges":["10.0.0.0/33"]}"#,
+                "allowChoice.sourceRanges[0]",
+                "prefix length",
+            ),
+            (
+                r#"{"sourceRanges":["::1","10.1.0.0/8"]}"#,
+                "allowChoice.sourceRanges[1]",
+                "host bits",
+            ),
+            (
+                r#"{"sourceRanges":"10.0.0.0/8"}"#,
+                "allowChoice.sourceRanges",
+                "invalid type",
+            ),
+            (
+                r#"{"header":"x kv"}"#,
+                "allowChoice.header",
+                "not a valid HTTP header name",
+            ),
+            (
+                r#"{"header":"X-KV-Backend"}"#,
+                "allowChoice.header",
+                "the arm header",
+            ),
+            (
+                r#"{"header":"x-kv-backend-source"}"#,
+                "allowChoice.header",
+                "its tags",
+            ),
+            (
+                r#"{"headerValues":["a"],"sourceRanges":["::1"]}"#,
+                "allowChoice.headerValues",
+                "requires allowChoice.header",
+            ),
+            (
+                r#"{"header":"x-ab","headerValues":[" "]}"#,
+                "allowChoice.headerValues[0]",
+                "printable ASCII",
+            ),
+            (
+                r#"{"header":"x-ab","headerValues":["a\u0000"]}"#,
+                "allowChoice.headerValues[0]",
+                "printable ASCII",
+            ),
+            (
+                r#"{"header":"x-ab","headerValues":["é"]}"#,
+                "allowChoice.headerValues[0]",
+                "printable ASCII",
+            ),
+            (
+                r#"{"header":"x-ab","sources":["::1"]}"#,
+                "allowChoice.sources",
+                "unknown field",
+            ),
+        ] {
+            let e = err(&format!(r#"{{"allowChoice":{choice}}}"#));
+            assert_eq!(e.field, field, "{choice}: {e}");
+            assert!(e.message.contains(why), "{choice}: {e}");
+        }
+        let ranges: Vec<String> = (0..65).map(|i| format!("\"10.0.0.{i}\"")).collect();
+        let e = err(&format!(
+            r#"{{"allowChoice":{{"sourceRanges":[{}]}}}}"#,
+            ranges.join(",")
+        ));
+        assert_eq!(e.field, "allowChoice.sourceRanges");
+        let values: Vec<String> = (0..17).map(|i| format!("\"v{i}\"")).collect();
+        let e = err(&format!(
+            r#"{{"allowChoice":{{"header":"x-ab","headerValues":[{}]}}}}"#,
+            values.join(",")
+        ));
+        assert_eq!(e.field, "allowChoice.headerValues");
+        let long = "v".repeat(257);
+        assert_eq!(
+            err(&format!(
+                r#"{{"allowChoice":{{"header":"x-ab","headerValues":["{long}"]}}}}"#
+            ))
+            .field,
+            "allowChoice.headerValues[0]"
+        );
+
+        let plan = parse(br#"{"allowChoice":{"sourceRanges":["10.0.0.0/8"," ::1 "],"header":"X-AB-Tester","headerValues":[" team-a "]}}"#).unwrap();
+        let choice = plan.choice().unwrap();
+        assert_eq!(choice.header(), Some("x-ab-tester"));
+        assert!(choice.allows_header_value(b"team-a"));
+        assert!(choice.allows_source(b"[::1]:5"));
+        assert!(
+            plan.describe()
+                .ends_with(", allowChoice from 10.0.0.0/8, ::1/128 or with header x-ab-tester"),
+            "{}",
+            plan.describe()
+        );
+        assert!(parse(b"{}").unwrap().choice().is_none());
     }
 
     #[test]

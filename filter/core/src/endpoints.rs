@@ -1,7 +1,7 @@
 //! The sidecar's endpoint map in the form the request path uses: which arm an upstream address
 //! belongs to, and how many ready endpoints each arm has.
 
-use kvab_contract::EndpointMap;
+use serde_json::Value;
 
 use crate::plan::{ArmId, Plan};
 
@@ -47,29 +47,47 @@ pub struct ArmMap {
 }
 
 impl ArmMap {
-    /// Parses `GET /v1/endpoints`. Backends that are not configured arms are ignored (and
+    /// Parses `GET /v1/endpoints` (the `kvab_contract::EndpointMap` shape; fields a newer
+    /// sidecar adds are ignored). Backends that are not configured arms are ignored (and
     /// counted); an address claimed by two arms keeps the first (in arm order).
     pub fn parse(plan: &Plan, json: &[u8]) -> Result<ArmMap, String> {
-        let map: EndpointMap = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+        let map: Value = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+        let version = map
+            .get("version")
+            .and_then(Value::as_str)
+            .ok_or("no string `version`")?;
+        let backends = map
+            .get("backends")
+            .and_then(Value::as_object)
+            .ok_or("no object `backends`")?;
         let mut out = ArmMap {
-            version: map.version,
+            version: version.to_owned(),
             addresses: Vec::new(),
             ready: vec![0; plan.arm_names().len()],
             foreign_backends: 0,
         };
-        for (name, backend) in &map.backends {
+        for (name, backend) in backends {
             let Some(arm) = plan.arm_by_name(name) else {
                 out.foreign_backends += 1;
                 continue;
             };
-            for endpoint in &backend.endpoints {
-                if endpoint.ready {
+            let endpoints = backend
+                .get("endpoints")
+                .and_then(Value::as_array)
+                .ok_or_else(|| format!("backends.{name}: no array `endpoints`"))?;
+            for (i, endpoint) in endpoints.iter().enumerate() {
+                let address = endpoint.get("address").and_then(Value::as_str);
+                let ready = endpoint.get("ready").and_then(Value::as_bool);
+                let (Some(address), Some(ready)) = (address, ready) else {
+                    return Err(format!("backends.{name}.endpoints[{i}]: needs a string `address` and a boolean `ready`"));
+                };
+                if ready {
                     if let Some(n) = out.ready.get_mut(arm.0) {
                         *n = n.saturating_add(1);
                     }
                 }
                 out.addresses
-                    .push((endpoint.address.as_bytes().to_vec().into_boxed_slice(), arm));
+                    .push((address.as_bytes().to_vec().into_boxed_slice(), arm));
             }
         }
         out.addresses

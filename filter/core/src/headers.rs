@@ -80,11 +80,35 @@ pub struct RequestScan<'a> {
     pub split_key: Option<&'a [u8]>,
     /// The client sent one of our tag headers (`-source`, `-endpoint`); it must be stripped.
     pub forged_tags: bool,
+    /// The `allowChoice` header arrived with an accepted value.
+    pub choice_header: bool,
+}
+
+impl RequestScan<'_> {
+    /// Whether this request may choose its arm. `source` yields Envoy's `source.address`; it is
+    /// called only when the answer depends on it: a policy with source ranges is configured, the
+    /// request names an arm, and the policy header did not already grant the choice. Without a
+    /// policy this is one comparison.
+    pub fn may_choose<S: AsRef<[u8]>>(
+        &self,
+        plan: &Plan,
+        source: impl FnOnce() -> Option<S>,
+    ) -> bool {
+        let Some(policy) = plan.choice() else {
+            return true;
+        };
+        if !self.reading.chooses() || self.choice_header {
+            return true;
+        }
+        policy.has_ranges() && source().is_some_and(|a| policy.allows_source(a.as_ref()))
+    }
 }
 
 /// Scans a serialized request header map for the arm header, the split key and forged tags.
 pub fn scan_request_headers<'a>(plan: &Plan, map: &'a [u8]) -> RequestScan<'a> {
     let key_header = plan.split().and_then(|s| s.key_header()).map(str::as_bytes);
+    let choice = plan.choice();
+    let choice_header = choice.and_then(|c| c.header()).map(str::as_bytes);
     let mut scan = RequestScan::default();
     for (name, value) in HeaderPairs::new(map) {
         if name == plan.header().as_bytes() {
@@ -93,8 +117,13 @@ pub fn scan_request_headers<'a>(plan: &Plan, map: &'a [u8]) -> RequestScan<'a> {
             || name == plan.endpoint_header().as_bytes()
         {
             scan.forged_tags = true;
-        } else if Some(name) == key_header && scan.split_key.is_none() {
-            scan.split_key = Some(value);
+        } else {
+            if Some(name) == key_header && scan.split_key.is_none() {
+                scan.split_key = Some(value);
+            }
+            if Some(name) == choice_header && !scan.choice_header {
+                scan.choice_header = choice.is_some_and(|c| c.allows_header_value(value));
+            }
         }
     }
     scan
@@ -196,5 +225,62 @@ mod tests {
         );
         let map = serialize_pairs(&[(b"x-kv-backend-endpoint", b"1.2.3.4:80")]);
         assert!(scan_request_headers(&plan, &map).forged_tags);
+    }
+
+    /// The policy costs nothing unless configured, and the source address is read only when
+    /// the answer depends on it.
+    #[test]
+    fn may_choose_reads_the_source_only_when_needed() {
+        let no_source = || -> Option<&[u8]> { panic!("source address read") };
+        let chooses = serialize_pairs(&[(b"x-kv-backend", b"nvlink")]);
+        let blank = serialize_pairs(&[(b"x-kv-backend", b" ")]);
+
+        let open = parse(b"{}").unwrap();
+        assert!(scan_request_headers(&open, &chooses).may_choose(&open, no_source));
+
+        let p = parse(
+            br#"{"allowChoice":{"sourceRanges":["10.0.0.0/8"],"header":"x-ab","headerValues":["yes"]}}"#,
+        )
+        .unwrap();
+        // Nothing chosen, or the header grants it: no need for the address.
+        assert!(scan_request_headers(&p, &blank).may_choose(&p, no_source));
+        assert!(scan_request_headers(&p, &serialize_pairs(&[])).may_choose(&p, no_source));
+        let granted = serialize_pairs(&[
+            (b"x-ab", b"no"),
+            (b"x-kv-backend", b"fs"),
+            (b"x-ab", b" yes "),
+        ]);
+        let scan = scan_request_headers(&p, &granted);
+        assert!(scan.choice_header);
+        assert!(scan.may_choose(&p, no_source));
+        // Otherwise the source decides.
+        let denied = serialize_pairs(&[(b"x-ab", b"YES"), (b"x-kv-backend", b"fs")]);
+        let scan = scan_request_headers(&p, &denied);
+        assert!(!scan.choice_header);
+        assert!(scan.may_choose(&p, || Some(b"10.9.8.7:4000")));
+        assert!(!scan.may_choose(&p, || Some(b"11.0.0.1:4000")));
+        assert!(!scan.may_choose(&p, || None::<&[u8]>));
+        assert!(!scan.may_choose(&p, || Some(b"garbage")));
+
+        // Header only: the source is never read.
+        let h = parse(br#"{"allowChoice":{"header":"x-ab"}}"#).unwrap();
+        assert!(!scan_request_headers(&h, &chooses).may_choose(&h, no_source));
+        let with = serialize_pairs(&[(b"x-kv-backend", b"fs"), (b"x-ab", b"1")]);
+        assert!(scan_request_headers(&h, &with).may_choose(&h, no_source));
+        let empty = serialize_pairs(&[(b"x-kv-backend", b"fs"), (b"x-ab", b"")]);
+        assert!(!scan_request_headers(&h, &empty).may_choose(&h, no_source));
+    }
+
+    /// The choice header may also be the split key header; both are read.
+    #[test]
+    fn the_choice_header_can_double_as_the_split_key() {
+        let p = parse(
+            br#"{"allowChoice":{"header":"x-user"},"onMissing":"split","split":{"weights":{"fs":1},"keyHeader":"x-user"}}"#,
+        )
+        .unwrap();
+        let map = serialize_pairs(&[(b"x-user", b"u1"), (b"x-kv-backend", b"nvlink")]);
+        let scan = scan_request_headers(&p, &map);
+        assert!(scan.choice_header);
+        assert_eq!(scan.split_key, Some(&b"u1"[..]));
     }
 }

@@ -4,9 +4,11 @@
 #![deny(clippy::indexing_slicing)]
 
 pub mod assign;
+pub mod choice;
 pub mod config;
 pub mod endpoints;
 pub mod headers;
+mod json;
 pub mod metrics;
 pub mod plan;
 mod reply;

@@ -2,6 +2,7 @@
 //! which arm a request is tagged with, or whether it is left untagged or rejected.
 
 use crate::assign::Split;
+use crate::choice::ChoicePolicy;
 use crate::config::NO_ARM;
 use crate::sidecar::Sidecar;
 
@@ -70,16 +71,19 @@ pub enum Invalid {
     Unknown,
     /// Several different values (repeated header or a comma list).
     Ambiguous,
+    /// Any value, from a request the `allowChoice` policy does not let choose.
+    NotAllowed,
 }
 
 impl Invalid {
-    pub const ALL: [Invalid; 2] = [Invalid::Unknown, Invalid::Ambiguous];
+    pub const ALL: [Invalid; 3] = [Invalid::Unknown, Invalid::Ambiguous, Invalid::NotAllowed];
 
     /// Label of `kvab_invalid_values_total{reason}`.
     pub fn label(self) -> &'static str {
         match self {
             Invalid::Unknown => "unknown",
             Invalid::Ambiguous => "ambiguous",
+            Invalid::NotAllowed => "not_allowed",
         }
     }
 }
@@ -176,8 +180,15 @@ impl Reading {
     }
 
     /// Whether forwarding the header as received already carries exactly `arm`'s canonical name.
-    pub fn already_canonical(&self) -> bool {
-        self.occurrences == 1 && self.canonical_bytes
+    pub fn already_canonical(&self, arm: ArmId) -> bool {
+        self.occurrences == 1
+            && self.canonical_bytes
+            && matches!(self.state, ReadState::Arm(a, _) if a == arm)
+    }
+
+    /// Whether the request tries to choose an arm (any non-blank value, valid or not).
+    pub fn chooses(&self) -> bool {
+        self.state != ReadState::Empty
     }
 
     fn add(&mut self, element: ReadState) {
@@ -211,6 +222,7 @@ pub(crate) struct Policies {
     pub on_unavailable: Unavailable,
     pub split: Option<Split>,
     pub sidecar: Option<Sidecar>,
+    pub choice: Option<ChoicePolicy>,
 }
 
 #[derive(Debug, Clone)]
@@ -226,6 +238,7 @@ pub struct Plan {
     on_unavailable: Unavailable,
     split: Option<Split>,
     sidecar: Option<Sidecar>,
+    choice: Option<ChoicePolicy>,
     unknown_body: Vec<u8>,
     ambiguous_body: Vec<u8>,
     /// One per arm: the message names the arm.
@@ -261,6 +274,7 @@ impl Plan {
             unknown_body,
             ambiguous_body,
             unavailable_bodies,
+            choice: p.choice,
         }
     }
 
@@ -315,6 +329,11 @@ impl Plan {
         self.split.as_ref()
     }
 
+    /// The `allowChoice` policy; `None`: every request may choose its arm.
+    pub fn choice(&self) -> Option<&ChoicePolicy> {
+        self.choice.as_ref()
+    }
+
     /// One line summarizing the configuration in its own vocabulary, for the log.
     pub fn describe(&self) -> String {
         let name = |arm: ArmId| self.arm_label(Some(arm)).to_owned();
@@ -349,8 +368,12 @@ impl Plan {
             ),
             None => String::new(),
         };
+        let choice = match &self.choice {
+            Some(c) => format!(", allowChoice {}", c.describe()),
+            None => String::new(),
+        };
         format!(
-            "header {}, arms [{}], onMissing {missing}, onUnknown {unknown}{sidecar}",
+            "header {}, arms [{}], onMissing {missing}, onUnknown {unknown}{choice}{sidecar}",
             self.header,
             self.arms.join(", ")
         )
@@ -420,6 +443,25 @@ impl Plan {
         split_key: Option<&[u8]>,
         draw: impl FnOnce() -> u64,
     ) -> Verdict {
+        self.decide_for(reading, true, split_key, draw)
+    }
+
+    /// As [`Plan::decide`], for a request that may or may not choose its arm (`allowChoice`).
+    /// One that may not is assigned as if it had sent no arm header (`onMissing`), whatever the
+    /// value, and its value counts as `not_allowed`; it is never rejected for it.
+    pub fn decide_for(
+        &self,
+        reading: &Reading,
+        may_choose: bool,
+        split_key: Option<&[u8]>,
+        draw: impl FnOnce() -> u64,
+    ) -> Verdict {
+        if !may_choose && reading.chooses() {
+            return Verdict {
+                decision: self.assign_missing(split_key, draw),
+                invalid: Some(Invalid::NotAllowed),
+            };
+        }
         let (decision, invalid) = match reading.state {
             ReadState::Arm(arm, source) => (Decision::Tag { arm, source }, None),
             ReadState::Empty => (self.assign_missing(split_key, draw), None),
@@ -460,8 +502,8 @@ impl Plan {
     fn handle_invalid(&self, why: Invalid) -> Decision {
         match self.on_unknown {
             Unknown::Reject => Decision::Reject(match why {
-                Invalid::Unknown => Rejection::UnknownBackend,
                 Invalid::Ambiguous => Rejection::AmbiguousBackend,
+                Invalid::Unknown | Invalid::NotAllowed => Rejection::UnknownBackend,
             }),
             Unknown::Passthrough => Decision::Untagged,
             Unknown::Default(arm) => Decision::Tag {
@@ -473,7 +515,7 @@ impl Plan {
 }
 
 /// Trims RFC 9110 optional whitespace (SP, HTAB).
-fn trim_ows(bytes: &[u8]) -> &[u8] {
+pub(crate) fn trim_ows(bytes: &[u8]) -> &[u8] {
     let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
     let start = bytes.iter().position(|b| !is_ows(b)).unwrap_or(bytes.len());
     let end = bytes
@@ -541,7 +583,8 @@ mod tests {
             }
             r
         };
-        assert!(read(&[b"nvlink"]).already_canonical());
+        assert!(read(&[b"nvlink"]).already_canonical(NVLINK));
+        assert!(!read(&[b"nvlink"]).already_canonical(FS));
         for values in [
             &[&b"NVLINK"[..]][..],
             &[b" nvlink"],
@@ -550,7 +593,8 @@ mod tests {
             &[b"nvlink", b"nvlink"],
             &[b"fs", b"nvlink"],
         ] {
-            assert!(!read(values).already_canonical(), "{values:?}");
+            assert!(!read(values).already_canonical(NVLINK), "{values:?}");
+            assert!(!read(values).already_canonical(FS), "{values:?}");
         }
         assert!(!read(&[]).present());
         assert!(read(&[b""]).present());
@@ -651,6 +695,54 @@ mod tests {
         assert_eq!(keyed, p.decide(&reading, Some(b"user-1"), || 0));
         // An explicit header still wins over split.
         assert_eq!(decide(&p, &[b"fs"]), tag(FS, Source::Header));
+    }
+
+    /// `allowChoice`: a request that may not choose is assigned by `onMissing`, whatever its
+    /// value (valid, alias, unknown, ambiguous); it is never rejected for it.
+    #[test]
+    fn a_request_that_may_not_choose_is_assigned_by_on_missing() {
+        for (config, expected) in [
+            (r#"{"allowChoice":{"header":"x-ab"}}"#, Decision::Untagged),
+            (
+                r#"{"allowChoice":{"header":"x-ab"},"onMissing":"default","defaultArm":"fs"}"#,
+                tag(FS, Source::Default),
+            ),
+            (
+                r#"{"allowChoice":{"header":"x-ab"},"onMissing":"split","split":{"weights":{"fs":1}}}"#,
+                tag(FS, Source::Split),
+            ),
+        ] {
+            let p = plan(config);
+            for values in [
+                &[&b"nvlink"[..]][..],
+                &[b"P2P"],
+                &[b"bogus"],
+                &[b"nvlink", b"fs"],
+                &[b"\xff"],
+            ] {
+                let mut r = Reading::default();
+                for v in values {
+                    p.read(&mut r, v);
+                }
+                let v = p.decide_for(&r, false, None, || 0);
+                assert_eq!(v.decision, expected, "{config} {values:?}");
+                assert_eq!(v.invalid, Some(Invalid::NotAllowed));
+                // Allowed, the same request is decided as usual.
+                let allowed = p.decide_for(&r, true, None, || 0);
+                assert_eq!(allowed, p.decide(&r, None, || 0));
+                assert_ne!(allowed.invalid, Some(Invalid::NotAllowed));
+            }
+            // Nothing chosen: nothing denied, nothing counted.
+            for values in [&[][..], &[&b""[..]], &[b" , "]] {
+                let mut r = Reading::default();
+                for v in values {
+                    p.read(&mut r, v);
+                }
+                let v = p.decide_for(&r, false, None, || 0);
+                assert_eq!(v, p.decide(&r, None, || 0), "{values:?}");
+                assert_eq!(v.invalid, None);
+            }
+        }
     }
 
     #[test]

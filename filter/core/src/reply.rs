@@ -1,6 +1,7 @@
 //! Bodies of the answers the filter gives itself, in the OpenAI error shape clients of an
 //! OpenAI-compatible server already parse.
 
+use crate::json::push_string;
 use crate::plan::{ArmId, Rejection};
 
 /// Builds the JSON body of a rejection. Called once per configuration, never per request.
@@ -52,29 +53,15 @@ pub(crate) fn rejection_body(
     // and this keeps a JSON serializer out of the .wasm.
     let mut body = String::with_capacity(message.len() + 128);
     body.push_str("{\"error\":{\"message\":");
-    push_json_string(&mut body, &message);
+    push_string(&mut body, &message);
     body.push_str(",\"type\":");
-    push_json_string(&mut body, error_type);
+    push_string(&mut body, error_type);
     body.push_str(",\"code\":");
-    push_json_string(&mut body, rejection.code());
+    push_string(&mut body, rejection.code());
     body.push_str(",\"param\":");
-    push_json_string(&mut body, header);
+    push_string(&mut body, header);
     body.push_str("}}");
     body.into_bytes()
-}
-
-/// Appends `s` as a JSON string literal.
-fn push_json_string(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
 }
 
 #[cfg(test)]
@@ -94,7 +81,7 @@ mod tests {
     #[test]
     fn json_strings_are_escaped() {
         let mut out = String::new();
-        super::push_json_string(&mut out, "a\"b\\c\n");
+        crate::json::push_string(&mut out, "a\"b\\c\n");
         assert_eq!(out, r#""a\"b\\c\u000a""#);
         let parsed: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(parsed, "a\"b\\c\n");

@@ -2,9 +2,10 @@
 
 use std::collections::BTreeMap;
 
-use kvab_contract::report::{Report, RoutedCount, OVERFLOW_ENDPOINT};
+use kvab_contract::report::OVERFLOW_ENDPOINT;
 
 use crate::endpoints::Served;
+use crate::json::push_string;
 use crate::metrics::CodeClass;
 use crate::plan::{ArmId, Plan};
 
@@ -67,9 +68,22 @@ impl Tally {
         self.counts.is_empty()
     }
 
-    /// The report with every non-zero total.
-    pub fn report(&self, plan: &Plan, reporter: &str, sequence: u64, started_at_ms: u64) -> Report {
-        let mut totals = Vec::new();
+    /// The report with every non-zero total, as `POST /v1/reports` JSON (`kvab_contract::report::Report`).
+    /// Written by hand: a serializer would double the size of this code in the `.wasm`.
+    pub fn report_json(
+        &self,
+        plan: &Plan,
+        reporter: &str,
+        sequence: u64,
+        started_at_ms: u64,
+    ) -> Vec<u8> {
+        let mut out = String::with_capacity(128 + 96 * self.counts.len());
+        out.push_str("{\"reporter\":");
+        push_string(&mut out, reporter);
+        out.push_str(&format!(
+            ",\"sequence\":{sequence},\"started_at_ms\":{started_at_ms},\"totals\":["
+        ));
+        let mut first = true;
         let requested_arms = (0..self.arms).map(|a| Some(ArmId(a))).chain([None]);
         let served_arms: Vec<Served> = (0..self.arms)
             .map(|a| Served::Arm(ArmId(a)))
@@ -81,25 +95,28 @@ impl Tally {
                     let cell = self.cell(requested, served, class);
                     for (endpoint, counts) in &self.counts {
                         let count = counts.get(cell).copied().unwrap_or(0);
-                        if count > 0 {
-                            totals.push(RoutedCount {
-                                requested: plan.arm_label(requested).to_owned(),
-                                served: served.label(plan).to_owned(),
-                                endpoint: String::from_utf8_lossy(endpoint).into_owned(),
-                                code_class: class.label().to_owned(),
-                                count,
-                            });
+                        if count == 0 {
+                            continue;
                         }
+                        if !first {
+                            out.push(',');
+                        }
+                        first = false;
+                        out.push_str("{\"requested\":");
+                        push_string(&mut out, plan.arm_label(requested));
+                        out.push_str(",\"served\":");
+                        push_string(&mut out, served.label(plan));
+                        out.push_str(",\"endpoint\":");
+                        push_string(&mut out, &String::from_utf8_lossy(endpoint));
+                        out.push_str(",\"code_class\":");
+                        push_string(&mut out, class.label());
+                        out.push_str(&format!(",\"count\":{count}}}"));
                     }
                 }
             }
         }
-        Report {
-            reporter: reporter.to_owned(),
-            sequence,
-            started_at_ms,
-            totals,
-        }
+        out.push_str("]}");
+        out.into_bytes()
     }
 }
 
@@ -113,6 +130,13 @@ impl Tally {
 mod tests {
     use super::*;
     use crate::config::parse;
+    use kvab_contract::report::Report;
+
+    /// The JSON the filter sends, read back with the contract's own (strict) type.
+    fn sent(tally: &Tally, sequence: u64) -> Report {
+        let plan = parse(b"{}").unwrap();
+        serde_json::from_slice(&tally.report_json(&plan, "r1", sequence, 7)).unwrap()
+    }
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
@@ -136,7 +160,7 @@ mod tests {
             CodeClass::C2xx,
         );
         tally.record(None, Served::None, b"", CodeClass::C4xx);
-        let report = tally.report(&plan, "r1", 1, 0);
+        let report = sent(&tally, 1);
         assert_eq!(report.reporter, "r1");
         let rows: Vec<(&str, &str, &str, &str, u64)> = report
             .totals
@@ -165,7 +189,7 @@ mod tests {
             b"10.0.0.5:8080",
             CodeClass::C2xx,
         );
-        assert_eq!(tally.report(&plan, "r1", 2, 0).totals[0].count, 4);
+        assert_eq!(sent(&tally, 2).totals[0].count, 4);
     }
 
     #[test]
@@ -180,7 +204,7 @@ mod tests {
                 CodeClass::C2xx,
             );
         }
-        let report = tally.report(&plan, "r", 1, 0);
+        let report = sent(&tally, 1);
         assert_eq!(report.totals.len(), MAX_ENDPOINTS + 1);
         let other = report
             .totals

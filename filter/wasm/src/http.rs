@@ -15,6 +15,7 @@ use crate::worker::Worker;
 
 const RESPONSE_CODE: &[u8] = b"response\0code";
 const UPSTREAM_ADDRESS: &[u8] = b"upstream\0address";
+const SOURCE_ADDRESS: &[u8] = b"source\0address";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Stage {
@@ -99,7 +100,11 @@ impl HttpContext for RequestContext {
             }
         };
         let scan = scan_request_headers(plan, &map);
-        let verdict = plan.decide(&scan.reading, scan.split_key, || worker.next_draw());
+        // Reads the source address only under an `allowChoice` policy with source ranges.
+        let may_choose = scan.may_choose(plan, || abi::property(SOURCE_ADDRESS).ok().flatten());
+        let verdict = plan.decide_for(&scan.reading, may_choose, scan.split_key, || {
+            worker.next_draw()
+        });
         if let Some(why) = verdict.invalid {
             metrics.count(metrics.layout.invalid_values(why));
         }
@@ -123,7 +128,7 @@ impl HttpContext for RequestContext {
                 }
                 self.stage = Stage::Admitted;
                 self.arm = Some(arm);
-                if !scan.reading.already_canonical() {
+                if !scan.reading.already_canonical(arm) {
                     let name = plan.arm_label(Some(arm));
                     let _ = abi::replace_header(Headers::Request, plan.header(), name.as_bytes());
                 }

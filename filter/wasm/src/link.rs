@@ -222,13 +222,12 @@ impl Link {
         }
         let sequence = self.sequence.get() + 1;
         let body = match self.tally.try_borrow() {
-            Ok(tally) => serde_json::to_vec(&tally.report(
+            Ok(tally) => tally.report_json(
                 plan,
                 &self.reporter,
                 sequence,
                 self.started_nanos / 1_000_000,
-            ))
-            .unwrap_or_default(),
+            ),
             Err(_) => return,
         };
         let headers = vec![

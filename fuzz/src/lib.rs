@@ -1,0 +1,572 @@
+//! Checks shared by the fuzz targets: an independent model of the documented behaviour (the
+//! README's tables, written again here the simple, allocating way) and the invariants every
+//! output must keep. Any disagreement or broken invariant panics, which libFuzzer reports.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::sync::LazyLock;
+
+use kvab_filter_core::headers::{scan_request_headers, serialize_pairs, HeaderPairs};
+use kvab_filter_core::metrics::MetricLayout;
+use kvab_filter_core::{parse, ArmId, Decision, Invalid, Plan, Rejection, Source, Verdict};
+
+/// What the model needs to know about one configuration.
+pub struct Model {
+    pub json: &'static str,
+    pub plan: Plan,
+    header: &'static str,
+    arms: &'static [(&'static str, &'static [&'static str])],
+    on_missing: Policy,
+    on_unknown: Policy,
+    /// `(arm name, weight)` for split, and its key header.
+    weights: &'static [(&'static str, u64)],
+    key_header: Option<&'static str>,
+    /// `allowChoice`: ranges as `(network, prefix)`, header, accepted values.
+    choice: Option<ChoiceModel>,
+}
+
+pub struct ChoiceModel {
+    ranges: &'static [(&'static str, usize)],
+    header: Option<&'static str>,
+    values: &'static [&'static str],
+}
+
+#[derive(Clone, Copy)]
+enum Policy {
+    Reject,
+    Passthrough,
+    Default(&'static str),
+    Split,
+}
+
+const RUNBOOK_ARMS: &[(&str, &[&str])] = &[
+    ("nvlink", &["p2p", "nccl"]),
+    ("fs", &["filesystem", "file"]),
+];
+
+fn model(
+    json: &'static str,
+    header: &'static str,
+    arms: &'static [(&'static str, &'static [&'static str])],
+    on_missing: Policy,
+    on_unknown: Policy,
+    weights: &'static [(&'static str, u64)],
+    key_header: Option<&'static str>,
+) -> Model {
+    let plan = parse(json.as_bytes()).unwrap_or_else(|e| panic!("fuzz plan {json}: {e}"));
+    Model {
+        json,
+        plan,
+        header,
+        arms,
+        on_missing,
+        on_unknown,
+        weights,
+        key_header,
+        choice: None,
+    }
+}
+
+/// The configurations the request target exercises: every policy, a custom header, a split key.
+pub static PLANS: LazyLock<Vec<Model>> = LazyLock::new(|| {
+    vec![
+        model(
+            "{}",
+            "x-kv-backend",
+            RUNBOOK_ARMS,
+            Policy::Passthrough,
+            Policy::Reject,
+            &[],
+            None,
+        ),
+        model(
+            r#"{"onMissing":"split","split":{"weights":{"nvlink":3,"fs":1},"keyHeader":"x-session-id"}}"#,
+            "x-kv-backend",
+            RUNBOOK_ARMS,
+            Policy::Split,
+            Policy::Reject,
+            &[("fs", 1), ("nvlink", 3)],
+            Some("x-session-id"),
+        ),
+        model(
+            r#"{"onMissing":"default","onUnknown":"default","defaultArm":"fs"}"#,
+            "x-kv-backend",
+            RUNBOOK_ARMS,
+            Policy::Default("fs"),
+            Policy::Default("fs"),
+            &[],
+            None,
+        ),
+        model(
+            r#"{"arms":[{"name":"a","aliases":["x"]},{"name":"B"},{"name":"c.d_e-9","aliases":["NVLink"]}],"onUnknown":"passthrough","onMissing":"split","split":{"weights":{"b":1000000,"a":1}}}"#,
+            "x-kv-backend",
+            &[("a", &["x"]), ("b", &[]), ("c.d_e-9", &["nvlink"])],
+            Policy::Split,
+            Policy::Passthrough,
+            &[("a", 1), ("b", 1_000_000)],
+            None,
+        ),
+        model(
+            r#"{"header":"X-Arm","arms":[{"name":"nvlink","aliases":["p2p"]}],"onMissing":"default","defaultArm":"nvlink"}"#,
+            "x-arm",
+            &[("nvlink", &["p2p"])],
+            Policy::Default("nvlink"),
+            Policy::Reject,
+            &[],
+            None,
+        ),
+        Model {
+            choice: Some(ChoiceModel {
+                ranges: &[("10.0.0.0", 8), ("127.0.0.2", 32), ("2001:db8::", 32)],
+                header: Some("x-ab"),
+                values: &["team-kv", "b c"],
+            }),
+            ..model(
+                r#"{"onMissing":"split","split":{"weights":{"nvlink":1,"fs":1},"keyHeader":"x-ab"},"allowChoice":{"sourceRanges":["10.0.0.0/8","127.0.0.2","2001:db8::/32"],"header":"X-AB","headerValues":["team-kv"," b c "]}}"#,
+                "x-kv-backend",
+                RUNBOOK_ARMS,
+                Policy::Split,
+                Policy::Reject,
+                &[("fs", 1), ("nvlink", 1)],
+                Some("x-ab"),
+            )
+        },
+        Model {
+            choice: Some(ChoiceModel {
+                ranges: &[],
+                header: Some("x-ab"),
+                values: &[],
+            }),
+            ..model(
+                r#"{"allowChoice":{"header":"x-ab"}}"#,
+                "x-kv-backend",
+                RUNBOOK_ARMS,
+                Policy::Passthrough,
+                Policy::Reject,
+                &[],
+                None,
+            )
+        },
+        Model {
+            choice: Some(ChoiceModel {
+                ranges: &[("::", 0), ("0.0.0.0", 1)],
+                header: None,
+                values: &[],
+            }),
+            ..model(
+                r#"{"allowChoice":{"sourceRanges":["::/0","0.0.0.0/1"]},"onMissing":"default","defaultArm":"nvlink"}"#,
+                "x-kv-backend",
+                RUNBOOK_ARMS,
+                Policy::Default("nvlink"),
+                Policy::Reject,
+                &[],
+                None,
+            )
+        },
+    ]
+});
+
+/// Name of the pseudo header line that carries the request's source address (Envoy's
+/// `source.address`); it is not part of the header map.
+pub const SOURCE_LINE: &[u8] = b"@source";
+
+/// A request's headers as the fuzzer gave them.
+pub enum Request<'a> {
+    /// A proxy-wasm serialized header map, possibly malformed.
+    Raw(&'a [u8]),
+    /// `(name, value)` pairs.
+    Pairs(Vec<(&'a [u8], &'a [u8])>),
+}
+
+impl<'a> Request<'a> {
+    /// `name: value` lines separated by `\n`; the value is everything after the first `:` and
+    /// one optional space. A line without `:` is a name with an empty value.
+    pub fn lines(text: &'a [u8]) -> Request<'a> {
+        let pairs = text
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|line| match line.iter().position(|&b| b == b':') {
+                Some(i) => {
+                    let value = &line[i + 1..];
+                    (&line[..i], value.strip_prefix(b" ").unwrap_or(value))
+                }
+                None => (line, &b""[..]),
+            })
+            .collect();
+        Request::Pairs(pairs)
+    }
+}
+
+/// Runs the filter's scan and decision on `request` and checks them against the model.
+pub fn check_request(m: &Model, request: &Request, draw: u64) {
+    let mut source: Option<&[u8]> = None;
+    let mut given: Vec<(&[u8], &[u8])> = Vec::new();
+    let owned;
+    let map: &[u8] = match request {
+        Request::Raw(raw) => raw,
+        Request::Pairs(all) => {
+            for &(k, v) in all {
+                if k == SOURCE_LINE {
+                    source = Some(v);
+                } else {
+                    given.push((k, v));
+                }
+            }
+            owned = serialize_pairs(&given);
+            &owned
+        }
+    };
+    let pairs: Vec<(&[u8], &[u8])> = HeaderPairs::new(map).collect();
+    if let Request::Pairs(_) = request {
+        assert_eq!(pairs, given, "header map round trip");
+    }
+    let scan = scan_request_headers(&m.plan, map);
+    let mut source_reads = 0;
+    let may_choose = scan.may_choose(&m.plan, || {
+        source_reads += 1;
+        source
+    });
+    assert_eq!(
+        may_choose,
+        model_may_choose(m, &pairs, source),
+        "allowChoice for {pairs:?} from {source:?}"
+    );
+    if m.choice.as_ref().is_none_or(|c| c.ranges.is_empty()) {
+        assert_eq!(source_reads, 0, "source address read without source ranges");
+    }
+    let mut draws = 0;
+    let verdict = m
+        .plan
+        .decide_for(&scan.reading, may_choose, scan.split_key, || {
+            draws += 1;
+            draw
+        });
+    assert!(draws <= 1, "the draw is taken at most once");
+    check_invariants(m, &verdict);
+
+    let expected = if may_choose {
+        expected_verdict(m, &pairs, draw)
+    } else {
+        // May not choose: assigned as if no arm header had come, and counted as not_allowed.
+        let without: Vec<(&[u8], &[u8])> = pairs
+            .iter()
+            .filter(|(k, _)| *k != m.header.as_bytes())
+            .copied()
+            .collect();
+        let assigned = expected_verdict(m, &without, draw);
+        Verdict {
+            decision: assigned.decision,
+            invalid: Some(Invalid::NotAllowed),
+        }
+    };
+    assert_eq!(verdict, expected, "model disagrees for {pairs:?}");
+
+    // Forged tags are always noticed, so they can be stripped.
+    let tags = [
+        format!("{}-source", m.header),
+        format!("{}-endpoint", m.header),
+    ];
+    let forged = pairs
+        .iter()
+        .any(|(k, _)| tags.iter().any(|t| t.as_bytes() == *k));
+    assert_eq!(scan.forged_tags, forged);
+    // The header is reported present exactly when it occurred.
+    let present = pairs.iter().any(|(k, _)| *k == m.header.as_bytes());
+    assert_eq!(scan.reading.present(), present);
+    if let Decision::Tag { arm, .. } = verdict.decision {
+        if scan.reading.already_canonical(arm) {
+            // Forwarded untouched only when it is the single, exact canonical tag of that arm.
+            let values: Vec<&[u8]> = pairs
+                .iter()
+                .filter(|(k, _)| *k == m.header.as_bytes())
+                .map(|(_, v)| *v)
+                .collect();
+            assert_eq!(values, [m.plan.arm_label(Some(arm)).as_bytes()]);
+        }
+    }
+}
+
+/// Every decision is a configured arm, untagged (`none`), or a rejection with its code.
+fn check_invariants(m: &Model, verdict: &Verdict) {
+    let arms = m.plan.arm_names();
+    match verdict.decision {
+        Decision::Tag { arm, source } => {
+            assert!(arm.0 < arms.len(), "arm {arm:?} of {arms:?}");
+            assert_ne!(m.plan.arm_label(Some(arm)), "none");
+            if matches!(source, Source::Header | Source::Alias) {
+                assert!(verdict.invalid.is_none());
+            }
+        }
+        Decision::Untagged => {}
+        Decision::Reject(_) if verdict.invalid == Some(Invalid::NotAllowed) => {
+            panic!("a request that may not choose was rejected")
+        }
+        Decision::Reject(r) => {
+            assert_eq!(r.status(), 400);
+            assert!(verdict.invalid.is_some(), "rejected a valid value");
+            let body: serde_json::Value = serde_json::from_slice(m.plan.rejection_body(r)).unwrap();
+            assert_eq!(body["error"]["code"], r.code());
+            assert_eq!(body["error"]["param"], m.header);
+        }
+    }
+}
+
+/// The allowChoice rule, written out: no policy, no non-blank value, an accepted header value,
+/// or a source address inside a range (compared bit by bit).
+fn model_may_choose(m: &Model, pairs: &[(&[u8], &[u8])], source: Option<&[u8]>) -> bool {
+    let Some(choice) = &m.choice else {
+        return true;
+    };
+    let names_something = pairs.iter().any(|(k, v)| {
+        *k == m.header.as_bytes() && v.split(|&b| b == b',').any(|e| !trim_blanks(e).is_empty())
+    });
+    if !names_something {
+        return true;
+    }
+    let accepted = |v: &[u8]| {
+        let v = trim_blanks(v);
+        if choice.values.is_empty() {
+            !v.is_empty()
+        } else {
+            choice.values.iter().any(|x| x.as_bytes() == v)
+        }
+    };
+    if choice
+        .header
+        .is_some_and(|h| pairs.iter().any(|(k, v)| *k == h.as_bytes() && accepted(v)))
+    {
+        return true;
+    }
+    let ip = source
+        .and_then(|s| std::str::from_utf8(s).ok())
+        .and_then(|s| {
+            s.parse::<std::net::SocketAddr>()
+                .map(|a| a.ip())
+                .or_else(|_| s.parse::<std::net::IpAddr>())
+                .ok()
+        });
+    let Some(ip) = ip else {
+        return false;
+    };
+    let bits = |octets: &[u8]| -> Vec<bool> {
+        octets
+            .iter()
+            .flat_map(|o| (0..8).rev().map(move |i| (o >> i) & 1 == 1))
+            .collect()
+    };
+    let family_bits = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(a) => (true, bits(&a.octets())),
+        std::net::IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(a4) => (true, bits(&a4.octets())),
+            None => (false, bits(&a.octets())),
+        },
+    };
+    let (v4, addr) = family_bits(ip);
+    choice.ranges.iter().any(|(net, prefix)| {
+        let (net_v4, net_bits) = family_bits(net.parse().unwrap());
+        net_v4 == v4 && addr[..*prefix] == net_bits[..*prefix]
+    })
+}
+
+fn arm_id(m: &Model, name: &str) -> ArmId {
+    ArmId(m.arms.iter().position(|(n, _)| *n == name).unwrap())
+}
+
+/// The README's decision table, computed the plain way.
+fn expected_verdict(m: &Model, pairs: &[(&[u8], &[u8])], draw: u64) -> Verdict {
+    let mut elements: Vec<Option<(ArmId, bool)>> = Vec::new();
+    for (name, value) in pairs {
+        if *name != m.header.as_bytes() {
+            continue;
+        }
+        for element in value.split(|&b| b == b',') {
+            let element = trim_blanks(element);
+            if element.is_empty() {
+                continue;
+            }
+            let lower = element.to_ascii_lowercase();
+            let found = m.arms.iter().enumerate().find_map(|(i, (name, aliases))| {
+                if name.as_bytes() == lower {
+                    Some((ArmId(i), true))
+                } else if aliases.iter().any(|a| a.as_bytes() == lower) {
+                    Some((ArmId(i), false))
+                } else {
+                    None
+                }
+            });
+            elements.push(found);
+        }
+    }
+    let invalid = if elements.is_empty() {
+        None
+    } else if elements.iter().all(Option::is_none) {
+        Some(Invalid::Unknown)
+    } else {
+        let first = elements[0];
+        match first {
+            Some((arm, _)) if elements.iter().all(|e| e.is_some_and(|(a, _)| a == arm)) => {
+                let alias = elements
+                    .iter()
+                    .any(|e| e.is_some_and(|(_, canonical)| !canonical));
+                let source = if alias { Source::Alias } else { Source::Header };
+                return Verdict {
+                    decision: Decision::Tag { arm, source },
+                    invalid: None,
+                };
+            }
+            _ => Some(Invalid::Ambiguous),
+        }
+    };
+    let decision = match invalid {
+        None => match m.on_missing {
+            Policy::Passthrough => Decision::Untagged,
+            Policy::Default(arm) => Decision::Tag {
+                arm: arm_id(m, arm),
+                source: Source::Default,
+            },
+            Policy::Split => {
+                let key = m.key_header.and_then(|k| {
+                    pairs
+                        .iter()
+                        .find(|(name, _)| *name == k.as_bytes())
+                        .map(|(_, v)| trim_blanks(v))
+                });
+                let point = match key.filter(|k| !k.is_empty()) {
+                    Some(key) => documented_key_hash(key),
+                    None => draw,
+                };
+                Decision::Tag {
+                    arm: split_arm(m, point),
+                    source: Source::Split,
+                }
+            }
+            Policy::Reject => unreachable!("not a missing policy"),
+        },
+        Some(why) => match m.on_unknown {
+            Policy::Reject => Decision::Reject(match why {
+                Invalid::Unknown => Rejection::UnknownBackend,
+                _ => Rejection::AmbiguousBackend,
+            }),
+            Policy::Passthrough => Decision::Untagged,
+            Policy::Default(arm) => Decision::Tag {
+                arm: arm_id(m, arm),
+                source: Source::Default,
+            },
+            Policy::Split => unreachable!("not an unknown policy"),
+        },
+    };
+    Verdict { decision, invalid }
+}
+
+fn trim_blanks(b: &[u8]) -> &[u8] {
+    let start = b
+        .iter()
+        .position(|c| *c != b' ' && *c != b'\t')
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| *c != b' ' && *c != b'\t')
+        .map_or(start, |i| i + 1);
+    &b[start..end]
+}
+
+/// FNV-1a 64 then the SplitMix64 finalizer (README, "Sticky split").
+fn documented_key_hash(key: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in key {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// Multiply-shift onto the cumulative weights, arms in name order.
+fn split_arm(m: &Model, draw: u64) -> ArmId {
+    let total: u64 = m.weights.iter().map(|(_, w)| w).sum();
+    let point = ((u128::from(draw) * u128::from(total)) >> 64) as u64;
+    let mut upper = 0;
+    for (name, w) in m.weights {
+        upper += w;
+        if point < upper {
+            return arm_id(m, name);
+        }
+    }
+    panic!("point {point} beyond total {total}");
+}
+
+/// The configuration parser on arbitrary bytes.
+pub fn check_config(data: &[u8]) {
+    match parse(data) {
+        Err(e) => {
+            let line = e.to_string();
+            assert!(!line.is_empty());
+            // One log line: no line breaks or other control characters from the input.
+            assert!(
+                !line.chars().any(char::is_control),
+                "control character in {line:?}"
+            );
+        }
+        Ok(plan) => check_plan(&plan),
+    }
+}
+
+fn check_plan(plan: &Plan) {
+    let arms = plan.arm_names();
+    assert!((1..=16).contains(&arms.len()));
+    for (i, name) in arms.iter().enumerate() {
+        assert!(is_token(name), "{name:?}");
+        assert_ne!(name, "none");
+        assert!(!arms[..i].contains(name), "duplicate arm {name}");
+        // Each canonical name selects its arm, exactly as configured.
+        let map = serialize_pairs(&[(plan.header().as_bytes(), name.as_bytes())]);
+        let scan = scan_request_headers(plan, &map);
+        assert!(scan.reading.already_canonical(ArmId(i)));
+        let verdict = plan.decide(&scan.reading, None, || 0);
+        assert_eq!(
+            verdict.decision,
+            Decision::Tag {
+                arm: ArmId(i),
+                source: Source::Header
+            }
+        );
+    }
+    for header in [plan.header(), plan.source_header(), plan.endpoint_header()] {
+        assert!(
+            !header.is_empty()
+                && header
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && !b.is_ascii_uppercase())
+        );
+    }
+    for r in Rejection::ALL {
+        let body: serde_json::Value = serde_json::from_slice(plan.rejection_body(r)).unwrap();
+        assert_eq!(body["error"]["code"], r.code());
+    }
+    assert!(!plan.describe().chars().any(char::is_control));
+    // Missing header: whatever the policy, a configured arm or untagged.
+    let verdict = plan.decide(&Default::default(), Some(b"k"), || u64::MAX);
+    if let Decision::Tag { arm, .. } = verdict.decision {
+        assert!(arm.0 < arms.len());
+    }
+    assert!(!matches!(verdict.decision, Decision::Reject(_)));
+    // The metric table: one distinct, well-formed stat per lookup.
+    let layout = MetricLayout::new(plan);
+    let defs = layout.definitions(plan);
+    assert_eq!(defs.len(), layout.len());
+    let mut names: Vec<&str> = defs.iter().map(|(_, n)| n.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), defs.len());
+}
+
+fn is_token(s: &str) -> bool {
+    (1..=32).contains(&s.len())
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
+}
