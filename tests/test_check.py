@@ -133,7 +133,7 @@ interval_seconds = 1
     assert code == 1
     labels = checks["prerequisites/proxy-labels"]
     assert labels["result"] == "fail"
-    assert "1.0 proxy pod(s) without llm-d.ai/kv-backend" in labels["measured"] or "1 proxy pod(s) without" in labels["measured"], labels
+    assert "1 proxy pod(s) without llm-d.ai/kv-backend (kvab_unlabeled_proxies)" in labels["measured"], labels
     assert "no proxy labelled llm-d.ai/kv-backend=fs" in labels["measured"]
     assert "InferencePoolResourceExhausted" in labels["diagnosis"]
     fs = checks["step3/header-fs"]

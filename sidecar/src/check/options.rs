@@ -278,6 +278,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
             "--burst-requests" => options.burst_requests = number(flag, &value, 0, 10_000)?,
             "--concurrency" => options.concurrency = number(flag, &value, 1, 256)?,
             "--burst-path" if value.starts_with('/') => options.burst_path = value,
+            "--burst-path" => return Err(format!("--burst-path must start with /, got {value:?}")),
             "--max-time" => options.max_time = seconds(flag, &value)?,
             "--burst-time-limit" => options.burst_time_limit = seconds(flag, &value)?,
             "--settle" => options.settle = seconds(flag, &value)?,
