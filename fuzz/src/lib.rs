@@ -308,7 +308,7 @@ fn check_invariants(m: &Model, verdict: &Verdict) {
         Decision::Reject(r) => {
             assert_eq!(r.status(), 400);
             assert!(verdict.invalid.is_some(), "rejected a valid value");
-            let body: serde_json::Value = serde_json::from_slice(m.plan.rejection_body(r)).unwrap();
+            let body: serde_json::Value = serde_json::from_slice(m.plan.rejection_body(r, None)).unwrap();
             assert_eq!(body["error"]["code"], r.code());
             assert_eq!(body["error"]["param"], m.header);
         }
@@ -544,8 +544,11 @@ fn check_plan(plan: &Plan) {
         );
     }
     for r in Rejection::ALL {
-        let body: serde_json::Value = serde_json::from_slice(plan.rejection_body(r)).unwrap();
-        assert_eq!(body["error"]["code"], r.code());
+        // kv_backend_unavailable names the arm: one body per arm.
+        for arm in (0..arms.len()).map(|a| Some(ArmId(a))) {
+            let body: serde_json::Value = serde_json::from_slice(plan.rejection_body(r, arm)).unwrap();
+            assert_eq!(body["error"]["code"], r.code());
+        }
     }
     assert!(!plan.describe().chars().any(char::is_control));
     // Missing header: whatever the policy, a configured arm or untagged.

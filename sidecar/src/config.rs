@@ -24,8 +24,12 @@ pub struct Config {
     pub source: Source,
     pub probe: Probe,
     pub shutdown: Shutdown,
+    /// Path of the filter module served at `GET /v1/filter.wasm`; `None`: that route answers 404.
+    pub filter_wasm: Option<String>,
     /// `reports.state_file`: where the report ledger is kept across restarts.
     pub reports_state_file: Option<std::path::PathBuf>,
+    /// `reports.token_file`: reports must carry `Authorization: Bearer <this token>`.
+    pub reports_token: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -123,6 +127,7 @@ struct RawConfig {
     probe: RawProbe,
     #[serde(default)]
     shutdown: RawShutdown,
+    filter_wasm: Option<Spanned<String>>,
     #[serde(default)]
     reports: RawReports,
 }
@@ -131,7 +136,11 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawReports {
     state_file: Option<Spanned<String>>,
+    token_file: Option<Spanned<String>>,
 }
+
+/// Shortest report token accepted (a guessable token would protect nothing).
+pub const MIN_REPORT_TOKEN_LEN: usize = 16;
 
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -380,12 +389,50 @@ impl Config {
             )?,
         };
 
+        let filter_wasm = match raw.filter_wasm {
+            None => None,
+            Some(path) if path.get_ref().starts_with('/') => Some(path.into_inner()),
+            Some(path) => {
+                return Err(loc.at(
+                    &path,
+                    format!(
+                        "`filter_wasm` must be an absolute path to kvab_filter.wasm, got {:?}",
+                        path.get_ref()
+                    ),
+                ))
+            }
+        };
+
         let reports_state_file = match raw.reports.state_file {
             None => None,
             Some(path) if !path.get_ref().trim().is_empty() => {
                 Some(std::path::PathBuf::from(path.into_inner()))
             }
             Some(path) => return Err(loc.at(&path, "`reports.state_file` must be a file path")),
+        };
+        let reports_token = match raw.reports.token_file {
+            None => None,
+            Some(path) => {
+                let token = std::fs::read_to_string(path.get_ref()).map_err(|e| {
+                    loc.at(
+                        &path,
+                        format!(
+                            "`reports.token_file`: cannot read {:?}: {e}",
+                            path.get_ref()
+                        ),
+                    )
+                })?;
+                let token = token.trim().to_string();
+                if token.len() < MIN_REPORT_TOKEN_LEN
+                    || !token.bytes().all(|b| b.is_ascii_graphic())
+                {
+                    return Err(loc.at(
+                        &path,
+                        format!("`reports.token_file`: the token must be at least {MIN_REPORT_TOKEN_LEN} printable ASCII characters"),
+                    ));
+                }
+                Some(token)
+            }
         };
 
         Ok(Config {
@@ -394,7 +441,9 @@ impl Config {
             source,
             probe,
             shutdown,
+            filter_wasm,
             reports_state_file,
+            reports_token,
         })
     }
 }
@@ -537,6 +586,16 @@ mod tests {
         assert_eq!(c.probe.path, "/metrics");
         assert_eq!(c.shutdown.drain_delay, Duration::ZERO);
         assert_eq!(c.shutdown.grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn filter_wasm_is_an_optional_absolute_path() {
+        assert_eq!(Config::parse("", "t").unwrap().filter_wasm, None);
+        let c = Config::parse("filter_wasm = \"/kvab/kvab_filter.wasm\"\n", "t").unwrap();
+        assert_eq!(c.filter_wasm.as_deref(), Some("/kvab/kvab_filter.wasm"));
+        let e = error("filter_wasm = \"kvab_filter.wasm\"\n");
+        assert_eq!(e.position, Some((1, 15)));
+        assert!(e.message.contains("`filter_wasm`"), "{e}");
     }
 
     #[test]

@@ -27,29 +27,37 @@ pub fn routes(
     let report_state = state.clone();
     let post_reports = warp::post()
         .and(warp::path!("v1" / "reports"))
+        .and(warp::header::optional::<String>("authorization"))
         .and(warp::header::optional::<String>("content-type"))
         .and(warp::body::stream())
-        .then(move |content_type: Option<String>, body| {
-            let (state, reports) = (report_state.clone(), reports.clone());
-            async move {
-                let answer = reports
-                    .receive(&state, content_type.as_deref(), Box::pin(body))
-                    .await;
-                let response = match answer.body {
-                    Ok(ack) => match serde_json::to_vec(&ack) {
-                        Ok(body) => json(answer.status, Bytes::from(body)),
-                        Err(_) => error(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "internal",
-                            "cannot encode the answer",
-                        ),
-                    },
-                    Err((code, message)) => error(answer.status, code, &message),
-                };
-                count(&state, "reports", &response);
-                response
-            }
-        });
+        .then(
+            move |authorization: Option<String>, content_type: Option<String>, body| {
+                let (state, reports) = (report_state.clone(), reports.clone());
+                async move {
+                    let answer = reports
+                        .receive(
+                            &state,
+                            authorization.as_deref(),
+                            content_type.as_deref(),
+                            Box::pin(body),
+                        )
+                        .await;
+                    let response = match answer.body {
+                        Ok(ack) => match serde_json::to_vec(&ack) {
+                            Ok(body) => json(answer.status, Bytes::from(body)),
+                            Err(_) => error(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                "internal",
+                                "cannot encode the answer",
+                            ),
+                        },
+                        Err((code, message)) => error(answer.status, code, &message),
+                    };
+                    count(&state, "reports", &response);
+                    response
+                }
+            },
+        );
     let everything_else = warp::method()
         .and(warp::path::full())
         .and(warp::header::headers_cloned())
@@ -76,6 +84,7 @@ pub fn handle(state: &State, method: &Method, path: &str, headers: &HeaderMap) -
         "/healthz" => "healthz",
         "/readyz" => "readyz",
         "/metrics" => "metrics",
+        crate::filter_wasm::PATH => "filter_wasm",
         REPORTS_PATH => "reports",
         _ => "other",
     };
@@ -105,6 +114,7 @@ pub fn handle(state: &State, method: &Method, path: &str, headers: &HeaderMap) -
             "endpoints" => endpoints(state, headers),
             "healthz" => json(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}")),
             "readyz" => readyz(state),
+            "filter_wasm" => crate::filter_wasm::respond(crate::filter_wasm::served(), headers),
             "metrics" => metrics(state),
             // POST /v1/reports is answered by its own filter in `routes`.
             _ => error(
@@ -142,7 +152,7 @@ fn endpoints(state: &State, headers: &HeaderMap) -> Response<Bytes> {
 }
 
 /// `If-None-Match` uses weak comparison (RFC 9110 §13.1.2): `W/"x"` matches `"x"`; `*` matches any.
-fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
+pub(crate) fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
     headers
         .get_all(header::IF_NONE_MATCH)
         .iter()
@@ -197,7 +207,7 @@ fn json(status: StatusCode, body: Bytes) -> Response<Bytes> {
     response
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response<Bytes> {
+pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response<Bytes> {
     // Serializing two strings cannot fail; fall back to a fixed body rather than panic.
     let body = serde_json::to_vec(&ErrorBody::new(code, message))
         .unwrap_or_else(|_| b"{\"error\":{\"code\":\"internal\",\"message\":\"\"}}".to_vec());
@@ -239,7 +249,15 @@ mod tests {
     }
 
     fn test_reports(state: &State) -> Arc<Reports> {
-        Arc::new(Reports::open(vec!["nvlink".into(), "fs".into()], None, &state.metrics).unwrap())
+        Arc::new(
+            Reports::open(
+                vec!["nvlink".into(), "fs".into()],
+                None,
+                None,
+                &state.metrics,
+            )
+            .unwrap(),
+        )
     }
 
     fn error_code(response: &Response<Bytes>) -> String {

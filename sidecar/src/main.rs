@@ -1,10 +1,12 @@
 //! `kvab serve`: the sidecar. Wiring only; the parts live in their modules:
 //! `config` (TOML), `index` (pods → endpoint map), `watch` (Kubernetes source), `probe` (proxy `/metrics`),
-//! `state` (published snapshot, readiness), `http` (the API), `metrics` (Prometheus).
+//! `state` (published snapshot, readiness), `http` (the API), `metrics` (Prometheus), `filter_wasm` (the filter
+//! module served to the gateway).
 //! `kvab check` (the runbook with a verdict) is the `check` module tree.
 
 mod check;
 mod config;
+mod filter_wasm;
 mod http;
 mod index;
 mod ledger;
@@ -120,9 +122,36 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Read and hashed once, before anything is served: a missing file stops the start with the key's name.
+    let filter_module = match config
+        .filter_wasm
+        .as_deref()
+        .map(filter_wasm::FilterWasm::load)
+    {
+        None => None,
+        Some(Ok(module)) => Some(module),
+        Some(Err(e)) => {
+            log::error!("configuration error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     if check_only {
-        println!("{}", summary(&config));
+        let mut line = summary(&config);
+        if let Some(module) = &filter_module {
+            line.push_str(&format!(", filter_wasm sha256 {}", module.sha256));
+        }
+        println!("{line}");
         return ExitCode::SUCCESS;
+    }
+    if let Some(module) = filter_module {
+        log::info!(
+            "serving {} ({} bytes, sha256 {}) at GET {}",
+            module.path,
+            module.body.len(),
+            module.sha256,
+            filter_wasm::PATH
+        );
+        filter_wasm::install(module);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -174,6 +203,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let reports = Arc::new(reports::Reports::open(
         config.arms.clone(),
         config.reports_state_file.clone(),
+        config.reports_token.clone(),
         &state.metrics,
     )?);
     let listener = TcpListener::bind(config.listen)

@@ -9,6 +9,17 @@ use prometheus::{
 
 use crate::state::State;
 
+/// Values of `kvab_reports_received_total{result}`.
+pub const REPORT_RESULTS: [&str; 7] = [
+    "applied",
+    "baselined",
+    "duplicate",
+    "stale",
+    "invalid",
+    "too_large",
+    "unauthorized",
+];
+
 pub struct Metrics {
     registry: Registry,
     /// Serializes "recompute gauges, then gather" so two scrapes cannot interleave.
@@ -43,7 +54,7 @@ impl Metrics {
     pub fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
         let r = &registry;
-        Ok(Self {
+        let metrics = Self {
             backend_endpoints: register(r, IntGaugeVec::new(
                 Opts::new("kvab_backend_endpoints", "Proxy endpoints per arm (backend) and state (ready, not_ready)."),
                 &["backend", "state"],
@@ -119,7 +130,12 @@ impl Metrics {
             )?)?,
             scrape: Mutex::new(()),
             registry,
-        })
+        };
+        // Every result exists from the start, at zero: rate() and increase() need a first sample.
+        for result in REPORT_RESULTS {
+            metrics.reports_received.with_label_values(&[result]);
+        }
+        Ok(metrics)
     }
 
     /// Recomputes the gauges from `state` and returns the text exposition format.

@@ -24,6 +24,8 @@ pub struct Reports {
     ledger: tokio::sync::Mutex<Ledger>,
     arms: Vec<String>,
     state_file: Option<PathBuf>,
+    /// When set, a report must carry `Authorization: Bearer <token>`.
+    token: Option<String>,
     /// Set when no saved ledger was restored: reporters started before this time may have been
     /// counted by a previous run, so their first report is a baseline.
     baseline_before_ms: Option<u64>,
@@ -47,6 +49,7 @@ impl Reports {
     pub fn open(
         arms: Vec<String>,
         state_file: Option<PathBuf>,
+        token: Option<String>,
         metrics: &Metrics,
     ) -> anyhow::Result<Reports> {
         let restored = match &state_file {
@@ -68,12 +71,19 @@ impl Reports {
             ledger: tokio::sync::Mutex::new(ledger),
             arms,
             state_file,
+            token,
             baseline_before_ms,
         })
     }
 
     /// Reads, checks and applies one report body.
-    pub async fn receive<S, B>(&self, state: &State, content_type: Option<&str>, body: S) -> Answer
+    pub async fn receive<S, B>(
+        &self,
+        state: &State,
+        authorization: Option<&str>,
+        content_type: Option<&str>,
+        body: S,
+    ) -> Answer
     where
         S: Stream<Item = Result<B, warp::Error>> + Unpin,
         B: bytes::Buf,
@@ -86,6 +96,19 @@ impl Reports {
                 body: Err((code, message)),
             }
         };
+        if let Some(token) = &self.token {
+            let offered = authorization
+                .and_then(|a| a.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !same_secret(offered.trim().as_bytes(), token.as_bytes()) {
+                return reject(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "reports need Authorization: Bearer <the token of reports.token_file>".into(),
+                    "unauthorized",
+                );
+            }
+        }
         if !content_type.is_some_and(|t| {
             t.split(';')
                 .next()
@@ -185,6 +208,16 @@ impl Reports {
             }),
         }
     }
+}
+
+/// Compares without an early exit, so the time taken does not tell how much of a guess was right.
+fn same_secret(offered: &[u8], expected: &[u8]) -> bool {
+    offered.len() == expected.len()
+        && offered
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 /// The body, or `None` when it is longer than `limit` (reading stops there).

@@ -10,7 +10,7 @@ use crate::assign::Split;
 use crate::choice::{ChoicePolicy, IpRange, MAX_HEADER_VALUES, MAX_HEADER_VALUE_LEN, MAX_RANGES};
 use crate::json::{self, error, Fields};
 use crate::plan::{ArmId, Missing, Plan, Unavailable, Unknown};
-use crate::sidecar::Sidecar;
+use crate::sidecar::{Sidecar, MIN_REPORT_TOKEN_LEN};
 
 /// Arm names and aliases end up in metric names and header values: keep them to a safe,
 /// bounded alphabet.
@@ -41,6 +41,7 @@ struct RawSidecar {
     refresh_ms: u64,
     timeout_ms: Option<u64>,
     stale_after_ms: u64,
+    report_token: Option<String>,
 }
 
 const DEFAULT_REFRESH_MS: u64 = 1_000;
@@ -196,6 +197,7 @@ impl RawSidecar {
                 "refreshMs",
                 "timeoutMs",
                 "staleAfterMs",
+                "reportToken",
             ],
         )?;
         f.finish()?;
@@ -207,6 +209,7 @@ impl RawSidecar {
             refresh_ms: f.u64("refreshMs")?.unwrap_or(DEFAULT_REFRESH_MS),
             timeout_ms: f.u64("timeoutMs")?,
             stale_after_ms: f.u64("staleAfterMs")?.unwrap_or(DEFAULT_STALE_AFTER_MS),
+            report_token: f.string("reportToken")?,
         })
     }
 }
@@ -433,12 +436,32 @@ fn build_sidecar(raw: &RawSidecar) -> Result<Sidecar, ConfigError> {
         2 * refresh_ms,
         3_600_000,
     )?;
+    let report_token = match &raw.report_token {
+        Some(t)
+            if t.len() >= MIN_REPORT_TOKEN_LEN
+                && t.len() <= 256
+                && t.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Some(t.clone())
+        }
+        // The token itself is never echoed into the log.
+        Some(_) => {
+            return Err(error(
+                "sidecar.reportToken",
+                format!(
+                "must be {MIN_REPORT_TOKEN_LEN} to 256 printable ASCII characters without spaces"
+            ),
+            ))
+        }
+        None => None,
+    };
     Ok(Sidecar {
         cluster: cluster.to_owned(),
         authority,
         refresh_ms,
         timeout_ms,
         stale_after_ms,
+        report_token,
     })
 }
 
@@ -901,6 +924,12 @@ mod tests {
         assert_eq!(plan.on_unavailable(), Unavailable::Reject);
         let plan = parse(br#"{"sidecar":{"cluster":"kvab_sidecar","refreshMs":200}}"#).unwrap();
         assert_eq!(plan.sidecar().unwrap().authority, "kvab_sidecar");
+        let plan =
+            parse(br#"{"sidecar":{"cluster":"c","reportToken":"0123456789abcdef"}}"#).unwrap();
+        assert_eq!(
+            plan.sidecar().unwrap().report_token.as_deref(),
+            Some("0123456789abcdef")
+        );
         for (json, field) in [
             (r#"{"sidecar":{}}"#, "sidecar"),
             (r#"{"sidecar":{"cluster":""}}"#, "sidecar.cluster"),
@@ -926,6 +955,14 @@ mod tests {
                 "sidecar.url",
             ),
             (r#"{"onUnavailable":"wait"}"#, "onUnavailable"),
+            (
+                r#"{"sidecar":{"cluster":"c","reportToken":"short"}}"#,
+                "sidecar.reportToken",
+            ),
+            (
+                r#"{"sidecar":{"cluster":"c","reportToken":"has a space in it, 123"}}"#,
+                "sidecar.reportToken",
+            ),
         ] {
             assert_eq!(err(json).field, field, "{json}");
         }

@@ -13,7 +13,12 @@ pub struct Sidecar {
     pub timeout_ms: u64,
     /// A map not confirmed by the sidecar for this long is treated as unknown.
     pub stale_after_ms: u64,
+    /// Sent as `Authorization: Bearer …` with reports, when the sidecar requires one.
+    pub report_token: Option<String>,
 }
+
+/// Shortest report token accepted, as in the sidecar's `reports.token_file`.
+pub const MIN_REPORT_TOKEN_LEN: usize = 16;
 
 impl Sidecar {
     /// `SERVICE:PORT` from an Istio cluster name, else the cluster name itself.

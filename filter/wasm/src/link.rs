@@ -45,6 +45,8 @@ pub struct Link {
     view: RefCell<MapView>,
     calls: RefCell<Vec<(u32, Call)>>,
     reporter: String,
+    /// `Bearer <reportToken>`, built once.
+    bearer: Option<String>,
     sequence: Cell<u64>,
     tally: RefCell<Tally>,
     /// Requests recorded so far, and how many of them the sidecar has acknowledged.
@@ -56,6 +58,7 @@ pub struct Link {
 impl Link {
     pub fn new(plan: &Plan, sidecar: Sidecar, reporter: String) -> Link {
         let key = |what: &str| format!("kvab.{what}/{}", sidecar.cluster);
+        let bearer = sidecar.report_token.as_ref().map(|t| format!("Bearer {t}"));
         Link {
             meta_key: key("endpoints-meta"),
             body_key: key("endpoints"),
@@ -64,6 +67,7 @@ impl Link {
             view: RefCell::default(),
             calls: RefCell::default(),
             reporter,
+            bearer,
             sequence: Cell::new(0),
             tally: RefCell::new(Tally::new(plan)),
             changes: Cell::new(0),
@@ -230,12 +234,15 @@ impl Link {
             ),
             Err(_) => return,
         };
-        let headers = vec![
+        let mut headers = vec![
             (":method", "POST"),
             (":path", REPORTS_PATH),
             (":authority", self.sidecar.authority.as_str()),
             ("content-type", "application/json"),
         ];
+        if let Some(bearer) = &self.bearer {
+            headers.push(("authorization", bearer.as_str()));
+        }
         self.sequence.set(sequence);
         match abi::http_call(
             &self.sidecar.cluster,

