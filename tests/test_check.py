@@ -143,7 +143,8 @@ interval_seconds = 1
 def test_no_traffic_observed_is_inconclusive_never_a_pass(stack):
     # The filter is not linked to kvab serve: requests flow, but no counter the check trusts moves.
     s = stack(link_sidecar=False)
-    code, checks, report = run_check(s)
+    # The counters never settle here; a short --settle keeps the test quick.
+    code, checks, report = run_check(s, "--settle", "1")
     assert code == 2, json.dumps(report, indent=1)
     assert report["verdict"] == "inconclusive"
     assert not failed(checks), checks
@@ -152,7 +153,7 @@ def test_no_traffic_observed_is_inconclusive_never_a_pass(stack):
     assert checks["step3/header-nvlink"]["result"] == "inconclusive"
 
     # Nothing sent at all is inconclusive too.
-    code, checks, _ = run_check(s, "--header-requests", "0", "--burst-requests", "0")
+    code, checks, _ = run_check(s, "--settle", "1", "--header-requests", "0", "--burst-requests", "0")
     assert code == 2
     assert checks["step4/status"]["result"] == "inconclusive"
     assert checks["ab/latency"]["result"] == "inconclusive"
