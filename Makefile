@@ -22,7 +22,7 @@ CARGO_DENY := .tools/bin/cargo-deny
 export KVAB_ENVOY := $(abspath $(ENVOY))
 export KVAB_WASM  := $(abspath $(WASM))
 
-.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner lint unit wasm-unit test e2e demo bench clean cargo-fuzz fuzz fuzz-smoke cargo-deny deny manifests manifests-sha observability prometheus
+.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner lint unit wasm-unit test e2e demo demo-up bench clean cargo-fuzz fuzz fuzz-smoke cargo-deny deny manifests manifests-sha observability prometheus
 
 rust-targets:
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
@@ -126,9 +126,13 @@ manifests: filter sidecar venv
 manifests-sha: filter
 	python3 deploy/set_wasm_sha256.py
 
-# The main job on the embedded local stack (see README).
+# The full local stack (Envoy + filter, kvab serve, two OpenAI-compatible arms), then `kvab check`
+# on it; everything started is stopped again. demo-up keeps the stack running until Ctrl-C.
 demo: filter sidecar venv
 	cd local && ../$(PY) -m kvablocal.demo
+
+demo-up: filter sidecar venv
+	cd local && ../$(PY) -m kvablocal.demo --up
 
 # The observability pack: rewrite the dashboard, its ConfigMap and the PrometheusRule from
 # observability/build.py and the rules file, then check the rules with promtool.

@@ -1,54 +1,150 @@
-"""A local proxy arm: a small HTTP/1.1 server standing in for vllm-p2p-proxy / vllm-fs-proxy.
+"""A local proxy arm: stands in for vllm-p2p-proxy / vllm-fs-proxy, speaking the OpenAI-compatible
+API the runbook uses.
 
-It answers every request with JSON naming the arm and echoing the request headers, so tests can
-see what the gateway forwarded, and marks its responses with `x-served-by`.
+- `POST /v1/completions`, `POST /v1/chat/completions` (with or without `"stream": true`, then as
+  server-sent events ending in `data: [DONE]`): the completion `id` carries the P/D path the real
+  proxies put there, `cmpl-___prefill_addr_<prefill>___decode_addr_<decode>_<uuid>`, so the
+  runbook's Step 1 can tell the arms apart.
+- `GET /v1/models`, and `GET /metrics` with vLLM-style gauges (`vllm:num_requests_running`, ...),
+  answered with `metrics_status` (set it to 404 to stage the runbook's failure signal 2).
+- `delay` seconds before the first token stands for the KV-cache transfer; the demo makes the FS
+  arm slower than the NVLink arm so the A/B verdict has something real to find.
+
+Every JSON answer also names the arm (`arm`) and echoes the request headers (`headers`), and every
+response carries `x-served-by: <arm>`, so tests can see what the gateway forwarded.
 """
 
 import argparse
 import json
+import random
 import threading
+import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MODEL = "Qwen/Qwen3-Coder-30B-A3B-Instruct"
+
+# The runbook's expected id paths (its Step 1).
+DEFAULT_PATHS = {
+    "nvlink": ("vllm-prefill-p2p:14579", "vllm-decode-p2p:14579"),
+    "fs": ("vllm-prefill-fs", "vllm-decode-fs"),
+}
+
+# Time per generated token after the first.
+TOKEN_INTERVAL = 0.002
+WORDS = "the quick brown fox jumps over the lazy dog".split()
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "kvab-local-arm"
+    # Headers and body go out in separate writes; with Nagle on, the body waits for the peer's
+    # delayed ACK (~40 ms), which would swamp the arms' configured delays.
+    disable_nagle_algorithm = True
 
     def log_message(self, *args):
         pass
 
-    def _answer(self):
+    def _read_json(self):
         length = int(self.headers.get("content-length") or 0)
-        if length:
-            self.rfile.read(length)
-        arm = self.server.arm_name
-        self.server.count_request(self.command, self.path)
-        body = json.dumps(
-            {
-                "arm": arm,
-                "method": self.command,
-                "path": self.path,
-                "headers": [[k.lower(), v] for k, v in self.headers.items()],
-            }
-        ).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
+        raw = self.rfile.read(length) if length else b""
+        try:
+            return json.loads(raw) if raw else {}
+        except ValueError:
+            return None
+
+    def _send(self, status, body: bytes, content_type="application/json", extra=()):
+        self.send_response(status)
+        self.send_header("content-type", content_type)
         self.send_header("content-length", str(len(body)))
-        self.send_header("x-served-by", arm)
+        self.send_header("x-served-by", self.server.arm_name)
+        for k, v in extra:
+            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(body)
 
-    do_GET = do_POST = do_PUT = do_DELETE = _answer
+    def _json(self, status, obj):
+        obj = {**obj, "arm": self.server.arm_name, "headers": [[k.lower(), v] for k, v in self.headers.items()]}
+        self._send(status, json.dumps(obj).encode())
+
+    def do_GET(self):
+        self.server.count_request(self.command, self.path)
+        if self.path == "/metrics":
+            status = self.server.metrics_status
+            body = self.server.metrics_text().encode() if status == 200 else b"404 page not found\n"
+            self._send(status, body, "text/plain; version=0.0.4")
+        elif self.path == "/v1/models":
+            self._json(200, {"object": "list", "data": [{"id": self.server.model, "object": "model", "owned_by": "vllm"}]})
+        else:
+            self._json(200, {"method": self.command, "path": self.path})
+
+    def do_POST(self):
+        self.server.count_request(self.command, self.path)
+        body = self._read_json()
+        if self.path not in ("/v1/completions", "/v1/chat/completions"):
+            self._json(200, {"method": self.command, "path": self.path})
+            return
+        if not isinstance(body, dict):
+            self._json(400, {"error": {"message": "request body is not a JSON object", "type": "BadRequestError", "code": 400}})
+            return
+        chat = self.path == "/v1/chat/completions"
+        tokens = max(1, min(int(body.get("max_tokens") or 16), 64))
+        with self.server.running():
+            # Prefill, then the KV-cache transfer to the decode pod: the arm's delay.
+            time.sleep(self.server.first_token_delay())
+            words = [random.choice(WORDS) for _ in range(tokens)]
+            if body.get("stream"):
+                self._stream(chat, words)
+            else:
+                time.sleep(TOKEN_INTERVAL * (tokens - 1))
+                self._json(200, self.server.completion(chat, words))
+
+    do_PUT = do_DELETE = do_POST
+
+    def _stream(self, chat, words):
+        """Server-sent events, one chunk per token, as vLLM sends them."""
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.send_header("x-served-by", self.server.arm_name)
+        self.end_headers()
+        completion_id = self.server.completion_id(chat)
+
+        def chunk(data: str):
+            payload = f"data: {data}\n\n".encode()
+            self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
+            self.wfile.flush()
+
+        for i, word in enumerate(words):
+            if i:
+                time.sleep(TOKEN_INTERVAL)
+            piece = (" " if i else "") + word
+            choice = {"index": 0, "delta": {"content": piece}} if chat else {"index": 0, "text": piece}
+            choice["finish_reason"] = "length" if i == len(words) - 1 else None
+            chunk(json.dumps({"id": completion_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                              "created": int(time.time()), "model": self.server.model, "choices": [choice]}))
+        chunk("[DONE]")
+        self.wfile.write(b"0\r\n\r\n")
 
 
 class ArmServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, name: str, port: int = 0):
+    def __init__(self, name: str, port: int = 0, prefill: str = None, decode: str = None, delay: float = 0.0,
+                 jitter: float = 0.0, metrics_status: int = 200, model: str = MODEL):
         super().__init__(("127.0.0.1", port), _Handler)
         self.arm_name = name
+        default_prefill, default_decode = DEFAULT_PATHS.get(name, (f"vllm-prefill-{name}", f"vllm-decode-{name}"))
+        self.prefill = prefill or default_prefill
+        self.decode = decode or default_decode
+        self.delay = delay
+        self.jitter = jitter
+        self.metrics_status = metrics_status
+        self.model = model
         self._lock = threading.Lock()
         self.requests = 0
+        self.active = 0
+        self.succeeded = 0
 
     def handle_error(self, request, client_address):
         # A client (Envoy) closing a kept-alive connection is routine, not an error to print.
@@ -60,6 +156,63 @@ class ArmServer(ThreadingHTTPServer):
     def count_request(self, method, path):
         with self._lock:
             self.requests += 1
+
+    def running(self):
+        """Context manager counting a request as running (the active-request-scorer's input)."""
+        server = self
+
+        class _Running:
+            def __enter__(self):
+                with server._lock:
+                    server.active += 1
+
+            def __exit__(self, *exc):
+                with server._lock:
+                    server.active -= 1
+                    server.succeeded += exc[0] is None
+
+        return _Running()
+
+    def first_token_delay(self) -> float:
+        return max(0.0, self.delay + random.uniform(-self.jitter, self.jitter))
+
+    def completion_id(self, chat: bool) -> str:
+        prefix = "chatcmpl" if chat else "cmpl"
+        return f"{prefix}-___prefill_addr_{self.prefill}___decode_addr_{self.decode}_{uuid.uuid4().hex}"
+
+    def completion(self, chat: bool, words: list) -> dict:
+        text = " ".join(words)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+        else:
+            choice = {"index": 0, "text": " " + text, "logprobs": None, "finish_reason": "length"}
+        return {
+            "id": self.completion_id(chat),
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": [choice],
+            "usage": {"prompt_tokens": 2, "completion_tokens": len(words), "total_tokens": 2 + len(words)},
+        }
+
+    def metrics_text(self) -> str:
+        with self._lock:
+            running, succeeded = self.active, self.succeeded
+        labels = f'model_name="{self.model}"'
+        return (
+            "# HELP vllm:num_requests_running Number of requests currently running.\n"
+            "# TYPE vllm:num_requests_running gauge\n"
+            f"vllm:num_requests_running{{{labels}}} {running}\n"
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f"vllm:num_requests_waiting{{{labels}}} 0\n"
+            "# HELP vllm:gpu_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n"
+            "# TYPE vllm:gpu_cache_usage_perc gauge\n"
+            f"vllm:gpu_cache_usage_perc{{{labels}}} {min(1.0, running / 64):.4f}\n"
+            "# HELP vllm:request_success_total Count of successfully processed requests.\n"
+            "# TYPE vllm:request_success_total counter\n"
+            f'vllm:request_success_total{{{labels},finished_reason="length"}} {succeeded}\n'
+        )
 
     @property
     def port(self) -> int:
@@ -75,11 +228,13 @@ class ArmServer(ThreadingHTTPServer):
 
 
 def main():
-    ap = argparse.ArgumentParser(description="local proxy arm")
+    ap = argparse.ArgumentParser(description="local proxy arm (OpenAI-compatible)")
     ap.add_argument("--name", required=True)
     ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--delay-ms", type=float, default=0.0, help="time before the first token (KV transfer)")
+    ap.add_argument("--metrics-status", type=int, default=200)
     args = ap.parse_args()
-    server = ArmServer(args.name, args.port)
+    server = ArmServer(args.name, args.port, delay=args.delay_ms / 1000, metrics_status=args.metrics_status)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -1,71 +1,83 @@
-"""`make demo`: the runbook's Step 3 (header A/B sanity) against the local gateway.
+"""`make demo` and `make demo-up` on the full local stack.
 
-Starts the two local proxy arms and the real Envoy with the kvab filter on the runbook's
-port-forward port, sends the Step 3 requests, prints who answered and the filter's counters,
-then stops everything it started.
+`make demo`: starts the stack on the public ports (gateway 127.0.0.1:18080, the runbook's
+port-forward port; kvab serve 18090; Envoy admin 18001; arms 18101/18102), runs `kvab check` in
+local mode, prints its report, stops everything it started and exits with the check's code.
+
+`make demo-up` (`--up`): starts the same stack, prints its URLs and the runbook's curl lines, and
+keeps it running until Ctrl-C.
+
+KVAB_FS_DELAY_MS (default 40) is how much slower the FS arm is than the NVLink arm
+(KVAB_NVLINK_DELAY_MS, default 10) before the first token: the A/B verdict should find it.
 """
 
-import json
-import os
+import argparse
+import signal
+import subprocess
 import sys
-import tempfile
+import threading
 
-from . import prom
-from .arm import ArmServer
-from .envoy import Gateway
-from .net import request, wait_until
-
-BODY = json.dumps({"model": "Qwen/Qwen3-Coder-30B-A3B-Instruct", "prompt": "Hello", "max_tokens": 5}).encode()
-
-STEP3 = [
-    ("x-kv-backend: nvlink", [("x-kv-backend", "nvlink")]),
-    ("x-kv-backend: fs", [("x-kv-backend", "fs")]),
-    ("x-kv-backend: P2P (alias)", [("x-kv-backend", "P2P")]),
-    ("(no header)", []),
-    ("x-kv-backend: nvlink2", [("x-kv-backend", "nvlink2")]),
-]
+from .sidecar import kvab_binary
+from .stack import Stack, env_port, public_ports
 
 
-def port(env: str, default: int) -> int:
-    return int(os.environ.get(env, default))
+def start() -> Stack:
+    nvlink_ms = env_port("KVAB_NVLINK_DELAY_MS", 10)
+    fs_extra_ms = env_port("KVAB_FS_DELAY_MS", 40)
+    stack = Stack(ports=public_ports(), nvlink_delay=nvlink_ms / 1000, fs_delay=(nvlink_ms + fs_extra_ms) / 1000)
+    return stack.start()
+
+
+def describe(stack: Stack) -> str:
+    u = stack.urls()
+    return "\n".join([
+        f"kvab local stack (the FS arm is {env_port('KVAB_FS_DELAY_MS', 40)} ms slower before the first token):",
+        f"  gateway (Envoy + kvab filter)  {u['gateway']}",
+        f"  kvab serve                     {u['sidecar']}  (/v1/endpoints, /metrics)",
+        f"  Envoy admin                    {u['envoy_admin']}  (/stats/prometheus)",
+        f"  nvlink arm (vllm-p2p-proxy)    {u['nvlink']}",
+        f"  fs arm (vllm-fs-proxy)         {u['fs']}",
+    ])
+
+
+def demo() -> int:
+    stack = start()
+    try:
+        print(describe(stack))
+        command = ["kvab", "check", *stack.check_args()]
+        print(f"\n$ {' '.join(command)}\n", flush=True)
+        # stderr is inherited, so the burst's progress bar shows on a terminal.
+        return subprocess.run([kvab_binary(), *command[1:]], stdout=sys.stdout, stderr=sys.stderr, timeout=300).returncode
+    finally:
+        stack.stop()
+
+
+def up() -> int:
+    stack = start()
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    try:
+        gateway = stack.urls()["gateway"]
+        print(describe(stack))
+        print(f"""
+Try the runbook's Step 3 and the whole check:
+  curl -sS -X POST {gateway}/v1/completions -H "Content-Type: application/json" -H "x-kv-backend: nvlink" \\
+    -d '{{"model":"Qwen/Qwen3-Coder-30B-A3B-Instruct","prompt":"Hello","max_tokens":5}}'
+  {kvab_binary()} check {' '.join(stack.check_args())}
+
+Ctrl-C stops everything.""", flush=True)
+        stopped.wait()
+        print("\nstopping", flush=True)
+        return 0
+    finally:
+        stack.stop()
 
 
 def main() -> int:
-    gateway_port = port("KVAB_GATEWAY_PORT", 18080)
-    admin_port = port("KVAB_ENVOY_ADMIN_PORT", 18001)
-    nvlink = ArmServer("nvlink", port("KVAB_NVLINK_ARM_PORT", 18101)).start()
-    fs = ArmServer("fs", port("KVAB_FS_ARM_PORT", 18102)).start()
-    gateway = Gateway({}, nvlink.port, fs.port, gateway_port=gateway_port, admin_port=admin_port, workdir=tempfile.mkdtemp(prefix="kvab-demo-"))
-    try:
-        gateway.start()
-        print(f"kvab demo: Envoy + kvab filter on http://127.0.0.1:{gateway.port} (admin :{gateway.admin_port});")
-        print(f"           arms nvlink (vllm-p2p-proxy) on :{nvlink.port}, fs (vllm-fs-proxy) on :{fs.port}\n")
-        print("Step 3: header A/B through the gateway (POST /v1/completions)")
-        for label, headers in STEP3:
-            r = request(gateway.port, "POST", "/v1/completions", [("content-type", "application/json"), *headers], BODY)
-            if r.status == 200:
-                forwarded = dict((k, v) for k, v in r.json()["headers"] if k.startswith("x-kv-backend"))
-                tag = forwarded.get("x-kv-backend", "untagged, scheduler's pick")
-                source = forwarded.get("x-kv-backend-source", "-")
-                outcome = f"served by {r.header('x-served-by'):6} (tag {tag}, source {source}, endpoint {r.header('x-kv-backend-endpoint')})"
-            else:
-                error = r.json()["error"]
-                outcome = f"{error['code']}: {error['message']}"
-            print(f"  {label:28} -> {r.status}  {outcome}")
-
-        # Responses are counted when each stream ends, just after the client has its answer.
-        answered = lambda: sum(prom.select(gateway.stats(), "kvab_responses_total").values()) == len(STEP3)
-        wait_until(answered, 5, what="every response counted")
-        print("\nFilter counters (Envoy /stats/prometheus, non-zero):")
-        for (name, labels), value in sorted(gateway.stats().items()):
-            if name.startswith("kvab_") and value and not name.endswith(("_bucket", "_sum", "_count")):
-                rendered = ",".join(f'{k}="{v}"' for k, v in labels)
-                print(f"  {name}{{{rendered}}} {value:g}")
-        return 0
-    finally:
-        gateway.stop()
-        nvlink.stop()
-        fs.stop()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--up", action="store_true", help="keep the stack running until Ctrl-C (make demo-up)")
+    return up() if parser.parse_args().up else demo()
 
 
 if __name__ == "__main__":

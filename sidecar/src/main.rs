@@ -2,7 +2,9 @@
 //! `config` (TOML), `index` (pods → endpoint map), `watch` (Kubernetes source), `probe` (proxy `/metrics`),
 //! `state` (published snapshot, readiness), `http` (the API), `metrics` (Prometheus), `filter_wasm` (the filter
 //! module served to the gateway).
+//! `kvab check` (the runbook with a verdict) is the `check` module tree.
 
+mod check;
 mod config;
 mod filter_wasm;
 mod http;
@@ -32,6 +34,7 @@ kvab: A/B testing of KV-cache transfer backends
 
 Usage:
   kvab serve [--config PATH] [--check-config]
+  kvab check [flags]   (kvab check --help)
   kvab --help | --version
 
 kvab serve
@@ -94,6 +97,9 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("check") {
+        return check::main(&args[1..]);
+    }
     let (config_path, check_only) = match parse_args(&args) {
         Ok(Command::Help) => {
             print!("{USAGE}");

@@ -1,0 +1,499 @@
+//! Step 4, the active-request-scorer burst: a bounded load loop (count, concurrency, wall-clock limit), the
+//! status histogram, and the test that the untagged traffic spread over every proxy of the pool as expected
+//! rather than being pinned to one.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::client::{Exchange, HttpClient, Request};
+use super::observe::Counters;
+use super::options::Arm;
+use super::report::{signals, Check, Outcome};
+use super::stats::{split_test, SplitMethod};
+
+pub type Shot = Result<Exchange, String>;
+
+/// Sends `request` `count` times, `concurrency` at a time, stopping early when `time_limit` has passed.
+pub async fn run(
+    client: &HttpClient,
+    request: &Request,
+    count: u32,
+    concurrency: u32,
+    time_limit: Duration,
+    show_progress: bool,
+) -> Vec<Shot> {
+    let next = Arc::new(AtomicU32::new(0));
+    let deadline = Instant::now() + time_limit;
+    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..concurrency.min(count) {
+        let (client, request, next, sender) = (
+            client.clone(),
+            request.clone(),
+            next.clone(),
+            sender.clone(),
+        );
+        tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < count && Instant::now() < deadline {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                let shot = match tokio::time::timeout(remaining, client.send(&request)).await {
+                    Ok(shot) => shot,
+                    Err(_) => Err("cut off by the burst time limit".to_string()),
+                };
+                if sender.send(shot).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(sender);
+    let mut progress = Progress::new(count, show_progress);
+    let mut shots = Vec::with_capacity(count as usize);
+    while let Some(shot) = receiver.recv().await {
+        progress.record(&shot);
+        shots.push(shot);
+    }
+    progress.finish();
+    shots
+}
+
+/// A one-line progress bar on stderr, drawn only on a terminal.
+struct Progress {
+    total: u32,
+    done: u32,
+    statuses: BTreeMap<String, u32>,
+    enabled: bool,
+}
+
+impl Progress {
+    fn new(total: u32, wanted: bool) -> Self {
+        Self {
+            total,
+            done: 0,
+            statuses: BTreeMap::new(),
+            enabled: wanted && std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn record(&mut self, shot: &Shot) {
+        self.done += 1;
+        *self.statuses.entry(status_label(shot)).or_default() += 1;
+        if self.enabled {
+            const WIDTH: u32 = 30;
+            let filled = (self.done * WIDTH / self.total.max(1)) as usize;
+            let counts: Vec<String> = self
+                .statuses
+                .iter()
+                .map(|(k, v)| format!("{k}×{v}"))
+                .collect();
+            let mut err = std::io::stderr();
+            let _ = write!(
+                err,
+                "\rburst [{}{}] {}/{} {}",
+                "#".repeat(filled),
+                ".".repeat(WIDTH as usize - filled),
+                self.done,
+                self.total,
+                counts.join(" ")
+            );
+            let _ = err.flush();
+        }
+    }
+
+    fn finish(&self) {
+        if self.enabled {
+            eprintln!();
+        }
+    }
+}
+
+/// `200`, `503`, ... or `000` when no HTTP answer came (curl's `%{http_code}`).
+pub fn status_label(shot: &Shot) -> String {
+    match shot {
+        Ok(e) => e.status.to_string(),
+        Err(_) => "000".to_string(),
+    }
+}
+
+pub fn histogram(shots: &[Shot]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for shot in shots {
+        *counts.entry(status_label(shot)).or_default() += 1;
+    }
+    counts
+}
+
+pub fn render_histogram(counts: &BTreeMap<String, usize>) -> String {
+    counts
+        .iter()
+        .map(|(k, v)| format!("{k}×{v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// "Burst returns mostly/all 200".
+pub fn judge_status(shots: &[Shot], planned: u32, min_success_ratio: f64) -> Check {
+    let expected = format!(
+        "≥ {:.0}% of {planned} answered 200",
+        min_success_ratio * 100.0
+    );
+    if shots.is_empty() {
+        return Check::new(
+            "step4/status",
+            expected,
+            "no request sent",
+            Outcome::Inconclusive,
+        )
+        .diagnosis("no traffic: nothing to judge (--burst-requests 0?)");
+    }
+    let counts = histogram(shots);
+    let ok = counts.get("200").copied().unwrap_or(0);
+    let mut measured = render_histogram(&counts);
+    if (shots.len() as u32) < planned {
+        measured.push_str(&format!(
+            " ({} of {planned} sent before the time limit)",
+            shots.len()
+        ));
+    }
+    let ratio = ok as f64 / planned.max(1) as f64;
+    let result = if ratio >= min_success_ratio {
+        Outcome::Pass
+    } else {
+        Outcome::Fail
+    };
+    let first_error = shots.iter().find_map(|s| match s {
+        Err(e) => Some(e.clone()),
+        Ok(e) if e.status != 200 => {
+            Some(String::from_utf8_lossy(&e.body).chars().take(120).collect())
+        }
+        Ok(_) => None,
+    });
+    let cause = if counts.contains_key("429") || counts.contains_key("503") {
+        format!(
+            "429/503 from the scheduler: it found no proxy to pick; {}",
+            signals::RESOURCE_EXHAUSTED
+        )
+    } else {
+        "requests through the gateway fail: check the gateway, the proxies and the EPP".to_string()
+    };
+    Check::new("step4/status", expected, measured, result).diagnosis_unless_pass(
+        match first_error {
+            Some(e) => format!("{cause} (first error: {e})"),
+            None => cause,
+        },
+    )
+}
+
+/// "Not pinned": every proxy of the pool got traffic, judged against the expected split.
+///
+/// `pool` lists (arm, pod) of every ready proxy; `counts` are requests per pod; `split` gives per-arm
+/// weights (empty: every proxy equally). The two-sided test (exact binomial for two proxies, chi-square
+/// beyond) asks whether a split this far from the expected one is plausible by chance:
+/// - nothing counted: inconclusive, never a pass;
+/// - p < alpha: fail, "pinned" when a proxy got nothing, else "skewed";
+/// - a proxy got nothing but p ≥ alpha: inconclusive (too few requests to tell pinning from chance);
+/// - otherwise pass.
+pub fn judge_spread(
+    pool: &[(String, String)],
+    counts: &BTreeMap<String, f64>,
+    split: &BTreeMap<String, f64>,
+    alpha: f64,
+    source: &str,
+) -> Check {
+    let name = "step4/not-pinned";
+    let proxies_of = |arm: &str| pool.iter().filter(|(a, _)| a == arm).count() as f64;
+    let weights: Vec<f64> = pool
+        .iter()
+        .map(|(arm, _)| {
+            if split.is_empty() {
+                1.0
+            } else {
+                split.get(arm).copied().unwrap_or(0.0) / proxies_of(arm)
+            }
+        })
+        .collect();
+    let weight_sum: f64 = weights.iter().sum();
+    let expected = format!(
+        "every proxy gets traffic; split {} not rejected at α={alpha}",
+        pool.iter()
+            .zip(&weights)
+            .map(|((_, pod), w)| format!(
+                "{pod} {:.0}%",
+                100.0 * w / weight_sum.max(f64::MIN_POSITIVE)
+            ))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    );
+    if pool.is_empty() {
+        return Check::new(
+            name,
+            expected,
+            "no proxy in the pool",
+            Outcome::Inconclusive,
+        )
+        .diagnosis("the sidecar's map lists no ready proxy: see prerequisites");
+    }
+    let observed: Vec<u64> = pool
+        .iter()
+        .map(|(_, pod)| counts.get(pod).copied().unwrap_or(0.0).round() as u64)
+        .collect();
+    let outside: f64 = counts
+        .iter()
+        .filter(|(pod, _)| !pool.iter().any(|(_, p)| &p == pod))
+        .map(|(_, v)| v)
+        .sum();
+    let total: u64 = observed.iter().sum();
+    let mut measured = pool
+        .iter()
+        .zip(&observed)
+        .map(|((_, pod), n)| format!("{pod} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    measured.push_str(&format!(" of {total} ({source})"));
+    if outside > 0.0 {
+        measured.push_str(&format!("; {outside} to endpoints outside the pool"));
+    }
+    let Some(test) = split_test(&observed, &weights).filter(|_| weights.iter().all(|w| *w > 0.0))
+    else {
+        let (result, diagnosis) = if total == 0 {
+            (
+                Outcome::Inconclusive,
+                format!("no traffic observed: nothing shows the burst reached a proxy ({source})"),
+            )
+        } else {
+            (
+                Outcome::Inconclusive,
+                "--split gives a proxy of the pool no weight: nothing to test".into(),
+            )
+        };
+        return Check::new(name, expected, measured, result).diagnosis(diagnosis);
+    };
+    let method = match test.method {
+        SplitMethod::Binomial => "binomial",
+        SplitMethod::ChiSquare => "chi-square",
+        SplitMethod::None => "single proxy",
+    };
+    measured.push_str(&format!("; {method} p={}", format_p(test.p_value)));
+    let starved: Vec<&str> = pool
+        .iter()
+        .zip(&observed)
+        .filter(|(_, n)| **n == 0)
+        .map(|((_, pod), _)| pod.as_str())
+        .collect();
+    if test.p_value < alpha {
+        let diagnosis = if starved.is_empty() {
+            format!("traffic is skewed away from the expected split (set --split if it is intended); {}", signals::NO_TRAFFIC)
+        } else {
+            format!(
+                "pinned: {} got no traffic; {}",
+                starved.join(", "),
+                signals::NO_TRAFFIC
+            )
+        };
+        Check::new(name, expected, measured, Outcome::Fail).diagnosis(diagnosis)
+    } else if !starved.is_empty() {
+        Check::new(name, expected, measured, Outcome::Inconclusive).diagnosis(format!(
+            "{} got no traffic, but {total} requests are too few to tell pinning from chance: raise --burst-requests",
+            starved.join(", ")
+        ))
+    } else {
+        Check::new(name, expected, measured, Outcome::Pass)
+    }
+}
+
+/// "No misroutes": over the whole check, no request tagged for one arm was served by another.
+pub fn judge_misroutes(delta: &Counters, arms: &[Arm]) -> Check {
+    let name = "step4/misroutes";
+    let expected = "0 requests served by an arm other than the one requested";
+    let mut tagged = 0.0;
+    let mut misrouted: BTreeMap<String, f64> = BTreeMap::new();
+    let mut unknown = 0.0;
+    let mut source = "";
+    let mut count = |requested: &str, served: &str, value: f64| {
+        tagged += value;
+        if served == "unknown" {
+            unknown += value;
+        } else if served != requested && served != "none" {
+            *misrouted
+                .entry(format!("{requested}→{served}"))
+                .or_default() += value;
+        }
+    };
+    if let Some(routed) = &delta.routed {
+        source = "sidecar";
+        for ((requested, served, _, _), v) in routed {
+            if arms.iter().any(|a| &a.name == requested) {
+                count(requested, served, *v);
+            }
+        }
+    } else if let Some(served) = &delta.served {
+        source = "filter";
+        for ((requested, s), v) in served {
+            if arms.iter().any(|a| &a.name == requested) {
+                count(requested, s, *v);
+            }
+        }
+    }
+    // Sums start at -0.0; counts are whole numbers.
+    let total_misrouted: f64 = misrouted.values().sum::<f64>() + 0.0;
+    let mut measured = format!(
+        "{total_misrouted} of {tagged} tagged requests misrouted{}",
+        if misrouted.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({})",
+                misrouted
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    );
+    if unknown > 0.0 {
+        measured.push_str(&format!("; {unknown} with served=unknown (stale map)"));
+    }
+    if !source.is_empty() {
+        measured.push_str(&format!(" ({source} counters)"));
+    }
+    if total_misrouted > 0.0 {
+        Check::new(name, expected, measured, Outcome::Fail).diagnosis(signals::HEADER_MISMATCH)
+    } else if tagged == 0.0 {
+        Check::new(name, expected, measured, Outcome::Inconclusive)
+            .diagnosis("no tagged request was counted: the counters cannot show misroutes (is the filter linked to kvab serve?)")
+    } else {
+        Check::new(name, expected, measured, Outcome::Pass)
+    }
+}
+
+pub fn format_p(p: f64) -> String {
+    if p < 1e-4 {
+        format!("{p:.1e}")
+    } else {
+        format!("{p:.4}")
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn pool() -> Vec<(String, String)> {
+        vec![
+            ("nvlink".into(), "p2p-proxy".into()),
+            ("fs".into(), "fs-proxy".into()),
+        ]
+    }
+
+    fn counts(a: f64, b: f64) -> BTreeMap<String, f64> {
+        BTreeMap::from([("p2p-proxy".to_string(), a), ("fs-proxy".to_string(), b)])
+    }
+
+    #[test]
+    fn an_even_burst_passes_and_a_pinned_one_fails() {
+        let even = judge_spread(
+            &pool(),
+            &counts(11.0, 9.0),
+            &BTreeMap::new(),
+            0.01,
+            "sidecar",
+        );
+        assert_eq!(even.result, Outcome::Pass, "{even:?}");
+        assert!(
+            even.measured
+                .contains("p2p-proxy 11, fs-proxy 9 of 20 (sidecar); binomial p="),
+            "{even:?}"
+        );
+        let pinned = judge_spread(
+            &pool(),
+            &counts(20.0, 0.0),
+            &BTreeMap::new(),
+            0.01,
+            "sidecar",
+        );
+        assert_eq!(pinned.result, Outcome::Fail);
+        assert!(pinned
+            .diagnosis
+            .unwrap()
+            .contains("pinned: fs-proxy got no traffic; failure signal 3"));
+    }
+
+    #[test]
+    fn more_than_zero_is_not_enough_and_zero_is_not_always_pinned() {
+        // 19 / 1 of an even split: binomial p = 2·21/2^20 = 4.0e-5, a skew far beyond chance.
+        let skewed = judge_spread(
+            &pool(),
+            &counts(19.0, 1.0),
+            &BTreeMap::new(),
+            0.01,
+            "sidecar",
+        );
+        assert_eq!(skewed.result, Outcome::Fail);
+        assert!(skewed.diagnosis.unwrap().contains("skewed"));
+        // 3 / 0: p = 0.25, too few requests to call it pinned.
+        let few = judge_spread(
+            &pool(),
+            &counts(3.0, 0.0),
+            &BTreeMap::new(),
+            0.01,
+            "sidecar",
+        );
+        assert_eq!(few.result, Outcome::Inconclusive);
+        // The expected split matters: 15 / 5 is fine for a 3:1 split.
+        let split = BTreeMap::from([("nvlink".to_string(), 3.0), ("fs".to_string(), 1.0)]);
+        assert_eq!(
+            judge_spread(&pool(), &counts(15.0, 5.0), &split, 0.01, "s").result,
+            Outcome::Pass
+        );
+    }
+
+    #[test]
+    fn no_traffic_is_inconclusive_never_a_pass() {
+        let none = judge_spread(&pool(), &BTreeMap::new(), &BTreeMap::new(), 0.01, "sidecar");
+        assert_eq!(none.result, Outcome::Inconclusive);
+        assert!(none.diagnosis.unwrap().contains("no traffic observed"));
+        assert_eq!(judge_status(&[], 20, 0.95).result, Outcome::Inconclusive);
+        assert_eq!(
+            judge_misroutes(&Counters::default(), &[]).result,
+            Outcome::Inconclusive
+        );
+    }
+
+    #[test]
+    fn misroutes_are_counted_from_the_sidecar() {
+        let arms = crate::check::options::Options::default().arms;
+        let key = |r: &str, s: &str| {
+            (
+                r.to_string(),
+                s.to_string(),
+                "pod".to_string(),
+                "2xx".to_string(),
+            )
+        };
+        let delta = Counters {
+            routed: Some(BTreeMap::from([
+                (key("nvlink", "fs"), 3.0),
+                (key("fs", "fs"), 3.0),
+                (key("none", "fs"), 9.0),
+            ])),
+            served: None,
+        };
+        let check = judge_misroutes(&delta, &arms);
+        assert_eq!(check.result, Outcome::Fail);
+        assert!(
+            check
+                .measured
+                .starts_with("3 of 6 tagged requests misrouted (nvlink→fs 3)"),
+            "{check:?}"
+        );
+        let clean = Counters {
+            routed: Some(BTreeMap::from([(key("fs", "fs"), 3.0)])),
+            served: None,
+        };
+        assert_eq!(judge_misroutes(&clean, &arms).result, Outcome::Pass);
+    }
+}

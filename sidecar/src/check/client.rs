@@ -1,0 +1,229 @@
+//! The HTTP client every check uses: plain HTTP/1.1 over hyper, with one time limit per request and the two
+//! times the verdict needs, time to first byte (first body byte, or the headers when there is no body) and
+//! total time (last body byte).
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+/// One request, as planned (printed by `--dry-run`) and as sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub method: Method,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+impl Request {
+    pub fn get(url: String) -> Self {
+        Self {
+            method: Method::GET,
+            url,
+            headers: Vec::new(),
+            body: Bytes::new(),
+        }
+    }
+
+    pub fn post_json(url: String, body: &serde_json::Value) -> Self {
+        Self {
+            method: Method::POST,
+            url,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: Bytes::from(body.to_string()),
+        }
+    }
+
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
+    }
+}
+
+impl fmt::Display for Request {
+    /// A curl line, so a person can replay it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "curl -sS -X {} {}", self.method, self.url)?;
+        for (name, value) in &self.headers {
+            write!(f, " -H '{name}: {value}'")?;
+        }
+        if !self.body.is_empty() {
+            write!(f, " -d '{}'", String::from_utf8_lossy(&self.body))?;
+        }
+        Ok(())
+    }
+}
+
+/// A completed exchange.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub time_to_first_byte: Duration,
+    pub total: Duration,
+}
+
+impl Exchange {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn json(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+}
+
+#[derive(Clone)]
+pub struct HttpClient {
+    client: Client<HttpConnector, Full<Bytes>>,
+    max_time: Duration,
+}
+
+impl HttpClient {
+    /// `max_time` bounds each request from connect to the last body byte (curl's `--max-time`).
+    pub fn new(max_time: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(max_time.min(Duration::from_secs(5))));
+        connector.set_nodelay(true);
+        Self {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            max_time,
+        }
+    }
+
+    pub async fn send(&self, request: &Request) -> Result<Exchange, String> {
+        let mut builder = http::Request::builder()
+            .method(request.method.clone())
+            .uri(&request.url);
+        for (name, value) in &request.headers {
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+        let outgoing = builder
+            .body(Full::new(request.body.clone()))
+            .map_err(|e| format!("bad request {}: {e}", request.url))?;
+        let started = Instant::now();
+        let exchange = async {
+            let response = self
+                .client
+                .request(outgoing)
+                .await
+                .map_err(|e| describe_error(&e))?;
+            let headers_at = started.elapsed();
+            let (parts, mut body) = response.into_parts();
+            let mut collected = Vec::new();
+            let mut first_byte = None;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| format!("reading the body: {e}"))?;
+                if let Some(data) = frame.data_ref() {
+                    if first_byte.is_none() && !data.is_empty() {
+                        first_byte = Some(started.elapsed());
+                    }
+                    collected.extend_from_slice(data);
+                }
+            }
+            Ok(Exchange {
+                status: parts.status.as_u16(),
+                headers: parts.headers,
+                body: Bytes::from(collected),
+                time_to_first_byte: first_byte.unwrap_or(headers_at),
+                total: started.elapsed(),
+            })
+        };
+        tokio::time::timeout(self.max_time, exchange)
+            .await
+            .map_err(|_| format!("no complete answer within {:?}", self.max_time))?
+    }
+}
+
+/// hyper's top-level error says little ("client error (Connect)"); the source chain says why.
+fn describe_error(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    #[test]
+    fn requests_print_as_curl_lines() {
+        let request = Request::post_json(
+            "http://127.0.0.1:18080/v1/completions".into(),
+            &serde_json::json!({"prompt": "Hello"}),
+        )
+        .with_header("x-kv-backend", "fs");
+        assert_eq!(
+            request.to_string(),
+            "curl -sS -X POST http://127.0.0.1:18080/v1/completions -H 'content-type: application/json' \
+             -H 'x-kv-backend: fs' -d '{\"prompt\":\"Hello\"}'"
+        );
+    }
+
+    #[tokio::test]
+    async fn measures_first_byte_and_total_separately() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = socket.read(&mut buf).await.unwrap();
+            socket
+                .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-kv-backend: fs\r\n\r\n3\r\nabc\r\n")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            socket.write_all(b"3\r\ndef\r\n0\r\n\r\n").await.unwrap();
+        });
+        let client = HttpClient::new(Duration::from_secs(5));
+        let exchange = client
+            .send(&Request::get(format!("http://{address}/")))
+            .await
+            .unwrap();
+        assert_eq!(exchange.status, 200);
+        assert_eq!(exchange.header("x-kv-backend"), Some("fs"));
+        assert_eq!(&exchange.body[..], b"abcdef");
+        assert!(exchange.total - exchange.time_to_first_byte >= Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_and_a_silent_server_are_errors() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        let client = HttpClient::new(Duration::from_millis(300));
+        let refused = client
+            .send(&Request::get(format!("http://{address}/")))
+            .await
+            .unwrap_err();
+        assert!(refused.contains("refused"), "{refused}");
+
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = silent.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (_socket, _) = silent.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        });
+        let timed_out = client
+            .send(&Request::get(format!("http://{address}/")))
+            .await
+            .unwrap_err();
+        assert!(timed_out.contains("no complete answer"), "{timed_out}");
+    }
+}

@@ -1,0 +1,102 @@
+//! EPP health: the scheduler's log since the check started must not show the runbook's selection failures.
+
+use super::report::{signals, Check, Outcome};
+
+/// What the runbook greps for (case-insensitively) in the EPP log.
+pub const FAILURE_PATTERNS: [&str; 2] = [
+    "InferencePoolResourceExhausted",
+    "failed to run scheduler profile",
+];
+
+/// Judges the EPP logs (one text per pod) read since the check started.
+pub fn judge_epp_logs(logs: &[(String, String)]) -> Check {
+    let expected = format!(
+        "no {} in the EPP log since the check started",
+        FAILURE_PATTERNS.join(" / ")
+    );
+    let patterns: Vec<String> = FAILURE_PATTERNS.iter().map(|p| p.to_lowercase()).collect();
+    let mut hits: Vec<(String, &str)> = Vec::new();
+    let mut lines = 0;
+    for (pod, text) in logs {
+        for line in text.lines() {
+            lines += 1;
+            let lower = line.to_lowercase();
+            if patterns.iter().any(|p| lower.contains(p.as_str())) {
+                hits.push((pod.clone(), line));
+            }
+        }
+    }
+    if logs.is_empty() {
+        return Check::new(
+            "epp/health",
+            expected,
+            "no EPP pod found",
+            Outcome::Inconclusive,
+        )
+        .diagnosis(
+            "cannot read the scheduler's log: check --epp-deployment and --gateway-namespace",
+        );
+    }
+    if hits.is_empty() {
+        return Check::new(
+            "epp/health",
+            expected,
+            format!("{lines} log lines from {} pod(s), no match", logs.len()),
+            Outcome::Pass,
+        );
+    }
+    let exhausted = hits
+        .iter()
+        .any(|(_, l)| l.to_lowercase().contains(&patterns[0]));
+    let (pod, first) = &hits[0];
+    let sample: String = first.chars().take(160).collect();
+    Check::new(
+        "epp/health",
+        expected,
+        format!(
+            "{} matching line(s), first from {pod}: {sample}",
+            hits.len()
+        ),
+        Outcome::Fail,
+    )
+    .diagnosis(if exhausted {
+        signals::RESOURCE_EXHAUSTED.to_string()
+    } else {
+        format!(
+            "the scheduler could not pick a proxy for some requests; {}",
+            signals::RESOURCE_EXHAUSTED
+        )
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clean_log_passes_and_the_runbook_patterns_fail() {
+        let clean = vec![(
+            "epp-1".to_string(),
+            "I0101 scheduled request\nI0101 picked 10.0.0.5:8080\n".to_string(),
+        )];
+        assert_eq!(judge_epp_logs(&clean).result, Outcome::Pass);
+
+        let exhausted = vec![(
+            "epp-1".to_string(),
+            "ok\n{\"level\":\"error\",\"msg\":\"failed to schedule\",\"error\":\"inferencepoolresourceexhausted: no pods\"}\n".to_string(),
+        )];
+        let check = judge_epp_logs(&exhausted);
+        assert_eq!(check.result, Outcome::Fail);
+        assert!(check.diagnosis.unwrap().contains("failure signal 1"));
+
+        let profile = vec![(
+            "epp-2".into(),
+            "E0101 Failed to run scheduler profile default: no candidates".into(),
+        )];
+        let check = judge_epp_logs(&profile);
+        assert_eq!(check.result, Outcome::Fail);
+        assert!(check.measured.contains("epp-2"));
+        assert_eq!(judge_epp_logs(&[]).result, Outcome::Inconclusive);
+    }
+}

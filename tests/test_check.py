@@ -1,0 +1,188 @@
+"""`kvab check` end to end on the full local stack (real Envoy + filter, real kvab serve, two
+OpenAI-compatible arms): the healthy stack passes, each of the runbook's failure signals makes it
+fail with the matching diagnosis, and a stack whose counters see no traffic is inconclusive."""
+
+import json
+
+import pytest
+
+from fakekube import FakeKube, make_pod
+from kvablocal.net import request
+from kvablocal.stack import Stack
+
+NS = "llm-d-vllm"
+
+
+@pytest.fixture
+def stack(tmp_path):
+    """Starts a Stack with the given knobs; stops every one at the end."""
+    started = []
+
+    def start(**knobs):
+        s = Stack(workdir=tmp_path / f"stack{len(started)}", **knobs)
+        started.append(s)
+        return s.start()
+
+    yield start
+    for s in started:
+        s.stop()
+    for s in started:
+        s.gateway.assert_healthy()
+
+
+def run_check(s, *extra):
+    """Runs `kvab check --json`; returns (exit code, {check name: check}, report)."""
+    done = s.check("--json", *extra)
+    assert done.stdout, done.stderr
+    report = json.loads(done.stdout)
+    assert report["exit_code"] == done.returncode, report
+    return done.returncode, {c["name"]: c for c in report["checks"]}, report
+
+
+def failed(checks):
+    return {name for name, c in checks.items() if c["result"] == "fail"}
+
+
+def test_the_healthy_stack_passes_and_the_verdict_finds_the_slower_arm(stack):
+    s = stack(nvlink_delay=0.005, fs_delay=0.060)
+    code, checks, report = run_check(s)
+    assert code == 0, json.dumps(report, indent=1)
+    assert report["verdict"] == "pass"
+    assert checks["epp/health"]["result"] == "skip", "no EPP locally"
+    assert all(c["result"] == "pass" for n, c in checks.items() if n != "epp/health"), checks
+    # The per-proxy counters add up to the burst, spread over both proxies.
+    assert "local/vllm-fs-proxy" in checks["step4/not-pinned"]["measured"]
+    assert "of 20 (sidecar counters, answers below 500)" in checks["step4/not-pinned"]["measured"]
+    assert report["ab"]["burst_status"] == {"200": 20}
+    mw = report["ab"]["mann_whitney"]
+    assert mw["faster"] == "nvlink" and mw["significant"], mw
+    assert 30 <= mw["shift_ms"] <= 90, mw
+
+    # The human table: one row per check and the verdict line.
+    table = s.check()
+    assert table.returncode == 0
+    assert "step3/header-fs" in table.stdout
+    assert table.stdout.rstrip().endswith("verdict: PASS (14 pass, 0 fail, 0 inconclusive, 1 skip; exit 0)"), table.stdout
+
+
+def test_a_proxy_whose_metrics_answer_404_fails_with_signal_2(stack):
+    s = stack(metrics_status={"fs": 404})
+    code, checks, _ = run_check(s)
+    assert code == 1
+    metrics = checks["prerequisites/proxy-metrics"]
+    assert metrics["result"] == "fail"
+    assert "local/vllm-fs-proxy (fs) 404" in metrics["measured"]
+    assert "failure signal 2" in metrics["diagnosis"]
+    assert failed(checks) == {"prerequisites/proxy-metrics"}
+
+
+def test_a_header_route_to_the_wrong_arm_fails_with_signal_4(stack):
+    s = stack(swap_routes=True)
+    code, checks, _ = run_check(s)
+    assert code == 1
+    for arm in ("nvlink", "fs"):
+        header = checks[f"step3/header-{arm}"]
+        assert header["result"] == "fail"
+        assert "failure signal 4" in header["diagnosis"]
+    other = "fs" if arm == "nvlink" else "nvlink"
+    assert f"sidecar served {other} 3" in checks["step3/header-fs"]["measured"]
+    misroutes = checks["step4/misroutes"]
+    assert misroutes["result"] == "fail"
+    assert misroutes["measured"].startswith("6 of 6 tagged requests misrouted"), misroutes
+    # The direct Step 1 requests bypass the gateway: the proxies themselves are fine.
+    assert checks["step1/direct-nvlink"]["result"] == "pass"
+
+
+def test_an_arm_that_is_down_fails(stack):
+    s = stack()
+    s.arms["nvlink"].stop()
+    code, checks, _ = run_check(s)
+    assert code == 1
+    assert "unreachable" in checks["prerequisites/proxy-metrics"]["measured"]
+    direct = checks["step1/direct-nvlink"]
+    assert direct["result"] == "fail" and "down or unreachable" in direct["diagnosis"]
+    assert checks["step3/header-nvlink"]["result"] == "fail"
+    assert checks["step4/status"]["result"] == "fail"
+    assert checks["step1/direct-fs"]["result"] == "pass"
+
+
+def test_a_proxy_missing_its_label_fails_with_signal_1(stack, tmp_path):
+    """kvab serve watching (fake) Kubernetes: the FS proxy pod lacks llm-d.ai/kv-backend."""
+    with FakeKube(workdir=tmp_path / "kube") as kube:
+        config = f"""
+listen = "127.0.0.1:{{port}}"
+source = "kubernetes"
+[kubernetes]
+namespaces = ["{NS}"]
+endpoint_port = "http"
+[probe]
+interval_seconds = 1
+"""
+        s = Stack(workdir=tmp_path / "stack", sidecar_config=config, sidecar_env=kube.env())
+        for name, arm, labels in [
+            ("vllm-p2p-proxy", "nvlink", {"role": "proxy", "llm-d.ai/kv-backend": "nvlink"}),
+            ("vllm-fs-proxy", "fs", {"role": "proxy"}),
+        ]:
+            ports = [{"name": "http", "containerPort": s.arms[arm].port}]
+            kube.put_pod(make_pod(name, NS, labels, "127.0.0.1", container_ports=ports))
+        try:
+            s.start()
+            code, checks, _ = run_check(s)
+        finally:
+            s.stop()
+    assert code == 1
+    labels = checks["prerequisites/proxy-labels"]
+    assert labels["result"] == "fail"
+    assert "1 proxy pod(s) without llm-d.ai/kv-backend (kvab_unlabeled_proxies)" in labels["measured"], labels
+    assert "no proxy labelled llm-d.ai/kv-backend=fs" in labels["measured"]
+    assert "InferencePoolResourceExhausted" in labels["diagnosis"]
+    fs = checks["step3/header-fs"]
+    assert fs["result"] == "fail" and "status 503×3" in fs["measured"], fs
+
+
+def test_no_traffic_observed_is_inconclusive_never_a_pass(stack):
+    # The filter is not linked to kvab serve: requests flow, but no counter the check trusts moves.
+    s = stack(link_sidecar=False)
+    # The counters never settle here; a short --settle keeps the test quick.
+    code, checks, report = run_check(s, "--settle", "1")
+    assert code == 2, json.dumps(report, indent=1)
+    assert report["verdict"] == "inconclusive"
+    assert not failed(checks), checks
+    spread = checks["step4/not-pinned"]
+    assert spread["result"] == "inconclusive" and "no traffic observed" in spread["diagnosis"]
+    assert checks["step3/header-nvlink"]["result"] == "inconclusive"
+
+    # Nothing sent at all is inconclusive too.
+    code, checks, _ = run_check(s, "--settle", "1", "--header-requests", "0", "--burst-requests", "0")
+    assert code == 2
+    assert checks["step4/status"]["result"] == "inconclusive"
+    assert checks["ab/latency"]["result"] == "inconclusive"
+
+
+def test_streaming_arms_speak_server_sent_events(stack):
+    s = stack()
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}).encode()
+    r = request(s.gateway.port, "POST", "/v1/chat/completions", [("content-type", "application/json"), ("x-kv-backend", "fs")], body)
+    assert r.status == 200 and r.header("content-type") == "text/event-stream"
+    events = [line[len("data: "):] for line in r.body.decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(events) == 4
+    first = json.loads(events[0])
+    assert first["id"].startswith("chatcmpl-___prefill_addr_vllm-prefill-fs___decode_addr_vllm-decode-fs_")
+    # The burst in streaming mode measures time to first byte apart from the total.
+    code, checks, report = run_check(s, "--stream", "--header-requests", "1")
+    assert code == 0, json.dumps(report, indent=1)
+    ab = report["ab"]["arms"]["fs"]
+    assert ab["ttfb_ms"]["p50"] < ab["latency_ms"]["p50"]
+
+
+def test_dry_run_sends_nothing_and_usage_errors_exit_3(stack):
+    from kvablocal.sidecar import kvab_binary
+    import subprocess
+
+    done = subprocess.run([kvab_binary(), "check", "--dry-run", "--gateway-url", "http://127.0.0.1:9"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "nothing is sent" in done.stdout
+    assert "curl -sS -X POST http://127.0.0.1:9/v1/chat/completions" in done.stdout
+    assert "20 requests, 5 at a time" in done.stdout
+    bad = subprocess.run([kvab_binary(), "check", "--burst-requests", "many"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 3 and "--burst-requests" in bad.stderr
