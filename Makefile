@@ -131,7 +131,7 @@ manifests-sha: filter
 demo: filter sidecar venv
 	cd local && ../$(PY) -m kvablocal.demo
 
-demo-up: filter sidecar venv
+demo-up: filter sidecar venv system-deps
 	cd local && ../$(PY) -m kvablocal.demo --up
 
 # The observability pack: rewrite the dashboard, its ConfigMap and the PrometheusRule from

@@ -4,8 +4,9 @@
 port-forward port; kvab serve 18090; Envoy admin 18001; arms 18101/18102), runs `kvab check` in
 local mode, prints its report, stops everything it started and exits with the check's code.
 
-`make demo-up` (`--up`): starts the same stack, prints its URLs and the runbook's curl lines, and
-keeps it running until Ctrl-C.
+`make demo-up` (`--up`): starts the same stack and a Prometheus scraping it (with the kvab alert
+rules; 127.0.0.1:19090, KVAB_PROMETHEUS_PORT), prints their URLs and the runbook's curl lines, and
+keeps them running until Ctrl-C.
 
 KVAB_FS_DELAY_MS (default 40) is how much slower the FS arm is than the NVLink arm
 (KVAB_NVLINK_DELAY_MS, default 10) before the first token: the A/B verdict should find it.
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 
+from .prometheus import DEMO_PORT, RULES, Prometheus, gateway_target, sidecar_target
 from .sidecar import kvab_binary
 from .stack import Stack, env_port, public_ports
 
@@ -54,12 +56,17 @@ def demo() -> int:
 
 def up() -> int:
     stack = start()
+    prometheus = None
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
     try:
+        prometheus = Prometheus(port=env_port("KVAB_PROMETHEUS_PORT", DEMO_PORT), rule_files=[RULES]).start(
+            [gateway_target(stack.gateway.admin_port), sidecar_target(stack.sidecar.port)]
+        )
         gateway = stack.urls()["gateway"]
         print(describe(stack))
+        print(f"  Prometheus (kvab alert rules)  {prometheus.url}  (graph kvab_routed_requests_total, kvab_served_total)")
         print(f"""
 Try the runbook's Step 3 and the whole check:
   curl -sS -X POST {gateway}/v1/completions -H "Content-Type: application/json" -H "x-kv-backend: nvlink" \\
@@ -71,6 +78,8 @@ Ctrl-C stops everything.""", flush=True)
         print("\nstopping", flush=True)
         return 0
     finally:
+        if prometheus:
+            prometheus.stop()
         stack.stop()
 
 
