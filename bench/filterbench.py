@@ -30,6 +30,7 @@ from kvablocal.net import free_port, request, wait_until  # noqa: E402
 
 # kvab with `split` assignment for requests without the header, sticky on x-session-id.
 SPLIT_CONFIG = {"onMissing": "split", "split": {"weights": {"nvlink": 1, "fs": 1}, "keyHeader": "x-session-id"}}
+NOOP_WASM = REPO / "target" / "bench-noop" / "wasm32-wasip1" / "release" / "kvab_bench_noop.wasm"
 BODY = b'{"model":"Qwen/Qwen3-Coder-30B-A3B-Instruct","prompt":"Hello","max_tokens":5}'
 
 
@@ -54,6 +55,9 @@ def variants() -> dict:
                     {"KVAB_WASM": wasm_path(), "KVAB_FILTER_CONFIG": filter_config_value(SPLIT_CONFIG)}, tags=True),
             Variant("e", "Lua equivalent", "gateway-lua.yaml",
                     {"LUA_SCRIPT": BENCH / "kvab_equivalent.lua"}, tags=True),
+            # The floor of any Wasm filter: V8 and the proxy-wasm ABI with callbacks that do nothing.
+            Variant("n", "no-op Wasm filter", "gateway-kvab.yaml",
+                    {"KVAB_WASM": NOOP_WASM, "KVAB_FILTER_CONFIG": filter_config_value("")}),
         ]
     }
 
@@ -318,6 +322,7 @@ def main():
                     help="pin the gateway to one core and the upstream and wrk to the others")
     ap.add_argument("--json", type=Path, default=REPO / ".run" / "bench" / "filter.json")
     ap.add_argument("--callgrind", action="store_true", help="instructions per request under callgrind instead")
+    ap.add_argument("--requests", type=int, default=2000, help="requests per workload under callgrind")
     args = ap.parse_args()
     if not args.variants.startswith("a"):
         raise SystemExit("--variants must start with a (the baseline)")

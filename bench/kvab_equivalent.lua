@@ -18,12 +18,13 @@ local ARMS = { nvlink = { "nvlink", "header" }, fs = { "fs", "header" },
                p2p = { "nvlink", "alias" }, nccl = { "nvlink", "alias" },
                filesystem = { "fs", "alias" }, file = { "fs", "alias" } }
 
-local REJECT = {}
-for _, code in ipairs({ "unknown_kv_backend", "ambiguous_kv_backend" }) do
-  REJECT[code] = '{"error":{"message":"x-kv-backend must name one KV backend: nvlink (aliases: p2p, nccl); '
-    .. 'fs (aliases: filesystem, file)","type":"invalid_request_error","code":"' .. code
-    .. '","param":"x-kv-backend"}}'
-end
+local REJECT = {
+  unknown_kv_backend = '{"error":{"message":"x-kv-backend must name one KV backend: nvlink (aliases: p2p, '
+    .. 'nccl); fs (aliases: filesystem, file)","type":"invalid_request_error","code":"unknown_kv_backend",'
+    .. '"param":"x-kv-backend"}}',
+  ambiguous_kv_backend = '{"error":{"message":"x-kv-backend names more than one KV backend; send exactly one '
+    .. 'of: nvlink, fs","type":"invalid_request_error","code":"ambiguous_kv_backend","param":"x-kv-backend"}}',
+}
 
 local function reject(handle, code)
   handle:respond({ [":status"] = "400", ["content-type"] = "application/json" }, REJECT[code])
@@ -62,12 +63,7 @@ function envoy_on_request(handle)
     headers:remove("x-kv-backend")
     return
   end
-  if n > 1 then
-    headers:remove("x-kv-backend") -- replace() sets only the first occurrence
-    headers:add("x-kv-backend", arm)
-  else
-    headers:replace("x-kv-backend", arm)
-  end
+  headers:replace("x-kv-backend", arm) -- replaces every occurrence (tested)
   headers:replace("x-kv-backend-source", source)
   local metadata = handle:streamInfo():dynamicMetadata()
   metadata:set("kvab", "arm", arm)
