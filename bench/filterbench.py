@@ -88,8 +88,9 @@ def real_envoy() -> str:
 class Envoy:
     """One Envoy process with one worker."""
 
-    def __init__(self, name: str, config: Path, admin_port: int, port: int, workdir: Path, wrapper=()):
+    def __init__(self, name: str, config: Path, admin_port: int, port: int, workdir: Path, wrapper=(), workers=1):
         self.name, self.config, self.admin_port, self.port = name, config, admin_port, port
+        self.workers = workers
         self.log_path = workdir / f"{name}.log"
         self.wrapper = list(wrapper)
         self.process = None
@@ -97,7 +98,7 @@ class Envoy:
     def start(self):
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [*self.wrapper, real_envoy(), "-c", str(self.config), "--concurrency", "1",
+            [*self.wrapper, real_envoy(), "-c", str(self.config), "--concurrency", str(self.workers),
              "--disable-hot-restart", "-l", "warning"],
             stdout=self._log, stderr=subprocess.STDOUT)
         return self
@@ -123,6 +124,12 @@ class Envoy:
             except (OSError, ValueError, IndexError):
                 pass  # a thread that just ended
         return total
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
 
     def stop(self):
         if self.process and self.process.poll() is None:
@@ -248,14 +255,67 @@ def run(args) -> dict:
                     runs.append(r)
                     print(f"# round {rnd + 1} {cell.name:<45} {key}: {r['rps']:9.0f} rps  p50 {r['p50_us']:5d} us"
                           f"  p99 {r['p99_us']:6d} us  cpu {r['cpu_us_per_request']:6.1f} us/req", file=sys.stderr)
-        memory = {}
-        for key in keys:
-            if stack.variants[key].tags and "KVAB_WASM" in stack.variants[key].values:
-                stats = stack.gateways[key].admin("/stats?filter=^wasm%5C.")
-                memory[key] = dict(line.split(": ", 1) for line in stats.splitlines() if ": " in line)
+    memory = vm_memory(workdir, load_cpu)
     return {"runs": runs, "cells": [c.name for c in cells], "variants": {k: variants()[k].label for k in keys},
             "wasm_memory": memory, "wasm_bytes": os.path.getsize(wasm_path()), "args": vars(args),
             "machine": machine(), "date": time.strftime("%Y-%m-%d")}
+
+
+def wasm_linear_memory_pages(path: Path) -> int:
+    """Initial pages (64 KiB) of the module's linear memory, from its memory section."""
+    data = path.read_bytes()
+
+    def leb(i):
+        value = shift = 0
+        while True:
+            b = data[i]
+            value |= (b & 0x7F) << shift
+            i += 1
+            shift += 7
+            if b < 0x80:
+                return value, i
+
+    i = 8
+    while i < len(data):
+        section, size_at = data[i], i + 1
+        size, body = leb(size_at)
+        if section == 5:  # memory: count, then (flags, initial[, max])
+            _, j = leb(body)
+            _, j = leb(j)
+            return leb(j)[0]
+        i = body + size
+    return 0
+
+
+def vm_memory(workdir: Path, load_cpu) -> dict:
+    """Resident memory one more Wasm VM costs: kvab (c) and route-only (b) Envoys with 1 and 2
+    workers (each worker runs its own VM), after 2 s of load on each;
+    per VM = (c2 - c1) - (b2 - b1), the worker thread's own cost cancelling out. Envoy 1.40 has
+    no V8 memory gauge (`wasm.envoy.wasm.runtime.v8.*` holds only `active` and `created`)."""
+    upstream_admin, upstream_port = free_port(), free_port()
+    upstream = Envoy("mem-upstream", render_upstream(workdir / "mem-upstream.yaml", upstream_admin, upstream_port),
+                     upstream_admin, upstream_port, workdir).start()
+    envoys = {}
+    try:
+        for key in "bc":
+            for workers in (1, 2):
+                admin, port = free_port(), free_port()
+                cfg = render_variant(variants()[key], workdir / f"mem-{key}{workers}.yaml", admin, port, upstream_port)
+                envoys[f"{key}{workers}"] = Envoy(f"mem-{key}{workers}", cfg, admin, port, workdir, workers=workers).start()
+        upstream.wait_ready(120)
+        for e in envoys.values():
+            e.wait_ready(120)
+        for e in envoys.values():
+            wrk(e.port, "mix", 2, 16, 0, workdir, load_cpu)
+        rss = {name: e.rss_kib() for name, e in envoys.items()}
+        wasm_stats = envoys["c2"].admin("/stats?filter=^wasm%5C.envoy")
+    finally:
+        for e in envoys.values():
+            e.stop()
+        upstream.stop()
+    return {"rss_kib": rss, "per_vm_kib": (rss["c2"] - rss["c1"]) - (rss["b2"] - rss["b1"]),
+            "filter_at_1_worker_kib": rss["c1"] - rss["b1"], "v8_stats_2_workers": wasm_stats.strip(),
+            "linear_memory_initial_pages": wasm_linear_memory_pages(Path(wasm_path()))}
 
 
 def pinning(pin: bool):
@@ -302,16 +362,19 @@ def summarize(result: dict) -> str:
                 f"| {med(r['p99_us'] for r in mine):.0f} | {med(r['cpu_us_per_request'] for r in mine):.1f} "
                 f"| {med(cpu_ratios):.3f} |")
     out = "\n".join(lines)
-    for key, stats in result["wasm_memory"].items():
-        mem = {k: v for k, v in stats.items() if "memory" in k or k.endswith(".active") or k.endswith(".created")}
-        out += f"\n\n({key}) wasm stats: " + ", ".join(f"`{k}` = {v}" for k, v in sorted(mem.items()))
+    m = result["wasm_memory"]
+    out += (f"\n\nmemory (VmRSS after load): one more kvab VM {m['per_vm_kib']:,} KiB"
+            f" [(c) 2 workers - 1 worker, less the same for (b)]; kvab's whole cost at 1 worker"
+            f" {m['filter_at_1_worker_kib']:,} KiB; RSS KiB {m['rss_kib']};"
+            f" linear memory starts at {m['linear_memory_initial_pages']} x 64 KiB pages;"
+            f" 2 workers: {m['v8_stats_2_workers'].replace(chr(10), ', ')}")
     out += f"\n\n.wasm: {result['wasm_bytes']:,} bytes"
     return out
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default="abcde", help="variant keys, (a) first: the baseline of every ratio")
+    ap.add_argument("--variants", default="abcden", help="variant keys, (a) first: the baseline of every ratio")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=4, help="duration of one wrk run")
     ap.add_argument("--warmup", type=int, default=2)
