@@ -43,7 +43,12 @@ class Variant:
     tags: bool = False  # whether the response must carry x-kv-backend (the filter ran)
 
 
+EXTRA_WASM = {}  # --wasm KEY=PATH: kvab's default config with another build of the module
+
+
 def variants() -> dict:
+    extra = [Variant(k, f"default config, {path}", "gateway-kvab.yaml",
+                     {"KVAB_WASM": path, "KVAB_FILTER_CONFIG": filter_config_value({})}) for k, path in EXTRA_WASM.items()]
     return {
         v.key: v
         for v in [
@@ -58,6 +63,7 @@ def variants() -> dict:
             # The floor of any Wasm filter: V8 and the proxy-wasm ABI with callbacks that do nothing.
             Variant("n", "no-op Wasm filter", "gateway-kvab.yaml",
                     {"KVAB_WASM": NOOP_WASM, "KVAB_FILTER_CONFIG": filter_config_value("")}),
+            *extra,
         ]
     }
 
@@ -386,7 +392,15 @@ def main():
     ap.add_argument("--json", type=Path, default=REPO / ".run" / "bench" / "filter.json")
     ap.add_argument("--callgrind", action="store_true", help="instructions per request under callgrind instead")
     ap.add_argument("--requests", type=int, default=2000, help="requests per workload under callgrind")
+    ap.add_argument("--wasm", action="append", default=[], metavar="KEY=PATH",
+                    help="an extra variant KEY (one letter, list it in --variants): kvab's default config "
+                         "with the module at PATH, e.g. another build to compare")
     args = ap.parse_args()
+    import filterbench  # this file again when run as a script: the copy bench/callgrind.py uses
+
+    for spec in args.wasm:
+        key, path = spec.split("=", 1)
+        EXTRA_WASM[key] = filterbench.EXTRA_WASM[key] = str(Path(path).resolve())
     if not args.variants.startswith("a"):
         raise SystemExit("--variants must start with a (the baseline)")
     if args.callgrind:
