@@ -22,7 +22,7 @@ CARGO_DENY := .tools/bin/cargo-deny
 export KVAB_ENVOY := $(abspath $(ENVOY))
 export KVAB_WASM  := $(abspath $(WASM))
 
-.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner lint unit wasm-unit test e2e demo demo-up bench clean cargo-fuzz fuzz fuzz-smoke cargo-deny deny manifests manifests-sha observability prometheus
+.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner lint unit wasm-unit test e2e demo demo-up bench bench-filter bench-sidecar bench-cpu bench-tools bench-valgrind noop-filter clean cargo-fuzz fuzz fuzz-smoke cargo-deny deny manifests manifests-sha observability prometheus
 
 rust-targets:
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
@@ -78,6 +78,34 @@ e2e: filter sidecar venv system-deps
 	$(PYTEST) -q -p no:cacheprovider tests
 
 test: lint unit wasm-unit deny fuzz-smoke e2e
+
+# The filter's request-path cost against bare Envoy, native routing and Lua (see BENCHMARKS.md):
+# wall clock and CPU time in alternating runs, about 4 minutes. `make bench-cpu`: instructions
+# per request under callgrind, about 6 minutes (Envoy starts slowly under valgrind).
+BENCH_ARGS ?=
+bench-tools:
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	@command -v taskset >/dev/null || { apt-get update -qq && apt-get install -y -qq util-linux; }
+
+bench-valgrind:
+	@command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; }
+
+noop-filter: rust-targets
+	cargo build --quiet --release --target wasm32-wasip1 --manifest-path bench/noop-filter/Cargo.toml \
+	  --target-dir target/bench-noop
+
+bench-filter: filter noop-filter venv bench-tools
+	$(PY) bench/filterbench.py $(BENCH_ARGS)
+
+# Sidecar: /v1/endpoints at 10k pods, memory, watch-to-map latency (see BENCHMARKS.md).
+bench-sidecar: venv bench-tools
+	cargo build --release -p kvab
+	$(PY) sidecar/bench/bench.py
+
+bench: bench-filter bench-sidecar
+
+bench-cpu: filter noop-filter venv bench-valgrind
+	$(PY) bench/filterbench.py --callgrind --variants abcden $(BENCH_ARGS)
 
 cargo-deny:
 	@if ! $(CARGO_DENY) --version 2>/dev/null | grep -q " $(CARGO_DENY_VERSION)$$"; then \
@@ -145,12 +173,6 @@ observability: system-deps
 # (Envoy admin 18001, kvab serve 18090), with the kvab alert rules loaded; Ctrl-C stops it.
 prometheus: system-deps venv
 	cd local && ../$(PY) -m kvablocal.prometheus
-
-# Sidecar speed and memory (see BENCHMARKS.md).
-bench: venv
-	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
-	cargo build --release -p kvab
-	$(PY) sidecar/bench/bench.py
 
 clean:
 	cargo clean
