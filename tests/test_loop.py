@@ -264,16 +264,19 @@ def test_routed_counts_equal_the_answers_across_a_sidecar_kill_mid_burst(static_
     assert filter_total == answered
 
 
-class ReportTap:
-    """An HTTP proxy between the filter and the sidecar that loses and repeats reports on purpose:
-    of every 4 reports, the 2nd is dropped (answered 503, never forwarded) and the 3rd is
-    forwarded twice. Map requests pass through."""
+class LinkProxy:
+    """An HTTP proxy between the filter and the sidecar that misbehaves on purpose.
 
-    def __init__(self, upstream_port):
-        tap = self
-        self.reports = 0
-        self.dropped = 0
-        self.duplicated = 0
+    `fault(kind, n)` decides, for the n-th request of a kind (`map` or `report`), what happens:
+    `forward`, `twice` (forwarded two times, the second answer returned), `drop` (503, not
+    forwarded), `garbage` (200 with a body that is not JSON), `huge` (200 with a 17 MiB body),
+    `slow` (answered after 2 s) or `5xx` (500). While `down` is set, connections are refused."""
+
+    def __init__(self, upstream_port, fault=lambda kind, n: "forward"):
+        proxy = self
+        self.fault = fault
+        self.seen = {"map": 0, "report": 0}
+        self.actions = []
         lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -287,7 +290,7 @@ class ReportTap:
                     f"http://127.0.0.1:{upstream_port}{self.path}",
                     data=body,
                     method=self.command,
-                    headers={k: v for k, v in self.headers.items() if k.lower() in ("content-type", "if-none-match")},
+                    headers={k: v for k, v in self.headers.items() if k.lower() in ("content-type", "if-none-match", "authorization")},
                 )
                 try:
                     with urllib.request.urlopen(req, timeout=5) as r:
@@ -304,28 +307,39 @@ class ReportTap:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def do_GET(self):
-                self.answer(*self.forward())
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+            def handle_one(self, kind, body=None):
                 with lock:
-                    tap.reports += 1
-                    n = tap.reports
-                if n % 4 == 2:
-                    with lock:
-                        tap.dropped += 1
+                    proxy.seen[kind] += 1
+                    action = proxy.fault(kind, proxy.seen[kind])
+                    proxy.actions.append((kind, action))
+                if action == "drop":
                     return self.answer(503, b'{"error":{"code":"dropped","message":"by the test"}}')
+                if action == "5xx":
+                    return self.answer(500, b"internal")
+                if action == "garbage":
+                    return self.answer(200, b"<html>not a map</html>", {"content-type": "text/html"})
+                if action == "huge":
+                    return self.answer(200, b"{" + b" " * (17 << 20) + b"}", {"content-type": "application/json"})
+                if action == "slow":
+                    time.sleep(2)
                 status, reply, headers = self.forward(body)
-                if n % 4 == 3:
-                    with lock:
-                        tap.duplicated += 1
+                if action == "twice":
                     status, reply, headers = self.forward(body)
                 self.answer(status, reply, headers)
 
+            def do_GET(self):
+                self.handle_one("map")
+
+            def do_POST(self):
+                self.handle_one("report", self.rfile.read(int(self.headers.get("content-length") or 0)))
+
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def count(self, kind, action):
+        return sum(1 for k, a in self.actions if (k, a) == (kind, action))
 
     def stop(self):
         self.server.shutdown()
@@ -334,7 +348,8 @@ class ReportTap:
 
 def test_dropped_and_duplicated_reports_leave_the_counts_exact(static_stack, arms, tmp_path):
     sidecar_port = free_port()
-    tap = ReportTap(sidecar_port)
+    # Of every 4 reports, the 2nd is lost and the 3rd arrives twice.
+    tap = LinkProxy(sidecar_port, lambda kind, n: {2: "drop", 3: "twice"}.get(n % 4, "forward") if kind == "report" else "forward")
     try:
         g, sidecar = static_stack(sidecar_port=tap.port, sidecar_listen_port=sidecar_port)
         answered = 0
@@ -342,7 +357,7 @@ def test_dropped_and_duplicated_reports_leave_the_counts_exact(static_stack, arm
             answered += burst(g, 60, concurrency=4)
             time.sleep(REFRESH_MS / 1000)
         wait_until(lambda: routed_total(sidecar) == answered, 10, what=f"{answered} routed")
-        assert tap.dropped >= 1 and tap.duplicated >= 1, (tap.reports, tap.dropped, tap.duplicated)
+        assert tap.count("report", "drop") >= 1 and tap.count("report", "twice") >= 1, tap.seen
         samples = sidecar.samples()
         assert prom.value(samples, "kvab_reports_received_total", result="duplicate") >= 1
         assert prom.value(g.stats(), "kvab_reports_total", result="error") >= 1
@@ -394,3 +409,52 @@ def test_with_a_report_token_only_the_filter_can_report(static_stack, tmp_path):
         assert (r.status, r.json()["error"]["code"]) == (401, "unauthorized"), headers
     assert routed_total(sidecar) == answered
     assert prom.value(sidecar.samples(), "kvab_reports_received_total", result="unauthorized") == 3
+
+
+def test_a_misbehaving_sidecar_never_stops_traffic_and_the_filter_recovers(static_stack, tmp_path):
+    """Down at start, then garbage, an oversized map, a slow answer and 5xx for maps and reports:
+    requests keep flowing (a stale map refuses nothing), each fault is counted or logged, and once
+    the sidecar behaves the map is back and the routed counts are exact."""
+    mode = {"now": "down"}
+    sidecar_port = free_port()
+    link = LinkProxy(sidecar_port, lambda kind, n: mode["now"])
+    link_port = link.port
+    link.stop()  # the sidecar is unreachable when Envoy starts
+    g, sidecar = static_stack(sidecar_port=link_port, sidecar_listen_port=sidecar_port)
+    answered = burst(g, 30, concurrency=3)
+    fetches = lambda result: prom.value(g.stats(), "kvab_endpoint_map_fetches_total", result=result)
+    wait_until(lambda: fetches("error") >= 1, 5, what="failed fetches counted")
+
+    # The sidecar comes back on the same port, behind the faulty link.
+    mode["now"] = "forward"
+    link = LinkProxy(sidecar_port, lambda kind, n: mode["now"])
+    link.server.server_close()
+    link.server = http.server.ThreadingHTTPServer(("127.0.0.1", link_port), link.server.RequestHandlerClass)
+    link.server.daemon_threads = True
+    threading.Thread(target=link.server.serve_forever, daemon=True).start()
+    try:
+        wait_until(lambda: fetches("ok") >= 1, 5, what="map fetched once the sidecar is back")
+        assert send(g, "nvlink").header("x-kv-backend") == "nvlink"
+        for fault, result, log_line in [
+            ("garbage", "error", "endpoint map from kvab-sidecar refused"),
+            ("huge", "error", "over 16777216"),
+            ("slow", "timeout", None),
+            ("5xx", "error", None),
+        ]:
+            before = fetches(result)
+            mode["now"] = fault
+            wait_until(lambda: fetches(result) > before, 8, what=f"{fault} counted as {result}")
+            answered += burst(g, 30, concurrency=3)
+            if log_line:
+                assert log_line in g.log(), fault
+            mode["now"] = "forward"
+            wait_until(lambda: fetches("ok") + fetches("not_modified") > 0 and send(g, "fs").header("x-kv-backend") == "fs", 5, what=f"recovered after {fault}")
+            answered += 1
+        answered += burst(g, 30, concurrency=3)
+        reports_failed = prom.value(g.stats(), "kvab_reports_total", result="error")
+        assert reports_failed >= 1, "reports answered with faults are counted as errors"
+        # Every request that got an answer is counted once the reports get through.
+        wait_until(lambda: routed_total(sidecar) == answered + 1, 10, what=f"{answered + 1} routed")
+        assert link.count("map", "huge") >= 1 and link.count("map", "slow") >= 1
+    finally:
+        link.stop()

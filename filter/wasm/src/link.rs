@@ -356,6 +356,8 @@ impl Link {
                 self.confirm_shared(&etag, now);
                 FetchResult::NotModified
             }
+            // Envoy answers a call that ran out of time with its own 504.
+            Some(504) => FetchResult::Timeout,
             Some(_) => FetchResult::Error,
             // No status: the call failed. Envoy does not say why; one that took the whole timeout timed out.
             None if now.saturating_sub(started)
