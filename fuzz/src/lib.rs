@@ -573,3 +573,30 @@ fn is_token(s: &str) -> bool {
         && s.chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
 }
+
+/// An endpoint map (`GET /v1/endpoints`) read for the default arms: a refusal is an error, never a
+/// panic; an accepted map resolves every address it lists to an arm, counts no more ready
+/// endpoints than it lists, and resolves any other address to `unknown`.
+pub fn check_map(data: &[u8]) {
+    use kvab_filter_core::endpoints::{ArmMap, Served};
+    let plan = parse(b"{}").unwrap();
+    let Ok(map) = ArmMap::parse(&plan, data) else {
+        return;
+    };
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) else {
+        panic!("accepted a map that is not JSON");
+    };
+    let mut listed = 0u32;
+    for (i, arm) in plan.arm_names().iter().enumerate() {
+        let endpoints = value["backends"][arm]["endpoints"].as_array().cloned().unwrap_or_default();
+        listed += endpoints.len() as u32;
+        assert!(map.ready_endpoints(ArmId(i)) as usize <= endpoints.len());
+        for e in &endpoints {
+            let address = e["address"].as_str().unwrap();
+            assert!(matches!(map.arm_of(address.as_bytes()), Served::Arm(_)), "{address} not resolved");
+        }
+    }
+    let ready: u32 = (0..plan.arm_names().len()).map(|i| map.ready_endpoints(ArmId(i))).sum();
+    assert!(ready <= listed);
+    assert_eq!(map.arm_of(b"\xff not an address"), Served::Unknown);
+}
