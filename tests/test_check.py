@@ -8,6 +8,7 @@ import pytest
 
 from fakekube import FakeKube, make_pod
 from kvablocal.net import request
+from kvablocal.sidecar import kubernetes_config
 from kvablocal.stack import Stack
 
 NS = "llm-d-vllm"
@@ -109,15 +110,7 @@ def test_an_arm_that_is_down_fails(stack):
 def test_a_proxy_missing_its_label_fails_with_signal_1(stack, tmp_path):
     """kvab serve watching (fake) Kubernetes: the FS proxy pod lacks llm-d.ai/kv-backend."""
     with FakeKube(workdir=tmp_path / "kube") as kube:
-        config = f"""
-listen = "127.0.0.1:{{port}}"
-source = "kubernetes"
-[kubernetes]
-namespaces = ["{NS}"]
-endpoint_port = "http"
-[probe]
-interval_seconds = 1
-"""
+        config = kubernetes_config([NS], extra="\n[probe]\ninterval_seconds = 1\n")
         s = Stack(workdir=tmp_path / "stack", sidecar_config=config, sidecar_env=kube.env())
         for name, arm, labels in [
             ("vllm-p2p-proxy", "nvlink", {"role": "proxy", "llm-d.ai/kv-backend": "nvlink"}),

@@ -6,30 +6,26 @@ local arm's port, so the sidecar's endpoint addresses are exactly the upstream a
 reports (`upstream.address`).
 """
 
+import http.server
+import signal
+import threading
 import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from fakekube import FakeKube, make_pod
 from kvablocal import prom
 from kvablocal.envoy import Gateway
-from kvablocal.net import request, wait_until
-from kvablocal.sidecar import Sidecar
+from kvablocal.net import free_port, request, wait_until
+from kvablocal.sidecar import Sidecar, kubernetes_config, static_config
 
 NS = "llm-d-vllm"
 REFRESH_MS = 200
 
-SIDECAR_CONFIG = f"""
-listen = "127.0.0.1:{{port}}"
-source = "kubernetes"
-arms = ["nvlink", "fs"]
-
-[kubernetes]
-namespaces = ["{NS}"]
-pod_selector = "role=proxy"
-backend_label = "llm-d.ai/kv-backend"
-endpoint_port = "http"
-"""
+SIDECAR_CONFIG = kubernetes_config([NS])
 
 
 def proxy_pod(name, arm, port, ready=True):
@@ -163,14 +159,6 @@ def test_a_stale_map_counts_as_unknown_and_refuses_nothing(stack, arms, tmp_path
 
 # ---- reports: exact per-proxy counts, whatever happens to the sidecar or the reports ----
 
-import http.server  # noqa: E402
-import signal  # noqa: E402
-import threading  # noqa: E402
-import urllib.request  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-
-from kvablocal.net import free_port  # noqa: E402
-from kvablocal.sidecar import static_config  # noqa: E402
 
 
 def static_sidecar_config(arms, state_file=None, token_file=None):
@@ -182,7 +170,7 @@ def static_sidecar_config(arms, state_file=None, token_file=None):
     extra += f'state_file = "{state_file}"\n' if state_file else ""
     extra += f'token_file = "{token_file}"\n' if token_file else ""
     # Probing is not under test here.
-    return static_config(0, endpoints).replace("127.0.0.1:0", "127.0.0.1:{port}") + "[probe]\ninterval_seconds = 0\n" + extra
+    return static_config(endpoints) + "[probe]\ninterval_seconds = 0\n" + extra
 
 
 def routed_total(sidecar):

@@ -318,7 +318,7 @@ def test_config_passes_the_sidecars_own_check_and_serves_the_pinned_module(tmp_p
     out = subprocess.run([kvab_binary(), "serve", "--config", str(missing), "--check-config"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "`filter_wasm` (/kvab/kvab_filter.wasm)" in out.stderr, out.stderr
 
-    sidecar = Sidecar(static_config(0, [], extra=f'filter_wasm = "{module}"').replace("127.0.0.1:0", "127.0.0.1:{port}"), workdir=tmp_path).start()
+    sidecar = Sidecar(static_config([], extra=f'filter_wasm = "{module}"'), workdir=tmp_path).start()
     try:
         resp = sidecar.get("/v1/filter.wasm")
         assert resp.status == 200
@@ -416,7 +416,7 @@ def test_plugin_config_is_accepted_by_the_filter_in_envoy_and_stats_get_their_la
     config = plugin()["spec"]["pluginConfig"]
     cluster = config["sidecar"]["cluster"]
     sidecar = Sidecar(
-        static_config(0, [("nvlink", f"127.0.0.1:{arms['nvlink'].port}", "llm-d-vllm/vllm-p2p-proxy"), ("fs", f"127.0.0.1:{arms['fs'].port}", "llm-d-vllm/vllm-fs-proxy")]).replace("127.0.0.1:0", "127.0.0.1:{port}"),
+        static_config([("nvlink", f"127.0.0.1:{arms['nvlink'].port}", "llm-d-vllm/vllm-p2p-proxy"), ("fs", f"127.0.0.1:{arms['fs'].port}", "llm-d-vllm/vllm-fs-proxy")]),
         workdir=tmp_path,
     ).start()
     g = Gateway(config, arms["nvlink"].port, arms["fs"].port, workdir=tmp_path / "envoy", sidecar_port=sidecar.port)

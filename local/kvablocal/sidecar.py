@@ -18,17 +18,29 @@ def kvab_binary() -> str:
     return os.environ.get("KVAB_BIN") or str(Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "debug" / "kvab")
 
 
-def static_config(port: int, endpoints: list, arms=("nvlink", "fs"), extra: str = "") -> str:
-    """A static-source configuration: `endpoints` are (arm, address, pod) triples."""
-    lines = [f'listen = "127.0.0.1:{port}"', 'source = "static"', f"arms = {json.dumps(list(arms))}", extra]
+def static_config(endpoints: list, arms=("nvlink", "fs"), extra: str = "") -> str:
+    """A static-source configuration: `endpoints` are (arm, address, pod) triples; `extra` goes
+    before the endpoint tables (top-level keys or whole sections)."""
+    lines = ['listen = "127.0.0.1:{port}"', 'source = "static"', f"arms = {json.dumps(list(arms))}", extra]
     for arm, address, pod in endpoints:
         lines += ["[[static.endpoints]]", f'backend = "{arm}"', f'address = "{address}"', f'pod = "{pod}"']
     return "\n".join(lines) + "\n"
 
 
+def kubernetes_config(namespaces=("llm-d-vllm",), endpoint_port="http", extra: str = "") -> str:
+    """A Kubernetes-source configuration with the runbook's selector and label; `extra` continues
+    the `[kubernetes]` section (and may open others)."""
+    return (
+        'listen = "127.0.0.1:{port}"\nsource = "kubernetes"\narms = ["nvlink", "fs"]\n\n[kubernetes]\n'
+        f"namespaces = {json.dumps(list(namespaces))}\n"
+        'pod_selector = "role=proxy"\nbackend_label = "llm-d.ai/kv-backend"\n'
+        f"endpoint_port = {json.dumps(endpoint_port)}\n{extra}"
+    )
+
+
 class Sidecar:
     """One `kvab serve` process with its own configuration file and log. `{port}` in the
-    configuration text is replaced by the port it listens on."""
+    configuration text (as the configurations above write it) is replaced by the port it listens on."""
 
     def __init__(self, config: str, port: int = 0, workdir=None, env=None, binary=None):
         self.port = port or free_port()

@@ -62,7 +62,7 @@ class Stack:
         }
         endpoints = [(arm, f"127.0.0.1:{server.port}", PODS[arm]) for arm, server in self.arms.items()]
         self.sidecar = Sidecar(
-            sidecar_config or static_config("{port}", endpoints, extra="[probe]\ninterval_seconds = 1"),
+            sidecar_config or static_config(endpoints, extra="[probe]\ninterval_seconds = 1"),
             port=ports.get("sidecar", 0), workdir=self.workdir, env=sidecar_env,
         )
         filter_config = {"sidecar": {"cluster": "kvab-sidecar", "refreshMs": REFRESH_MS}} if link_sidecar else {}

@@ -9,25 +9,14 @@ import pytest
 
 from kvabtest import promtool_check, wait_until
 from fakekube import FakeKube, make_pod
+from kvablocal.sidecar import kubernetes_config
 
 NS = "llm-d-vllm"
 EVENT_DEADLINE = 1.0
 
-CONFIG = f"""
-listen = "127.0.0.1:{{port}}"
-source = "kubernetes"
-arms = ["nvlink", "fs"]
-
-[kubernetes]
-namespaces = ["{NS}"]
-pod_selector = "role=proxy"
-backend_label = "llm-d.ai/kv-backend"
-endpoint_port = "http"
-unready_after_seconds = 1
-
-[probe]
-interval_seconds = 0
-"""
+# The watch counts as failing after 1 s; probing is not under test here.
+QUICK = "unready_after_seconds = 1\n\n[probe]\ninterval_seconds = 0\n"
+CONFIG = kubernetes_config([NS], extra=QUICK)
 
 
 def proxy_pod(name: str, backend: str | None, ip: str, ns: str = NS, **kwargs) -> dict:
@@ -201,8 +190,7 @@ def test_stream_cut_mid_watch_loses_no_events(sidecar, kube):
 def test_numeric_endpoint_port_and_all_namespaces(sidecar, kube):
     kube.put_pod(proxy_pod("x", "fs", "10.0.8.1", ns="team-a"))
     kube.put_pod(proxy_pod("y", "nvlink", "fd00::8", ns="team-b"))
-    config = CONFIG.replace(f'namespaces = ["{NS}"]', "namespaces = []").replace(
-        'endpoint_port = "http"', "endpoint_port = 8080")
+    config = kubernetes_config([], 8080, extra=QUICK)
     kvab = start_synced(sidecar, kube, config)
     assert served(kvab) == {"nvlink": [("[fd00::8]:8080", "team-b/y", True)],
                             "fs": [("10.0.8.1:8080", "team-a/x", True)]}

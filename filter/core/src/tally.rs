@@ -48,18 +48,24 @@ impl Tally {
         class: CodeClass,
     ) {
         let cell = self.cell(requested, served, class);
-        let key: &[u8] = if self.counts.contains_key(endpoint) || self.counts.len() < MAX_ENDPOINTS
-        {
+        // The common case, an endpoint already seen, is one lookup.
+        if let Some(counts) = self.counts.get_mut(endpoint) {
+            if let Some(n) = counts.get_mut(cell) {
+                *n = n.saturating_add(1);
+            }
+            return;
+        }
+        let key: &[u8] = if self.counts.len() < MAX_ENDPOINTS {
             endpoint
         } else {
             OVERFLOW_ENDPOINT.as_bytes()
         };
-        if !self.counts.contains_key(key) {
-            let cells = self.cells();
-            self.counts
-                .insert(key.to_vec().into_boxed_slice(), vec![0; cells]);
-        }
-        if let Some(n) = self.counts.get_mut(key).and_then(|c| c.get_mut(cell)) {
+        let cells = self.cells();
+        let counts = self
+            .counts
+            .entry(key.to_vec().into_boxed_slice())
+            .or_insert_with(|| vec![0; cells]);
+        if let Some(n) = counts.get_mut(cell) {
             *n = n.saturating_add(1);
         }
     }
