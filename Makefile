@@ -14,7 +14,7 @@ WB_RUNNER := .tools/bin/wasm-bindgen-test-runner
 # cargo-fuzz drives libFuzzer; its nightly-only flags are enabled on stable with RUSTC_BOOTSTRAP.
 CARGO_FUZZ_VERSION := 0.13.2
 CARGO_FUZZ := .tools/bin/cargo-fuzz
-FUZZ_TARGETS := request config map
+FUZZ_TARGETS := request config map report
 FUZZ_SECONDS ?= 120
 FUZZ_SMOKE_SECONDS ?= 10
 CARGO_DENY_VERSION := 0.20.2

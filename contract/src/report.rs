@@ -52,8 +52,28 @@ pub struct RoutedCount {
 pub const NO_ARM: &str = "none";
 pub const UNKNOWN_ARM: &str = "unknown";
 pub const CODE_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
-/// Endpoint of requests counted after a reporter's endpoint table was full.
+/// Endpoint of requests counted after a reporter's endpoint table was full, or served by an
+/// upstream whose address is not `ip:port` (e.g. an Envoy internal address).
 pub const OVERFLOW_ENDPOINT: &str = "other";
+/// Longest endpoint accepted (a bracketed IPv6 address with a port is at most 47 bytes).
+pub const MAX_ENDPOINT_LEN: usize = 64;
+
+/// The endpoint values a report may carry: `ip:port` (IPv6 in brackets), [`OVERFLOW_ENDPOINT`],
+/// or empty (no upstream answered). The filter folds any other upstream address into
+/// [`OVERFLOW_ENDPOINT`] before reporting, because the sidecar refuses a report with any other value.
+pub fn is_endpoint(endpoint: &[u8]) -> bool {
+    endpoint.is_empty() || endpoint == OVERFLOW_ENDPOINT.as_bytes() || is_socket_address(endpoint)
+}
+
+/// Shaped like `ip:port`: hex digits, dots, colons and brackets only, with a colon, bounded length.
+pub fn is_socket_address(endpoint: &[u8]) -> bool {
+    !endpoint.is_empty()
+        && endpoint.len() <= MAX_ENDPOINT_LEN
+        && endpoint.contains(&b':')
+        && endpoint
+            .iter()
+            .all(|b| b.is_ascii_hexdigit() || b".:[]".contains(b))
+}
 
 /// The sidecar's answer to a report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,4 +82,29 @@ pub struct ReportAck {
     /// the starting point, see `started_at_ms`), `duplicate` (same sequence as the newest) or
     /// `stale` (older than the newest). All are 200: the reporter moves on.
     pub result: String,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_ip_port_other_or_empty() {
+        for good in ["", "other", "10.0.0.5:8080", "[fd00::5]:8080"] {
+            assert!(is_endpoint(good.as_bytes()), "{good:?}");
+        }
+        let long = format!("{}:1", "1".repeat(MAX_ENDPOINT_LEN));
+        for bad in [
+            "others",
+            "10.0.0.5",
+            "pod-a:8080",
+            "envoy://x",
+            " 10.0.0.5:80",
+            &long,
+        ] {
+            assert!(!is_endpoint(bad.as_bytes()), "{bad:?}");
+        }
+        assert!(!is_endpoint(b"10.0.0.5:80\xff"));
+    }
 }

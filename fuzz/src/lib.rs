@@ -600,3 +600,124 @@ pub fn check_map(data: &[u8]) {
     assert!(ready <= listed);
     assert_eq!(map.arm_of(b"\xff not an address"), Served::Unknown);
 }
+
+/// The sidecar's ledger, compiled from its own source: the sidecar is a binary crate, and the
+/// ledger is pure (no I/O, no clock), so the fuzz crate can build it as a module.
+#[path = "../../sidecar/src/ledger.rs"]
+#[allow(dead_code)]
+mod ledger;
+
+use kvab_contract::report::Report;
+use ledger::{Ledger, Outcome};
+
+const REPORT_ARMS: [&str; 2] = ["nvlink", "fs"];
+
+fn report_arms() -> Vec<String> {
+    REPORT_ARMS.iter().map(|a| a.to_string()).collect()
+}
+
+/// Several endpoints share a pod, so increments of different entries land on one counter.
+fn pod_of(address: &str) -> Option<String> {
+    (address.len() % 3 != 0).then(|| format!("llm-d-vllm/pod-{}", address.len() % 5))
+}
+
+fn routed_total(ledger: &Ledger) -> u128 {
+    ledger.routed().map(|(_, n)| u128::from(n)).sum()
+}
+
+/// Any bytes posted to `/v1/reports`, read as the sidecar reads them: never a panic; an accepted
+/// first report adds exactly its totals, a repeat adds nothing, a refused one changes nothing, and
+/// the saved state (`reports.state_file`) restores the same counters.
+pub fn check_report(data: &[u8]) {
+    let Ok(report) = serde_json::from_slice::<Report>(data) else {
+        return;
+    };
+    let arms = report_arms();
+    let mut ledger = Ledger::default();
+    match ledger.apply(&report, &arms, &pod_of, false) {
+        Ok(Outcome::Applied(increments)) => {
+            let sent: u128 = report.totals.iter().map(|t| u128::from(t.count)).sum();
+            let added: u128 = increments.iter().map(|(_, n)| u128::from(*n)).sum();
+            // Counters saturate rather than wrap: totals may fall short only at u64::MAX.
+            let saturated = increments.iter().any(|(_, n)| *n == u64::MAX);
+            assert!(added == sent || saturated, "increments {added} != totals sent {sent}");
+            assert_eq!(routed_total(&ledger), added);
+            let before: Vec<_> = ledger.routed().map(|(k, n)| (k.clone(), n)).collect();
+            assert_eq!(
+                ledger.apply(&report, &arms, &pod_of, false),
+                Ok(Outcome::Duplicate)
+            );
+            let saved = serde_json::to_vec(&ledger).unwrap();
+            let restored: Ledger = serde_json::from_slice(&saved).unwrap();
+            let after: Vec<_> = restored.routed().map(|(k, n)| (k.clone(), n)).collect();
+            assert_eq!(before, after, "a restored ledger differs");
+        }
+        Ok(other) => panic!("a fresh ledger answered {other:?} to a first report"),
+        Err(_) => assert!(ledger.reporters() == 0 && routed_total(&ledger) == 0),
+    }
+}
+
+/// Upstream addresses a request may have been served by: pod addresses and what Envoy may give
+/// instead (internal addresses, pipes, garbage).
+const UPSTREAMS: [&[u8]; 8] = [
+    b"",
+    b"10.0.0.5:8080",
+    b"10.0.0.7:8080",
+    b"[fd00::5]:8080",
+    b"envoy://internal_client_address/",
+    b"/var/run/upstream.sock",
+    b"other",
+    b"10.0.0.5:8080\xff",
+];
+
+/// The filter's reports end to end: the input is a stream of finished requests (4 bytes each:
+/// requested, served, code class, upstream; a 0xff first byte ends the first report), tallied as
+/// the filter tallies them, sent as the filter's JSON and applied by the sidecar's ledger. Every
+/// report must be accepted and add exactly the requests recorded since the previous one.
+pub fn check_report_round_trip(data: &[u8]) {
+    use kvab_filter_core::endpoints::Served;
+    use kvab_filter_core::metrics::CodeClass;
+    use kvab_filter_core::tally::Tally;
+
+    let plan = parse(b"{}").unwrap();
+    let arms = report_arms();
+    let mut tally = Tally::new(&plan);
+    let mut ledger = Ledger::default();
+    let mut sequence = 0;
+    let mut recorded = 0u128;
+    let send = |tally: &Tally, ledger: &mut Ledger, sequence: u64, recorded: u128| {
+        let json = tally.report_json(&plan, "fuzz-reporter", sequence, 1);
+        let report: Report = serde_json::from_slice(&json)
+            .unwrap_or_else(|e| panic!("the filter's report is not a contract Report: {e}"));
+        match ledger.apply(&report, &arms, &pod_of, false) {
+            Ok(Outcome::Applied(increments)) => {
+                let added: u128 = increments.iter().map(|(_, n)| u128::from(*n)).sum();
+                assert_eq!(added, recorded, "report {sequence} added a different count");
+            }
+            other => panic!("report {sequence} of the filter refused: {other:?}"),
+        }
+    };
+    for op in data.chunks_exact(4) {
+        if op[0] == 0xff {
+            sequence += 1;
+            send(&tally, &mut ledger, sequence, recorded);
+            recorded = 0;
+            continue;
+        }
+        let requested = match op[0] % 3 {
+            2 => None,
+            a => Some(ArmId(usize::from(a))),
+        };
+        let served = match op[1] % 4 {
+            0 => Served::Arm(ArmId(0)),
+            1 => Served::Arm(ArmId(1)),
+            2 => Served::Unknown,
+            _ => Served::None,
+        };
+        let class = CodeClass::ALL[usize::from(op[2]) % CodeClass::ALL.len()];
+        tally.record(requested, served, UPSTREAMS[usize::from(op[3]) % UPSTREAMS.len()], class);
+        recorded += 1;
+    }
+    sequence += 1;
+    send(&tally, &mut ledger, sequence, recorded);
+}

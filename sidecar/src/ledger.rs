@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use kvab_contract::report::{
-    Report, CODE_CLASSES, MAX_REPORTER_LEN, NO_ARM, OVERFLOW_ENDPOINT, UNKNOWN_ARM,
+    is_endpoint, Report, CODE_CLASSES, MAX_REPORTER_LEN, NO_ARM, UNKNOWN_ARM,
 };
 use serde::{Deserialize, Serialize};
 
@@ -122,7 +122,10 @@ impl Ledger {
                     pod,
                     code_class,
                 };
-                *increments.entry(routed).or_default() += count - was;
+                // Saturating: a counter stuck at u64::MAX is wrong but never goes down, which
+                // Prometheus would read as a reset.
+                let increment = increments.entry(routed).or_default();
+                *increment = increment.saturating_add(count - was);
             }
         }
         // Entries a reporter stops sending keep their last total (cumulative counts never vanish).
@@ -136,7 +139,8 @@ impl Ledger {
             },
         );
         for (key, n) in &increments {
-            *self.routed.entry(key.clone()).or_default() += n;
+            let counter = self.routed.entry(key.clone()).or_default();
+            *counter = counter.saturating_add(*n);
         }
         Ok(Outcome::Applied(increments.into_iter().collect()))
     }
@@ -191,7 +195,7 @@ fn validate(report: &Report, arms: &[String]) -> Result<HashMap<EntryKey, u64>, 
                 t.code_class
             ));
         }
-        if !is_endpoint(&t.endpoint) {
+        if !is_endpoint(t.endpoint.as_bytes()) {
             return Err(format!(
                 "totals[{i}].endpoint: {:?} is not ip:port, \"other\" or empty",
                 t.endpoint
@@ -208,17 +212,6 @@ fn validate(report: &Report, arms: &[String]) -> Result<HashMap<EntryKey, u64>, 
         }
     }
     Ok(totals)
-}
-
-/// `ip:port` (IPv6 in brackets), `other`, or empty (no upstream).
-fn is_endpoint(endpoint: &str) -> bool {
-    endpoint.is_empty()
-        || endpoint == OVERFLOW_ENDPOINT
-        || (endpoint.len() <= 64
-            && endpoint.contains(':')
-            && endpoint
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() || b".:[]".contains(&b)))
 }
 
 /// Maps with tuple or struct keys are stored as lists of rows in JSON.
@@ -316,6 +309,27 @@ mod tests {
 
     fn total(ledger: &Ledger) -> u64 {
         ledger.routed().map(|(_, n)| n).sum()
+    }
+
+    #[test]
+    fn counters_saturate_instead_of_wrapping() {
+        let mut ledger = Ledger::default();
+        let max = u64::MAX;
+        let r1 = report(
+            "a",
+            1,
+            &[
+                ("nvlink", "nvlink", "10.0.0.9:1", "2xx", max),
+                ("nvlink", "nvlink", "10.0.0.9:2", "2xx", max),
+            ],
+        );
+        ledger.apply(&r1, &arms(), &pods, false).unwrap();
+        let r2 = report("b", 1, &[("nvlink", "nvlink", "10.0.0.9:3", "2xx", 1)]);
+        ledger.apply(&r2, &arms(), &pods, false).unwrap();
+        assert_eq!(
+            ledger.routed().collect::<Vec<_>>(),
+            [(&key("nvlink", "nvlink", "unknown", "2xx"), max)]
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use kvab_contract::report::OVERFLOW_ENDPOINT;
+use kvab_contract::report::{is_socket_address, OVERFLOW_ENDPOINT};
 
 use crate::endpoints::Served;
 use crate::json::push_string;
@@ -40,6 +40,8 @@ impl Tally {
     }
 
     /// Counts one finished request. Allocates only the first time an endpoint is seen.
+    /// `endpoint` is the upstream address as Envoy gives it (empty: no upstream); one that is not
+    /// `ip:port` is counted under [`OVERFLOW_ENDPOINT`], since the sidecar refuses any other value.
     pub fn record(
         &mut self,
         requested: Option<ArmId>,
@@ -47,6 +49,11 @@ impl Tally {
         endpoint: &[u8],
         class: CodeClass,
     ) {
+        let endpoint = if endpoint.is_empty() || is_socket_address(endpoint) {
+            endpoint
+        } else {
+            OVERFLOW_ENDPOINT.as_bytes()
+        };
         let cell = self.cell(requested, served, class);
         // The common case, an endpoint already seen, is one lookup.
         if let Some(counts) = self.counts.get_mut(endpoint) {
@@ -196,6 +203,32 @@ mod tests {
             CodeClass::C2xx,
         );
         assert_eq!(sent(&tally, 2).totals[0].count, 4);
+    }
+
+    #[test]
+    fn upstream_addresses_that_are_not_ip_port_are_folded_so_the_sidecar_accepts_the_report() {
+        let plan = parse(b"{}").unwrap();
+        let mut tally = Tally::new(&plan);
+        for odd in [
+            &b"envoy://internal_client_address/"[..],
+            b"/var/run/upstream.sock",
+            b"10.0.0.5:8080\xff",
+            &[b'1'; 100],
+        ] {
+            tally.record(None, Served::Unknown, odd, CodeClass::C2xx);
+        }
+        tally.record(None, Served::Unknown, b"[fd00::5]:8080", CodeClass::C2xx);
+        let report = sent(&tally, 1);
+        let rows: Vec<(&str, u64)> = report
+            .totals
+            .iter()
+            .map(|t| (t.endpoint.as_str(), t.count))
+            .collect();
+        assert_eq!(rows, [("[fd00::5]:8080", 1), ("other", 4)]);
+        assert!(report
+            .totals
+            .iter()
+            .all(|t| kvab_contract::report::is_endpoint(t.endpoint.as_bytes())));
     }
 
     #[test]
