@@ -62,6 +62,7 @@ build: filter
 
 lint: rust-targets
 	cargo fmt --all --check
+	cargo fmt --manifest-path fuzz/Cargo.toml --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy --release --target wasm32-wasip1 -p kvab-filter -- -D warnings
 	cargo build --target wasm32-wasip1 -p kvab-contract

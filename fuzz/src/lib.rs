@@ -308,7 +308,8 @@ fn check_invariants(m: &Model, verdict: &Verdict) {
         Decision::Reject(r) => {
             assert_eq!(r.status(), 400);
             assert!(verdict.invalid.is_some(), "rejected a valid value");
-            let body: serde_json::Value = serde_json::from_slice(m.plan.rejection_body(r, None)).unwrap();
+            let body: serde_json::Value =
+                serde_json::from_slice(m.plan.rejection_body(r, None)).unwrap();
             assert_eq!(body["error"]["code"], r.code());
             assert_eq!(body["error"]["param"], m.header);
         }
@@ -546,7 +547,8 @@ fn check_plan(plan: &Plan) {
     for r in Rejection::ALL {
         // kv_backend_unavailable names the arm: one body per arm.
         for arm in (0..arms.len()).map(|a| Some(ArmId(a))) {
-            let body: serde_json::Value = serde_json::from_slice(plan.rejection_body(r, arm)).unwrap();
+            let body: serde_json::Value =
+                serde_json::from_slice(plan.rejection_body(r, arm)).unwrap();
             assert_eq!(body["error"]["code"], r.code());
         }
     }
@@ -588,15 +590,23 @@ pub fn check_map(data: &[u8]) {
     };
     let mut listed = 0u32;
     for (i, arm) in plan.arm_names().iter().enumerate() {
-        let endpoints = value["backends"][arm]["endpoints"].as_array().cloned().unwrap_or_default();
+        let endpoints = value["backends"][arm]["endpoints"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         listed += endpoints.len() as u32;
         assert!(map.ready_endpoints(ArmId(i)) as usize <= endpoints.len());
         for e in &endpoints {
             let address = e["address"].as_str().unwrap();
-            assert!(matches!(map.arm_of(address.as_bytes()), Served::Arm(_)), "{address} not resolved");
+            assert!(
+                matches!(map.arm_of(address.as_bytes()), Served::Arm(_)),
+                "{address} not resolved"
+            );
         }
     }
-    let ready: u32 = (0..plan.arm_names().len()).map(|i| map.ready_endpoints(ArmId(i))).sum();
+    let ready: u32 = (0..plan.arm_names().len())
+        .map(|i| map.ready_endpoints(ArmId(i)))
+        .sum();
     assert!(ready <= listed);
     assert_eq!(map.arm_of(b"\xff not an address"), Served::Unknown);
 }
@@ -640,7 +650,10 @@ pub fn check_report(data: &[u8]) {
             let added: u128 = increments.iter().map(|(_, n)| u128::from(*n)).sum();
             // Counters saturate rather than wrap: totals may fall short only at u64::MAX.
             let saturated = increments.iter().any(|(_, n)| *n == u64::MAX);
-            assert!(added == sent || saturated, "increments {added} != totals sent {sent}");
+            assert!(
+                added == sent || saturated,
+                "increments {added} != totals sent {sent}"
+            );
             assert_eq!(routed_total(&ledger), added);
             let before: Vec<_> = ledger.routed().map(|(k, n)| (k.clone(), n)).collect();
             assert_eq!(
@@ -715,7 +728,12 @@ pub fn check_report_round_trip(data: &[u8]) {
             _ => Served::None,
         };
         let class = CodeClass::ALL[usize::from(op[2]) % CodeClass::ALL.len()];
-        tally.record(requested, served, UPSTREAMS[usize::from(op[3]) % UPSTREAMS.len()], class);
+        tally.record(
+            requested,
+            served,
+            UPSTREAMS[usize::from(op[3]) % UPSTREAMS.len()],
+            class,
+        );
         recorded += 1;
     }
     sequence += 1;
