@@ -228,19 +228,23 @@ def static_stack(arms, tmp_path):
         g.assert_healthy()
 
 
-def test_routed_counts_equal_the_answers_across_a_sidecar_kill_mid_burst(static_stack, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_routed_counts_equal_the_answers_across_a_sidecar_stop_mid_burst(static_stack, tmp_path, sig):
+    """SIGKILL: nothing is saved on the way out, the state file holds what was shown. SIGTERM (a
+    rollout): the sidecar drains and exits; either way the restarted sidecar continues exactly."""
     state_file = tmp_path / "reports.json"
     g, sidecar = static_stack(state_file=state_file)
     restarted = threading.Event()
+    exit_codes = []
 
-    def kill_and_restart(i):
+    def stop_and_restart(i):
         if i == 1000 and not restarted.is_set():
             restarted.set()
-            sidecar.stop(sig=signal.SIGKILL)
+            exit_codes.append(sidecar.stop(sig=sig))
             threading.Timer(0.5, lambda: sidecar.start()).start()
 
-    answered = burst(g, 3000, during=kill_and_restart)
-    assert restarted.is_set()
+    answered = burst(g, 3000, during=stop_and_restart)
+    assert exit_codes == [-signal.SIGKILL if sig == signal.SIGKILL else 0]
     wait_until(lambda: sidecar.proc.poll() is None and routed_total(sidecar) == answered, 15, what=f"{answered} routed")
     samples = sidecar.samples()
     # Every request is attributed to the proxy pod that served it.
