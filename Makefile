@@ -22,7 +22,7 @@ CARGO_DENY := .tools/bin/cargo-deny
 export KVAB_ENVOY := $(abspath $(ENVOY))
 export KVAB_WASM  := $(abspath $(WASM))
 
-.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner lint unit wasm-unit test e2e demo demo-up bench bench-filter bench-sidecar bench-cpu bench-tools bench-valgrind noop-filter clean cargo-fuzz fuzz fuzz-smoke cargo-deny deny manifests manifests-sha observability prometheus
+.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner lint unit wasm-unit test e2e demo demo-up bench bench-filter bench-sidecar bench-cpu bench-tools bench-valgrind noop-filter clean cargo-fuzz fuzz fuzz-smoke cargo-deny deny advisory-db advisory-db-refresh manifests manifests-sha observability prometheus
 
 rust-targets:
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
@@ -113,10 +113,34 @@ cargo-deny:
 	  echo "installing cargo-deny $(CARGO_DENY_VERSION) into .tools"; \
 	  cargo install --quiet --locked --root .tools cargo-deny --version $(CARGO_DENY_VERSION); fi
 
-# Licenses, bans and sources of the dependency tree (deny.toml). Not advisories: the RustSec
-# database is a git repository these machines cannot fetch (README, "Dependency checks").
-deny: cargo-deny
-	$(CARGO_DENY) --locked check licenses bans sources
+# The RustSec advisory database comes from a committed snapshot (third_party/rustsec-advisory-db),
+# unpacked as the git repository cargo-deny reads offline: <db-path>/advisory-db-<hash of its URL>,
+# the hash being that of https://github.com/rustsec/advisory-db for the pinned cargo-deny.
+ADVISORY_DB_SNAPSHOT := third_party/rustsec-advisory-db/advisory-db.tar.gz
+ADVISORY_DB_COMMIT_DATE := 2026-08-21T06:28:40Z
+ADVISORY_DB_DIR := .run/advisory-dbs/advisory-db-3157b0e258782691
+
+advisory-db: $(ADVISORY_DB_DIR)/.unpacked
+$(ADVISORY_DB_DIR)/.unpacked: $(ADVISORY_DB_SNAPSHOT)
+	@rm -rf $(ADVISORY_DB_DIR) && mkdir -p $(ADVISORY_DB_DIR)
+	@tar -xzf $< -C $(ADVISORY_DB_DIR)
+	@cd $(ADVISORY_DB_DIR) && git init -q && git add -A && \
+	  GIT_AUTHOR_DATE=$(ADVISORY_DB_COMMIT_DATE) GIT_COMMITTER_DATE=$(ADVISORY_DB_COMMIT_DATE) \
+	  git -c user.name=advisory-db -c user.email=advisory-db@localhost -c commit.gpgsign=false \
+	  commit -qm "RustSec advisory-db snapshot"
+	@touch $@
+
+# Where GitHub is reachable: a new snapshot of the RustSec database (then update the commit date
+# above and third_party/rustsec-advisory-db/README.md, and commit).
+advisory-db-refresh:
+	rm -rf .run/advisory-db-clone
+	git clone --depth 1 https://github.com/rustsec/advisory-db .run/advisory-db-clone
+	git -C .run/advisory-db-clone log -1 --format='commit %H, committed %cI'
+	git -C .run/advisory-db-clone archive --format=tar HEAD crates rust LICENSE.txt LICENSES | gzip -9n > $(ADVISORY_DB_SNAPSHOT)
+
+# Advisories (offline, from the snapshot), licenses, bans and sources of the dependency tree (deny.toml).
+deny: cargo-deny advisory-db
+	$(CARGO_DENY) --locked --offline check
 
 cargo-fuzz:
 	@if ! $(CARGO_FUZZ) --version 2>/dev/null | grep -q " $(CARGO_FUZZ_VERSION)$$"; then \
