@@ -10,6 +10,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::selector;
+
 /// Used when neither `--config` nor `KVAB_CONFIG` is given: static endpoints for the local stack.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../config/local.toml");
 pub const EMBEDDED_DEFAULT_NAME: &str = "<embedded sidecar/config/local.toml>";
@@ -471,22 +473,29 @@ fn kubernetes(loc: &Locator<'_>, raw: RawKubernetes) -> Result<Kubernetes, Confi
         }
         namespaces.push(ns.into_inner());
     }
-    let pod_selector = raw
-        .pod_selector
-        .map_or_else(|| DEFAULT_POD_SELECTOR.to_string(), Spanned::into_inner);
+    let pod_selector = match raw.pod_selector {
+        None => DEFAULT_POD_SELECTOR.to_string(),
+        Some(selector) => match selector::validate(selector.get_ref()) {
+            Ok(()) => selector.into_inner(),
+            Err(e) => {
+                return Err(loc.at(
+                    &selector,
+                    format!("`kubernetes.pod_selector` is not a label selector: {e}"),
+                ))
+            }
+        },
+    };
     let backend_label = match raw.backend_label {
         None => DEFAULT_BACKEND_LABEL.to_string(),
-        Some(label)
-            if !label.get_ref().is_empty() && !label.get_ref().contains([' ', ',', '=', '!']) =>
-        {
-            label.into_inner()
-        }
-        Some(label) => {
-            return Err(loc.at(
-                &label,
-                "`kubernetes.backend_label` must be a label key such as \"llm-d.ai/kv-backend\"",
-            ))
-        }
+        Some(label) => match selector::validate_key(label.get_ref()) {
+            Ok(()) => label.into_inner(),
+            Err(e) => {
+                return Err(loc.at(
+                    &label,
+                    format!("`kubernetes.backend_label` must be a label key such as \"llm-d.ai/kv-backend\": {e}"),
+                ))
+            }
+        },
     };
     let endpoint_port = match raw.endpoint_port {
         None => EndpointPort::Number(DEFAULT_ENDPOINT_PORT),
@@ -698,6 +707,14 @@ mod tests {
             (
                 "[kubernetes]\nbackend_label = \"a=b\"",
                 "kubernetes.backend_label",
+            ),
+            (
+                "[kubernetes]\npod_selector = \"role in (proxy\"",
+                "`kubernetes.pod_selector` is not a label selector: unbalanced '('",
+            ),
+            (
+                "[kubernetes]\npod_selector = \"role=proxy,,tier=x\"",
+                "empty requirement",
             ),
             ("[shutdown]\ngrace_seconds = 0", "shutdown.grace_seconds"),
         ] {

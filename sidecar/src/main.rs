@@ -13,6 +13,7 @@ mod ledger;
 mod metrics;
 mod probe;
 mod reports;
+mod selector;
 mod state;
 mod watch;
 

@@ -186,6 +186,17 @@ def test_invalid_value_names_its_key(kvab_bin, tmp_path):
         in result.stderr, result.stderr
 
 
+def test_a_selector_the_api_server_would_refuse_is_an_error_at_start(kvab_bin, tmp_path):
+    result = run_config(kvab_bin, tmp_path, '[kubernetes]\npod_selector = "role in (proxy, decode"\n')
+    assert result.returncode == 2
+    assert "line 2, column 16: `kubernetes.pod_selector` is not a label selector: unbalanced '('" \
+        in result.stderr, result.stderr
+    check = subprocess.run([kvab_bin, "check", "--proxy-selector", "role=pro xy"], capture_output=True,
+                           text=True, timeout=30)
+    assert check.returncode == 3 and "--proxy-selector: \"role=pro xy\": value \"pro xy\"" in check.stderr, \
+        check.stderr
+
+
 def test_check_config_and_usage(kvab_bin, tmp_path):
     path = tmp_path / "ok.toml"
     path.write_text('source = "kubernetes"\n[kubernetes]\nnamespaces = ["llm-d-vllm"]\n')

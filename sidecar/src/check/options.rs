@@ -300,8 +300,14 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
             "--httproute-file" => options.httproute_file = Some(PathBuf::from(value)),
             "--epp-config-file" => options.epp_config_file = Some(PathBuf::from(value)),
             "--proxy-namespace" => c.proxy_namespace = value,
-            "--proxy-selector" => c.proxy_selector = value,
-            "--backend-label" => c.backend_label = value,
+            "--proxy-selector" => {
+                crate::selector::validate(&value).map_err(|e| format!("{flag}: {e}"))?;
+                c.proxy_selector = value
+            }
+            "--backend-label" => {
+                crate::selector::validate_key(&value).map_err(|e| format!("{flag}: {e}"))?;
+                c.backend_label = value
+            }
             "--proxy-port" => c.proxy_port = number(flag, &value, 1, 65535)?,
             "--gateway-namespace" => c.gateway_namespace = value,
             "--gateway-service" => {
