@@ -1,5 +1,5 @@
 //! `kvab serve`: the sidecar. Wiring only; the parts live in their modules:
-//! `config` (TOML), `index` (pods → endpoint map), `watch` (Kubernetes source), `probe` (proxy `/metrics`),
+//! `config` (TOML; label selectors checked by `selector`), `index` (pods → endpoint map), `watch` (Kubernetes source), `probe` (proxy `/metrics`),
 //! `state` (published snapshot, readiness), `http` (the API), `metrics` (Prometheus), `filter_wasm` (the filter
 //! module served to the gateway).
 //! `kvab check` (the runbook with a verdict) is the `check` module tree.
