@@ -866,3 +866,42 @@ def test_every_role_is_least_privilege():
         assert binding["metadata"]["namespace"] == VLLM_NS
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": VLLM_NS}]
         assert one("ServiceAccount", account)["metadata"]["namespace"] == VLLM_NS
+
+
+# ---------------------------------------------------------------- container build files
+
+
+def dockerfile(name: str) -> list:
+    """(instruction, argument) pairs, comments and blank lines dropped (no line continuations are used)."""
+    lines = [line.strip() for line in (REPO / "deploy" / name).read_text().splitlines()]
+    return [tuple(line.split(None, 1)) for line in lines if line and not line.startswith("#")]
+
+
+def test_sidecar_image_is_multi_stage_distroless_and_matches_the_deployment():
+    steps = dockerfile("sidecar.Dockerfile")
+    froms = [arg for op, arg in steps if op == "FROM"]
+    assert len(froms) == 2 and froms[0].endswith(" AS build"), froms
+    assert froms[1].startswith("gcr.io/distroless/") and froms[1].endswith(":nonroot")
+    # The build stage copies every workspace member (plus the manifest and lock), so `cargo build --locked` works.
+    members = re.search(r"^members = \[(.*)\]$", (REPO / "Cargo.toml").read_text(), re.M)[1]
+    copied = [arg.split()[0] for op, arg in steps if op == "COPY" and not arg.startswith("--from")]
+    for member in json.loads(f"[{members}]"):
+        assert any(member == c or member.startswith(c + "/") for c in copied), f"{member} is not copied into the build stage"
+    assert any(op == "RUN" and "--locked" in arg and "-p kvab" in arg for op, arg in steps)
+    # The final image runs as the Deployment's user, serves on its port and has the module where kvab.toml says.
+    pod = one("Deployment", "kvab")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert dict(steps)["USER"] == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
+    assert int(dict(steps)["EXPOSE"]) == container["ports"][0]["containerPort"]
+    wasm_copy = [arg for op, arg in steps if op == "COPY" and arg.startswith("target/wasm32-wasip1/release/kvab_filter.wasm ")]
+    assert wasm_copy == ["target/wasm32-wasip1/release/kvab_filter.wasm /kvab/kvab_filter.wasm"]
+    assert 'filter_wasm = "/kvab/kvab_filter.wasm"' in sidecar_toml()
+    # ENTRYPOINT + the Deployment's args: `kvab serve --config <the mounted ConfigMap's key>`.
+    assert json.loads(dict(steps)["ENTRYPOINT"]) == ["/kvab/kvab"]
+    args = container["args"]
+    assert args[:2] == ["serve", "--config"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    config_dir, key = args[2].rsplit("/", 1)
+    assert mounts["config"] == config_dir and key in one("ConfigMap", "kvab-config")["data"]
+    # The OCI alternative image holds just the module, where Istio looks for it.
+    assert dockerfile("filter-oci.Dockerfile") == [("FROM", "scratch"), ("COPY", "target/wasm32-wasip1/release/kvab_filter.wasm /plugin.wasm")]
