@@ -792,6 +792,10 @@ def test_pool_epp_service_and_config_agree():
     volume = {v["name"]: v for v in pod["spec"]["volumes"]}[mounts[config_dir]]
     cm = one("ConfigMap", volume["configMap"]["name"])
     assert cm["metadata"]["name"] == EPP_CONFIGMAP and cm["metadata"]["namespace"] == ns and key in cm["data"]
+    # The image decodes the config strictly in the group of its GAIE (v0.8.0 is built on GAIE v1.5.0, whose
+    # EndpointPickerConfig is inference.networking.x-k8s.io/v1alpha1); the llm-d.ai group needs llm-d-router.
+    assert container["image"] == "ghcr.io/llm-d/llm-d-inference-scheduler:v0.8.0"
+    assert yaml.safe_load(cm["data"][key])["apiVersion"] == "inference.networking.x-k8s.io/v1alpha1"
     # Probes on the health port; hardened like kvab serve.
     assert container["livenessProbe"]["grpc"]["port"] == container["readinessProbe"]["grpc"]["port"] == int(args["grpc-health-port"])
     sc = container["securityContext"]
