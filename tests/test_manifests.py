@@ -1,12 +1,16 @@
 """manifests/: what `kubectl apply -f manifests/` installs, checked offline.
 
 - every document parses; `kubectl kustomize manifests/` renders exactly the files `kubectl apply -f` reads;
-- CRD kinds validate against the upstream CRDs in ../shared/crds (schema and CEL rules), core kinds against the
-  Kubernetes schemas (kubernetes-validate, strict);
+- CRD kinds validate against the upstream CRDs in ../shared/crds and tests/crds (schema and CEL rules), core kinds
+  against the Kubernetes schemas (kubernetes-validate, strict);
 - cross-checks no schema can do: the filter accepts pluginConfig (in the real Envoy, with a cluster of the same
   Istio name, and the Istio stats settings give the kvab_* stats their labels), the cluster and URL name the
   sidecar Service, labels agree between the runbook's proxy pods, HTTPRoute, InferencePool, EPP config and the
-  sidecar, the Role grants only pods get/list/watch, and the WasmPlugin's sha256 is the built module's.
+  sidecar, the Role grants only pods get/list/watch, and the WasmPlugin's sha256 is the built module's;
+- report authentication: only the gateway's identity may POST reports (AuthorizationPolicy evaluated on sample
+  requests), plaintext GETs stay open, and deploy/report-token wires one token to kvab serve and the filter;
+- the pool's EPP: InferencePool, EPP Service, Deployment flags, ConfigMap, DestinationRule and RBAC agree, and every
+  Role is read-only on the few resources its workload reads.
 """
 
 import hashlib
@@ -17,6 +21,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -28,6 +33,9 @@ from kvablocal.sidecar import Sidecar, kvab_binary, static_config
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"
 CRDS = Path(os.environ.get("KVAB_CRDS") or REPO.parent / "shared" / "crds")
+# CRDs the shared set lacks, vendored unchanged with their upstream source in the file header.
+VENDORED_CRDS = REPO / "tests" / "crds"
+REPORT_TOKEN_OVERLAY = REPO / "deploy" / "report-token"
 KUBERNETES_VERSION = "1.33.0"  # the API the sidecar is built against (k8s-openapi feature v1_33)
 
 # The runbook's names (shared/seed/ab-testing-plan.md).
@@ -35,6 +43,9 @@ VLLM_NS = "llm-d-vllm"
 SCHEDULER_NS = "llm-d-inference-scheduler"
 GATEWAY = "infra-inference-scheduling-inference-gateway"
 GATEWAY_SERVICE = "infra-inference-scheduling-inference-gateway-istio"
+# Istio names the deployed gateway's ServiceAccount like its Deployment and Service: <gateway>-<class>.
+GATEWAY_PRINCIPAL = f"cluster.local/ns/{SCHEDULER_NS}/sa/{GATEWAY_SERVICE}"
+EPP = "gaie-inference-scheduling-epp"
 POOL = "vllm-proxy-performance"
 EPP_CONFIGMAP = "gaie-inference-scheduling-epp-config"
 ARM_LABEL = "llm-d.ai/kv-backend"
@@ -154,6 +165,9 @@ CRD_KINDS = {
     "ReferenceGrant": ("gateway.networking.k8s.io", "v1beta1"),
     "InferencePool": ("inference.networking.k8s.io", "v1"),
     "Gateway": ("gateway.networking.k8s.io", "v1"),
+    "AuthorizationPolicy": ("security.istio.io", "v1"),
+    "PeerAuthentication": ("security.istio.io", "v1"),
+    "DestinationRule": ("networking.istio.io", "v1"),
 }
 CORE_KINDS = {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Deployment", "Service"}
 
@@ -161,7 +175,7 @@ CORE_KINDS = {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Deployment"
 @pytest.fixture(scope="module")
 def crds():
     assert CRDS.is_dir(), f"upstream CRDs not found at {CRDS} (set KVAB_CRDS)"
-    return kubeschema.load_crds(CRDS)
+    return {**kubeschema.load_crds(CRDS), **kubeschema.load_crds(VENDORED_CRDS)}
 
 
 def crd_for(crds, doc):
@@ -236,13 +250,13 @@ def test_only_known_kinds_are_shipped():
 
 def test_role_grants_only_pods_get_list_watch_in_llm_d_vllm():
     assert not [d for _, d in OBJECTS if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
-    role = one("Role")
+    role = one("Role", "kvab-pod-reader")
     assert role["metadata"]["namespace"] == VLLM_NS
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
-    binding = one("RoleBinding")
+    binding = one("RoleBinding", "kvab-pod-reader")
     assert binding["metadata"]["namespace"] == VLLM_NS
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
-    account = one("ServiceAccount")
+    account = one("ServiceAccount", "kvab")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": VLLM_NS}]
     # The watch covers exactly the namespace the Role is in.
     assert 'namespaces = ["llm-d-vllm"]' in sidecar_toml()
@@ -252,7 +266,7 @@ def test_deployment_is_hardened_and_probed():
     deploy = one("Deployment", "kvab")
     pod = deploy["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert pod["serviceAccountName"] == one("ServiceAccount")["metadata"]["name"]
+    assert pod["serviceAccountName"] == one("ServiceAccount", "kvab")["metadata"]["name"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
     sc = container["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
@@ -261,7 +275,7 @@ def test_deployment_is_hardened_and_probed():
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     # No token beyond the watch's: nothing automounted, one projected short-lived token at the in-cluster path.
-    assert one("ServiceAccount")["automountServiceAccountToken"] is False and pod["automountServiceAccountToken"] is False
+    assert one("ServiceAccount", "kvab")["automountServiceAccountToken"] is False and pod["automountServiceAccountToken"] is False
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     token_volumes = [v for v in pod["volumes"] if "projected" in v]
     assert len(token_volumes) == 1
@@ -275,8 +289,12 @@ def test_deployment_is_hardened_and_probed():
     assert f'state_file = "{writable[0]["mountPath"]}/' in sidecar_toml()
     # One replica, so no PodDisruptionBudget (the issue asks for one only with more than one).
     assert deploy["spec"]["replicas"] == 1 and not [d for _, d in OBJECTS if d["kind"] == "PodDisruptionBudget"]
-    # Out of the mesh: the istio-agent fetches the module over plain HTTP.
-    assert deploy["spec"]["template"]["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
+    # In the mesh, so that the AuthorizationPolicy can tell the gateway from other callers.
+    template = deploy["spec"]["template"]["metadata"]
+    assert template["labels"]["sidecar.istio.io/inject"] == "true"
+    assert yaml.safe_load(template["annotations"]["proxy.istio.io/config"]) == {"holdApplicationUntilProxyStarts": True}
+    # The proxies' /metrics probe bypasses istio-proxy, on the port the sidecar probes.
+    assert template["annotations"]["traffic.sidecar.istio.io/excludeOutboundPorts"] == str(PROXY_PORT)
 
 
 def test_service_port_container_port_and_listen_address_agree():
@@ -410,13 +428,28 @@ def istio_like_bootstrap(text: str, cluster: str) -> str:
     return text
 
 
-def test_plugin_config_is_accepted_by_the_filter_in_envoy_and_stats_get_their_labels(arms, tmp_path):
+VALID_TOKEN = "kvab-test-token-0123456789abcdef"
+
+
+@pytest.mark.parametrize("variant", ["manifests", "report-token"])
+def test_plugin_config_is_accepted_by_the_filter_in_envoy_and_stats_get_their_labels(arms, tmp_path, variant):
     """The pluginConfig as the filter receives it (JSON), in the real Envoy with the sidecar's Istio cluster name
-    and Istio's stats settings; the real kvab serve answers on that cluster."""
-    config = plugin()["spec"]["pluginConfig"]
+    and Istio's stats settings; the real kvab serve answers on that cluster and accepts the filter's reports.
+    `report-token`: the overlay's pluginConfig (its placeholder replaced by a real token) against a kvab serve
+    with the overlay's token_file, so the token really travels from pluginConfig to the sidecar."""
+    extra = ""
+    if variant == "manifests":
+        config = plugin()["spec"]["pluginConfig"]
+    else:
+        config = one("WasmPlugin", "kvab", overlay_docs())["spec"]["pluginConfig"]
+        assert config["sidecar"]["reportToken"] == overlay_placeholder()
+        config = json.loads(json.dumps(config).replace(overlay_placeholder(), VALID_TOKEN))
+        token_file = tmp_path / "token"
+        token_file.write_text(VALID_TOKEN + "\n")
+        extra = f'[reports]\ntoken_file = "{token_file}"\n'
     cluster = config["sidecar"]["cluster"]
     sidecar = Sidecar(
-        static_config([("nvlink", f"127.0.0.1:{arms['nvlink'].port}", "llm-d-vllm/vllm-p2p-proxy"), ("fs", f"127.0.0.1:{arms['fs'].port}", "llm-d-vllm/vllm-fs-proxy")]),
+        static_config([("nvlink", f"127.0.0.1:{arms['nvlink'].port}", "llm-d-vllm/vllm-p2p-proxy"), ("fs", f"127.0.0.1:{arms['fs'].port}", "llm-d-vllm/vllm-fs-proxy")], extra=extra),
         workdir=tmp_path,
     ).start()
     g = Gateway(config, arms["nvlink"].port, arms["fs"].port, workdir=tmp_path / "envoy", sidecar_port=sidecar.port)
@@ -443,6 +476,9 @@ def test_plugin_config_is_accepted_by_the_filter_in_envoy_and_stats_get_their_la
         assert labels - {"le"} <= FILTER_STAT_TAGS
         # Only the filter's stats pass the inclusion regex.
         assert not [line for line in text.splitlines() if line and not line.startswith("#") and not line.startswith("kvab_")]
+        # The filter's reports reach kvab serve and are accepted (with the token in the report-token variant).
+        wait_until(lambda: re.search(r'^kvab_reports_total\{result="ok"\} [1-9]', g.admin("/stats/prometheus"), re.M), 20, "a report accepted")
+        assert not re.search(r'^kvab_reports_total\{result="error"\} [1-9]', g.admin("/stats/prometheus"), re.M)
     finally:
         g.stop()
         sidecar.stop()
@@ -523,7 +559,8 @@ def test_pool_selects_both_proxies_on_their_port_in_their_namespace():
 
 def epp_config(docs=APPLIED) -> dict:
     cm = one("ConfigMap", EPP_CONFIGMAP, docs)
-    assert cm["metadata"]["namespace"] == SCHEDULER_NS
+    # Next to the pool's EPP, which can only mount a ConfigMap of its own namespace.
+    assert cm["metadata"]["namespace"] == one("InferencePool", POOL)["metadata"]["namespace"]
     return yaml.safe_load(cm["data"]["epp-config.yaml"])
 
 
@@ -570,3 +607,305 @@ def test_header_profile_alternative_has_one_profile_per_arm():
     default = [plugins[r["pluginRef"]] for r in profiles[handler["parameters"]["defaultProfile"]]["plugins"]]
     (label_filter,) = [p for p in default if p["type"] == "label-selector-filter"]
     assert all(selects(label_filter["parameters"], p["labels"]) for p in PROXIES.values())
+
+
+# ---------------------------------------------------------------- report authentication
+
+
+def authz_allows(policy: dict, principal, method: str, path: str) -> bool:
+    """Istio ALLOW semantics for the fields used here: a request is allowed when one rule matches; a rule matches
+    when one of its `from` sources and one of its `to` operations match (an absent list matches anything). A
+    plaintext request has no principal."""
+    assert policy["spec"]["action"] == "ALLOW"
+
+    def source_ok(src):
+        return "principals" not in src or (principal is not None and principal in src["principals"])
+
+    def op_ok(op):
+        return ("methods" not in op or method in op["methods"]) and ("paths" not in op or path in op["paths"])
+
+    for rule in policy["spec"].get("rules", []):
+        froms = [f["source"] for f in rule.get("from", [])] or [{}]
+        tos = [t["operation"] for t in rule.get("to", [])] or [{}]
+        if any(source_ok(f) for f in froms) and any(op_ok(t) for t in tos):
+            return True
+    return False
+
+
+def kvab_pod_labels() -> dict:
+    return one("Deployment", "kvab")["spec"]["template"]["metadata"]["labels"]
+
+
+def test_only_the_gateway_may_post_reports_and_gets_stay_open():
+    policy = one("AuthorizationPolicy", "kvab")
+    assert policy["metadata"]["namespace"] == VLLM_NS
+    assert selects(policy["spec"]["selector"], kvab_pod_labels())
+    # The path the filter posts to (contract/src/report.rs REPORTS_PATH).
+    reports_path = re.search(r'REPORTS_PATH: &str = "([^"]+)"', (REPO / "contract" / "src" / "report.rs").read_text())[1]
+    assert reports_path == "/v1/reports"
+    other = "cluster.local/ns/llm-d-vllm/sa/default"
+    assert authz_allows(policy, GATEWAY_PRINCIPAL, "POST", reports_path)
+    for who in (other, f"cluster.local/ns/{SCHEDULER_NS}/sa/default", None):
+        assert not authz_allows(policy, who, "POST", reports_path), who
+        # No other write either, from anyone.
+        for path in ("/v1/endpoints", "/v1/reports/", "/metrics"):
+            for method in ("POST", "PUT", "DELETE", "PATCH"):
+                assert not authz_allows(policy, who, method, path), (who, method, path)
+    # The GETs the gateway, its istio-agent (plaintext), Prometheus and the kubelet need.
+    for path in ("/v1/endpoints", "/v1/filter.wasm", "/metrics", "/healthz", "/readyz"):
+        for who in (GATEWAY_PRINCIPAL, other, None):
+            assert authz_allows(policy, who, "GET", path), (who, path)
+    # The principal is the gateway's ServiceAccount, named like the Service the runbook port-forwards to.
+    (rule,) = [r for r in policy["spec"]["rules"] if "from" in r]
+    assert rule["from"] == [{"source": {"principals": [GATEWAY_PRINCIPAL]}}]
+
+
+def test_kvab_serve_accepts_plaintext_so_the_module_download_and_scrapes_work():
+    peer = one("PeerAuthentication", "kvab")
+    assert peer["metadata"]["namespace"] == VLLM_NS
+    assert selects(peer["spec"]["selector"], kvab_pod_labels())
+    assert peer["spec"]["mtls"] == {"mode": "PERMISSIVE"}
+    # Nothing else in the namespace is touched: both security objects select kvab serve only.
+    for kind in ("AuthorizationPolicy", "PeerAuthentication"):
+        doc = one(kind, "kvab")
+        assert not selects(doc["spec"]["selector"], {"role": "proxy", ARM_LABEL: "nvlink"})
+        assert not selects(doc["spec"]["selector"], one("Deployment", EPP)["spec"]["template"]["metadata"]["labels"])
+
+
+def test_security_cel_rules_are_evaluated_and_catch_mistakes(crds):
+    policy = one("AuthorizationPolicy", "kvab")
+    version = crd_for(crds, policy)
+    assert any("has(self.selector)" in r for _, r in kubeschema.cel_report(policy, version).evaluated)
+    both = json.loads(json.dumps(policy))
+    both["spec"]["targetRefs"] = [{"group": "", "kind": "Service", "name": "kvab"}]
+    assert kubeschema.cel_report(both, version).failed
+    typo = json.loads(json.dumps(policy))
+    typo["spec"]["rules"][0]["from"][0]["source"]["principal"] = GATEWAY_PRINCIPAL
+    assert kubeschema.schema_errors(typo, version), "an unknown field must be refused, not pruned into allow-all"
+    peer = one("PeerAuthentication", "kvab")
+    peer_version = crd_for(crds, peer)
+    assert kubeschema.cel_report(peer, peer_version).evaluated
+    no_selector = json.loads(json.dumps(peer))
+    del no_selector["spec"]["selector"]
+    no_selector["spec"]["portLevelMtls"] = {"18090": {"mode": "PERMISSIVE"}}
+    assert kubeschema.cel_report(no_selector, peer_version).failed
+
+
+def overlay_docs() -> list:
+    return [(REPORT_TOKEN_OVERLAY, d) for d in yaml.safe_load_all(run_kubectl("kustomize", str(REPORT_TOKEN_OVERLAY))) if d]
+
+
+def overlay_placeholder() -> str:
+    return one("Secret", "kvab-report-token", overlay_docs())["stringData"]["token"]
+
+
+def test_report_token_overlay_wires_one_token_to_both_sides(tmp_path):
+    docs = overlay_docs()
+    base = {ident(d): d for _, d in APPLIED}
+    rendered = {ident(d): d for _, d in docs}
+    secret = one("Secret", "kvab-report-token", docs)
+    assert set(rendered) == set(base) | {ident(secret)}
+    assert secret["metadata"]["namespace"] == VLLM_NS
+    # The placeholder is refused by both sides, so an unedited copy fails loudly.
+    placeholder = overlay_placeholder()
+    assert not re.fullmatch(r"[!-~]{16,256}", placeholder)
+    # Only the three intended objects differ from manifests/.
+    changed = {k for k in base if rendered[k] != base[k]}
+    assert changed == {"ConfigMap/llm-d-vllm/kvab-config", "Deployment/llm-d-vllm/kvab", "WasmPlugin/llm-d-inference-scheduler/kvab"}
+    wasm = rendered["WasmPlugin/llm-d-inference-scheduler/kvab"]
+    assert wasm["spec"]["pluginConfig"]["sidecar"]["reportToken"] == placeholder
+    expected = json.loads(json.dumps(base["WasmPlugin/llm-d-inference-scheduler/kvab"]))
+    expected["spec"]["pluginConfig"]["sidecar"]["reportToken"] = placeholder
+    assert wasm == expected
+    # kvab.toml: sidecar.yaml's plus exactly the token_file line, naming the Secret's mounted key.
+    toml = rendered["ConfigMap/llm-d-vllm/kvab-config"]["data"]["kvab.toml"]
+    token_file = re.search(r'^token_file = "(.*)"$', toml, re.M)[1]
+    assert toml == sidecar_toml() + f'token_file = "{token_file}"\n'
+    pod = rendered["Deployment/llm-d-vllm/kvab"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "report-token"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "report-token"]
+    assert mount["readOnly"] is True and volume["secret"]["secretName"] == secret["metadata"]["name"]
+    (item,) = volume["secret"]["items"]
+    assert item["key"] == "token" and token_file == f"{mount['mountPath']}/{item['path']}"
+    for doc in (secret, rendered["Deployment/llm-d-vllm/kvab"], rendered["ConfigMap/llm-d-vllm/kvab-config"]):
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    # The filter's schema takes the pluginConfig once the placeholder is replaced, and refuses it before.
+    schema = json.loads((REPO / "filter" / "config.schema.json").read_text())
+    jsonschema_validator = jsonschema.Draft202012Validator(schema)
+    assert list(jsonschema_validator.iter_errors(wasm["spec"]["pluginConfig"]))
+    good = json.loads(json.dumps(wasm["spec"]["pluginConfig"]).replace(placeholder, VALID_TOKEN))
+    assert not list(jsonschema_validator.iter_errors(good))
+    # kvab serve's own check: the TOML with the token file in place starts; with the placeholder it does not.
+    module = Path(wasm_path())
+    for token, code in ((VALID_TOKEN, 0), (placeholder, 2)):
+        (tmp_path / "token").write_text(token)
+        local = tmp_path / "kvab.toml"
+        local.write_text(toml.replace("/kvab/kvab_filter.wasm", str(module)).replace(token_file, str(tmp_path / "token")))
+        out = subprocess.run([kvab_binary(), "serve", "--config", str(local), "--check-config"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == code, out.stderr
+        if code:
+            assert "reports.token_file" in out.stderr
+
+
+# ---------------------------------------------------------------- the pool's EPP
+
+
+def epp_args() -> dict:
+    (container,) = one("Deployment", EPP)["spec"]["template"]["spec"]["containers"]
+    args = {}
+    for arg in container["args"]:
+        assert arg.startswith("--") and "=" in arg, f"write flags as --name=value: {arg}"
+        name, value = arg[2:].split("=", 1)
+        args[name] = value
+    return args
+
+
+def test_pool_epp_service_and_config_agree():
+    pool = one("InferencePool", POOL)
+    ref = pool["spec"]["endpointPickerRef"]
+    ns = pool["metadata"]["namespace"]
+    service = one("Service", ref["name"])
+    deploy = one("Deployment", EPP)
+    pod = deploy["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    # endpointPickerRef has no namespace: the Service is the one of that name in the pool's namespace.
+    assert ref.get("kind", "Service") == "Service" and ref.get("group", "") == ""
+    assert service["metadata"]["namespace"] == deploy["metadata"]["namespace"] == ns
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == ref["port"]["number"] == 9002 and port["name"].startswith("grpc")
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports[port["targetPort"]] == int(epp_args()["grpc-port"]) == 9002
+    assert selects({"matchLabels": service["spec"]["selector"]}, pod["metadata"]["labels"])
+    assert deploy["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    # The Service selects the EPP only (not kvab serve, not a proxy).
+    assert not selects({"matchLabels": service["spec"]["selector"]}, kvab_pod_labels())
+    assert SCHEDULER_NS in service["metadata"]["annotations"]["networking.istio.io/exportTo"].split(",")
+    # The EPP is bound to this pool.
+    args = epp_args()
+    assert (args["pool-name"], args["pool-namespace"]) == (POOL, ns)
+    assert "pool-group" not in args  # default inference.networking.k8s.io, the pool's group
+    assert pool["apiVersion"].split("/")[0] == "inference.networking.k8s.io"
+    # --config-file is the ConfigMap's key, mounted from the runbook's EPP ConfigMap in the same namespace.
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    config_dir, key = args["config-file"].rsplit("/", 1)
+    volume = {v["name"]: v for v in pod["spec"]["volumes"]}[mounts[config_dir]]
+    cm = one("ConfigMap", volume["configMap"]["name"])
+    assert cm["metadata"]["name"] == EPP_CONFIGMAP and cm["metadata"]["namespace"] == ns and key in cm["data"]
+    # The image decodes the config strictly in the group of its GAIE (v0.8.0 is built on GAIE v1.5.0, whose
+    # EndpointPickerConfig is inference.networking.x-k8s.io/v1alpha1); the llm-d.ai group needs llm-d-router.
+    assert container["image"] == "ghcr.io/llm-d/llm-d-inference-scheduler:v0.8.0"
+    assert yaml.safe_load(cm["data"][key])["apiVersion"] == "inference.networking.x-k8s.io/v1alpha1"
+    # Probes on the health port; hardened like kvab serve.
+    assert container["livenessProbe"]["grpc"]["port"] == container["readinessProbe"]["grpc"]["port"] == int(args["grpc-health-port"])
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    assert deploy["spec"]["replicas"] == 1 and "ha-enable-leader-election" not in args
+    # Metrics without TokenReview/SubjectAccessReview: no ClusterRole needed.
+    assert args["metrics-endpoint-auth"] == "false"
+    # Out of the mesh; the gateway reaches it with TLS on the EPP's own certificate.
+    assert pod["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
+    rule = one("DestinationRule", EPP)
+    assert rule["metadata"]["namespace"] == ns
+    assert rule["spec"]["host"] == f"{service['metadata']['name']}.{ns}.svc.cluster.local"
+    assert rule["spec"]["trafficPolicy"]["tls"] == {"mode": "SIMPLE", "insecureSkipVerify": True}
+    assert SCHEDULER_NS in rule["spec"]["exportTo"]
+
+
+def test_route_grant_pool_and_epp_config_agree_on_names_and_labels():
+    pool = one("InferencePool", POOL)
+    route = one("HTTPRoute")
+    (ref,) = httproute_rules(route)[None]
+    assert (ref["name"], ref["namespace"]) == (POOL, pool["metadata"]["namespace"])
+    (grant,) = [d for _, d in APPLIED if d["kind"] == "ReferenceGrant"]
+    assert grant["metadata"]["namespace"] == pool["metadata"]["namespace"]
+    assert {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": POOL} in grant["spec"]["to"]
+    # The pool selects both arms' proxies; the EPP's label filter keeps both; neither selects the kvab or EPP pods.
+    config = epp_config()
+    (label_filter,) = [p for p in config["plugins"] if p["type"] == "by-label-selector"]
+    others = [kvab_pod_labels(), one("Deployment", EPP)["spec"]["template"]["metadata"]["labels"]]
+    for proxy in PROXIES.values():
+        assert selects(pool["spec"]["selector"], proxy["labels"]) and selects(label_filter["parameters"], proxy["labels"])
+    for labels in others:
+        assert not selects(pool["spec"]["selector"], labels)
+    # The arm label the EPP filters on is the one kvab serve and the runbook use.
+    assert {e["key"] for e in label_filter["parameters"]["matchExpressions"]} == {ARM_LABEL}
+    assert sorted(label_filter["parameters"]["matchExpressions"][0]["values"]) == sorted(PROXIES)
+    # The header-profile alternative replaces the same ConfigMap.
+    alt = one("ConfigMap", EPP_CONFIGMAP, ALTERNATIVES)
+    assert (alt["metadata"]["name"], alt["metadata"]["namespace"]) == (EPP_CONFIGMAP, pool["metadata"]["namespace"])
+
+
+READ_VERBS = {"get", "list", "watch"}
+# Everything any Role here may read: kvab serve's pods, the EPP's pool, pods and the objectives GAIE watches.
+ALLOWED_READS = {
+    ("", "pods"),
+    ("inference.networking.k8s.io", "inferencepools"),
+    ("inference.networking.x-k8s.io", "inferenceobjectives"),
+    ("inference.networking.x-k8s.io", "inferencemodelrewrites"),
+}
+
+
+def test_every_role_is_least_privilege():
+    assert not [d for _, d in OBJECTS if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    roles = {d["metadata"]["name"]: d for _, d in APPLIED if d["kind"] == "Role"}
+    assert set(roles) == {"kvab-pod-reader", EPP}
+    for name, role in roles.items():
+        assert role["metadata"]["namespace"] == VLLM_NS
+        for rule in role["rules"]:
+            assert set(rule["verbs"]) == READ_VERBS, f"{name}: {rule}"
+            assert "resourceNames" not in rule and "nonResourceURLs" not in rule
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    assert "*" not in (group, resource) and "/" not in resource, f"{name}: {rule}"
+                    assert (group, resource) in ALLOWED_READS, f"{name}: {group}/{resource}"
+    assert roles["kvab-pod-reader"]["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    # Each Role is bound to exactly the ServiceAccount its Deployment runs as, and to nothing else.
+    for name, deploy_name in (("kvab-pod-reader", "kvab"), (EPP, EPP)):
+        bindings = [d for _, d in APPLIED if d["kind"] == "RoleBinding" and d["roleRef"]["name"] == name]
+        (binding,) = bindings
+        account = one("Deployment", deploy_name)["spec"]["template"]["spec"]["serviceAccountName"]
+        assert binding["metadata"]["namespace"] == VLLM_NS
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": VLLM_NS}]
+        assert one("ServiceAccount", account)["metadata"]["namespace"] == VLLM_NS
+
+
+# ---------------------------------------------------------------- container build files
+
+
+def dockerfile(name: str) -> list:
+    """(instruction, argument) pairs, comments and blank lines dropped (no line continuations are used)."""
+    lines = [line.strip() for line in (REPO / "deploy" / name).read_text().splitlines()]
+    return [tuple(line.split(None, 1)) for line in lines if line and not line.startswith("#")]
+
+
+def test_sidecar_image_is_multi_stage_distroless_and_matches_the_deployment():
+    steps = dockerfile("sidecar.Dockerfile")
+    froms = [arg for op, arg in steps if op == "FROM"]
+    assert len(froms) == 2 and froms[0].endswith(" AS build"), froms
+    assert froms[1].startswith("gcr.io/distroless/") and froms[1].endswith(":nonroot")
+    # The build stage copies every workspace member (plus the manifest and lock), so `cargo build --locked` works.
+    members = re.search(r"^members = \[(.*)\]$", (REPO / "Cargo.toml").read_text(), re.M)[1]
+    copied = [arg.split()[0] for op, arg in steps if op == "COPY" and not arg.startswith("--from")]
+    for member in json.loads(f"[{members}]"):
+        assert any(member == c or member.startswith(c + "/") for c in copied), f"{member} is not copied into the build stage"
+    assert any(op == "RUN" and "--locked" in arg and "-p kvab" in arg for op, arg in steps)
+    # The final image runs as the Deployment's user, serves on its port and has the module where kvab.toml says.
+    pod = one("Deployment", "kvab")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert dict(steps)["USER"] == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
+    assert int(dict(steps)["EXPOSE"]) == container["ports"][0]["containerPort"]
+    wasm_copy = [arg for op, arg in steps if op == "COPY" and arg.startswith("target/wasm32-wasip1/release/kvab_filter.wasm ")]
+    assert wasm_copy == ["target/wasm32-wasip1/release/kvab_filter.wasm /kvab/kvab_filter.wasm"]
+    assert 'filter_wasm = "/kvab/kvab_filter.wasm"' in sidecar_toml()
+    # ENTRYPOINT + the Deployment's args: `kvab serve --config <the mounted ConfigMap's key>`.
+    assert json.loads(dict(steps)["ENTRYPOINT"]) == ["/kvab/kvab"]
+    args = container["args"]
+    assert args[:2] == ["serve", "--config"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    config_dir, key = args[2].rsplit("/", 1)
+    assert mounts["config"] == config_dir and key in one("ConfigMap", "kvab-config")["data"]
+    # The OCI alternative image holds just the module, where Istio looks for it.
+    assert dockerfile("filter-oci.Dockerfile") == [("FROM", "scratch"), ("COPY", "target/wasm32-wasip1/release/kvab_filter.wasm /plugin.wasm")]

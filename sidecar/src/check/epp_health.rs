@@ -33,9 +33,7 @@ pub fn judge_epp_logs(logs: &[(String, String)]) -> Check {
             "no EPP pod found",
             Outcome::Inconclusive,
         )
-        .diagnosis(
-            "cannot read the scheduler's log: check --epp-deployment and --gateway-namespace",
-        );
+        .diagnosis("cannot read the scheduler's log: check --epp-deployment and --epp-namespace");
     }
     if hits.is_empty() {
         return Check::new(

@@ -480,7 +480,7 @@ async fn run(options: &Options) -> Result<Report, String> {
             let names = &options.cluster;
             let since = started.elapsed().as_secs() as i64 + 1;
             match cluster
-                .deployment_logs(&names.gateway_namespace, &names.epp_deployment, since)
+                .deployment_logs(&names.epp_namespace, &names.epp_deployment, since)
                 .await
             {
                 Ok(logs) => epp_health::judge_epp_logs(&logs),
@@ -577,7 +577,7 @@ async fn wiring_checks(options: &Options, cluster: Option<&kube::Cluster>) -> Ve
             .map(|v| (v, path.display().to_string())),
         (Some(cluster), None) => cluster
             .configmap_value(
-                &names.gateway_namespace,
+                &names.epp_namespace,
                 &names.epp_configmap,
                 &names.epp_config_key,
             )
@@ -586,10 +586,7 @@ async fn wiring_checks(options: &Options, cluster: Option<&kube::Cluster>) -> Ve
             .map(|v| {
                 (
                     v,
-                    format!(
-                        "configmap {}/{}",
-                        names.gateway_namespace, names.epp_configmap
-                    ),
+                    format!("configmap {}/{}", names.epp_namespace, names.epp_configmap),
                 )
             }),
         (None, None) => Err(String::new()),
@@ -706,7 +703,7 @@ fn plan(options: &Options) -> String {
             let _ = writeln!(
                 out,
                 "  GET /api/v1/namespaces/{}/configmaps/{} (key {})",
-                names.gateway_namespace, names.epp_configmap, names.epp_config_key
+                names.epp_namespace, names.epp_configmap, names.epp_config_key
             );
         }
         (None, false) => {
@@ -753,7 +750,7 @@ fn plan(options: &Options) -> String {
         let _ = writeln!(
             out,
             "\nEPP health:\n  GET /apis/apps/v1/namespaces/{0}/deployments/{1}, then GET /api/v1/namespaces/{0}/pods/<each pod>/log?sinceSeconds=<since the check started>",
-            names.gateway_namespace, names.epp_deployment
+            names.epp_namespace, names.epp_deployment
         );
     }
     out

@@ -36,6 +36,8 @@ pub struct ClusterNames {
     pub gateway_service_port: u16,
     pub httproute: String,
     pub inference_pool: String,
+    /// Namespace of the EPP's ConfigMap and Deployment: the pool's, since the EPP must run next to it.
+    pub epp_namespace: String,
     pub epp_configmap: String,
     pub epp_config_key: String,
     pub epp_deployment: String,
@@ -145,6 +147,7 @@ impl Default for Options {
                 gateway_service_port: 80,
                 httproute: "llm-d-inference-scheduling".into(),
                 inference_pool: "vllm-proxy-performance".into(),
+                epp_namespace: "llm-d-vllm".into(),
                 epp_configmap: "gaie-inference-scheduling-epp-config".into(),
                 epp_config_key: "epp-config.yaml".into(),
                 epp_deployment: "gaie-inference-scheduling-epp".into(),
@@ -195,6 +198,7 @@ const VALUE_FLAGS: &[&str] = &[
     "--gateway-service",
     "--httproute",
     "--inference-pool",
+    "--epp-namespace",
     "--epp-configmap",
     "--epp-config-key",
     "--epp-deployment",
@@ -315,6 +319,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
             }
             "--httproute" => c.httproute = value,
             "--inference-pool" => c.inference_pool = value,
+            "--epp-namespace" => c.epp_namespace = value,
             "--epp-configmap" => c.epp_configmap = value,
             "--epp-config-key" => c.epp_config_key = value,
             "--epp-deployment" => c.epp_deployment = value,
@@ -498,6 +503,16 @@ mod tests {
             .as_deref()
             .unwrap()
             .starts_with("http://127.0.0.1:"));
+        // The EPP runs next to its pool (manifests/epp.yaml), not with the gateway.
+        assert_eq!(
+            (
+                o.cluster.epp_namespace.as_str(),
+                o.cluster.gateway_namespace.as_str()
+            ),
+            ("llm-d-vllm", "llm-d-inference-scheduler")
+        );
+        let o = run(&["--epp-namespace=llm-d-inference-scheduler"]);
+        assert_eq!(o.cluster.epp_namespace, "llm-d-inference-scheduler");
     }
 
     #[test]
