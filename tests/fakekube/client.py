@@ -284,6 +284,10 @@ class FakeKube:
                 body[k] = v
         return self._ctl("POST", f"/_fake/logs/{_q(ns)}/{_q(pod)}", body)["lines"]
 
+    def clear_logs(self, ns: str, pod: str) -> None:
+        """Forget every container's log of the pod."""
+        self._ctl("DELETE", f"/_fake/logs/{_q(ns)}/{_q(pod)}")
+
     def pod_logs(self, ns: str, pod: str) -> dict:
         return self._ctl("GET", f"/_fake/logs/{_q(ns)}/{_q(pod)}")["containers"]
 
@@ -342,7 +346,7 @@ class FakeKube:
 
     def requests(self, path_contains: str | None = None, watch: bool | None = None) -> list[dict]:
         """Recent API requests: [{"method", "path" (path+query), "status", "watch", "time",
-        "userAgent", "auth", and what RBAC authorizes: "verb", "apiGroup", "resource" (with
+        "userAgent", "auth", "user" (the bearer token), and what RBAC authorizes: "verb", "apiGroup", "resource" (with
         "/subresource"), "namespace", "name" (or "nonResourceURL")}], oldest first, optionally filtered."""
         reqs = self._ctl("GET", "/_fake/requests")["requests"]
         if path_contains is not None:

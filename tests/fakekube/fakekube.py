@@ -1290,8 +1290,13 @@ def request_info(method: str, raw_path: str) -> dict:
         verb = "deletecollection"
     else:
         verb = _VERBS.get(method, method.lower())
-    return {"verb": verb, "apiGroup": group, "resource": f"{resource}/{sub}" if sub else resource,
-            "namespace": namespace, "name": name}
+    verbs = [verb]
+    if verb == "get" and resource == "pods" and sub in ("exec", "attach", "portforward"):
+        # A WebSocket upgrade is a GET, authorized as `get`; since 1.35 the API server also checks
+        # `create` (feature gate AuthorizePodWebsocketUpgradeCreatePermission, on by default).
+        verbs.append("create")
+    return {"verb": verb, "verbs": verbs, "apiGroup": group,
+            "resource": f"{resource}/{sub}" if sub else resource, "namespace": namespace, "name": name}
 
 
 def _groups() -> dict:
@@ -1428,6 +1433,8 @@ class App:
             "watch": False,
             "userAgent": headers.get("User-Agent", ""),
             "auth": bool(headers.get("Authorization")),
+            # No user database: the bearer token stands for the user (the audit log's user).
+            "user": headers.get("Authorization", "").removeprefix("Bearer "),
         }
         entry.update(request_info(method, path))
         with self.lock:
