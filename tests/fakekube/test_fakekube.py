@@ -976,6 +976,12 @@ def test_request_log_names_what_rbac_authorizes(kube):
         ("get", None, None, None, None),
     ]
     assert kube.requests("/version")[0]["nonResourceURL"] == "/version"
+    assert all(r["verbs"] == [r["verb"]] for r in kube.requests("/api"))
+    # A WebSocket upgrade is a GET: authorized as get, and since 1.35 also as create.
+    kube.reset_log()
+    kube.api_get("/api/v1/namespaces/ns/pods/p/portforward?ports=80", headers={"Authorization": "Bearer someone"})
+    (pf,) = kube.requests()
+    assert (pf["verb"], pf["verbs"], pf["resource"], pf["user"]) == ("get", ["get", "create"], "pods/portforward", "someone")
 
 
 def two_container_pod(name, ns, phase="Running"):
