@@ -256,7 +256,7 @@ def test_a_route_off_the_pool_and_an_unlabelled_proxy_fail_step2_and_the_prerequ
 def test_api_errors_make_checks_inconclusive_or_stop_with_a_clear_message(cluster):
     kube, stack, kubeconfig = cluster
     # A 500 on the reads of Step 2 and EPP health: nothing learned, so inconclusive, not a failure.
-    kube.fail(500, count=1, paths=f"/configmaps/", message="etcdserver: request timed out")
+    kube.fail(500, count=1, paths="/configmaps/", message="etcdserver: request timed out")
     kube.fail(500, count=1, paths=f"/deployments/{EPP}", message="etcdserver: request timed out")
     try:
         code, checks, report, err = run_check(kubeconfig, "--burst-requests", "6", "--header-requests", "1")
