@@ -6,7 +6,8 @@
 - cross-checks no schema can do: the filter accepts pluginConfig (in the real Envoy, with a cluster of the same
   Istio name, and the Istio stats settings give the kvab_* stats their labels), the cluster and URL name the
   sidecar Service, labels agree between the runbook's proxy pods, HTTPRoute, InferencePool, EPP config and the
-  sidecar, the Role grants only pods get/list/watch, and the WasmPlugin's sha256 is the built module's;
+  sidecar, the Role grants only pods get/list/watch, kvab check's optional RBAC only reads and port-forwards,
+  and the WasmPlugin's sha256 is the built module's;
 - report authentication: only the gateway's identity may POST reports (AuthorizationPolicy evaluated on sample
   requests), plaintext GETs stay open, and deploy/report-token wires one token to kvab serve and the filter;
 - the pool's EPP: InferencePool, EPP Service, Deployment flags, ConfigMap, DestinationRule and RBAC agree, and every
@@ -239,10 +240,37 @@ def test_core_kinds_validate_against_the_kubernetes_schema(path, doc):
 def test_only_known_kinds_are_shipped():
     kinds = {d["kind"] for _, d in OBJECTS}
     assert kinds <= set(CRD_KINDS) | CORE_KINDS | {"PodMonitor"}, kinds
-    # PodMonitor (optional/) has no CRD here; its few fields are checked by hand.
-    for _, doc in OPTIONAL:
+    # PodMonitor (optional/) has no CRD here; its few fields are checked by hand. The rest of optional/ is
+    # kvab check's RBAC (validated with the core kinds and checked below).
+    for path, doc in OPTIONAL:
+        if path.name == "check-rbac.yaml":
+            assert doc["kind"] in ("ServiceAccount", "Role", "RoleBinding"), ident(doc)
+            continue
         assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["kind"] == "PodMonitor"
         assert doc["spec"]["selector"]["matchLabels"] and doc["spec"]["podMetricsEndpoints"]
+
+
+def test_check_rbac_reads_only_opens_port_forwards_and_binds_its_account():
+    """manifests/optional/check-rbac.yaml: namespaced Roles in the runbook's two namespaces, reads only
+    (and port-forwards), bound to the kvab-check ServiceAccount. That its verbs are exactly those kvab check
+    uses is tested against the check's own requests (tests/test_check_cluster.py)."""
+    docs = [(p, d) for p, d in OPTIONAL if p.name == "check-rbac.yaml"]
+    roles = {d["metadata"]["namespace"]: d for _, d in docs if d["kind"] == "Role"}
+    assert set(roles) == {VLLM_NS, SCHEDULER_NS}
+    for role in roles.values():
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
+            assert not {"secrets", "pods/exec", "pods/attach"} & set(rule["resources"]), rule
+            writes = set(rule["verbs"]) - {"get", "list"}
+            assert not writes or (rule["resources"] == ["pods/portforward"] and writes == {"create"}), rule
+    account = one("ServiceAccount", "kvab-check", docs=docs)
+    assert account["metadata"]["namespace"] == VLLM_NS and account["automountServiceAccountToken"] is False
+    bindings = [d for _, d in docs if d["kind"] == "RoleBinding"]
+    assert {b["metadata"]["namespace"] for b in bindings} == set(roles)
+    for binding in bindings:
+        role = roles[binding["metadata"]["namespace"]]
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kvab-check", "namespace": VLLM_NS}]
 
 
 # ---------------------------------------------------------------- the sidecar

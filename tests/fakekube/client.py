@@ -250,6 +250,58 @@ class FakeKube:
     def pods(self) -> list[dict]:
         return self._ctl("GET", "/_fake/pods")["items"]
 
+    # ------------------------------------------------------- other kinds
+    def put_object(self, obj: dict, ns: str | None = None) -> dict:
+        """Create or replace a ConfigMap, Service, apps/v1 Deployment, HTTPRoute or InferencePool
+        (resource from its apiVersion and kind; namespace from metadata unless `ns`). Returns
+        the stored object."""
+        resource = _server.resource_for(obj.get("apiVersion", ""), obj.get("kind", ""))
+        if resource is None:
+            raise FakeKubeError(f"fakekube does not serve {obj.get('apiVersion')} {obj.get('kind')}")
+        md = obj.get("metadata", {})
+        ns = ns or md.get("namespace", "default")
+        return self._ctl("PUT", f"/_fake/objects/{resource}/{_q(ns)}/{_q(md['name'])}", obj)
+
+    def get_object(self, resource: str, ns: str, name: str) -> dict | None:
+        status, out = self._call("GET", f"/_fake/objects/{resource}/{_q(ns)}/{_q(name)}")
+        return out if status == 200 else None
+
+    def delete_object(self, resource: str, ns: str, name: str) -> dict:
+        return self._ctl("DELETE", f"/_fake/objects/{resource}/{_q(ns)}/{_q(name)}")
+
+    def objects(self) -> list[dict]:
+        return self._ctl("GET", "/_fake/objects")["items"]
+
+    # ---------------------------------------------------------- pod logs
+    def append_log(self, ns: str, pod: str, lines, container: str | None = None, ago: float | None = None,
+                   time: str | float | None = None) -> int:
+        """Append lines to a pod container's log (container optional for a one-container pod).
+        Lines are strings or {"text", "time"?, "ago"?}; stamped now unless `time` (RFC 3339 or
+        epoch seconds) or `ago` (seconds before now). Returns the container's line count."""
+        body: dict = {"lines": [lines] if isinstance(lines, str) else list(lines)}
+        for k, v in (("container", container), ("ago", ago), ("time", time)):
+            if v is not None:
+                body[k] = v
+        return self._ctl("POST", f"/_fake/logs/{_q(ns)}/{_q(pod)}", body)["lines"]
+
+    def clear_logs(self, ns: str, pod: str) -> None:
+        """Forget every container's log of the pod."""
+        self._ctl("DELETE", f"/_fake/logs/{_q(ns)}/{_q(pod)}")
+
+    def pod_logs(self, ns: str, pod: str) -> dict:
+        return self._ctl("GET", f"/_fake/logs/{_q(ns)}/{_q(pod)}")["containers"]
+
+    # ------------------------------------------------------ port-forward
+    def set_port_forward(self, ns: str, pod: str, ports: dict) -> dict:
+        """Where a port-forward to the pod's ports goes: {pod port: local port or "host:port"}."""
+        return self._ctl("PUT", f"/_fake/portforward/{_q(ns)}/{_q(pod)}",
+                         {"ports": {str(k): v for k, v in ports.items()}})
+
+    def port_forward_sessions(self) -> list[dict]:
+        """Every port-forward connection so far: namespace, pod, ports, protocol, started, ended,
+        bytesIn, bytesOut, errors."""
+        return self._ctl("GET", "/_fake/portforward")["sessions"]
+
     # ---------------------------------------------------------- control
     def state(self) -> dict:
         return self._ctl("GET", "/_fake/state")
@@ -294,7 +346,8 @@ class FakeKube:
 
     def requests(self, path_contains: str | None = None, watch: bool | None = None) -> list[dict]:
         """Recent API requests: [{"method", "path" (path+query), "status", "watch", "time",
-        "userAgent", "auth"}], oldest first, optionally filtered."""
+        "userAgent", "auth", "user" (the bearer token), and what RBAC authorizes: "verb", "apiGroup", "resource" (with
+        "/subresource"), "namespace", "name" (or "nonResourceURL")}], oldest first, optionally filtered."""
         reqs = self._ctl("GET", "/_fake/requests")["requests"]
         if path_contains is not None:
             reqs = [r for r in reqs if path_contains in r["path"]]

@@ -887,6 +887,448 @@ class _Signal:
         self.kind = kind
 
 
+# ========================================================== other kinds
+# Namespaced objects of the kinds `kvab check` reads besides pods. Served read-only (GET by
+# name, LIST) with the real server's paths, list kinds and NotFound Status; changed only
+# through /_fake/objects/. They share the global resourceVersion counter with the pods.
+
+RESOURCES = {
+    # key (kubectl's resource.group spelling) -> how the real server serves it
+    "configmaps": {"group": "", "version": "v1", "plural": "configmaps", "kind": "ConfigMap",
+                   "singular": "configmap", "shortNames": ["cm"]},
+    "services": {"group": "", "version": "v1", "plural": "services", "kind": "Service",
+                 "singular": "service", "shortNames": ["svc"], "categories": ["all"]},
+    "deployments.apps": {"group": "apps", "version": "v1", "plural": "deployments", "kind": "Deployment",
+                         "singular": "deployment", "shortNames": ["deploy"], "categories": ["all"]},
+    "httproutes.gateway.networking.k8s.io": {
+        "group": "gateway.networking.k8s.io", "version": "v1", "plural": "httproutes", "kind": "HTTPRoute",
+        "singular": "httproute", "categories": ["gateway-api"]},
+    "inferencepools.inference.networking.k8s.io": {
+        "group": "inference.networking.k8s.io", "version": "v1", "plural": "inferencepools",
+        "kind": "InferencePool", "singular": "inferencepool", "shortNames": ["infpool"]},
+}
+# Kinds whose spec changes bump metadata.generation (the real server does it for these).
+_GENERATION_KINDS = {"Deployment", "HTTPRoute", "InferencePool"}
+
+
+def resource_key(group: str, plural: str) -> str:
+    return f"{plural}.{group}" if group else plural
+
+
+def resource_for(api_version: str, kind: str) -> str | None:
+    group, _, version = api_version.rpartition("/")
+    for key, r in RESOURCES.items():
+        if (r["group"], r["version"], r["kind"]) == (group, version, kind):
+            return key
+    return None
+
+
+def _api_version(r: dict) -> str:
+    return f"{r['group']}/{r['version']}" if r["group"] else r["version"]
+
+
+def _typed(resource: str, obj: dict) -> dict:
+    r = RESOURCES[resource]
+    out = {"kind": r["kind"], "apiVersion": _api_version(r)}
+    out.update(obj)
+    return out
+
+
+def _resource_list_entry(r: dict) -> dict:
+    entry = {"name": r["plural"], "singularName": r["singular"], "namespaced": True, "kind": r["kind"],
+             "verbs": ["get", "list"]}
+    for k in ("shortNames", "categories"):
+        if r.get(k):
+            entry[k] = list(r[k])
+    return entry
+
+
+# Pod subresources the fake serves (discovery lists them as the real server does).
+POD_SUBRESOURCES = [
+    {"name": "pods/log", "singularName": "", "namespaced": True, "kind": "Pod", "verbs": ["get"]},
+    {"name": "pods/portforward", "singularName": "", "namespaced": True, "group": "", "version": "",
+     "kind": "PodPortForwardOptions", "verbs": ["create", "get"]},
+]
+
+_API_CORE_PATH = re.compile(
+    r"^/api/v1(?:/namespaces/(?P<ns>[^/]+))?/(?P<plural>configmaps|services)(?:/(?P<name>[^/]+))?/?$")
+_API_GROUP_PATH = re.compile(
+    r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)(?:/namespaces/(?P<ns>[^/]+))?/(?P<plural>[^/]+)"
+    r"(?:/(?P<name>[^/]+))?/?$")
+_API_POD_SUB_PATH = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)/(?P<sub>[^/]+)/?$")
+
+
+def object_from_body(resource: str, ns: str, name: str, body: dict) -> dict:
+    """PUT /_fake/objects/{resource}/{ns}/{name} body: the object; kind and apiVersion, when
+    given, must be the resource's; name and namespace come from the URL."""
+    if resource not in RESOURCES:
+        raise ValueError(f"unknown resource {resource!r}; served: {sorted(RESOURCES)} (pods: /_fake/pods)")
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    r = RESOURCES[resource]
+    if body.get("kind", r["kind"]) != r["kind"] or body.get("apiVersion", _api_version(r)) != _api_version(r):
+        raise ValueError(f"{resource} holds {_api_version(r)} {r['kind']}, not "
+                         f"{body.get('apiVersion')} {body.get('kind')}")
+    obj = copy.deepcopy(body)
+    obj.pop("kind", None)
+    obj.pop("apiVersion", None)
+    md = obj.setdefault("metadata", {})
+    if not isinstance(md, dict):
+        raise ValueError("metadata must be an object")
+    md["name"], md["namespace"] = name, ns
+    return obj
+
+
+# =============================================================== pod logs
+# Lines a test appended to a pod's container (the kubelet's log files), served by
+# GET /api/v1/namespaces/{ns}/pods/{name}/log with the PodLogOptions the real server takes.
+
+def _parse_time(value) -> float:
+    """Epoch seconds from a number or an RFC 3339 string (Z or an offset, optional fraction)."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip()
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise ValueError(f"not an RFC 3339 time: {value!r}") from None
+
+
+def _rfc3339_nano(t: float) -> str:
+    d = datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
+    return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond:06d}000Z"
+
+
+def log_lines_from_body(body: dict, now: float) -> list[tuple[float, str]]:
+    """POST /_fake/logs body: {"lines": ["text" | {"text", "time"?, "ago"?}], "time"?, "ago"?}.
+    Without a time a line is stamped now; "ago" is seconds before now."""
+    if not isinstance(body, dict) or not isinstance(body.get("lines"), list):
+        raise ValueError('body must be {"lines": [...], "container"?, "time"?, "ago"?}')
+    unknown = set(body) - {"lines", "container", "time", "ago"}
+    if unknown:
+        raise ValueError(f"unknown keys: {sorted(unknown)}")
+
+    def stamp(d: dict, default: float) -> float:
+        if d.get("time") is not None:
+            return _parse_time(d["time"])
+        if d.get("ago") is not None:
+            return now - float(d["ago"])
+        return default
+
+    base = stamp(body, now)
+    out = []
+    for line in body["lines"]:
+        if isinstance(line, str):
+            out.append((base, line))
+        elif isinstance(line, dict) and isinstance(line.get("text"), str):
+            out.append((stamp(line, base), line["text"]))
+        else:
+            raise ValueError(f"a line is a string or {{\"text\", \"time\"?, \"ago\"?}}, not {line!r}")
+    for _, text in out:
+        if "\n" in text:
+            raise ValueError("one line per entry (no newline inside a line)")
+    return out
+
+
+def _container_names(pod: dict) -> list[str]:
+    return [c.get("name", "") for c in pod.get("spec", {}).get("containers", [])]
+
+
+def _log_int(q: dict, name: str) -> int | None:
+    if name not in q:
+        return None
+    try:
+        return int(q[name])
+    except ValueError:
+        raise ApiError(400, f'{name}: Invalid value: "{q[name]}": strconv.ParseInt: parsing "{q[name]}": '
+                            "invalid syntax", reason="BadRequest") from None
+
+
+# ============================================================ port-forward
+# The WebSocket port-forward the kubelet serves behind the API server (what kube-rs'
+# Api::portforward speaks): subprotocol v4.channel.k8s.io, channel 2i = data of the i-th
+# port, 2i+1 = its errors, each channel's first frame the port as 2 bytes little-endian.
+# The fake connects each pod port to a local TCP address set through /_fake/portforward/.
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+PORTFORWARD_PROTOCOL = "v4.channel.k8s.io"
+# What the kubelet's port-forward handler accepts ("" = no subprotocol asked for).
+_KUBELET_PF_PROTOCOLS = ["", PORTFORWARD_PROTOCOL, "v4.base64.channel.k8s.io"]
+_OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+def ws_accept_key(key: str) -> str:
+    return base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+
+
+def ws_frame(opcode: int, payload: bytes, mask: bool = False) -> bytes:
+    """One final frame; servers send unmasked frames, clients masked ones."""
+    n = len(payload)
+    head = bytearray([0x80 | opcode])
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head.append(bit | n)
+    elif n < 65536:
+        head.append(bit | 126)
+        head += n.to_bytes(2, "big")
+    else:
+        head.append(bit | 127)
+        head += n.to_bytes(8, "big")
+    if not mask:
+        return bytes(head) + payload
+    key = os.urandom(4)
+    return bytes(head) + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+class WsProtocolError(Exception):
+    pass
+
+
+def ws_read_frame(rfile, require_mask: bool = True) -> tuple[bool, int, bytes] | None:
+    """(fin, opcode, payload) of the next frame, None at the end of the stream."""
+    head = rfile.read(2)
+    if len(head) < 2:
+        return None
+    fin, opcode = bool(head[0] & 0x80), head[0] & 0x0F
+    masked, n = bool(head[1] & 0x80), head[1] & 0x7F
+    if head[0] & 0x70:
+        raise WsProtocolError("reserved bits set")
+    if require_mask and not masked:
+        raise WsProtocolError("client frame not masked")
+    if n == 126:
+        ext = rfile.read(2)
+        n = int.from_bytes(ext, "big") if len(ext) == 2 else -1
+    elif n == 127:
+        ext = rfile.read(8)
+        n = int.from_bytes(ext, "big") if len(ext) == 8 else -1
+    if n < 0:
+        return None
+    key = rfile.read(4) if masked else b""
+    payload = rfile.read(n) if n else b""
+    if len(payload) < n or (masked and len(key) < 4):
+        return None
+    if masked:
+        payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return fin, opcode, payload
+
+
+def _parse_forward_target(value) -> tuple[str, int]:
+    """A pod port's local stand-in: a port number (on 127.0.0.1) or "host:port"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        host, port = "127.0.0.1", value
+    elif isinstance(value, str) and value.rpartition(":")[2].isdigit():
+        host, _, p = value.rpartition(":")
+        host, port = host or "127.0.0.1", int(p)
+    else:
+        raise ValueError(f"a forward target is a port or \"host:port\", not {value!r}")
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range: {port}")
+    return host, port
+
+
+class PortForwardSession:
+    """One upgraded port-forward connection: initial port frames, a TCP connection per port
+    to its target, then frames <-> bytes until either side ends (as the kubelet does)."""
+
+    def __init__(self, conn: socket.socket, rfile, ports: list[int], targets: dict, sandbox: str):
+        self.conn, self.rfile, self.ports = conn, rfile, ports
+        self.targets, self.sandbox = targets, sandbox
+        self.send_lock = threading.Lock()
+        self.closed = threading.Event()
+        self.upstreams: list[socket.socket | None] = []
+        self.bytes_in = self.bytes_out = 0
+        self.errors: list[str] = []
+
+    def _send(self, opcode: int, payload: bytes) -> None:
+        with self.send_lock:
+            if self.closed.is_set() and opcode != _OP_CLOSE:
+                return
+            self.conn.sendall(ws_frame(opcode, payload))
+
+    def _close(self, code: int = 1000) -> None:
+        with self.send_lock:
+            if self.closed.is_set():
+                return
+            self.closed.set()
+            try:
+                self.conn.sendall(ws_frame(_OP_CLOSE, code.to_bytes(2, "big")))
+            except OSError:
+                pass
+        for up in self.upstreams:
+            if up is not None:
+                try:
+                    up.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def run(self) -> None:
+        for i, port in enumerate(self.ports):
+            le = port.to_bytes(2, "little")
+            self._send(_OP_BINARY, bytes([2 * i]) + le)
+            self._send(_OP_BINARY, bytes([2 * i + 1]) + le)
+        pumps = []
+        for i, port in enumerate(self.ports):
+            target = self.targets.get(port)
+            up = None
+            try:
+                if target is None:
+                    raise ConnectionRefusedError("connect: connection refused")
+                up = socket.create_connection(target, timeout=5)
+                up.settimeout(None)
+            except OSError as e:
+                why = getattr(e, "strerror", None) or str(e) or "connection refused"
+                msg = (f"error forwarding port {port} to pod {self.sandbox}, uid : failed to execute portforward "
+                       f"in network namespace \"/var/run/netns/cni-{self.sandbox[:8]}\": failed to connect to "
+                       f"localhost:{port} inside namespace \"{self.sandbox}\", IPv4: dial tcp4 127.0.0.1:{port}: "
+                       f"connect: {why.lower()} IPv6 dial tcp6: address localhost: no suitable address found ")
+                self.errors.append(msg)
+                self._send(_OP_BINARY, bytes([2 * i + 1]) + msg.encode())
+            self.upstreams.append(up)
+            if up is not None:
+                t = threading.Thread(target=self._pump, args=(i, up), daemon=True, name=f"pf-{port}")
+                t.start()
+                pumps.append(t)
+        if not pumps:
+            # nothing to forward: the kubelet ends the connection after the error message
+            self._close()
+            return
+        threading.Thread(target=self._wait_pumps, args=(pumps,), daemon=True).start()
+        self._read_client()
+        self._close()
+
+    def _wait_pumps(self, pumps) -> None:
+        # The kubelet closes the WebSocket once every port's copy has ended.
+        for t in pumps:
+            t.join()
+        self._close()
+
+    def _pump(self, i: int, up: socket.socket) -> None:
+        """Pod port -> client, as data frames on channel 2i."""
+        try:
+            while not self.closed.is_set():
+                data = up.recv(65536)
+                if not data:
+                    break
+                self.bytes_out += len(data)
+                self._send(_OP_BINARY, bytes([2 * i]) + data)
+        except OSError:
+            pass
+
+    def _read_client(self) -> None:
+        """Client -> pod port: binary frames whose first byte names the data channel."""
+        message, message_op = b"", None
+        try:
+            while not self.closed.is_set():
+                frame = ws_read_frame(self.rfile)
+                if frame is None:
+                    return
+                fin, opcode, payload = frame
+                if opcode == _OP_CLOSE:
+                    return
+                if opcode == _OP_PING:
+                    self._send(_OP_PONG, payload)
+                    continue
+                if opcode == _OP_PONG:
+                    continue
+                if opcode == _OP_CONT:
+                    message += payload
+                else:
+                    message, message_op = payload, opcode
+                if not fin:
+                    continue
+                data, op = message, message_op
+                message, message_op = b"", None
+                if op != _OP_BINARY or len(data) < 2:
+                    continue
+                ch = data[0]
+                index = ch // 2
+                if ch % 2 or index >= len(self.upstreams):
+                    continue
+                up = self.upstreams[index]
+                if up is not None:
+                    self.bytes_in += len(data) - 1
+                    up.sendall(data[1:])
+        except WsProtocolError:
+            self._close(1002)
+        except OSError:
+            pass
+
+
+# ============================================================ request info
+# What the real server's RequestInfoFactory derives from a request, and what RBAC authorizes:
+# verb, API group, resource[/subresource], namespace, name.
+
+_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
+def request_info(method: str, raw_path: str) -> dict:
+    url = urllib.parse.urlsplit(raw_path)
+    query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+    parts = [p for p in url.path.split("/") if p]
+    if parts[:1] == ["api"] and len(parts) >= 3:
+        group, rest = "", parts[2:]
+    elif parts[:1] == ["apis"] and len(parts) >= 4:
+        group, rest = parts[1], parts[3:]
+    else:
+        return {"verb": method.lower(), "nonResourceURL": url.path}
+    watch = False
+    if rest[:1] == ["watch"]:
+        watch, rest = True, rest[1:]
+    namespace = ""
+    if rest[:1] == ["namespaces"] and len(rest) >= 3:
+        namespace, rest = rest[1], rest[2:]
+    resource = rest[0] if rest else ""
+    name = rest[1] if len(rest) > 1 else ""
+    sub = rest[2] if len(rest) > 2 else ""
+    if method in ("GET", "HEAD"):
+        verb = "get" if name else "list"
+        if verb == "list" and (watch or query.get("watch", ["false"])[-1] in ("1", "true", "True")):
+            verb = "watch"
+        elif watch:
+            verb = "watch"
+    elif method == "DELETE" and not name:
+        verb = "deletecollection"
+    else:
+        verb = _VERBS.get(method, method.lower())
+    verbs = [verb]
+    if verb == "get" and resource == "pods" and sub in ("exec", "attach", "portforward"):
+        # A WebSocket upgrade is a GET, authorized as `get`; since 1.35 the API server also checks
+        # `create` (feature gate AuthorizePodWebsocketUpgradeCreatePermission, on by default).
+        verbs.append("create")
+    return {"verb": verb, "verbs": verbs, "apiGroup": group,
+            "resource": f"{resource}/{sub}" if sub else resource, "namespace": namespace, "name": name}
+
+
+def _groups() -> dict:
+    groups: dict[str, list[dict]] = {}
+    for r in RESOURCES.values():
+        if r["group"]:
+            groups.setdefault(r["group"], []).append(r)
+    return groups
+
+
+def _api_group(item) -> dict:
+    name, resources = item if isinstance(item, tuple) else (item, _groups()[item])
+    versions = sorted({r["version"] for r in resources})
+    gv = [{"groupVersion": f"{name}/{v}", "version": v} for v in versions]
+    return {"name": name, "versions": gv, "preferredVersion": gv[0]}
+
+
+def _group_discovery(path: str) -> dict | None:
+    """/apis/{group} (APIGroup) and /apis/{group}/{version} (APIResourceList) for the kinds served."""
+    parts = [p for p in path.split("/") if p]
+    groups = _groups()
+    if len(parts) not in (2, 3) or parts[0] != "apis" or parts[1] not in groups:
+        return None
+    if len(parts) == 2:
+        return {"kind": "APIGroup", "apiVersion": "v1", **_api_group((parts[1], groups[parts[1]]))}
+    resources = [r for r in groups[parts[1]] if r["version"] == parts[2]]
+    if not resources:
+        return None
+    return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": f"{parts[1]}/{parts[2]}",
+            "resources": [_resource_list_entry(r) for r in resources]}
+
+
 # ==================================================================== app
 
 API_VERSION_INFO = {
@@ -931,6 +1373,12 @@ class App:
         self.conns: set[socket.socket] = set()
         self.up = False
         self.stopping = threading.Event()
+        # other kinds: (resource, ns, name) -> object; pod logs: (ns, pod, container) -> [(t, line)];
+        # port-forward targets: (ns, pod) -> {pod port: (host, port)}
+        self.objects: dict[tuple[str, str, str], dict] = {}
+        self.logs: dict[tuple[str, str, str], list[tuple[float, str]]] = {}
+        self.forwards: dict[tuple[str, str], dict[int, tuple[str, int]]] = {}
+        self.pf_sessions: list[dict] = []
 
     # -- listener lifecycle --
     def start_api(self) -> None:
@@ -985,7 +1433,10 @@ class App:
             "watch": False,
             "userAgent": headers.get("User-Agent", ""),
             "auth": bool(headers.get("Authorization")),
+            # No user database: the bearer token stands for the user (the audit log's user).
+            "user": headers.get("Authorization", "").removeprefix("Bearer "),
         }
+        entry.update(request_info(method, path))
         with self.lock:
             self.log.append(entry)
         return entry
@@ -1158,10 +1609,14 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             raise ApiError(code, msg, details=details, headers=headers)
 
         if self.command not in ("GET", "HEAD"):
-            m = _API_POD_PATH.match(path)
-            if m:
-                raise ApiError(405, f"fakekube serves pods read-only; {self.command} is not supported "
-                                    "(use the /_fake/ control API to change pods)")
+            m = _API_POD_PATH.match(path) or _API_CORE_PATH.match(path) or _API_GROUP_PATH.match(path)
+            sub = _API_POD_SUB_PATH.match(path)
+            if sub and sub.group("sub") == "portforward":
+                raise ApiError(400, "fakekube serves port-forward over WebSocket only (GET with "
+                                    f"Sec-WebSocket-Protocol: {PORTFORWARD_PROTOCOL}); SPDY is not served")
+            if m or sub:
+                raise ApiError(405, f"fakekube serves the API read-only; {self.command} is not supported "
+                                    "(use the /_fake/ control API to change objects)")
             raise ApiError(404, "the server could not find the requested resource")
 
         if path in ("/version", "/version/"):
@@ -1181,15 +1636,36 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                 "kind": "APIResourceList",
                 "apiVersion": "v1",
                 "groupVersion": "v1",
-                "resources": [POD_RESOURCE],
+                "resources": [POD_RESOURCE, *POD_SUBRESOURCES,
+                              *(_resource_list_entry(r) for r in RESOURCES.values() if not r["group"])],
             })
         if path in ("/apis", "/apis/"):
             state["status"] = 200
-            return self._send_json(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
+            return self._send_json(200, {"kind": "APIGroupList", "apiVersion": "v1",
+                                         "groups": [_api_group(g) for g in _groups()]})
+        discovery = _group_discovery(path)
+        if discovery is not None:
+            state["status"] = 200
+            return self._send_json(200, discovery)
         if path in ("/healthz", "/livez", "/readyz"):
             state["status"] = 200
             return self._send_text(200, "ok")
 
+        m = _API_POD_SUB_PATH.match(path)
+        if m and m.group("sub") == "log":
+            return self._pod_log(m.group("ns"), m.group("name"), q, state)
+        if m and m.group("sub") == "portforward":
+            return self._portforward(m.group("ns"), m.group("name"), state)
+        m = _API_CORE_PATH.match(path)
+        if m:
+            return self._objects(resource_key("", m.group("plural")), m.group("ns"), m.group("name"),
+                                 q, is_watch, state)
+        m = _API_GROUP_PATH.match(path)
+        if m:
+            key = resource_key(m.group("group"), m.group("plural"))
+            r = RESOURCES.get(key)
+            if r is not None and r["version"] == m.group("version"):
+                return self._objects(key, m.group("ns"), m.group("name"), q, is_watch, state)
         m = _API_POD_PATH.match(path)
         if not m:
             if path.startswith("/api/v1/") or path.startswith("/apis/"):
@@ -1234,6 +1710,186 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             return self._send_json(200, _table({"items": [obj]}, {"resourceVersion": obj["metadata"].get(
                 "resourceVersion", "")}))
         self._send_json(200, _with_type(obj))
+
+    # ------------------------------------------------- other kinds (read-only)
+    def _objects(self, resource: str, ns: str | None, name: str | None, q: dict, is_watch: bool,
+                 state: dict) -> None:
+        r = RESOURCES[resource]
+        store = self.app.store
+        if is_watch:
+            raise ApiError(405, f"fakekube serves watches of pods only, not of {resource}")
+        if name is not None:
+            if ns is None:
+                raise ApiError(404, "the server could not find the requested resource")
+            with store.cond:
+                obj = copy.deepcopy(self.app.objects.get((resource, ns, name)))
+            if obj is None:
+                details = {"name": name, "kind": r["plural"]}
+                if r["group"]:
+                    details["group"] = r["group"]
+                raise ApiError(404, f'{resource} "{name}" not found', details=details)
+            state["status"] = 200
+            return self._send_json(200, _typed(resource, obj))
+        try:
+            lsel = parse_label_selector(q.get("labelSelector", ""))
+            fsel = parse_field_selector(q.get("fieldSelector", ""), supported=("metadata.name", "metadata.namespace"))
+        except SelectorError as e:
+            raise ApiError(400, f"unable to parse requirement: {e}", reason="BadRequest") from None
+        with store.cond:
+            rv = store.rv
+            items = [copy.deepcopy(o) for (res, ons, _), o in sorted(self.app.objects.items())
+                     if res == resource and (ns is None or ons == ns)]
+        items = [o for o in items if lsel.matches(o["metadata"].get("labels")) and fsel.matches(o)]
+        state["status"] = 200
+        self._send_json(200, {"kind": f"{r['kind']}List", "apiVersion": _api_version(r),
+                              "metadata": {"resourceVersion": str(rv)}, "items": items})
+
+    # ------------------------------------------------------------- pod logs
+    def _pod_log(self, ns: str, name: str, q: dict, state: dict) -> None:
+        app = self.app
+        with app.store.cond:
+            pod = copy.deepcopy(app.store.objects.get((ns, name)))
+        if pod is None:
+            raise ApiError(404, f'pods "{name}" not found', details={"name": name, "kind": "pods"})
+        since_seconds = _log_int(q, "sinceSeconds")
+        tail = _log_int(q, "tailLines")
+        limit_bytes = _log_int(q, "limitBytes")
+        since_time = None
+        if "sinceTime" in q:
+            try:
+                since_time = _parse_time(q["sinceTime"])
+            except ValueError:
+                raise ApiError(400, f'parsing time "{q["sinceTime"]}" as "2006-01-02T15:04:05Z07:00": cannot parse',
+                               reason="BadRequest") from None
+        timestamps = bool(_parse_bool(q.get("timestamps"), "timestamps"))
+        previous = bool(_parse_bool(q.get("previous"), "previous"))
+        _parse_bool(q.get("follow"), "follow")
+        problems = []  # ValidatePodLogOptions, in its order
+        if tail is not None and tail < 0:
+            problems.append(f"tailLines: Invalid value: {tail}: must be greater than or equal to 0")
+        if limit_bytes is not None and limit_bytes < 1:
+            problems.append(f"limitBytes: Invalid value: {limit_bytes}: must be greater than 0")
+        if since_seconds is not None and since_time is not None:
+            problems.append("Forbidden: at most one of `sinceTime` or `sinceSeconds` may be specified")
+        elif since_seconds is not None and since_seconds < 1:
+            problems.append(f"sinceSeconds: Invalid value: {since_seconds}: must be greater than 0")
+        if problems:
+            joined = problems[0] if len(problems) == 1 else "[" + ", ".join(problems) + "]"
+            raise ApiError(422, f'PodLogOptions "{name}" is invalid: {joined}', reason="Invalid",
+                           details={"name": name, "kind": "PodLogOptions",
+                                    "causes": [{"message": p} for p in problems]})
+        names = _container_names(pod)
+        container = q.get("container", "")
+        if not container:
+            if len(names) == 1:
+                container = names[0]
+            elif not names:
+                raise ApiError(400, f"a container name must be specified for pod {name}")
+            else:
+                raise ApiError(400, f"a container name must be specified for pod {name}, "
+                                    f"choose one of: [{' '.join(names)}]")
+        elif container not in names:
+            raise ApiError(400, f"container {container} is not valid for pod {name}")
+        for cs in pod.get("status", {}).get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting")
+            if cs.get("name") == container and waiting is not None:
+                raise ApiError(400, f'container "{container}" in pod "{name}" is waiting to start: '
+                                    f'{waiting.get("reason", "ContainerCreating")}')
+        if previous:
+            raise ApiError(400, f'previous terminated container "{container}" in pod "{name}" not found')
+        now = time.time()
+        with app.lock:
+            lines = list(app.logs.get((ns, name, container), []))
+        if since_seconds is not None:
+            lines = [(t, s) for t, s in lines if t >= now - since_seconds]
+        elif since_time is not None:
+            lines = [(t, s) for t, s in lines if t >= since_time]
+        if tail is not None:
+            lines = lines[len(lines) - tail:] if tail else []
+        data = "".join((_rfc3339_nano(t) + " " if timestamps else "") + s + "\n" for t, s in lines).encode()
+        if limit_bytes is not None:
+            data = data[:limit_bytes]
+        state["status"] = 200
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    # ---------------------------------------------------------- port-forward
+    def _portforward(self, ns: str, name: str, state: dict) -> None:
+        app = self.app
+        with app.store.cond:
+            pod = copy.deepcopy(app.store.objects.get((ns, name)))
+        if pod is None:
+            raise ApiError(404, f'pods "{name}" not found', details={"name": name, "kind": "pods"})
+        if not pod.get("spec", {}).get("nodeName"):
+            raise ApiError(400, f"pod {name} does not have a host assigned")
+
+        # From here on the kubelet answers (through the API server's proxy): plain-text errors.
+        def refuse(message: str) -> None:
+            state["status"] = 400
+            self.close_connection = True
+            self._send_text(400, message + "\n")
+
+        upgrade = self.headers.get("Upgrade", "").lower()
+        connection = [t.strip().lower() for t in self.headers.get("Connection", "").split(",")]
+        if upgrade != "websocket" or "upgrade" not in connection:
+            return refuse("unable to upgrade: missing upgrade headers in request")
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query, keep_blank_values=True)
+        ports = []
+        for value in query.get("ports", []):
+            if not value:
+                return refuse('query parameter "port" cannot be empty')
+            for p in value.split(","):
+                try:
+                    port = int(p)
+                except ValueError:
+                    return refuse(f'unable to parse "{value}" as a port: strconv.ParseUint: parsing "{p}": '
+                                  "invalid syntax")
+                if not 0 < port < 65536:
+                    return refuse(f'port "{value}" must be > 0')
+                ports.append(port)
+        if not ports:
+            return refuse('query parameter "port" is required')
+        offered = [p.strip() for h in self.headers.get_all("Sec-WebSocket-Protocol", [])
+                   for p in h.split(",") if p.strip()]
+        served = [p for p in _KUBELET_PF_PROTOCOLS if p != "v4.base64.channel.k8s.io"]
+        chosen = next((p for p in (offered or [""]) if p in served), None)
+        if chosen is None:
+            return refuse(f"requested protocol(s) are not supported: [{' '.join(offered)}]; supports "
+                          f"[{' '.join(_KUBELET_PF_PROTOCOLS)}] (fakekube: base64 not served)")
+        key = self.headers.get("Sec-WebSocket-Key", "")
+        if self.headers.get("Sec-WebSocket-Version", "") != "13" or not key:
+            return refuse("websocket: handshake error: missing Sec-WebSocket-Key or Sec-WebSocket-Version 13")
+
+        state["status"] = 101
+        self.close_connection = True
+        self.send_response(101, "Switching Protocols")
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", ws_accept_key(key))
+        if chosen:
+            self.send_header("Sec-WebSocket-Protocol", chosen)
+        self.end_headers()
+        self.wfile.flush()
+        with app.lock:
+            targets = dict(app.forwards.get((ns, name), {}))
+        uid = pod.get("metadata", {}).get("uid", name)
+        session = PortForwardSession(self.connection, self.rfile, ports, targets,
+                                     hashlib.sha256(uid.encode()).hexdigest())
+        record = {"namespace": ns, "pod": name, "ports": ports, "protocol": chosen, "started": time.time(),
+                  "ended": None, "bytesIn": 0, "bytesOut": 0, "errors": []}
+        with app.lock:
+            app.pf_sessions.append(record)
+            del app.pf_sessions[:-app.args.log_size]
+        try:
+            session.run()
+        finally:
+            with app.lock:
+                record.update(ended=time.time(), bytesIn=session.bytes_in, bytesOut=session.bytes_out,
+                              errors=list(session.errors))
 
     # -------------------------------------------------------------- LIST
     def _list(self, ns, q, lsel, fsel, state) -> None:
@@ -1509,6 +2165,12 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                         return self._send_json(404, {"error": f"pod {ns}/{name} not found"})
                     return self._send_json(200, _with_type(obj))
                 return self._send_json(405, {"error": f"{cmd} not supported here"})
+            if parts[:1] == ["objects"]:
+                return self._control_objects(parts[1:], cmd, body)
+            if parts[:1] == ["logs"]:
+                return self._control_logs(parts[1:], cmd, body)
+            if parts[:1] == ["portforward"]:
+                return self._control_portforward(parts[1:], cmd, body)
             op = "/".join(parts)
             if cmd == "GET" and op == "state":
                 return self._send_json(200, self._state())
@@ -1575,6 +2237,116 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         except (ValueError, KeyError, TypeError) as e:
             return self._send_json(400, {"error": str(e)})
 
+    def _control_objects(self, parts: list[str], cmd: str, body) -> None:
+        app, store = self.app, self.app.store
+        if not parts and cmd == "GET":
+            with store.cond:
+                items = [_typed(res, copy.deepcopy(o)) for (res, _, _), o in sorted(app.objects.items())]
+                rv = store.rv
+            return self._send_json(200, {"resourceVersion": str(rv), "items": items})
+        if len(parts) != 3:
+            return self._send_json(404, {"error": "use /_fake/objects/{resource}/{namespace}/{name}, "
+                                                  f"resource one of {sorted(RESOURCES)}"})
+        resource, ns, name = parts
+        if resource not in RESOURCES:
+            return self._send_json(404, {"error": f"unknown resource {resource!r}; served: {sorted(RESOURCES)} "
+                                                  "(pods: /_fake/pods)"})
+        key = (resource, ns, name)
+        if cmd == "PUT":
+            obj = object_from_body(resource, ns, name, body)
+            with store.cond:
+                prev = app.objects.get(key)
+                store.rv += 1
+                md = obj["metadata"]
+                if prev is not None:
+                    md.setdefault("uid", prev["metadata"]["uid"])
+                    md.setdefault("creationTimestamp", prev["metadata"]["creationTimestamp"])
+                else:
+                    md.setdefault("uid", str(uuid.uuid4()))
+                    md.setdefault("creationTimestamp", _now_rfc3339())
+                md["resourceVersion"] = str(store.rv)
+                if RESOURCES[resource]["kind"] in _GENERATION_KINDS:
+                    generation = (prev or {}).get("metadata", {}).get("generation", 0)
+                    changed = prev is None or prev.get("spec") != obj.get("spec")
+                    md["generation"] = generation + 1 if changed else generation
+                app.objects[key] = obj
+                store.cond.notify_all()
+            return self._send_json(201 if prev is None else 200, _typed(resource, copy.deepcopy(obj)))
+        if cmd in ("GET", "DELETE"):
+            with store.cond:
+                obj = app.objects.get(key)
+                if obj is not None and cmd == "DELETE":
+                    del app.objects[key]
+                    store.rv += 1
+                obj = copy.deepcopy(obj)
+            if obj is None:
+                return self._send_json(404, {"error": f"{resource} {ns}/{name} not found"})
+            return self._send_json(200, _typed(resource, obj))
+        return self._send_json(405, {"error": f"{cmd} not supported here"})
+
+    def _control_logs(self, parts: list[str], cmd: str, body) -> None:
+        app = self.app
+        if len(parts) != 2:
+            return self._send_json(404, {"error": "use /_fake/logs/{namespace}/{pod}"})
+        ns, name = parts
+        if cmd == "POST":
+            container = body.get("container") if isinstance(body, dict) else None
+            if not container:
+                with app.store.cond:
+                    pod = app.store.objects.get((ns, name))
+                    names = _container_names(pod) if pod else []
+                if len(names) != 1:
+                    return self._send_json(400, {"error": "name the container: the pod "
+                                                          + ("has " + str(names) if pod else "does not exist")})
+                container = names[0]
+            lines = log_lines_from_body(body, time.time())
+            with app.lock:
+                stored = app.logs.setdefault((ns, name, container), [])
+                stored.extend(lines)
+                stored.sort(key=lambda line: line[0])
+                count = len(stored)
+            return self._send_json(200, {"container": container, "lines": count})
+        if cmd == "GET":
+            with app.lock:
+                out = {c: [{"time": _rfc3339_nano(t), "text": s} for t, s in lines]
+                       for (lns, lname, c), lines in app.logs.items() if (lns, lname) == (ns, name)}
+            return self._send_json(200, {"containers": out})
+        if cmd == "DELETE":
+            with app.lock:
+                for k in [k for k in app.logs if k[:2] == (ns, name)]:
+                    del app.logs[k]
+            return self._send_json(200, {"ok": True})
+        return self._send_json(405, {"error": f"{cmd} not supported here"})
+
+    def _control_portforward(self, parts: list[str], cmd: str, body) -> None:
+        app = self.app
+        if not parts and cmd == "GET":
+            with app.lock:
+                targets = [{"namespace": ns, "pod": pod, "ports": {str(p): f"{h}:{hp}" for p, (h, hp) in m.items()}}
+                           for (ns, pod), m in sorted(app.forwards.items())]
+                sessions = [dict(s) for s in app.pf_sessions]
+            return self._send_json(200, {"targets": targets, "sessions": sessions})
+        if len(parts) != 2:
+            return self._send_json(404, {"error": "use /_fake/portforward/{namespace}/{pod}"})
+        key = (parts[0], parts[1])
+        if cmd == "PUT":
+            if not isinstance(body, dict) or not isinstance(body.get("ports"), dict) or set(body) != {"ports"}:
+                return self._send_json(400, {"error": 'body must be {"ports": {"<pod port>": <local port or "host:port">}}'})
+            mapping = {}
+            for pod_port, target in body["ports"].items():
+                if not str(pod_port).isdigit() or not 0 < int(pod_port) < 65536:
+                    return self._send_json(400, {"error": f"not a pod port: {pod_port!r}"})
+                mapping[int(pod_port)] = _parse_forward_target(target)
+            with app.lock:
+                app.forwards[key] = mapping
+            return self._send_json(200, {"namespace": key[0], "pod": key[1],
+                                         "ports": {str(p): f"{h}:{hp}" for p, (h, hp) in mapping.items()}})
+        if cmd == "DELETE":
+            with app.lock:
+                app.forwards.pop(key, None)
+            return self._send_json(200, {"ok": True})
+        return self._send_json(405, {"error": f"{cmd} not supported here"})
+
     def _state(self) -> dict:
         app, store = self.app, self.app.store
         with store.cond:
@@ -1584,6 +2356,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                 "history": len(store.history),
                 "historyMax": store.history_max,
                 "pods": len(store.objects),
+                "objects": len(app.objects),
                 "watches": len(store.watchers),
                 "up": app.up,
                 "port": app.port,

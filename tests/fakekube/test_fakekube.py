@@ -265,11 +265,22 @@ def test_discovery(kube):
     pods = [r for r in rl["resources"] if r["name"] == "pods"][0]
     assert pods["namespaced"] is True and pods["kind"] == "Pod"
     assert {"get", "list", "watch"} <= set(pods["verbs"])
+    subresources = {r["name"]: r["verbs"] for r in rl["resources"] if "/" in r["name"]}
+    assert subresources == {"pods/log": ["get"], "pods/portforward": ["create", "get"]}
+    assert {"configmaps", "services"} <= {r["name"] for r in rl["resources"]}
     st, groups = get(kube, "/apis")
-    assert st == 200 and groups["kind"] == "APIGroupList" and groups["groups"] == []
+    assert st == 200 and groups["kind"] == "APIGroupList"
+    assert {g["name"]: g["preferredVersion"]["groupVersion"] for g in groups["groups"]} == {
+        "apps": "apps/v1", "gateway.networking.k8s.io": "gateway.networking.k8s.io/v1",
+        "inference.networking.k8s.io": "inference.networking.k8s.io/v1"}
+    st, group = get(kube, "/apis/apps")
+    assert st == 200 and group["kind"] == "APIGroup" and group["name"] == "apps"
+    st, rl = get(kube, "/apis/gateway.networking.k8s.io/v1")
+    assert st == 200 and [(r["name"], r["kind"]) for r in rl["resources"]] == [("httproutes", "HTTPRoute")]
     assert get(kube, "/openapi/v2")[0] == 404
-    st, status = get(kube, "/api/v1/namespaces/x/services")
+    st, status = get(kube, "/api/v1/namespaces/x/secrets")
     assert st == 404 and status["kind"] == "Status" and status["code"] == 404
+    assert get(kube, "/apis/apps/v2/namespaces/x/deployments")[0] == 404
 
 
 def test_kubeconfig_written(kube):
@@ -886,3 +897,275 @@ def test_kubectl_watch_human_readable_table(kube):
     assert rows[0][:3] == ["NAME", "READY", "STATUS"], (out, err)
     assert [r[:3] for r in rows[1:]] == [["a", "1/1", "Running"], ["a", "0/1", "Running"],
                                          ["a", "0/1", "Terminating"]]
+
+
+# ------------------------------------------------- other kinds, logs, port-forward
+
+ROUTE = {
+    "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+    "metadata": {"name": "route", "namespace": "gw", "labels": {"app": "ab"}},
+    "spec": {"rules": [{"backendRefs": [{"group": "inference.networking.k8s.io", "kind": "InferencePool",
+                                          "name": "pool"}]}]},
+}
+
+
+def test_other_kinds_get_list_and_not_found(kube):
+    kube.put_object({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg", "namespace": "gw"},
+                     "data": {"epp-config.yaml": "plugins: []\n"}})
+    stored = kube.put_object(ROUTE)
+    assert stored["metadata"]["generation"] == 1 and stored["metadata"]["uid"]
+    kube.put_object({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "epp", "namespace": "gw"},
+                     "spec": {"selector": {"matchLabels": {"app": "epp"}}}})
+    kube.put_object({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "gateway", "namespace": "gw"},
+                     "spec": {"selector": {"app": "gw"}, "ports": [{"port": 80, "targetPort": 8080}]}})
+    st, cm = get(kube, "/api/v1/namespaces/gw/configmaps/cfg")
+    assert st == 200 and (cm["kind"], cm["apiVersion"]) == ("ConfigMap", "v1")
+    assert cm["data"] == {"epp-config.yaml": "plugins: []\n"} and int(cm["metadata"]["resourceVersion"]) > 1
+    st, route = get(kube, "/apis/gateway.networking.k8s.io/v1/namespaces/gw/httproutes/route")
+    assert st == 200 and route["kind"] == "HTTPRoute" and route["spec"] == ROUTE["spec"]
+    st, deploy = get(kube, "/apis/apps/v1/namespaces/gw/deployments/epp")
+    assert st == 200 and deploy["apiVersion"] == "apps/v1" and deploy["metadata"]["generation"] == 1
+    # The real server's NotFound Status, with the group in the message and the details.
+    st, status = get(kube, "/apis/gateway.networking.k8s.io/v1/namespaces/gw/httproutes/nope")
+    assert st == 404 and status["reason"] == "NotFound" and status["status"] == "Failure"
+    assert status["message"] == 'httproutes.gateway.networking.k8s.io "nope" not found'
+    assert status["details"] == {"name": "nope", "group": "gateway.networking.k8s.io", "kind": "httproutes"}
+    st, status = get(kube, "/api/v1/namespaces/other/services/gateway")
+    assert st == 404 and status["message"] == 'services "gateway" not found'
+    assert status["details"] == {"name": "gateway", "kind": "services"}
+    # Lists: the List kind, items without kind/apiVersion, label selectors.
+    st, routes = get(kube, "/apis/gateway.networking.k8s.io/v1/httproutes", labelSelector="app=ab")
+    assert st == 200 and routes["kind"] == "HTTPRouteList" and names(routes) == ["route"]
+    assert "kind" not in routes["items"][0]
+    st, services = get(kube, "/api/v1/namespaces/gw/services", labelSelector="app=other")
+    assert st == 200 and services["kind"] == "ServiceList" and services["items"] == []
+    # Replacing keeps uid; a spec change bumps the generation, a label change does not.
+    changed = json.loads(json.dumps(ROUTE))
+    changed["spec"]["rules"][0]["backendRefs"][0]["name"] = "other-pool"
+    assert kube.put_object(changed)["metadata"]["generation"] == 2
+    changed["metadata"]["labels"] = {"app": "ab", "x": "y"}
+    again = kube.put_object(changed)
+    assert again["metadata"]["generation"] == 2 and again["metadata"]["uid"] == stored["metadata"]["uid"]
+    # Read-only API, and a wrong kind for a resource is refused by the control API.
+    conn = http.client.HTTPConnection("127.0.0.1", kube.port, timeout=5)
+    conn.request("DELETE", "/api/v1/namespaces/gw/configmaps/cfg")
+    r = conn.getresponse()
+    assert r.status == 405 and json.loads(r.read())["reason"] == "MethodNotAllowed"
+    conn.close()
+    with pytest.raises(FakeKubeError, match="holds v1 ConfigMap"):
+        kube._ctl("PUT", "/_fake/objects/configmaps/gw/x", {"apiVersion": "v1", "kind": "Secret"})
+    kube.delete_object("configmaps", "gw", "cfg")
+    assert get(kube, "/api/v1/namespaces/gw/configmaps/cfg")[0] == 404
+
+
+def test_request_log_names_what_rbac_authorizes(kube):
+    kube.put_pod(make_pod("p", "ns", {}, "10.0.0.1"))
+    kube.reset_log()
+    get(kube, "/api/v1/namespaces/ns/pods", labelSelector="a=b")
+    get(kube, "/api/v1/namespaces/ns/pods/p/log", sinceSeconds="5")
+    get(kube, "/apis/apps/v1/namespaces/ns/deployments/d")
+    get(kube, "/api/v1/pods", watch="true", timeoutSeconds="1")
+    get(kube, "/version")
+    got = [(r["verb"], r.get("apiGroup"), r.get("resource"), r.get("namespace"), r.get("name"))
+           for r in kube.requests()]
+    assert got == [
+        ("list", "", "pods", "ns", ""),
+        ("get", "", "pods/log", "ns", "p"),
+        ("get", "apps", "deployments", "ns", "d"),
+        ("watch", "", "pods", "", ""),
+        ("get", None, None, None, None),
+    ]
+    assert kube.requests("/version")[0]["nonResourceURL"] == "/version"
+    assert all(r["verbs"] == [r["verb"]] for r in kube.requests("/api"))
+    # A WebSocket upgrade is a GET: authorized as get, and since 1.35 also as create.
+    kube.reset_log()
+    kube.api_get("/api/v1/namespaces/ns/pods/p/portforward?ports=80", headers={"Authorization": "Bearer someone"})
+    (pf,) = kube.requests()
+    assert (pf["verb"], pf["verbs"], pf["resource"], pf["user"]) == ("get", ["get", "create"], "pods/portforward", "someone")
+
+
+def two_container_pod(name, ns, phase="Running"):
+    pod = make_pod(name, ns, {"app": "epp"}, "10.0.3.1", phase=phase, container_ports=[("grpc", 9002)])
+    pod["spec"]["containers"][0]["name"] = "epp"
+    pod["spec"]["containers"].append({"name": "istio-proxy", "image": "istio/proxyv2"})
+    _server._set_ready(pod, True)  # container statuses for the containers above
+    return pod
+
+
+def test_pod_logs_since_container_and_options(kube):
+    kube.put_pod(two_container_pod("epp-0", "gw"))
+    kube.append_log("gw", "epp-0", ["started long ago"], container="epp", ago=600)
+    kube.append_log("gw", "epp-0", ["one", {"text": "two", "ago": 5}], container="epp", ago=30)
+    kube.append_log("gw", "epp-0", "now", container="epp")
+    kube.append_log("gw", "epp-0", "envoy line", container="istio-proxy")
+    path = "/api/v1/namespaces/gw/pods/epp-0/log"
+
+    def text(**params):
+        conn = http.client.HTTPConnection("127.0.0.1", kube.port, timeout=5)
+        conn.request("GET", path + "?" + urllib.parse.urlencode(params))
+        r = conn.getresponse()
+        body = r.read()
+        conn.close()
+        return r.status, r.getheader("Content-Type"), body.decode()
+
+    # Lines come in time order, each with its newline, as text/plain.
+    assert text(container="epp") == (200, "text/plain", "started long ago\none\ntwo\nnow\n")
+    assert text(container="epp", sinceSeconds="60")[2] == "one\ntwo\nnow\n"
+    assert text(container="epp", sinceSeconds="10")[2] == "two\nnow\n"
+    assert text(container="istio-proxy")[2] == "envoy line\n"
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 60))
+    assert text(container="epp", sinceTime=since)[2] == "one\ntwo\nnow\n"
+    assert text(container="epp", tailLines="1")[2] == "now\n"
+    assert text(container="epp", limitBytes="5")[2] == "start"
+    stamped = text(container="epp", timestamps="true", tailLines="1")[2]
+    assert stamped.endswith("Z now\n") and stamped[:4].isdigit() and "." in stamped.split(" ")[0]
+    # The real server's errors: a container must be named when there are several; options validated.
+    st, status = get(kube, path)
+    assert st == 400 and status["reason"] == "BadRequest"
+    assert status["message"] == "a container name must be specified for pod epp-0, choose one of: [epp istio-proxy]"
+    st, status = get(kube, path, container="nope")
+    assert st == 400 and status["message"] == "container nope is not valid for pod epp-0"
+    st, status = get(kube, path, container="epp", sinceSeconds="0")
+    assert st == 422 and status["reason"] == "Invalid"
+    assert status["message"] == 'PodLogOptions "epp-0" is invalid: sinceSeconds: Invalid value: 0: must be greater than 0'
+    st, status = get(kube, path, container="epp", sinceSeconds="5", sinceTime=since)
+    assert st == 422 and "at most one of `sinceTime` or `sinceSeconds` may be specified" in status["message"]
+    assert get(kube, path, container="epp", sinceSeconds="x")[0] == 400
+    st, status = get(kube, "/api/v1/namespaces/gw/pods/gone/log")
+    assert st == 404 and status["message"] == 'pods "gone" not found'
+    kube.put_pod(two_container_pod("epp-1", "gw", phase="Pending"))
+    st, status = get(kube, "/api/v1/namespaces/gw/pods/epp-1/log", container="epp")
+    assert st == 400 and status["message"] == 'container "epp" in pod "epp-1" is waiting to start: ContainerCreating'
+    # A one-container pod needs no container name, in the API or in the control API.
+    kube.put_pod(make_pod("single", "gw", {}, "10.0.0.9"))
+    kube.append_log("gw", "single", ["x"])
+    assert get(kube, "/api/v1/namespaces/gw/pods/single/log")[1] == "x\n"
+    with pytest.raises(FakeKubeError, match="name the container"):
+        kube.append_log("gw", "epp-0", ["y"])
+
+
+class PortForwardClient:
+    """A WebSocket port-forward client over a raw socket, speaking what kube-rs does."""
+
+    def __init__(self, kube, ns, pod, ports, protocols="v5.channel.k8s.io, v4.channel.k8s.io"):
+        self.sock = socket.create_connection(("127.0.0.1", kube.port), timeout=5)
+        key = "dGhlIHNhbXBsZSBub25jZQ=="
+        query = "ports=" + urllib.parse.quote(",".join(map(str, ports))) if ports else ""
+        lines = [f"GET /api/v1/namespaces/{ns}/pods/{pod}/portforward?{query} HTTP/1.1", f"Host: 127.0.0.1:{kube.port}",
+                 "Connection: Upgrade", "Upgrade: websocket", "Sec-WebSocket-Version: 13", f"Sec-WebSocket-Key: {key}"]
+        if protocols:
+            lines.append(f"Sec-WebSocket-Protocol: {protocols}")
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self.rfile = self.sock.makefile("rb")
+        self.status = int(self.rfile.readline().split()[1])
+        self.headers = {}
+        while (line := self.rfile.readline().decode().strip()):
+            k, _, v = line.partition(":")
+            self.headers[k.strip().lower()] = v.strip()
+        self.body = b""
+        if self.status != 101:
+            self.body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        else:
+            assert self.headers["sec-websocket-accept"] == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+    def frame(self):
+        frame = _server.ws_read_frame(self.rfile, require_mask=False)
+        if frame is None:
+            return None
+        return frame[1], frame[2]
+
+    def send(self, channel, data):
+        self.sock.sendall(_server.ws_frame(0x2, bytes([channel]) + data, mask=True))
+
+    def close(self):
+        self.sock.close()
+
+
+def echo_server():
+    """A TCP server that answers every chunk with 'echo:' + chunk; returns (port, stop)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+
+    def serve():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            def one(c=c):
+                with c:
+                    while data := c.recv(4096):
+                        c.sendall(b"echo:" + data)
+            threading.Thread(target=one, daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv.getsockname()[1], srv.close
+
+
+def test_port_forward_speaks_the_kubelets_websocket_protocol(kube):
+    port, stop = echo_server()
+    try:
+        kube.put_pod(make_pod("gw-0", "gw", {}, "10.0.0.5", container_ports=[("http", 80)]))
+        kube.set_port_forward("gw", "gw-0", {80: port})
+        pf = PortForwardClient(kube, "gw", "gw-0", [80])
+        assert pf.status == 101 and pf.headers["sec-websocket-protocol"] == "v4.channel.k8s.io"
+        assert pf.headers["upgrade"] == "websocket" and pf.headers["connection"] == "Upgrade"
+        # First a frame per channel carrying the port, little-endian: data (0) then error (1).
+        assert pf.frame() == (0x2, bytes([0, 80, 0]))
+        assert pf.frame() == (0x2, bytes([1, 80, 0]))
+        pf.send(0, b"hello")
+        assert pf.frame() == (0x2, b"\x00echo:hello")
+        pf.sock.sendall(_server.ws_frame(0x9, b"ping?", mask=True))
+        assert pf.frame() == (0xA, b"ping?")
+        pf.sock.sendall(_server.ws_frame(0x8, (1000).to_bytes(2, "big"), mask=True))
+        assert pf.frame() == (0x8, (1000).to_bytes(2, "big"))
+        pf.close()
+        sessions = kube.wait_for(lambda: [s for s in kube.port_forward_sessions() if s["ended"]], what="session end")
+        assert sessions[0]["bytesIn"] == 5 and sessions[0]["bytesOut"] == 10 and sessions[0]["ports"] == [80]
+        # Two ports: channels 0/1 and 2/3; a port with nothing behind it gets the kubelet's error
+        # message on its error channel, then the connection closes.
+        pf = PortForwardClient(kube, "gw", "gw-0", [80, 15021], protocols="v4.channel.k8s.io")
+        frames = [pf.frame() for _ in range(4)]
+        assert frames == [(0x2, bytes([0, 80, 0])), (0x2, bytes([1, 80, 0])),
+                          (0x2, bytes([2]) + (15021).to_bytes(2, "little")),
+                          (0x2, bytes([3]) + (15021).to_bytes(2, "little"))]
+        op, error = pf.frame()
+        assert op == 0x2 and error[0] == 3
+        assert error[1:].decode().startswith("error forwarding port 15021 to pod ")
+        assert "connect: connection refused" in error[1:].decode()
+        pf.send(2, b"ignored")
+        pf.send(0, b"still works")
+        assert pf.frame() == (0x2, b"\x00echo:still works")
+        pf.close()
+        # The port is closed by the pod side: the session ends with a close frame.
+        stop()
+        kube.set_port_forward("gw", "gw-0", {80: free_port()})
+        pf = PortForwardClient(kube, "gw", "gw-0", [80], protocols="")
+        assert pf.status == 101 and "sec-websocket-protocol" not in pf.headers
+        assert [pf.frame() for _ in range(3)][2][1][0] == 1
+        assert pf.frame()[0] == 0x8
+        pf.close()
+    finally:
+        stop()
+
+
+def test_port_forward_refusals_are_the_api_servers_and_the_kubelets(kube):
+    kube.put_pod(make_pod("gw-0", "gw", {}, "10.0.0.5"))
+    kube.put_pod(make_pod("unscheduled", "gw", {}, None, phase="Pending", node=""))
+    pf = PortForwardClient(kube, "gw", "nope", [80])
+    assert pf.status == 404 and json.loads(pf.body)["message"] == 'pods "nope" not found'
+    pf = PortForwardClient(kube, "gw", "unscheduled", [80])
+    assert pf.status == 400 and json.loads(pf.body)["message"] == "pod unscheduled does not have a host assigned"
+    pf = PortForwardClient(kube, "gw", "gw-0", [])
+    assert pf.status == 400 and pf.body == b'query parameter "port" is required\n'
+    pf = PortForwardClient(kube, "gw", "gw-0", [80], protocols="v5.channel.k8s.io")
+    assert pf.status == 400 and b"requested protocol(s) are not supported" in pf.body
+    # Without the upgrade (e.g. a plain GET), and writes through the API, are refused.
+    st, body = get(kube, "/api/v1/namespaces/gw/pods/gw-0/portforward", ports="80")
+    assert st == 400 and "missing upgrade headers" in body
+    kube.fail(500, count=1, paths="/portforward")
+    pf = PortForwardClient(kube, "gw", "gw-0", [80])
+    assert pf.status == 500 and json.loads(pf.body)["reason"] == "InternalError"
+    with pytest.raises(FakeKubeError):
+        kube.set_port_forward("gw", "gw-0", {80: "no-port"})

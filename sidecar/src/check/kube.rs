@@ -30,8 +30,70 @@ impl Drop for Forward {
     }
 }
 
-fn err(what: &str) -> impl Fn(kube::Error) -> String + '_ {
-    move |e| format!("{what}: {e}")
+/// Why a read from the API server failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadError {
+    /// The error is itself a finding about the cluster (the object or key is absent, or not what
+    /// the runbook applies): the check fails. Otherwise the read failed (5xx, RBAC, network) and
+    /// nothing was learned: the check is inconclusive.
+    pub finding: bool,
+    pub message: String,
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<ReadError> for String {
+    fn from(e: ReadError) -> Self {
+        e.message
+    }
+}
+
+/// `what: 404 NotFound: configmaps "x" not found` from an API `Status`; other errors as kube-rs
+/// words them. A 403 names the RBAC the check needs.
+fn err(what: &str) -> impl Fn(kube::Error) -> ReadError + '_ {
+    move |e| match e {
+        kube::Error::Api(status) => {
+            let hint = if status.code == 403 {
+                " (kvab check needs the RBAC in the README, section \"kvab check\")"
+            } else {
+                ""
+            };
+            ReadError {
+                finding: status.code == 404,
+                message: format!(
+                    "{what}: {} {}: {}{hint}",
+                    status.code, status.reason, status.message
+                ),
+            }
+        }
+        other => ReadError {
+            finding: false,
+            message: format!("{what}: {other}"),
+        },
+    }
+}
+
+/// The container whose log `kubectl logs` shows by default: the one named by the
+/// `kubectl.kubernetes.io/default-container` annotation (which Istio's injector sets), else the
+/// first. The API server refuses a log read without a container when a pod has several.
+pub fn default_container(pod: &Pod) -> Option<String> {
+    let names: Vec<&str> = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .map(|c| c.name.as_str())
+        .collect();
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("kubectl.kubernetes.io/default-container"))
+        .filter(|name| names.contains(&name.as_str()))
+        .cloned()
+        .or_else(|| names.first().map(|n| n.to_string()))
 }
 
 pub fn pod_state(pod: &Pod) -> PodState {
@@ -88,22 +150,27 @@ impl Cluster {
         Ok(Self { client })
     }
 
-    pub async fn pods(&self, namespace: &str, selector: &str) -> Result<Vec<Pod>, String> {
+    pub async fn pods(&self, namespace: &str, selector: &str) -> Result<Vec<Pod>, ReadError> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         let params = if selector.is_empty() {
             ListParams::default()
         } else {
             ListParams::default().labels(selector)
         };
-        Ok(api.list(&params).await.map_err(err("listing pods"))?.items)
+        let what = format!("listing pods in {namespace}");
+        Ok(api.list(&params).await.map_err(err(&what))?.items)
     }
 
-    pub async fn httproute(&self, namespace: &str, name: &str) -> Result<Value, String> {
+    pub async fn httproute(&self, namespace: &str, name: &str) -> Result<Value, ReadError> {
         let gvk = GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute");
         let api: Api<DynamicObject> =
             Api::namespaced_with(self.client.clone(), namespace, &ApiResource::from_gvk(&gvk));
-        let route = api.get(name).await.map_err(err("reading the HTTPRoute"))?;
-        serde_json::to_value(route).map_err(|e| e.to_string())
+        let what = format!("reading HTTPRoute {namespace}/{name}");
+        let route = api.get(name).await.map_err(err(&what))?;
+        serde_json::to_value(route).map_err(|e| ReadError {
+            finding: false,
+            message: format!("{what}: {e}"),
+        })
     }
 
     pub async fn configmap_value(
@@ -111,15 +178,17 @@ impl Cluster {
         namespace: &str,
         name: &str,
         key: &str,
-    ) -> Result<String, String> {
+    ) -> Result<String, ReadError> {
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
-        let map = api
-            .get(name)
-            .await
-            .map_err(err("reading the EPP ConfigMap"))?;
+        let what = format!("reading ConfigMap {namespace}/{name}");
+        let map = api.get(name).await.map_err(err(&what))?;
         map.data
             .and_then(|d| d.get(key).cloned())
-            .ok_or_else(|| format!("ConfigMap {namespace}/{name} has no key {key:?}"))
+            .ok_or_else(|| ReadError {
+                // The object is there but not what the runbook applies: a finding, like a 404.
+                finding: true,
+                message: format!("ConfigMap {namespace}/{name} has no key {key:?}"),
+            })
     }
 
     /// Logs of every pod of a Deployment since `since_seconds` ago (what `kubectl logs deploy/X --since`
@@ -129,29 +198,30 @@ impl Cluster {
         namespace: &str,
         name: &str,
         since_seconds: i64,
-    ) -> Result<Vec<(String, String)>, String> {
+    ) -> Result<Vec<(String, String)>, ReadError> {
         let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), namespace);
-        let deployment = deployments
-            .get(name)
-            .await
-            .map_err(err("reading the EPP Deployment"))?;
+        let what = format!("reading Deployment {namespace}/{name}");
+        let deployment = deployments.get(name).await.map_err(err(&what))?;
         let selector = deployment
             .spec
             .and_then(|s| s.selector.match_labels)
             .map(|l| selector_string(&l))
-            .ok_or_else(|| format!("Deployment {namespace}/{name} has no matchLabels selector"))?;
+            .ok_or_else(|| ReadError {
+                finding: false,
+                message: format!("Deployment {namespace}/{name} has no matchLabels selector"),
+            })?;
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         let mut logs = Vec::new();
         for pod in self.pods(namespace, &selector).await? {
-            let pod_name = pod.metadata.name.unwrap_or_default();
+            let container = default_container(&pod);
+            let pod_name = pod.metadata.name.clone().unwrap_or_default();
             let params = LogParams {
+                container,
                 since_seconds: Some(since_seconds.max(1)),
                 ..LogParams::default()
             };
-            let text = pods
-                .logs(&pod_name, &params)
-                .await
-                .map_err(err("reading the EPP log"))?;
+            let what = format!("reading the log of pod {namespace}/{pod_name}");
+            let text = pods.logs(&pod_name, &params).await.map_err(err(&what))?;
             logs.push((pod_name, text));
         }
         Ok(logs)
@@ -206,10 +276,23 @@ impl Cluster {
             while let Ok((mut socket, _)) = listener.accept().await {
                 let (pods, pod) = (pods.clone(), pod.clone());
                 tokio::spawn(async move {
-                    let Ok(mut forwarder) = pods.portforward(&pod, &[port]).await else {
-                        log::warn!("port-forward to {pod}:{port} failed");
-                        return;
+                    let mut forwarder = match pods.portforward(&pod, &[port]).await {
+                        Ok(forwarder) => forwarder,
+                        Err(e) => {
+                            log::warn!("port-forward to {pod}:{port}: {e}");
+                            return;
+                        }
                     };
+                    // The kubelet reports on the port's error channel why it could not connect
+                    // (nothing listening, pod gone); the stream then just ends.
+                    if let Some(error) = forwarder.take_error(port) {
+                        let pod = pod.clone();
+                        tokio::spawn(async move {
+                            if let Some(message) = error.await {
+                                log::warn!("port-forward to {pod}:{port}: {message}");
+                            }
+                        });
+                    }
                     if let Some(mut upstream) = forwarder.take_stream(port) {
                         let _ = tokio::io::copy_bidirectional(&mut socket, &mut upstream).await;
                         drop(upstream);
@@ -249,6 +332,58 @@ mod tests {
         assert!(target_port(&service, 81, &pod)
             .unwrap_err()
             .contains("no port 81"));
+    }
+
+    #[test]
+    fn logs_are_read_from_the_default_container() {
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "epp-1", "annotations": {"kubectl.kubernetes.io/default-container": "epp"}},
+            "spec": {"containers": [{"name": "istio-proxy"}, {"name": "epp"}]}
+        }))
+        .unwrap();
+        assert_eq!(default_container(&pod).as_deref(), Some("epp"));
+        pod.metadata.annotations = None;
+        assert_eq!(default_container(&pod).as_deref(), Some("istio-proxy"));
+        pod.metadata.annotations = Some(
+            [(
+                "kubectl.kubernetes.io/default-container".to_string(),
+                "gone".to_string(),
+            )]
+            .into(),
+        );
+        assert_eq!(
+            default_container(&pod).as_deref(),
+            Some("istio-proxy"),
+            "an annotation naming no container is ignored"
+        );
+    }
+
+    #[test]
+    fn api_errors_say_code_reason_and_message_and_404_is_a_finding() {
+        let status = |code: u16, reason: &str, message: &str| {
+            kube::Error::Api(Box::new(
+                serde_json::from_value(serde_json::json!({
+                    "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "code": code, "reason": reason, "message": message
+                }))
+                .unwrap(),
+            ))
+        };
+        let missing =
+            err("reading ConfigMap ns/x")(status(404, "NotFound", "configmaps \"x\" not found"));
+        assert!(missing.finding);
+        assert_eq!(
+            missing.message,
+            "reading ConfigMap ns/x: 404 NotFound: configmaps \"x\" not found"
+        );
+        let broken = err("listing pods in ns")(status(500, "InternalError", "etcd down"));
+        assert!(!broken.finding);
+        assert_eq!(
+            broken.message,
+            "listing pods in ns: 500 InternalError: etcd down"
+        );
+        let denied = err("reading Service ns/gw")(status(403, "Forbidden", "no"));
+        assert!(!denied.finding && denied.message.contains("RBAC"));
     }
 
     #[test]

@@ -173,13 +173,13 @@ async fn targets(options: &Options, cluster: Option<&kube::Cluster>) -> Result<T
     };
     let pods = cluster
         .pods(&names.proxy_namespace, &names.proxy_selector)
-        .await
-        .unwrap_or_default();
+        .await;
     let mut proxies = Vec::new();
     for arm in &options.arms {
-        let url = match &arm.proxy_url {
-            Some(url) => Ok(url.clone()),
-            None => {
+        let url = match (&arm.proxy_url, &pods) {
+            (Some(url), _) => Ok(url.clone()),
+            (None, Err(e)) => Err(e.message.clone()),
+            (None, Ok(pods)) => {
                 let pod = pods
                     .iter()
                     .map(kube::pod_state)
@@ -272,34 +272,36 @@ async fn run(options: &Options) -> Result<Report, String> {
         .unwrap_or_default();
     if let Some(cluster) = &cluster {
         let names = &options.cluster;
-        match cluster.pods(&names.proxy_namespace, "").await {
-            Ok(pods) => {
-                let states: Vec<_> = pods.iter().map(kube::pod_state).collect();
-                checks.push(prerequisites::judge_pods(
-                    &states,
-                    &options.arms,
-                    &names.backend_label,
-                ));
-                let selector = names.proxy_selector.split_once('=');
-                let proxies: Vec<_> = states
-                    .iter()
-                    .filter(|p| {
-                        selector.is_none_or(|(k, v)| p.labels.get(k).map(String::as_str) == Some(v))
-                    })
-                    .cloned()
-                    .collect();
-                checks.push(prerequisites::judge_pod_labels(
-                    &proxies,
-                    &options.arms,
-                    &names.backend_label,
-                ));
-            }
-            Err(e) => checks.push(Check::new(
-                "prerequisites/pods",
-                "pods listed",
-                e,
-                Outcome::Fail,
+        let unread = |name: &str, e: kube::ReadError| {
+            Check::new(name, "pods listed", e.message, Outcome::Inconclusive).diagnosis(
+                "the Kubernetes API did not answer the read; nothing was learned about the pods",
+            )
+        };
+        // The API server evaluates --proxy-selector, whatever its form (as `kubectl get -l` does).
+        let proxies = cluster
+            .pods(&names.proxy_namespace, &names.proxy_selector)
+            .await
+            .map(|pods| pods.iter().map(kube::pod_state).collect::<Vec<_>>());
+        let all = cluster
+            .pods(&names.proxy_namespace, "")
+            .await
+            .map(|pods| pods.iter().map(kube::pod_state).collect::<Vec<_>>());
+        match (&all, &proxies) {
+            (Ok(all), Ok(proxies)) => checks.push(prerequisites::judge_pods(
+                all,
+                proxies,
+                &options.arms,
+                &names.backend_label,
             )),
+            (Err(e), _) | (_, Err(e)) => checks.push(unread("prerequisites/pods", e.clone())),
+        }
+        match proxies {
+            Ok(proxies) => checks.push(prerequisites::judge_pod_labels(
+                &proxies,
+                &options.arms,
+                &names.backend_label,
+            )),
+            Err(e) => checks.push(unread("prerequisites/proxy-labels", e)),
         }
     } else if let Some(view) = sidecar.as_ref().filter(|v| v.map.is_some()) {
         checks.push(prerequisites::judge_map_readiness(
@@ -484,7 +486,13 @@ async fn run(options: &Options) -> Result<Report, String> {
                 .await
             {
                 Ok(logs) => epp_health::judge_epp_logs(&logs),
-                Err(e) => Check::new("epp/health", "EPP log readable", e, Outcome::Inconclusive),
+                Err(e) => Check::new(
+                    "epp/health",
+                    "EPP log readable",
+                    e.message,
+                    Outcome::Inconclusive,
+                )
+                .diagnosis("cannot read the scheduler's log: check --epp-deployment, --gateway-namespace and the RBAC in the README"),
             }
         }
         None => Check::new(
@@ -550,72 +558,93 @@ async fn metrics_probes(
 }
 
 async fn wiring_checks(options: &Options, cluster: Option<&kube::Cluster>) -> Vec<Check> {
+    use kube::ReadError;
     let names = &options.cluster;
+    // A file that cannot be read or parsed, or an object that is absent or not YAML, is a finding
+    // (fail); an API read that failed (5xx, RBAC, network) teaches nothing (inconclusive).
+    let finding = |message: String| ReadError {
+        finding: true,
+        message,
+    };
     let read_file = |path: &std::path::Path| {
-        std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+        std::fs::read_to_string(path)
+            .map_err(|e| finding(format!("{}: {e}", path.display())))
+            .and_then(|t| wiring::parse_document(&t).map_err(finding))
+            .map(|v| (v, path.display().to_string()))
     };
-    let route: Result<(serde_json::Value, String), String> =
+    let route: Option<Result<(serde_json::Value, String), ReadError>> =
         match (cluster, &options.httproute_file) {
-            (_, Some(path)) => read_file(path)
-                .and_then(|t| wiring::parse_document(&t))
-                .map(|v| (v, path.display().to_string())),
-            (Some(cluster), None) => cluster
-                .httproute(&names.gateway_namespace, &names.httproute)
-                .await
-                .map(|v| {
-                    (
-                        v,
-                        format!("httproute {}/{}", names.gateway_namespace, names.httproute),
-                    )
-                }),
-            (None, None) => Err(String::new()),
+            (_, Some(path)) => Some(read_file(path)),
+            (Some(cluster), None) => Some(
+                cluster
+                    .httproute(&names.gateway_namespace, &names.httproute)
+                    .await
+                    .map(|v| {
+                        (
+                            v,
+                            format!("httproute {}/{}", names.gateway_namespace, names.httproute),
+                        )
+                    }),
+            ),
+            (None, None) => None,
         };
-    let epp: Result<(serde_json::Value, String), String> = match (cluster, &options.epp_config_file)
-    {
-        (_, Some(path)) => read_file(path)
-            .and_then(|t| wiring::parse_document(&t))
-            .map(|v| (v, path.display().to_string())),
-        (Some(cluster), None) => cluster
-            .configmap_value(
-                &names.epp_namespace,
-                &names.epp_configmap,
-                &names.epp_config_key,
-            )
-            .await
-            .and_then(|t| wiring::parse_document(&t))
-            .map(|v| {
-                (
-                    v,
-                    format!("configmap {}/{}", names.epp_namespace, names.epp_configmap),
-                )
-            }),
-        (None, None) => Err(String::new()),
-    };
-    let unread = |name: &str, flag: &str, e: String| {
-        if e.is_empty() {
-            Check::new(
-                name,
-                "read",
-                format!("local mode without {flag}"),
-                Outcome::Skip,
-            )
-        } else {
-            Check::new(name, "read", e, Outcome::Fail)
-        }
+    let epp: Option<Result<(serde_json::Value, String), ReadError>> =
+        match (cluster, &options.epp_config_file) {
+            (_, Some(path)) => Some(read_file(path)),
+            (Some(cluster), None) => Some(
+                cluster
+                    .configmap_value(
+                        &names.epp_namespace,
+                        &names.epp_configmap,
+                        &names.epp_config_key,
+                    )
+                    .await
+                    .and_then(|t| {
+                        wiring::parse_document(&t).map_err(|e| {
+                            finding(format!(
+                                "ConfigMap {}/{} key {:?}: {e}",
+                                names.epp_namespace, names.epp_configmap, names.epp_config_key
+                            ))
+                        })
+                    })
+                    .map(|v| {
+                        (
+                            v,
+                            format!("configmap {}/{}", names.epp_namespace, names.epp_configmap),
+                        )
+                    }),
+            ),
+            (None, None) => None,
+        };
+    let unread = |name: &str, flag: &str, e: Option<ReadError>| match e {
+        None => Check::new(
+            name,
+            "read",
+            format!("local mode without {flag}"),
+            Outcome::Skip,
+        ),
+        Some(e) if e.finding => Check::new(name, "read", e.message, Outcome::Fail),
+        Some(e) => Check::new(name, "read", e.message, Outcome::Inconclusive).diagnosis(
+            "the Kubernetes API did not answer the read; nothing was learned about the wiring",
+        ),
     };
     vec![
         match route {
-            Ok((value, source)) => wiring::judge_httproute(&value, &names.inference_pool, &source),
-            Err(e) => unread("step2/httproute", "--httproute-file", e),
+            Some(Ok((value, source))) => {
+                wiring::judge_httproute(&value, &names.inference_pool, &source)
+            }
+            Some(Err(e)) => unread("step2/httproute", "--httproute-file", Some(e)),
+            None => unread("step2/httproute", "--httproute-file", None),
         },
         match epp {
-            Ok((value, source)) => wiring::judge_epp_config(
+            Some(Ok((value, source))) => wiring::judge_epp_config(
                 &value,
                 &names.backend_label,
                 options.require_label_selector,
                 &source,
             ),
-            Err(e) => unread("step2/epp-config", "--epp-config-file", e),
+            Some(Err(e)) => unread("step2/epp-config", "--epp-config-file", Some(e)),
+            None => unread("step2/epp-config", "--epp-config-file", None),
         },
     ]
 }
@@ -650,9 +679,22 @@ fn plan(options: &Options) -> String {
     if cluster {
         let _ = writeln!(
             out,
-            "  GET /api/v1/namespaces/{}/pods (prefill, decode, proxy pods; labels)",
-            names.proxy_namespace
+            "  GET /api/v1/namespaces/{0}/pods (prefill, decode, proxy pods)\n  GET /api/v1/namespaces/{0}/pods?labelSelector={1} (proxy labels)",
+            names.proxy_namespace, names.proxy_selector
         );
+        let mut forwards = Vec::new();
+        if options.gateway_url.is_none() {
+            forwards.push((&names.gateway_namespace, &names.gateway_service));
+        }
+        if !options.no_sidecar && options.sidecar_url.is_none() {
+            forwards.push((&names.proxy_namespace, &names.sidecar_service));
+        }
+        for (namespace, service) in forwards {
+            let _ = writeln!(
+                out,
+                "  GET /api/v1/namespaces/{namespace}/services/{service}, GET /api/v1/namespaces/{namespace}/pods?labelSelector=<its selector>, then a port-forward (GET .../pods/<a ready pod>/portforward, WebSocket) per connection"
+            );
+        }
     }
     if let Some(url) = &sidecar {
         let _ = writeln!(
@@ -749,7 +791,7 @@ fn plan(options: &Options) -> String {
     if cluster {
         let _ = writeln!(
             out,
-            "\nEPP health:\n  GET /apis/apps/v1/namespaces/{0}/deployments/{1}, then GET /api/v1/namespaces/{0}/pods/<each pod>/log?sinceSeconds=<since the check started>",
+            "\nEPP health:\n  GET /apis/apps/v1/namespaces/{0}/deployments/{1}, GET /api/v1/namespaces/{0}/pods?labelSelector=<its matchLabels>, then GET /api/v1/namespaces/{0}/pods/<each pod>/log?container=<its default container>&sinceSeconds=<since the check started>",
             names.epp_namespace, names.epp_deployment
         );
     }

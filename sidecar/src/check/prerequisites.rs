@@ -34,8 +34,15 @@ fn is_pod_of(pod: &str, prefix: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('-'))
 }
 
-/// Cluster mode: prefill, decode and proxy pods of every arm exist and are Running and Ready.
-pub fn judge_pods(pods: &[PodState], arms: &[Arm], backend_label: &str) -> Check {
+/// Cluster mode: prefill, decode and proxy pods of every arm exist and are Running and Ready. `pods` are
+/// all pods of the namespace (prefill and decode are found by name), `proxies` those of the proxy
+/// selector (an arm's proxies carry its backend label; other pods may carry it too).
+pub fn judge_pods(
+    pods: &[PodState],
+    proxies: &[PodState],
+    arms: &[Arm],
+    backend_label: &str,
+) -> Check {
     let mut measured = Vec::new();
     let mut problems = Vec::new();
     for arm in arms {
@@ -51,7 +58,8 @@ pub fn judge_pods(pods: &[PodState], arms: &[Arm], backend_label: &str) -> Check
         }
         roles.push((
             "proxy",
-            pods.iter()
+            proxies
+                .iter()
                 .filter(|p| p.labels.get(backend_label) == Some(&arm.name))
                 .collect(),
         ));
@@ -337,12 +345,13 @@ mod tests {
     #[test]
     fn healthy_runbook_pods_pass_and_a_sick_decode_fails() {
         let arms = Options::default().arms;
-        let check = judge_pods(&runbook_pods(), &arms, "llm-d.ai/kv-backend");
+        let pods = runbook_pods();
+        let check = judge_pods(&pods, &pods[4..], &arms, "llm-d.ai/kv-backend");
         assert_eq!(check.result, Outcome::Pass, "{check:?}");
         assert!(check.measured.contains("fs decode 1/1"));
         let mut pods = runbook_pods();
         pods[3].ready = false;
-        let check = judge_pods(&pods, &arms, "llm-d.ai/kv-backend");
+        let check = judge_pods(&pods, &pods[4..], &arms, "llm-d.ai/kv-backend");
         assert_eq!(check.result, Outcome::Fail);
         assert!(check
             .diagnosis
@@ -350,6 +359,32 @@ mod tests {
             .contains("vllm-decode-fs-7d9c (Running, not ready)"));
         // `vllm-prefill-fs` must not match `vllm-prefill-fsx`.
         assert!(!is_pod_of("vllm-prefill-fsx", "vllm-prefill-fs"));
+    }
+
+    #[test]
+    fn only_pods_of_the_proxy_selector_count_as_proxies() {
+        // The whole arm labelled (prefill and decode too) but its proxy gone: still no proxy.
+        let label = "llm-d.ai/kv-backend";
+        let arms = Options::default().arms;
+        let mut pods = runbook_pods();
+        for p in pods.iter_mut().take(4) {
+            let arm = if p.name.contains("p2p") {
+                "nvlink"
+            } else {
+                "fs"
+            };
+            p.labels.insert(label.into(), arm.into());
+        }
+        pods.pop();
+        let check = judge_pods(&pods, &pods[4..], &arms, label);
+        assert_eq!(check.result, Outcome::Fail, "{check:?}");
+        assert!(check.measured.contains("nvlink proxy 1/1; fs prefill 1/1"));
+        assert!(
+            check.measured.ends_with("fs proxy 0/0"),
+            "{}",
+            check.measured
+        );
+        assert!(check.diagnosis.unwrap().contains("no fs proxy pod"));
     }
 
     #[test]
