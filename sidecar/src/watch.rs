@@ -135,6 +135,15 @@ impl Reflector {
                 for proxy in &proxies {
                     self.log_if_unmapped(proxy, None);
                 }
+                if proxies.is_empty() {
+                    // The API server lists a namespace that does not exist as empty, like one
+                    // without proxies: say which, since it is most often a typo.
+                    log::warn!(
+                        "no pod in {} matches selector {:?}: check that the namespace exists and the proxies carry the selector's labels",
+                        describe(scope),
+                        self.settings.pod_selector
+                    );
+                }
                 self.index.reset(scope, proxies);
                 self.synced.insert(scope.clone());
                 log::info!(

@@ -89,6 +89,15 @@ def test_other_namespaces_and_unselected_pods_are_ignored(sidecar, kube):
     assert served(kvab) == {"nvlink": [], "fs": [("10.0.1.3:8000", f"{NS}/fs-proxy", True)]}
 
 
+def test_a_namespace_without_proxies_is_named_in_one_warning(sidecar, kube):
+    """A namespace that does not exist lists as empty, like one without proxies (a typo, most often)."""
+    kube.put_pod(proxy_pod("fs-proxy", "fs", "10.0.1.3"))
+    kvab = start_synced(sidecar, kube, kubernetes_config([NS, "llm-d-vlm"], extra=QUICK))
+    assert served(kvab) == {"nvlink": [], "fs": [("10.0.1.3:8000", f"{NS}/fs-proxy", True)]}
+    warnings = [l for l in kvab.log().splitlines() if "matches selector" in l]
+    assert len(warnings) == 1 and "no pod in namespace llm-d-vlm matches selector \"role=proxy\"" in warnings[0], warnings
+
+
 def test_unlabeled_and_unknown_backend_proxies_are_counted_and_logged(sidecar, kube, promtool):
     kube.put_pod(proxy_pod("bare", None, "10.0.2.1"))
     kvab = start_synced(sidecar, kube)
