@@ -5,4 +5,4 @@
 #   make build
 #   docker build -f deploy/filter-oci.Dockerfile -t REGISTRY/kvab-filter:0.1.0 .
 FROM scratch
-COPY target/wasm32-wasip1/release/kvab_filter.wasm /plugin.wasm
+COPY target/filter/kvab_filter.wasm /plugin.wasm

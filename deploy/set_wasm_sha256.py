@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WASM = REPO / "target" / "wasm32-wasip1" / "release" / "kvab_filter.wasm"
+WASM = REPO / "target" / "filter" / "kvab_filter.wasm"
 PLUGINS = [REPO / "manifests" / "wasmplugin.yaml", REPO / "manifests" / "alternatives" / "wasmplugin-oci.yaml"]
 SHA_LINE = re.compile(r"^(  sha256: )[0-9a-f]{64}$", re.M)
 

@@ -1,6 +1,6 @@
 # kvab sidecar image: the kvab binary plus the filter module it serves at GET /v1/filter.wasm.
 #
-#   make build                                   # target/wasm32-wasip1/release/kvab_filter.wasm
+#   make build                                   # target/filter/kvab_filter.wasm
 #   docker build -f deploy/sidecar.Dockerfile -t kvab:0.1.0 .
 #
 # The module is copied from the build context, not rebuilt here: its bytes must be the ones whose sha256 is in
@@ -18,7 +18,7 @@ RUN cargo build --release --locked -p kvab
 # distroless/cc: glibc and libgcc only, no shell, runs as uid 65532 (nonroot).
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/kvab /kvab/kvab
-COPY target/wasm32-wasip1/release/kvab_filter.wasm /kvab/kvab_filter.wasm
+COPY target/filter/kvab_filter.wasm /kvab/kvab_filter.wasm
 USER 65532:65532
 EXPOSE 18090
 ENTRYPOINT ["/kvab/kvab"]

@@ -1,12 +1,90 @@
 """Deterministic budgets guarded on every run (speed figures live in BENCHMARKS.md, not here)."""
 
 import os
+import re
+from pathlib import Path
 
 from kvablocal.envoy import wasm_path
 
-WASM_BUDGET_BYTES = 256_000
+REPO = Path(__file__).resolve().parents[1]
+WASM_BUDGET_BYTES = 200_000
+
+# What the shipped module exports after `make filter` removes the SDK callbacks the filter does not
+# implement (filter/wasm/unused-exports.txt): Envoy calls only these.
+KEPT_EXPORTS = {
+    "memory",
+    "_initialize",
+    "proxy_abi_version_0_2_1",
+    "proxy_on_memory_allocate",
+    "proxy_on_vm_start",
+    "proxy_on_configure",
+    "proxy_on_context_create",
+    "proxy_on_tick",
+    "proxy_on_http_call_response",
+    "proxy_on_request_headers",
+    "proxy_on_response_headers",
+    "proxy_on_log",
+    "proxy_on_done",
+    "proxy_on_delete",
+}
+
+# The SDK methods and host calls behind each removed export: the filter must use none of them, or the
+# callback it implements would silently never run.
+UNUSED_CALLBACK_USES = re.compile(
+    r"fn on_http_(request|response)_(body|trailers)\b|fn on_(new_connection|downstream_data|upstream_data|"
+    r"downstream_close|upstream_close|queue_ready|foreign_function)\b|fn on_grpc_|grpc_call|grpc_stream|"
+    r"shared_queue|call_foreign_function"
+)
+
+
+def wasm_exports(path) -> set:
+    """Export names from the module's export section (id 7)."""
+    data = Path(path).read_bytes()
+    assert data[:4] == b"\0asm", f"{path} is not a wasm module"
+
+    def leb(i):
+        value = shift = 0
+        while True:
+            b = data[i]
+            value |= (b & 0x7F) << shift
+            i += 1
+            shift += 7
+            if b < 0x80:
+                return value, i
+
+    i = 8
+    while i < len(data):
+        section = data[i]
+        size, body = leb(i + 1)
+        if section == 7:
+            count, j = leb(body)
+            names = set()
+            for _ in range(count):
+                n, j = leb(j)
+                names.add(data[j : j + n].decode())
+                _, j = leb(j + n + 1)  # kind byte, then the index
+            return names
+        i = body + size
+    return set()
 
 
 def test_release_wasm_fits_its_size_budget():
     size = os.path.getsize(wasm_path())
     assert size <= WASM_BUDGET_BYTES, f"{wasm_path()} is {size} bytes, budget {WASM_BUDGET_BYTES}"
+
+
+def test_release_wasm_exports_only_the_callbacks_the_filter_implements():
+    removed = set((REPO / "filter" / "wasm" / "unused-exports.txt").read_text().split())
+    exports = wasm_exports(wasm_path())
+    assert exports == KEPT_EXPORTS, f"unexpected: {sorted(exports - KEPT_EXPORTS)}, missing: {sorted(KEPT_EXPORTS - exports)}"
+    assert not removed & exports
+    assert len(removed) == 15 and all(name.startswith("proxy_on_") for name in removed)
+
+
+def test_the_filter_uses_no_callback_whose_export_is_removed():
+    for path in sorted((REPO / "filter" / "wasm" / "src").glob("*.rs")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            assert not UNUSED_CALLBACK_USES.search(line), (
+                f"{path.relative_to(REPO)}:{number} uses a callback `make filter` removes from the module's exports; "
+                f"take it out of filter/wasm/unused-exports.txt: {line.strip()}"
+            )

@@ -216,6 +216,39 @@ def test_every_counter_is_exact(gateways):
     assert any(dict(ls).get("le") == "+Inf" and v == 7 for ls, v in buckets.items())
 
 
+def test_bodies_pass_through_whole_without_body_callbacks(gateways, arms):
+    """The module exports no body or trailer callback (`make filter` removes them): Envoy skips them,
+    so a large request body and a streamed answer (one chunk per token) reach their ends unchanged,
+    and the request is still tagged and counted once."""
+    g = gateways({})
+    prompt = "kv " * 100_000  # 300 KB: several body chunks through Envoy
+    big = json.dumps({"model": "m", "prompt": prompt, "max_tokens": 3}).encode()
+    r = request(g.port, "POST", "/v1/completions", [("content-type", "application/json"), ("x-kv-backend", "fs")], big)
+    assert r.status == 200, r.body[:200]  # the arm parsed the whole JSON body
+    assert r.header("x-served-by") == "fs" and r.header("x-kv-backend") == "fs"
+
+    chat = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "stream": True})
+    r = request(g.port, "POST", "/v1/chat/completions", [("content-type", "application/json"), ("x-kv-backend", "p2p")],
+                chat.encode())
+    assert r.status == 200
+    assert r.header("content-type") == "text/event-stream"
+    assert r.header("x-kv-backend") == "nvlink" and r.header("x-kv-backend-endpoint") == f"127.0.0.1:{arms['nvlink'].port}"
+    events = [e for e in r.body.decode().split("\n\n") if e]
+    assert len(events) == 13 and events[-1] == "data: [DONE]", events
+    assert all(json.loads(e.removeprefix("data: "))["object"] == "chat.completion.chunk" for e in events[:-1])
+
+    def counted():
+        c = {k: v for k, v in kvab_counters(g).items() if v and k[0] in ("kvab_requests_total", "kvab_responses_total")}
+        return c == {
+            ("kvab_requests_total", (("backend", "fs"), ("source", "header"))): 1,
+            ("kvab_requests_total", (("backend", "nvlink"), ("source", "alias"))): 1,
+            ("kvab_responses_total", (("backend", "fs"), ("code_class", "2xx"))): 1,
+            ("kvab_responses_total", (("backend", "nvlink"), ("code_class", "2xx"))): 1,
+        } and c
+
+    wait_until(counted, 5, what="one request and one 2xx response per arm")
+
+
 def test_missing_header_default_policy(gateways):
     g = gateways({"onMissing": "default", "defaultArm": "fs"})
     for _ in range(5):

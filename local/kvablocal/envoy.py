@@ -20,7 +20,7 @@ def envoy_binary() -> str:
 
 
 def wasm_path() -> str:
-    return os.environ.get("KVAB_WASM") or str(REPO / "target" / "wasm32-wasip1" / "release" / "kvab_filter.wasm")
+    return os.environ.get("KVAB_WASM") or str(REPO / "target" / "filter" / "kvab_filter.wasm")
 
 
 def render(template: Path, **values) -> str:
