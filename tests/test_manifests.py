@@ -925,8 +925,8 @@ def test_sidecar_image_is_multi_stage_distroless_and_matches_the_deployment():
     (container,) = pod["containers"]
     assert dict(steps)["USER"] == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
     assert int(dict(steps)["EXPOSE"]) == container["ports"][0]["containerPort"]
-    wasm_copy = [arg for op, arg in steps if op == "COPY" and arg.startswith("target/wasm32-wasip1/release/kvab_filter.wasm ")]
-    assert wasm_copy == ["target/wasm32-wasip1/release/kvab_filter.wasm /kvab/kvab_filter.wasm"]
+    wasm_copy = [arg for op, arg in steps if op == "COPY" and arg.startswith("target/filter/kvab_filter.wasm ")]
+    assert wasm_copy == ["target/filter/kvab_filter.wasm /kvab/kvab_filter.wasm"]
     assert 'filter_wasm = "/kvab/kvab_filter.wasm"' in sidecar_toml()
     # ENTRYPOINT + the Deployment's args: `kvab serve --config <the mounted ConfigMap's key>`.
     assert json.loads(dict(steps)["ENTRYPOINT"]) == ["/kvab/kvab"]
@@ -936,4 +936,4 @@ def test_sidecar_image_is_multi_stage_distroless_and_matches_the_deployment():
     config_dir, key = args[2].rsplit("/", 1)
     assert mounts["config"] == config_dir and key in one("ConfigMap", "kvab-config")["data"]
     # The OCI alternative image holds just the module, where Istio looks for it.
-    assert dockerfile("filter-oci.Dockerfile") == [("FROM", "scratch"), ("COPY", "target/wasm32-wasip1/release/kvab_filter.wasm /plugin.wasm")]
+    assert dockerfile("filter-oci.Dockerfile") == [("FROM", "scratch"), ("COPY", "target/filter/kvab_filter.wasm /plugin.wasm")]
