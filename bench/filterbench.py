@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 sys.path.insert(0, str(REPO / "local"))
 
+from kvablocal import wasmfile  # noqa: E402
 from kvablocal.envoy import envoy_binary, filter_config_value, render, wasm_path  # noqa: E402
 from kvablocal.net import free_port, request, wait_until  # noqa: E402
 
@@ -267,32 +268,6 @@ def run(args) -> dict:
             "machine": machine(), "date": time.strftime("%Y-%m-%d")}
 
 
-def wasm_linear_memory_pages(path: Path) -> int:
-    """Initial pages (64 KiB) of the module's linear memory, from its memory section."""
-    data = path.read_bytes()
-
-    def leb(i):
-        value = shift = 0
-        while True:
-            b = data[i]
-            value |= (b & 0x7F) << shift
-            i += 1
-            shift += 7
-            if b < 0x80:
-                return value, i
-
-    i = 8
-    while i < len(data):
-        section, size_at = data[i], i + 1
-        size, body = leb(size_at)
-        if section == 5:  # memory: count, then (flags, initial[, max])
-            _, j = leb(body)
-            _, j = leb(j)
-            return leb(j)[0]
-        i = body + size
-    return 0
-
-
 def vm_memory(workdir: Path, load_cpu) -> dict:
     """Resident memory one more Wasm VM costs: kvab (c) and route-only (b) Envoys with 1 and 2
     workers (each worker runs its own VM), after 2 s of load on each;
@@ -321,7 +296,7 @@ def vm_memory(workdir: Path, load_cpu) -> dict:
         upstream.stop()
     return {"rss_kib": rss, "per_vm_kib": (rss["c2"] - rss["c1"]) - (rss["b2"] - rss["b1"]),
             "filter_at_1_worker_kib": rss["c1"] - rss["b1"], "v8_stats_2_workers": wasm_stats.strip(),
-            "linear_memory_initial_pages": wasm_linear_memory_pages(Path(wasm_path()))}
+            "linear_memory_initial_pages": wasmfile.initial_memory_pages(wasm_path())}
 
 
 def pinning(pin: bool):

@@ -4,6 +4,7 @@ import os
 import re
 from pathlib import Path
 
+from kvablocal import wasmfile
 from kvablocal.envoy import wasm_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,37 +37,6 @@ UNUSED_CALLBACK_USES = re.compile(
 )
 
 
-def wasm_exports(path) -> set:
-    """Export names from the module's export section (id 7)."""
-    data = Path(path).read_bytes()
-    assert data[:4] == b"\0asm", f"{path} is not a wasm module"
-
-    def leb(i):
-        value = shift = 0
-        while True:
-            b = data[i]
-            value |= (b & 0x7F) << shift
-            i += 1
-            shift += 7
-            if b < 0x80:
-                return value, i
-
-    i = 8
-    while i < len(data):
-        section = data[i]
-        size, body = leb(i + 1)
-        if section == 7:
-            count, j = leb(body)
-            names = set()
-            for _ in range(count):
-                n, j = leb(j)
-                names.add(data[j : j + n].decode())
-                _, j = leb(j + n + 1)  # kind byte, then the index
-            return names
-        i = body + size
-    return set()
-
-
 def test_release_wasm_fits_its_size_budget():
     size = os.path.getsize(wasm_path())
     assert size <= WASM_BUDGET_BYTES, f"{wasm_path()} is {size} bytes, budget {WASM_BUDGET_BYTES}"
@@ -74,7 +44,7 @@ def test_release_wasm_fits_its_size_budget():
 
 def test_release_wasm_exports_only_the_callbacks_the_filter_implements():
     removed = set((REPO / "filter" / "wasm" / "unused-exports.txt").read_text().split())
-    exports = wasm_exports(wasm_path())
+    exports = wasmfile.exports(wasm_path())
     assert exports == KEPT_EXPORTS, f"unexpected: {sorted(exports - KEPT_EXPORTS)}, missing: {sorted(KEPT_EXPORTS - exports)}"
     assert not removed & exports
     assert len(removed) == 16 and all(name.startswith("proxy_on_") for name in removed)

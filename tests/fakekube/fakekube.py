@@ -430,6 +430,19 @@ def _now_rfc3339() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def stamp_metadata(md: dict, prev: dict | None, rv: int) -> dict:
+    """What the API server sets on a write: uid and creationTimestamp kept from the stored object
+    (new ones on create), and the new resourceVersion."""
+    if prev is not None:
+        md.setdefault("uid", prev["metadata"]["uid"])
+        md.setdefault("creationTimestamp", prev["metadata"]["creationTimestamp"])
+    else:
+        md.setdefault("uid", str(uuid.uuid4()))
+        md.setdefault("creationTimestamp", _now_rfc3339())
+    md["resourceVersion"] = str(rv)
+    return md
+
+
 def _merge_patch(target, patch):
     """RFC 7386 JSON merge patch."""
     if not isinstance(patch, dict):
@@ -687,14 +700,7 @@ class Store:
             new = copy.deepcopy(pod)
             new.pop("kind", None)
             new.pop("apiVersion", None)
-            nmd = new["metadata"]
-            if prev is not None:
-                nmd.setdefault("uid", prev["metadata"]["uid"])
-                nmd.setdefault("creationTimestamp", prev["metadata"]["creationTimestamp"])
-            else:
-                nmd.setdefault("uid", str(uuid.uuid4()))
-                nmd.setdefault("creationTimestamp", _now_rfc3339())
-            nmd["resourceVersion"] = str(self.rv)
+            stamp_metadata(new["metadata"], prev, self.rv)
             self.objects[key] = new
             self._record("MODIFIED" if prev is not None else "ADDED", new, prev)
             return new, prev is None
@@ -2257,14 +2263,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             with store.cond:
                 prev = app.objects.get(key)
                 store.rv += 1
-                md = obj["metadata"]
-                if prev is not None:
-                    md.setdefault("uid", prev["metadata"]["uid"])
-                    md.setdefault("creationTimestamp", prev["metadata"]["creationTimestamp"])
-                else:
-                    md.setdefault("uid", str(uuid.uuid4()))
-                    md.setdefault("creationTimestamp", _now_rfc3339())
-                md["resourceVersion"] = str(store.rv)
+                md = stamp_metadata(obj["metadata"], prev, store.rv)
                 if RESOURCES[resource]["kind"] in _GENERATION_KINDS:
                     generation = (prev or {}).get("metadata", {}).get("generation", 0)
                     changed = prev is None or prev.get("spec") != obj.get("spec")
