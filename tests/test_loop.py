@@ -144,14 +144,20 @@ def test_a_misrouting_route_shows_up_as_misroutes(stack):
 
 def test_a_stale_map_counts_as_unknown_and_refuses_nothing(stack, arms, tmp_path):
     kube, sidecar, gateway = stack
-    g = gateway(filter={"sidecar": {"cluster": "kvab-sidecar", "refreshMs": REFRESH_MS, "staleAfterMs": 2 * REFRESH_MS}})
+    g = gateway(filter={"sidecar": {"cluster": "kvab-sidecar", "refreshMs": REFRESH_MS, "staleAfterMs": 3 * REFRESH_MS}})
     kube.patch_pod(NS, "vllm-p2p-proxy", {"ready": False})
     within_a_refresh(lambda: send(g, "nvlink").status == 503, "nvlink unavailable")
-    sidecar.stop()
+    sidecar.stop(sig=signal.SIGKILL)
     # Once the map is older than staleAfterMs nothing is known: requests flow, served is unknown.
+    # Each worker sees its own copy go stale (within a refresh of each other), so keep sending.
     r = wait_until(lambda: (r := send(g, "nvlink")).status == 200 and r, 3, what="stale map admits")
     assert r.header("x-kv-backend") == "nvlink"
-    wait_until(lambda: prom.value(g.stats(), "kvab_served_total", requested="nvlink", served="unknown") >= 1, 5, what="unknown served")
+    unknown = lambda: prom.value(g.stats(), "kvab_served_total", requested="nvlink", served="unknown")
+    wait_until(lambda: send(g, "nvlink").status == 200 and unknown() >= 1, 5, what="unknown served")
+    # Stale on every worker now: ten requests in a row are all admitted, none attributed to an arm.
+    before = unknown()
+    assert [send(g, "nvlink").status for _ in range(10)] == [200] * 10
+    assert unknown() == before + 10
     s = g.stats()
     assert prom.value(s, "kvab_endpoint_map_fetches_total", result="error") >= 1
     assert prom.value(s, "kvab_endpoint_map_age_seconds") >= 0

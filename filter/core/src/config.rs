@@ -430,10 +430,13 @@ fn build_sidecar(raw: &RawSidecar) -> Result<Sidecar, ConfigError> {
         10,
         refresh_ms,
     )?;
+    // A worker that did not fetch learns of a confirmation at its next tick, up to one refresh
+    // later, and confirmations come one refresh apart: below 3 refreshes (plus the call's time), a
+    // healthy link could look stale on some workers now and then.
     let stale_after_ms = in_range(
         "sidecar.staleAfterMs",
         raw.stale_after_ms,
-        2 * refresh_ms,
+        3 * refresh_ms,
         3_600_000,
     )?;
     let report_token = match &raw.report_token {
@@ -943,7 +946,7 @@ mod tests {
                 "sidecar.timeoutMs",
             ),
             (
-                r#"{"sidecar":{"cluster":"c","staleAfterMs":1500}}"#,
+                r#"{"sidecar":{"cluster":"c","staleAfterMs":2500}}"#,
                 "sidecar.staleAfterMs",
             ),
             (
