@@ -49,11 +49,6 @@ impl Tally {
         endpoint: &[u8],
         class: CodeClass,
     ) {
-        let endpoint = if endpoint.is_empty() || is_socket_address(endpoint) {
-            endpoint
-        } else {
-            OVERFLOW_ENDPOINT.as_bytes()
-        };
         let cell = self.cell(requested, served, class);
         // The common case, an endpoint already seen, is one lookup.
         if let Some(counts) = self.counts.get_mut(endpoint) {
@@ -62,7 +57,9 @@ impl Tally {
             }
             return;
         }
-        let key: &[u8] = if self.counts.len() < MAX_ENDPOINTS {
+        // Only well-formed endpoints become keys, so an odd one never matches above and lands here.
+        let well_formed = endpoint.is_empty() || is_socket_address(endpoint);
+        let key: &[u8] = if well_formed && self.counts.len() < MAX_ENDPOINTS {
             endpoint
         } else {
             OVERFLOW_ENDPOINT.as_bytes()
