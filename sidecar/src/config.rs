@@ -248,18 +248,6 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// A Kubernetes label value: at most 63 characters, alphanumerics, `-`, `_`, `.`, alphanumeric at both ends.
-fn is_label_value(value: &str) -> bool {
-    let bytes = value.as_bytes();
-    !value.is_empty()
-        && value.len() <= 63
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(b))
-        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
-        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
-}
-
 impl Config {
     /// Reads the file named by `--config` or `KVAB_CONFIG`, or the embedded local default.
     pub fn load(path: Option<&str>) -> Result<Config, ConfigError> {
@@ -307,7 +295,7 @@ impl Config {
                 }
                 let mut seen = BTreeSet::new();
                 for arm in &arms {
-                    if !is_label_value(arm) {
+                    if !selector::is_label_value(arm) {
                         return Err(loc.at(
                             value,
                             format!("`arms`: {arm:?} is not a valid Kubernetes label value"),
@@ -453,7 +441,7 @@ impl Config {
 fn kubernetes(loc: &Locator<'_>, raw: RawKubernetes) -> Result<Kubernetes, ConfigError> {
     let mut namespaces = Vec::new();
     for ns in raw.namespaces.unwrap_or_default() {
-        if !is_label_value(ns.get_ref()) || ns.get_ref().contains(['_', '.']) {
+        if !selector::is_label_value(ns.get_ref()) || ns.get_ref().contains(['_', '.']) {
             return Err(loc.at(
                 &ns,
                 format!(

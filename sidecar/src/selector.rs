@@ -31,7 +31,7 @@ pub fn validate_key(key: &str) -> Result<(), String> {
             ));
         }
     }
-    if name.is_empty() || !is_label_value(name) {
+    if !is_label_value(name) {
         return Err(format!(
             "key {key:?}: name {name:?} must be 1 to 63 characters: alphanumerics, '-', '_' or '.', starting and ending with an alphanumeric"
         ));
@@ -124,8 +124,9 @@ fn check_value(value: &str) -> Result<(), String> {
     }
 }
 
-/// A non-empty label value (also the grammar of a key's name part).
-fn is_label_value(value: &str) -> bool {
+/// A non-empty label value: at most 63 characters, alphanumerics, `-`, `_`, `.`, alphanumeric at
+/// both ends (also the grammar of a key's name part).
+pub fn is_label_value(value: &str) -> bool {
     let bytes = value.as_bytes();
     let edge_ok = |b: Option<&u8>| b.is_some_and(u8::is_ascii_alphanumeric);
     value.len() <= 63

@@ -621,12 +621,6 @@ fn validate_header_name(field: &str, value: &str) -> Result<String, ConfigError>
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
 mod tests {
     use super::*;
     #[cfg(target_arch = "wasm32")]

@@ -147,12 +147,6 @@ pub fn serialize_pairs(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
 mod tests {
     use super::*;
     use crate::config::parse;

@@ -198,12 +198,6 @@ pub fn unsigned(value: &Value, path: &str, max: u64) -> Result<u64, ConfigError>
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
 mod tests {
     use super::*;
     #[cfg(target_arch = "wasm32")]

@@ -526,12 +526,6 @@ pub(crate) fn trim_ows(bytes: &[u8]) -> &[u8] {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
 mod tests {
     use super::*;
     use crate::config::parse;

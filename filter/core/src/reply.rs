@@ -65,12 +65,6 @@ pub(crate) fn rejection_body(
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
 mod tests {
     use crate::config::parse;
     use crate::plan::Rejection;
