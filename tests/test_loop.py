@@ -262,6 +262,22 @@ def test_routed_counts_equal_the_answers_across_a_sidecar_stop_mid_burst(static_
     assert filter_total == answered
 
 
+def test_every_worker_reports_under_an_id_of_its_own(static_stack):
+    """Many workers configure in the same instant: each VM still reports under an id of its own
+    (from the host's random source, not the clock), so no report is refused and the counts are
+    exact. With ids from the clock two workers of one tick shared an id and about half the counts
+    were refused as going down."""
+    workers = 8
+    g, sidecar = static_stack(concurrency=workers)
+    answered = burst(g, 4000, concurrency=32)
+    wait_until(lambda: routed_total(sidecar) == answered, 15, what=f"{answered} routed")
+    samples = sidecar.samples()
+    assert prom.value(samples, "kvab_reports_received_total", result="invalid") == 0
+    # Each request opens a connection of its own, so every worker serves some: one reporter each.
+    assert prom.value(samples, "kvab_reporters") == workers
+    assert "went down" not in sidecar.log()
+
+
 class LinkProxy:
     """An HTTP proxy between the filter and the sidecar that misbehaves on purpose.
 

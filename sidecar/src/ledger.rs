@@ -37,7 +37,13 @@ struct Reporter {
     sequence: u64,
     #[serde(with = "entries")]
     totals: HashMap<EntryKey, u64>,
+    /// Reports refused in a row because a total went down: diagnostic only, not saved.
+    #[serde(skip)]
+    regressions: u32,
 }
+
+/// Refusals in a row, for one reporter, after which a shared id is the likely cause.
+pub const SHARED_ID_REGRESSIONS: u32 = 2;
 
 /// What happened to a report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +99,7 @@ impl Ledger {
                     Reporter {
                         sequence: report.sequence,
                         totals,
+                        regressions: 0,
                     },
                 );
                 return Ok(Outcome::Baselined);
@@ -105,10 +112,20 @@ impl Ledger {
         for (key, &count) in &totals {
             let was = before.get(key).copied().unwrap_or(0);
             if count < was {
-                return Err(format!(
+                let mut message = format!(
                     "count for requested={} served={} endpoint={:?} code_class={} went down from {was} to {count}; totals are cumulative",
                     key.0, key.1, key.2, key.3
-                ));
+                );
+                if let Some(reporter) = self.reporters.get_mut(&report.reporter) {
+                    reporter.regressions = reporter.regressions.saturating_add(1);
+                    if reporter.regressions >= SHARED_ID_REGRESSIONS {
+                        message.push_str(&format!(
+                            " ({} reports in a row: two filter VMs are sending under this one reporter id, and about half of their counts are refused)",
+                            reporter.regressions
+                        ));
+                    }
+                }
+                return Err(message);
             }
             if count > was {
                 let (requested, served, endpoint, code_class) = key.clone();
@@ -136,6 +153,7 @@ impl Ledger {
             Reporter {
                 sequence: report.sequence,
                 totals: merged,
+                regressions: 0,
             },
         );
         for (key, n) in &increments {
@@ -443,6 +461,41 @@ mod tests {
         );
         ledger.apply(&next, &arms(), &pods, true).unwrap();
         assert_eq!(total(&ledger), 4);
+    }
+
+    #[test]
+    fn two_vms_under_one_id_are_named_after_repeated_regressions() {
+        // Two VMs' cumulative totals interleaved under one id: each one's report goes down
+        // against the other's, so about half are refused, and the repeats say why.
+        let mut ledger = Ledger::default();
+        let row = |count| [("fs", "fs", "10.0.0.7:8080", "2xx", count)];
+        ledger
+            .apply(&report("dup", 1, &row(60)), &arms(), &pods, false)
+            .unwrap();
+        let first = ledger.apply(&report("dup", 2, &row(50)), &arms(), &pods, false);
+        assert!(
+            first
+                .as_ref()
+                .is_err_and(|e| e.contains("went down") && !e.contains("two filter VMs")),
+            "{first:?}"
+        );
+        let second = ledger.apply(&report("dup", 3, &row(55)), &arms(), &pods, false);
+        assert!(
+            second
+                .as_ref()
+                .is_err_and(|e| e.contains("2 reports in a row: two filter VMs")),
+            "{second:?}"
+        );
+        // An accepted report clears the streak.
+        ledger
+            .apply(&report("dup", 4, &row(70)), &arms(), &pods, false)
+            .unwrap();
+        let again = ledger.apply(&report("dup", 5, &row(65)), &arms(), &pods, false);
+        assert!(
+            again.as_ref().is_err_and(|e| !e.contains("two filter VMs")),
+            "{again:?}"
+        );
+        assert_eq!(total(&ledger), 70);
     }
 
     #[test]

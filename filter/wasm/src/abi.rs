@@ -107,6 +107,13 @@ extern "C" {
     fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
 }
 
+// The host's random source. Envoy provides it to every module (proxy-wasm-cpp-host
+// src/exports.cc, `wasi_unstable_random_get`, filled by BoringSSL's RAND_bytes).
+#[link(wasm_import_module = "wasi_snapshot_preview1")]
+extern "C" {
+    fn random_get(buf: *mut u8, buf_len: usize) -> u32;
+}
+
 fn status(code: u32) -> Result<(), HostError> {
     if code == OK {
         Ok(())
@@ -153,6 +160,14 @@ pub fn now_nanos() -> u64 {
         OK => t,
         _ => 0,
     }
+}
+
+/// 64 bits from the host's random source; the WASI errno when it fails.
+pub fn random_u64() -> Result<u64, HostError> {
+    let mut bytes = [0u8; 8];
+    // SAFETY: `bytes` is a live buffer of the given length for the duration of the call.
+    status(unsafe { random_get(bytes.as_mut_ptr(), bytes.len()) })?;
+    Ok(u64::from_le_bytes(bytes))
 }
 
 pub fn plugin_configuration() -> Result<Option<Box<[u8]>>, HostError> {

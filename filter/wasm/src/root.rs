@@ -26,15 +26,17 @@ impl Root {
         }
     }
 
-    /// Unique per VM instance and never reused: the Envoy node, this VM's start time and context.
-    fn reporter_id(&self, seed: u64) -> String {
+    /// Unique per VM instance and never reused: the Envoy node and 64 random bits of this VM's
+    /// (never the clock: workers configure in the same instant, and two VMs sharing an id
+    /// interleave their cumulative totals, so the sidecar refuses about half of them).
+    fn reporter_id(&self, instance: u64) -> String {
         let node = abi::property(b"node\0id")
             .ok()
             .flatten()
             .and_then(|id| String::from_utf8(id.into_vec()).ok())
             .filter(|id| !id.is_empty())
             .unwrap_or_else(|| "envoy".to_owned());
-        format!("{node}/{seed:016x}/{}", self.context_id)
+        format!("{node}/{instance:016x}/{}", self.context_id)
     }
 }
 
@@ -75,8 +77,18 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let seed = abi::now_nanos() ^ (u64::from(self.context_id) << 32);
-        let worker = match Worker::new(plan, seed, self.reporter_id(seed)) {
+        // Two draws: the split's seed is not derivable from the id the reports show.
+        let (instance, seed) = match (abi::random_u64(), abi::random_u64()) {
+            (Ok(instance), Ok(seed)) => (instance, seed),
+            (Err(e), _) | (_, Err(e)) => {
+                abi::log(
+                    Level::Error,
+                    &format!("cannot read the host's random source: WASI errno {}", e.0),
+                );
+                return false;
+            }
+        };
+        let worker = match Worker::new(plan, seed, self.reporter_id(instance)) {
             Ok(worker) => worker,
             Err((name, e)) => {
                 abi::log(
