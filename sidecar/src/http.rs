@@ -249,15 +249,7 @@ mod tests {
     }
 
     fn test_reports(state: &State) -> Arc<Reports> {
-        Arc::new(
-            Reports::open(
-                vec!["nvlink".into(), "fs".into()],
-                None,
-                None,
-                &state.metrics,
-            )
-            .unwrap(),
-        )
+        Arc::new(Reports::open(vec!["nvlink".into(), "fs".into()], None, None, state).unwrap())
     }
 
     fn error_code(response: &Response<Bytes>) -> String {

@@ -205,7 +205,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         config.arms.clone(),
         config.reports_state_file.clone(),
         config.reports_token.clone(),
-        &state.metrics,
+        &state,
     )?);
     let listener = TcpListener::bind(config.listen)
         .await

@@ -1,5 +1,7 @@
 //! Prometheus metrics. Counters are incremented where things happen; gauges are recomputed from the current
 //! snapshot and probe results at scrape time, so they cannot drift from what `/v1/endpoints` serves.
+//! `kvab_routed_requests_total` and `kvab_reporters` are the saved report ledger itself, read at scrape
+//! time: a count shows if and only if it is saved, and both saturate alike at 2^64-1.
 
 use std::sync::Mutex;
 
@@ -10,7 +12,7 @@ use prometheus::{
 use crate::state::State;
 
 /// Values of `kvab_reports_received_total{result}`.
-pub const REPORT_RESULTS: [&str; 7] = [
+pub const REPORT_RESULTS: [&str; 8] = [
     "applied",
     "baselined",
     "duplicate",
@@ -18,6 +20,7 @@ pub const REPORT_RESULTS: [&str; 7] = [
     "invalid",
     "too_large",
     "unauthorized",
+    "unsaved",
 ];
 
 pub struct Metrics {
@@ -36,9 +39,9 @@ pub struct Metrics {
     pub watch_errors: IntCounter,
     pub watch_skipped_objects: IntCounter,
     pub http_requests: IntCounterVec,
-    pub routed_requests: IntCounterVec,
+    routed_requests: IntCounterVec,
     pub reports_received: IntCounterVec,
-    pub reporters: IntGauge,
+    reporters: IntGauge,
     pub state_write_errors: IntCounter,
 }
 
@@ -116,7 +119,7 @@ impl Metrics {
             reports_received: register(r, IntCounterVec::new(
                 Opts::new(
                     "kvab_reports_received_total",
-                    "Filter reports received, by result: applied, baselined, duplicate, stale, invalid, too_large.",
+                    "Filter reports received, by result: applied, baselined, duplicate, stale, invalid, too_large, unauthorized, unsaved (the state file could not be written: 503, nothing changed).",
                 ),
                 &["result"],
             )?)?,
@@ -178,6 +181,14 @@ impl Metrics {
                 .with_label_values(&labels)
                 .set(i64::from(result.status.unwrap_or(0)));
         }
+        self.routed_requests.reset();
+        let routed = state.routed();
+        for (key, count) in &routed.counters {
+            self.routed_requests
+                .with_label_values(&[&key.requested, &key.served, &key.pod, &key.code_class])
+                .inc_by(*count);
+        }
+        self.reporters.set(gauge_value(routed.reporters));
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
         Ok(out)

@@ -1,5 +1,5 @@
-//! Shared state between the sources, the prober and the HTTP layer: the published endpoint-map snapshot,
-//! readiness inputs and the latest probe results.
+//! Shared state between the sources, the prober, the report ledger and the HTTP layer: the published
+//! endpoint-map snapshot, readiness inputs, the latest probe results and the saved routing counts.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +11,16 @@ use jiff::Timestamp;
 use kvab_contract::Endpoint;
 
 use crate::index::{ArmCounts, View};
+use crate::ledger::RoutedKey;
 use crate::metrics::Metrics;
+
+/// The routing counts `/metrics` shows: the report ledger as last saved (or as kept, without a
+/// state file). Published whole, so a scrape never sees half a report.
+#[derive(Debug, Clone, Default)]
+pub struct RoutedCounts {
+    pub counters: Vec<(RoutedKey, u64)>,
+    pub reporters: usize,
+}
 
 /// One published endpoint map, serialized once and served as is until the content changes.
 #[derive(Debug)]
@@ -60,6 +69,7 @@ pub struct State {
     watch_health: Mutex<WatchHealth>,
     unready_after: Duration,
     probes: Mutex<BTreeMap<(String, String), ProbeResult>>,
+    routed: RwLock<Arc<RoutedCounts>>,
     pub metrics: Metrics,
 }
 
@@ -107,6 +117,7 @@ impl State {
             watch_health: Mutex::new(WatchHealth::default()),
             unready_after,
             probes: Mutex::new(BTreeMap::new()),
+            routed: RwLock::new(Arc::default()),
             metrics: Metrics::new()?,
         })
     }
@@ -222,6 +233,21 @@ impl State {
 
     pub fn probe_results(&self) -> BTreeMap<(String, String), ProbeResult> {
         lock(&self.probes).clone()
+    }
+
+    /// Makes saved routing counts visible. Synchronous: nothing can stop it half done.
+    pub fn publish_routed(&self, routed: RoutedCounts) {
+        *self
+            .routed
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(routed);
+    }
+
+    pub fn routed(&self) -> Arc<RoutedCounts> {
+        self.routed
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 }
 
