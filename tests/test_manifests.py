@@ -1,7 +1,7 @@
 """manifests/: what `kubectl apply -f manifests/` installs, checked offline.
 
 - every document parses; `kubectl kustomize manifests/` renders exactly the files `kubectl apply -f` reads;
-- CRD kinds validate against the upstream CRDs in ../shared/crds and tests/crds (schema and CEL rules), core kinds
+- CRD kinds validate against the upstream CRDs vendored in tests/crds (schema and CEL rules), core kinds
   against the Kubernetes schemas (kubernetes-validate, strict);
 - cross-checks no schema can do: the filter accepts pluginConfig (in the real Envoy, with a cluster of the same
   Istio name, and the Istio stats settings give the kvab_* stats their labels), the cluster and URL name the
@@ -33,13 +33,12 @@ from kvablocal.sidecar import Sidecar, kvab_binary, static_config
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"
-CRDS = Path(os.environ.get("KVAB_CRDS") or REPO.parent / "shared" / "crds")
-# CRDs the shared set lacks, vendored unchanged with their upstream source in the file header.
-VENDORED_CRDS = REPO / "tests" / "crds"
+# Upstream CRDs, vendored with their source and version in each file's header.
+CRDS = REPO / "tests" / "crds"
 REPORT_TOKEN_OVERLAY = REPO / "deploy" / "report-token"
 KUBERNETES_VERSION = "1.33.0"  # the API the sidecar is built against (k8s-openapi feature v1_33)
 
-# The runbook's names (shared/seed/ab-testing-plan.md).
+# The runbook's names.
 VLLM_NS = "llm-d-vllm"
 SCHEDULER_NS = "llm-d-inference-scheduler"
 GATEWAY = "infra-inference-scheduling-inference-gateway"
@@ -175,8 +174,7 @@ CORE_KINDS = {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Deployment"
 
 @pytest.fixture(scope="module")
 def crds():
-    assert CRDS.is_dir(), f"upstream CRDs not found at {CRDS} (set KVAB_CRDS)"
-    return {**kubeschema.load_crds(CRDS), **kubeschema.load_crds(VENDORED_CRDS)}
+    return kubeschema.load_crds(CRDS)
 
 
 def crd_for(crds, doc):

