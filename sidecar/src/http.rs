@@ -27,37 +27,47 @@ pub fn routes(
     let report_state = state.clone();
     let post_reports = warp::post()
         .and(warp::path!("v1" / "reports"))
-        .and(warp::header::optional::<String>("authorization"))
-        .and(warp::header::optional::<String>("content-type"))
+        .and(warp::header::headers_cloned())
         .and(warp::body::stream())
-        .then(
-            move |authorization: Option<String>, content_type: Option<String>, body| {
-                let (state, reports) = (report_state.clone(), reports.clone());
-                async move {
-                    let answer = reports
-                        .receive(
-                            &state,
-                            authorization.as_deref(),
-                            content_type.as_deref(),
-                            Box::pin(body),
-                        )
-                        .await;
-                    let response = match answer.body {
-                        Ok(ack) => match serde_json::to_vec(&ack) {
-                            Ok(body) => json(answer.status, Bytes::from(body)),
-                            Err(_) => error(
-                                StatusCode::INTERNAL_SERVER_ERROR,
-                                "internal",
-                                "cannot encode the answer",
-                            ),
-                        },
-                        Err((code, message)) => error(answer.status, code, &message),
+        .then(move |headers: HeaderMap, body| {
+            let (state, reports) = (report_state.clone(), reports.clone());
+            async move {
+                // A header that is not visible ASCII is the client's error, named.
+                let text = |name: header::HeaderName| match headers.get(&name) {
+                    None => Ok(None),
+                    Some(value) => value.to_str().map(Some).map_err(|_| name),
+                };
+                let (authorization, content_type) =
+                    match (text(header::AUTHORIZATION), text(header::CONTENT_TYPE)) {
+                        (Ok(a), Ok(c)) => (a, c),
+                        (Err(name), _) | (_, Err(name)) => {
+                            let response = error(
+                                StatusCode::BAD_REQUEST,
+                                "invalid_header",
+                                &format!("the {name} header is not visible ASCII"),
+                            );
+                            count(&state, "reports", &response);
+                            return response;
+                        }
                     };
-                    count(&state, "reports", &response);
-                    response
-                }
-            },
-        );
+                let answer = reports
+                    .receive(&state, authorization, content_type, Box::pin(body))
+                    .await;
+                let response = match answer.body {
+                    Ok(ack) => match serde_json::to_vec(&ack) {
+                        Ok(body) => json(answer.status, Bytes::from(body)),
+                        Err(_) => error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "internal",
+                            "cannot encode the answer",
+                        ),
+                    },
+                    Err((code, message)) => error(answer.status, code, &message),
+                };
+                count(&state, "reports", &response);
+                response
+            }
+        });
     let everything_else = warp::method()
         .and(warp::path::full())
         .and(warp::header::headers_cloned())

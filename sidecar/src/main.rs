@@ -14,6 +14,7 @@ mod metrics;
 mod probe;
 mod reports;
 mod selector;
+mod server;
 mod state;
 mod watch;
 
@@ -247,12 +248,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     });
 
     let mut server_shutdown = shutdown_rx.clone();
-    let server = warp::serve(http::routes(state.clone(), reports))
-        .incoming(listener)
-        .graceful(async move {
-            let _ = server_shutdown.changed().await;
-        });
-    let mut server_task = tokio::spawn(server.run());
+    let server = server::run(listener, http::routes(state.clone(), reports), async move {
+        let _ = server_shutdown.changed().await;
+    });
+    let mut server_task = tokio::spawn(server);
     log::info!("kvab serve listening on http://{}", config.listen);
 
     // Run until a signal, or until the source fails for good (e.g. no Kubernetes client can be configured).

@@ -121,8 +121,8 @@ impl Reports {
             );
         }
         let bytes = match read_capped(body, MAX_REPORT_BYTES).await {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => {
+            Ok(bytes) => bytes,
+            Err(BodyError::TooLarge) => {
                 return reject(
                     state,
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -131,7 +131,19 @@ impl Reports {
                     "too_large",
                 )
             }
-            Err(e) => {
+            Err(BodyError::TimedOut) => {
+                return reject(
+                    state,
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    format!(
+                        "the report body did not arrive within {} s",
+                        crate::server::BODY_READ_TIMEOUT.as_secs()
+                    ),
+                    "invalid",
+                )
+            }
+            Err(BodyError::Broken(e)) => {
                 return reject(
                     state,
                     StatusCode::BAD_REQUEST,
@@ -260,26 +272,38 @@ fn same_secret(offered: &[u8], expected: &[u8]) -> bool {
             == 0
 }
 
-/// The body, or `None` when it is longer than `limit` (reading stops there).
-async fn read_capped<S, B>(mut body: S, limit: usize) -> Result<Option<Bytes>, warp::Error>
+/// Why a body could not be read whole.
+enum BodyError {
+    TooLarge,
+    TimedOut,
+    Broken(warp::Error),
+}
+
+/// The body, read until `limit` bytes or `BODY_READ_TIMEOUT` (reading stops there).
+async fn read_capped<S, B>(mut body: S, limit: usize) -> Result<Bytes, BodyError>
 where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
     B: bytes::Buf,
 {
+    let deadline = tokio::time::Instant::now() + crate::server::BODY_READ_TIMEOUT;
     let mut out = Vec::new();
-    while let Some(chunk) = body.next().await {
-        let mut chunk = chunk?;
+    loop {
+        let chunk = match tokio::time::timeout_at(deadline, body.next()).await {
+            Err(_) => return Err(BodyError::TimedOut),
+            Ok(None) => return Ok(Bytes::from(out)),
+            Ok(Some(chunk)) => chunk.map_err(BodyError::Broken)?,
+        };
+        let mut chunk = chunk;
         while chunk.has_remaining() {
             let piece = chunk.chunk();
             if out.len() + piece.len() > limit {
-                return Ok(None);
+                return Err(BodyError::TooLarge);
             }
             out.extend_from_slice(piece);
             let n = piece.len();
             chunk.advance(n);
         }
     }
-    Ok(Some(Bytes::from(out)))
 }
 
 fn restore(path: &Path) -> anyhow::Result<Option<Ledger>> {
