@@ -169,7 +169,7 @@ CRD_KINDS = {
     "PeerAuthentication": ("security.istio.io", "v1"),
     "DestinationRule": ("networking.istio.io", "v1"),
 }
-CORE_KINDS = {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Deployment", "Service"}
+CORE_KINDS = {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Deployment", "Service", "PersistentVolumeClaim"}
 
 
 @pytest.fixture(scope="module")
@@ -308,12 +308,16 @@ def test_deployment_is_hardened_and_probed():
     sources = token_volumes[0]["projected"]["sources"]
     assert [s["serviceAccountToken"]["expirationSeconds"] for s in sources if "serviceAccountToken" in s] == [3600]
     assert mounts[token_volumes[0]["name"]]["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount"
-    # Read-only everywhere but the report ledger's emptyDir, named by reports.state_file.
+    # Read-only everywhere but the report ledger's volume, named by reports.state_file.
     writable = [m for m in container["volumeMounts"] if not m.get("readOnly")]
     assert [m["name"] for m in writable] == ["state"]
-    assert "emptyDir" in {v["name"]: v for v in pod["volumes"]}["state"]
+    # The ledger's volume outlives the pod, and two pods never run at once (sidecar/README.md, Reports).
+    claim = {v["name"]: v for v in pod["volumes"]}["state"]["persistentVolumeClaim"]["claimName"]
+    pvc = one("PersistentVolumeClaim", claim)
+    assert pvc["metadata"]["namespace"] == "llm-d-vllm" and pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert deploy["spec"]["strategy"] == {"type": "Recreate"}
     assert f'state_file = "{writable[0]["mountPath"]}/' in sidecar_toml()
-    # One replica, so no PodDisruptionBudget (the issue asks for one only with more than one).
+    # One replica, so no PodDisruptionBudget (one would only block node drains).
     assert deploy["spec"]["replicas"] == 1 and not [d for _, d in OBJECTS if d["kind"] == "PodDisruptionBudget"]
     # In the mesh, so that the AuthorizationPolicy can tell the gateway from other callers.
     template = deploy["spec"]["template"]["metadata"]
