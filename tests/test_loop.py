@@ -284,7 +284,7 @@ class LinkProxy:
     `fault(kind, n)` decides, for the n-th request of a kind (`map` or `report`), what happens:
     `forward`, `twice` (forwarded two times, the second answer returned), `drop` (503, not
     forwarded), `garbage` (200 with a body that is not JSON), `huge` (200 with a 17 MiB body),
-    `slow` (answered after 2 s) or `5xx` (500). While `down` is set, connections are refused."""
+    `slow` (answered after 2 s), `5xx` (500) or `413` (a report refused as too large). While `down` is set, connections are refused."""
 
     def __init__(self, upstream_port, fault=lambda kind, n: "forward"):
         proxy = self
@@ -333,6 +333,8 @@ class LinkProxy:
                     return self.answer(503, b'{"error":{"code":"dropped","message":"by the test"}}')
                 if action == "5xx":
                     return self.answer(500, b"internal")
+                if action == "413":
+                    return self.answer(413, b'{"error":{"code":"too_large","message":"by the test"}}')
                 if action == "garbage":
                     return self.answer(200, b"<html>not a map</html>", {"content-type": "text/html"})
                 if action == "huge":
@@ -473,5 +475,23 @@ def test_a_misbehaving_sidecar_never_stops_traffic_and_the_filter_recovers(stati
         # Every request that got an answer is counted once the reports get through.
         wait_until(lambda: routed_total(sidecar) == answered + 1, 10, what=f"{answered + 1} routed")
         assert link.count("map", "huge") >= 1 and link.count("map", "slow") >= 1
+    finally:
+        link.stop()
+
+
+def test_a_report_refused_as_too_large_is_logged_counted_and_the_filter_recovers(static_stack, tmp_path):
+    """A sidecar that takes smaller reports than the filter writes (413): the filter logs it, counts
+    it, halves its report size and, as the sidecar keeps what a report leaves out, still gets every
+    count through exactly."""
+    sidecar_port = free_port()
+    link = LinkProxy(sidecar_port, lambda kind, n: "413" if kind == "report" and n <= 3 else "forward")
+    try:
+        g, sidecar = static_stack(sidecar_port=link.port, sidecar_listen_port=sidecar_port)
+        answered = burst(g, 300)
+        wait_until(lambda: routed_total(sidecar) == answered, 15, what=f"{answered} routed")
+        assert link.count("report", "413") == 3
+        assert prom.value(g.stats(), "kvab_reports_total", result="error") >= 3
+        assert "refused a report as too large (413); reports now stop at" in g.log()
+        assert prom.value(sidecar.samples(), "kvab_reports_received_total", result="invalid") == 0
     finally:
         link.stop()

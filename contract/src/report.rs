@@ -28,7 +28,8 @@ pub struct Report {
     /// saved state takes the first report of a reporter older than itself as a baseline: those
     /// counts may already have been counted by the sidecar's previous run.
     pub started_at_ms: u64,
-    /// Cumulative counts since the reporter started; entries with a zero count may be omitted.
+    /// Cumulative counts since the reporter started. An entry may be omitted (zero, or unchanged
+    /// since the reporter's last acknowledged report): the sidecar keeps its last total.
     pub totals: Vec<RoutedCount>,
 }
 

@@ -684,9 +684,11 @@ const UPSTREAMS: [&[u8]; 8] = [
 ];
 
 /// The filter's reports end to end: the input is a stream of finished requests (4 bytes each:
-/// requested, served, code class, upstream; a 0xff first byte ends the first report), tallied as
-/// the filter tallies them, sent as the filter's JSON and applied by the sidecar's ledger. Every
-/// report must be accepted and add exactly the requests recorded since the previous one.
+/// requested, served, code class, upstream), tallied as the filter tallies them, sent as the
+/// filter's JSON and applied by the sidecar's ledger. An op with a 0xff first byte sends a report
+/// with a budget taken from its third byte (so reports are cut), lost on the way when its second
+/// byte is odd (not applied, not acknowledged). Every report must be accepted, and once the last
+/// one is acknowledged the ledger must hold exactly the requests recorded.
 pub fn check_report_round_trip(data: &[u8]) {
     use kvab_filter_core::endpoints::Served;
     use kvab_filter_core::metrics::CodeClass;
@@ -698,23 +700,37 @@ pub fn check_report_round_trip(data: &[u8]) {
     let mut ledger = Ledger::default();
     let mut sequence = 0;
     let mut recorded = 0u128;
-    let send = |tally: &Tally, ledger: &mut Ledger, sequence: u64, recorded: u128| {
-        let json = tally.report_json(&plan, "fuzz-reporter", sequence, 1);
-        let report: Report = serde_json::from_slice(&json)
+    let mut added = 0u128;
+    // Sends one report; true when it carried every unacknowledged total and was applied.
+    let mut send = |tally: &mut Tally, sequence: u64, budget: usize, lost: bool| -> bool {
+        let body = tally.report_json(&plan, "fuzz-reporter", sequence, 1, budget);
+        let report: Report = serde_json::from_slice(&body.json)
             .unwrap_or_else(|e| panic!("the filter's report is not a contract Report: {e}"));
+        assert!(
+            body.json.len() <= budget.max(400),
+            "report {sequence} over its budget"
+        );
+        if lost {
+            return false;
+        }
         match ledger.apply(&report, &arms, &pod_of, false) {
             Ok(Outcome::Applied(increments)) => {
-                let added: u128 = increments.iter().map(|(_, n)| u128::from(*n)).sum();
-                assert_eq!(added, recorded, "report {sequence} added a different count");
+                added += increments.iter().map(|(_, n)| u128::from(*n)).sum::<u128>();
             }
             other => panic!("report {sequence} of the filter refused: {other:?}"),
         }
+        tally.acknowledge();
+        body.complete
     };
     for op in data.chunks_exact(4) {
         if op[0] == 0xff {
             sequence += 1;
-            send(&tally, &mut ledger, sequence, recorded);
-            recorded = 0;
+            send(
+                &mut tally,
+                sequence,
+                300 + usize::from(op[2]) * 16,
+                op[1] % 2 == 1,
+            );
             continue;
         }
         let requested = match op[0] % 3 {
@@ -736,6 +752,13 @@ pub fn check_report_round_trip(data: &[u8]) {
         );
         recorded += 1;
     }
-    sequence += 1;
-    send(&tally, &mut ledger, sequence, recorded);
+    // The filter reports on every tick until nothing is left unacknowledged.
+    loop {
+        sequence += 1;
+        if send(&mut tally, sequence, 4096, false) {
+            break;
+        }
+    }
+    drop(send);
+    assert_eq!(added, recorded, "the reports added a different count");
 }

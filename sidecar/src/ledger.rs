@@ -1,7 +1,8 @@
 //! The routing counts the filters report, turned into monotonic per-pod counters.
 //!
 //! Each reporter (one filter VM) sends cumulative totals per upstream endpoint with a sequence
-//! number. The ledger keeps the newest totals per reporter and adds only the difference to the
+//! number, for the entries that changed since its last acknowledged report (an entry left out
+//! keeps its last total). The ledger keeps the newest totals per reporter and adds only the difference to the
 //! previous report to `routed`, attributing it to the pod that owns the endpoint *now*. So a lost
 //! report is made up by the next, a repeated or reordered one adds nothing, and a pod that goes
 //! away keeps what it was counted: `routed` only ever grows. Pure: no I/O, no clock.
@@ -40,6 +41,11 @@ struct Reporter {
     /// Reports refused in a row because a total went down: diagnostic only, not saved.
     #[serde(skip)]
     regressions: u32,
+    /// Its first report was a baseline: an entry it reports for the first time later may hold
+    /// requests a previous run counted (reports carry only changed entries), so it is a starting
+    /// point too.
+    #[serde(default)]
+    baselined: bool,
 }
 
 /// Refusals in a row, for one reporter, after which a shared id is the likely cause.
@@ -100,6 +106,7 @@ impl Ledger {
                         sequence: report.sequence,
                         totals,
                         regressions: 0,
+                        baselined: true,
                     },
                 );
                 return Ok(Outcome::Baselined);
@@ -108,9 +115,14 @@ impl Ledger {
         }
         let empty = HashMap::new();
         let before = previous.map_or(&empty, |p| &p.totals);
+        let baselined = previous.is_some_and(|p| p.baselined);
         let mut increments: BTreeMap<RoutedKey, u64> = BTreeMap::new();
         for (key, &count) in &totals {
-            let was = before.get(key).copied().unwrap_or(0);
+            let was = match before.get(key) {
+                Some(&was) => was,
+                None if baselined => count,
+                None => 0,
+            };
             if count < was {
                 let mut message = format!(
                     "count for requested={} served={} endpoint={:?} code_class={} went down from {was} to {count}; totals are cumulative",
@@ -154,6 +166,7 @@ impl Ledger {
                 sequence: report.sequence,
                 totals: merged,
                 regressions: 0,
+                baselined,
             },
         );
         for (key, n) in &increments {
@@ -439,6 +452,91 @@ mod tests {
             .unwrap();
         assert!(ledger.routed().any(|(k, n)| k.pod == NO_POD && n == 1));
         assert!(ledger.routed().any(|(k, n)| k.pod == UNKNOWN_POD && n == 1));
+    }
+
+    #[test]
+    fn an_entry_left_out_keeps_its_total_and_counts_on_when_it_comes_back() {
+        let mut ledger = Ledger::default();
+        let a = ("fs", "fs", "10.0.0.7:8080", "2xx");
+        let b = ("nvlink", "nvlink", "10.0.0.5:8080", "2xx");
+        let row = |(r, s, e, c): (&'static str, &'static str, &'static str, &'static str), n| {
+            (r, s, e, c, n)
+        };
+        ledger
+            .apply(
+                &report("vm", 1, &[row(a, 5), row(b, 3)]),
+                &arms(),
+                &pods,
+                false,
+            )
+            .unwrap();
+        // Only `a` changed: `b` is left out and keeps 3.
+        ledger
+            .apply(&report("vm", 2, &[row(a, 9)]), &arms(), &pods, false)
+            .unwrap();
+        assert_eq!(total(&ledger), 12);
+        ledger
+            .apply(&report("vm", 3, &[row(b, 4)]), &arms(), &pods, false)
+            .unwrap();
+        assert_eq!(total(&ledger), 13);
+    }
+
+    #[test]
+    fn a_baselined_reporter_s_new_entries_are_starting_points_too() {
+        // Without saved state the first report of an older VM is a baseline; an entry that VM
+        // reports for the first time later may hold requests the previous run counted.
+        let mut ledger = Ledger::default();
+        let a = ("fs", "fs", "10.0.0.7:8080", "2xx", 50);
+        ledger
+            .apply(&report("old", 8, &[a]), &arms(), &pods, true)
+            .unwrap();
+        ledger
+            .apply(
+                &report(
+                    "old",
+                    9,
+                    &[("nvlink", "nvlink", "10.0.0.5:8080", "2xx", 40)],
+                ),
+                &arms(),
+                &pods,
+                true,
+            )
+            .unwrap();
+        assert_eq!(total(&ledger), 0);
+        ledger
+            .apply(
+                &report(
+                    "old",
+                    10,
+                    &[
+                        ("nvlink", "nvlink", "10.0.0.5:8080", "2xx", 42),
+                        ("fs", "fs", "10.0.0.7:8080", "2xx", 51),
+                    ],
+                ),
+                &arms(),
+                &pods,
+                true,
+            )
+            .unwrap();
+        assert_eq!(total(&ledger), 3);
+        // A reporter first seen with nothing to baseline counts its new entries in full.
+        ledger
+            .apply(
+                &report("new", 1, &[("fs", "fs", "10.0.0.7:8080", "2xx", 7)]),
+                &arms(),
+                &pods,
+                false,
+            )
+            .unwrap();
+        ledger
+            .apply(
+                &report("new", 2, &[("fs", "fs", "", "5xx", 2)]),
+                &arms(),
+                &pods,
+                false,
+            )
+            .unwrap();
+        assert_eq!(total(&ledger), 12);
     }
 
     #[test]

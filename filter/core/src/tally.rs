@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use kvab_contract::report::{is_socket_address, OVERFLOW_ENDPOINT};
+use kvab_contract::report::{is_socket_address, MAX_REPORT_BYTES, OVERFLOW_ENDPOINT};
 
 use crate::endpoints::Served;
 use crate::json::push_string;
@@ -12,12 +12,30 @@ use crate::plan::{ArmId, Plan};
 /// Distinct endpoints tracked per reporter; more are folded into [`OVERFLOW_ENDPOINT`].
 pub const MAX_ENDPOINTS: usize = 1024;
 
-/// Counts since this VM started, never reset (reports carry totals, not deltas).
+/// Largest report the filter writes: half of what the sidecar accepts, so the two never disagree.
+pub const REPORT_BUDGET_BYTES: usize = MAX_REPORT_BYTES / 2;
+const _: () = assert!(REPORT_BUDGET_BYTES < MAX_REPORT_BYTES);
+
+/// Counts since this VM started, never reset. Reports carry cumulative totals (not deltas) of the
+/// entries that changed since the sidecar last acknowledged them; the sidecar keeps the last total of
+/// an entry a report leaves out, so a report is bounded by what changed, never by all there is.
 #[derive(Debug, Clone)]
 pub struct Tally {
     arms: usize,
     /// Endpoint → counts indexed by (requested, served, code class).
     counts: BTreeMap<Box<[u8]>, Vec<u64>>,
+    /// Endpoint → the totals the sidecar acknowledged (absent: none).
+    acked: BTreeMap<Box<[u8]>, Vec<u64>>,
+    /// What the report in flight carries: endpoint, cell, total.
+    in_flight: Vec<(Box<[u8]>, usize, u64)>,
+}
+
+/// A report written by [`Tally::report_json`].
+#[derive(Debug)]
+pub struct ReportBody {
+    pub json: Vec<u8>,
+    /// Every unacknowledged total is in it (false: the budget cut it, more follow).
+    pub complete: bool,
 }
 
 const CLASSES: usize = CodeClass::ALL.len();
@@ -27,6 +45,8 @@ impl Tally {
         Tally {
             arms: plan.arm_names().len(),
             counts: BTreeMap::new(),
+            acked: BTreeMap::new(),
+            in_flight: Vec::new(),
         }
     }
 
@@ -78,40 +98,50 @@ impl Tally {
         self.counts.is_empty()
     }
 
-    /// The report with every non-zero total, as `POST /v1/reports` JSON (`kvab_contract::report::Report`).
-    /// Written by hand: a serializer would double the size of this code in the `.wasm`.
+    /// The report, as `POST /v1/reports` JSON (`kvab_contract::report::Report`): the totals that
+    /// changed since the sidecar last acknowledged them, in at most `budget` bytes. Remembers what it
+    /// carried for [`Tally::acknowledge`]. Written by hand: a serializer would double the size of
+    /// this code in the `.wasm`.
     pub fn report_json(
-        &self,
+        &mut self,
         plan: &Plan,
         reporter: &str,
         sequence: u64,
         started_at_ms: u64,
-    ) -> Vec<u8> {
-        let mut out = String::with_capacity(128 + 96 * self.counts.len());
+        budget: usize,
+    ) -> ReportBody {
+        self.in_flight.clear();
+        let mut out = String::with_capacity(128 + 96 * self.counts.len().min(64));
         out.push_str("{\"reporter\":");
         push_string(&mut out, reporter);
         out.push_str(&format!(
             ",\"sequence\":{sequence},\"started_at_ms\":{started_at_ms},\"totals\":["
         ));
-        let mut first = true;
+        let mut complete = true;
         let requested_arms = (0..self.arms).map(|a| Some(ArmId(a))).chain([None]);
         let served_arms: Vec<Served> = (0..self.arms)
             .map(|a| Served::Arm(ArmId(a)))
             .chain([Served::Unknown, Served::None])
             .collect();
-        for requested in requested_arms {
+        'cells: for requested in requested_arms {
             for &served in &served_arms {
                 for class in CodeClass::ALL {
                     let cell = self.cell(requested, served, class);
                     for (endpoint, counts) in &self.counts {
                         let count = counts.get(cell).copied().unwrap_or(0);
-                        if count == 0 {
+                        let acked = self
+                            .acked
+                            .get(endpoint)
+                            .and_then(|a| a.get(cell))
+                            .copied()
+                            .unwrap_or(0);
+                        if count <= acked {
                             continue;
                         }
-                        if !first {
+                        let before = out.len();
+                        if !self.in_flight.is_empty() {
                             out.push(',');
                         }
-                        first = false;
                         out.push_str("{\"requested\":");
                         push_string(&mut out, plan.arm_label(requested));
                         out.push_str(",\"served\":");
@@ -121,12 +151,33 @@ impl Tally {
                         out.push_str(",\"code_class\":");
                         push_string(&mut out, class.label());
                         out.push_str(&format!(",\"count\":{count}}}"));
+                        // "]}" closes the report; an entry that does not fit waits for the next one.
+                        if out.len() + 2 > budget && !self.in_flight.is_empty() {
+                            out.truncate(before);
+                            complete = false;
+                            break 'cells;
+                        }
+                        self.in_flight.push((endpoint.clone(), cell, count));
                     }
                 }
             }
         }
         out.push_str("]}");
-        out.into_bytes()
+        ReportBody {
+            json: out.into_bytes(),
+            complete,
+        }
+    }
+
+    /// The sidecar applied the report in flight: its totals need not be sent again until they change.
+    pub fn acknowledge(&mut self) {
+        let cells = self.cells();
+        for (endpoint, cell, count) in self.in_flight.drain(..) {
+            let acked = self.acked.entry(endpoint).or_insert_with(|| vec![0; cells]);
+            if let Some(n) = acked.get_mut(cell) {
+                *n = (*n).max(count);
+            }
+        }
     }
 }
 
@@ -137,9 +188,13 @@ mod tests {
     use kvab_contract::report::Report;
 
     /// The JSON the filter sends, read back with the contract's own (strict) type.
-    fn sent(tally: &Tally, sequence: u64) -> Report {
+    /// The report the filter sends (everything, no budget), read back with the contract's own
+    /// (strict) type; nothing is acknowledged.
+    fn sent(tally: &mut Tally, sequence: u64) -> Report {
         let plan = parse(b"{}").unwrap();
-        serde_json::from_slice(&tally.report_json(&plan, "r1", sequence, 7)).unwrap()
+        let body = tally.report_json(&plan, "r1", sequence, 7, usize::MAX);
+        assert!(body.complete);
+        serde_json::from_slice(&body.json).unwrap()
     }
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
@@ -164,7 +219,7 @@ mod tests {
             CodeClass::C2xx,
         );
         tally.record(None, Served::None, b"", CodeClass::C4xx);
-        let report = sent(&tally, 1);
+        let report = sent(&mut tally, 1);
         assert_eq!(report.reporter, "r1");
         let rows: Vec<(&str, &str, &str, &str, u64)> = report
             .totals
@@ -193,7 +248,7 @@ mod tests {
             b"10.0.0.5:8080",
             CodeClass::C2xx,
         );
-        assert_eq!(sent(&tally, 2).totals[0].count, 4);
+        assert_eq!(sent(&mut tally, 2).totals[0].count, 4);
     }
 
     #[test]
@@ -209,7 +264,7 @@ mod tests {
             tally.record(None, Served::Unknown, odd, CodeClass::C2xx);
         }
         tally.record(None, Served::Unknown, b"[fd00::5]:8080", CodeClass::C2xx);
-        let report = sent(&tally, 1);
+        let report = sent(&mut tally, 1);
         let rows: Vec<(&str, u64)> = report
             .totals
             .iter()
@@ -234,7 +289,7 @@ mod tests {
                 CodeClass::C2xx,
             );
         }
-        let report = sent(&tally, 1);
+        let report = sent(&mut tally, 1);
         assert_eq!(report.totals.len(), MAX_ENDPOINTS + 1);
         let other = report
             .totals
@@ -246,5 +301,68 @@ mod tests {
             report.totals.iter().map(|t| t.count).sum::<u64>(),
             (MAX_ENDPOINTS + 10) as u64
         );
+    }
+
+    #[test]
+    fn acknowledged_totals_are_left_out_until_they_change() {
+        let plan = parse(b"{}").unwrap();
+        let mut tally = Tally::new(&plan);
+        let fs = |tally: &mut Tally, endpoint: &[u8]| {
+            tally.record(
+                Some(ArmId(1)),
+                Served::Arm(ArmId(1)),
+                endpoint,
+                CodeClass::C2xx,
+            )
+        };
+        fs(&mut tally, b"10.0.0.7:8080");
+        fs(&mut tally, b"10.0.0.8:8080");
+        assert_eq!(sent(&mut tally, 1).totals.len(), 2);
+        // Not acknowledged (lost, refused): the next report carries both again.
+        assert_eq!(sent(&mut tally, 2).totals.len(), 2);
+        tally.acknowledge();
+        assert!(sent(&mut tally, 3).totals.is_empty());
+        tally.acknowledge();
+        fs(&mut tally, b"10.0.0.8:8080");
+        let report = sent(&mut tally, 4);
+        let rows: Vec<(&str, u64)> = report
+            .totals
+            .iter()
+            .map(|t| (t.endpoint.as_str(), t.count))
+            .collect();
+        // Cumulative, not a delta: the total of the entry that changed.
+        assert_eq!(rows, [("10.0.0.8:8080", 2)]);
+    }
+
+    #[test]
+    fn a_report_stops_at_its_budget_and_the_rest_follows() {
+        let plan = parse(b"{}").unwrap();
+        let mut tally = Tally::new(&plan);
+        for i in 0..MAX_ENDPOINTS {
+            for class in CodeClass::ALL {
+                tally.record(
+                    None,
+                    Served::Unknown,
+                    format!("10.1.{}.{}:8080", i / 256, i % 256).as_bytes(),
+                    class,
+                );
+            }
+        }
+        let mut seen = 0u64;
+        let mut sequence = 0;
+        loop {
+            sequence += 1;
+            let body = tally.report_json(&plan, "r1", sequence, 7, 64 * 1024);
+            assert!(body.json.len() <= 64 * 1024, "{} bytes", body.json.len());
+            let report: Report = serde_json::from_slice(&body.json).unwrap();
+            seen += report.totals.iter().map(|t| t.count).sum::<u64>();
+            tally.acknowledge();
+            if body.complete {
+                break;
+            }
+            assert!(!report.totals.is_empty());
+        }
+        assert!(sequence > 1, "the budget never cut a report");
+        assert_eq!(seen, (MAX_ENDPOINTS * CodeClass::ALL.len()) as u64);
     }
 }

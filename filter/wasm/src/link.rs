@@ -13,7 +13,7 @@ use kvab_filter_core::endpoints::{ArmMap, Served};
 use kvab_filter_core::headers::HeaderPairs;
 use kvab_filter_core::metrics::{CodeClass, FetchResult, ReportResult};
 use kvab_filter_core::sidecar::Sidecar;
-use kvab_filter_core::tally::Tally;
+use kvab_filter_core::tally::{Tally, REPORT_BUDGET_BYTES};
 use kvab_filter_core::{ArmId, Plan};
 
 use crate::abi::{self, Headers, Level};
@@ -32,8 +32,14 @@ struct MapView {
 
 #[derive(Clone, Copy)]
 enum Call {
-    Fetch { started_nanos: u64 },
-    Report { changes: u64 },
+    Fetch {
+        started_nanos: u64,
+    },
+    /// `changes` as counted when it was written; `complete`: it carried every unacknowledged total.
+    Report {
+        changes: u64,
+        complete: bool,
+    },
 }
 
 pub struct Link {
@@ -52,8 +58,14 @@ pub struct Link {
     /// Requests recorded so far, and how many of them the sidecar has acknowledged.
     changes: Cell<u64>,
     acked_changes: Cell<u64>,
+    /// Largest report to write; halved (down to a floor) when the sidecar answers 413.
+    report_budget: Cell<usize>,
     started_nanos: u64,
 }
+
+/// The smallest report budget a 413 can bring the filter down to (a few dozen entries).
+const MIN_REPORT_BUDGET: usize = 8 * 1024;
+const PAYLOAD_TOO_LARGE: u32 = 413;
 
 impl Link {
     pub fn new(plan: &Plan, sidecar: Sidecar, reporter: String) -> Link {
@@ -72,6 +84,7 @@ impl Link {
             tally: RefCell::new(Tally::new(plan)),
             changes: Cell::new(0),
             acked_changes: Cell::new(0),
+            report_budget: Cell::new(REPORT_BUDGET_BYTES),
             started_nanos: abi::now_nanos(),
         }
     }
@@ -225,12 +238,13 @@ impl Link {
             return;
         }
         let sequence = self.sequence.get() + 1;
-        let body = match self.tally.try_borrow() {
-            Ok(tally) => tally.report_json(
+        let body = match self.tally.try_borrow_mut() {
+            Ok(mut tally) => tally.report_json(
                 plan,
                 &self.reporter,
                 sequence,
                 self.started_nanos / 1_000_000,
+                self.report_budget.get(),
             ),
             Err(_) => return,
         };
@@ -247,10 +261,16 @@ impl Link {
         match abi::http_call(
             &self.sidecar.cluster,
             headers,
-            &body,
+            &body.json,
             self.sidecar.timeout_ms,
         ) {
-            Ok(token) => self.remember(token, Call::Report { changes }),
+            Ok(token) => self.remember(
+                token,
+                Call::Report {
+                    changes,
+                    complete: body.complete,
+                },
+            ),
             Err(_) => metrics.count(metrics.layout.reports(ReportResult::Error)),
         }
     }
@@ -286,11 +306,25 @@ impl Link {
                 let result = self.on_fetched(plan, status, etag, body_size, now, started_nanos);
                 metrics.count(metrics.layout.map_fetches(result));
             }
-            Call::Report { changes } => {
+            Call::Report { changes, complete } => {
                 if status == Some(200) {
-                    self.acked_changes.set(changes);
+                    if let Ok(mut tally) = self.tally.try_borrow_mut() {
+                        tally.acknowledge();
+                    }
+                    // A report the budget cut leaves totals for the next tick.
+                    if complete {
+                        self.acked_changes.set(changes);
+                    }
                     metrics.count(metrics.layout.reports(ReportResult::Ok));
                 } else {
+                    if status == Some(PAYLOAD_TOO_LARGE) {
+                        let budget = (self.report_budget.get() / 2).max(MIN_REPORT_BUDGET);
+                        self.report_budget.set(budget);
+                        abi::log(
+                            Level::Warn,
+                            &format!("kvab serve refused a report as too large (413); reports now stop at {budget} bytes"),
+                        );
+                    }
                     metrics.count(metrics.layout.reports(ReportResult::Error));
                 }
             }
