@@ -13,6 +13,17 @@ use serde::{Deserialize, Serialize};
 /// Path of the endpoint map on the sidecar.
 pub const ENDPOINTS_PATH: &str = "/v1/endpoints";
 
+/// The response header in which the filter names the upstream endpoint that served a request:
+/// the arm header (`x-kv-backend` by default) with `-endpoint` appended.
+pub fn endpoint_header(arm_header: &str) -> String {
+    format!("{arm_header}-endpoint")
+}
+
+/// The request and response header in which the filter says how the arm was chosen.
+pub fn source_header(arm_header: &str) -> String {
+    format!("{arm_header}-source")
+}
+
 /// Largest endpoint map a filter reads (a 10,000-pod map is about 0.8 MB); a larger answer is
 /// refused without being copied into the filter.
 pub const MAX_MAP_BYTES: usize = 16 << 20;

@@ -495,8 +495,8 @@ fn build_choice(raw: &RawChoice, arm_header: &str) -> Result<ChoicePolicy, Confi
             let h = validate_header_name("allowChoice.header", h)?;
             let tags = [
                 arm_header.to_owned(),
-                format!("{arm_header}-source"),
-                format!("{arm_header}-endpoint"),
+                kvab_contract::source_header(arm_header),
+                kvab_contract::endpoint_header(arm_header),
             ];
             if tags.contains(&h) {
                 return Err(error(

@@ -247,8 +247,8 @@ pub struct Plan {
 
 impl Plan {
     pub(crate) fn new(p: Policies) -> Plan {
-        let source_header = format!("{}-source", p.header);
-        let endpoint_header = format!("{}-endpoint", p.header);
+        let source_header = kvab_contract::source_header(&p.header);
+        let endpoint_header = kvab_contract::endpoint_header(&p.header);
         let spellings: Vec<(Box<[u8]>, ArmId, bool)> = p
             .spellings
             .into_iter()

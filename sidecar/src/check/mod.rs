@@ -238,6 +238,8 @@ fn header_request(options: &Options, gateway: &str, value: &str) -> Request {
 
 async fn run(options: &Options) -> Result<Report, String> {
     let started = Instant::now();
+    // The filter tags each answer with the endpoint that served it, in `<header>-endpoint`.
+    let endpoint_header = kvab_contract::endpoint_header(&options.header);
     let client = HttpClient::new(options.max_time);
     let cluster = match options.mode {
         Mode::Cluster => Some(kube::Cluster::connect().await?),
@@ -366,7 +368,7 @@ async fn run(options: &Options) -> Result<Report, String> {
             .iter()
             .filter(|(a, _)| a.name == arm)
             .flat_map(|(_, o)| o.iter().flatten())
-            .filter(|e| e.header("x-kv-backend-endpoint").is_some())
+            .filter(|e| e.header(&endpoint_header).is_some())
             .count() as f64
     };
     let delta = observe::settle(
@@ -414,7 +416,7 @@ async fn run(options: &Options) -> Result<Report, String> {
     let reached: Vec<&str> = shots
         .iter()
         .flatten()
-        .filter_map(|e| e.header("x-kv-backend-endpoint"))
+        .filter_map(|e| e.header(&endpoint_header))
         .collect();
     let burst_delta = observe::settle(
         &client,
@@ -456,7 +458,7 @@ async fn run(options: &Options) -> Result<Report, String> {
                 .collect();
             let mut counts: BTreeMap<String, f64> = BTreeMap::new();
             for exchange in shots.iter().flatten().filter(|e| e.status < 500) {
-                if let Some(endpoint) = exchange.header("x-kv-backend-endpoint") {
+                if let Some(endpoint) = exchange.header(&endpoint_header) {
                     *counts.entry(endpoint.to_string()).or_default() += 1.0;
                 }
             }
