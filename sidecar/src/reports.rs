@@ -208,8 +208,7 @@ impl Reports {
                 );
             }
         };
-        let changed = matches!(outcome, Outcome::Applied(_) | Outcome::Baselined);
-        if changed {
+        if matches!(outcome, Outcome::Applied(_) | Outcome::Baselined) {
             if let Some(path) = &self.state_file {
                 if let Err(e) = save(path, &next).await {
                     state.metrics.state_write_errors.inc();
@@ -288,12 +287,11 @@ where
     let deadline = tokio::time::Instant::now() + crate::server::BODY_READ_TIMEOUT;
     let mut out = Vec::new();
     loop {
-        let chunk = match tokio::time::timeout_at(deadline, body.next()).await {
+        let mut chunk = match tokio::time::timeout_at(deadline, body.next()).await {
             Err(_) => return Err(BodyError::TimedOut),
             Ok(None) => return Ok(Bytes::from(out)),
             Ok(Some(chunk)) => chunk.map_err(BodyError::Broken)?,
         };
-        let mut chunk = chunk;
         while chunk.has_remaining() {
             let piece = chunk.chunk();
             if out.len() + piece.len() > limit {

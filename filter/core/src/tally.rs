@@ -23,11 +23,16 @@ const _: () = assert!(REPORT_BUDGET_BYTES < MAX_REPORT_BYTES);
 pub struct Tally {
     arms: usize,
     /// Endpoint → counts indexed by (requested, served, code class).
-    counts: BTreeMap<Box<[u8]>, Vec<u64>>,
-    /// Endpoint → the totals the sidecar acknowledged (absent: none).
-    acked: BTreeMap<Box<[u8]>, Vec<u64>>,
+    counts: BTreeMap<Box<[u8]>, Vec<Count>>,
     /// What the report in flight carries: endpoint, cell, total.
     in_flight: Vec<(Box<[u8]>, usize, u64)>,
+}
+
+/// One cell's total, and how much of it the sidecar acknowledged.
+#[derive(Debug, Clone, Copy, Default)]
+struct Count {
+    total: u64,
+    acked: u64,
 }
 
 /// A report written by [`Tally::report_json`].
@@ -45,7 +50,6 @@ impl Tally {
         Tally {
             arms: plan.arm_names().len(),
             counts: BTreeMap::new(),
-            acked: BTreeMap::new(),
             in_flight: Vec::new(),
         }
     }
@@ -73,7 +77,7 @@ impl Tally {
         // The common case, an endpoint already seen, is one lookup.
         if let Some(counts) = self.counts.get_mut(endpoint) {
             if let Some(n) = counts.get_mut(cell) {
-                *n = n.saturating_add(1);
+                n.total = n.total.saturating_add(1);
             }
             return;
         }
@@ -88,9 +92,9 @@ impl Tally {
         let counts = self
             .counts
             .entry(key.to_vec().into_boxed_slice())
-            .or_insert_with(|| vec![0; cells]);
+            .or_insert_with(|| vec![Count::default(); cells]);
         if let Some(n) = counts.get_mut(cell) {
-            *n = n.saturating_add(1);
+            n.total = n.total.saturating_add(1);
         }
     }
 
@@ -128,13 +132,13 @@ impl Tally {
                 for class in CodeClass::ALL {
                     let cell = self.cell(requested, served, class);
                     for (endpoint, counts) in &self.counts {
-                        let count = counts.get(cell).copied().unwrap_or(0);
-                        let acked = self
-                            .acked
-                            .get(endpoint)
-                            .and_then(|a| a.get(cell))
-                            .copied()
-                            .unwrap_or(0);
+                        let Some(&Count {
+                            total: count,
+                            acked,
+                        }) = counts.get(cell)
+                        else {
+                            continue;
+                        };
                         if count <= acked {
                             continue;
                         }
@@ -171,11 +175,9 @@ impl Tally {
 
     /// The sidecar applied the report in flight: its totals need not be sent again until they change.
     pub fn acknowledge(&mut self) {
-        let cells = self.cells();
         for (endpoint, cell, count) in self.in_flight.drain(..) {
-            let acked = self.acked.entry(endpoint).or_insert_with(|| vec![0; cells]);
-            if let Some(n) = acked.get_mut(cell) {
-                *n = (*n).max(count);
+            if let Some(n) = self.counts.get_mut(&endpoint).and_then(|c| c.get_mut(cell)) {
+                n.acked = n.acked.max(count);
             }
         }
     }
