@@ -85,6 +85,45 @@ pub struct ReportAck {
     pub result: String,
 }
 
+/// The results of an accepted report, as [`ReportAck::result`].
+pub const ACK_RESULTS: [&str; 4] = ["applied", "baselined", "duplicate", "stale"];
+
+/// True when `body` is the sidecar's answer to an accepted report: `{"result":"<one of
+/// ACK_RESULTS>"}`, compact, as the sidecar writes it. Only then may a reporter leave the totals it
+/// sent out of later reports; a 200 from anything else (a proxy, garbage) proves nothing.
+pub fn is_ack(body: &[u8]) -> bool {
+    body.strip_prefix(b"{\"result\":\"")
+        .and_then(|rest| rest.strip_suffix(b"\"}"))
+        .is_some_and(|result| ACK_RESULTS.iter().any(|r| r.as_bytes() == result))
+}
+
+#[cfg(test)]
+mod ack_tests {
+    use super::*;
+
+    #[test]
+    fn only_the_sidecar_s_own_answers_are_acks() {
+        for result in ACK_RESULTS {
+            let ack = ReportAck {
+                result: result.into(),
+            };
+            assert!(
+                is_ack(&serde_json::to_vec(&ack).unwrap_or_default()),
+                "{result}"
+            );
+        }
+        for other in [
+            &b""[..],
+            b"<html>not a map</html>",
+            b"{\"result\":\"invalid\"}",
+            b"{\"result\":\"applied\"} ",
+            b"{}",
+        ] {
+            assert!(!is_ack(other), "{other:?}");
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

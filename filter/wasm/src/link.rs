@@ -7,7 +7,7 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
-use kvab_contract::report::REPORTS_PATH;
+use kvab_contract::report::{is_ack, REPORTS_PATH};
 use kvab_contract::{ENDPOINTS_PATH, MAX_MAP_BYTES};
 use kvab_filter_core::endpoints::{ArmMap, Served};
 use kvab_filter_core::headers::HeaderPairs;
@@ -307,7 +307,12 @@ impl Link {
                 metrics.count(metrics.layout.map_fetches(result));
             }
             Call::Report { changes, complete } => {
-                if status == Some(200) {
+                let acked = status == Some(200)
+                    && abi::http_call_response_body(body_size)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|body| is_ack(&body));
+                if acked {
                     if let Ok(mut tally) = self.tally.try_borrow_mut() {
                         tally.acknowledge();
                     }
