@@ -5,6 +5,7 @@
 //! `kvab check` (the runbook with a verdict) is the `check` module tree.
 
 mod check;
+mod cli;
 mod config;
 mod filter_wasm;
 mod http;
@@ -31,92 +32,25 @@ use crate::config::{Config, Source};
 use crate::index::{Index, Proxy};
 use crate::state::State;
 
-const USAGE: &str = "\
-kvab: A/B testing of KV-cache transfer backends
-
-Usage:
-  kvab serve [--config PATH] [--check-config]
-  kvab check [flags]   (kvab check --help)
-  kvab --help | --version
-
-kvab serve
-  Serves the arm -> proxy endpoint map (GET /v1/endpoints), takes the filter's routing counts
-  (POST /v1/reports), and serves /healthz, /readyz and /metrics.
-
-  --config PATH    TOML configuration (default: $KVAB_CONFIG, else the embedded local configuration
-                   with static endpoints). See sidecar/README.md for every key.
-  --check-config   Validate the configuration, print a summary and exit (0 valid, 2 invalid).
-
-Environment:
-  KVAB_CONFIG   configuration path when --config is not given
-  KUBECONFIG    kubeconfig for source = \"kubernetes\" (default: ~/.kube/config, then in-cluster)
-  RUST_LOG      log filter (default: info)
-
-Exit status: 0 clean shutdown, 1 runtime failure, 2 usage or configuration error.
-";
-
-enum Command {
-    Serve {
-        config: Option<String>,
-        check_only: bool,
-    },
-    Help,
-    Version,
-}
-
-fn parse_args(args: &[String]) -> Result<Command, String> {
-    match args.first().map(String::as_str) {
-        None => Err("missing command".into()),
-        Some("-h" | "--help" | "help") => Ok(Command::Help),
-        Some("-V" | "--version") => Ok(Command::Version),
-        Some("serve") => {
-            let mut config = None;
-            let mut check_only = false;
-            let mut rest = args[1..].iter();
-            while let Some(arg) = rest.next() {
-                match arg.as_str() {
-                    "--config" => match rest.next() {
-                        Some(path) => config = Some(path.clone()),
-                        None => return Err("--config needs a path".into()),
-                    },
-                    _ if arg.starts_with("--config=") => {
-                        config = Some(arg["--config=".len()..].to_string());
-                    }
-                    "--check-config" => check_only = true,
-                    "-h" | "--help" => return Ok(Command::Help),
-                    other => return Err(format!("unknown argument {other:?} for `kvab serve`")),
-                }
-            }
-            if config.is_none() {
-                config = std::env::var("KVAB_CONFIG").ok().filter(|p| !p.is_empty());
-            }
-            Ok(Command::Serve { config, check_only })
-        }
-        Some(other) => Err(format!("unknown command {other:?}")),
-    }
-}
-
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("check") {
-        return check::main(&args[1..]);
-    }
-    let (config_path, check_only) = match parse_args(&args) {
-        Ok(Command::Help) => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Ok(Command::Version) => {
-            println!("kvab {}", env!("CARGO_PKG_VERSION"));
-            return ExitCode::SUCCESS;
-        }
-        Ok(Command::Serve { config, check_only }) => (config, check_only),
-        Err(message) => {
-            eprintln!("kvab: {message}\n\n{USAGE}");
-            return ExitCode::from(2);
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let serve_args = match cli::parse_from(&args) {
+        Ok(cli::Command::Serve(serve_args)) => serve_args,
+        Ok(cli::Command::Check(check_args)) => return check::main(*check_args),
+        Err(e) => {
+            cli::print_error(&e, &args);
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(cli::usage_exit_code(&args)),
+            };
         }
     };
+    // An empty KVAB_CONFIG means "not set", as before clap read it.
+    let config_path = serve_args.config.filter(|path| !path.is_empty());
+    let check_only = serve_args.check_config;
     let config = match Config::load(config_path.as_deref()) {
         Ok(config) => config,
         Err(e) => {
@@ -314,34 +248,5 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             log::info!("shutdown complete");
             Ok(())
         }
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::panic)]
-mod tests {
-    use super::*;
-
-    fn args(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| s.to_string()).collect()
-    }
-
-    #[test]
-    fn serve_arguments() {
-        match parse_args(&args(&["serve", "--config", "a.toml", "--check-config"])) {
-            Ok(Command::Serve { config, check_only }) => {
-                assert_eq!(config.as_deref(), Some("a.toml"));
-                assert!(check_only);
-            }
-            _ => panic!("not parsed as serve"),
-        }
-        match parse_args(&args(&["serve", "--config=b.toml"])) {
-            Ok(Command::Serve { config, .. }) => assert_eq!(config.as_deref(), Some("b.toml")),
-            _ => panic!("not parsed as serve"),
-        }
-        assert!(parse_args(&args(&["serve", "--config"])).is_err());
-        assert!(parse_args(&args(&["serve", "--listen", "x"])).is_err());
-        assert!(parse_args(&args(&["check"])).is_err());
-        assert!(parse_args(&args(&[])).is_err());
     }
 }

@@ -193,7 +193,7 @@ def test_a_selector_the_api_server_would_refuse_is_an_error_at_start(kvab_bin, t
         in result.stderr, result.stderr
     check = subprocess.run([kvab_bin, "check", "--proxy-selector", "role=pro xy"], capture_output=True,
                            text=True, timeout=30)
-    assert check.returncode == 3 and "--proxy-selector: \"role=pro xy\": value \"pro xy\"" in check.stderr, \
+    assert check.returncode == 3 and "'--proxy-selector <SEL>': \"role=pro xy\": value \"pro xy\"" in check.stderr, \
         check.stderr
 
 

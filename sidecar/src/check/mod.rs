@@ -13,7 +13,7 @@ mod header_ab;
 mod kube;
 mod latency;
 mod observe;
-mod options;
+pub mod options;
 mod prerequisites;
 mod prom;
 mod report;
@@ -29,31 +29,15 @@ use serde_json::json;
 
 use client::{HttpClient, Request};
 use observe::{Counters, SidecarView};
-use options::{Arm, Mode, Options, Parsed};
+use options::{Arm, Mode, Options};
 use report::{Check, Outcome, Report};
 
-pub const USAGE: &str = "\
-kvab check [--local | --cluster] [--json] [--dry-run] [flags]
-  Runs the A/B runbook (prerequisites, Steps 1-4, EPP health, latency verdict) and prints one row per check.
-  Exit status: 0 pass, 1 fail, 2 inconclusive, 3 usage error or the check could not run.
-  Every flag is described in the README, section \"kvab check\". The main ones:
-  --gateway-url URL       gateway (local default http://127.0.0.1:18080; cluster default: port-forward)
-  --sidecar-url URL|none  kvab serve (local default http://127.0.0.1:18090)
-  --burst-requests N      Step 4 burst size (20); --concurrency N (5)
-  --json                  machine-readable report on stdout
-  --dry-run               print what would be sent and read, send nothing
-";
-
-/// Entry point of `kvab check`; `args` are the arguments after `check`.
-pub fn main(args: &[String]) -> ExitCode {
-    let options = match options::parse(args) {
-        Ok(Parsed::Run(options)) => *options,
-        Ok(Parsed::Help) => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
+/// Entry point of `kvab check`, with its flags as parsed by the command line.
+pub fn main(args: options::CheckArgs) -> ExitCode {
+    let options = match Options::from_args(args) {
+        Ok(options) => options,
         Err(message) => {
-            eprintln!("kvab check: {message}\n\n{USAGE}");
+            eprintln!("error: {message}\n\nFor more information, try 'kvab check --help'.");
             return ExitCode::from(3);
         }
     };
@@ -138,8 +122,8 @@ async fn targets(options: &Options, cluster: Option<&kube::Cluster>) -> Result<T
             let forward = cluster
                 .forward_service(
                     &names.gateway_namespace,
-                    &names.gateway_service,
-                    names.gateway_service_port,
+                    &names.gateway_service.name,
+                    names.gateway_service.port,
                 )
                 .await?;
             let url = forward.url.clone();
@@ -155,8 +139,8 @@ async fn targets(options: &Options, cluster: Option<&kube::Cluster>) -> Result<T
         match cluster
             .forward_service(
                 &names.proxy_namespace,
-                &names.sidecar_service,
-                names.sidecar_service_port,
+                &names.sidecar_service.name,
+                names.sidecar_service.port,
             )
             .await
         {
@@ -658,8 +642,8 @@ fn plan(options: &Options) -> String {
     let cluster = options.mode == Mode::Cluster;
     let gateway = options.gateway_url.clone().unwrap_or_else(|| {
         format!(
-            "http://127.0.0.1:<port-forward to svc/{}:{}>",
-            names.gateway_service, names.gateway_service_port
+            "http://127.0.0.1:<port-forward to svc/{}>",
+            names.gateway_service
         )
     });
     let sidecar = if options.no_sidecar {
@@ -667,8 +651,8 @@ fn plan(options: &Options) -> String {
     } else {
         Some(options.sidecar_url.clone().unwrap_or_else(|| {
             format!(
-                "http://127.0.0.1:<port-forward to svc/{}:{}>",
-                names.sidecar_service, names.sidecar_service_port
+                "http://127.0.0.1:<port-forward to svc/{}>",
+                names.sidecar_service
             )
         }))
     };
@@ -686,10 +670,10 @@ fn plan(options: &Options) -> String {
         );
         let mut forwards = Vec::new();
         if options.gateway_url.is_none() {
-            forwards.push((&names.gateway_namespace, &names.gateway_service));
+            forwards.push((&names.gateway_namespace, &names.gateway_service.name));
         }
         if !options.no_sidecar && options.sidecar_url.is_none() {
-            forwards.push((&names.proxy_namespace, &names.sidecar_service));
+            forwards.push((&names.proxy_namespace, &names.sidecar_service.name));
         }
         for (namespace, service) in forwards {
             let _ = writeln!(
