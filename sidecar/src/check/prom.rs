@@ -1,4 +1,8 @@
 //! Reads the Prometheus text format (`kvab serve` /metrics, Envoy /stats/prometheus) into samples.
+//!
+//! Hand-written on purpose: the maintained crates either cut a label set at the first `}` even inside a
+//! quoted value (`prometheus-parse` 0.2.5, its `[^}]+` pattern) or are LGPL (`openmetrics-parser`). The test
+//! below feeds it the `prometheus` crate's own encoder output with values that look like syntax.
 
 use std::collections::BTreeMap;
 
@@ -18,32 +22,30 @@ pub fn parse(text: &str) -> Vec<Sample> {
 }
 
 fn parse_line(line: &str) -> Option<Sample> {
-    let (name, labels, rest) = match line.find('{') {
-        Some(open) => {
-            let close = open + line[open..].find('}')?;
-            (
-                &line[..open],
-                parse_labels(&line[open + 1..close])?,
-                &line[close + 1..],
-            )
-        }
-        None => {
-            let (name, rest) = line.split_once(char::is_whitespace)?;
-            (name, BTreeMap::new(), rest)
-        }
+    let name_end = line.find(|c: char| c == '{' || c.is_whitespace())?;
+    let (name, rest) = line.split_at(name_end);
+    let (labels, rest) = match rest.strip_prefix('{') {
+        Some(label_set) => parse_labels(label_set)?,
+        None => (BTreeMap::new(), rest),
     };
     let value = rest.split_whitespace().next()?.parse().ok()?;
     Some(Sample {
-        name: name.trim().to_string(),
+        name: name.to_string(),
         labels,
         value,
     })
 }
 
-fn parse_labels(text: &str) -> Option<BTreeMap<String, String>> {
+/// Reads `name="value",...}` (after the `{`) and returns the labels and what follows the closing brace.
+/// The brace is found by reading the quoted values, so a `}` inside one does not end the set.
+fn parse_labels(text: &str) -> Option<(BTreeMap<String, String>, &str)> {
     let mut labels = BTreeMap::new();
-    let mut rest = text.trim_start_matches([',', ' ']);
-    while !rest.is_empty() {
+    let mut rest = text;
+    loop {
+        rest = rest.trim_start_matches([',', ' ']);
+        if let Some(after) = rest.strip_prefix('}') {
+            return Some((labels, after));
+        }
         let (key, after) = rest.split_once("=\"")?;
         let mut value = String::new();
         let mut chars = after.char_indices();
@@ -58,9 +60,8 @@ fn parse_labels(text: &str) -> Option<BTreeMap<String, String>> {
             }
         };
         labels.insert(key.trim().to_string(), value);
-        rest = after[end + 1..].trim_start_matches([',', ' ']);
+        rest = after.get(end + 1..)?;
     }
-    Some(labels)
 }
 
 /// Sum of the samples named `name` whose labels include every pair of `filter`.
@@ -108,5 +109,41 @@ mod tests {
             0.0
         );
         assert_eq!(samples[2].value, 25.0);
+    }
+
+    #[test]
+    fn label_values_round_trip_from_the_prometheus_encoder() {
+        // Braces, quotes, backslashes and newlines in a value: the exposition escapes only `\`, `"` and
+        // newline, so a `}` inside quotes must not end the label set.
+        let hostile = ["a}b", "{x=\"1\"}", "back\\slash", "two\nlines", "} 99", ""];
+        let registry = prometheus::Registry::new();
+        let counter = prometheus::IntCounterVec::new(
+            prometheus::Opts::new("kvab_hostile_total", "labels that look like syntax"),
+            &["pod", "n"],
+        )
+        .unwrap();
+        registry.register(Box::new(counter.clone())).unwrap();
+        for (i, value) in hostile.iter().enumerate() {
+            counter
+                .with_label_values(&[*value, i.to_string().as_str()])
+                .inc_by(i as u64 + 1);
+        }
+        let mut text = Vec::new();
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &registry.gather(),
+            &mut text,
+        )
+        .unwrap();
+        let samples = parse(&String::from_utf8(text).unwrap());
+        assert_eq!(samples.len(), hostile.len());
+        for (i, value) in hostile.iter().enumerate() {
+            let n = i.to_string();
+            assert_eq!(
+                sum(&samples, "kvab_hostile_total", &[("pod", value), ("n", &n)]),
+                i as f64 + 1.0,
+                "pod={value:?}"
+            );
+        }
     }
 }
