@@ -82,6 +82,8 @@ pub struct Probe {
     pub interval: Option<Duration>,
     pub timeout: Duration,
     pub path: String,
+    /// Probes in flight at once: a map of 10,000 pods is probed in rounds, not all at once.
+    pub concurrency: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -176,6 +178,7 @@ struct RawProbe {
     interval_seconds: Option<Spanned<f64>>,
     timeout_seconds: Option<Spanned<f64>>,
     path: Option<Spanned<String>>,
+    concurrency: Option<Spanned<i64>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -194,6 +197,7 @@ pub const DEFAULT_UNREADY_AFTER_SECONDS: f64 = 30.0;
 pub const DEFAULT_PROBE_INTERVAL_SECONDS: f64 = 10.0;
 pub const DEFAULT_PROBE_TIMEOUT_SECONDS: f64 = 2.0;
 pub const DEFAULT_PROBE_PATH: &str = "/metrics";
+pub const DEFAULT_PROBE_CONCURRENCY: usize = 64;
 pub const DEFAULT_DRAIN_DELAY_SECONDS: f64 = 0.0;
 pub const DEFAULT_GRACE_SECONDS: f64 = 10.0;
 
@@ -361,6 +365,18 @@ impl Config {
                         "`probe.path` must start with `/` and contain no spaces",
                     ))
                 }
+            },
+            concurrency: match raw.probe.concurrency {
+                None => DEFAULT_PROBE_CONCURRENCY,
+                Some(n) => match usize::try_from(*n.get_ref()) {
+                    Ok(n @ 1..=1024) => n,
+                    _ => {
+                        return Err(loc.at(
+                            &n,
+                            format!("`probe.concurrency` must be 1..=1024, got {}", n.get_ref()),
+                        ))
+                    }
+                },
             },
         };
 
@@ -581,6 +597,7 @@ mod tests {
         assert_eq!(c.probe.interval, Some(Duration::from_secs(10)));
         assert_eq!(c.probe.timeout, Duration::from_secs(2));
         assert_eq!(c.probe.path, "/metrics");
+        assert_eq!(c.probe.concurrency, 64);
         assert_eq!(c.shutdown.drain_delay, Duration::ZERO);
         assert_eq!(c.shutdown.grace, Duration::from_secs(10));
     }
@@ -688,6 +705,8 @@ mod tests {
             ("[probe]\ninterval_seconds = -1", "probe.interval_seconds"),
             ("[probe]\ntimeout_seconds = 0", "probe.timeout_seconds"),
             ("[probe]\npath = \"metrics\"", "probe.path"),
+            ("[probe]\nconcurrency = 0", "probe.concurrency"),
+            ("[probe]\nconcurrency = 5000", "probe.concurrency"),
             (
                 "[kubernetes]\nnamespaces = [\"Bad_NS\"]",
                 "kubernetes.namespaces",

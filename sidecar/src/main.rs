@@ -6,6 +6,7 @@
 
 mod check;
 mod cli;
+mod client;
 mod config;
 mod filter_wasm;
 mod http;

@@ -2,61 +2,38 @@
 //! metrics are exposed", needed by the active-request-scorer). A 404 is failure signal 2 and shows as
 //! `kvab_proxy_metrics_up 0` with `kvab_proxy_metrics_status_code 404`.
 //!
-//! Only the status line is read, over a plain HTTP/1.1 connection; the proxies serve plain HTTP in-cluster.
+//! Only the status is read, over plain HTTP/1.1 (the proxies serve plain HTTP in-cluster), with
+//! `probe.concurrency` probes in flight at most.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::join_all;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use futures::stream::{self, StreamExt};
 use tokio::sync::watch as signal;
 
+use crate::client::HttpClient;
 use crate::config::Probe;
 use crate::state::{ProbeResult, State};
 
-/// Returns the HTTP status code of `GET http://{address}{path}`, or an error message.
-pub async fn status_of(address: &str, path: &str, timeout: Duration) -> Result<u16, String> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(address)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: kvab-probe\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
-        );
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-        // The status line is at most a few dozen bytes; stop at the first line end.
-        let mut head = Vec::with_capacity(128);
-        let mut buf = [0u8; 128];
-        while !head.contains(&b'\n') && head.len() < 1024 {
-            let n = stream
-                .read(&mut buf)
-                .await
-                .map_err(|e| format!("read: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-        parse_status_line(&head)
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| format!("no answer within {timeout:?}"))?
-}
+/// (arm, pod) of an endpoint.
+type Key = (String, String);
 
-fn parse_status_line(head: &[u8]) -> Result<u16, String> {
-    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    match (parts.next(), parts.next().map(str::parse::<u16>)) {
-        (Some(version), Some(Ok(code))) if version.starts_with("HTTP/") => Ok(code),
-        _ => Err(format!("not an HTTP answer: {:?}", line.trim())),
-    }
+/// One round: `GET http://<address><path>` of every target, at most `concurrency` at a time.
+async fn probe_round(
+    client: &HttpClient,
+    targets: Vec<(Key, String)>,
+    path: &str,
+    concurrency: usize,
+) -> Vec<(Key, String, Result<u16, String>)> {
+    stream::iter(targets)
+        .map(|(key, address)| async move {
+            let outcome = client.status(&format!("http://{address}{path}")).await;
+            (key, address, outcome)
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await
 }
 
 /// Probes every endpoint of the current map each `interval` until `shutdown` fires.
@@ -66,6 +43,7 @@ pub async fn run(
     state: Arc<State>,
     mut shutdown: signal::Receiver<bool>,
 ) {
+    let client = HttpClient::new(probe.timeout);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -76,18 +54,17 @@ pub async fn run(
         let Some(snapshot) = state.snapshot() else {
             continue;
         };
-        let rounds = snapshot.endpoints.iter().map(|(arm, endpoint)| {
-            let path = probe.path.as_str();
-            async move {
-                let outcome = status_of(&endpoint.address, path, probe.timeout).await;
+        let targets = snapshot
+            .endpoints
+            .iter()
+            .map(|(arm, endpoint)| {
                 (
                     (arm.clone(), endpoint.pod.clone()),
-                    endpoint.address.as_str(),
-                    outcome,
+                    endpoint.address.clone(),
                 )
-            }
-        });
-        let outcomes = join_all(rounds).await;
+            })
+            .collect();
+        let outcomes = probe_round(&client, targets, &probe.path, probe.concurrency).await;
         let previous = state.probe_results();
         let mut results = BTreeMap::new();
         for (key, address, outcome) in outcomes {
@@ -116,16 +93,15 @@ pub async fn run(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     use super::*;
 
-    #[test]
-    fn status_line_parsing() {
-        assert_eq!(parse_status_line(b"HTTP/1.1 404 Not Found\r\n"), Ok(404));
-        assert_eq!(parse_status_line(b"HTTP/1.0 200\r\n"), Ok(200));
-        assert!(parse_status_line(b"SSH-2.0-OpenSSH\r\n").is_err());
-        assert!(parse_status_line(b"").is_err());
+    fn key(pod: &str) -> Key {
+        ("fs".to_string(), pod.to_string())
     }
 
     #[tokio::test]
@@ -144,11 +120,53 @@ mod tests {
             let (_silent, _) = listener.accept().await.unwrap();
             tokio::time::sleep(Duration::from_secs(5)).await;
         });
+        let client = HttpClient::new(Duration::from_secs(2));
         assert_eq!(
-            status_of(&address, "/metrics", Duration::from_secs(2)).await,
+            client.status(&format!("http://{address}/metrics")).await,
             Ok(404)
         );
-        let silent = status_of(&address, "/metrics", Duration::from_millis(100)).await;
+        let client = HttpClient::new(Duration::from_millis(100));
+        let silent = client.status(&format!("http://{address}/metrics")).await;
         assert!(silent.unwrap_err().contains("no answer"));
+    }
+
+    #[tokio::test]
+    async fn a_round_keeps_at_most_concurrency_probes_in_flight() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let open = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let (open_s, most_s) = (open.clone(), most.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let now = open_s.fetch_add(1, Ordering::SeqCst) + 1;
+                most_s.fetch_max(now, Ordering::SeqCst);
+                let open = open_s.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 512];
+                    let _ = socket.read(&mut buf).await;
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    open.fetch_sub(1, Ordering::SeqCst);
+                    let _ = socket
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                        )
+                        .await;
+                });
+            }
+        });
+        let targets: Vec<(Key, String)> = (0..24)
+            .map(|i| (key(&format!("proxy-{i}")), address.clone()))
+            .collect();
+        let client = HttpClient::new(Duration::from_secs(5));
+        let outcomes = probe_round(&client, targets, "/metrics", 4).await;
+        assert_eq!(outcomes.len(), 24);
+        assert!(outcomes.iter().all(|(_, _, outcome)| *outcome == Ok(200)));
+        let most = most.load(Ordering::SeqCst);
+        assert!(
+            (1..=4).contains(&most),
+            "{most} probes were in flight at once"
+        );
     }
 }

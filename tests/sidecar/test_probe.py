@@ -86,4 +86,4 @@ interval_seconds = 0.2
                "probe result")
     assert kvab.metric('kvab_proxy_metrics_up{backend="fs",pod="gone"}') == 0
     assert kvab.metric('kvab_proxy_metrics_status_code{backend="fs",pod="gone"}') == 0
-    assert "connect:" in kvab.log()
+    assert "tcp connect error: Connection refused" in kvab.log()

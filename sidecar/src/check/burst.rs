@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::client::{Exchange, HttpClient, Request};
 use super::observe::Counters;
 use super::options::Arm;
 use super::report::{signals, Check, Outcome};
 use super::stats::{split_test, SplitMethod};
+use crate::client::{Exchange, HttpClient, Request};
 
 pub type Shot = Result<Exchange, String>;
 

@@ -2,9 +2,9 @@
 //! KV transfer path, `cmpl-___prefill_addr_<prefill>___decode_addr_<decode>_<uuid>` (the vLLM P/D proxies'
 //! request id), so the id names the prefill and decode pods that served it.
 
-use super::client::Exchange;
 use super::options::Arm;
 use super::report::{Check, Outcome};
+use crate::client::Exchange;
 
 const PREFILL_MARK: &str = "___prefill_addr_";
 const DECODE_MARK: &str = "___decode_addr_";

@@ -4,11 +4,11 @@
 
 use std::collections::BTreeMap;
 
-use super::client::Exchange;
 use super::direct::{completion_id, identify, Identity};
 use super::observe::{render_counts, Counters};
 use super::options::Arm;
 use super::report::{signals, Check, Outcome};
+use crate::client::Exchange;
 
 /// Judges the header requests of one arm, given what the counters did meanwhile.
 pub fn judge_arm(

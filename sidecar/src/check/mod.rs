@@ -2,11 +2,10 @@
 //!
 //! This module only orders the steps and moves data between them. Each step's judgement is a pure function
 //! in its own module (`prerequisites`, `direct`, `wiring`, `header_ab`, `burst`, `epp_health`, `latency`);
-//! the statistics are in `stats`, HTTP in `client`, Kubernetes in `kube`, counters in `observe`, rendering
+//! the statistics are in `stats`, HTTP in `crate::client`, Kubernetes in `kube`, counters in `observe`, rendering
 //! in `report`.
 
 mod burst;
-mod client;
 mod direct;
 mod epp_health;
 mod header_ab;
@@ -27,7 +26,7 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use client::{HttpClient, Request};
+use crate::client::{HttpClient, Request};
 use observe::{Counters, SidecarView};
 use options::{Arm, Mode, Options};
 use report::{Check, Outcome, Report};

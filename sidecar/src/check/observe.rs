@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use kvab_contract::EndpointMap;
 
-use super::client::{HttpClient, Request};
 use super::prom::{self, Sample};
+use crate::client::{HttpClient, Request};
 
 pub struct SidecarView {
     pub map: Option<EndpointMap>,

@@ -1,6 +1,6 @@
-//! The HTTP client every check uses: plain HTTP/1.1 over hyper, with one time limit per request and the two
-//! times the verdict needs, time to first byte (first body byte, or the headers when there is no body) and
-//! total time (last body byte).
+//! The HTTP client of `kvab check` and of the sidecar's proxy probes: plain HTTP/1.1 over hyper, with one
+//! time limit per request and the two times the verdict needs, time to first byte (first body byte, or the
+//! headers when there is no body) and total time (last body byte).
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -95,6 +95,20 @@ impl HttpClient {
         Self {
             client: Client::builder(TokioExecutor::new()).build(connector),
             max_time,
+        }
+    }
+
+    /// The status of `GET url`; the body is not read (a probe needs only the status line).
+    pub async fn status(&self, url: &str) -> Result<u16, String> {
+        let request = http::Request::get(url)
+            .header(http::header::USER_AGENT, "kvab-probe")
+            .header(http::header::ACCEPT, "text/plain")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| format!("bad request {url}: {e}"))?;
+        match tokio::time::timeout(self.max_time, self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response.status().as_u16()),
+            Ok(Err(e)) => Err(describe_error(&e)),
+            Err(_) => Err(format!("no answer within {:?}", self.max_time)),
         }
     }
 
