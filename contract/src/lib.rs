@@ -24,6 +24,16 @@ pub fn source_header(arm_header: &str) -> String {
     format!("{arm_header}-source")
 }
 
+/// FNV-1a, 64 bit. The filter's session-key hash (which arm a key sticks to) and the sidecar's map version
+/// (the ETag a restarted sidecar must reproduce) are both built on it, so both are stable across releases.
+pub fn fnv1a_64(bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325, |hash: u64, &byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+}
+
 /// Largest endpoint map a filter reads (a 10,000-pod map is about 0.8 MB); a larger answer is
 /// refused without being copied into the filter.
 pub const MAX_MAP_BYTES: usize = 16 << 20;

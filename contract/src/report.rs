@@ -49,10 +49,25 @@ pub struct RoutedCount {
     pub count: u64,
 }
 
-/// Values a report may use besides the configured arm names.
+/// Values a report may use besides the configured arm names: `requested` of untagged traffic and `served`
+/// when no upstream answered (`none`), `served` by an endpoint outside the map (`unknown`).
 pub const NO_ARM: &str = "none";
 pub const UNKNOWN_ARM: &str = "unknown";
-pub const CODE_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+/// Names no arm may take, in the filter's or the sidecar's configuration: they would read as the above.
+pub const RESERVED_ARM_NAMES: [&str; 2] = [NO_ARM, UNKNOWN_ARM];
+/// `code_class` of a stream that ended without a response status.
+pub const NO_CODE_CLASS: &str = "none";
+pub const CODE_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", NO_CODE_CLASS];
+
+/// The report token (`Authorization: Bearer …`), as both sides accept it: 16 to 256 printable ASCII
+/// characters without spaces. The filter's `sidecar.reportToken` and the sidecar's `reports.token_file`.
+pub const MIN_REPORT_TOKEN_LEN: usize = 16;
+pub const MAX_REPORT_TOKEN_LEN: usize = 256;
+
+pub fn is_report_token(token: &str) -> bool {
+    (MIN_REPORT_TOKEN_LEN..=MAX_REPORT_TOKEN_LEN).contains(&token.len())
+        && token.bytes().all(|b| b.is_ascii_graphic())
+}
 /// Endpoint of requests counted after a reporter's endpoint table was full, or served by an
 /// upstream whose address is not `ip:port` (e.g. an Envoy internal address).
 pub const OVERFLOW_ENDPOINT: &str = "other";

@@ -7,6 +7,9 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::time::Duration;
 
+use kvab_contract::report::{
+    is_report_token, MAX_REPORT_TOKEN_LEN, MIN_REPORT_TOKEN_LEN, RESERVED_ARM_NAMES,
+};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -15,9 +18,6 @@ use crate::selector;
 /// Used when neither `--config` nor `KVAB_CONFIG` is given: static endpoints for the local stack.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../config/local.toml");
 pub const EMBEDDED_DEFAULT_NAME: &str = "<embedded sidecar/config/local.toml>";
-
-/// Arm label reserved by the filter for untagged traffic (`backend="none"` in its metrics).
-const RESERVED_ARM: &str = "none";
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -142,9 +142,6 @@ struct RawReports {
     state_file: Option<Spanned<String>>,
     token_file: Option<Spanned<String>>,
 }
-
-/// Shortest report token accepted (a guessable token would protect nothing).
-pub const MIN_REPORT_TOKEN_LEN: usize = 16;
 
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -305,10 +302,11 @@ impl Config {
                             format!("`arms`: {arm:?} is not a valid Kubernetes label value"),
                         ));
                     }
-                    if arm == RESERVED_ARM {
-                        return Err(
-                            loc.at(value, "`arms`: \"none\" is reserved for untagged traffic")
-                        );
+                    if RESERVED_ARM_NAMES.contains(&arm.as_str()) {
+                        return Err(loc.at(
+                            value,
+                            format!("`arms`: {arm:?} is reserved: the counters use it for untagged or unmapped traffic"),
+                        ));
                     }
                     if !seen.insert(arm.as_str()) {
                         return Err(loc.at(value, format!("`arms`: {arm:?} is listed twice")));
@@ -429,12 +427,10 @@ impl Config {
                     )
                 })?;
                 let token = token.trim().to_string();
-                if token.len() < MIN_REPORT_TOKEN_LEN
-                    || !token.bytes().all(|b| b.is_ascii_graphic())
-                {
+                if !is_report_token(&token) {
                     return Err(loc.at(
                         &path,
-                        format!("`reports.token_file`: the token must be at least {MIN_REPORT_TOKEN_LEN} printable ASCII characters"),
+                        format!("`reports.token_file`: the token must be {MIN_REPORT_TOKEN_LEN} to {MAX_REPORT_TOKEN_LEN} printable ASCII characters without spaces"),
                     ));
                 }
                 Some(token)
@@ -694,12 +690,38 @@ mod tests {
     }
 
     #[test]
+    fn the_report_token_is_refused_as_the_filter_refuses_it() {
+        let dir = std::env::temp_dir().join(format!("kvab-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (token, accepted) in [
+            ("0123456789abcdef", true),
+            ("0123456789abcde", false),
+            (&"x".repeat(256)[..], true),
+            (&"x".repeat(257)[..], false),
+            ("0123456789 abcdef", false),
+        ] {
+            let path = dir.join("token");
+            std::fs::write(&path, format!("{token}\n")).unwrap();
+            let text = format!("[reports]\ntoken_file = {:?}\n", path.display().to_string());
+            let result = Config::parse(&text, "t");
+            assert_eq!(
+                result.is_ok(),
+                accepted,
+                "{} characters: {result:?}",
+                token.len()
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn bad_values_name_their_key() {
         for (text, key) in [
             ("listen = \"localhost\"", "`listen`"),
             ("arms = []", "`arms`"),
             ("arms = [\"fs\", \"fs\"]", "listed twice"),
             ("arms = [\"none\"]", "reserved"),
+            ("arms = [\"fs\", \"unknown\"]", "reserved"),
             ("arms = [\"NV link\"]", "label value"),
             ("source = \"etcd\"", "`source`"),
             ("[probe]\ninterval_seconds = -1", "probe.interval_seconds"),

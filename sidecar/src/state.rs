@@ -80,15 +80,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// FNV-1a, 64 bit: stable across processes and releases, so a restarted sidecar with the same content keeps
-/// the same ETag and the filter's cached copy stays valid.
+/// Stable across processes and releases, so a restarted sidecar with the same content keeps the same ETag
+/// and the filter's cached copy stays valid.
 fn content_hash(bytes: &[u8]) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in bytes {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{hash:016x}")
+    format!("{:016x}", kvab_contract::fnv1a_64(bytes))
 }
 
 /// The JSON of an `EndpointMap`, reusing the already serialized `backends` (the bulk of the body at 10k pods)

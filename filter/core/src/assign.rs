@@ -68,12 +68,7 @@ impl Split {
 /// multiply-shift uses) depend on every input byte. Part of the public contract: changing it
 /// moves sessions between arms.
 pub fn key_hash(key: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in key {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    mix64(h)
+    mix64(kvab_contract::fnv1a_64(key))
 }
 
 /// SplitMix64 finalizer.

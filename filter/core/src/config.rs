@@ -6,11 +6,15 @@ use std::fmt;
 
 use serde_json::Value;
 
+use kvab_contract::report::{
+    is_report_token, MAX_REPORT_TOKEN_LEN, MIN_REPORT_TOKEN_LEN, RESERVED_ARM_NAMES,
+};
+
 use crate::assign::Split;
 use crate::choice::{ChoicePolicy, IpRange, MAX_HEADER_VALUES, MAX_HEADER_VALUE_LEN, MAX_RANGES};
 use crate::json::{self, error, Fields};
 use crate::plan::{ArmId, Missing, Plan, Unavailable, Unknown};
-use crate::sidecar::{Sidecar, MIN_REPORT_TOKEN_LEN};
+use crate::sidecar::Sidecar;
 
 /// Arm names and aliases end up in metric names and header values: keep them to a safe,
 /// bounded alphabet.
@@ -19,8 +23,6 @@ const MAX_NAME_LEN: usize = 32;
 pub const MAX_ARMS: usize = 16;
 /// Same cap as a Gateway API `backendRef` weight; keeps the weight sum far from overflow.
 const MAX_WEIGHT: u32 = 1_000_000;
-/// Reserved label value for untagged traffic.
-pub const NO_ARM: &str = "none";
 
 /// The configuration as written, before validation.
 struct RawConfig {
@@ -305,8 +307,13 @@ fn build(raw: RawConfig) -> Result<Plan, ConfigError> {
     for (i, arm) in raw.arms.iter().enumerate() {
         let field = format!("arms[{i}].name");
         let name = validate_token(&field, &arm.name)?;
-        if name == NO_ARM {
-            return Err(error(field, "\"none\" is reserved for untagged traffic"));
+        if RESERVED_ARM_NAMES.contains(&name.as_str()) {
+            return Err(error(
+                field,
+                format!(
+                    "{name:?} is reserved: the counters use it for untagged or unmapped traffic"
+                ),
+            ));
         }
         let id = ArmId(i);
         claim(&mut spellings, &field, &name, id, true, &arms)?;
@@ -440,19 +447,13 @@ fn build_sidecar(raw: &RawSidecar) -> Result<Sidecar, ConfigError> {
         3_600_000,
     )?;
     let report_token = match &raw.report_token {
-        Some(t)
-            if t.len() >= MIN_REPORT_TOKEN_LEN
-                && t.len() <= 256
-                && t.bytes().all(|b| b.is_ascii_graphic()) =>
-        {
-            Some(t.clone())
-        }
+        Some(t) if is_report_token(t) => Some(t.clone()),
         // The token itself is never echoed into the log.
         Some(_) => {
             return Err(error(
                 "sidecar.reportToken",
                 format!(
-                "must be {MIN_REPORT_TOKEN_LEN} to 256 printable ASCII characters without spaces"
+                "must be {MIN_REPORT_TOKEN_LEN} to {MAX_REPORT_TOKEN_LEN} printable ASCII characters without spaces"
             ),
             ))
         }
@@ -690,6 +691,7 @@ mod tests {
         for (json, field) in [
             (r#"{"arms":[{"name":""}]}"#, "arms[0].name"),
             (r#"{"arms":[{"name":"none"}]}"#, "arms[0].name"),
+            (r#"{"arms":[{"name":"unknown"}]}"#, "arms[0].name"),
             (r#"{"arms":[{"name":"a;b"}]}"#, "arms[0].name"),
             (r#"{"arms":[{"name":"-a"}]}"#, "arms[0].name"),
             (

@@ -29,8 +29,8 @@ impl Served {
     pub fn label(self, plan: &Plan) -> &str {
         match self {
             Served::Arm(a) => plan.arm_label(Some(a)),
-            Served::Unknown => "unknown",
-            Served::None => "none",
+            Served::Unknown => kvab_contract::report::UNKNOWN_ARM,
+            Served::None => kvab_contract::report::NO_ARM,
         }
     }
 }

@@ -125,7 +125,7 @@ impl CodeClass {
             CodeClass::C3xx => "3xx",
             CodeClass::C4xx => "4xx",
             CodeClass::C5xx => "5xx",
-            CodeClass::None => "none",
+            CodeClass::None => kvab_contract::report::NO_CODE_CLASS,
         }
     }
 

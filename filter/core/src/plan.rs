@@ -3,8 +3,8 @@
 
 use crate::assign::Split;
 use crate::choice::ChoicePolicy;
-use crate::config::NO_ARM;
 use crate::sidecar::Sidecar;
+use kvab_contract::report::NO_ARM;
 
 /// Index of a configured arm (in configuration order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

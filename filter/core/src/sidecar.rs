@@ -17,9 +17,6 @@ pub struct Sidecar {
     pub report_token: Option<String>,
 }
 
-/// Shortest report token accepted, as in the sidecar's `reports.token_file`.
-pub const MIN_REPORT_TOKEN_LEN: usize = 16;
-
 impl Sidecar {
     /// `SERVICE:PORT` from an Istio cluster name, else the cluster name itself.
     pub fn default_authority(cluster: &str) -> String {

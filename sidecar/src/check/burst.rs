@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kvab_contract::report::{NO_ARM, UNKNOWN_ARM};
+
 use super::observe::Counters;
 use super::options::Arm;
 use super::report::{signals, Check, Outcome};
@@ -313,9 +315,9 @@ pub fn judge_misroutes(delta: &Counters, arms: &[Arm]) -> Check {
     let mut source = "";
     let mut count = |requested: &str, served: &str, value: f64| {
         tagged += value;
-        if served == "unknown" {
+        if served == UNKNOWN_ARM {
             unknown += value;
-        } else if served != requested && served != "none" {
+        } else if served != requested && served != NO_ARM {
             *misrouted
                 .entry(format!("{requested}→{served}"))
                 .or_default() += value;

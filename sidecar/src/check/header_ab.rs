@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use kvab_contract::report::RESERVED_ARM_NAMES;
+
 use super::direct::{completion_id, identify, Identity};
 use super::observe::{render_counts, Counters};
 use super::options::Arm;
@@ -64,7 +66,7 @@ pub fn judge_arm(
     let misrouted = |counts: &BTreeMap<String, f64>| -> f64 {
         counts
             .iter()
-            .filter(|(s, _)| *s != &arm.name && *s != "none" && *s != "unknown")
+            .filter(|(s, _)| *s != &arm.name && !RESERVED_ARM_NAMES.contains(&s.as_str()))
             .map(|(_, v)| v)
             .sum()
     };
