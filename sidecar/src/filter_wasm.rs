@@ -3,8 +3,6 @@
 //! key is read once at startup and its SHA-256 computed then; the same bytes are served until the process exits,
 //! so the digest in the `WasmPlugin` and the bytes Envoy loads cannot drift apart while the pod runs.
 
-use std::sync::OnceLock;
-
 use bytes::Bytes;
 use warp::http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 
@@ -41,18 +39,6 @@ impl FilterWasm {
             sha256,
         })
     }
-}
-
-static SERVED: OnceLock<FilterWasm> = OnceLock::new();
-
-/// Makes `module` the one `GET /v1/filter.wasm` serves. Called once at startup; a second call is ignored.
-pub fn install(module: FilterWasm) {
-    let _ = SERVED.set(module);
-}
-
-/// The installed module, if the `filter_wasm` key was set.
-pub fn served() -> Option<&'static FilterWasm> {
-    SERVED.get()
 }
 
 /// The answer to `GET /v1/filter.wasm`: the module with `ETag` and `x-kvab-sha256`, `304` when `If-None-Match`

@@ -9,29 +9,39 @@ use kvab_contract::{ErrorBody, ENDPOINTS_PATH};
 use warp::http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use warp::Filter;
 
+use crate::filter_wasm::FilterWasm;
 use crate::reports::Reports;
 use crate::state::State;
+
+/// Everything the HTTP layer answers from, passed in rather than global: a test builds exactly the app it
+/// needs, and two apps in one process cannot see each other's module or counts.
+pub struct App {
+    pub state: Arc<State>,
+    pub reports: Arc<Reports>,
+    /// The module of `GET /v1/filter.wasm`, when the `filter_wasm` key is set.
+    pub filter_module: Option<FilterWasm>,
+}
 
 const JSON: &str = "application/json";
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 pub fn routes(
-    state: Arc<State>,
-    reports: Arc<Reports>,
+    app: Arc<App>,
 ) -> impl Filter<Extract = (Response<Bytes>,), Error = std::convert::Infallible>
        + Clone
        + Send
        + Sync
        + 'static {
     // The one route with a body; everything else (including other methods on it) is `handle`'s.
-    let report_state = state.clone();
+    let report_app = app.clone();
     let post_reports = warp::post()
         .and(warp::path!("v1" / "reports"))
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
         .then(move |headers: HeaderMap, body| {
-            let (state, reports) = (report_state.clone(), reports.clone());
+            let app = report_app.clone();
             async move {
+                let state = &app.state;
                 // A header that is not visible ASCII is the client's error, named.
                 let text = |name: header::HeaderName| match headers.get(&name) {
                     None => Ok(None),
@@ -46,12 +56,13 @@ pub fn routes(
                                 "invalid_header",
                                 &format!("the {name} header is not visible ASCII"),
                             );
-                            count(&state, "reports", &response);
+                            count(state, "reports", &response);
                             return response;
                         }
                     };
-                let answer = reports
-                    .receive(&state, authorization, content_type, Box::pin(body))
+                let answer = app
+                    .reports
+                    .receive(state, authorization, content_type, Box::pin(body))
                     .await;
                 let response = match answer.body {
                     Ok(ack) => match serde_json::to_vec(&ack) {
@@ -64,7 +75,7 @@ pub fn routes(
                     },
                     Err((code, message)) => error(answer.status, code, &message),
                 };
-                count(&state, "reports", &response);
+                count(state, "reports", &response);
                 response
             }
         });
@@ -73,7 +84,7 @@ pub fn routes(
         .and(warp::header::headers_cloned())
         .map(
             move |method: Method, path: warp::path::FullPath, headers: HeaderMap| {
-                handle(&state, &method, path.as_str(), &headers)
+                handle(&app, &method, path.as_str(), &headers)
             },
         );
     post_reports.or(everything_else).unify()
@@ -88,7 +99,8 @@ fn count(state: &State, route: &str, response: &Response<Bytes>) {
 }
 
 /// Answers one request. Public for handler tests that need no socket.
-pub fn handle(state: &State, method: &Method, path: &str, headers: &HeaderMap) -> Response<Bytes> {
+pub fn handle(app: &App, method: &Method, path: &str, headers: &HeaderMap) -> Response<Bytes> {
+    let state = &app.state;
     let route = match path {
         ENDPOINTS_PATH => "endpoints",
         "/healthz" => "healthz",
@@ -124,7 +136,7 @@ pub fn handle(state: &State, method: &Method, path: &str, headers: &HeaderMap) -
             "endpoints" => endpoints(state, headers),
             "healthz" => json(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}")),
             "readyz" => readyz(state),
-            "filter_wasm" => crate::filter_wasm::respond(crate::filter_wasm::served(), headers),
+            "filter_wasm" => crate::filter_wasm::respond(app.filter_module.as_ref(), headers),
             "metrics" => metrics(state),
             // POST /v1/reports is answered by its own filter in `routes`.
             _ => error(
@@ -183,7 +195,7 @@ fn readyz(state: &State) -> Response<Bytes> {
 }
 
 fn metrics(state: &State) -> Response<Bytes> {
-    match state.metrics.render(state) {
+    match state.render_metrics() {
         Ok(text) => {
             let mut response = with_status(StatusCode::OK, Bytes::from(text));
             response.headers_mut().insert(
@@ -253,13 +265,16 @@ mod tests {
         if let Some(tag) = if_none_match {
             request = request.header("if-none-match", tag);
         }
-        request
-            .reply(&routes(state.clone(), test_reports(state)))
-            .await
+        request.reply(&routes(test_app(state))).await
     }
 
-    fn test_reports(state: &State) -> Arc<Reports> {
-        Arc::new(Reports::open(vec!["nvlink".into(), "fs".into()], None, None, state).unwrap())
+    fn test_app(state: &Arc<State>) -> Arc<App> {
+        let reports = Reports::open(vec!["nvlink".into(), "fs".into()], None, None, state).unwrap();
+        Arc::new(App {
+            state: state.clone(),
+            reports: Arc::new(reports),
+            filter_module: None,
+        })
     }
 
     fn error_code(response: &Response<Bytes>) -> String {
@@ -323,7 +338,7 @@ mod tests {
         let response = warp::test::request()
             .method("POST")
             .path("/v1/endpoints")
-            .reply(&routes(state.clone(), test_reports(&state)))
+            .reply(&routes(test_app(&state)))
             .await;
         assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(response.headers()[header::ALLOW], "GET");

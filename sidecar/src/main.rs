@@ -80,7 +80,7 @@ fn main() -> ExitCode {
         println!("{line}");
         return ExitCode::SUCCESS;
     }
-    if let Some(module) = filter_module {
+    if let Some(module) = &filter_module {
         log::info!(
             "serving {} ({} bytes, sha256 {}) at GET {}",
             module.path,
@@ -88,7 +88,6 @@ fn main() -> ExitCode {
             module.sha256,
             filter_wasm::PATH
         );
-        filter_wasm::install(module);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -100,7 +99,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
+    match runtime.block_on(serve(config, filter_module)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e:#}");
@@ -131,7 +130,10 @@ fn summary(config: &Config) -> String {
     )
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(
+    config: Config,
+    filter_module: Option<filter_wasm::FilterWasm>,
+) -> anyhow::Result<()> {
     let unready_after = match &config.source {
         Source::Kubernetes(k) => k.unready_after,
         Source::Static(_) => Duration::MAX,
@@ -183,7 +185,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     });
 
     let mut server_shutdown = shutdown_rx.clone();
-    let server = server::run(listener, http::routes(state.clone(), reports), async move {
+    let app = Arc::new(http::App {
+        state: state.clone(),
+        reports,
+        filter_module,
+    });
+    let server = server::run(listener, http::routes(app), async move {
         let _ = server_shutdown.changed().await;
     });
     let mut server_task = tokio::spawn(server);

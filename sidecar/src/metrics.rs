@@ -3,13 +3,23 @@
 //! `kvab_routed_requests_total` and `kvab_reporters` are the saved report ledger itself, read at scrape
 //! time: a count shows if and only if it is saved, and both saturate alike at 2^64-1.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use prometheus::{
     Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::state::State;
+use crate::state::{ProbeResult, RoutedCounts, Snapshot};
+
+/// What the gauges show at one scrape: values read once from the state, so the metrics depend on data, not
+/// on where it is kept.
+pub struct Scrape<'a> {
+    pub ready: bool,
+    pub snapshot: Option<&'a Snapshot>,
+    pub probes: &'a BTreeMap<(String, String), ProbeResult>,
+    pub routed: &'a RoutedCounts,
+}
 
 /// Values of `kvab_reports_received_total{result}`.
 pub const REPORT_RESULTS: [&str; 8] = [
@@ -141,16 +151,15 @@ impl Metrics {
         Ok(metrics)
     }
 
-    /// Recomputes the gauges from `state` and returns the text exposition format.
-    pub fn render(&self, state: &State) -> anyhow::Result<Vec<u8>> {
+    /// Recomputes the gauges from `scrape` and returns the text exposition format.
+    pub fn render(&self, scrape: &Scrape) -> anyhow::Result<Vec<u8>> {
         let _guard = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
         self.backend_endpoints.reset();
         self.unlabeled_proxies.reset();
         self.proxy_metrics_up.reset();
         self.proxy_metrics_status_code.reset();
-        self.ready
-            .set(i64::from(state.not_ready_reason().is_none()));
-        if let Some(snapshot) = state.snapshot() {
+        self.ready.set(i64::from(scrape.ready));
+        if let Some(snapshot) = scrape.snapshot {
             for (arm, counts) in &snapshot.counts {
                 self.backend_endpoints
                     .with_label_values(&[arm.as_str(), "ready"])
@@ -172,7 +181,7 @@ impl Metrics {
             self.last_sync
                 .set(snapshot.last_sync.as_millisecond() as f64 / 1000.0);
         }
-        for ((arm, pod), result) in state.probe_results() {
+        for ((arm, pod), result) in scrape.probes {
             let labels = [arm.as_str(), pod.as_str()];
             self.proxy_metrics_up
                 .with_label_values(&labels)
@@ -182,7 +191,7 @@ impl Metrics {
                 .set(i64::from(result.status.unwrap_or(0)));
         }
         self.routed_requests.reset();
-        let routed = state.routed();
+        let routed = scrape.routed;
         for (key, count) in &routed.counters {
             self.routed_requests
                 .with_label_values(&[&key.requested, &key.served, &key.pod, &key.code_class])
@@ -207,12 +216,12 @@ mod tests {
 
     use super::*;
     use crate::index::{Index, Proxy};
-    use crate::state::ProbeResult;
+    use crate::state::State;
 
     #[test]
     fn gauges_follow_the_snapshot_and_probes() {
         let state = State::new(Duration::from_secs(30)).unwrap();
-        let before = String::from_utf8(state.metrics.render(&state).unwrap()).unwrap();
+        let before = String::from_utf8(state.render_metrics().unwrap()).unwrap();
         assert!(before.contains("kvab_ready 0"), "{before}");
         assert!(
             !before.contains("kvab_backend_endpoints{"),
@@ -239,7 +248,7 @@ mod tests {
             ("nvlink".into(), "ns/p2p".into()),
             ProbeResult { status: Some(404) },
         )]));
-        let text = String::from_utf8(state.metrics.render(&state).unwrap()).unwrap();
+        let text = String::from_utf8(state.render_metrics().unwrap()).unwrap();
         for line in [
             "kvab_ready 1",
             "kvab_backend_endpoints{backend=\"nvlink\",state=\"ready\"} 1",
@@ -258,7 +267,7 @@ mod tests {
 
         // A pod that left the map disappears from the probe gauges at the next scrape.
         state.set_probe_results(BTreeMap::new());
-        let text = String::from_utf8(state.metrics.render(&state).unwrap()).unwrap();
+        let text = String::from_utf8(state.render_metrics().unwrap()).unwrap();
         assert!(!text.contains("kvab_proxy_metrics_up{"), "{text}");
     }
 }

@@ -404,7 +404,7 @@ mod tests {
 
     /// `kvab_routed_requests_total` summed, as a scrape of /metrics shows it.
     fn shown(state: &State) -> f64 {
-        let text = String::from_utf8(state.metrics.render(state).unwrap()).unwrap();
+        let text = String::from_utf8(state.render_metrics().unwrap()).unwrap();
         text.lines()
             .filter(|l| l.starts_with("kvab_routed_requests_total{"))
             .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())

@@ -12,7 +12,7 @@ use kvab_contract::Endpoint;
 
 use crate::index::{ArmCounts, View};
 use crate::ledger::RoutedKey;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Scrape};
 
 /// The routing counts `/metrics` shows: the report ledger as last saved (or as kept, without a
 /// state file). Published whole, so a scrape never sees half a report.
@@ -243,6 +243,19 @@ impl State {
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
+    }
+
+    /// `/metrics`: the counters, and the gauges computed from the current snapshot, probes and ledger.
+    pub fn render_metrics(&self) -> anyhow::Result<Vec<u8>> {
+        let snapshot = self.snapshot();
+        let probes = self.probe_results();
+        let routed = self.routed();
+        self.metrics.render(&Scrape {
+            ready: self.not_ready_reason().is_none(),
+            snapshot: snapshot.as_deref(),
+            probes: &probes,
+            routed: &routed,
+        })
     }
 }
 
