@@ -305,6 +305,47 @@ pub fn judge_spread(
     }
 }
 
+/// Step 4's pool, `(arm, proxy)`, and what each proxy answered below 500, with where the counts come from:
+/// the sidecar's map and counters when both are there, else the proxy URLs and the responses' endpoint tag.
+pub fn pool_and_counts(
+    map: Option<&[(String, String, String, bool)]>,
+    delta: &Counters,
+    proxies: &[(Arm, Result<String, String>)],
+    shots: &[Shot],
+    endpoint_header: &str,
+) -> (Vec<(String, String)>, BTreeMap<String, f64>, &'static str) {
+    if let (Some(map), Some(_)) = (map, &delta.routed) {
+        let pool = map
+            .iter()
+            .filter(|(.., ready)| *ready)
+            .map(|(arm, pod, ..)| (arm.clone(), pod.clone()))
+            .collect();
+        return (
+            pool,
+            delta.answered_by_pod(NO_ARM),
+            "sidecar counters, answers below 500",
+        );
+    }
+    let pool = proxies
+        .iter()
+        .filter_map(|(arm, url)| {
+            url.as_ref().ok().map(|u| {
+                (
+                    arm.name.clone(),
+                    u.trim_start_matches("http://").to_string(),
+                )
+            })
+        })
+        .collect();
+    let mut counts: BTreeMap<String, f64> = BTreeMap::new();
+    for exchange in shots.iter().flatten().filter(|e| e.status < 500) {
+        if let Some(endpoint) = exchange.header(endpoint_header) {
+            *counts.entry(endpoint.to_string()).or_default() += 1.0;
+        }
+    }
+    (pool, counts, "response endpoint tags, answers below 500")
+}
+
 /// "No misroutes": over the whole check, no request tagged for one arm was served by another.
 pub fn judge_misroutes(delta: &Counters, arms: &[Arm]) -> Check {
     let name = "step4/misroutes";
@@ -383,6 +424,87 @@ pub fn format_p(p: f64) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    fn answered(status: u16, endpoint: &str) -> Shot {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-kv-backend-endpoint", endpoint.parse().unwrap());
+        Ok(Exchange {
+            status,
+            headers,
+            body: bytes::Bytes::new(),
+            time_to_first_byte: Duration::ZERO,
+            total: Duration::ZERO,
+        })
+    }
+
+    #[test]
+    fn the_pool_comes_from_the_sidecar_when_it_counted_else_from_the_response_tags() {
+        let map = vec![
+            (
+                "nvlink".to_string(),
+                "ns/a".to_string(),
+                "10.0.0.1:8080".to_string(),
+                true,
+            ),
+            (
+                "fs".to_string(),
+                "ns/b".to_string(),
+                "10.0.0.2:8080".to_string(),
+                false,
+            ),
+        ];
+        let counted = Counters {
+            routed: Some(BTreeMap::from([
+                (
+                    ("none".into(), "nvlink".into(), "ns/a".into(), "2xx".into()),
+                    4.0,
+                ),
+                (
+                    ("none".into(), "nvlink".into(), "ns/a".into(), "5xx".into()),
+                    9.0,
+                ),
+                (("fs".into(), "fs".into(), "ns/b".into(), "2xx".into()), 7.0),
+            ])),
+            served: None,
+        };
+        let arms = crate::check::options::Options::default().arms;
+        let proxies = vec![
+            (arms[0].clone(), Ok("http://127.0.0.1:18101".to_string())),
+            (arms[1].clone(), Err("no --proxy-url".to_string())),
+        ];
+        let shots = vec![
+            answered(200, "127.0.0.1:18101"),
+            answered(503, "127.0.0.1:18101"),
+            Err("timeout".into()),
+        ];
+        let header = "x-kv-backend-endpoint";
+        let (pool, counts, source) =
+            pool_and_counts(Some(&map), &counted, &proxies, &shots, header);
+        assert_eq!(
+            pool,
+            vec![("nvlink".to_string(), "ns/a".to_string())],
+            "ready only"
+        );
+        assert_eq!(
+            counts,
+            BTreeMap::from([("ns/a".to_string(), 4.0)]),
+            "untagged, below 500"
+        );
+        assert!(source.starts_with("sidecar counters"));
+
+        let uncounted = Counters::default();
+        let (pool, counts, source) =
+            pool_and_counts(Some(&map), &uncounted, &proxies, &shots, header);
+        assert_eq!(
+            pool,
+            vec![("nvlink".to_string(), "127.0.0.1:18101".to_string())]
+        );
+        assert_eq!(
+            counts,
+            BTreeMap::from([("127.0.0.1:18101".to_string(), 1.0)])
+        );
+        assert!(source.starts_with("response endpoint tags"));
+    }
 
     fn pool() -> Vec<(String, String)> {
         vec![

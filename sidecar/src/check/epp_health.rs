@@ -1,6 +1,36 @@
 //! EPP health: the scheduler's log since the check started must not show the runbook's selection failures.
 
+use super::kube;
+use super::options::Options;
 use super::report::{signals, Check, Outcome};
+
+/// Reads the log of every pod of `--epp-deployment` since `since_seconds` ago and judges it; local mode has
+/// no EPP.
+pub async fn check(
+    options: &Options,
+    cluster: Option<&kube::Cluster>,
+    since_seconds: i64,
+) -> Check {
+    let Some(cluster) = cluster else {
+        return Check::new(
+            "epp/health",
+            "no selection failures in the EPP log",
+            "local mode: no EPP",
+            Outcome::Skip,
+        );
+    };
+    let names = &options.cluster;
+    match cluster
+        .deployment_logs(&names.epp_namespace, &names.epp_deployment, since_seconds)
+        .await
+    {
+        Ok(logs) => judge_epp_logs(&logs),
+        Err(e) => Check::new("epp/health", "EPP log readable", e.message, Outcome::Inconclusive)
+            .diagnosis(
+                "cannot read the scheduler's log: check --epp-namespace, --epp-deployment and the RBAC in docs/check.md",
+            ),
+    }
+}
 
 /// What the runbook greps for (case-insensitively) in the EPP log.
 pub const FAILURE_PATTERNS: [&str; 2] = [

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use kvab_contract::EndpointMap;
 
 use super::prom::{self, Sample};
+use super::requests;
 use crate::client::{HttpClient, Request};
 
 pub struct SidecarView {
@@ -19,10 +20,8 @@ pub struct SidecarView {
 
 impl SidecarView {
     pub async fn fetch(client: &HttpClient, url: &str) -> Self {
-        let map = client
-            .send(&Request::get(format!("{url}/v1/endpoints")))
-            .await;
-        let metrics = client.send(&Request::get(format!("{url}/metrics"))).await;
+        let map = client.send(&requests::endpoint_map(url)).await;
+        let metrics = client.send(&requests::metrics(url)).await;
         let mut error = None;
         let map = match map {
             Ok(e) if e.status == 200 => serde_json::from_slice(&e.body)
@@ -87,7 +86,7 @@ impl Counters {
     ) -> Self {
         let mut counters = Counters::default();
         if let Some(url) = sidecar {
-            if let Some(samples) = metrics(client, &format!("{url}/metrics")).await {
+            if let Some(samples) = metrics(client, &requests::metrics(url)).await {
                 let mut routed = Routed::new();
                 for s in prom::select(&samples, "kvab_routed_requests_total", &[]) {
                     let label = |k: &str| s.labels.get(k).cloned().unwrap_or_default();
@@ -104,7 +103,7 @@ impl Counters {
             }
         }
         if let Some(url) = envoy_admin {
-            if let Some(samples) = metrics(client, &format!("{url}/stats/prometheus")).await {
+            if let Some(samples) = metrics(client, &requests::envoy_stats(url)).await {
                 let mut served = Served::new();
                 for s in prom::select(&samples, "kvab_served_total", &[]) {
                     let label = |k: &str| s.labels.get(k).cloned().unwrap_or_default();
@@ -180,8 +179,8 @@ impl Counters {
     }
 }
 
-async fn metrics(client: &HttpClient, url: &str) -> Option<Vec<Sample>> {
-    match client.send(&Request::get(url.to_string())).await {
+async fn metrics(client: &HttpClient, request: &Request) -> Option<Vec<Sample>> {
+    match client.send(request).await {
         Ok(e) if e.status == 200 => Some(prom::parse(&String::from_utf8_lossy(&e.body))),
         _ => None,
     }

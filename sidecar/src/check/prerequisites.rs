@@ -3,9 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use super::options::Arm;
+use super::observe::SidecarView;
+use super::options::{Arm, Mode, Options};
 use super::prom::{self, Sample};
 use super::report::{signals, Check, Outcome};
+use super::requests;
+use super::targets::Targets;
+use crate::client::HttpClient;
 
 /// What the check needs to know about a pod (cluster mode).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -302,6 +306,53 @@ pub fn judge_metrics(probes: &[MetricsProbe]) -> Check {
         result,
     )
     .diagnosis_unless_pass(diagnosis)
+}
+
+/// Prerequisite 3: every proxy's `/metrics`, as the sidecar's probes saw it and (locally) read directly.
+pub async fn probe_metrics(
+    options: &Options,
+    client: &HttpClient,
+    sidecar: Option<&SidecarView>,
+    targets: &Targets,
+) -> Vec<MetricsProbe> {
+    let mut probes = Vec::new();
+    let probe = |url: String| async move {
+        client
+            .send(&requests::metrics(&url))
+            .await
+            .map(|e| e.status)
+    };
+    match sidecar.filter(|v| v.map.is_some()) {
+        Some(view) => {
+            for (arm, pod, address, _) in view.endpoints() {
+                // Pod addresses are reachable from here only locally.
+                let direct = match options.mode {
+                    Mode::Local => Some(probe(format!("http://{address}")).await),
+                    Mode::Cluster => None,
+                };
+                let sidecar = sidecar_probe_status(&view.samples, &arm, &pod);
+                probes.push(MetricsProbe {
+                    arm,
+                    pod,
+                    direct,
+                    sidecar,
+                });
+            }
+        }
+        None => {
+            for (arm, url) in &targets.proxies {
+                if let Ok(url) = url {
+                    probes.push(MetricsProbe {
+                        arm: arm.name.clone(),
+                        pod: url.clone(),
+                        direct: Some(probe(url.clone()).await),
+                        sidecar: None,
+                    });
+                }
+            }
+        }
+    }
+    probes
 }
 
 #[cfg(test)]

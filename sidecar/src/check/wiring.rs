@@ -5,6 +5,8 @@
 
 use serde_json::Value;
 
+use super::kube;
+use super::options::Options;
 use super::report::{Check, Outcome};
 
 /// Parses a YAML (or JSON) document into a JSON value.
@@ -209,6 +211,97 @@ fn selects_on(plugin: &Value, label: &str) -> bool {
                 .any(|e| e.get("key").and_then(Value::as_str) == Some(label))
         });
     in_labels || in_expressions
+}
+
+/// Step 2: the HTTPRoute and the EPP configuration, from files or the cluster, judged.
+pub async fn check(options: &Options, cluster: Option<&kube::Cluster>) -> Vec<Check> {
+    use kube::ReadError;
+    let names = &options.cluster;
+    // A file that cannot be read or parsed, or an object that is absent or not YAML, is a finding
+    // (fail); an API read that failed (5xx, RBAC, network) teaches nothing (inconclusive).
+    let finding = |message: String| ReadError {
+        finding: true,
+        message,
+    };
+    let read_file = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .map_err(|e| finding(format!("{}: {e}", path.display())))
+            .and_then(|t| parse_document(&t).map_err(finding))
+            .map(|v| (v, path.display().to_string()))
+    };
+    let route: Option<Result<(serde_json::Value, String), ReadError>> =
+        match (cluster, &options.httproute_file) {
+            (_, Some(path)) => Some(read_file(path)),
+            (Some(cluster), None) => Some(
+                cluster
+                    .httproute(&names.gateway_namespace, &names.httproute)
+                    .await
+                    .map(|v| {
+                        (
+                            v,
+                            format!("httproute {}/{}", names.gateway_namespace, names.httproute),
+                        )
+                    }),
+            ),
+            (None, None) => None,
+        };
+    let epp: Option<Result<(serde_json::Value, String), ReadError>> =
+        match (cluster, &options.epp_config_file) {
+            (_, Some(path)) => Some(read_file(path)),
+            (Some(cluster), None) => Some(
+                cluster
+                    .configmap_value(
+                        &names.epp_namespace,
+                        &names.epp_configmap,
+                        &names.epp_config_key,
+                    )
+                    .await
+                    .and_then(|t| {
+                        parse_document(&t).map_err(|e| {
+                            finding(format!(
+                                "ConfigMap {}/{} key {:?}: {e}",
+                                names.epp_namespace, names.epp_configmap, names.epp_config_key
+                            ))
+                        })
+                    })
+                    .map(|v| {
+                        (
+                            v,
+                            format!("configmap {}/{}", names.epp_namespace, names.epp_configmap),
+                        )
+                    }),
+            ),
+            (None, None) => None,
+        };
+    let unread = |name: &str, flag: &str, e: Option<ReadError>| match e {
+        None => Check::new(
+            name,
+            "read",
+            format!("local mode without {flag}"),
+            Outcome::Skip,
+        ),
+        Some(e) if e.finding => Check::new(name, "read", e.message, Outcome::Fail),
+        Some(e) => Check::new(name, "read", e.message, Outcome::Inconclusive).diagnosis(
+            "the Kubernetes API did not answer the read; nothing was learned about the wiring",
+        ),
+    };
+    vec![
+        match route {
+            Some(Ok((value, source))) => judge_httproute(&value, &names.inference_pool, &source),
+            Some(Err(e)) => unread("step2/httproute", "--httproute-file", Some(e)),
+            None => unread("step2/httproute", "--httproute-file", None),
+        },
+        match epp {
+            Some(Ok((value, source))) => judge_epp_config(
+                &value,
+                &names.backend_label,
+                options.require_label_selector,
+                &source,
+            ),
+            Some(Err(e)) => unread("step2/epp-config", "--epp-config-file", Some(e)),
+            None => unread("step2/epp-config", "--epp-config-file", None),
+        },
+    ]
 }
 
 #[cfg(test)]
