@@ -80,6 +80,31 @@ pub struct Ledger {
     reporters: HashMap<String, Reporter>,
     #[serde(with = "routed")]
     routed: BTreeMap<RoutedKey, u64>,
+    /// Persistence bookkeeping: this ledger holds every journal record of the generations before this
+    /// one (see `crate::store`). 0 in a ledger saved before there was a journal.
+    #[serde(default)]
+    pub journal_generation: u64,
+}
+
+/// What one applied report changed, as the journal keeps it: replaying it gives the ledger the same
+/// state, whatever map the pods were in when it was first applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub reporter: String,
+    pub sequence: u64,
+    pub baselined: bool,
+    /// The report's totals (the entries it changed).
+    #[serde(with = "entries")]
+    totals: HashMap<EntryKey, u64>,
+    increments: Vec<(RoutedKey, u64)>,
+}
+
+/// How to take one applied report back out, when saving it failed.
+#[derive(Debug)]
+pub struct Undo {
+    reporter: String,
+    previous: Option<Reporter>,
+    routed: Vec<(RoutedKey, Option<u64>)>,
 }
 
 impl Ledger {
@@ -87,6 +112,7 @@ impl Ledger {
     /// currently owns an endpoint address (`None`: not in the map); `baseline_unknown` makes the
     /// first report of a reporter a starting point instead of counting its totals.
     /// An invalid report changes nothing and says why.
+    #[allow(dead_code)] // The unit tests and the fuzz model use the plain form.
     pub fn apply(
         &mut self,
         report: &Report,
@@ -94,86 +120,140 @@ impl Ledger {
         pod_of: &dyn Fn(&str) -> Option<String>,
         baseline_unknown: bool,
     ) -> Result<Outcome, String> {
+        self.apply_logged(report, arms, pod_of, baseline_unknown)
+            .map(|(outcome, _)| outcome)
+    }
+
+    /// `apply`, also returning, when the ledger changed, the journal record of the change and how to
+    /// undo it.
+    pub fn apply_logged(
+        &mut self,
+        report: &Report,
+        arms: &[String],
+        pod_of: &dyn Fn(&str) -> Option<String>,
+        baseline_unknown: bool,
+    ) -> Result<(Outcome, Option<(Record, Undo)>), String> {
         let totals = validate(report, arms)?;
         let previous = self.reporters.get(&report.reporter);
-        match previous {
-            Some(p) if report.sequence == p.sequence => return Ok(Outcome::Duplicate),
-            Some(p) if report.sequence < p.sequence => return Ok(Outcome::Stale),
-            None if baseline_unknown => {
-                self.reporters.insert(
-                    report.reporter.clone(),
-                    Reporter {
-                        sequence: report.sequence,
-                        totals,
-                        regressions: 0,
-                        baselined: true,
-                    },
-                );
-                return Ok(Outcome::Baselined);
-            }
-            _ => {}
-        }
-        let empty = HashMap::new();
-        let before = previous.map_or(&empty, |p| &p.totals);
-        let baselined = previous.is_some_and(|p| p.baselined);
+        let baselined = match previous {
+            Some(p) if report.sequence == p.sequence => return Ok((Outcome::Duplicate, None)),
+            Some(p) if report.sequence < p.sequence => return Ok((Outcome::Stale, None)),
+            Some(p) => p.baselined,
+            None => baseline_unknown,
+        };
+        // The first report of a reporter this ledger does not know, taken as a starting point.
+        let starting_point = previous.is_none() && baseline_unknown;
         let mut increments: BTreeMap<RoutedKey, u64> = BTreeMap::new();
-        for (key, &count) in &totals {
-            let was = match before.get(key) {
-                Some(&was) => was,
-                None if baselined => count,
-                None => 0,
-            };
-            if count < was {
-                let mut message = format!(
-                    "count for requested={} served={} endpoint={:?} code_class={} went down from {was} to {count}; totals are cumulative",
-                    key.0, key.1, key.2, key.3
-                );
-                if let Some(reporter) = self.reporters.get_mut(&report.reporter) {
-                    reporter.regressions = reporter.regressions.saturating_add(1);
-                    if reporter.regressions >= SHARED_ID_REGRESSIONS {
-                        message.push_str(&format!(
-                            " ({} reports in a row: two filter VMs are sending under this one reporter id, and about half of their counts are refused)",
-                            reporter.regressions
-                        ));
-                    }
+        if !starting_point {
+            let empty = HashMap::new();
+            let before = previous.map_or(&empty, |p| &p.totals);
+            for (key, &count) in &totals {
+                let was = match before.get(key) {
+                    Some(&was) => was,
+                    None if baselined => count,
+                    None => 0,
+                };
+                if count < was {
+                    return Err(self.regression(&report.reporter, key, was, count));
                 }
-                return Err(message);
-            }
-            if count > was {
-                let (requested, served, endpoint, code_class) = key.clone();
-                let pod = match endpoint.as_str() {
-                    "" => NO_POD.to_owned(),
-                    address => pod_of(address).unwrap_or_else(|| UNKNOWN_POD.to_owned()),
-                };
-                let routed = RoutedKey {
-                    requested,
-                    served,
-                    pod,
-                    code_class,
-                };
-                // Saturating: a counter stuck at u64::MAX is wrong but never goes down, which
-                // Prometheus would read as a reset.
-                let increment = increments.entry(routed).or_default();
-                *increment = increment.saturating_add(count - was);
+                if count > was {
+                    let (requested, served, endpoint, code_class) = key.clone();
+                    let pod = match endpoint.as_str() {
+                        "" => NO_POD.to_owned(),
+                        address => pod_of(address).unwrap_or_else(|| UNKNOWN_POD.to_owned()),
+                    };
+                    let routed = RoutedKey {
+                        requested,
+                        served,
+                        pod,
+                        code_class,
+                    };
+                    // Saturating: a counter stuck at u64::MAX is wrong but never goes down, which
+                    // Prometheus would read as a reset.
+                    let increment = increments.entry(routed).or_default();
+                    *increment = increment.saturating_add(count - was);
+                }
             }
         }
-        // Entries a reporter stops sending keep their last total (cumulative counts never vanish).
-        let mut merged = previous.map(|p| p.totals.clone()).unwrap_or_default();
-        merged.extend(totals);
-        self.reporters.insert(
-            report.reporter.clone(),
-            Reporter {
-                sequence: report.sequence,
-                totals: merged,
-                regressions: 0,
-                baselined,
-            },
-        );
-        for (key, n) in &increments {
+        let record = Record {
+            reporter: report.reporter.clone(),
+            sequence: report.sequence,
+            baselined,
+            totals,
+            increments: increments.into_iter().collect(),
+        };
+        let undo = self.replay(&record);
+        let outcome = if starting_point {
+            Outcome::Baselined
+        } else {
+            Outcome::Applied(record.increments.clone())
+        };
+        Ok((outcome, Some((record, undo))))
+    }
+
+    /// Applies a journal record (also the second half of `apply_logged`); returns its undo.
+    pub fn replay(&mut self, record: &Record) -> Undo {
+        let routed = record
+            .increments
+            .iter()
+            .map(|(key, _)| (key.clone(), self.routed.get(key).copied()))
+            .collect();
+        for (key, n) in &record.increments {
             let counter = self.routed.entry(key.clone()).or_default();
             *counter = counter.saturating_add(*n);
         }
-        Ok(Outcome::Applied(increments.into_iter().collect()))
+        // Entries a reporter stops sending keep their last total (cumulative counts never vanish).
+        let previous = self.reporters.get(&record.reporter).cloned();
+        let mut totals = previous
+            .as_ref()
+            .map(|p| p.totals.clone())
+            .unwrap_or_default();
+        totals.extend(record.totals.iter().map(|(k, v)| (k.clone(), *v)));
+        self.reporters.insert(
+            record.reporter.clone(),
+            Reporter {
+                sequence: record.sequence,
+                totals,
+                regressions: 0,
+                baselined: record.baselined,
+            },
+        );
+        Undo {
+            reporter: record.reporter.clone(),
+            previous,
+            routed,
+        }
+    }
+
+    /// Takes an applied report back out. Undos must be undone newest first.
+    pub fn undo(&mut self, undo: Undo) {
+        for (key, before) in undo.routed {
+            match before {
+                Some(n) => self.routed.insert(key, n),
+                None => self.routed.remove(&key),
+            };
+        }
+        match undo.previous {
+            Some(reporter) => self.reporters.insert(undo.reporter, reporter),
+            None => self.reporters.remove(&undo.reporter),
+        };
+    }
+
+    fn regression(&mut self, reporter_id: &str, key: &EntryKey, was: u64, count: u64) -> String {
+        let mut message = format!(
+            "count for requested={} served={} endpoint={:?} code_class={} went down from {was} to {count}; totals are cumulative",
+            key.0, key.1, key.2, key.3
+        );
+        if let Some(reporter) = self.reporters.get_mut(reporter_id) {
+            reporter.regressions = reporter.regressions.saturating_add(1);
+            if reporter.regressions >= SHARED_ID_REGRESSIONS {
+                message.push_str(&format!(
+                    " ({} reports in a row: two filter VMs are sending under this one reporter id, and about half of their counts are refused)",
+                    reporter.regressions
+                ));
+            }
+        }
+        message
     }
 
     /// Every counter, for exporting (and for restoring them after a restart).

@@ -18,6 +18,7 @@ mod reports;
 mod selector;
 mod server;
 mod state;
+mod store;
 mod watch;
 
 use std::process::ExitCode;

@@ -2,39 +2,60 @@
 //!
 //! Across a restart the counters must neither go back (Prometheus would take it for a reset and
 //! `rate()` would count everything again) nor count anything twice. So a count is visible on
-//! `/metrics` if and only if it is in the saved ledger: a report is applied to a copy of the
-//! ledger, the copy is saved (with `reports.state_file`), and only then does it replace the ledger
-//! and get published, with no await in between. That sequence runs on a task of its own, so a
-//! client that goes away mid-report (the filter's call timeout) cannot stop it half done; a failed
-//! save answers 503 and changes nothing, and the filter's next cumulative report applies it once.
-//! Without a state file a restarted sidecar starts at zero and takes the first report of every
-//! filter VM older than itself as a baseline: it may have been counted by the previous run, and
-//! counting it again is worse than missing the requests of the seconds the sidecar was down.
+//! `/metrics` if and only if it is durably in the ledger. One writer thread owns that sequence: it
+//! takes the reports waiting (a batch), applies them to the ledger, appends them to the journal with
+//! one sync (`crate::store`), and only then publishes the ledger and answers; if the append fails it
+//! undoes the batch and answers 503, and the filter's next cumulative reports apply it once. A
+//! client that goes away (the filter's call timeout) leaves its report to the writer, which is never
+//! interrupted. Without a state file a restarted sidecar starts at zero and takes the first report
+//! of every filter VM older than itself as a baseline: it may have been counted by the previous
+//! run, and counting it again is worse than missing the requests of the seconds the sidecar was down.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use kvab_contract::report::{Report, ReportAck, MAX_REPORT_BYTES};
+use tokio::sync::{mpsc, oneshot};
 use warp::http::StatusCode;
 
 use crate::ledger::{Ledger, Outcome};
 use crate::state::{RoutedCounts, State};
+use crate::store::Store;
+
+/// Reports waiting for the writer, at most; a sender waits beyond that (before anything changed).
+const QUEUE: usize = 4096;
+/// Reports applied and synced together, at most.
+const MAX_BATCH: usize = 512;
 
 pub struct Reports {
-    /// The ledger as saved and published. Locked across apply, save and publish, so reports are
-    /// applied one at a time.
-    ledger: tokio::sync::Mutex<Ledger>,
-    arms: Vec<String>,
-    state_file: Option<PathBuf>,
+    /// The writer's ledger, for tests: it holds the lock across apply, save and publish.
+    #[cfg(test)]
+    ledger: Arc<Mutex<Ledger>>,
+    /// `None` once closed (on drop).
+    jobs: Option<mpsc::Sender<Job>>,
+    writer: Option<std::thread::JoinHandle<()>>,
     /// When set, a report must carry `Authorization: Bearer <token>`.
     token: Option<String>,
     /// Set when no saved ledger was restored: reporters started before this time may have been
     /// counted by a previous run, so their first report is a baseline.
     baseline_before_ms: Option<u64>,
+}
+
+/// One report for the writer, and where its answer goes.
+struct Job {
+    report: Report,
+    baseline: bool,
+    answer: oneshot::Sender<Answer>,
+}
+
+/// Ignores lock poisoning: the writer leaves the ledger consistent before anything can panic.
+fn lock(ledger: &Mutex<Ledger>) -> MutexGuard<'_, Ledger> {
+    ledger
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// An answer for the HTTP layer: status, machine-readable code or result, message.
@@ -57,25 +78,60 @@ fn counts(ledger: &Ledger) -> RoutedCounts {
 }
 
 impl Reports {
-    /// Restores the ledger from `state_file` when it exists and publishes its counts. A file that
-    /// cannot be read as a ledger is moved aside (`.corrupt`) and the sidecar starts as if it had none.
+    /// Restores the ledger from `state_file` (snapshot and journal) when there is one, publishes its
+    /// counts and starts the writer. A state that does not read is an error naming the file.
     pub fn open(
         arms: Vec<String>,
         state_file: Option<PathBuf>,
         token: Option<String>,
-        state: &State,
+        state: &Arc<State>,
     ) -> anyhow::Result<Reports> {
-        let restored = match &state_file {
-            Some(path) => restore(path)?,
-            None => None,
+        let (restored, store) = match &state_file {
+            Some(path) => {
+                let (ledger, store) = Store::open(path)?;
+                if let Some(ledger) = &ledger {
+                    log::info!(
+                        "report state restored from {}: {} reporters",
+                        path.display(),
+                        ledger.reporters()
+                    );
+                }
+                (ledger, Some(store))
+            }
+            None => (None, None),
         };
+        Self::start(arms, restored, store, token, state)
+    }
+
+    /// Publishes the restored counts and starts the writer.
+    fn start(
+        arms: Vec<String>,
+        restored: Option<Ledger>,
+        store: Option<Store>,
+        token: Option<String>,
+        state: &Arc<State>,
+    ) -> anyhow::Result<Reports> {
         let baseline_before_ms = restored.is_none().then(now_ms);
         let ledger = restored.unwrap_or_default();
         state.publish_routed(counts(&ledger));
-        Ok(Reports {
-            ledger: tokio::sync::Mutex::new(ledger),
+        let ledger = Arc::new(Mutex::new(ledger));
+        #[cfg(test)]
+        let writer_ledger = ledger.clone();
+        let (jobs, queue) = mpsc::channel(QUEUE);
+        let writer = Writer {
+            ledger,
             arms,
-            state_file,
+            store,
+            state: state.clone(),
+        };
+        let writer = std::thread::Builder::new()
+            .name("kvab-reports".into())
+            .spawn(move || writer.run(queue))?;
+        Ok(Reports {
+            #[cfg(test)]
+            ledger: writer_ledger,
+            jobs: Some(jobs),
+            writer: Some(writer),
             token,
             baseline_before_ms,
         })
@@ -165,80 +221,154 @@ impl Reports {
                 )
             }
         };
-        // From here on the report is applied to completion whatever happens to the request.
-        let (reports, task_state) = (Arc::clone(self), Arc::clone(state));
-        match tokio::spawn(async move { reports.apply(&task_state, report).await }).await {
-            Ok(answer) => answer,
-            Err(e) => {
-                log::error!("applying a report failed: {e}");
-                Answer {
-                    status: StatusCode::INTERNAL_SERVER_ERROR,
-                    body: Err(("internal", "applying the report failed".into())),
+        // Once queued, the writer applies the report to completion whatever happens to the request.
+        let baseline = self
+            .baseline_before_ms
+            .is_some_and(|since| report.started_at_ms < since);
+        let (answer, answered) = oneshot::channel();
+        let Some(jobs) = &self.jobs else {
+            return internal("the report writer stopped");
+        };
+        let queued = jobs.send(Job {
+            report,
+            baseline,
+            answer,
+        });
+        match queued.await.map(|()| answered) {
+            Ok(answered) => match answered.await {
+                Ok(answer) => answer,
+                Err(_) => internal("the report writer stopped"),
+            },
+            Err(_) => internal("the report writer stopped"),
+        }
+    }
+}
+
+impl Drop for Reports {
+    /// Lets the writer finish the reports queued (and a snapshot being written) before the process goes on.
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+fn internal(message: &str) -> Answer {
+    log::error!("{message}");
+    Answer {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        body: Err(("internal", message.into())),
+    }
+}
+
+/// The one thread that changes the ledger.
+struct Writer {
+    ledger: Arc<Mutex<Ledger>>,
+    arms: Vec<String>,
+    store: Option<Store>,
+    state: Arc<State>,
+}
+
+impl Writer {
+    fn run(mut self, mut queue: mpsc::Receiver<Job>) {
+        while let Some(first) = queue.blocking_recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
                 }
             }
+            self.apply(batch);
+        }
+        if let Some(store) = &mut self.store {
+            store.finish_compaction();
         }
     }
 
-    /// Apply to a copy, save the copy, then make it the ledger and publish it.
-    async fn apply(&self, state: &State, report: Report) -> Answer {
-        let snapshot = state.snapshot();
+    /// Apply every report, append what changed with one sync, then publish and answer; a failed append
+    /// undoes the batch.
+    fn apply(&mut self, batch: Vec<Job>) {
+        let snapshot = self.state.snapshot();
         let pod_of = |address: &str| {
             snapshot
                 .as_ref()
                 .and_then(|s| s.pod_by_address.get(address).cloned())
         };
-        let baseline = self
-            .baseline_before_ms
-            .is_some_and(|since| report.started_at_ms < since);
-
-        let mut ledger = self.ledger.lock().await;
-        let mut next = ledger.clone();
-        let outcome = match next.apply(&report, &self.arms, &pod_of, baseline) {
-            Ok(outcome) => outcome,
-            Err(message) => {
-                // Only the refusal streak changed (not saved): keep it to name a shared id.
-                *ledger = next;
-                log::warn!("report from {:?} refused: {message}", report.reporter);
-                return reject(
-                    state,
+        let mut ledger = lock(&self.ledger);
+        let mut results = Vec::with_capacity(batch.len());
+        let mut records = Vec::new();
+        let mut undos = Vec::new();
+        for job in &batch {
+            let report = &job.report;
+            match ledger.apply_logged(report, &self.arms, &pod_of, job.baseline) {
+                Ok((outcome, change)) => {
+                    if let Some((record, undo)) = change {
+                        records.push(record);
+                        undos.push(undo);
+                    }
+                    results.push(Ok(outcome));
+                }
+                Err(message) => {
+                    log::warn!("report from {:?} refused: {message}", report.reporter);
+                    results.push(Err(message));
+                }
+            }
+        }
+        let saved = match (&mut self.store, records.is_empty()) {
+            (Some(store), false) => store.append(&records),
+            _ => Ok(()),
+        };
+        if let Err(e) = &saved {
+            for undo in undos.into_iter().rev() {
+                ledger.undo(undo);
+            }
+            self.state.metrics.state_write_errors.inc();
+            log::error!(
+                "cannot save the report state (key reports.state_file): {e:#}; {} reports refused, the filter sends them again",
+                records.len()
+            );
+        } else if !records.is_empty() {
+            // Saved: now, and not before, it is visible.
+            self.state.publish_routed(counts(&ledger));
+            if let Some(store) = &mut self.store {
+                store.compact_if_due(&ledger);
+            }
+        }
+        drop(ledger);
+        for (job, result) in batch.into_iter().zip(results) {
+            let answer = match (result, &saved) {
+                (Err(message), _) => reject(
+                    &self.state,
                     StatusCode::BAD_REQUEST,
                     "invalid_report",
                     message,
                     "invalid",
-                );
-            }
-        };
-        if matches!(outcome, Outcome::Applied(_) | Outcome::Baselined) {
-            if let Some(path) = &self.state_file {
-                if let Err(e) = save(path, &next).await {
-                    state.metrics.state_write_errors.inc();
-                    log::error!(
-                        "cannot save the report state to {} (key reports.state_file): {e:#}; report refused, the filter sends it again",
-                        path.display()
-                    );
-                    return reject(
-                        state,
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "state_unavailable",
-                        format!("cannot save the report state: {e:#}; send the report again"),
-                        "unsaved",
-                    );
+                ),
+                (Ok(Outcome::Applied(_) | Outcome::Baselined), Err(e)) => reject(
+                    &self.state,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "state_unavailable",
+                    format!("cannot save the report state: {e:#}; send the report again"),
+                    "unsaved",
+                ),
+                (Ok(outcome), _) => {
+                    self.state
+                        .metrics
+                        .reports_received
+                        .with_label_values(&[outcome.label()])
+                        .inc();
+                    Answer {
+                        status: StatusCode::OK,
+                        body: Ok(ReportAck {
+                            result: outcome.label().to_owned(),
+                        }),
+                    }
                 }
-            }
-            // Saved: now, and not before, it is the ledger and visible.
-            state.publish_routed(counts(&next));
-            *ledger = next;
-        }
-        state
-            .metrics
-            .reports_received
-            .with_label_values(&[outcome.label()])
-            .inc();
-        Answer {
-            status: StatusCode::OK,
-            body: Ok(ReportAck {
-                result: outcome.label().to_owned(),
-            }),
+            };
+            // The client may have gone away; the report is applied (or not) all the same.
+            let _ = job.answer.send(answer);
         }
     }
 }
@@ -304,70 +434,6 @@ where
     }
 }
 
-fn restore(path: &Path) -> anyhow::Result<Option<Ledger>> {
-    let text = match std::fs::read(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => anyhow::bail!(
-            "cannot read {} (key reports.state_file): {e}",
-            path.display()
-        ),
-    };
-    match serde_json::from_slice::<Ledger>(&text) {
-        Ok(ledger) => {
-            log::info!(
-                "report state restored from {}: {} reporters",
-                path.display(),
-                ledger.reporters()
-            );
-            Ok(Some(ledger))
-        }
-        Err(e) => {
-            let aside = path.with_extension("corrupt");
-            log::error!(
-                "report state {} is unreadable ({e}); moved to {} and starting without it",
-                path.display(),
-                aside.display()
-            );
-            std::fs::rename(path, &aside)?;
-            Ok(None)
-        }
-    }
-}
-
-/// Distinguishes this process's temporary files: a save cut off by a crash never shares a name
-/// with the next one.
-static SAVES: AtomicU64 = AtomicU64::new(0);
-
-/// Writes the ledger to a temporary file next to `path`, syncs it, renames it into place and syncs
-/// the directory, so a crash at any point leaves the old or the new state, never half of one.
-async fn save(path: &Path, ledger: &Ledger) -> anyhow::Result<()> {
-    let json = serde_json::to_vec(ledger)?;
-    let path = path.to_path_buf();
-    let tmp = path.with_extension(format!(
-        "tmp.{}.{}",
-        std::process::id(),
-        SAVES.fetch_add(1, Ordering::Relaxed)
-    ));
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        use std::io::Write;
-        let written = (|| -> anyhow::Result<()> {
-            let mut file = std::fs::File::create(&tmp)?;
-            file.write_all(&json)?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-            std::fs::File::open(dir.unwrap_or(Path::new(".")))?.sync_all()?;
-            Ok(())
-        })();
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written
-    })
-    .await?
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
@@ -411,13 +477,14 @@ mod tests {
             .sum()
     }
 
-    fn saved(path: &Path) -> f64 {
-        restore(path)
+    fn saved(path: &std::path::Path) -> f64 {
+        crate::store::load(path)
             .unwrap()
+            .ledger
             .map_or(0.0, |l| l.routed().map(|(_, n)| n as f64).sum())
     }
 
-    fn open(state_file: Option<PathBuf>, state: &State) -> Arc<Reports> {
+    fn open(state_file: Option<PathBuf>, state: &Arc<State>) -> Arc<Reports> {
         Arc::new(
             Reports::open(vec!["nvlink".into(), "fs".into()], state_file, None, state).unwrap(),
         )
@@ -455,7 +522,7 @@ mod tests {
                 }
             }
             // Under the ledger's lock no report is half applied: shown == ledger == saved.
-            let ledger = reports.ledger.lock().await;
+            let ledger = lock(&reports.ledger);
             let kept: f64 = ledger.routed().map(|(_, n)| n as f64).sum();
             assert_eq!(
                 shown(&state),
@@ -481,27 +548,58 @@ mod tests {
         let dir = scratch("unsaved");
         let path = dir.join("reports.json");
         let state = Arc::new(State::new(Duration::from_secs(30)).unwrap());
-        let reports = open(Some(path.clone()), &state);
-        // A non-empty directory where the file goes: the rename into place fails.
-        std::fs::create_dir_all(path.join("in-the-way")).unwrap();
+        let (restored, mut store) = Store::open(&path).unwrap();
+        // The first report moves the journal to generation 1, a device that is always full: every
+        // write there fails (ENOSPC), as on a full volume.
+        store.set_compact_after(1);
+        std::os::unix::fs::symlink("/dev/full", dir.join("reports.json.journal.1")).unwrap();
+        let arms = vec!["nvlink".into(), "fs".into()];
+        let reports = Arc::new(Reports::start(arms, restored, Some(store), None, &state).unwrap());
         let answer = receive(&reports, &state, body("vm", 1, 100)).await;
-        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
-        assert!(matches!(answer.body, Err(("state_unavailable", _))));
-        assert_eq!(shown(&state), 0.0);
-        assert_eq!(state.metrics.state_write_errors.get(), 1);
-        assert_eq!(reports.ledger.lock().await.reporters(), 0);
-        // No temporary file is left behind.
-        let left: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(left, vec![std::ffi::OsString::from("reports.json")]);
-        // Once the state can be written, the filter's resend counts it exactly once.
-        std::fs::remove_dir_all(&path).unwrap();
-        let answer = receive(&reports, &state, body("vm", 2, 100)).await;
         assert_eq!(answer.status, StatusCode::OK);
+        for sequence in [2, 3] {
+            let answer = receive(&reports, &state, body("vm", sequence, 300)).await;
+            assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+            assert!(matches!(answer.body, Err(("state_unavailable", _))));
+        }
+        assert_eq!(shown(&state), 100.0, "the refused reports changed nothing");
+        assert_eq!(state.metrics.state_write_errors.get(), 2);
+        drop(reports);
+        // Once the state can be written, the filter's resend counts the rest exactly once.
+        std::fs::remove_file(dir.join("reports.json.journal.1")).unwrap();
+        let state = Arc::new(State::new(Duration::from_secs(30)).unwrap());
+        let reports = open(Some(path.clone()), &state);
         assert_eq!(shown(&state), 100.0);
-        assert_eq!(saved(&path), 100.0);
+        let answer = receive(&reports, &state, body("vm", 4, 300)).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(shown(&state), 300.0);
+        assert_eq!(saved(&path), 300.0);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_restart_restores_every_acknowledged_report_from_the_journal() {
+        let dir = scratch("restart");
+        let path = dir.join("reports.json");
+        let state = Arc::new(State::new(Duration::from_secs(30)).unwrap());
+        let reports = open(Some(path.clone()), &state);
+        for sequence in 1..=40u64 {
+            let vm = if sequence % 2 == 0 { "a" } else { "b" };
+            let answer = receive(&reports, &state, body(vm, sequence, sequence)).await;
+            assert_eq!(answer.status, StatusCode::OK);
+        }
+        let before = shown(&state);
+        assert_eq!(before, 40.0 + 39.0);
+        drop(reports);
+        let state = Arc::new(State::new(Duration::from_secs(30)).unwrap());
+        let reports = open(Some(path.clone()), &state);
+        assert_eq!(shown(&state), before, "restored, not restarted");
+        // A resend of the last report adds nothing; the next one only its difference.
+        let answer = receive(&reports, &state, body("a", 40, 40)).await;
+        assert!(matches!(&answer.body, Ok(ack) if ack.result == "duplicate"));
+        let answer = receive(&reports, &state, body("a", 41, 45)).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(shown(&state), before + 5.0);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
