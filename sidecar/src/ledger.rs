@@ -7,7 +7,10 @@
 //! report is made up by the next, a repeated or reordered one adds nothing, and a pod that goes
 //! away keeps what it was counted: `routed` only ever grows. Pure: no I/O, no clock.
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::Hash;
+use std::sync::Arc;
 
 use kvab_contract::report::{
     is_endpoint, Report, CODE_CLASSES, MAX_REPORTER_LEN, NO_ARM, UNKNOWN_ARM,
@@ -23,6 +26,9 @@ pub const UNKNOWN_POD: &str = "unknown";
 
 /// `(requested, served, endpoint, code_class)` as a reporter sends it.
 type EntryKey = (String, String, String, String);
+/// An `EntryKey` shared by every reporter that has it: a thousand VMs reporting the same endpoints keep
+/// one copy of each key, and cloning the ledger (for a snapshot) copies pointers, not strings.
+type SharedKey = Arc<EntryKey>;
 
 /// `(requested, served, pod, code_class)`: the labels of `kvab_routed_requests_total`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -37,7 +43,7 @@ pub struct RoutedKey {
 struct Reporter {
     sequence: u64,
     #[serde(with = "entries")]
-    totals: HashMap<EntryKey, u64>,
+    totals: HashMap<SharedKey, u64>,
     /// Reports refused in a row because a total went down: diagnostic only, not saved.
     #[serde(skip)]
     regressions: u32,
@@ -84,6 +90,9 @@ pub struct Ledger {
     /// one (see `crate::store`). 0 in a ledger saved before there was a journal.
     #[serde(default)]
     pub journal_generation: u64,
+    /// Every entry key in use, each held once (see `SharedKey`); rebuilt by `share_keys` after loading.
+    #[serde(skip)]
+    keys: HashSet<SharedKey>,
 }
 
 /// What one applied report changed, as the journal keeps it: replaying it gives the ledger the same
@@ -99,12 +108,21 @@ pub struct Record {
     increments: Vec<(RoutedKey, u64)>,
 }
 
-/// How to take one applied report back out, when saving it failed.
+/// How to take one applied report back out, when saving it failed: what it changed, as it was.
 #[derive(Debug)]
 pub struct Undo {
     reporter: String,
-    previous: Option<Reporter>,
+    /// `None`: the reporter was new.
+    previous: Option<PreviousReporter>,
     routed: Vec<(RoutedKey, Option<u64>)>,
+}
+
+#[derive(Debug)]
+struct PreviousReporter {
+    sequence: u64,
+    baselined: bool,
+    regressions: u32,
+    entries: Vec<(SharedKey, Option<u64>)>,
 }
 
 impl Ledger {
@@ -191,7 +209,8 @@ impl Ledger {
         Ok((outcome, Some((record, undo))))
     }
 
-    /// Applies a journal record (also the second half of `apply_logged`); returns its undo.
+    /// Applies a journal record (also the second half of `apply_logged`); returns its undo. Works on the
+    /// entries the record names only: its cost does not depend on the reporter's size.
     pub fn replay(&mut self, record: &Record) -> Undo {
         let routed = record
             .increments
@@ -202,22 +221,27 @@ impl Ledger {
             let counter = self.routed.entry(key.clone()).or_default();
             *counter = counter.saturating_add(*n);
         }
+        let totals: Vec<(SharedKey, u64)> = record
+            .totals
+            .iter()
+            .map(|(key, count)| (self.share(key), *count))
+            .collect();
+        let existed = self.reporters.contains_key(&record.reporter);
+        let reporter = self.reporters.entry(record.reporter.clone()).or_default();
+        let previous = existed.then(|| PreviousReporter {
+            sequence: reporter.sequence,
+            baselined: reporter.baselined,
+            regressions: reporter.regressions,
+            entries: totals
+                .iter()
+                .map(|(key, _)| (key.clone(), reporter.totals.get(key).copied()))
+                .collect(),
+        });
         // Entries a reporter stops sending keep their last total (cumulative counts never vanish).
-        let previous = self.reporters.get(&record.reporter).cloned();
-        let mut totals = previous
-            .as_ref()
-            .map(|p| p.totals.clone())
-            .unwrap_or_default();
-        totals.extend(record.totals.iter().map(|(k, v)| (k.clone(), *v)));
-        self.reporters.insert(
-            record.reporter.clone(),
-            Reporter {
-                sequence: record.sequence,
-                totals,
-                regressions: 0,
-                baselined: record.baselined,
-            },
-        );
+        reporter.totals.extend(totals);
+        reporter.sequence = record.sequence;
+        reporter.baselined = record.baselined;
+        reporter.regressions = 0;
         Undo {
             reporter: record.reporter.clone(),
             previous,
@@ -233,10 +257,43 @@ impl Ledger {
                 None => self.routed.remove(&key),
             };
         }
-        match undo.previous {
-            Some(reporter) => self.reporters.insert(undo.reporter, reporter),
-            None => self.reporters.remove(&undo.reporter),
+        let Some(previous) = undo.previous else {
+            self.reporters.remove(&undo.reporter);
+            return;
         };
+        if let Some(reporter) = self.reporters.get_mut(&undo.reporter) {
+            reporter.sequence = previous.sequence;
+            reporter.baselined = previous.baselined;
+            reporter.regressions = previous.regressions;
+            for (key, before) in previous.entries {
+                match before {
+                    Some(n) => reporter.totals.insert(key, n),
+                    None => reporter.totals.remove(&key),
+                };
+            }
+        }
+    }
+
+    /// The one shared copy of `key`.
+    fn share(&mut self, key: &EntryKey) -> SharedKey {
+        if let Some(shared) = self.keys.get(key) {
+            return shared.clone();
+        }
+        let shared = Arc::new(key.clone());
+        self.keys.insert(shared.clone());
+        shared
+    }
+
+    /// After loading: one copy of each key for all reporters (deserializing made one per entry).
+    pub fn share_keys(&mut self) {
+        let mut reporters = std::mem::take(&mut self.reporters);
+        for reporter in reporters.values_mut() {
+            reporter.totals = std::mem::take(&mut reporter.totals)
+                .into_iter()
+                .map(|(key, count)| (self.share(&key), count))
+                .collect();
+        }
+        self.reporters = reporters;
     }
 
     fn regression(&mut self, reporter_id: &str, key: &EntryKey, was: u64, count: u64) -> String {
@@ -330,22 +387,28 @@ mod entries {
     use super::*;
     use serde::{Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(map: &HashMap<EntryKey, u64>, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<K: Borrow<EntryKey>, S: Serializer>(
+        map: &HashMap<K, u64>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         let mut rows: Vec<(&String, &String, &String, &String, u64)> = map
             .iter()
-            .map(|((a, b, c, d), n)| (a, b, c, d, *n))
+            .map(|(key, n)| {
+                let (a, b, c, d) = key.borrow();
+                (a, b, c, d, *n)
+            })
             .collect();
         rows.sort();
         rows.serialize(s)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
+    pub fn deserialize<'de, K: From<EntryKey> + Hash + Eq, D: Deserializer<'de>>(
         d: D,
-    ) -> Result<HashMap<EntryKey, u64>, D::Error> {
+    ) -> Result<HashMap<K, u64>, D::Error> {
         let rows: Vec<(String, String, String, String, u64)> = Vec::deserialize(d)?;
         Ok(rows
             .into_iter()
-            .map(|(a, b, c, e, n)| ((a, b, c, e), n))
+            .map(|(a, b, c, e, n)| (K::from((a, b, c, e)), n))
             .collect())
     }
 }
@@ -674,6 +737,46 @@ mod tests {
             "{again:?}"
         );
         assert_eq!(total(&ledger), 70);
+    }
+
+    #[test]
+    fn an_undone_report_leaves_the_ledger_as_it_was_and_a_replayed_one_as_applied() {
+        let mut ledger = Ledger::default();
+        let first = report("a", 1, &[("fs", "fs", "10.0.0.7:8080", "2xx", 5)]);
+        ledger.apply(&first, &arms(), &pods, false).unwrap();
+        let before = serde_json::to_string(&ledger).unwrap();
+        let next = report(
+            "a",
+            2,
+            &[
+                ("fs", "fs", "10.0.0.7:8080", "2xx", 9),
+                ("fs", "fs", "10.0.0.7:8080", "5xx", 1),
+            ],
+        );
+        let (_, change) = ledger.apply_logged(&next, &arms(), &pods, false).unwrap();
+        let (record, undo) = change.unwrap();
+        let applied = serde_json::to_string(&ledger).unwrap();
+        ledger.undo(undo);
+        assert_eq!(serde_json::to_string(&ledger).unwrap(), before);
+        let (_, change) = ledger
+            .apply_logged(
+                &report("b", 1, &[("fs", "fs", "", "2xx", 2)]),
+                &arms(),
+                &pods,
+                false,
+            )
+            .unwrap();
+        ledger.undo(change.unwrap().1);
+        assert_eq!(
+            serde_json::to_string(&ledger).unwrap(),
+            before,
+            "a new reporter is removed"
+        );
+        // The journal's record, replayed on the old state, gives what applying gave.
+        let record: Record =
+            serde_json::from_str(&serde_json::to_string(&record).unwrap()).unwrap();
+        ledger.replay(&record);
+        assert_eq!(serde_json::to_string(&ledger).unwrap(), applied);
     }
 
     #[test]

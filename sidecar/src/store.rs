@@ -98,12 +98,13 @@ pub struct Loaded {
 pub fn load(path: &Path) -> anyhow::Result<Loaded> {
     let (mut ledger, snapshot_len) = match std::fs::read(path) {
         Ok(bytes) => {
-            let ledger: Ledger = serde_json::from_slice(&bytes).with_context(|| {
+            let mut ledger: Ledger = serde_json::from_slice(&bytes).with_context(|| {
                 format!(
                     "{} (key reports.state_file) is not a kvab report state; refusing to start rather than restart the counters: restore it from a backup, or remove it (and its .journal.* files) to start from zero",
                     path.display()
                 )
             })?;
+            ledger.share_keys();
             (Some(ledger), bytes.len() as u64)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, 0),
