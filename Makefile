@@ -122,10 +122,12 @@ noop-filter: rust-targets
 bench-filter: filter noop-filter venv bench-tools
 	$(PY) bench/filterbench.py $(BENCH_ARGS)
 
-# Sidecar: /v1/endpoints at 10k pods, memory, watch-to-map latency (see BENCHMARKS.md).
+# Sidecar: /v1/endpoints at 10k pods, memory, watch-to-map latency; the report path at 1,000 reporters
+# x 200 endpoints, one report each per second for 60 s (see BENCHMARKS.md).
 bench-sidecar: venv bench-tools
 	cargo build --release -p kvab
 	$(PY) sidecar/bench/bench.py
+	$(PY) sidecar/bench/reports.py
 
 # Counter exactness: 100,032 requests at -c 64 with split; client, filter, sidecar and upstreams agree.
 bench-exactness: filter sidecar venv bench-tools

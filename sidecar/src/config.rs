@@ -30,6 +30,8 @@ pub struct Config {
     pub filter_wasm: Option<String>,
     /// `reports.state_file`: where the report ledger is kept across restarts.
     pub reports_state_file: Option<std::path::PathBuf>,
+    /// `reports.retire_after_seconds`: a reporter silent this long is retired (its counts stay).
+    pub reports_retire_after: Duration,
     /// `reports.token_file`: reports must carry `Authorization: Bearer <this token>`.
     pub reports_token: Option<String>,
 }
@@ -141,6 +143,7 @@ struct RawConfig {
 struct RawReports {
     state_file: Option<Spanned<String>>,
     token_file: Option<Spanned<String>>,
+    retire_after_seconds: Option<Spanned<f64>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -195,6 +198,9 @@ pub const DEFAULT_PROBE_INTERVAL_SECONDS: f64 = 10.0;
 pub const DEFAULT_PROBE_TIMEOUT_SECONDS: f64 = 2.0;
 pub const DEFAULT_PROBE_PATH: &str = "/metrics";
 pub const DEFAULT_PROBE_CONCURRENCY: usize = 64;
+pub const DEFAULT_RETIRE_AFTER_SECONDS: f64 = 86_400.0;
+/// Shorter would retire filter VMs that are only between bursts.
+pub const MIN_RETIRE_AFTER_SECONDS: f64 = 60.0;
 pub const DEFAULT_DRAIN_DELAY_SECONDS: f64 = 0.0;
 pub const DEFAULT_GRACE_SECONDS: f64 = 10.0;
 
@@ -414,6 +420,21 @@ impl Config {
             }
             Some(path) => return Err(loc.at(&path, "`reports.state_file` must be a file path")),
         };
+        let retire_after_key = raw.reports.retire_after_seconds.clone();
+        let reports_retire_after = loc.seconds(
+            raw.reports.retire_after_seconds,
+            "reports.retire_after_seconds",
+            DEFAULT_RETIRE_AFTER_SECONDS,
+            false,
+        )?;
+        if let Some(value) = retire_after_key.filter(|v| *v.get_ref() < MIN_RETIRE_AFTER_SECONDS) {
+            return Err(loc.at(
+                &value,
+                format!(
+                    "`reports.retire_after_seconds` must be at least {MIN_RETIRE_AFTER_SECONDS}"
+                ),
+            ));
+        }
         let reports_token = match raw.reports.token_file {
             None => None,
             Some(path) => {
@@ -445,6 +466,7 @@ impl Config {
             shutdown,
             filter_wasm,
             reports_state_file,
+            reports_retire_after,
             reports_token,
         })
     }
@@ -728,6 +750,10 @@ mod tests {
             ("[probe]\ntimeout_seconds = 0", "probe.timeout_seconds"),
             ("[probe]\npath = \"metrics\"", "probe.path"),
             ("[probe]\nconcurrency = 0", "probe.concurrency"),
+            (
+                "[reports]\nretire_after_seconds = 10",
+                "reports.retire_after_seconds",
+            ),
             ("[probe]\nconcurrency = 5000", "probe.concurrency"),
             (
                 "[kubernetes]\nnamespaces = [\"Bad_NS\"]",

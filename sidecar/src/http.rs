@@ -269,7 +269,7 @@ mod tests {
     }
 
     fn test_app(state: &Arc<State>) -> Arc<App> {
-        let reports = Reports::open(vec!["nvlink".into(), "fs".into()], None, None, state).unwrap();
+        let reports = Reports::open(crate::reports::tests::settings(None), state).unwrap();
         Arc::new(App {
             state: state.clone(),
             reports: Arc::new(reports),

@@ -52,7 +52,15 @@ struct Reporter {
     /// point too.
     #[serde(default)]
     baselined: bool,
+    /// When its last report was applied (Unix ms; 0 in a ledger saved before this was kept).
+    #[serde(default)]
+    last_seen_ms: u64,
 }
+
+/// Reporter ids remembered after their retirement, at most (the oldest are forgotten first).
+pub const MAX_RETIRED: usize = 100_000;
+/// Entries one reporter may hold (a filter VM holds far fewer: its endpoint table is bounded).
+pub const MAX_REPORTER_ENTRIES: usize = 100_000;
 
 /// Refusals in a row, for one reporter, after which a shared id is the likely cause.
 pub const SHARED_ID_REGRESSIONS: u32 = 2;
@@ -93,6 +101,18 @@ pub struct Ledger {
     /// Every entry key in use, each held once (see `SharedKey`); rebuilt by `share_keys` after loading.
     #[serde(skip)]
     keys: HashSet<SharedKey>,
+    /// Reporters retired for idleness (id → when, Unix ms): their counts stay in `routed`, their totals
+    /// are dropped, and a report from one of them again is a starting point, never counted from zero.
+    #[serde(default)]
+    retired: HashMap<String, u64>,
+}
+
+/// One line of the journal: a report's change, or reporters retired.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Line {
+    Retired { retired: Vec<String>, at_ms: u64 },
+    Report(Record),
 }
 
 /// What one applied report changed, as the journal keeps it: replaying it gives the ledger the same
@@ -102,6 +122,9 @@ pub struct Record {
     pub reporter: String,
     pub sequence: u64,
     pub baselined: bool,
+    /// When it was applied (Unix ms).
+    #[serde(default)]
+    pub seen_ms: u64,
     /// The report's totals (the entries it changed).
     #[serde(with = "entries")]
     totals: HashMap<EntryKey, u64>,
@@ -114,6 +137,8 @@ pub struct Undo {
     reporter: String,
     /// `None`: the reporter was new.
     previous: Option<PreviousReporter>,
+    /// When it had been retired, if it was.
+    retired_at_ms: Option<u64>,
     routed: Vec<(RoutedKey, Option<u64>)>,
 }
 
@@ -122,6 +147,7 @@ struct PreviousReporter {
     sequence: u64,
     baselined: bool,
     regressions: u32,
+    last_seen_ms: u64,
     entries: Vec<(SharedKey, Option<u64>)>,
 }
 
@@ -138,29 +164,41 @@ impl Ledger {
         pod_of: &dyn Fn(&str) -> Option<String>,
         baseline_unknown: bool,
     ) -> Result<Outcome, String> {
-        self.apply_logged(report, arms, pod_of, baseline_unknown)
+        self.apply_logged(report, arms, pod_of, baseline_unknown, 0)
             .map(|(outcome, _)| outcome)
     }
 
     /// `apply`, also returning, when the ledger changed, the journal record of the change and how to
-    /// undo it.
+    /// undo it. `now_ms` is kept as the reporter's last report time (for `idle_reporters`).
     pub fn apply_logged(
         &mut self,
         report: &Report,
         arms: &[String],
         pod_of: &dyn Fn(&str) -> Option<String>,
         baseline_unknown: bool,
+        now_ms: u64,
     ) -> Result<(Outcome, Option<(Record, Undo)>), String> {
         let totals = validate(report, arms)?;
         let previous = self.reporters.get(&report.reporter);
+        // A retired reporter's totals are gone: counting its report from zero would count again what
+        // it counted before, so it starts over from this report.
+        let returning = previous.is_none() && self.retired.contains_key(&report.reporter);
         let baselined = match previous {
             Some(p) if report.sequence == p.sequence => return Ok((Outcome::Duplicate, None)),
             Some(p) if report.sequence < p.sequence => return Ok((Outcome::Stale, None)),
             Some(p) => p.baselined,
-            None => baseline_unknown,
+            None => baseline_unknown || returning,
         };
+        if let Some(p) = previous {
+            let grown = totals.keys().filter(|k| !p.totals.contains_key(*k)).count();
+            if p.totals.len() + grown > MAX_REPORTER_ENTRIES {
+                return Err(format!(
+                    "this reporter would hold more than {MAX_REPORTER_ENTRIES} entries; a filter VM bounds its endpoints far below that"
+                ));
+            }
+        }
         // The first report of a reporter this ledger does not know, taken as a starting point.
-        let starting_point = previous.is_none() && baseline_unknown;
+        let starting_point = previous.is_none() && (baseline_unknown || returning);
         let mut increments: BTreeMap<RoutedKey, u64> = BTreeMap::new();
         if !starting_point {
             let empty = HashMap::new();
@@ -197,6 +235,7 @@ impl Ledger {
             reporter: report.reporter.clone(),
             sequence: report.sequence,
             baselined,
+            seen_ms: now_ms,
             totals,
             increments: increments.into_iter().collect(),
         };
@@ -226,12 +265,14 @@ impl Ledger {
             .iter()
             .map(|(key, count)| (self.share(key), *count))
             .collect();
+        let retired_at_ms = self.retired.remove(&record.reporter);
         let existed = self.reporters.contains_key(&record.reporter);
         let reporter = self.reporters.entry(record.reporter.clone()).or_default();
         let previous = existed.then(|| PreviousReporter {
             sequence: reporter.sequence,
             baselined: reporter.baselined,
             regressions: reporter.regressions,
+            last_seen_ms: reporter.last_seen_ms,
             entries: totals
                 .iter()
                 .map(|(key, _)| (key.clone(), reporter.totals.get(key).copied()))
@@ -242,9 +283,11 @@ impl Ledger {
         reporter.sequence = record.sequence;
         reporter.baselined = record.baselined;
         reporter.regressions = 0;
+        reporter.last_seen_ms = record.seen_ms;
         Undo {
             reporter: record.reporter.clone(),
             previous,
+            retired_at_ms,
             routed,
         }
     }
@@ -257,6 +300,9 @@ impl Ledger {
                 None => self.routed.remove(&key),
             };
         }
+        if let Some(at) = undo.retired_at_ms {
+            self.retired.insert(undo.reporter.clone(), at);
+        }
         let Some(previous) = undo.previous else {
             self.reporters.remove(&undo.reporter);
             return;
@@ -265,6 +311,7 @@ impl Ledger {
             reporter.sequence = previous.sequence;
             reporter.baselined = previous.baselined;
             reporter.regressions = previous.regressions;
+            reporter.last_seen_ms = previous.last_seen_ms;
             for (key, before) in previous.entries {
                 match before {
                     Some(n) => reporter.totals.insert(key, n),
@@ -272,6 +319,60 @@ impl Ledger {
                 };
             }
         }
+    }
+
+    /// Reporters whose last report is older than `before_ms` (a ledger saved before report times were
+    /// kept counts as seen at `loaded_ms`).
+    pub fn idle_reporters(&self, before_ms: u64, loaded_ms: u64) -> Vec<String> {
+        self.reporters
+            .iter()
+            .filter(|(_, r)| {
+                let seen = if r.last_seen_ms == 0 {
+                    loaded_ms
+                } else {
+                    r.last_seen_ms
+                };
+                seen < before_ms
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Retires reporters: their totals go, their counts stay in `routed`, their ids are remembered (the
+    /// newest `MAX_RETIRED`) so that a report from one of them again is a starting point.
+    pub fn retire(&mut self, ids: &[String], at_ms: u64) {
+        for id in ids {
+            if self.reporters.remove(id).is_some() {
+                self.retired.insert(id.clone(), at_ms);
+            }
+        }
+        if self.retired.len() > MAX_RETIRED {
+            let mut by_age: Vec<(u64, String)> = self
+                .retired
+                .iter()
+                .map(|(id, at)| (*at, id.clone()))
+                .collect();
+            by_age.sort_unstable();
+            for (_, id) in by_age.iter().take(self.retired.len() - MAX_RETIRED) {
+                self.retired.remove(id);
+            }
+        }
+        // Keys no reporter holds any more (the set's own reference is the last).
+        self.keys.retain(|key| Arc::strong_count(key) > 1);
+    }
+
+    /// Applies one journal line.
+    pub fn replay_line(&mut self, line: &Line) {
+        match line {
+            Line::Report(record) => {
+                self.replay(record);
+            }
+            Line::Retired { retired, at_ms } => self.retire(retired, *at_ms),
+        }
+    }
+
+    pub fn retired(&self) -> usize {
+        self.retired.len()
     }
 
     /// The one shared copy of `key`.
@@ -740,6 +841,68 @@ mod tests {
     }
 
     #[test]
+    fn a_retired_reporter_keeps_its_counts_and_is_never_counted_from_zero_again() {
+        let mut ledger = Ledger::default();
+        let row = |n| [("fs", "fs", "10.0.0.7:8080", "2xx", n)];
+        ledger
+            .apply_logged(&report("a", 1, &row(10)), &arms(), &pods, false, 1_000)
+            .unwrap();
+        ledger
+            .apply_logged(&report("b", 1, &row(3)), &arms(), &pods, false, 5_000)
+            .unwrap();
+        assert_eq!(ledger.idle_reporters(2_000, 0), vec!["a".to_string()]);
+        ledger.retire(&["a".to_string()], 6_000);
+        assert_eq!((ledger.reporters(), ledger.retired()), (1, 1));
+        let total = |l: &Ledger| l.routed().map(|(_, n)| n).sum::<u64>();
+        assert_eq!(total(&ledger), 13, "its counts stay");
+        // Back with cumulative totals: a starting point, not 15 more.
+        let (outcome, _) = ledger
+            .apply_logged(&report("a", 2, &row(15)), &arms(), &pods, false, 7_000)
+            .unwrap();
+        assert_eq!(outcome, Outcome::Baselined);
+        assert_eq!((total(&ledger), ledger.retired()), (13, 0));
+        ledger
+            .apply_logged(&report("a", 3, &row(20)), &arms(), &pods, false, 8_000)
+            .unwrap();
+        assert_eq!(total(&ledger), 18);
+        // A reporter saved before report times were kept counts as seen when the ledger was loaded.
+        ledger.reporters.get_mut("b").unwrap().last_seen_ms = 0;
+        assert_eq!(ledger.idle_reporters(9_000, 10_000), vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn retired_ids_are_bounded_and_unused_keys_dropped() {
+        let mut ledger = Ledger::default();
+        for i in 0..3 {
+            let endpoint = format!("10.0.0.{i}:8080");
+            let rows = [("fs", "fs", endpoint.as_str(), "2xx", 1)];
+            ledger
+                .apply_logged(
+                    &report(&format!("vm{i}"), 1, &rows),
+                    &arms(),
+                    &pods,
+                    false,
+                    1,
+                )
+                .unwrap();
+        }
+        assert_eq!(ledger.keys.len(), 3);
+        ledger.retire(&["vm0".to_string(), "vm1".to_string()], 2);
+        assert_eq!(ledger.keys.len(), 1, "only vm2's key is still held");
+        let ids: Vec<String> = (0..MAX_RETIRED + 10).map(|i| format!("x{i}")).collect();
+        for (i, id) in ids.iter().enumerate() {
+            ledger.retired.insert(id.clone(), i as u64 + 10);
+        }
+        ledger.retire(&[], 99);
+        assert_eq!(ledger.retired(), MAX_RETIRED);
+        assert!(
+            !ledger.retired.contains_key("vm0"),
+            "the oldest are forgotten first"
+        );
+        assert!(ledger.retired.contains_key(&ids[ids.len() - 1]));
+    }
+
+    #[test]
     fn an_undone_report_leaves_the_ledger_as_it_was_and_a_replayed_one_as_applied() {
         let mut ledger = Ledger::default();
         let first = report("a", 1, &[("fs", "fs", "10.0.0.7:8080", "2xx", 5)]);
@@ -753,7 +916,9 @@ mod tests {
                 ("fs", "fs", "10.0.0.7:8080", "5xx", 1),
             ],
         );
-        let (_, change) = ledger.apply_logged(&next, &arms(), &pods, false).unwrap();
+        let (_, change) = ledger
+            .apply_logged(&next, &arms(), &pods, false, 9)
+            .unwrap();
         let (record, undo) = change.unwrap();
         let applied = serde_json::to_string(&ledger).unwrap();
         ledger.undo(undo);
@@ -764,6 +929,7 @@ mod tests {
                 &arms(),
                 &pods,
                 false,
+                9,
             )
             .unwrap();
         ledger.undo(change.unwrap().1);

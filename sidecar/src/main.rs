@@ -141,9 +141,12 @@ async fn serve(
     };
     let state = Arc::new(State::new(unready_after)?);
     let reports = Arc::new(reports::Reports::open(
-        config.arms.clone(),
-        config.reports_state_file.clone(),
-        config.reports_token.clone(),
+        reports::Settings {
+            arms: config.arms.clone(),
+            state_file: config.reports_state_file.clone(),
+            token: config.reports_token.clone(),
+            retire_after: config.reports_retire_after,
+        },
         &state,
     )?);
     let listener = TcpListener::bind(config.listen)

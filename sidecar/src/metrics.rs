@@ -1,6 +1,6 @@
 //! Prometheus metrics. Counters are incremented where things happen; gauges are recomputed from the current
 //! snapshot and probe results at scrape time, so they cannot drift from what `/v1/endpoints` serves.
-//! `kvab_routed_requests_total` and `kvab_reporters` are the saved report ledger itself, read at scrape
+//! `kvab_routed_requests_total`, `kvab_reporters` and `kvab_retired_reporters` are the saved report ledger itself, read at scrape
 //! time: a count shows if and only if it is saved, and both saturate alike at 2^64-1.
 
 use std::collections::BTreeMap;
@@ -52,6 +52,7 @@ pub struct Metrics {
     routed_requests: IntCounterVec,
     pub reports_received: IntCounterVec,
     reporters: IntGauge,
+    retired_reporters: IntGauge,
     pub state_write_errors: IntCounter,
 }
 
@@ -137,6 +138,10 @@ impl Metrics {
                 "kvab_reporters",
                 "Filter VMs (reporters) whose totals the sidecar keeps.",
             )?)?,
+            retired_reporters: register(r, IntGauge::new(
+                "kvab_retired_reporters",
+                "Filter VMs retired after reports.retire_after_seconds without a report: their counts stay, their totals are dropped, and a report from one again is a starting point.",
+            )?)?,
             state_write_errors: register(r, IntCounter::new(
                 "kvab_state_write_errors_total",
                 "Failed writes of the report state file (reports.state_file).",
@@ -198,6 +203,7 @@ impl Metrics {
                 .inc_by(*count);
         }
         self.reporters.set(gauge_value(routed.reporters));
+        self.retired_reporters.set(gauge_value(routed.retired));
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
         Ok(out)

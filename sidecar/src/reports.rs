@@ -13,7 +13,7 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -21,7 +21,7 @@ use kvab_contract::report::{Report, ReportAck, MAX_REPORT_BYTES};
 use tokio::sync::{mpsc, oneshot};
 use warp::http::StatusCode;
 
-use crate::ledger::{Ledger, Outcome};
+use crate::ledger::{Ledger, Line, Outcome};
 use crate::state::{RoutedCounts, State};
 use crate::store::Store;
 
@@ -42,6 +42,14 @@ pub struct Reports {
     /// Set when no saved ledger was restored: reporters started before this time may have been
     /// counted by a previous run, so their first report is a baseline.
     baseline_before_ms: Option<u64>,
+}
+
+/// The `[reports]` settings.
+pub struct Settings {
+    pub arms: Vec<String>,
+    pub state_file: Option<PathBuf>,
+    pub token: Option<String>,
+    pub retire_after: Duration,
 }
 
 /// One report for the writer, and where its answer goes.
@@ -74,18 +82,20 @@ fn counts(ledger: &Ledger) -> RoutedCounts {
     RoutedCounts {
         counters: ledger.routed().map(|(k, v)| (k.clone(), v)).collect(),
         reporters: ledger.reporters(),
+        retired: ledger.retired(),
     }
 }
 
 impl Reports {
     /// Restores the ledger from `state_file` (snapshot and journal) when there is one, publishes its
     /// counts and starts the writer. A state that does not read is an error naming the file.
-    pub fn open(
-        arms: Vec<String>,
-        state_file: Option<PathBuf>,
-        token: Option<String>,
-        state: &Arc<State>,
-    ) -> anyhow::Result<Reports> {
+    pub fn open(settings: Settings, state: &Arc<State>) -> anyhow::Result<Reports> {
+        let Settings {
+            arms,
+            state_file,
+            token,
+            retire_after,
+        } = settings;
         let (restored, store) = match &state_file {
             Some(path) => {
                 let (ledger, store) = Store::open(path)?;
@@ -100,7 +110,7 @@ impl Reports {
             }
             None => (None, None),
         };
-        Self::start(arms, restored, store, token, state)
+        Self::start(arms, restored, store, token, retire_after, state)
     }
 
     /// Publishes the restored counts and starts the writer.
@@ -109,6 +119,7 @@ impl Reports {
         restored: Option<Ledger>,
         store: Option<Store>,
         token: Option<String>,
+        retire_after: Duration,
         state: &Arc<State>,
     ) -> anyhow::Result<Reports> {
         let baseline_before_ms = restored.is_none().then(now_ms);
@@ -123,6 +134,9 @@ impl Reports {
             arms,
             store,
             state: state.clone(),
+            retire_after,
+            started_ms: now_ms(),
+            last_sweep_ms: now_ms(),
         };
         let writer = std::thread::Builder::new()
             .name("kvab-reports".into())
@@ -268,6 +282,10 @@ struct Writer {
     arms: Vec<String>,
     store: Option<Store>,
     state: Arc<State>,
+    /// `reports.retire_after_seconds`.
+    retire_after: Duration,
+    started_ms: u64,
+    last_sweep_ms: u64,
 }
 
 impl Writer {
@@ -281,10 +299,46 @@ impl Writer {
                 }
             }
             self.apply(batch);
+            self.retire_idle();
         }
         if let Some(store) = &mut self.store {
             store.finish_compaction();
         }
+    }
+
+    /// Retires the reporters that sent nothing for `retire_after`, checked a few times per period (at most
+    /// once a minute): journaled first, like a report, so a restart does not bring them back.
+    fn retire_idle(&mut self) {
+        let now = now_ms();
+        let period = u64::try_from(self.retire_after.as_millis()).unwrap_or(u64::MAX);
+        if now.saturating_sub(self.last_sweep_ms) < (period / 4).min(60_000) {
+            return;
+        }
+        self.last_sweep_ms = now;
+        let mut ledger = lock(&self.ledger);
+        let idle = ledger.idle_reporters(now.saturating_sub(period), self.started_ms);
+        if idle.is_empty() {
+            return;
+        }
+        if let Some(store) = &mut self.store {
+            let line = Line::Retired {
+                retired: idle.clone(),
+                at_ms: now,
+            };
+            if let Err(e) = store.append(&[line]) {
+                self.state.metrics.state_write_errors.inc();
+                log::error!("cannot save the retirement of idle reporters: {e:#}; kept for now");
+                return;
+            }
+        }
+        ledger.retire(&idle, now);
+        self.state.publish_routed(counts(&ledger));
+        log::info!(
+            "retired {} reporters idle for more than {:?} (their counts stay; {} reporters active)",
+            idle.len(),
+            self.retire_after,
+            ledger.reporters()
+        );
     }
 
     /// Apply every report, append what changed with one sync, then publish and answer; a failed append
@@ -296,13 +350,14 @@ impl Writer {
                 .as_ref()
                 .and_then(|s| s.pod_by_address.get(address).cloned())
         };
+        let now = now_ms();
         let mut ledger = lock(&self.ledger);
         let mut results = Vec::with_capacity(batch.len());
         let mut records = Vec::new();
         let mut undos = Vec::new();
         for job in &batch {
             let report = &job.report;
-            match ledger.apply_logged(report, &self.arms, &pod_of, job.baseline) {
+            match ledger.apply_logged(report, &self.arms, &pod_of, job.baseline, now) {
                 Ok((outcome, change)) => {
                     if let Some((record, undo)) = change {
                         records.push(record);
@@ -436,7 +491,7 @@ where
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-mod tests {
+pub mod tests {
     use std::future::Future;
     use std::pin::pin;
     use std::task::Context;
@@ -484,10 +539,17 @@ mod tests {
             .map_or(0.0, |l| l.routed().map(|(_, n)| n as f64).sum())
     }
 
+    pub fn settings(state_file: Option<PathBuf>) -> Settings {
+        Settings {
+            arms: vec!["nvlink".into(), "fs".into()],
+            state_file,
+            token: None,
+            retire_after: Duration::from_secs(86_400),
+        }
+    }
+
     fn open(state_file: Option<PathBuf>, state: &Arc<State>) -> Arc<Reports> {
-        Arc::new(
-            Reports::open(vec!["nvlink".into(), "fs".into()], state_file, None, state).unwrap(),
-        )
+        Arc::new(Reports::open(settings(state_file), state).unwrap())
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -554,7 +616,17 @@ mod tests {
         store.set_compact_after(1);
         std::os::unix::fs::symlink("/dev/full", dir.join("reports.json.journal.1")).unwrap();
         let arms = vec!["nvlink".into(), "fs".into()];
-        let reports = Arc::new(Reports::start(arms, restored, Some(store), None, &state).unwrap());
+        let reports = Arc::new(
+            Reports::start(
+                arms,
+                restored,
+                Some(store),
+                None,
+                Duration::from_secs(86_400),
+                &state,
+            )
+            .unwrap(),
+        );
         let answer = receive(&reports, &state, body("vm", 1, 100)).await;
         assert_eq!(answer.status, StatusCode::OK);
         for sequence in [2, 3] {
@@ -600,6 +672,62 @@ mod tests {
         let answer = receive(&reports, &state, body("a", 41, 45)).await;
         assert_eq!(answer.status, StatusCode::OK);
         assert_eq!(shown(&state), before + 5.0);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn idle_reporters_are_retired_for_good_and_their_counts_stay() {
+        let dir = scratch("retire");
+        let path = dir.join("reports.json");
+        let state = Arc::new(State::new(Duration::from_secs(30)).unwrap());
+        let (restored, store) = Store::open(&path).unwrap();
+        let arms = vec!["nvlink".into(), "fs".into()];
+        let idle = Duration::from_millis(100);
+        let reports = Arc::new(
+            Reports::start(arms.clone(), restored, Some(store), None, idle, &state).unwrap(),
+        );
+        assert_eq!(
+            receive(&reports, &state, body("a", 1, 10)).await.status,
+            StatusCode::OK
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(
+            receive(&reports, &state, body("b", 1, 3)).await.status,
+            StatusCode::OK
+        );
+        assert_eq!(lock(&reports.ledger).retired(), 1, "a was retired");
+        let text = String::from_utf8(state.render_metrics().unwrap()).unwrap();
+        assert!(text.contains("kvab_retired_reporters 1"), "{text}");
+        assert!(text.contains("kvab_reporters 1"), "{text}");
+        assert_eq!(shown(&state), 13.0);
+        drop(reports);
+        // After a restart a is still retired (the retirement was journaled), so its cumulative
+        // report is a starting point, and only what follows counts.
+        let state = Arc::new(State::new(Duration::from_secs(30)).unwrap());
+        let (restored, store) = Store::open(&path).unwrap();
+        let reports = Arc::new(
+            Reports::start(
+                arms,
+                restored,
+                Some(store),
+                None,
+                Duration::from_secs(3600),
+                &state,
+            )
+            .unwrap(),
+        );
+        assert_eq!(shown(&state), 13.0);
+        let answer = receive(&reports, &state, body("a", 2, 15)).await;
+        assert!(
+            matches!(&answer.body, Ok(ack) if ack.result == "baselined"),
+            "{:?}",
+            answer.body.err()
+        );
+        assert_eq!(
+            receive(&reports, &state, body("a", 3, 20)).await.status,
+            StatusCode::OK
+        );
+        assert_eq!(shown(&state), 18.0);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

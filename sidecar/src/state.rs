@@ -20,6 +20,7 @@ use crate::metrics::{Metrics, Scrape};
 pub struct RoutedCounts {
     pub counters: Vec<(RoutedKey, u64)>,
     pub reporters: usize,
+    pub retired: usize,
 }
 
 /// One published endpoint map, serialized once and served as is until the content changes.

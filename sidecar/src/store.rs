@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 
 use anyhow::Context;
 
-use crate::ledger::{Ledger, Record};
+use crate::ledger::{Ledger, Line};
 
 /// The journal is compacted into a new snapshot once it is larger than this and than the snapshot.
 pub const COMPACT_AFTER_BYTES: u64 = 4 << 20;
@@ -160,13 +160,11 @@ fn replay(ledger: &mut Ledger, bytes: &[u8], newest: bool) -> anyhow::Result<usi
     let mut bad_at: Option<usize> = None;
     for line in bytes.split_inclusive(|b| *b == b'\n') {
         let complete = line.ends_with(b"\n");
-        match serde_json::from_slice::<Record>(line)
+        match serde_json::from_slice::<Line>(line)
             .ok()
             .filter(|_| complete)
         {
-            Some(record) if bad_at.is_none() => {
-                ledger.replay(&record);
-            }
+            Some(line) if bad_at.is_none() => ledger.replay_line(&line),
             Some(_) => {
                 anyhow::bail!(
                     "a line at byte {} does not read but later ones do: the file is damaged; refusing to start rather than restart the counters",
@@ -228,9 +226,9 @@ impl Store {
         ))
     }
 
-    /// Appends the records and syncs them. On failure the journal is cut back to where it was, so the
-    /// records are as if never written.
-    pub fn append(&mut self, records: &[Record]) -> anyhow::Result<()> {
+    /// Appends the journal lines (`ledger::Line`, or the `Record`s of reports) and syncs them. On failure
+    /// the journal is cut back to where it was, so the lines are as if never written.
+    pub fn append<T: serde::Serialize>(&mut self, records: &[T]) -> anyhow::Result<()> {
         if self.broken {
             anyhow::bail!(
                 "the report journal could not be cut back after a failed write; restart kvab serve"
@@ -396,7 +394,7 @@ mod tests {
                 }],
             };
             let (_, change) = ledger
-                .apply_logged(&report, &arms, &|_| Some("ns/fs".into()), false)
+                .apply_logged(&report, &arms, &|_| Some("ns/fs".into()), false, 1)
                 .unwrap();
             let (record, _) = change.unwrap();
             store.append(&[record]).unwrap();
