@@ -1,4 +1,4 @@
-"""Hostile and malformed input against the real Envoy with the filter: the README's "Bad input"
+"""Hostile and malformed input against the real Envoy with the filter: docs/operations.md's "Bad input"
 matrix, the allowChoice policy, and the counts afterwards.
 
 Requests are written to a raw socket, byte for byte, so that values http.client refuses (control
@@ -21,7 +21,7 @@ from kvablocal import prom
 from kvablocal.envoy import Gateway
 from kvablocal.net import wait_until
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+OPERATIONS = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
 
 
 class Reply:
@@ -76,7 +76,7 @@ def Codec(status, details):
 
 FORGED = [h(b"header", b"x-kv-backend-source"), h(b"6.6.6.6:1", b"x-kv-backend-endpoint")]
 
-# (id as in the README table, header lines, outcome)
+# (id as in the docs/operations.md table, header lines, outcome)
 MATRIX = [
     ("empty value", [h(b"")], Untagged()),
     ("whitespace only", [h(b" \t  \t")], Untagged()),
@@ -225,11 +225,11 @@ def test_after_the_matrix_envoy_serves_and_every_request_is_counted(matrix_gatew
     assert vm["wasm.kvab.vm_reload"] == "0" and vm["wasm.kvab.vm_reload_failure"] == "0"
 
 
-def test_every_matrix_row_is_in_the_readme():
-    text = README.read_text()
+def test_every_matrix_row_is_in_the_docs():
+    text = OPERATIONS.read_text()
     section = text.split("## Bad input", 1)[1].split("\n## ", 1)[0]
     missing = [name for name, _, _ in MATRIX if f"| {name} |" not in section]
-    assert missing == [], f"rows missing from README 'Bad input': {missing}"
+    assert missing == [], f"rows missing from docs/operations.md 'Bad input': {missing}"
 
 
 # --- allowChoice: who may choose an arm --------------------------------------------------------
@@ -283,7 +283,7 @@ def test_source_address_follows_envoys_trusted_client_address(arms, tmp_path):
     """sourceRanges checks Envoy's `source.address`, the *trusted client address*. With the HTTP
     connection manager's default `use_remote_address: false` that address comes from the last
     x-forwarded-for entry, which any client can write; with `use_remote_address: true` (what
-    Istio gateways run with) it is the peer's address. The README says so; this shows it."""
+    Istio gateways run with) it is the peer's address. docs/filter.md says so; this shows it."""
     config = {"onMissing": "default", "defaultArm": "fs", "allowChoice": {"sourceRanges": ["10.0.0.0/8"]}}
     forged_xff = [h(b"nvlink"), h(b"10.1.2.3", b"x-forwarded-for")]
     for use_remote_address, expected in [(False, Arm("nvlink", "header")), (True, Arm("fs", "default"))]:

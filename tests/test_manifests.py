@@ -55,7 +55,7 @@ PROXIES = {
     "fs": {"service": "vllm-fs-proxy", "labels": {"role": "proxy", ARM_LABEL: "fs"}},
 }
 PROXY_PORT = 8080
-# Labels the filter encodes in its stat names (README "Metrics" and "Linking the filter to the sidecar").
+# Labels the filter encodes in its stat names (docs/filter.md, "Metrics" and "Linking the filter to the sidecar").
 FILTER_STAT_TAGS = {"backend", "source", "code_class", "reason", "requested", "served", "result"}
 
 
@@ -311,7 +311,7 @@ def test_deployment_is_hardened_and_probed():
     # Read-only everywhere but the report ledger's volume, named by reports.state_file.
     writable = [m for m in container["volumeMounts"] if not m.get("readOnly")]
     assert [m["name"] for m in writable] == ["state"]
-    # The ledger's volume outlives the pod, and two pods never run at once (sidecar/README.md, Reports).
+    # The ledger's volume outlives the pod, and two pods never run at once (docs/sidecar.md, Reports).
     claim = {v["name"]: v for v in pod["volumes"]}["state"]["persistentVolumeClaim"]["claimName"]
     pvc = one("PersistentVolumeClaim", claim)
     assert pvc["metadata"]["namespace"] == "llm-d-vllm" and pvc["spec"]["accessModes"] == ["ReadWriteOnce"]

@@ -1,5 +1,5 @@
 //! `kvab serve` configuration: a strict TOML file. Unknown keys are errors, and every error names the key and,
-//! where the file has one, its line and column. Defaults are documented in `sidecar/README.md`.
+//! where the file has one, its line and column. Defaults are documented in `docs/sidecar.md`.
 
 use std::collections::BTreeSet;
 use std::fmt;

@@ -1,4 +1,4 @@
-//! `kvab serve`: the sidecar. Wiring only; the parts live in their modules:
+//! `kvab serve`: the sidecar. Wiring only; the parts live in their modules (`cli`: the command line):
 //! `config` (TOML; label selectors checked by `selector`), `index` (pods → endpoint map), `watch` (Kubernetes source), `probe` (proxy `/metrics`),
 //! `state` (published snapshot, readiness), `http` (the API), `metrics` (Prometheus), `filter_wasm` (the filter
 //! module served to the gateway).

@@ -145,7 +145,7 @@ mod tests {
         }
     }
 
-    /// The README's contract: only surrounding spaces and tabs are ignored. Other bytes that
+    /// The documented contract (docs/filter.md): only surrounding spaces and tabs are ignored. Other bytes that
     /// `trim_ascii` would drop (CR, LF, form feed) are part of the key.
     #[test]
     fn only_blanks_around_a_key_are_ignored() {

@@ -58,7 +58,7 @@ fn err(what: &str) -> impl Fn(kube::Error) -> ReadError + '_ {
     move |e| match e {
         kube::Error::Api(status) => {
             let hint = if status.code == 403 {
-                " (kvab check needs the RBAC in the README, section \"kvab check\")"
+                " (kvab check needs the RBAC in docs/check.md)"
             } else {
                 ""
             };
