@@ -1,5 +1,5 @@
 //! Checks shared by the fuzz targets: an independent model of the documented behaviour (the
-//! README's tables, written again here the simple, allocating way) and the invariants every
+//! tables of docs/filter.md ("What it does to a request", "Configuration"), written again here the simple, allocating way) and the invariants every
 //! output must keep. Any disagreement or broken invariant panics, which libFuzzer reports.
 #![allow(
     clippy::unwrap_used,
@@ -377,7 +377,7 @@ fn arm_id(m: &Model, name: &str) -> ArmId {
     ArmId(m.arms.iter().position(|(n, _)| *n == name).unwrap())
 }
 
-/// The README's decision table, computed the plain way.
+/// The decision table of docs/filter.md ("What it does to a request"), computed the plain way.
 fn expected_verdict(m: &Model, pairs: &[(&[u8], &[u8])], draw: u64) -> Verdict {
     let mut elements: Vec<Option<(ArmId, bool)>> = Vec::new();
     for (name, value) in pairs {
@@ -475,7 +475,7 @@ fn trim_blanks(b: &[u8]) -> &[u8] {
     &b[start..end]
 }
 
-/// FNV-1a 64 then the SplitMix64 finalizer (README, "Sticky split").
+/// FNV-1a 64 then the SplitMix64 finalizer (docs/filter.md, "Sticky split").
 fn documented_key_hash(key: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in key {
