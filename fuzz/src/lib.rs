@@ -618,7 +618,7 @@ pub fn check_map(data: &[u8]) {
 mod ledger;
 
 use kvab_contract::report::Report;
-use ledger::{Ledger, Outcome};
+use ledger::{Ledger, Line, Outcome};
 
 const REPORT_ARMS: [&str; 2] = ["nvlink", "fs"];
 
@@ -664,6 +664,14 @@ pub fn check_report(data: &[u8]) {
             let restored: Ledger = serde_json::from_slice(&saved).unwrap();
             let after: Vec<_> = restored.routed().map(|(k, n)| (k.clone(), n)).collect();
             assert_eq!(before, after, "a restored ledger differs");
+            // Undone (a failed save), the first report leaves nothing behind.
+            let mut undone = Ledger::default();
+            let (_, change) = undone
+                .apply_logged(&report, &arms, &pod_of, false, 1)
+                .unwrap();
+            undone.undo(change.unwrap().1);
+            assert_eq!(undone.reporters(), 0);
+            assert_eq!(routed_total(&undone), 0, "an undone report left counts");
         }
         Ok(other) => panic!("a fresh ledger answered {other:?} to a first report"),
         Err(_) => assert!(ledger.reporters() == 0 && routed_total(&ledger) == 0),
@@ -688,7 +696,8 @@ const UPSTREAMS: [&[u8]; 8] = [
 /// filter's JSON and applied by the sidecar's ledger. An op with a 0xff first byte sends a report
 /// with a budget taken from its third byte (so reports are cut), lost on the way when its second
 /// byte is odd (not applied, not acknowledged). Every report must be accepted, and once the last
-/// one is acknowledged the ledger must hold exactly the requests recorded.
+/// one is acknowledged the ledger must hold exactly the requests recorded. The journal lines the
+/// sidecar would write, replayed on an empty ledger, must give the same counters.
 pub fn check_report_round_trip(data: &[u8]) {
     use kvab_filter_core::endpoints::Served;
     use kvab_filter_core::metrics::CodeClass;
@@ -701,6 +710,7 @@ pub fn check_report_round_trip(data: &[u8]) {
     let mut sequence = 0;
     let mut recorded = 0u128;
     let mut added = 0u128;
+    let mut journal: Vec<Vec<u8>> = Vec::new();
     // Sends one report; true when it carried every unacknowledged total and was applied.
     let mut send = |tally: &mut Tally, sequence: u64, budget: usize, lost: bool| -> bool {
         let body = tally.report_json(&plan, "fuzz-reporter", sequence, 1, budget);
@@ -713,9 +723,10 @@ pub fn check_report_round_trip(data: &[u8]) {
         if lost {
             return false;
         }
-        match ledger.apply(&report, &arms, &pod_of, false) {
-            Ok(Outcome::Applied(increments)) => {
+        match ledger.apply_logged(&report, &arms, &pod_of, false, sequence) {
+            Ok((Outcome::Applied(increments), Some((record, _)))) => {
                 added += increments.iter().map(|(_, n)| u128::from(*n)).sum::<u128>();
+                journal.push(serde_json::to_vec(&Line::Report(record)).unwrap());
             }
             other => panic!("report {sequence} of the filter refused: {other:?}"),
         }
@@ -761,4 +772,14 @@ pub fn check_report_round_trip(data: &[u8]) {
     }
     drop(send);
     assert_eq!(added, recorded, "the reports added a different count");
+    let mut replayed = Ledger::default();
+    for line in &journal {
+        replayed.replay_line(&serde_json::from_slice(line).unwrap());
+    }
+    let counters = |l: &Ledger| l.routed().map(|(k, n)| (k.clone(), n)).collect::<Vec<_>>();
+    assert_eq!(
+        counters(&replayed),
+        counters(&ledger),
+        "the journal replays to other counters"
+    );
 }
