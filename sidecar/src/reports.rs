@@ -12,7 +12,7 @@
 //! run, and counting it again is worse than missing the requests of the seconds the sidecar was down.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use warp::http::StatusCode;
 
 use crate::ledger::{Ledger, Line, Outcome};
-use crate::state::{RoutedCounts, State};
+use crate::state::{lock, RoutedCounts, State};
 use crate::store::Store;
 
 /// Reports waiting for the writer, at most; a sender waits beyond that (before anything changed).
@@ -59,13 +59,6 @@ struct Job {
     answer: oneshot::Sender<Answer>,
 }
 
-/// Ignores lock poisoning: the writer leaves the ledger consistent before anything can panic.
-fn lock(ledger: &Mutex<Ledger>) -> MutexGuard<'_, Ledger> {
-    ledger
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// An answer for the HTTP layer: status, machine-readable code or result, message.
 pub struct Answer {
     pub status: StatusCode,
@@ -90,13 +83,7 @@ impl Reports {
     /// Restores the ledger from `state_file` (snapshot and journal) when there is one, publishes its
     /// counts and starts the writer. A state that does not read is an error naming the file.
     pub fn open(settings: Settings, state: &Arc<State>) -> anyhow::Result<Reports> {
-        let Settings {
-            arms,
-            state_file,
-            token,
-            retire_after,
-        } = settings;
-        let (restored, store) = match &state_file {
+        let (restored, store) = match &settings.state_file {
             Some(path) => {
                 let (ledger, store) = Store::open(path)?;
                 if let Some(ledger) = &ledger {
@@ -110,18 +97,22 @@ impl Reports {
             }
             None => (None, None),
         };
-        Self::start(arms, restored, store, token, retire_after, state)
+        Self::start(settings, restored, store, state)
     }
 
-    /// Publishes the restored counts and starts the writer.
+    /// Publishes the restored counts and starts the writer on `store` (`settings.state_file` is its path).
     fn start(
-        arms: Vec<String>,
+        settings: Settings,
         restored: Option<Ledger>,
         store: Option<Store>,
-        token: Option<String>,
-        retire_after: Duration,
         state: &Arc<State>,
     ) -> anyhow::Result<Reports> {
+        let Settings {
+            arms,
+            token,
+            retire_after,
+            ..
+        } = settings;
         let baseline_before_ms = restored.is_none().then(now_ms);
         let ledger = restored.unwrap_or_default();
         state.publish_routed(counts(&ledger));
@@ -548,6 +539,25 @@ pub mod tests {
         }
     }
 
+    /// Reports on the state at `path`, retiring after `retire_after`, compacting after
+    /// `compact_after` bytes when given.
+    fn start_on(
+        path: &std::path::Path,
+        state: &Arc<State>,
+        retire_after: Duration,
+        compact_after: Option<u64>,
+    ) -> Arc<Reports> {
+        let (restored, mut store) = Store::open(path).unwrap();
+        if let Some(bytes) = compact_after {
+            store.set_compact_after(bytes);
+        }
+        let settings = Settings {
+            retire_after,
+            ..settings(Some(path.to_path_buf()))
+        };
+        Arc::new(Reports::start(settings, restored, Some(store), state).unwrap())
+    }
+
     fn open(state_file: Option<PathBuf>, state: &Arc<State>) -> Arc<Reports> {
         Arc::new(Reports::open(settings(state_file), state).unwrap())
     }
@@ -610,23 +620,10 @@ pub mod tests {
         let dir = scratch("unsaved");
         let path = dir.join("reports.json");
         let state = Arc::new(State::new(Duration::from_secs(30)).unwrap());
-        let (restored, mut store) = Store::open(&path).unwrap();
+        let reports = start_on(&path, &state, Duration::from_secs(86_400), Some(1));
         // The first report moves the journal to generation 1, a device that is always full: every
         // write there fails (ENOSPC), as on a full volume.
-        store.set_compact_after(1);
         std::os::unix::fs::symlink("/dev/full", dir.join("reports.json.journal.1")).unwrap();
-        let arms = vec!["nvlink".into(), "fs".into()];
-        let reports = Arc::new(
-            Reports::start(
-                arms,
-                restored,
-                Some(store),
-                None,
-                Duration::from_secs(86_400),
-                &state,
-            )
-            .unwrap(),
-        );
         let answer = receive(&reports, &state, body("vm", 1, 100)).await;
         assert_eq!(answer.status, StatusCode::OK);
         for sequence in [2, 3] {
@@ -680,12 +677,7 @@ pub mod tests {
         let dir = scratch("retire");
         let path = dir.join("reports.json");
         let state = Arc::new(State::new(Duration::from_secs(30)).unwrap());
-        let (restored, store) = Store::open(&path).unwrap();
-        let arms = vec!["nvlink".into(), "fs".into()];
-        let idle = Duration::from_millis(100);
-        let reports = Arc::new(
-            Reports::start(arms.clone(), restored, Some(store), None, idle, &state).unwrap(),
-        );
+        let reports = start_on(&path, &state, Duration::from_millis(100), None);
         assert_eq!(
             receive(&reports, &state, body("a", 1, 10)).await.status,
             StatusCode::OK
@@ -704,18 +696,7 @@ pub mod tests {
         // After a restart a is still retired (the retirement was journaled), so its cumulative
         // report is a starting point, and only what follows counts.
         let state = Arc::new(State::new(Duration::from_secs(30)).unwrap());
-        let (restored, store) = Store::open(&path).unwrap();
-        let reports = Arc::new(
-            Reports::start(
-                arms,
-                restored,
-                Some(store),
-                None,
-                Duration::from_secs(3600),
-                &state,
-            )
-            .unwrap(),
-        );
+        let reports = start_on(&path, &state, Duration::from_secs(3600), None);
         assert_eq!(shown(&state), 13.0);
         let answer = receive(&reports, &state, body("a", 2, 15)).await;
         assert!(

@@ -75,7 +75,7 @@ pub struct State {
 }
 
 /// Ignores lock poisoning: every writer leaves the data consistent before anything can panic.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

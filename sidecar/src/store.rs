@@ -268,11 +268,7 @@ impl Store {
     /// logged and retried later; the journals keep everything meanwhile.
     pub fn compact_if_due(&mut self, ledger: &Ledger) {
         if let Some(done) = self.compaction.take_if(|c| c.is_finished()) {
-            match done.join() {
-                Ok(Ok(len)) => self.snapshot_len = len,
-                Ok(Err(e)) => log::error!("cannot write the report snapshot: {e:#}"),
-                Err(_) => log::error!("the report snapshot writer panicked"),
-            }
+            self.collect(done);
         }
         if self.compaction.is_some() || self.journal_len < self.compact_after.max(self.snapshot_len)
         {
@@ -298,11 +294,16 @@ impl Store {
     /// Waits for a snapshot being written (at shutdown, and in tests).
     pub fn finish_compaction(&mut self) {
         if let Some(running) = self.compaction.take() {
-            match running.join() {
-                Ok(Ok(len)) => self.snapshot_len = len,
-                Ok(Err(e)) => log::error!("cannot write the report snapshot: {e:#}"),
-                Err(_) => log::error!("the report snapshot writer panicked"),
-            }
+            self.collect(running);
+        }
+    }
+
+    /// The end of a snapshot write: its size, or why it failed (the journals still hold everything).
+    fn collect(&mut self, compaction: JoinHandle<anyhow::Result<u64>>) {
+        match compaction.join() {
+            Ok(Ok(len)) => self.snapshot_len = len,
+            Ok(Err(e)) => log::error!("cannot write the report snapshot: {e:#}"),
+            Err(_) => log::error!("the report snapshot writer panicked"),
         }
     }
 
