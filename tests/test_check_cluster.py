@@ -155,7 +155,8 @@ def test_the_healthy_cluster_passes_through_kvabs_own_port_forwards(cluster):
     code, checks, report, err = run_check(kubeconfig)
     assert code == 0, json.dumps(report, indent=1) + err
     assert report["verdict"] == "pass"
-    assert set(results(checks).values()) == {"pass"}, results(checks)
+    # Every check passes; the burst's latency row is an observation (skip), never a verdict.
+    assert {name: r for name, r in results(checks).items() if r != "pass"} == {"ab/latency": "skip"}, results(checks)
     assert set(checks) == {
         "prerequisites/pods", "prerequisites/proxy-labels", "prerequisites/proxy-metrics",
         "step1/direct-nvlink", "step1/direct-fs", "step2/httproute", "step2/epp-config",

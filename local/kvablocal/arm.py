@@ -7,8 +7,15 @@ API the runbook uses.
   runbook's Step 1 can tell the arms apart.
 - `GET /v1/models`, and `GET /metrics` with vLLM-style gauges (`vllm:num_requests_running`, ...),
   answered with `metrics_status` (set it to 404 to stage the runbook's failure signal 2).
-- `delay` seconds before the first token stands for the KV-cache transfer; the demo makes the FS
-  arm slower than the NVLink arm so the A/B verdict has something real to find.
+- A P/D timing model (`PdModel`): before the first token, prefill (a fixed part plus a part per
+  prompt token) and the KV-cache transfer from prefill to decode (the prompt's KV bytes at the arm's
+  bandwidth, plus a fixed overhead), plus an extra fixed `delay` and a uniform `jitter`; then tokens
+  stream at an inter-token latency with jitter and a heavy-ish tail. With the defaults the arms are
+  alike at short prompts (128 tokens: ~2 % apart) and differ at long ones (8192 tokens: ~30 %), so an
+  A/B experiment has something real to find, and only where the KV transfer matters.
+- Prompt tokens are counted as whitespace-separated words (the prompt, or every message's text), and
+  reported in `usage`; a streamed request with `stream_options.include_usage` gets vLLM's last chunk
+  (`"choices": []` and `usage`) before `data: [DONE]`.
 
 Every JSON answer also names the arm (`arm`) and echoes the request headers (`headers`), and every
 response carries `x-served-by: <arm>`, so tests can see what the gateway forwarded.
@@ -30,9 +37,63 @@ DEFAULT_PATHS = {
     "fs": ("vllm-prefill-fs", "vllm-decode-fs"),
 }
 
-# Time per generated token after the first.
-TOKEN_INTERVAL = 0.002
 WORDS = "the quick brown fox jumps over the lazy dog".split()
+# Answers are at most this many tokens long, whatever max_tokens asks.
+MAX_ANSWER_TOKENS = 64
+
+# KV-cache bytes per prompt token of the runbook's model, Qwen/Qwen3-Coder-30B-A3B-Instruct (its
+# config.json on Hugging Face: num_hidden_layers 48, num_key_value_heads 4, head_dim 128; bf16):
+# K and V × 48 layers × 4 heads × 128 × 2 bytes = 98,304 bytes.
+KV_BYTES_PER_TOKEN = 2 * 48 * 4 * 128 * 2
+
+# Effective KV-transfer bandwidth per arm, bytes/s. NVLink P2P moves hundreds of GB/s between GPUs of a
+# node; a filesystem connector goes through page cache and NVMe at a few to tens of GB/s.
+BANDWIDTH = {"nvlink": 200e9, "fs": 20e9}
+DEFAULT_BANDWIDTH = 200e9
+
+
+class PdModel:
+    """The time of a disaggregated request, in seconds. Defaults: 30 ms + 0.01 ms per prompt token of
+    prefill, 2 ms transfer overhead, 2 ms between tokens (±25 %), and 2 % of the gaps 5-10 times longer."""
+
+    def __init__(self, bandwidth: float, prefill_base: float = 0.030, prefill_per_token: float = 0.00001,
+                 transfer_overhead: float = 0.002, itl: float = 0.002, itl_jitter: float = 0.25,
+                 tail_probability: float = 0.02, tail_factor: tuple = (5.0, 10.0)):
+        self.bandwidth = bandwidth
+        self.prefill_base = prefill_base
+        self.prefill_per_token = prefill_per_token
+        self.transfer_overhead = transfer_overhead
+        self.itl = itl
+        self.itl_jitter = itl_jitter
+        self.tail_probability = tail_probability
+        self.tail_factor = tail_factor
+
+    def first_token(self, prompt_tokens: int) -> float:
+        prefill = self.prefill_base + self.prefill_per_token * prompt_tokens
+        transfer = self.transfer_overhead + KV_BYTES_PER_TOKEN * prompt_tokens / self.bandwidth
+        return prefill + transfer
+
+    def gap(self) -> float:
+        gap = self.itl * random.uniform(1 - self.itl_jitter, 1 + self.itl_jitter)
+        if random.random() < self.tail_probability:
+            gap *= random.uniform(*self.tail_factor)
+        return gap
+
+
+def prompt_tokens(body: dict) -> int:
+    """Whitespace-separated words of the prompt (string or list) or of every message's text."""
+    def words(value) -> int:
+        if isinstance(value, str):
+            return len(value.split())
+        if isinstance(value, list):
+            return sum(words(part.get("text") if isinstance(part, dict) else part) for part in value)
+        return 0
+
+    if "messages" in body and isinstance(body["messages"], list):
+        count = sum(words(m.get("content")) for m in body["messages"] if isinstance(m, dict))
+    else:
+        count = words(body.get("prompt"))
+    return max(1, count)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -88,20 +149,22 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(400, {"error": {"message": "request body is not a JSON object", "type": "BadRequestError", "code": 400}})
             return
         chat = self.path == "/v1/chat/completions"
-        tokens = max(1, min(int(body.get("max_tokens") or 16), 64))
+        tokens = max(1, min(int(body.get("max_tokens") or 16), MAX_ANSWER_TOKENS))
+        prompt = prompt_tokens(body)
         with self.server.running():
-            # Prefill, then the KV-cache transfer to the decode pod: the arm's delay.
-            time.sleep(self.server.first_token_delay())
+            # Prefill, then the KV-cache transfer to the decode pod.
+            time.sleep(self.server.first_token_delay(prompt))
             words = [random.choice(WORDS) for _ in range(tokens)]
             if body.get("stream"):
-                self._stream(chat, words)
+                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                self._stream(chat, words, prompt, include_usage)
             else:
-                time.sleep(TOKEN_INTERVAL * (tokens - 1))
-                self._json(200, self.server.completion(chat, words))
+                time.sleep(sum(self.server.model_timing.gap() for _ in range(tokens - 1)))
+                self._json(200, self.server.completion(chat, words, prompt))
 
     do_PUT = do_DELETE = do_POST
 
-    def _stream(self, chat, words):
+    def _stream(self, chat, words, prompt, include_usage):
         """Server-sent events, one chunk per token, as vLLM sends them."""
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
@@ -115,23 +178,33 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
             self.wfile.flush()
 
+        kind = "chat.completion.chunk" if chat else "text_completion"
         for i, word in enumerate(words):
             if i:
-                time.sleep(TOKEN_INTERVAL)
+                time.sleep(self.server.model_timing.gap())
             piece = (" " if i else "") + word
             choice = {"index": 0, "delta": {"content": piece}} if chat else {"index": 0, "text": piece}
             choice["finish_reason"] = "length" if i == len(words) - 1 else None
-            chunk(json.dumps({"id": completion_id, "object": "chat.completion.chunk" if chat else "text_completion",
-                              "created": int(time.time()), "model": self.server.model, "choices": [choice]}))
+            chunk(json.dumps({"id": completion_id, "object": kind, "created": int(time.time()),
+                              "model": self.server.model, "choices": [choice]}))
+        if include_usage:
+            # vLLM's (and OpenAI's) usage chunk: the last before [DONE], with no choices.
+            chunk(json.dumps({"id": completion_id, "object": kind, "created": int(time.time()), "model": self.server.model,
+                              "choices": [], "usage": usage(prompt, len(words))}))
         chunk("[DONE]")
         self.wfile.write(b"0\r\n\r\n")
+
+
+def usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 class ArmServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, name: str, port: int = 0, prefill: str = None, decode: str = None, delay: float = 0.0,
-                 jitter: float = 0.0, metrics_status: int = 200, model: str = MODEL):
+                 jitter: float = 0.0, metrics_status: int = 200, model: str = MODEL, bandwidth: float = None,
+                 pd_model: dict = None):
         super().__init__(("127.0.0.1", port), _Handler)
         self.arm_name = name
         default_prefill, default_decode = DEFAULT_PATHS.get(name, (f"vllm-prefill-{name}", f"vllm-decode-{name}"))
@@ -139,6 +212,7 @@ class ArmServer(ThreadingHTTPServer):
         self.decode = decode or default_decode
         self.delay = delay
         self.jitter = jitter
+        self.model_timing = PdModel(bandwidth or BANDWIDTH.get(name, DEFAULT_BANDWIDTH), **(pd_model or {}))
         self.metrics_status = metrics_status
         self.model = model
         self._lock = threading.Lock()
@@ -173,14 +247,15 @@ class ArmServer(ThreadingHTTPServer):
 
         return _Running()
 
-    def first_token_delay(self) -> float:
-        return max(0.0, self.delay + random.uniform(-self.jitter, self.jitter))
+    def first_token_delay(self, prompt_tokens: int) -> float:
+        extra = self.delay + random.uniform(-self.jitter, self.jitter)
+        return max(0.0, self.model_timing.first_token(prompt_tokens) + extra)
 
     def completion_id(self, chat: bool) -> str:
         prefix = "chatcmpl" if chat else "cmpl"
         return f"{prefix}-___prefill_addr_{self.prefill}___decode_addr_{self.decode}_{uuid.uuid4().hex}"
 
-    def completion(self, chat: bool, words: list) -> dict:
+    def completion(self, chat: bool, words: list, prompt: int) -> dict:
         text = " ".join(words)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
@@ -192,7 +267,7 @@ class ArmServer(ThreadingHTTPServer):
             "created": int(time.time()),
             "model": self.model,
             "choices": [choice],
-            "usage": {"prompt_tokens": 2, "completion_tokens": len(words), "total_tokens": 2 + len(words)},
+            "usage": usage(prompt, len(words)),
         }
 
     def metrics_text(self) -> str:
@@ -231,10 +306,14 @@ def main():
     ap = argparse.ArgumentParser(description="local proxy arm (OpenAI-compatible)")
     ap.add_argument("--name", required=True)
     ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--delay-ms", type=float, default=0.0, help="time before the first token (KV transfer)")
+    ap.add_argument("--delay-ms", type=float, default=0.0, help="extra fixed time before the first token")
+    ap.add_argument("--bandwidth-gbps", type=float, default=None,
+                    help="KV-transfer bandwidth, GB/s (default: 200 for nvlink, 20 for fs)")
     ap.add_argument("--metrics-status", type=int, default=200)
     args = ap.parse_args()
-    server = ArmServer(args.name, args.port, delay=args.delay_ms / 1000, metrics_status=args.metrics_status)
+    bandwidth = args.bandwidth_gbps * 1e9 if args.bandwidth_gbps else None
+    server = ArmServer(args.name, args.port, delay=args.delay_ms / 1000, metrics_status=args.metrics_status,
+                       bandwidth=bandwidth)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

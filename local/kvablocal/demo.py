@@ -2,17 +2,22 @@
 
 `make demo`: starts the stack on the public ports (gateway 127.0.0.1:18080, the runbook's
 port-forward port; kvab serve 18090; Envoy admin 18001; arms 18101/18102), runs `kvab check` in
-local mode, prints its report, stops everything it started and exits with the check's code.
+local mode and then a short `kvab experiment` (prompts of 128 and 8192 tokens; its HTML report goes
+to local/experiment-report.html), prints both reports, stops everything it started and exits with
+the check's code, or the experiment's when it could not run or was invalid.
 
 `make demo-up` (`--up`): starts the same stack and a Prometheus scraping it (with the kvab alert
 rules; 127.0.0.1:19090, KVAB_PROMETHEUS_PORT), prints their URLs and the runbook's curl lines, and
 keeps them running until Ctrl-C.
 
-KVAB_FS_DELAY_MS (default 40) is how much slower the FS arm is than the NVLink arm
-(KVAB_NVLINK_DELAY_MS, default 10) before the first token: the A/B verdict should find it.
+The arms follow the P/D model of `kvablocal.arm`: the FS arm moves the KV cache at
+KVAB_FS_BANDWIDTH_GBPS (default 20 GB/s), the NVLink arm at KVAB_NVLINK_BANDWIDTH_GBPS (default 200),
+so they are alike at short prompts and apart at long ones: the experiment should find that.
+KVAB_NVLINK_DELAY_MS and KVAB_FS_DELAY_MS (default 0) add a fixed time before each arm's first token.
 """
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -20,20 +25,32 @@ import threading
 
 from .prometheus import DEMO_PORT, RULES, Prometheus, gateway_target, sidecar_target
 from .sidecar import kvab_binary
-from .stack import Stack, env_port, public_ports
+from .stack import REPO, Stack, env_port, public_ports
+
+
+REPORT = REPO / "local" / "experiment-report.html"
+
+
+def env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
 
 
 def start() -> Stack:
-    nvlink_ms = env_port("KVAB_NVLINK_DELAY_MS", 10)
-    fs_extra_ms = env_port("KVAB_FS_DELAY_MS", 40)
-    stack = Stack(ports=public_ports(), nvlink_delay=nvlink_ms / 1000, fs_delay=(nvlink_ms + fs_extra_ms) / 1000)
+    stack = Stack(
+        ports=public_ports(),
+        nvlink_delay=env_float("KVAB_NVLINK_DELAY_MS", 0) / 1000,
+        fs_delay=env_float("KVAB_FS_DELAY_MS", 0) / 1000,
+        nvlink_bandwidth=env_float("KVAB_NVLINK_BANDWIDTH_GBPS", 200) * 1e9,
+        fs_bandwidth=env_float("KVAB_FS_BANDWIDTH_GBPS", 20) * 1e9,
+    )
     return stack.start()
 
 
 def describe(stack: Stack) -> str:
     u = stack.urls()
+    nvlink, fs = env_float("KVAB_NVLINK_BANDWIDTH_GBPS", 200), env_float("KVAB_FS_BANDWIDTH_GBPS", 20)
     return "\n".join([
-        f"kvab local stack (the FS arm is {env_port('KVAB_FS_DELAY_MS', 40)} ms slower before the first token):",
+        f"kvab local stack (KV transfer: nvlink {nvlink:g} GB/s, fs {fs:g} GB/s):",
         f"  gateway (Envoy + kvab filter)  {u['gateway']}",
         f"  kvab serve                     {u['sidecar']}  (/v1/endpoints, /metrics)",
         f"  Envoy admin                    {u['envoy_admin']}  (/stats/prometheus)",
@@ -49,7 +66,14 @@ def demo() -> int:
         command = ["kvab", "check", *stack.check_args()]
         print(f"\n$ {' '.join(command)}\n", flush=True)
         # stderr is inherited, so the burst's progress bar shows on a terminal.
-        return subprocess.run([kvab_binary(), *command[1:]], stdout=sys.stdout, stderr=sys.stderr, timeout=300).returncode
+        checked = subprocess.run([kvab_binary(), *command[1:]], stdout=sys.stdout, stderr=sys.stderr, timeout=300).returncode
+        command = ["kvab", "experiment", "--gateway-url", stack.urls()["gateway"], "--prompt-tokens", "128,8192",
+                   "--requests", "240", "--warmup", "8", "--max-tokens", "8", "--html", str(REPORT)]
+        print(f"\n$ {' '.join(command)}\n", flush=True)
+        judged = subprocess.run([kvab_binary(), *command[1:]], stdout=sys.stdout, stderr=sys.stderr, timeout=300).returncode
+        print(f"\nHTML report: {REPORT}")
+        # Decided (0) and inconclusive (2) are findings; invalid (1) or not run (3) is a broken demo.
+        return checked or (judged if judged in (1, 3) else 0)
     finally:
         stack.stop()
 

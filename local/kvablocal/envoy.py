@@ -44,10 +44,17 @@ def validate(config_path: Path) -> subprocess.CompletedProcess:
     )
 
 
+# The Envoy cluster of each arm's proxy in local/envoy-gateway.yaml.
+CLUSTERS = {"nvlink": "vllm-p2p-proxy", "fs": "vllm-fs-proxy"}
+
+
 class Gateway:
     """One Envoy process serving the local gateway configuration."""
 
-    def __init__(self, filter_config, nvlink_port: int, fs_port: int, gateway_port: int = 0, admin_port: int = 0, concurrency: int = 2, workdir=None, sidecar_port: int = 0, swap_routes: bool = False):
+    def __init__(self, filter_config, nvlink_port: int, fs_port: int, gateway_port: int = 0, admin_port: int = 0, concurrency: int = 2, workdir=None, sidecar_port: int = 0, swap_routes: bool = False, routes: dict | None = None):
+        """`routes` stages a misrouting gateway: {header arm: the arm its header route goes to}
+        (default: each to its own; `swap_routes` swaps the two)."""
+        routes = {"nvlink": "fs", "fs": "nvlink"} if swap_routes else {"nvlink": "nvlink", "fs": "fs", **(routes or {})}
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kvab-envoy-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = gateway_port or free_port()
@@ -68,8 +75,8 @@ class Gateway:
                 FS_PORT=fs_port,
                 # Without a sidecar the cluster points at a free port nobody calls.
                 SIDECAR_PORT=sidecar_port or free_port(),
-                NVLINK_ROUTE="vllm-fs-proxy" if swap_routes else "vllm-p2p-proxy",
-                FS_ROUTE="vllm-p2p-proxy" if swap_routes else "vllm-fs-proxy",
+                NVLINK_ROUTE=CLUSTERS[routes["nvlink"]],
+                FS_ROUTE=CLUSTERS[routes["fs"]],
             )
         )
         self.process = None

@@ -42,23 +42,28 @@ def public_ports() -> dict:
 class Stack:
     """Arms, kvab serve and Envoy. Ports of 0 are picked free (tests); `public_ports()` for the demo.
 
-    Knobs: `nvlink_delay`/`fs_delay` (seconds before the first token), `metrics_status`
-    ({arm: status} of `/metrics`), `swap_routes` (header routes to the wrong arm), `link_sidecar`
+    Knobs: `nvlink_delay`/`fs_delay` (extra fixed seconds before the first token, on top of the P/D
+    model of `kvablocal.arm`), `nvlink_bandwidth`/`fs_bandwidth` (KV-transfer bytes/s; default 200e9 and
+    20e9), `pd_model` (the other `PdModel` parameters, both arms), `metrics_status`
+    ({arm: status} of `/metrics`), `swap_routes` (header routes to the wrong arm), `routes`
+    ({header arm: the arm its route goes to}, e.g. {"nvlink": "fs"}), `link_sidecar`
     (False: the filter runs without the sidecar, so no counters move), `sidecar_config`/`sidecar_env`
     (e.g. a Kubernetes-sourced sidecar instead of the static one).
     """
 
     def __init__(self, ports=None, nvlink_delay=0.010, fs_delay=0.050, jitter=0.003, metrics_status=None,
-                 swap_routes=False, link_sidecar=True, sidecar_config=None, sidecar_env=None, workdir=None):
+                 swap_routes=False, routes=None, link_sidecar=True, sidecar_config=None, sidecar_env=None, workdir=None,
+                 nvlink_bandwidth=None, fs_bandwidth=None, pd_model=None):
         ports = ports or {}
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kvab-stack-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         metrics_status = metrics_status or {}
         self.arms = {
             "nvlink": ArmServer("nvlink", ports.get("nvlink", 0), delay=nvlink_delay, jitter=jitter,
-                                metrics_status=metrics_status.get("nvlink", 200)),
+                                metrics_status=metrics_status.get("nvlink", 200), bandwidth=nvlink_bandwidth,
+                                pd_model=pd_model),
             "fs": ArmServer("fs", ports.get("fs", 0), delay=fs_delay, jitter=jitter,
-                            metrics_status=metrics_status.get("fs", 200)),
+                            metrics_status=metrics_status.get("fs", 200), bandwidth=fs_bandwidth, pd_model=pd_model),
         }
         endpoints = [(arm, f"127.0.0.1:{server.port}", PODS[arm]) for arm, server in self.arms.items()]
         self.sidecar = Sidecar(
@@ -69,7 +74,7 @@ class Stack:
         self.gateway = Gateway(
             filter_config, self.arms["nvlink"].port, self.arms["fs"].port,
             gateway_port=ports.get("gateway", 0), admin_port=ports.get("admin", 0),
-            sidecar_port=self.sidecar.port, swap_routes=swap_routes, workdir=self.workdir / "envoy",
+            sidecar_port=self.sidecar.port, swap_routes=swap_routes, routes=routes, workdir=self.workdir / "envoy",
         )
         self.link_sidecar = link_sidecar
 

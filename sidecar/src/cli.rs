@@ -6,6 +6,7 @@ use std::ffi::OsString;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::check::options::CheckArgs;
+use crate::experiment::options::ExperimentArgs;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,6 +27,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run the A/B runbook with a verdict.
     Check(Box<CheckArgs>),
+    /// Run a randomized A/B of the arms and judge which is faster, where, by how much, how sure.
+    Experiment(Box<ExperimentArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -43,9 +46,13 @@ pub struct ServeArgs {
     pub check_config: bool,
 }
 
-/// Exit status of a usage error: `kvab check` keeps its documented 3 (0–2 are verdicts); the rest use 2.
+/// Exit status of a usage error: `kvab check` and `kvab experiment` keep their documented 3 (0–2 are
+/// verdicts); the rest use 2.
 pub fn usage_exit_code(args: &[OsString]) -> u8 {
-    if args.get(1).is_some_and(|a| a == "check") {
+    if args
+        .get(1)
+        .is_some_and(|a| a == "check" || a == "experiment")
+    {
         3
     } else {
         2
@@ -103,9 +110,15 @@ fn environment_source(error: &clap::Error, args: &[OsString]) -> Option<String> 
     if args.iter().any(typed) {
         return None;
     }
+    // The flag of the subcommand typed (two subcommands may share a flag name, with different variables).
     let command = command();
+    let typed_subcommand = args.get(1).and_then(|name| name.to_str());
     let variable = std::iter::once(&command)
-        .chain(command.get_subcommands())
+        .chain(
+            command
+                .get_subcommands()
+                .filter(|sub| Some(sub.get_name()) == typed_subcommand),
+        )
         .flat_map(|sub| sub.get_arguments())
         .find(|arg| arg.get_long() == Some(long))?
         .get_env()?;
@@ -141,9 +154,10 @@ mod tests {
     }
 
     #[test]
-    fn usage_errors_of_check_exit_3() {
+    fn usage_errors_of_check_and_experiment_exit_3() {
         let args = |list: &[&str]| list.iter().map(OsString::from).collect::<Vec<_>>();
         assert_eq!(usage_exit_code(&args(&["kvab", "check", "--x"])), 3);
+        assert_eq!(usage_exit_code(&args(&["kvab", "experiment", "--x"])), 3);
         assert_eq!(usage_exit_code(&args(&["kvab", "serve", "--x"])), 2);
         assert_eq!(usage_exit_code(&args(&["kvab", "frobnicate"])), 2);
     }

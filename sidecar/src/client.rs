@@ -80,6 +80,23 @@ impl Exchange {
     }
 }
 
+/// The head of a response whose body was handed to the caller chunk by chunk (`HttpClient::stream`).
+#[derive(Debug, Clone)]
+pub struct Streamed {
+    pub status: u16,
+    pub headers: HeaderMap,
+    /// From the request's start to the response headers.
+    pub headers_at: Duration,
+    /// From the request's start to the last body byte.
+    pub total: Duration,
+}
+
+impl Streamed {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
 #[derive(Clone)]
 pub struct HttpClient {
     client: Client<HttpConnector, Full<Bytes>>,
@@ -113,6 +130,33 @@ impl HttpClient {
     }
 
     pub async fn send(&self, request: &Request) -> Result<Exchange, String> {
+        let mut collected = Vec::new();
+        let mut first_byte = None;
+        let streamed = self
+            .stream(request, |data, at| {
+                if first_byte.is_none() && !data.is_empty() {
+                    first_byte = Some(at);
+                }
+                collected.extend_from_slice(data);
+            })
+            .await?;
+        Ok(Exchange {
+            status: streamed.status,
+            headers: streamed.headers,
+            body: Bytes::from(collected),
+            time_to_first_byte: first_byte.unwrap_or(streamed.headers_at),
+            total: streamed.total,
+        })
+    }
+
+    /// Sends `request` and hands each body chunk to `on_chunk` with its arrival time since the request's
+    /// start, as it arrives (nothing is collected here). `Err` on a transport error, or when the whole
+    /// exchange takes longer than the client's limit.
+    pub async fn stream(
+        &self,
+        request: &Request,
+        mut on_chunk: impl FnMut(&[u8], Duration),
+    ) -> Result<Streamed, String> {
         let mut builder = http::Request::builder()
             .method(request.method.clone())
             .uri(&request.url);
@@ -131,22 +175,16 @@ impl HttpClient {
                 .map_err(|e| describe_error(&e))?;
             let headers_at = started.elapsed();
             let (parts, mut body) = response.into_parts();
-            let mut collected = Vec::new();
-            let mut first_byte = None;
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| format!("reading the body: {e}"))?;
                 if let Some(data) = frame.data_ref() {
-                    if first_byte.is_none() && !data.is_empty() {
-                        first_byte = Some(started.elapsed());
-                    }
-                    collected.extend_from_slice(data);
+                    on_chunk(data, started.elapsed());
                 }
             }
-            Ok(Exchange {
+            Ok(Streamed {
                 status: parts.status.as_u16(),
                 headers: parts.headers,
-                body: Bytes::from(collected),
-                time_to_first_byte: first_byte.unwrap_or(headers_at),
+                headers_at,
                 total: started.elapsed(),
             })
         };

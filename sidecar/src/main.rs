@@ -8,6 +8,7 @@ mod check;
 mod cli;
 mod client;
 mod config;
+mod experiment;
 mod filter_wasm;
 mod http;
 mod index;
@@ -18,6 +19,7 @@ mod reports;
 mod selector;
 mod server;
 mod state;
+mod stats;
 mod store;
 mod watch;
 
@@ -40,6 +42,7 @@ fn main() -> ExitCode {
     let serve_args = match cli::parse_from(&args) {
         Ok(cli::Command::Serve(serve_args)) => serve_args,
         Ok(cli::Command::Check(check_args)) => return check::main(*check_args),
+        Ok(cli::Command::Experiment(experiment_args)) => return experiment::main(*experiment_args),
         Err(e) => {
             cli::print_error(&e, &args);
             return match e.kind() {

@@ -7,6 +7,8 @@ import os
 import re
 import subprocess
 
+import pytest
+
 from kvablocal.sidecar import REPO
 
 # Each help text and the page that shows it, in a fenced block opened by "$ <command>".
@@ -14,6 +16,7 @@ HELP_PAGES = {
     ("--help",): REPO / "README.md",
     ("serve", "--help"): REPO / "docs" / "sidecar.md",
     ("check", "--help"): REPO / "docs" / "check.md",
+    ("experiment", "--help"): REPO / "docs" / "experiment.md",
 }
 
 
@@ -40,16 +43,17 @@ def test_the_docs_show_the_help_exactly_as_the_binary_prints_it(kvab_bin):
             + result.stdout)
 
 
-def test_every_check_flag_has_help_text_and_an_environment_variable(kvab_bin):
-    text = run(kvab_bin, "check", "--help").stdout
+@pytest.mark.parametrize("command, prefix, at_least", [("check", "KVAB_CHECK_", 35), ("experiment", "KVAB_EXPERIMENT_", 30)])
+def test_every_flag_has_help_text_and_an_environment_variable(kvab_bin, command, prefix, at_least):
+    text = run(kvab_bin, command, "--help").stdout
     flags = re.findall(r"^\s+(?:-\w, )?(--[a-z-]+)", text, re.M)
-    assert len(flags) > 35, flags
+    assert len(flags) > at_least, flags
     switches_without_env = {"--help", "--local", "--cluster"}
     for flag in flags:
         entry = re.search(r"^\s+(?:-\w, )?" + re.escape(flag) + r"(?=[ <])(.*?)(?=^\s+-|^\S|\Z)", text, re.M | re.S)
         assert entry and len(entry.group(1).split()) >= 2, f"{flag} has no help text"
         if flag not in switches_without_env:
-            variable = "KVAB_CHECK_" + flag[2:].upper().replace("-", "_")
+            variable = prefix + flag[2:].upper().replace("-", "_")
             assert f"[env: {variable}]" in " ".join(entry.group(1).split()), f"{flag}: no {variable}"
 
 
@@ -103,3 +107,15 @@ def test_usage_errors_and_version(kvab_bin):
     assert serve_flag.returncode == 2 and "--listen" in serve_flag.stderr
     version = run(kvab_bin, "--version")
     assert version.returncode == 0 and re.fullmatch(r"kvab \d+\.\d+\.\d+\n", version.stdout)
+
+
+def test_experiment_usage_errors_exit_3_and_name_the_flag_or_variable(kvab_bin):
+    typed = run(kvab_bin, "experiment", "--requests", "1")
+    assert typed.returncode == 3 and "'--requests <N>'" in typed.stderr, typed.stderr
+    from_env = run(kvab_bin, "experiment", env={"KVAB_EXPERIMENT_CONCURRENCY": "lots"})
+    assert from_env.returncode == 3 and from_env.stdout == ""
+    assert "environment variable KVAB_EXPERIMENT_CONCURRENCY" in from_env.stderr, from_env.stderr
+    both = run(kvab_bin, "experiment", "--rate", "5", "--concurrency", "2")
+    assert both.returncode == 3 and "--concurrency" in both.stderr, both.stderr
+    odd_block = run(kvab_bin, "experiment", "--block", "3")
+    assert odd_block.returncode == 3 and "--block 3 is not a multiple" in odd_block.stderr, odd_block.stderr

@@ -13,8 +13,8 @@ use kvab_contract::report::{NO_ARM, UNKNOWN_ARM};
 use super::observe::Counters;
 use super::options::Arm;
 use super::report::{signals, Check, Outcome};
-use super::stats::{split_test, SplitMethod};
 use crate::client::{Exchange, HttpClient, Request};
+use crate::stats::{split_test, SplitMethod};
 
 pub type Shot = Result<Exchange, String>;
 
@@ -277,7 +277,10 @@ pub fn judge_spread(
         SplitMethod::ChiSquare => "chi-square",
         SplitMethod::None => "single proxy",
     };
-    measured.push_str(&format!("; {method} p={}", format_p(test.p_value)));
+    measured.push_str(&format!(
+        "; {method} p={}",
+        crate::stats::format_p(test.p_value)
+    ));
     let starved: Vec<&str> = pool
         .iter()
         .zip(&observed)
@@ -409,14 +412,6 @@ pub fn judge_misroutes(delta: &Counters, arms: &[Arm]) -> Check {
             .diagnosis("no tagged request was counted: the counters cannot show misroutes (is the filter linked to kvab serve?)")
     } else {
         Check::new(name, expected, measured, Outcome::Pass)
-    }
-}
-
-pub fn format_p(p: f64) -> String {
-    if p < 1e-4 {
-        format!("{p:.1e}")
-    } else {
-        format!("{p:.4}")
     }
 }
 

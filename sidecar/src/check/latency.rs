@@ -1,15 +1,12 @@
-//! The A/B verdict: per-arm latency and time to first byte from the burst, and a Mann-Whitney U test of
-//! whether one KV backend is faster than the other.
+//! Per-arm latency and time to first byte of the burst: an observation, not the A/B verdict (the
+//! scheduler chose the arms; `kvab experiment` randomizes them).
 
 use serde_json::{json, Value};
 
-use super::burst::{format_p, Shot};
+use super::burst::Shot;
 use super::options::Arm;
 use super::report::{Check, Outcome};
-use super::stats::{mann_whitney_u, percentile};
-
-/// Fewer successful responses than this per arm give no verdict.
-pub const MIN_SAMPLES: usize = 3;
+use crate::stats::percentile;
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ArmSamples {
@@ -54,11 +51,14 @@ fn render(name: &str, s: &ArmSamples) -> String {
     )
 }
 
-/// Compares the first two arms. Passes when a comparison could be made (whichever arm wins; this is the
-/// measurement the A/B test exists for), inconclusive with too few samples.
-pub fn judge(by_arm: &[(String, ArmSamples)], alpha: f64) -> (Check, Value) {
+/// The burst's latencies per arm, shown as an observation: the scheduler chose the arms by load, so
+/// the arms saw different requests at different moments and no comparison of them is a verdict. The row is
+/// neutral (`skip`) and points to `kvab experiment`, which randomizes the arms.
+pub fn observe(by_arm: &[(String, ArmSamples)]) -> (Check, Value) {
     let name = "ab/latency";
-    let expected = format!("≥ {MIN_SAMPLES} answers per arm; Mann-Whitney U at α={alpha}");
+    let expected =
+        "observational (arms chosen by the scheduler): per-arm latency of the burst; the A/B \
+                    verdict is kvab experiment's";
     let arms_json: serde_json::Map<String, Value> = by_arm
         .iter()
         .map(|(arm, s)| {
@@ -68,60 +68,13 @@ pub fn judge(by_arm: &[(String, ArmSamples)], alpha: f64) -> (Check, Value) {
             )
         })
         .collect();
-    let mut report = json!({"arms": arms_json});
+    let report = json!({"arms": arms_json, "observational": true});
     let rendered: Vec<String> = by_arm.iter().map(|(a, s)| render(a, s)).collect();
-    let [(first, a), (second, b), ..] = by_arm else {
-        return (
-            Check::new(name, expected, rendered.join("; "), Outcome::Inconclusive),
-            report,
-        );
-    };
-    if a.total.len() < MIN_SAMPLES || b.total.len() < MIN_SAMPLES {
-        return (
-            Check::new(name, expected, rendered.join("; "), Outcome::Inconclusive).diagnosis(
-                "too few answers per arm for a verdict: the burst did not reach both arms often enough (raise \
-                 --burst-requests)",
-            ),
-            report,
-        );
-    }
-    let Some(test) = mann_whitney_u(&a.total, &b.total) else {
-        return (
-            Check::new(name, expected, rendered.join("; "), Outcome::Inconclusive),
-            report,
-        );
-    };
-    // shift = typical (second − first): positive means the first arm is faster.
-    let (faster, slower, by) = if test.shift >= 0.0 {
-        (first, second, test.shift)
-    } else {
-        (second, first, -test.shift)
-    };
-    let median = |v: &[f64]| percentile(v, 50.0).unwrap_or(0.0);
-    let (fast_median, slow_median) = if faster == first {
-        (median(&a.total), median(&b.total))
-    } else {
-        (median(&b.total), median(&a.total))
-    };
-    let significant = test.p_value < alpha;
-    let verdict = format!(
-        "{faster} faster than {slower}: median {fast_median:.1} vs {slow_median:.1} ms ({:+.0}%), shift {by:.1} ms \
-         (Hodges-Lehmann), U={}, p={} {}",
-        100.0 * (fast_median - slow_median) / slow_median.max(f64::MIN_POSITIVE),
-        test.u_first,
-        format_p(test.p_value),
-        if significant {
-            format!("< {alpha}: significant")
-        } else {
-            format!("≥ {alpha}: not significant")
-        }
+    let check = Check::new(name, expected, rendered.join("; "), Outcome::Skip).diagnosis(
+        "not a comparison: the active-request-scorer sends fewer and different requests to the slower arm. \
+         `kvab experiment` assigns the arms at random per request and judges which is faster (docs/experiment.md)",
     );
-    report["mann_whitney"] = json!({
-        "first": first, "second": second, "u_first": test.u_first, "z": test.z, "p_value": test.p_value,
-        "shift_ms": test.shift, "faster": faster, "significant": significant,
-    });
-    let measured = format!("{}; {verdict}", rendered.join("; "));
-    (Check::new(name, expected, measured, Outcome::Pass), report)
+    (check, report)
 }
 
 #[cfg(test)]
@@ -139,46 +92,24 @@ mod tests {
     }
 
     #[test]
-    fn a_clearly_slower_arm_is_named_with_its_margin() {
+    fn the_row_is_an_observation_and_never_names_a_faster_arm() {
         let nvlink: Vec<f64> = (0..10).map(|i| 10.0 + f64::from(i)).collect();
         let fs: Vec<f64> = (0..10).map(|i| 100.0 + f64::from(i)).collect();
-        let (check, report) = judge(&[arm("nvlink", &nvlink), arm("fs", &fs)], 0.01);
-        assert_eq!(check.result, Outcome::Pass);
+        let (check, report) = observe(&[arm("nvlink", &nvlink), arm("fs", &fs)]);
+        assert_eq!(check.result, Outcome::Skip);
         assert!(
-            check
-                .measured
-                .contains("nvlink faster than fs: median 14.5 vs 104.5 ms (-86%), shift 90.0 ms"),
+            check.measured.contains("fs n=10 p50/p95/p99 104.5/"),
             "{}",
             check.measured
         );
-        assert!(
-            check.measured.contains("U=0, p=0.0002 < 0.01: significant"),
-            "{}",
-            check.measured
-        );
-        assert_eq!(report["mann_whitney"]["faster"], "nvlink");
+        assert!(!check.measured.contains("faster"), "{}", check.measured);
+        assert!(check
+            .diagnosis
+            .as_deref()
+            .is_some_and(|d| d.contains("kvab experiment")));
         assert_eq!(report["arms"]["fs"]["latency_ms"]["p50"], 104.5);
-    }
-
-    #[test]
-    fn overlapping_arms_are_not_significant_and_few_samples_are_inconclusive() {
-        let (check, _) = judge(
-            &[
-                arm("nvlink", &[10.0, 12.0, 14.0, 16.0]),
-                arm("fs", &[11.0, 13.0, 15.0, 17.0]),
-            ],
-            0.01,
-        );
-        assert_eq!(check.result, Outcome::Pass);
-        assert!(
-            check.measured.contains("not significant"),
-            "{}",
-            check.measured
-        );
-        let (check, _) = judge(
-            &[arm("nvlink", &[10.0]), arm("fs", &[11.0, 13.0, 15.0])],
-            0.01,
-        );
-        assert_eq!(check.result, Outcome::Inconclusive);
+        assert_eq!(report["observational"], true);
+        let (check, _) = observe(&[arm("nvlink", &[]), arm("fs", &[])]);
+        assert_eq!(check.result, Outcome::Skip);
     }
 }

@@ -10,7 +10,7 @@ mod burst;
 mod direct;
 mod epp_health;
 mod header_ab;
-mod kube;
+pub(crate) mod kube;
 mod latency;
 mod observe;
 pub mod options;
@@ -19,7 +19,6 @@ mod prerequisites;
 mod prom;
 mod report;
 mod requests;
-mod stats;
 mod targets;
 mod wiring;
 
@@ -308,10 +307,10 @@ async fn run(options: &Options) -> Result<Report, String> {
     let since_seconds = started.elapsed().as_secs() as i64 + 1;
     checks.push(epp_health::check(options, cluster.as_ref(), since_seconds).await);
 
-    // A/B verdict.
+    // Per-arm latency of the burst, as an observation (the verdict is kvab experiment's).
     let by_arm = latency::samples_by_arm(&shots, &options.header, &options.arms);
-    let (verdict_check, mut ab) = latency::judge(&by_arm, options.alpha);
-    checks.push(verdict_check);
+    let (latency_check, mut ab) = latency::observe(&by_arm);
+    checks.push(latency_check);
     ab["burst_status"] = json!(burst::histogram(&shots));
     Ok(Report::new(mode_name(options), checks, Some(ab)))
 }

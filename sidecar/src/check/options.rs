@@ -245,7 +245,7 @@ pub struct CheckArgs {
           help_heading = "Load")]
     settle: Duration,
 
-    /// Significance level of the split and latency tests.
+    /// Significance level of the split test.
     #[arg(long, value_name = "P", default_value = "0.01", value_parser = fraction, env = "KVAB_CHECK_ALPHA",
           help_heading = "Verdict")]
     alpha: f64,
@@ -329,7 +329,7 @@ fn local_port(variable: &str, default: u16) -> u16 {
         .unwrap_or(default)
 }
 
-fn local_url(variable: &str, default: u16) -> String {
+pub(crate) fn local_url(variable: &str, default: u16) -> String {
     format!("http://127.0.0.1:{}", local_port(variable, default))
 }
 
@@ -465,7 +465,7 @@ fn arm_mut<'a>(arms: &'a mut [Arm], name: &str, flag: &str) -> Result<&'a mut Ar
 
 // Value parsers: clap names the flag and the value in front of each message.
 
-fn http_url(value: &str) -> Result<String, String> {
+pub(crate) fn http_url(value: &str) -> Result<String, String> {
     if value.starts_with("http://") && value.len() > "http://".len() {
         Ok(value.trim_end_matches('/').to_string())
     } else {
@@ -504,7 +504,7 @@ fn id_path(value: &str) -> Result<(String, String, String), String> {
     }
 }
 
-fn arm_name(value: &str) -> Result<String, String> {
+pub(crate) fn arm_name(value: &str) -> Result<String, String> {
     match value.trim() {
         "" => Err("empty arm name".into()),
         name => Ok(name.to_string()),
@@ -519,7 +519,7 @@ fn arm_weight(value: &str) -> Result<(String, f64), String> {
     }
 }
 
-fn header_name(value: &str) -> Result<String, String> {
+pub(crate) fn header_name(value: &str) -> Result<String, String> {
     if !value.is_empty()
         && value
             .bytes()
@@ -531,7 +531,7 @@ fn header_name(value: &str) -> Result<String, String> {
     }
 }
 
-fn absolute_path(value: &str) -> Result<String, String> {
+pub(crate) fn absolute_path(value: &str) -> Result<String, String> {
     if value.starts_with('/') {
         Ok(value.to_string())
     } else {
@@ -539,7 +539,7 @@ fn absolute_path(value: &str) -> Result<String, String> {
     }
 }
 
-fn seconds(value: &str) -> Result<Duration, String> {
+pub(crate) fn seconds(value: &str) -> Result<Duration, String> {
     value
         .parse::<f64>()
         .ok()
@@ -548,7 +548,7 @@ fn seconds(value: &str) -> Result<Duration, String> {
         .ok_or_else(|| "must be seconds, more than 0 and at most 3600".into())
 }
 
-fn fraction(value: &str) -> Result<f64, String> {
+pub(crate) fn fraction(value: &str) -> Result<f64, String> {
     value
         .parse::<f64>()
         .ok()
@@ -567,7 +567,7 @@ fn label_key(value: &str) -> Result<String, String> {
 }
 
 /// `NAME` or `NAME:PORT`.
-fn service(value: &str, default_port: u16) -> Result<ServiceRef, String> {
+pub(crate) fn service(value: &str, default_port: u16) -> Result<ServiceRef, String> {
     let (name, port) = match value.split_once(':') {
         None => (value, default_port),
         Some((name, port)) => match port.parse::<u16>() {

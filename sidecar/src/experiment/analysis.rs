@@ -1,0 +1,628 @@
+//! The judgement of an experiment from its outcomes, with no I/O (the calibration tests run it on
+//! simulated samples).
+//!
+//! Per class and metric: percentiles per arm; the Hodges–Lehmann shift (second − first) with its
+//! distribution-free interval and the Mann-Whitney p-value; Holm's correction across every comparison.
+//! A comparison is decided `faster` when Holm rejects "no difference", its interval (at the Holm level
+//! that judged it) excludes zero and the shift is at least `min_effect` of the first arm's median;
+//! `equivalent` when the interval lies inside ±`min_effect`; otherwise `inconclusive`. Each analysis
+//! runs at `look_alpha` = alpha / looks (the union bound over the planned looks keeps the family-wise
+//! error at alpha for any stopping rule that stops at a look).
+
+use std::collections::BTreeMap;
+
+use crate::stats::{
+    hodges_lehmann, holm_adjusted, holm_levels, mann_whitney_u, percentile, shift_interval,
+    split_test, two_proportion,
+};
+
+use super::measure::Outcome;
+use super::report::{
+    Assignment, ClassSamples, Comparison, Decision, ErrorCount, ErrorRates, Metric, Samples,
+};
+
+/// What the analysis needs to know of the design.
+#[derive(Debug, Clone)]
+pub struct Design {
+    pub arms: Vec<String>,
+    pub classes: Vec<String>,
+    /// Nominal prompt size per class, when synthetic.
+    pub prompt_tokens: Vec<Option<u32>>,
+    pub stream: bool,
+    pub look_alpha: f64,
+    pub min_effect: f64,
+    pub srm_threshold: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Analysis {
+    pub assignment: Assignment,
+    pub errors: Vec<ErrorRates>,
+    pub comparisons: Vec<Comparison>,
+    /// Mean `usage.prompt_tokens` per class.
+    pub measured_prompt_tokens: Vec<Option<f64>>,
+    pub requests_per_class: Vec<u64>,
+}
+
+impl Analysis {
+    /// Every primary comparison decided (and there is at least one).
+    pub fn decided(&self) -> bool {
+        let mut primary = self.comparisons.iter().filter(|c| c.primary).peekable();
+        primary.peek().is_some() && primary.all(|c| c.decision != Decision::Inconclusive)
+    }
+}
+
+impl Design {
+    fn metrics(&self) -> Vec<(Metric, bool)> {
+        if self.stream {
+            vec![
+                (Metric::Ttft, true),
+                (Metric::Itl, false),
+                (Metric::Tpot, false),
+                (Metric::E2e, false),
+            ]
+        } else {
+            vec![(Metric::E2e, true)]
+        }
+    }
+}
+
+fn value(outcome: &Outcome, metric: Metric) -> Option<f64> {
+    match metric {
+        Metric::Ttft => outcome.ttft_ms,
+        Metric::Itl => outcome.median_itl_ms(),
+        Metric::Tpot => outcome.tpot_ms(),
+        Metric::E2e => Some(outcome.e2e_ms),
+    }
+}
+
+/// The values of a metric for (class, arm), from requests answered by their own arm without error.
+fn values(outcomes: &[Outcome], class: usize, arm: usize, metric: Metric) -> Vec<f64> {
+    outcomes
+        .iter()
+        .filter(|o| o.class == class && o.assigned == arm && o.counts())
+        .filter_map(|o| value(o, metric))
+        .filter(|v| v.is_finite())
+        .collect()
+}
+
+pub fn analyze(design: &Design, outcomes: &[Outcome]) -> Analysis {
+    let assignment = assignment(design, outcomes);
+    let errors = (0..design.classes.len())
+        .map(|c| error_rates(design, outcomes, c))
+        .collect();
+
+    // Comparisons first without the decision: Holm needs every p-value.
+    struct Raw {
+        metric: Metric,
+        class: usize,
+        primary: bool,
+        first: Vec<f64>,
+        second: Vec<f64>,
+        p: Option<f64>,
+    }
+    let mut raw = Vec::new();
+    for (class, _) in design.classes.iter().enumerate() {
+        for (metric, primary) in design.metrics() {
+            let first = values(outcomes, class, 0, metric);
+            let second = values(outcomes, class, 1, metric);
+            let p = mann_whitney_u(&first, &second).map(|t| t.p_value);
+            raw.push(Raw {
+                metric,
+                class,
+                primary,
+                first,
+                second,
+                p,
+            });
+        }
+    }
+    // Comparisons without a test (no samples) count as p = 1 in the family: they are reported.
+    let p_values: Vec<f64> = raw.iter().map(|r| r.p.unwrap_or(1.0)).collect();
+    let adjusted = holm_adjusted(&p_values);
+    let levels = holm_levels(&p_values, design.look_alpha);
+
+    let comparisons = raw
+        .iter()
+        .zip(adjusted.iter().zip(&levels))
+        .map(|(r, (&p_adjusted, &level))| {
+            let per_arm = |f: &dyn Fn(&[f64]) -> Option<f64>| -> BTreeMap<String, f64> {
+                [(&design.arms[0], &r.first), (&design.arms[1], &r.second)]
+                    .into_iter()
+                    .filter_map(|(arm, v)| f(v).map(|x| (arm.clone(), x)))
+                    .collect()
+            };
+            let base = percentile(&r.first, 50.0);
+            let shift = hodges_lehmann(&r.first, &r.second);
+            let ci = shift_interval(&r.first, &r.second, level);
+            let relative = shift
+                .zip(base)
+                .filter(|(_, b)| *b > 0.0)
+                .map(|(s, b)| s / b);
+            let relative_ci = ci
+                .zip(base)
+                .filter(|(_, b)| *b > 0.0)
+                .map(|((lo, hi), b)| [lo / b, hi / b]);
+            let (decision, faster) = decide(
+                design,
+                &design.arms,
+                r.p.map(|_| p_adjusted),
+                relative,
+                ci,
+                relative_ci,
+            );
+            let n_class = (r.first.len() + r.second.len()) as u64;
+            let more_requests = match decision {
+                Decision::Inconclusive => {
+                    more_requests(design.min_effect, n_class, ci, shift, base)
+                }
+                _ => None,
+            };
+            Comparison {
+                metric: r.metric,
+                class: design.classes[r.class].clone(),
+                primary: r.primary,
+                n: [
+                    (&design.arms[0], r.first.len()),
+                    (&design.arms[1], r.second.len()),
+                ]
+                .into_iter()
+                .map(|(a, n)| (a.clone(), n as u64))
+                .collect(),
+                p50: per_arm(&|v| percentile(v, 50.0)),
+                p90: per_arm(&|v| percentile(v, 90.0)),
+                p99: per_arm(&|v| percentile(v, 99.0)),
+                shift_ms: shift,
+                ci_ms: ci.map(|(lo, hi)| [lo, hi]),
+                ci_level_alpha: level,
+                relative,
+                relative_ci,
+                p: r.p,
+                p_adjusted: r.p.map(|_| p_adjusted),
+                decision,
+                faster,
+                more_requests,
+            }
+        })
+        .collect();
+
+    let requests_per_class = (0..design.classes.len())
+        .map(|c| outcomes.iter().filter(|o| o.class == c).count() as u64)
+        .collect();
+    let measured_prompt_tokens = (0..design.classes.len())
+        .map(|c| {
+            let tokens: Vec<f64> = outcomes
+                .iter()
+                .filter(|o| o.class == c)
+                .filter_map(|o| o.prompt_tokens.map(|t| t as f64))
+                .collect();
+            (!tokens.is_empty()).then(|| tokens.iter().sum::<f64>() / tokens.len() as f64)
+        })
+        .collect();
+    Analysis {
+        assignment,
+        errors,
+        comparisons,
+        measured_prompt_tokens,
+        requests_per_class,
+    }
+}
+
+fn decide(
+    design: &Design,
+    arms: &[String],
+    p_adjusted: Option<f64>,
+    relative: Option<f64>,
+    ci: Option<(f64, f64)>,
+    relative_ci: Option<[f64; 2]>,
+) -> (Decision, Option<String>) {
+    let (Some(p_adjusted), Some(relative), Some((lo, hi)), Some([rlo, rhi])) =
+        (p_adjusted, relative, ci, relative_ci)
+    else {
+        return (Decision::Inconclusive, None);
+    };
+    let excludes_zero = lo > 0.0 || hi < 0.0;
+    if p_adjusted <= design.look_alpha && excludes_zero && relative.abs() >= design.min_effect {
+        // shift = second − first: positive means the first arm is faster.
+        let faster = if relative > 0.0 { &arms[0] } else { &arms[1] };
+        return (Decision::Faster, Some(faster.clone()));
+    }
+    if rlo > -design.min_effect && rhi < design.min_effect {
+        return (Decision::Equivalent, None);
+    }
+    (Decision::Inconclusive, None)
+}
+
+/// Further requests (this class, both arms) until the interval is narrow enough to decide, assuming its
+/// width shrinks as 1/√n: to exclude zero when the shift is at least the margin, else to fit inside it.
+fn more_requests(
+    min_effect: f64,
+    n: u64,
+    ci: Option<(f64, f64)>,
+    shift: Option<f64>,
+    base: Option<f64>,
+) -> Option<u64> {
+    let ((lo, hi), shift, base) = (ci?, shift?, base?);
+    let half = (hi - lo) / 2.0;
+    let margin = min_effect * base;
+    let target = if shift.abs() >= margin {
+        shift.abs()
+    } else {
+        margin - shift.abs()
+    };
+    if !(target > 0.0 && half > 0.0 && n > 0) {
+        return None;
+    }
+    let factor = (half / target).powi(2);
+    let more = (n as f64 * (factor - 1.0)).ceil();
+    (more.is_finite() && more < 1e12).then(|| more.max(1.0) as u64)
+}
+
+fn assignment(design: &Design, outcomes: &[Outcome]) -> Assignment {
+    let mut planned = vec![0u64; design.arms.len()];
+    let mut answered = vec![0u64; design.arms.len()];
+    let (mut misrouted, mut untagged) = (0, 0);
+    for o in outcomes {
+        planned[o.assigned] += 1;
+        match o.served {
+            Some(served) => {
+                answered[served] += 1;
+                misrouted += u64::from(served != o.assigned);
+            }
+            None => untagged += 1,
+        }
+    }
+    // Balanced blocks: each arm's planned share is equal by design; the check compares answers with it.
+    let weights = vec![1.0; design.arms.len()];
+    let srm_p = split_test(&answered, &weights).map(|t| t.p_value);
+    let named = |counts: &[u64]| {
+        design
+            .arms
+            .iter()
+            .cloned()
+            .zip(counts.iter().copied())
+            .collect()
+    };
+    Assignment {
+        planned: named(&planned),
+        answered: named(&answered),
+        misrouted,
+        untagged,
+        srm_p,
+        srm_ok: srm_p.is_some_and(|p| p >= design.srm_threshold),
+    }
+}
+
+fn error_rates(design: &Design, outcomes: &[Outcome], class: usize) -> ErrorRates {
+    let mut counts = vec![ErrorCount::default(); design.arms.len()];
+    let mut codes: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for o in outcomes.iter().filter(|o| o.class == class) {
+        let count = &mut counts[o.assigned];
+        count.requests += 1;
+        if let Some(error) = &o.error {
+            count.errors += 1;
+            *codes
+                .entry(design.arms[o.assigned].clone())
+                .or_default()
+                .entry(error.clone())
+                .or_default() += 1;
+        }
+    }
+    for c in &mut counts {
+        c.rate = if c.requests > 0 {
+            c.errors as f64 / c.requests as f64
+        } else {
+            0.0
+        };
+    }
+    let p = two_proportion(
+        counts[0].errors,
+        counts[0].requests,
+        counts[1].errors,
+        counts[1].requests,
+    );
+    ErrorRates {
+        class: design.classes[class].clone(),
+        arms: design.arms.iter().cloned().zip(counts).collect(),
+        p,
+        codes,
+    }
+}
+
+/// The raw timings for the plots (requests that count, per class and arm).
+pub fn samples(design: &Design, analysis: &Analysis, outcomes: &[Outcome]) -> Samples {
+    let classes = design
+        .classes
+        .iter()
+        .enumerate()
+        .map(|(c, label)| ClassSamples {
+            label: label.clone(),
+            prompt_tokens: analysis
+                .measured_prompt_tokens
+                .get(c)
+                .copied()
+                .flatten()
+                .or(design
+                    .prompt_tokens
+                    .get(c)
+                    .copied()
+                    .flatten()
+                    .map(f64::from)),
+            arms: design
+                .arms
+                .iter()
+                .enumerate()
+                .map(|(a, arm)| {
+                    let counted = || {
+                        outcomes
+                            .iter()
+                            .filter(move |o| o.class == c && o.assigned == a && o.counts())
+                    };
+                    super::report::ArmSamples {
+                        arm: arm.clone(),
+                        ttft_ms: counted().filter_map(|o| o.ttft_ms).collect(),
+                        itl_ms: counted().flat_map(|o| o.itl_ms.iter().copied()).collect(),
+                        e2e_ms: counted().map(|o| o.e2e_ms).collect(),
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    Samples { classes }
+}
+
+/// Calibration: the method's error rates measured on simulated experiments (A/A and known shifts), not
+/// asserted. Deterministic seeds, so the rates are the same on every run.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod calibration {
+    use rand::rngs::ChaCha8Rng;
+    use rand::{RngExt, SeedableRng};
+
+    use super::*;
+    use crate::experiment::look_points;
+
+    const EXPERIMENTS: usize = 500;
+    const ALPHA: f64 = 0.05;
+
+    /// Three standard deviations of a rate of `EXPERIMENTS` Bernoulli(ALPHA) trials.
+    fn slack() -> f64 {
+        3.0 * (ALPHA * (1.0 - ALPHA) / EXPERIMENTS as f64).sqrt()
+    }
+
+    fn design(classes: usize, min_effect: f64, looks: u32) -> Design {
+        Design {
+            arms: vec!["a".into(), "b".into()],
+            classes: (0..classes).map(|c| format!("c{c}")).collect(),
+            prompt_tokens: vec![None; classes],
+            stream: false,
+            look_alpha: ALPHA / f64::from(looks),
+            min_effect,
+            srm_threshold: 0.001,
+        }
+    }
+
+    /// A latency with a heavy-ish right tail: 20 ms plus a log-normal part.
+    fn latency(rng: &mut ChaCha8Rng) -> f64 {
+        let u1: f64 = rng.random::<f64>().max(1e-12);
+        let u2: f64 = rng.random::<f64>();
+        let normal = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+        20.0 + (1.5 + 0.6 * normal).exp()
+    }
+
+    /// `n` outcomes in alternating arms over `classes`; arm b's latencies shifted by `shift` ms.
+    fn simulate(rng: &mut ChaCha8Rng, n: usize, classes: usize, shift: f64) -> Vec<Outcome> {
+        (0..n)
+            .map(|i| {
+                let arm = (i / classes) % 2;
+                let e2e = latency(rng) + if arm == 1 { shift } else { 0.0 };
+                Outcome {
+                    class: i % classes,
+                    assigned: arm,
+                    served: Some(arm),
+                    status: Some(200),
+                    e2e_ms: e2e,
+                    ..Outcome::default()
+                }
+            })
+            .collect()
+    }
+
+    fn false_faster_rate(min_effect: f64, looks: u32, seed: u64) -> f64 {
+        let design = design(2, min_effect, looks);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut false_claims = 0;
+        for _ in 0..EXPERIMENTS {
+            let outcomes = simulate(&mut rng, 400, 2, 0.0);
+            for point in look_points(400, looks) {
+                let analysis = analyze(&design, &outcomes[..point as usize]);
+                if analysis
+                    .comparisons
+                    .iter()
+                    .any(|c| c.decision == Decision::Faster)
+                {
+                    false_claims += 1;
+                    break;
+                }
+                if analysis.decided() {
+                    break;
+                }
+            }
+        }
+        let rate = false_claims as f64 / EXPERIMENTS as f64;
+        eprintln!("A/A: min effect {min_effect}, {looks} look(s): false faster in {false_claims} of {EXPERIMENTS} ({rate})");
+        rate
+    }
+
+    #[test]
+    fn identical_arms_are_called_faster_at_most_alpha_of_the_time() {
+        // A margin of ~0 leaves the test alone to guard against false claims: the hardest case.
+        let rate = false_faster_rate(1e-9, 1, 11);
+        assert!(
+            rate <= ALPHA + slack(),
+            "false faster rate {rate} over {EXPERIMENTS} A/A experiments"
+        );
+        // With the default margin, a false claim needs a 5 % effect as well.
+        let rate = false_faster_rate(0.05, 1, 12);
+        assert!(
+            rate <= ALPHA + slack(),
+            "false faster rate {rate} (min effect 5 %)"
+        );
+    }
+
+    #[test]
+    fn stopping_when_decided_keeps_the_false_faster_rate_at_alpha() {
+        let rate = false_faster_rate(1e-9, 10, 13);
+        assert!(
+            rate <= ALPHA + slack(),
+            "false faster rate {rate} with 10 looks"
+        );
+        let rate = false_faster_rate(0.05, 10, 14);
+        assert!(
+            rate <= ALPHA + slack(),
+            "false faster rate {rate} with 10 looks, min effect 5 %"
+        );
+    }
+
+    #[test]
+    fn the_interval_covers_a_known_shift_at_least_one_minus_alpha_of_the_time() {
+        let design = design(1, 0.05, 1);
+        let mut rng = ChaCha8Rng::seed_from_u64(15);
+        let shift = 3.0;
+        let mut covered = 0;
+        let mut faster = 0;
+        for _ in 0..EXPERIMENTS {
+            let outcomes = simulate(&mut rng, 300, 1, shift);
+            let analysis = analyze(&design, &outcomes);
+            let c = &analysis.comparisons[0];
+            let [lo, hi] = c.ci_ms.unwrap();
+            covered += usize::from(lo <= shift && shift <= hi);
+            faster += usize::from(c.faster.as_deref() == Some("a"));
+        }
+        let coverage = covered as f64 / EXPERIMENTS as f64;
+        eprintln!(
+            "known shift {shift} ms: covered in {covered} of {EXPERIMENTS}, a faster in {faster}"
+        );
+        assert!(coverage >= 1.0 - ALPHA - slack(), "coverage {coverage}");
+        // The shift is about 12 % of the median: the method finds it nearly always, and in the right direction.
+        assert!(
+            faster as f64 / EXPERIMENTS as f64 >= 0.9,
+            "found {faster} of {EXPERIMENTS}"
+        );
+    }
+
+    #[test]
+    fn a_difference_at_the_margin_is_called_equivalent_at_most_alpha_of_the_time() {
+        // The hardest case for an equivalence claim: the true effect is exactly the margin (5 % of the
+        // median of arm a, about 24.5 ms here), so every "equivalent" is false.
+        for looks in [1, 10] {
+            let design = design(1, 0.05, looks);
+            let mut rng = ChaCha8Rng::seed_from_u64(16 + u64::from(looks));
+            let median = 20.0 + 1.5f64.exp();
+            let mut false_claims = 0;
+            for _ in 0..EXPERIMENTS {
+                let outcomes = simulate(&mut rng, 1000, 1, 0.05 * median);
+                for point in look_points(1000, looks) {
+                    let analysis = analyze(&design, &outcomes[..point as usize]);
+                    if analysis.comparisons[0].decision == Decision::Equivalent {
+                        false_claims += 1;
+                    }
+                    if analysis.decided() {
+                        break;
+                    }
+                }
+            }
+            let rate = false_claims as f64 / EXPERIMENTS as f64;
+            eprintln!("effect at the margin, {looks} look(s): equivalent in {false_claims} of {EXPERIMENTS}");
+            assert!(
+                rate <= ALPHA + slack(),
+                "false equivalence rate {rate} with {looks} look(s)"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn outcome(class: usize, assigned: usize, served: Option<usize>, e2e: f64) -> Outcome {
+        Outcome {
+            class,
+            assigned,
+            served,
+            status: Some(200),
+            e2e_ms: e2e,
+            ..Outcome::default()
+        }
+    }
+
+    fn design() -> Design {
+        Design {
+            arms: vec!["nvlink".into(), "fs".into()],
+            classes: vec!["128".into()],
+            prompt_tokens: vec![Some(128)],
+            stream: false,
+            look_alpha: 0.05,
+            min_effect: 0.05,
+            srm_threshold: 0.001,
+        }
+    }
+
+    #[test]
+    fn misroutes_are_excluded_from_timings_and_fail_the_sample_ratio_check() {
+        // Every request for nvlink is served by fs.
+        let outcomes: Vec<Outcome> = (0..200)
+            .map(|i| outcome(0, i % 2, Some(1), 10.0 + (i % 7) as f64))
+            .collect();
+        let analysis = analyze(&design(), &outcomes);
+        assert_eq!(analysis.assignment.misrouted, 100);
+        assert_eq!(analysis.assignment.answered["fs"], 200);
+        assert!(!analysis.assignment.srm_ok);
+        let c = &analysis.comparisons[0];
+        assert_eq!(c.n["nvlink"], 0);
+        assert_eq!(c.decision, Decision::Inconclusive);
+    }
+
+    #[test]
+    fn a_clear_difference_is_faster_and_a_tiny_one_is_equivalent() {
+        let slow: Vec<Outcome> = (0..200)
+            .map(|i| {
+                outcome(
+                    0,
+                    i % 2,
+                    Some(i % 2),
+                    if i % 2 == 0 { 10.0 } else { 20.0 } + (i % 13) as f64 * 0.1,
+                )
+            })
+            .collect();
+        let c = &analyze(&design(), &slow).comparisons[0];
+        assert_eq!(
+            (c.decision, c.faster.as_deref()),
+            (Decision::Faster, Some("nvlink"))
+        );
+        assert!(c.shift_ms.unwrap() > 9.0 && c.ci_ms.unwrap()[0] > 0.0);
+        let same: Vec<Outcome> = (0..400)
+            .map(|i| outcome(0, i % 2, Some(i % 2), 100.0 + ((i / 2) % 17) as f64 * 0.1))
+            .collect();
+        let analysis = analyze(&design(), &same);
+        assert_eq!(analysis.comparisons[0].decision, Decision::Equivalent);
+        assert!(analysis.decided());
+    }
+
+    #[test]
+    fn errors_are_counted_per_assigned_arm_with_their_codes() {
+        let mut outcomes: Vec<Outcome> = (0..100)
+            .map(|i| outcome(0, i % 2, Some(i % 2), 10.0))
+            .collect();
+        for o in outcomes.iter_mut().filter(|o| o.assigned == 1).take(20) {
+            o.error = Some("status 503".into());
+            o.status = Some(503);
+        }
+        let e = &analyze(&design(), &outcomes).errors[0];
+        assert_eq!((e.arms["fs"].errors, e.arms["fs"].requests), (20, 50));
+        assert_eq!(e.codes["fs"]["status 503"], 20);
+        assert!(e.p.unwrap() < 0.001);
+    }
+}

@@ -1,0 +1,271 @@
+//! The load: requests generated in assignment order, sent closed-loop (a fixed number in flight) or
+//! open-loop (Poisson arrivals), each measured by `execute`. Outcomes go to the collector with their
+//! request number; every loop here is bounded by the request budget, the deadline or the stop flag.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::rngs::ChaCha8Rng;
+use rand::{RngExt, SeedableRng};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::client::{HttpClient, Request};
+
+use super::assign::Assigner;
+use super::measure::{ms, status_error, usage_of, EventStream, Outcome};
+use super::options::{Load, Options};
+use super::workload::{self, Class};
+
+/// Most body bytes kept of a non-streamed answer or an error answer.
+const MAX_KEPT_BODY: usize = 1 << 20;
+
+/// One request to send.
+pub struct Job {
+    /// 0-based, in assignment order; the first `warmup` are warm-up.
+    pub number: u64,
+    pub class: usize,
+    pub arm: usize,
+    pub request: Request,
+}
+
+/// Makes the jobs in order: assignment, prompt, body. Shared by the senders behind a mutex.
+pub struct Generator {
+    assigner: Assigner,
+    rng: ChaCha8Rng,
+    next: u64,
+    total: u64,
+    /// Per class, the next file prompt.
+    cursor: Vec<usize>,
+    classes: Vec<Class>,
+    url: String,
+    options: Options,
+}
+
+impl Generator {
+    pub fn new(options: &Options, classes: Vec<Class>, gateway: &str) -> Self {
+        Generator {
+            assigner: Assigner::new(
+                options.seed,
+                classes.len(),
+                options.arms.len(),
+                options.block as usize,
+            ),
+            // Prompts draw from their own stream, so the assignment is the seed's whatever the prompts are.
+            rng: ChaCha8Rng::seed_from_u64(options.seed ^ 0x6b76_6162_7072_6f6d),
+            next: 0,
+            total: options.warmup + options.requests,
+            cursor: vec![0; classes.len()],
+            classes,
+            url: format!("{gateway}{}", options.path),
+            options: options.clone(),
+        }
+    }
+
+    pub fn next_job(&mut self) -> Option<Job> {
+        if self.next >= self.total {
+            return None;
+        }
+        let number = self.next;
+        self.next += 1;
+        let (class, arm) = self.assigner.next();
+        let spec = self.classes.get(class)?;
+        let prompt = match spec.prompt_tokens {
+            // The seed in the prompt's first word keeps two runs' prompts apart too.
+            Some(tokens) => Value::String(workload::synthetic_prompt(
+                &format!("{:x}-{number}", self.options.seed),
+                tokens,
+                &mut self.rng,
+            )),
+            None => {
+                let cursor = self.cursor.get_mut(class)?;
+                let prompt = spec
+                    .prompts
+                    .get(*cursor % spec.prompts.len().max(1))?
+                    .clone();
+                *cursor += 1;
+                prompt
+            }
+        };
+        let body = workload::body(&self.options, prompt);
+        let arm_name = self.options.arms.get(arm)?;
+        let request =
+            Request::post_json(self.url.clone(), &body).with_header(&self.options.header, arm_name);
+        Some(Job {
+            number,
+            class,
+            arm,
+            request,
+        })
+    }
+}
+
+/// Sends one job and measures it.
+pub async fn execute(
+    client: &HttpClient,
+    job: &Job,
+    arms: &[String],
+    header: &str,
+    stream: bool,
+) -> Outcome {
+    let mut events = EventStream::default();
+    let mut kept: Vec<u8> = Vec::new();
+    let result = client
+        .stream(&job.request, |data, at| {
+            if stream {
+                events.feed(data, at);
+            }
+            let room = MAX_KEPT_BODY.saturating_sub(kept.len());
+            kept.extend_from_slice(&data[..data.len().min(room)]);
+        })
+        .await;
+    let mut outcome = Outcome {
+        class: job.class,
+        assigned: job.arm,
+        ..Outcome::default()
+    };
+    let response = match result {
+        Ok(response) => response,
+        Err(e) => {
+            outcome.error = Some(
+                if e.starts_with("no complete answer") {
+                    "timeout"
+                } else {
+                    "transport"
+                }
+                .into(),
+            );
+            return outcome;
+        }
+    };
+    outcome.status = Some(response.status);
+    outcome.e2e_ms = ms(response.total);
+    outcome.served = response
+        .header(header)
+        .and_then(|tag| arms.iter().position(|a| a == tag));
+    if !(200..300).contains(&response.status) {
+        outcome.error = Some(status_error(response.status, &kept));
+        return outcome;
+    }
+    if !stream {
+        (outcome.prompt_tokens, outcome.output_tokens) = usage_of(&kept);
+        return outcome;
+    }
+    outcome.ttft_ms = events.ttft_ms();
+    outcome.prompt_tokens = events.prompt_tokens;
+    outcome.output_tokens = events.completion_tokens;
+    outcome.error = events.error.clone().or_else(|| {
+        if !events.done {
+            Some("incomplete stream".into())
+        } else if outcome.ttft_ms.is_none() {
+            Some("no content".into())
+        } else {
+            None
+        }
+    });
+    outcome.itl_ms = std::mem::take(&mut events.gaps_ms);
+    outcome
+}
+
+/// What the senders share.
+pub struct Run {
+    pub generator: Mutex<Generator>,
+    pub client: HttpClient,
+    pub stop: AtomicBool,
+    pub deadline: Instant,
+    pub sent: AtomicU64,
+    /// Open loop: arrivals skipped because --max-in-flight requests were in flight.
+    pub skipped: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Run {
+    pub fn new(generator: Generator, client: HttpClient, deadline: Instant) -> Arc<Self> {
+        Arc::new(Run {
+            generator: Mutex::new(generator),
+            client,
+            stop: AtomicBool::new(false),
+            deadline,
+            sent: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        })
+    }
+
+    fn take_job(&self) -> Option<Job> {
+        if self.stop.load(Ordering::Relaxed) || Instant::now() >= self.deadline {
+            return None;
+        }
+        let job = self.generator.lock().ok()?.next_job()?;
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        Some(job)
+    }
+}
+
+/// Starts the senders; each outcome is sent on `outcomes` with its request number. The channel closes
+/// when the budget or the deadline is reached (or `stop` is set) and the requests in flight are done.
+pub fn start(
+    run: Arc<Run>,
+    options: &Options,
+    outcomes: mpsc::UnboundedSender<(u64, Outcome)>,
+) -> JoinSet<()> {
+    let mut tasks = JoinSet::new();
+    let arms: Arc<[String]> = options.arms.clone().into();
+    let (header, stream) = (Arc::<str>::from(options.header.as_str()), options.stream);
+    match options.load {
+        Load::Closed { concurrency } => {
+            for _ in 0..concurrency {
+                let (run, outcomes, arms, header) =
+                    (run.clone(), outcomes.clone(), arms.clone(), header.clone());
+                tasks.spawn(async move {
+                    while let Some(job) = run.take_job() {
+                        let outcome = execute(&run.client, &job, &arms, &header, stream).await;
+                        if outcomes.send((job.number, outcome)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+        Load::Open {
+            rate,
+            max_in_flight,
+        } => {
+            let seed = options.seed ^ 0x6b76_6162_6172_7269;
+            tasks.spawn(async move {
+                let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                let mut senders = JoinSet::new();
+                let mut next_at = Instant::now();
+                loop {
+                    // Exponential gaps: a Poisson process at `rate`; late arrivals go at once (the schedule
+                    // is absolute, so the mean rate holds).
+                    let uniform: f64 = rng.random::<f64>();
+                    next_at += Duration::from_secs_f64(-(1.0 - uniform).ln() / rate);
+                    tokio::time::sleep_until(next_at.min(run.deadline)).await;
+                    while senders.try_join_next().is_some() {}
+                    if run.in_flight.load(Ordering::Relaxed) >= max_in_flight as usize {
+                        if run.stop.load(Ordering::Relaxed) || Instant::now() >= run.deadline {
+                            break;
+                        }
+                        run.skipped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let Some(job) = run.take_job() else { break };
+                    run.in_flight.fetch_add(1, Ordering::Relaxed);
+                    let (run, outcomes, arms, header) =
+                        (run.clone(), outcomes.clone(), arms.clone(), header.clone());
+                    senders.spawn(async move {
+                        let outcome = execute(&run.client, &job, &arms, &header, stream).await;
+                        run.in_flight.fetch_sub(1, Ordering::Relaxed);
+                        let _ = outcomes.send((job.number, outcome));
+                    });
+                }
+                while senders.join_next().await.is_some() {}
+            });
+        }
+    }
+    tasks
+}

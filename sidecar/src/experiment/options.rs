@@ -1,0 +1,364 @@
+//! `kvab experiment` command line (`ExperimentArgs`, clap) and what the run uses (`Options`). Every flag, its
+//! help text, default and environment variable (`KVAB_EXPERIMENT_<FLAG>`) is defined once, here;
+//! docs/experiment.md shows `kvab experiment --help` (tests/sidecar/test_cli.py keeps the two equal).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
+
+use crate::check::options::{
+    absolute_path, arm_name, fraction, header_name, http_url, local_url, seconds, service,
+    ServiceRef, MODEL,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Endpoint {
+    // /v1/chat/completions with `messages`.
+    Chat,
+    // /v1/completions with `prompt`.
+    Completions,
+}
+
+impl Endpoint {
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Until {
+    // One analysis when the request or time budget is spent.
+    Budget,
+    // An analysis at each of --looks points; stop at the first where every primary comparison is decided.
+    Decided,
+}
+
+/// The flags of `kvab experiment`, as typed. `Options::from_args` resolves them.
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    about = "Run a randomized A/B of the arms through the gateway and judge it (time to first token per prompt size)",
+    after_help = "Exit status: 0 decided, 1 invalid (sample-ratio mismatch or no answers), 2 inconclusive,\n\
+                  3 usage error or the experiment could not run.\n\
+                  Every environment variable is used only when its flag is not given."
+)]
+pub struct ExperimentArgs {
+    /// Local mode: the gateway by URL (the default; the make demo stack on its default port).
+    #[arg(long, conflicts_with = "cluster", help_heading = "Mode and output")]
+    local: bool,
+    /// Cluster mode: a port-forward to --gateway-service through the Kubernetes API (as kvab check).
+    #[arg(long, help_heading = "Mode and output")]
+    cluster: bool,
+    /// JSON report on stdout instead of the table.
+    #[arg(long, env = "KVAB_EXPERIMENT_JSON", value_parser = BoolishValueParser::new(),
+          help_heading = "Mode and output")]
+    json: bool,
+    /// Also write a self-contained HTML report with plots to this file.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "KVAB_EXPERIMENT_HTML",
+        help_heading = "Mode and output"
+    )]
+    html: Option<PathBuf>,
+    /// No progress line on stderr.
+    #[arg(long, env = "KVAB_EXPERIMENT_QUIET", value_parser = BoolishValueParser::new(),
+          help_heading = "Mode and output")]
+    quiet: bool,
+
+    /// The gateway [local: http://127.0.0.1:$KVAB_GATEWAY_PORT, port 18080 by default; cluster: a port-forward
+    /// to the gateway Service].
+    #[arg(long, value_name = "URL", value_parser = http_url, env = "KVAB_EXPERIMENT_GATEWAY_URL",
+          help_heading = "Targets")]
+    gateway_url: Option<String>,
+    /// Namespace of the gateway Service (cluster mode).
+    #[arg(
+        long,
+        value_name = "NS",
+        default_value = "llm-d-inference-scheduler",
+        env = "KVAB_EXPERIMENT_GATEWAY_NAMESPACE",
+        help_heading = "Targets"
+    )]
+    gateway_namespace: String,
+    /// Gateway Service to port-forward to when no --gateway-url is given (cluster mode).
+    #[arg(long, value_name = "NAME[:PORT]", default_value = "infra-inference-scheduling-inference-gateway-istio:80",
+          value_parser = |v: &str| service(v, 80), env = "KVAB_EXPERIMENT_GATEWAY_SERVICE", help_heading = "Targets")]
+    gateway_service: ServiceRef,
+
+    /// The two arms, in comparison order (shifts are second minus first).
+    #[arg(long, value_name = "A,B", value_delimiter = ',', default_value = "nvlink,fs", value_parser = arm_name,
+          env = "KVAB_EXPERIMENT_ARMS", help_heading = "Arms")]
+    arms: Vec<String>,
+    /// The arm header kvab sets on each request (the filter's `header`; its response tag names the arm that
+    /// served).
+    #[arg(long, value_name = "NAME", default_value = "x-kv-backend", value_parser = header_name,
+          env = "KVAB_EXPERIMENT_HEADER", help_heading = "Arms")]
+    header: String,
+
+    /// Synthetic prompts of these sizes in tokens, one workload class each (1-131072).
+    #[arg(long, value_name = "N,...", value_delimiter = ',', default_value = "128,2048,8192",
+          value_parser = clap::value_parser!(u32).range(1..=131_072), conflicts_with = "prompts",
+          env = "KVAB_EXPERIMENT_PROMPT_TOKENS", help_heading = "Workload")]
+    prompt_tokens: Vec<u32>,
+    /// Prompts from a JSONL file instead: each line {"prompt": "..."} or {"messages": [...]}, optionally
+    /// with "class" (default class: file).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "KVAB_EXPERIMENT_PROMPTS",
+        help_heading = "Workload"
+    )]
+    prompts: Option<PathBuf>,
+    /// max_tokens of every request (1-65536).
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=65_536),
+          env = "KVAB_EXPERIMENT_MAX_TOKENS", help_heading = "Workload")]
+    max_tokens: u32,
+    /// The API.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "chat",
+        env = "KVAB_EXPERIMENT_ENDPOINT",
+        help_heading = "Workload"
+    )]
+    endpoint: Endpoint,
+    /// Path of the API instead of the endpoint's default.
+    #[arg(long, value_name = "PATH", value_parser = absolute_path, env = "KVAB_EXPERIMENT_PATH",
+          help_heading = "Workload")]
+    path: Option<String>,
+    /// Non-streamed requests (end-to-end time only; the primary metric becomes e2e_ms).
+    #[arg(long, env = "KVAB_EXPERIMENT_NO_STREAM", value_parser = BoolishValueParser::new(),
+          help_heading = "Workload")]
+    no_stream: bool,
+    /// Model in every request body.
+    #[arg(long, value_name = "M", default_value = MODEL, env = "KVAB_EXPERIMENT_MODEL", help_heading = "Workload")]
+    model: String,
+
+    /// Closed loop: this many requests in flight (1-4096).
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=4096),
+          conflicts_with = "rate", env = "KVAB_EXPERIMENT_CONCURRENCY", help_heading = "Load")]
+    concurrency: u32,
+    /// Open loop instead: Poisson arrivals at this many requests per second (at most 100000).
+    #[arg(long, value_name = "R", value_parser = rate, env = "KVAB_EXPERIMENT_RATE", help_heading = "Load")]
+    rate: Option<f64>,
+    /// Open loop: most requests in flight; an arrival beyond it is skipped and counted (1-65536).
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65_536),
+          env = "KVAB_EXPERIMENT_MAX_IN_FLIGHT", help_heading = "Load")]
+    max_in_flight: u32,
+    /// Measured requests, warm-up not included (2-10000000).
+    #[arg(long, value_name = "N", default_value_t = 600, value_parser = clap::value_parser!(u64).range(2..=10_000_000),
+          env = "KVAB_EXPERIMENT_REQUESTS", help_heading = "Load")]
+    requests: u64,
+    /// Longest run, seconds (warm-up included).
+    #[arg(long, value_name = "S", default_value = "600", value_parser = long_seconds,
+          env = "KVAB_EXPERIMENT_DURATION", help_heading = "Load")]
+    duration: Duration,
+    /// Requests sent first and left out of every figure (0-100000).
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u64).range(0..=100_000),
+          env = "KVAB_EXPERIMENT_WARMUP", help_heading = "Load")]
+    warmup: u64,
+    /// Limit of one request, seconds.
+    #[arg(long, value_name = "S", default_value = "60", value_parser = seconds, env = "KVAB_EXPERIMENT_MAX_TIME",
+          help_heading = "Load")]
+    max_time: Duration,
+    /// Seed of the assignment, the class order, the prompts and the arrivals [a random seed, printed in the
+    /// report].
+    #[arg(
+        long,
+        value_name = "N",
+        env = "KVAB_EXPERIMENT_SEED",
+        help_heading = "Load"
+    )]
+    seed: Option<u64>,
+
+    /// Family-wise error rate of the experiment's claims.
+    #[arg(long, value_name = "P", default_value = "0.05", value_parser = open_fraction,
+          env = "KVAB_EXPERIMENT_ALPHA", help_heading = "Verdict")]
+    alpha: f64,
+    /// Smallest relative difference that counts (0.05: 5 % of the first arm's median); inside it the arms
+    /// are equivalent.
+    #[arg(long, value_name = "R", default_value = "0.05", value_parser = open_fraction,
+          env = "KVAB_EXPERIMENT_MIN_EFFECT", help_heading = "Verdict")]
+    min_effect: f64,
+    /// When to stop: when the budget is spent, or as soon as every primary comparison is decided.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "budget",
+        env = "KVAB_EXPERIMENT_UNTIL",
+        help_heading = "Verdict"
+    )]
+    until: Until,
+    /// With --until decided: analyses at this many evenly spaced points of the request budget, each at
+    /// alpha/looks (1-100).
+    #[arg(long, value_name = "K", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100),
+          env = "KVAB_EXPERIMENT_LOOKS", help_heading = "Verdict")]
+    looks: u32,
+    /// Sample-ratio check: the experiment is invalid when answers per arm differ from the assignment with a
+    /// p-value below this.
+    #[arg(long, value_name = "P", default_value = "0.001", value_parser = open_fraction,
+          env = "KVAB_EXPERIMENT_SRM_THRESHOLD", help_heading = "Verdict")]
+    srm_threshold: f64,
+    /// Assignment block per class: each run of this many requests of a class holds every arm equally
+    /// (a multiple of the number of arms, 2-64).
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..=64),
+          env = "KVAB_EXPERIMENT_BLOCK", help_heading = "Verdict")]
+    block: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Load {
+    Closed { concurrency: u32 },
+    Open { rate: f64, max_in_flight: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Workload {
+    /// Synthetic prompts of these sizes, one class each.
+    Synthetic(Vec<u32>),
+    /// Prompts from a JSONL file.
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub json: bool,
+    pub html: Option<PathBuf>,
+    pub quiet: bool,
+    /// `None` in cluster mode without --gateway-url: port-forward to `gateway_service`.
+    pub gateway_url: Option<String>,
+    pub gateway_namespace: String,
+    pub gateway_service: ServiceRef,
+    pub arms: Vec<String>,
+    pub header: String,
+    pub workload: Workload,
+    pub max_tokens: u32,
+    pub path: String,
+    pub endpoint: Endpoint,
+    pub stream: bool,
+    pub model: String,
+    pub load: Load,
+    pub requests: u64,
+    pub duration: Duration,
+    pub warmup: u64,
+    pub max_time: Duration,
+    pub seed: u64,
+    pub alpha: f64,
+    pub min_effect: f64,
+    pub until: Until,
+    pub looks: u32,
+    pub srm_threshold: f64,
+    pub block: u32,
+}
+
+impl Options {
+    pub fn from_args(args: ExperimentArgs) -> Result<Options, String> {
+        let arms = args.arms;
+        if arms.len() != 2 {
+            return Err(format!("--arms wants exactly two arms, got {}", arms.len()));
+        }
+        if arms[0] == arms[1] {
+            return Err(format!("--arms names {:?} twice", arms[0]));
+        }
+        if !args.block.is_multiple_of(2) {
+            return Err(format!(
+                "--block {} is not a multiple of the 2 arms",
+                args.block
+            ));
+        }
+        let cluster = args.cluster && !args.local;
+        let gateway_url = match args.gateway_url {
+            Some(url) => Some(url),
+            None if cluster => None,
+            None => Some(local_url("KVAB_GATEWAY_PORT", 18080)),
+        };
+        let mut sizes = args.prompt_tokens;
+        sizes.sort_unstable();
+        sizes.dedup();
+        let workload = match args.prompts {
+            Some(file) => Workload::File(file),
+            None => Workload::Synthetic(sizes),
+        };
+        let load = match args.rate {
+            Some(rate) => Load::Open {
+                rate,
+                max_in_flight: args.max_in_flight,
+            },
+            None => Load::Closed {
+                concurrency: args.concurrency,
+            },
+        };
+        let looks = match args.until {
+            Until::Budget => 1,
+            Until::Decided => args.looks,
+        };
+        Ok(Options {
+            json: args.json,
+            html: args.html,
+            quiet: args.quiet,
+            gateway_url,
+            gateway_namespace: args.gateway_namespace,
+            gateway_service: args.gateway_service,
+            arms,
+            header: args.header,
+            workload,
+            max_tokens: args.max_tokens,
+            path: args
+                .path
+                .unwrap_or_else(|| args.endpoint.path().to_string()),
+            endpoint: args.endpoint,
+            stream: !args.no_stream,
+            model: args.model,
+            load,
+            requests: args.requests,
+            duration: args.duration,
+            warmup: args.warmup,
+            max_time: args.max_time,
+            seed: args.seed.unwrap_or_else(random_seed),
+            alpha: args.alpha,
+            min_effect: args.min_effect,
+            until: args.until,
+            looks,
+            srm_threshold: args.srm_threshold,
+            block: args.block,
+        })
+    }
+}
+
+/// A seed from the operating system's randomness (std's hash keys are drawn from it).
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u8(0);
+    hasher.finish()
+}
+
+fn rate(value: &str) -> Result<f64, String> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|r| *r > 0.0 && *r <= 100_000.0)
+        .ok_or_else(|| "must be requests per second, more than 0 and at most 100000".into())
+}
+
+fn open_fraction(value: &str) -> Result<f64, String> {
+    fraction(value).and_then(|f| {
+        if f > 0.0 && f < 1.0 {
+            Ok(f)
+        } else {
+            Err("must be more than 0 and less than 1".into())
+        }
+    })
+}
+
+fn long_seconds(value: &str) -> Result<Duration, String> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|s| *s > 0.0 && *s <= 7.0 * 86_400.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| "must be seconds, more than 0 and at most 604800 (a week)".into())
+}

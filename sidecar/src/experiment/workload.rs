@@ -1,0 +1,195 @@
+//! The workload: classes of prompts and the request body of each request.
+//!
+//! Synthetic prompts approximate `N` tokens with `N` words from a list of common English words that BPE
+//! tokenizers (Qwen's, Llama's, GPT's) encode as one token each, after a unique request number: the number
+//! makes every prompt's first KV block different, so the server's prefix cache cannot serve one prompt from
+//! another and every request moves its full KV cache. The chat template adds a few tokens; the report shows
+//! the server's own `usage.prompt_tokens` beside the size asked for.
+
+use std::path::Path;
+
+use rand::{Rng, RngExt};
+use serde_json::{json, Value};
+
+use super::options::{Endpoint, Options, Workload};
+
+/// Words that are one token each in common BPE vocabularies (with their leading space).
+const WORDS: &[&str] = &[
+    "the", "cache", "time", "model", "first", "token", "value", "layer", "data", "node", "file",
+    "link", "fast", "slow", "read", "write", "page", "block", "state", "world", "water", "light",
+    "story", "house", "paper", "music", "river", "table", "green", "small", "large", "early",
+    "level", "point", "field", "order", "power", "money", "night", "study",
+];
+
+/// Most classes a prompt file may name.
+const MAX_CLASSES: usize = 64;
+/// Most prompts read from a file.
+const MAX_FILE_PROMPTS: usize = 1_000_000;
+
+#[derive(Debug, Clone)]
+pub struct Class {
+    pub label: String,
+    /// The size asked for, for synthetic prompts.
+    pub prompt_tokens: Option<u32>,
+    /// For file prompts: the prompts of this class (`prompt` string or `messages` array), taken in turn.
+    pub prompts: Vec<Value>,
+}
+
+/// The classes of the run, in report order.
+pub fn classes(options: &Options) -> Result<Vec<Class>, String> {
+    match &options.workload {
+        Workload::Synthetic(sizes) => Ok(sizes
+            .iter()
+            .map(|&tokens| Class {
+                label: format!("{tokens}"),
+                prompt_tokens: Some(tokens),
+                prompts: Vec::new(),
+            })
+            .collect()),
+        Workload::File(path) => read_prompts(path, options.endpoint),
+    }
+}
+
+fn read_prompts(path: &Path, endpoint: Endpoint) -> Result<Vec<Class>, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("--prompts {}: {e}", path.display()))?;
+    let mut classes: Vec<Class> = Vec::new();
+    let mut count = 0usize;
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let at = || format!("--prompts {} line {}", path.display(), number + 1);
+        let value: Value =
+            serde_json::from_str(line).map_err(|e| format!("{}: not JSON: {e}", at()))?;
+        let prompt = match (value.get("prompt"), value.get("messages")) {
+            (Some(Value::String(p)), None) => match endpoint {
+                Endpoint::Completions => Value::String(p.clone()),
+                Endpoint::Chat => json!([{"role": "user", "content": p}]),
+            },
+            (None, Some(Value::Array(messages))) if !messages.is_empty() => match endpoint {
+                Endpoint::Chat => Value::Array(messages.clone()),
+                Endpoint::Completions => {
+                    return Err(format!("{}: `messages` needs --endpoint chat", at()));
+                }
+            },
+            _ => {
+                return Err(format!(
+                    "{}: wants a \"prompt\" string or a non-empty \"messages\" array (not both)",
+                    at()
+                ))
+            }
+        };
+        let label = match value.get("class") {
+            None => "file".to_string(),
+            Some(Value::String(c)) if !c.is_empty() && c.len() <= 64 => c.clone(),
+            Some(_) => {
+                return Err(format!(
+                    "{}: \"class\" must be a string of 1-64 characters",
+                    at()
+                ))
+            }
+        };
+        count += 1;
+        if count > MAX_FILE_PROMPTS {
+            return Err(format!(
+                "--prompts {}: more than {MAX_FILE_PROMPTS} prompts",
+                path.display()
+            ));
+        }
+        let known = classes.len();
+        match classes.iter().position(|c| c.label == label) {
+            Some(index) => classes[index].prompts.push(prompt),
+            None if known < MAX_CLASSES => classes.push(Class {
+                label,
+                prompt_tokens: None,
+                prompts: vec![prompt],
+            }),
+            None => return Err(format!("{}: more than {MAX_CLASSES} classes", at())),
+        }
+    }
+    if classes.is_empty() {
+        return Err(format!("--prompts {}: no prompts", path.display()));
+    }
+    Ok(classes)
+}
+
+/// A synthetic prompt: `first` (unique per request), then `tokens − 1` words drawn from `rng`.
+pub fn synthetic_prompt(first: &str, tokens: u32, rng: &mut impl Rng) -> String {
+    let mut prompt = String::with_capacity(tokens as usize * 6 + first.len());
+    prompt.push_str(first);
+    for _ in 1..tokens {
+        prompt.push(' ');
+        prompt.push_str(WORDS[rng.random_range(0..WORDS.len())]);
+    }
+    prompt
+}
+
+/// The request body: streamed with usage in the last event unless `--no-stream`. `ignore_eos` (vLLM's
+/// sampling parameter) makes every answer `max_tokens` long, so the arms decode the same lengths.
+pub fn body(options: &Options, prompt: Value) -> Value {
+    let mut body = json!({
+        "model": options.model,
+        "max_tokens": options.max_tokens,
+        "ignore_eos": true,
+        "stream": options.stream,
+    });
+    if options.stream {
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    match (options.endpoint, prompt) {
+        (Endpoint::Chat, Value::String(text)) => {
+            body["messages"] = json!([{"role": "user", "content": text}])
+        }
+        (Endpoint::Chat, messages) => body["messages"] = messages,
+        (Endpoint::Completions, prompt) => body["prompt"] = prompt,
+    }
+    body
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use rand::rngs::ChaCha8Rng;
+    use rand::SeedableRng;
+
+    use super::*;
+
+    #[test]
+    fn synthetic_prompts_have_the_words_asked_for_and_differ_from_the_start() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let a = synthetic_prompt("ab-7", 128, &mut rng);
+        assert_eq!(a.split_whitespace().count(), 128);
+        assert!(a.starts_with("ab-7 "));
+        let b = synthetic_prompt("ab-8", 128, &mut rng);
+        assert_ne!(a.split_whitespace().next(), b.split_whitespace().next());
+        assert_eq!(synthetic_prompt("ab-1", 1, &mut rng), "ab-1");
+    }
+
+    #[test]
+    fn prompt_files_are_read_by_class_and_bad_lines_name_the_line() {
+        let dir = std::env::temp_dir().join(format!("kvab-prompts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("p.jsonl");
+        std::fs::write(
+            &path,
+            "{\"prompt\": \"a b c\", \"class\": \"short\"}\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}\n{\"prompt\": \"d\", \"class\": \"short\"}\n",
+        )
+        .unwrap();
+        let classes = read_prompts(&path, Endpoint::Chat).unwrap();
+        assert_eq!(classes.len(), 2);
+        assert_eq!(classes[0].label, "short");
+        assert_eq!(classes[0].prompts.len(), 2);
+        assert_eq!(classes[1].label, "file");
+        let error = read_prompts(&path, Endpoint::Completions).unwrap_err();
+        assert!(
+            error.contains("line 3") && error.contains("messages"),
+            "{error}"
+        );
+        std::fs::write(&path, "{\"prompt\": 3}\n").unwrap();
+        let error = read_prompts(&path, Endpoint::Chat).unwrap_err();
+        assert!(error.contains("line 1"), "{error}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
