@@ -299,3 +299,19 @@ def test_api_errors_make_checks_inconclusive_or_stop_with_a_clear_message(cluste
     assert err.strip().splitlines()[-1] == (f"kvab check: reading Service {GW}/{GATEWAY_SERVICE}: 500 InternalError: "
                            "fakekube injected failure (500)"), err
     assert "panicked" not in err
+
+
+def test_kvab_experiment_reaches_the_gateway_through_its_own_port_forward(cluster):
+    kube, stack, kubeconfig = cluster
+    env = {**os.environ, "KUBECONFIG": kubeconfig, "RUST_LOG": "warn"}
+    done = subprocess.run([kvab_binary(), "experiment", "--cluster", "--json", "--quiet", "--prompt-tokens", "128",
+                           "--requests", "40", "--warmup", "2", "--concurrency", "4", "--max-tokens", "2", "--seed", "2"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.stdout, done.stderr
+    report = json.loads(done.stdout)
+    assignment = report["assignment"]
+    assert assignment["answered"] == {"fs": 20, "nvlink": 20} and assignment["misrouted"] == 0, assignment
+    assert report["verdict"] != "invalid", report["reasons"]
+    # The gateway was reached through a port-forward to the ready gateway pod the Service selects.
+    forwards = [r for r in check_requests(kube) if "portforward" in r["path"]]
+    assert any(f"/namespaces/{GW}/pods/{GATEWAY_POD}/portforward" in r["path"] for r in forwards), forwards
