@@ -46,14 +46,15 @@ class Stack:
     model of `kvablocal.arm`), `nvlink_bandwidth`/`fs_bandwidth` (KV-transfer bytes/s; default 200e9 and
     20e9), `pd_model` (the other `PdModel` parameters, both arms), `metrics_status`
     ({arm: status} of `/metrics`), `swap_routes` (header routes to the wrong arm), `routes`
-    ({header arm: the arm its route goes to}, e.g. {"nvlink": "fs"}), `link_sidecar`
+    ({header arm: the arm its route goes to}, e.g. {"nvlink": "fs"}), `filter_config` (the filter's
+    configuration, e.g. a split; the sidecar link is added unless `link_sidecar` is False), `link_sidecar`
     (False: the filter runs without the sidecar, so no counters move), `sidecar_config`/`sidecar_env`
     (e.g. a Kubernetes-sourced sidecar instead of the static one).
     """
 
     def __init__(self, ports=None, nvlink_delay=0.010, fs_delay=0.050, jitter=0.003, metrics_status=None,
                  swap_routes=False, routes=None, link_sidecar=True, sidecar_config=None, sidecar_env=None, workdir=None,
-                 nvlink_bandwidth=None, fs_bandwidth=None, pd_model=None):
+                 nvlink_bandwidth=None, fs_bandwidth=None, pd_model=None, filter_config=None):
         ports = ports or {}
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kvab-stack-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +71,9 @@ class Stack:
             sidecar_config or static_config(endpoints, extra="[probe]\ninterval_seconds = 1"),
             port=ports.get("sidecar", 0), workdir=self.workdir, env=sidecar_env,
         )
-        filter_config = {"sidecar": {"cluster": "kvab-sidecar", "refreshMs": REFRESH_MS}} if link_sidecar else {}
+        filter_config = dict(filter_config or {})
+        if link_sidecar:
+            filter_config["sidecar"] = {"cluster": "kvab-sidecar", "refreshMs": REFRESH_MS}
         self.gateway = Gateway(
             filter_config, self.arms["nvlink"].port, self.arms["fs"].port,
             gateway_port=ports.get("gateway", 0), admin_port=ports.get("admin", 0),

@@ -5,6 +5,7 @@ use std::ffi::OsString;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
+use crate::analyze::options::AnalyzeArgs;
 use crate::check::options::CheckArgs;
 use crate::experiment::options::ExperimentArgs;
 
@@ -29,6 +30,8 @@ pub enum Command {
     Check(Box<CheckArgs>),
     /// Run a randomized A/B of the arms and judge which is faster, where, by how much, how sure.
     Experiment(Box<ExperimentArgs>),
+    /// Judge the A/B on production traffic from what Prometheus holds (the filter's histograms and counters).
+    Analyze(Box<AnalyzeArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -46,12 +49,12 @@ pub struct ServeArgs {
     pub check_config: bool,
 }
 
-/// Exit status of a usage error: `kvab check` and `kvab experiment` keep their documented 3 (0–2 are
+/// Exit status of a usage error: `kvab check`, `experiment` and `analyze` keep their documented 3 (0–2 are
 /// verdicts); the rest use 2.
 pub fn usage_exit_code(args: &[OsString]) -> u8 {
     if args
         .get(1)
-        .is_some_and(|a| a == "check" || a == "experiment")
+        .is_some_and(|a| matches!(a.to_str(), Some("check" | "experiment" | "analyze")))
     {
         3
     } else {

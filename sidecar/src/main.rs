@@ -4,6 +4,7 @@
 //! module served to the gateway).
 //! `kvab check` (the runbook with a verdict) is the `check` module tree.
 
+mod analyze;
 mod check;
 mod cli;
 mod client;
@@ -43,6 +44,7 @@ fn main() -> ExitCode {
         Ok(cli::Command::Serve(serve_args)) => serve_args,
         Ok(cli::Command::Check(check_args)) => return check::main(*check_args),
         Ok(cli::Command::Experiment(experiment_args)) => return experiment::main(*experiment_args),
+        Ok(cli::Command::Analyze(analyze_args)) => return analyze::main(*analyze_args),
         Err(e) => {
             cli::print_error(&e, &args);
             return match e.kind() {

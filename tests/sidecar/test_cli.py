@@ -17,6 +17,7 @@ HELP_PAGES = {
     ("serve", "--help"): REPO / "docs" / "sidecar.md",
     ("check", "--help"): REPO / "docs" / "check.md",
     ("experiment", "--help"): REPO / "docs" / "experiment.md",
+    ("analyze", "--help"): REPO / "docs" / "analyze.md",
 }
 
 
@@ -43,7 +44,8 @@ def test_the_docs_show_the_help_exactly_as_the_binary_prints_it(kvab_bin):
             + result.stdout)
 
 
-@pytest.mark.parametrize("command, prefix, at_least", [("check", "KVAB_CHECK_", 35), ("experiment", "KVAB_EXPERIMENT_", 30)])
+@pytest.mark.parametrize("command, prefix, at_least", [("check", "KVAB_CHECK_", 35), ("experiment", "KVAB_EXPERIMENT_", 30),
+                                                            ("analyze", "KVAB_ANALYZE_", 14)])
 def test_every_flag_has_help_text_and_an_environment_variable(kvab_bin, command, prefix, at_least):
     text = run(kvab_bin, command, "--help").stdout
     flags = re.findall(r"^\s+(?:-\w, )?(--[a-z-]+)", text, re.M)

@@ -13,7 +13,7 @@ const ARM_COLORS: [RGBColor; 2] = [RGBColor(31, 119, 180), RGBColor(230, 115, 0)
 /// Most points drawn of one ECDF: beyond it the curve is sampled evenly (the shape is the same).
 const MAX_ECDF_POINTS: usize = 400;
 
-fn escape(text: &str) -> String {
+pub fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
@@ -240,23 +240,25 @@ th{background:#f3f3f3}td.l,th.l{text-align:left}tr.primary td{font-weight:600}\
 .warn{color:#b00020;font-weight:600}figure{display:inline-block;margin:.5em}\
 figcaption{font-size:.85em;color:#555}.empty{color:#777;font-style:italic}";
 
-pub fn render(report: &Report, samples: &Samples) -> String {
-    let mut out = String::with_capacity(64 * 1024);
-    let verdict_class = match report.verdict {
+/// A whole page in the reports' style: title, the verdict line (coloured by the verdict), then `body`.
+pub fn page(title: &str, verdict_line: &str, verdict: Verdict, body: &str) -> String {
+    let verdict_class = match verdict {
         Verdict::Decided => "decided",
         Verdict::Inconclusive => "inconclusive",
         Verdict::Invalid => "invalid",
     };
-    let arms = report.arms.join(" vs ");
-    let _ = write!(
-        out,
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>kvab experiment: {}</title>\
-         <style>{STYLE}</style></head><body><h1>kvab experiment: {}</h1>\
-         <p class=\"verdict {verdict_class}\">verdict: {}</p><ul>",
-        escape(&arms),
-        escape(&arms),
-        escape(&report.verdict_line()),
-    );
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>\
+         <style>{STYLE}</style></head><body><h1>{title}</h1>\
+         <p class=\"verdict {verdict_class}\">verdict: {verdict}</p>{body}</body></html>\n",
+        title = escape(title),
+        verdict = escape(verdict_line),
+    )
+}
+
+pub fn render(report: &Report, samples: &Samples) -> String {
+    let mut out = String::with_capacity(64 * 1024);
+    out.push_str("<ul>");
     let run = &report.run;
     let load = match (run.concurrency, run.rate) {
         (Some(c), _) => format!("closed loop, {c} in flight"),
@@ -469,8 +471,12 @@ pub fn render(report: &Report, samples: &Samples) -> String {
         caption,
         ecdf_plot("ITL ECDF per arm", "gap between tokens, ms", &itl),
     );
-    out.push_str("</body></html>\n");
-    out
+    page(
+        &format!("kvab experiment: {}", report.arms.join(" vs ")),
+        &report.verdict_line(),
+        report.verdict,
+        &out,
+    )
 }
 
 #[cfg(test)]

@@ -1,0 +1,199 @@
+//! Statistics on Prometheus histograms: counts per bucket, not samples. Every figure here is valid on
+//! binned data: a quantile is known only to lie in its bucket (the bounds are reported with Prometheus's
+//! linear-interpolation estimate); the two-sample test is Mann-Whitney with every bucket one group of
+//! ties; the interval of the difference of medians is built from distribution-free median intervals
+//! widened to bucket edges, so it holds whatever the values inside the buckets are.
+
+use statrs::distribution::{Binomial, DiscreteCDF};
+
+use crate::stats::normal_sf;
+
+/// A histogram's increase over a window: per bucket (upper bounds ascending, the last `+Inf`), the count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Histogram {
+    pub upper: Vec<f64>,
+    pub counts: Vec<f64>,
+}
+
+impl Histogram {
+    /// From cumulative `le` buckets (any order, `+Inf` included), as `increase(..._bucket[w])` returns.
+    /// Counter resets are Prometheus's business (`increase`); a non-monotone result (rounding between
+    /// buckets scraped apart) is clamped.
+    pub fn from_cumulative(mut buckets: Vec<(f64, f64)>) -> Option<Self> {
+        buckets.retain(|(le, _)| !le.is_nan());
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        if buckets.last().is_none_or(|(le, _)| *le != f64::INFINITY) {
+            return None;
+        }
+        let mut previous = 0.0f64;
+        let (mut upper, mut counts) = (Vec::new(), Vec::new());
+        for (le, cumulative) in buckets {
+            let cumulative = cumulative.max(previous).round();
+            upper.push(le);
+            counts.push(cumulative - previous);
+            previous = cumulative;
+        }
+        Some(Histogram { upper, counts })
+    }
+
+    pub fn total(&self) -> f64 {
+        self.counts.iter().sum()
+    }
+
+    fn lower(&self, bucket: usize) -> f64 {
+        if bucket == 0 {
+            0.0f64.min(self.upper[0])
+        } else {
+            self.upper[bucket - 1]
+        }
+    }
+
+    /// The bucket holding the `rank`-th smallest value (1-based).
+    fn bucket_of_rank(&self, rank: f64) -> Option<usize> {
+        let mut cumulative = 0.0;
+        for (i, count) in self.counts.iter().enumerate() {
+            cumulative += count;
+            if cumulative >= rank && *count > 0.0 {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// The `q` quantile (0..1): (lower bound, upper bound, estimate). The estimate interpolates linearly
+    /// inside the bucket, as PromQL's `histogram_quantile`; in the `+Inf` bucket it is the lower bound.
+    pub fn quantile(&self, q: f64) -> Option<(f64, f64, f64)> {
+        let n = self.total();
+        if n <= 0.0 {
+            return None;
+        }
+        let rank = (q * n).max(1.0);
+        let bucket = self.bucket_of_rank(rank)?;
+        let (low, high) = (self.lower(bucket), self.upper[bucket]);
+        let below: f64 = self.counts[..bucket].iter().sum();
+        let estimate = if high.is_finite() {
+            low + (high - low) * ((q * n - below) / self.counts[bucket]).clamp(0.0, 1.0)
+        } else {
+            low
+        };
+        Some((low, high, estimate))
+    }
+
+    /// A distribution-free `1 − alpha` interval of the median: the binomial order statistics' ranks, each
+    /// widened to its bucket's edges. `None` when the sample is too small for the level.
+    pub fn median_interval(&self, alpha: f64) -> Option<(f64, f64)> {
+        let n = self.total().round() as u64;
+        let binomial = Binomial::new(0.5, n).ok()?;
+        let mut j = 0u64;
+        while j < n / 2 && binomial.cdf(j) <= alpha / 2.0 {
+            j += 1;
+        }
+        if j == 0 {
+            return None;
+        }
+        let low = self.lower(self.bucket_of_rank(j as f64)?);
+        let high = self.upper[self.bucket_of_rank((n + 1 - j) as f64)?];
+        Some((low, high))
+    }
+}
+
+/// Two-sided Mann-Whitney U p-value on two histograms with the same buckets: every bucket is one group
+/// of ties (tie-corrected variance, continuity correction), the test for ordinal data. `None` when the
+/// buckets differ or a side is empty.
+pub fn mann_whitney(first: &Histogram, second: &Histogram) -> Option<f64> {
+    if first.upper != second.upper {
+        return None;
+    }
+    let (n1, n2) = (first.total(), second.total());
+    if n1 <= 0.0 || n2 <= 0.0 {
+        return None;
+    }
+    let n = n1 + n2;
+    // U of the first: pairs (a, b) with a > b, ties one half.
+    let (mut u, mut second_below, mut tie_term) = (0.0, 0.0, 0.0);
+    for (a, b) in first.counts.iter().zip(&second.counts) {
+        u += a * (second_below + b / 2.0);
+        second_below += b;
+        let t = a + b;
+        tie_term += t * t * t - t;
+    }
+    let variance = n1 * n2 / 12.0 * ((n + 1.0) - tie_term / (n * (n - 1.0)));
+    if variance <= 0.0 {
+        return Some(1.0);
+    }
+    let mean = n1 * n2 / 2.0;
+    let z = ((u - mean).abs() - 0.5).max(0.0) / variance.sqrt();
+    Some((2.0 * normal_sf(z)).min(1.0))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn histogram(upper: &[f64], counts: &[f64]) -> Histogram {
+        Histogram {
+            upper: upper.to_vec(),
+            counts: counts.to_vec(),
+        }
+    }
+
+    #[test]
+    fn cumulative_buckets_become_counts_and_need_inf() {
+        let h = Histogram::from_cumulative(vec![(f64::INFINITY, 10.0), (50.0, 4.0), (100.0, 9.0)])
+            .unwrap();
+        assert_eq!(h.upper, vec![50.0, 100.0, f64::INFINITY]);
+        assert_eq!(h.counts, vec![4.0, 5.0, 1.0]);
+        assert!(Histogram::from_cumulative(vec![(50.0, 4.0)]).is_none());
+        // increase() rounding can make a bucket dip below the one before: clamped, never negative.
+        let h = Histogram::from_cumulative(vec![(50.0, 4.2), (100.0, 3.9), (f64::INFINITY, 5.0)])
+            .unwrap();
+        assert!(h.counts.iter().all(|c| *c >= 0.0) && h.total() == 5.0);
+    }
+
+    #[test]
+    fn quantiles_interpolate_like_histogram_quantile_and_carry_their_bucket() {
+        // PromQL: histogram_quantile(0.5) of 4 in (0,50], 5 in (50,100], 1 above: rank 5 is in (50,100],
+        // 50 + 50 · (5 − 4)/5 = 60.
+        let h = histogram(&[50.0, 100.0, f64::INFINITY], &[4.0, 5.0, 1.0]);
+        assert_eq!(h.quantile(0.5), Some((50.0, 100.0, 60.0)));
+        assert_eq!(
+            h.quantile(0.99).map(|q| (q.0, q.1)),
+            Some((100.0, f64::INFINITY))
+        );
+        assert_eq!(histogram(&[f64::INFINITY], &[0.0]).quantile(0.5), None);
+    }
+
+    #[test]
+    fn the_binned_test_separates_shifted_histograms_and_not_equal_ones() {
+        let edges = [10.0, 20.0, 30.0, 40.0, f64::INFINITY];
+        let fast = histogram(&edges, &[300.0, 600.0, 100.0, 0.0, 0.0]);
+        let slow = histogram(&edges, &[0.0, 100.0, 600.0, 300.0, 0.0]);
+        assert!(mann_whitney(&fast, &slow).unwrap() < 1e-10);
+        assert!(mann_whitney(&fast, &fast.clone()).unwrap() > 0.9);
+        assert!(mann_whitney(&fast, &histogram(&[1.0, f64::INFINITY], &[1.0, 1.0])).is_none());
+        // By hand, one bucket each side: all tied, U = n1·n2/2, p = 1.
+        let one = histogram(&[f64::INFINITY], &[5.0]);
+        assert_eq!(mann_whitney(&one, &one), Some(1.0));
+    }
+
+    #[test]
+    fn the_median_interval_is_widened_to_bucket_edges() {
+        // 10 values in buckets of one each: ranks 2 and 9 at 95 % (as for raw samples), so the interval
+        // runs from bucket 2's lower edge to bucket 9's upper edge.
+        let edges: Vec<f64> = (1..=10)
+            .map(|i| f64::from(i) * 10.0)
+            .chain([f64::INFINITY])
+            .collect();
+        let mut counts = vec![1.0; 10];
+        counts.push(0.0);
+        assert_eq!(
+            histogram(&edges, &counts).median_interval(0.05),
+            Some((10.0, 90.0))
+        );
+        assert_eq!(
+            histogram(&edges[..5], &[1.0; 5]).median_interval(0.05),
+            None
+        );
+    }
+}

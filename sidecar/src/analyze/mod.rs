@@ -1,0 +1,763 @@
+//! `kvab analyze`: the A/B judged on what Prometheus already holds (docs/analyze.md): the filter's per-arm
+//! histograms and counters over a window, with statistics valid on binned data (`binned`), the design
+//! read from how requests chose their arm, and the sample-ratio check against the split weights.
+
+pub mod binned;
+pub mod options;
+pub mod prometheus;
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use serde::Serialize;
+
+use crate::client::HttpClient;
+use crate::experiment::report::{Decision, Verdict};
+use crate::stats::{format_p, holm_adjusted, holm_levels, split_test, two_proportion};
+
+use binned::{mann_whitney, Histogram};
+use options::AnalyzeArgs;
+use prometheus::{Labels, Prometheus};
+
+/// Split-assigned share at or above which the comparison counts as randomized.
+const RANDOMIZED_SHARE: f64 = 0.95;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub verdict: Verdict,
+    pub reasons: Vec<String>,
+    pub arms: Vec<String>,
+    pub window: Window,
+    pub design: Design,
+    pub assignment: Assignment,
+    pub errors: BTreeMap<String, Rate>,
+    pub errors_p: Option<f64>,
+    pub misroutes: BTreeMap<String, Rate>,
+    /// kvab serve's ledger (`kvab_routed_requests_total`) per requested arm, when it is scraped.
+    pub routed: Option<BTreeMap<String, f64>>,
+    pub comparisons: Vec<Comparison>,
+    pub method: Method,
+    /// Every PromQL query run, in order.
+    pub queries: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Window {
+    pub start: f64,
+    pub end: f64,
+    pub seconds: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Design {
+    /// `randomized` (at least 95 % of tagged requests assigned by the split), `observational` (most chose
+    /// their arm by header), `mixed`, or `none` (no tagged request).
+    pub kind: &'static str,
+    /// Tagged requests per arm and `source` (`header`, `split`, `default`).
+    pub requests: BTreeMap<String, BTreeMap<String, f64>>,
+    pub split_share: Option<f64>,
+    pub header_share: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Assignment {
+    /// Split-assigned requests per arm.
+    pub split: BTreeMap<String, f64>,
+    pub weights: Option<BTreeMap<String, f64>>,
+    pub srm_p: Option<f64>,
+    /// `null` without --split or without split traffic.
+    pub srm_ok: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Rate {
+    pub of: f64,
+    pub count: f64,
+    pub rate: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    /// `request_duration_ms` (the filter's request start to end of stream) or `time_to_first_byte_ms`
+    /// (request start to response headers).
+    pub metric: &'static str,
+    pub primary: bool,
+    pub n: BTreeMap<String, f64>,
+    /// Prometheus's interpolated estimate, and the bucket that holds the quantile.
+    pub p50: BTreeMap<String, f64>,
+    pub p50_bucket: BTreeMap<String, [f64; 2]>,
+    pub p90: BTreeMap<String, f64>,
+    pub p99: BTreeMap<String, f64>,
+    /// Difference of the medians' estimates, second minus first (positive: the first arm is faster).
+    pub shift_ms: Option<f64>,
+    /// Distribution-free interval of the difference of the medians, widened to bucket edges.
+    pub ci_ms: Option<[f64; 2]>,
+    pub ci_level_alpha: f64,
+    pub relative: Option<f64>,
+    pub relative_ci: Option<[f64; 2]>,
+    pub p: Option<f64>,
+    pub p_adjusted: Option<f64>,
+    pub decision: Decision,
+    pub faster: Option<String>,
+    pub buckets: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Method {
+    pub alpha: f64,
+    pub min_effect: f64,
+    pub min_requests: u64,
+    pub srm_threshold: f64,
+    pub description: &'static str,
+}
+
+const METHOD: &str = "increase() of the filter's histograms and counters over the window; Mann-Whitney with \
+                      each bucket a group of ties; the difference of medians with distribution-free median \
+                      intervals widened to bucket edges (each at half the level); Holm across the metrics; \
+                      faster needs the interval to exclude 0 and a difference of at least min_effect; \
+                      equivalent needs the interval inside ±min_effect";
+
+pub fn main(args: AnalyzeArgs) -> ExitCode {
+    if args.arms.len() != 2 || args.arms[0] == args.arms[1] {
+        eprintln!("error: --arms wants two different arms\n\nFor more information, try 'kvab analyze --help'.");
+        return ExitCode::from(3);
+    }
+    if let Some((arm, _)) = args.split.iter().find(|(arm, _)| !args.arms.contains(arm)) {
+        eprintln!("error: --split names {arm:?}, which is not one of the arms (see --arms)");
+        return ExitCode::from(3);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("kvab analyze: cannot start the async runtime: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let report = match runtime.block_on(run(&args)) {
+        Ok(report) => report,
+        Err(message) => {
+            eprintln!("kvab analyze: {message}");
+            return ExitCode::from(3);
+        }
+    };
+    if let Some(path) = &args.html {
+        let html = crate::experiment::html::page(
+            &format!("kvab analyze: {}", report.arms.join(" vs ")),
+            &report.verdict_line(),
+            report.verdict,
+            &report.html_body(),
+        );
+        if let Err(e) = std::fs::write(path, html) {
+            eprintln!("kvab analyze: cannot write --html {}: {e}", path.display());
+            return ExitCode::from(3);
+        }
+    }
+    if args.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("kvab analyze: cannot encode the report: {e}");
+                return ExitCode::from(3);
+            }
+        }
+    } else {
+        print!("{}", report.table());
+    }
+    ExitCode::from(match report.verdict {
+        Verdict::Decided => 0,
+        Verdict::Invalid => 1,
+        Verdict::Inconclusive => 2,
+    })
+}
+
+fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Runs a query, keeping it for the report.
+struct Queries<'a> {
+    prometheus: &'a Prometheus,
+    selector: String,
+    range: String,
+    run: Vec<String>,
+}
+
+impl Queries<'_> {
+    /// `sum by (<by>) (increase(<metric>{<selector>}[<window>]))`.
+    async fn increase(&mut self, metric: &str, by: &str) -> Result<Vec<(Labels, f64)>, String> {
+        let query = format!(
+            "sum by ({by}) (increase({metric}{{{}}}[{}]))",
+            self.selector, self.range
+        );
+        self.run.push(query.clone());
+        self.prometheus.vector(&query).await
+    }
+
+    /// As `increase`, with "no series" an error naming the query: the metric is not scraped at all.
+    async fn required(&mut self, metric: &str, by: &str) -> Result<Vec<(Labels, f64)>, String> {
+        let result = self.increase(metric, by).await?;
+        if result.is_empty() {
+            return Err(format!(
+                "query {}: no series in the window (is the gateway's /stats/prometheus scraped, and does \
+                 --selector match it?)",
+                self.run.last().map_or("", String::as_str)
+            ));
+        }
+        Ok(result)
+    }
+}
+
+fn label<'a>(labels: &'a Labels, name: &str) -> &'a str {
+    labels.get(name).map_or("", String::as_str)
+}
+
+fn histograms(samples: &[(Labels, f64)], arms: &[String]) -> Vec<Option<Histogram>> {
+    arms.iter()
+        .map(|arm| {
+            let buckets: Vec<(f64, f64)> = samples
+                .iter()
+                .filter(|(l, _)| label(l, "backend") == arm)
+                .filter_map(|(l, v)| {
+                    let le = match label(l, "le") {
+                        "+Inf" => f64::INFINITY,
+                        le => le.parse().ok()?,
+                    };
+                    Some((le, *v))
+                })
+                .collect();
+            Histogram::from_cumulative(buckets)
+        })
+        .collect()
+}
+
+async fn run(args: &AnalyzeArgs) -> Result<Report, String> {
+    let end = args.end.unwrap_or_else(now);
+    let start = args.start.unwrap_or(end - args.window.as_secs_f64());
+    if start >= end {
+        return Err(format!(
+            "the window is empty: --start {start} is not before --end {end}"
+        ));
+    }
+    let seconds = (end - start).round().max(1.0) as u64;
+    let prometheus = Prometheus::new(HttpClient::new(args.max_time), &args.prometheus, end);
+    let mut q = Queries {
+        prometheus: &prometheus,
+        selector: args.selector.clone(),
+        range: format!("{seconds}s"),
+        run: Vec::new(),
+    };
+    let arms = &args.arms;
+
+    let duration = q
+        .required("kvab_request_duration_milliseconds_bucket", "backend, le")
+        .await?;
+    let ttfb = q
+        .required("kvab_time_to_first_byte_milliseconds_bucket", "backend, le")
+        .await?;
+    let requests = q.required("kvab_requests_total", "backend, source").await?;
+    let responses = q
+        .required("kvab_responses_total", "backend, code_class")
+        .await?;
+    let served = q.increase("kvab_served_total", "requested, served").await?;
+    let routed = q
+        .increase("kvab_routed_requests_total", "requested")
+        .await?;
+
+    let design = design(&requests, arms);
+    let assignment = assignment(&requests, arms, &args.split, args.srm_threshold);
+    let (errors, errors_p) = errors(&responses, arms);
+    let misroutes = misroutes(&served, arms);
+    let routed = (!routed.is_empty()).then(|| {
+        routed
+            .iter()
+            .filter(|(l, _)| arms.iter().any(|a| a == label(l, "requested")))
+            .map(|(l, v)| (label(l, "requested").to_string(), *v))
+            .collect()
+    });
+
+    let metrics = [
+        ("request_duration_ms", true, histograms(&duration, arms)),
+        ("time_to_first_byte_ms", false, histograms(&ttfb, arms)),
+    ];
+    let p_values: Vec<f64> = metrics
+        .iter()
+        .map(|(_, _, h)| match (&h[0], &h[1]) {
+            (Some(a), Some(b)) => mann_whitney(a, b).unwrap_or(1.0),
+            _ => 1.0,
+        })
+        .collect();
+    let adjusted = holm_adjusted(&p_values);
+    let levels = holm_levels(&p_values, args.alpha);
+    let comparisons: Vec<Comparison> = metrics
+        .iter()
+        .zip(adjusted.iter().zip(&levels))
+        .map(|((metric, primary, h), (&p_adjusted, &level))| {
+            compare(metric, *primary, arms, h, p_adjusted, level, args)
+        })
+        .collect();
+
+    let mut report = Report {
+        verdict: Verdict::Inconclusive,
+        reasons: Vec::new(),
+        arms: arms.clone(),
+        window: Window {
+            start,
+            end,
+            seconds,
+        },
+        design,
+        assignment,
+        errors,
+        errors_p,
+        misroutes,
+        routed,
+        comparisons,
+        method: Method {
+            alpha: args.alpha,
+            min_effect: args.min_effect,
+            min_requests: args.min_requests,
+            srm_threshold: args.srm_threshold,
+            description: METHOD,
+        },
+        queries: q.run,
+    };
+    (report.verdict, report.reasons) = verdict(&report, args);
+    Ok(report)
+}
+
+fn compare(
+    metric: &'static str,
+    primary: bool,
+    arms: &[String],
+    histograms: &[Option<Histogram>],
+    p_adjusted: f64,
+    level: f64,
+    args: &AnalyzeArgs,
+) -> Comparison {
+    let mut c = Comparison {
+        metric,
+        primary,
+        n: BTreeMap::new(),
+        p50: BTreeMap::new(),
+        p50_bucket: BTreeMap::new(),
+        p90: BTreeMap::new(),
+        p99: BTreeMap::new(),
+        shift_ms: None,
+        ci_ms: None,
+        ci_level_alpha: level,
+        relative: None,
+        relative_ci: None,
+        p: None,
+        p_adjusted: None,
+        decision: Decision::Inconclusive,
+        faster: None,
+        buckets: histograms
+            .iter()
+            .flatten()
+            .map(|h| h.upper.len())
+            .max()
+            .unwrap_or(0),
+    };
+    for (arm, h) in arms.iter().zip(histograms) {
+        let Some(h) = h else { continue };
+        c.n.insert(arm.clone(), h.total());
+        if let Some((lo, hi, estimate)) = h.quantile(0.5) {
+            c.p50.insert(arm.clone(), estimate);
+            c.p50_bucket.insert(arm.clone(), [lo, hi]);
+        }
+        for (q, map) in [(0.9, &mut c.p90), (0.99, &mut c.p99)] {
+            if let Some((_, _, estimate)) = h.quantile(q) {
+                map.insert(arm.clone(), estimate);
+            }
+        }
+    }
+    let (Some(Some(a)), Some(Some(b))) = (histograms.first(), histograms.get(1)) else {
+        return c;
+    };
+    if a.total() < args.min_requests as f64 || b.total() < args.min_requests as f64 {
+        return c;
+    }
+    c.p = mann_whitney(a, b);
+    c.p_adjusted = c.p.map(|_| p_adjusted);
+    let (Some((_, _, median_a)), Some((_, _, median_b))) = (a.quantile(0.5), b.quantile(0.5))
+    else {
+        return c;
+    };
+    c.shift_ms = Some(median_b - median_a);
+    // Each median's interval at half the level: both hold together with probability ≥ 1 − level.
+    if let (Some((a_lo, a_hi)), Some((b_lo, b_hi))) = (
+        a.median_interval(level / 2.0),
+        b.median_interval(level / 2.0),
+    ) {
+        let (lo, hi) = (b_lo - a_hi, b_hi - a_lo);
+        if lo.is_finite() && hi.is_finite() {
+            c.ci_ms = Some([lo, hi]);
+        }
+    }
+    if median_a > 0.0 {
+        c.relative = c.shift_ms.map(|s| s / median_a);
+        c.relative_ci = c.ci_ms.map(|[lo, hi]| [lo / median_a, hi / median_a]);
+    }
+    if let (Some(relative), Some([lo, hi]), Some([rlo, rhi])) = (c.relative, c.ci_ms, c.relative_ci)
+    {
+        if p_adjusted <= args.alpha && (lo > 0.0 || hi < 0.0) && relative.abs() >= args.min_effect {
+            c.decision = Decision::Faster;
+            c.faster = Some(if relative > 0.0 {
+                arms[0].clone()
+            } else {
+                arms[1].clone()
+            });
+        } else if rlo > -args.min_effect && rhi < args.min_effect {
+            c.decision = Decision::Equivalent;
+        }
+    }
+    c
+}
+
+fn design(requests: &[(Labels, f64)], arms: &[String]) -> Design {
+    let mut by_arm: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
+    for (l, v) in requests {
+        let arm = label(l, "backend");
+        if arms.iter().any(|a| a == arm) {
+            *by_arm
+                .entry(arm.to_string())
+                .or_default()
+                .entry(label(l, "source").to_string())
+                .or_default() += v;
+        }
+    }
+    let total: f64 = by_arm.values().flat_map(|s| s.values()).sum();
+    let share = |source: &str| {
+        (total > 0.0).then(|| by_arm.values().filter_map(|s| s.get(source)).sum::<f64>() / total)
+    };
+    let (split_share, header_share) = (share("split"), share("header"));
+    let kind = match (split_share, header_share) {
+        (None, _) => "none",
+        (Some(s), _) if s >= RANDOMIZED_SHARE => "randomized",
+        (_, Some(h)) if h > 0.5 => "observational",
+        _ => "mixed",
+    };
+    Design {
+        kind,
+        requests: by_arm,
+        split_share,
+        header_share,
+    }
+}
+
+fn assignment(
+    requests: &[(Labels, f64)],
+    arms: &[String],
+    split: &[(String, f64)],
+    threshold: f64,
+) -> Assignment {
+    let counts: BTreeMap<String, f64> = arms
+        .iter()
+        .map(|arm| {
+            let n = requests
+                .iter()
+                .filter(|(l, _)| label(l, "backend") == arm && label(l, "source") == "split")
+                .map(|(_, v)| v)
+                .sum();
+            (arm.clone(), n)
+        })
+        .collect();
+    if split.is_empty() {
+        return Assignment {
+            split: counts,
+            weights: None,
+            srm_p: None,
+            srm_ok: None,
+        };
+    }
+    let weights: BTreeMap<String, f64> = split.iter().cloned().collect();
+    let observed: Vec<u64> = arms
+        .iter()
+        .map(|a| counts.get(a).copied().unwrap_or(0.0).round() as u64)
+        .collect();
+    // An arm left out of --split has weight 0: any split request to it is a mismatch by itself.
+    let weight: Vec<f64> = arms
+        .iter()
+        .map(|a| weights.get(a).copied().unwrap_or(0.0))
+        .collect();
+    let srm_p = if weight.iter().any(|w| *w <= 0.0) {
+        let stray: u64 = observed
+            .iter()
+            .zip(&weight)
+            .filter(|(_, w)| **w <= 0.0)
+            .map(|(o, _)| *o)
+            .sum();
+        (observed.iter().sum::<u64>() > 0).then_some(if stray > 0 { 0.0 } else { 1.0 })
+    } else {
+        split_test(&observed, &weight).map(|t| t.p_value)
+    };
+    Assignment {
+        split: counts,
+        weights: Some(weights),
+        srm_p,
+        srm_ok: srm_p.map(|p| p >= threshold),
+    }
+}
+
+fn errors(responses: &[(Labels, f64)], arms: &[String]) -> (BTreeMap<String, Rate>, Option<f64>) {
+    let rates: BTreeMap<String, Rate> = arms
+        .iter()
+        .map(|arm| {
+            let mine = || {
+                responses
+                    .iter()
+                    .filter(move |(l, _)| label(l, "backend") == arm)
+            };
+            let of: f64 = mine().map(|(_, v)| v).sum();
+            // A 5xx, or no response status at all (reset, timeout): the arm failed the request.
+            let count: f64 = mine()
+                .filter(|(l, _)| matches!(label(l, "code_class"), "5xx" | "none"))
+                .map(|(_, v)| v)
+                .sum();
+            (
+                arm.clone(),
+                Rate {
+                    of,
+                    count,
+                    rate: (of > 0.0).then(|| count / of),
+                },
+            )
+        })
+        .collect();
+    let get = |arm: &String| {
+        rates
+            .get(arm)
+            .map_or((0, 0), |r| (r.count.round() as u64, r.of.round() as u64))
+    };
+    let ((x1, n1), (x2, n2)) = (get(&arms[0]), get(&arms[1]));
+    (rates, two_proportion(x1, n1, x2, n2))
+}
+
+fn misroutes(served: &[(Labels, f64)], arms: &[String]) -> BTreeMap<String, Rate> {
+    arms.iter()
+        .map(|arm| {
+            let mine = || {
+                served
+                    .iter()
+                    .filter(move |(l, _)| label(l, "requested") == arm)
+            };
+            let of: f64 = mine().map(|(_, v)| v).sum();
+            let count: f64 = mine()
+                .filter(|(l, _)| label(l, "served") != arm)
+                .map(|(_, v)| v)
+                .sum();
+            (
+                arm.clone(),
+                Rate {
+                    of,
+                    count,
+                    rate: (of > 0.0).then(|| count / of),
+                },
+            )
+        })
+        .collect()
+}
+
+fn verdict(report: &Report, args: &AnalyzeArgs) -> (Verdict, Vec<String>) {
+    let mut reasons = Vec::new();
+    if report.assignment.srm_ok == Some(false) {
+        let counts: Vec<String> = report
+            .assignment
+            .split
+            .iter()
+            .map(|(a, n)| format!("{a} {n:.0}"))
+            .collect();
+        reasons.push(format!(
+            "sample-ratio mismatch: split-assigned requests {} against the weights of --split (p={}): the filter's \
+             split is not what --split says, or requests are lost on one arm",
+            counts.join(", "),
+            report.assignment.srm_p.map_or("-".into(), format_p)
+        ));
+        return (Verdict::Invalid, reasons);
+    }
+    let mut inconclusive = false;
+    match report.design.kind {
+        "randomized" => reasons.push(format!(
+            "randomized: {:.0} % of tagged requests were assigned by the filter's split",
+            100.0 * report.design.split_share.unwrap_or(0.0)
+        )),
+        "none" => {
+            reasons.push("no tagged request in the window".into());
+            inconclusive = true;
+        }
+        kind => {
+            reasons.push(format!(
+                "{kind}: {:.0} % of tagged requests chose their arm by header (clients chose), only {:.0} % by the \
+                 split; the arms saw different clients, prompts and moments, so a difference may come from who \
+                 sends to which arm and is no verdict (use onMissing: split, or kvab experiment)",
+                100.0 * report.design.header_share.unwrap_or(0.0),
+                100.0 * report.design.split_share.unwrap_or(0.0)
+            ));
+            inconclusive = true;
+        }
+    }
+    for c in &report.comparisons {
+        let few: Vec<String> = args
+            .arms
+            .iter()
+            .filter(|a| c.n.get(*a).copied().unwrap_or(0.0) < args.min_requests as f64)
+            .map(|a| format!("{a} {:.0}", c.n.get(a).copied().unwrap_or(0.0)))
+            .collect();
+        if c.primary && !few.is_empty() {
+            reasons.push(format!(
+                "too little traffic in the window: {} request(s), fewer than --min-requests {}",
+                few.join(", "),
+                args.min_requests
+            ));
+            inconclusive = true;
+        }
+        if c.primary {
+            reasons.push(match (&c.decision, &c.faster) {
+                (Decision::Faster, Some(arm)) => format!(
+                    "{}: {arm} faster by {:.1}% (median)",
+                    c.metric,
+                    100.0 * c.relative.unwrap_or(0.0).abs()
+                ),
+                (Decision::Equivalent, _) => format!("{}: equivalent", c.metric),
+                _ => format!("{}: inconclusive", c.metric),
+            });
+        }
+    }
+    if let Some(p) = report.errors_p.filter(|p| *p < args.alpha) {
+        reasons.push(format!(
+            "error rates differ between the arms (p={})",
+            format_p(p)
+        ));
+    }
+    let misrouted: f64 = report.misroutes.values().map(|r| r.count).sum();
+    if misrouted > 0.0 {
+        reasons.push(format!(
+            "{misrouted:.0} request(s) served by another arm than tagged"
+        ));
+    }
+    let decided = report
+        .comparisons
+        .iter()
+        .filter(|c| c.primary)
+        .all(|c| c.decision != Decision::Inconclusive);
+    if inconclusive || !decided {
+        (Verdict::Inconclusive, reasons)
+    } else {
+        (Verdict::Decided, reasons)
+    }
+}
+
+impl Report {
+    pub fn verdict_line(&self) -> String {
+        let word = match self.verdict {
+            Verdict::Decided => "decided",
+            Verdict::Inconclusive => "inconclusive",
+            Verdict::Invalid => "invalid",
+        };
+        format!("{word}: {}", self.reasons.join("; "))
+    }
+
+    pub fn table(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let (first, second) = (&self.arms[0], &self.arms[1]);
+        let _ = writeln!(
+            out,
+            "{:<22} {:>9} {:>9} {:>12} {:>12} {:>10} {:>22} {:>8} {:>9}  decision",
+            "metric",
+            format!("n {first}"),
+            format!("n {second}"),
+            format!("p50 {first}"),
+            format!("p50 {second}"),
+            "shift",
+            "interval",
+            "rel",
+            "p adj"
+        );
+        for c in &self.comparisons {
+            let n = |arm: &str| c.n.get(arm).map_or("-".into(), |v| format!("{v:.0}"));
+            let p50 = |arm: &str| c.p50.get(arm).map_or("-".into(), |v| format!("{v:.1}"));
+            let decision = match (c.decision, &c.faster) {
+                (Decision::Faster, Some(arm)) => format!("{arm} faster"),
+                (Decision::Equivalent, _) => "equivalent".into(),
+                _ => "inconclusive".into(),
+            };
+            let _ = writeln!(
+                out,
+                "{:<22} {:>9} {:>9} {:>12} {:>12} {:>10} {:>22} {:>8} {:>9}  {}{}",
+                c.metric,
+                n(first),
+                n(second),
+                p50(first),
+                p50(second),
+                c.shift_ms.map_or("-".into(), |v| format!("{v:+.2}")),
+                c.ci_ms
+                    .map_or("-".into(), |[lo, hi]| format!("[{lo:+.1}, {hi:+.1}]")),
+                c.relative
+                    .map_or("-".into(), |v| format!("{:+.1}%", 100.0 * v)),
+                c.p_adjusted.map_or("-".into(), format_p),
+                decision,
+                if c.primary { "" } else { " (secondary)" }
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\ndesign: {} (split {}, header {}); split-assigned {}; sample ratio {}",
+            self.design.kind,
+            self.design
+                .split_share
+                .map_or("-".into(), |s| format!("{:.0}%", 100.0 * s)),
+            self.design
+                .header_share
+                .map_or("-".into(), |s| format!("{:.0}%", 100.0 * s)),
+            self.assignment
+                .split
+                .iter()
+                .map(|(a, n)| format!("{a} {n:.0}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            match (self.assignment.srm_ok, self.assignment.srm_p) {
+                (Some(true), Some(p)) => format!("p={} (ok)", format_p(p)),
+                (Some(false), Some(p)) => format!("p={} (MISMATCH)", format_p(p)),
+                _ => "not checked (no --split)".into(),
+            }
+        );
+        let rates = |map: &BTreeMap<String, Rate>| {
+            map.iter()
+                .map(|(a, r)| format!("{a} {:.0}/{:.0}", r.count, r.of))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            out,
+            "errors (5xx or no status): {}; misrouted: {}",
+            rates(&self.errors),
+            rates(&self.misroutes)
+        );
+        let _ = writeln!(
+            out,
+            "window: {} s ending {:.0}",
+            self.window.seconds, self.window.end
+        );
+        let _ = writeln!(out, "verdict: {}", self.verdict_line());
+        out
+    }
+
+    fn html_body(&self) -> String {
+        let escape = crate::experiment::html::escape;
+        let mut out = format!(
+            "<h2>Comparisons</h2><pre>{}</pre><h2>Queries</h2><ul>",
+            escape(&self.table())
+        );
+        for q in &self.queries {
+            out.push_str(&format!("<li><code>{}</code></li>", escape(q)));
+        }
+        out.push_str("</ul>");
+        out
+    }
+}

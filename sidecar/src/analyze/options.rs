@@ -1,0 +1,119 @@
+//! `kvab analyze` command line. Every flag, its help text, default and environment variable
+//! (`KVAB_ANALYZE_<FLAG>`) is defined once, here; docs/analyze.md shows `kvab analyze --help`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
+
+use crate::check::options::{arm_name, fraction, http_url, seconds};
+
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Exit status: 0 decided, 1 invalid (sample-ratio mismatch), 2 inconclusive, 3 usage error or\n\
+                        a Prometheus query failed (unreachable, bad query, no such series).\n\
+                        Every environment variable is used only when its flag is not given."
+)]
+pub struct AnalyzeArgs {
+    /// Prometheus (its HTTP API at /api/v1/query).
+    #[arg(long, value_name = "URL", value_parser = http_url, env = "KVAB_ANALYZE_PROMETHEUS")]
+    pub prometheus: String,
+    /// The window ending at --end: 90s, 30m, 1h, 2d.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = window, conflicts_with = "start",
+          env = "KVAB_ANALYZE_WINDOW")]
+    pub window: Duration,
+    /// Start of the window instead (RFC 3339 or Unix seconds).
+    #[arg(long, value_name = "TIME", value_parser = instant, env = "KVAB_ANALYZE_START")]
+    pub start: Option<f64>,
+    /// End of the window (RFC 3339 or Unix seconds) [now].
+    #[arg(long, value_name = "TIME", value_parser = instant, env = "KVAB_ANALYZE_END")]
+    pub end: Option<f64>,
+    /// The two arms, in comparison order (shifts are second minus first).
+    #[arg(long, value_name = "A,B", value_delimiter = ',', default_value = "nvlink,fs", value_parser = arm_name,
+          env = "KVAB_ANALYZE_ARMS")]
+    pub arms: Vec<String>,
+    /// The filter's split weights, for the sample-ratio check of split-assigned requests [no check].
+    #[arg(long, value_name = "ARM=W,...", value_delimiter = ',', value_parser = arm_weight, env = "KVAB_ANALYZE_SPLIT")]
+    pub split: Vec<(String, f64)>,
+    /// Label matchers added to every query, e.g. 'namespace="llm-d-inference-scheduler"'.
+    #[arg(long, value_name = "MATCHERS", default_value = "", value_parser = matchers, env = "KVAB_ANALYZE_SELECTOR")]
+    pub selector: String,
+    /// Fewer requests than this per arm in the window is inconclusive.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 200,
+        env = "KVAB_ANALYZE_MIN_REQUESTS"
+    )]
+    pub min_requests: u64,
+    /// Family-wise error rate of the claims.
+    #[arg(long, value_name = "P", default_value = "0.05", value_parser = fraction, env = "KVAB_ANALYZE_ALPHA")]
+    pub alpha: f64,
+    /// Smallest relative difference of the medians that counts; inside it the arms are equivalent.
+    #[arg(long, value_name = "R", default_value = "0.05", value_parser = fraction, env = "KVAB_ANALYZE_MIN_EFFECT")]
+    pub min_effect: f64,
+    /// Sample-ratio check: invalid when split-assigned requests per arm differ from --split with a p-value
+    /// below this.
+    #[arg(long, value_name = "P", default_value = "0.001", value_parser = fraction,
+          env = "KVAB_ANALYZE_SRM_THRESHOLD")]
+    pub srm_threshold: f64,
+    /// Limit of one query, seconds.
+    #[arg(long, value_name = "S", default_value = "30", value_parser = seconds, env = "KVAB_ANALYZE_MAX_TIME")]
+    pub max_time: Duration,
+    /// JSON report on stdout instead of the table.
+    #[arg(long, env = "KVAB_ANALYZE_JSON", value_parser = BoolishValueParser::new())]
+    pub json: bool,
+    /// Also write a self-contained HTML report to this file.
+    #[arg(long, value_name = "FILE", env = "KVAB_ANALYZE_HTML")]
+    pub html: Option<PathBuf>,
+}
+
+fn window(value: &str) -> Result<Duration, String> {
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err("wants a number with s, m, h or d (90s, 30m, 1h, 2d)".into()),
+    };
+    match number.parse::<u64>() {
+        Ok(n) if n > 0 && n * scale <= 90 * 86_400 => Ok(Duration::from_secs(n * scale)),
+        _ => Err("must be more than 0 and at most 90d".into()),
+    }
+}
+
+fn instant(value: &str) -> Result<f64, String> {
+    if let Ok(seconds) = value.parse::<f64>() {
+        return if seconds.is_finite() && seconds > 0.0 {
+            Ok(seconds)
+        } else {
+            Err("not a time".into())
+        };
+    }
+    value
+        .parse::<jiff::Timestamp>()
+        .map(|t| t.as_millisecond() as f64 / 1000.0)
+        .map_err(|e| format!("neither RFC 3339 nor Unix seconds: {e}"))
+}
+
+fn arm_weight(value: &str) -> Result<(String, f64), String> {
+    match value.trim().split_once('=') {
+        Some((arm, w)) if !arm.is_empty() => match w.parse::<f64>() {
+            Ok(w) if w > 0.0 && w.is_finite() => Ok((arm.to_string(), w)),
+            _ => Err(format!("the weight of {arm} must be a positive number")),
+        },
+        _ => Err("wants ARM=WEIGHT".into()),
+    }
+}
+
+/// PromQL label matchers, kept as typed but refusing what would break out of the braces.
+fn matchers(value: &str) -> Result<String, String> {
+    if value.contains(['{', '}']) {
+        return Err("label matchers only, without braces: 'namespace=\"x\",pod=~\"gw-.*\"'".into());
+    }
+    Ok(value.trim().trim_matches(',').to_string())
+}

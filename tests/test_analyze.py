@@ -1,0 +1,111 @@
+"""`kvab analyze` against a real Prometheus (Debian's) scraping the local stack: the real Envoy with the
+filter splitting untagged traffic 50/50 (onMissing: split), kvab serve, and the P/D-model arms. Its
+decision must agree in direction with `kvab experiment` on the same stack, its sample-ratio check must
+pass against the true weights and fail against wrong ones, a window with no traffic must be
+inconclusive, and a failing query must be one line naming it."""
+
+import json
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from kvablocal.net import request, wait_until
+from kvablocal.prometheus import Prometheus, gateway_target, sidecar_target
+from kvablocal.sidecar import kvab_binary
+from kvablocal.stack import Stack
+
+SPLIT = {"onMissing": "split", "split": {"weights": {"nvlink": 1, "fs": 1}}}
+PROMPT = " ".join(["word"] * 8192)
+
+
+def untagged(port: int) -> int:
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 2}).encode()
+    return request(port, "POST", "/v1/chat/completions", [("content-type", "application/json")], body).status
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    work = tmp_path_factory.mktemp("analyze")
+    stack = Stack(workdir=work / "stack", nvlink_delay=0.0, fs_delay=0.0, filter_config=SPLIT)
+    prometheus = Prometheus(scrape_interval="500ms", workdir=work / "prometheus")
+    try:
+        stack.start()
+        prometheus.start([gateway_target(stack.gateway.admin_port), sidecar_target(stack.sidecar.port)])
+        prometheus.wait_scraped()
+        time.sleep(1.5)
+        started = time.time()
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda _: untagged(stack.gateway.port), range(400)))
+        assert statuses.count(200) == 400
+        finished = time.time()
+        # Two scrapes after the last request: the window's end sees every count.
+        wait_until(lambda: prometheus.query("sum(kvab_requests_total{source=\"split\"})")[0][1] >= 400, 10,
+                   what="Prometheus to scrape the split requests")
+        time.sleep(1.0)
+        yield stack, prometheus, started - 1.0, time.time()
+    finally:
+        prometheus.stop()
+        stack.stop()
+
+
+def analyze(prometheus, *args):
+    done = subprocess.run([kvab_binary(), "analyze", "--prometheus", prometheus.url, "--json", *args],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout, done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
+def test_a_randomized_split_is_judged_and_agrees_with_the_experiment(live):
+    stack, prometheus, start, end = live
+    code, report = analyze(prometheus, "--start", f"{start:.3f}", "--end", f"{end:.3f}", "--split", "nvlink=1,fs=1",
+                           "--min-requests", "100")
+    assert report["design"]["kind"] == "randomized" and report["design"]["split_share"] > 0.99, report["design"]
+    assert report["assignment"]["srm_ok"] is True, report["assignment"]
+    primary = next(c for c in report["comparisons"] if c["primary"])
+    assert primary["metric"] == "request_duration_ms"
+    assert 380 <= sum(primary["n"].values()) <= 420, primary["n"]
+    assert primary["decision"] == "faster" and primary["faster"] == "nvlink", primary
+    assert primary["ci_ms"][0] > 0 and primary["shift_ms"] > 20, primary
+    assert report["verdict"] == "decided" and code == 0, report["reasons"]
+    assert all("increase(" in q for q in report["queries"])
+
+    # The experiment on the same stack (header-assigned) finds the same direction.
+    done = subprocess.run([kvab_binary(), "experiment", "--gateway-url", stack.urls()["gateway"], "--json", "--quiet",
+                           "--prompt-tokens", "8192", "--requests", "60", "--warmup", "2", "--no-stream", "--max-tokens",
+                           "2", "--seed", "4"], capture_output=True, text=True, timeout=120)
+    experiment = json.loads(done.stdout)
+    assert next(c for c in experiment["comparisons"] if c["primary"])["faster"] == "nvlink", experiment["reasons"]
+
+
+def test_wrong_weights_fail_the_sample_ratio_check(live):
+    _, prometheus, start, end = live
+    code, report = analyze(prometheus, "--start", f"{start:.3f}", "--end", f"{end:.3f}", "--split", "nvlink=9,fs=1")
+    assert report["assignment"]["srm_ok"] is False and report["assignment"]["srm_p"] < 0.001
+    assert report["verdict"] == "invalid" and code == 1
+    assert "sample-ratio mismatch" in report["reasons"][0]
+
+
+def test_a_window_without_traffic_is_inconclusive_never_a_pass(live):
+    _, prometheus, start, end = live
+    time.sleep(3)
+    code, report = analyze(prometheus, "--window", "2s", "--split", "nvlink=1,fs=1")
+    assert report["verdict"] == "inconclusive" and code == 2, report["reasons"]
+    assert any("no tagged request" in r or "too little traffic" in r for r in report["reasons"]), report["reasons"]
+
+
+def test_prometheus_failures_are_one_line_naming_the_query(live):
+    _, prometheus, _, _ = live
+    bad = subprocess.run([kvab_binary(), "analyze", "--prometheus", prometheus.url, "--selector", 'job=~"("'],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 3 and bad.stdout == ""
+    line = bad.stderr.strip()
+    assert "\n" not in line and "query sum by (backend, le) (increase(kvab_request_duration_milliseconds_bucket" in line, line
+    absent = subprocess.run([kvab_binary(), "analyze", "--prometheus", prometheus.url, "--selector", 'job="nope"'],
+                            capture_output=True, text=True, timeout=60)
+    assert absent.returncode == 3 and "no series in the window" in absent.stderr, absent.stderr
+    unreachable = subprocess.run([kvab_binary(), "analyze", "--prometheus", "http://127.0.0.1:9"],
+                                 capture_output=True, text=True, timeout=60)
+    assert unreachable.returncode == 3 and unreachable.stderr.count("\n") == 1, unreachable.stderr
+    assert "query sum by" in unreachable.stderr and "refused" in unreachable.stderr
