@@ -8,6 +8,7 @@ sys.path.insert(0, str(REPO / "local"))
 
 from kvablocal.arm import ArmServer  # noqa: E402
 from kvablocal.envoy import Gateway  # noqa: E402
+from kvablocal.stack import Stack  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -35,3 +36,20 @@ def gateways(arms, tmp_path_factory):
         g.stop()
     for g in started:
         g.assert_healthy()
+
+
+@pytest.fixture
+def stack(tmp_path):
+    """Starts a full local Stack with the given knobs; stops every one at the end and checks its Envoy."""
+    started = []
+
+    def start(**knobs):
+        s = Stack(workdir=tmp_path / f"stack{len(started)}", **knobs)
+        started.append(s)
+        return s.start()
+
+    yield start
+    for s in started:
+        s.stop()
+    for s in started:
+        s.gateway.assert_healthy()

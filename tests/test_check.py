@@ -14,23 +14,6 @@ from kvablocal.stack import Stack
 NS = "llm-d-vllm"
 
 
-@pytest.fixture
-def stack(tmp_path):
-    """Starts a Stack with the given knobs; stops every one at the end."""
-    started = []
-
-    def start(**knobs):
-        s = Stack(workdir=tmp_path / f"stack{len(started)}", **knobs)
-        started.append(s)
-        return s.start()
-
-    yield start
-    for s in started:
-        s.stop()
-    for s in started:
-        s.gateway.assert_healthy()
-
-
 def run_check(s, *extra):
     """Runs `kvab check --json`; returns (exit code, {check name: check}, report)."""
     done = s.check("--json", *extra)

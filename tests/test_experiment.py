@@ -16,20 +16,6 @@ from kvablocal.stack import Stack
 ARTIFACTS = REPO / "target" / "test-artifacts"
 
 
-@pytest.fixture
-def stack(tmp_path):
-    started = []
-
-    def start(**knobs):
-        s = Stack(workdir=tmp_path / f"stack{len(started)}", **knobs)
-        started.append(s)
-        return s.start()
-
-    yield start
-    for s in started:
-        s.stop()
-
-
 def experiment(s: Stack, *args, timeout=240):
     done = subprocess.run(
         [kvab_binary(), "experiment", "--gateway-url", s.urls()["gateway"], "--json", "--quiet", *args],

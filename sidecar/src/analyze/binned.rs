@@ -4,9 +4,7 @@
 //! ties; the interval of the difference of medians is built from distribution-free median intervals
 //! widened to bucket edges, so it holds whatever the values inside the buckets are.
 
-use statrs::distribution::{Binomial, DiscreteCDF};
-
-use crate::stats::normal_sf;
+use crate::stats::{median_rank, normal_sf};
 
 /// A histogram's increase over a window: per bucket (upper bounds ascending, the last `+Inf`), the count.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,14 +81,7 @@ impl Histogram {
     /// widened to its bucket's edges. `None` when the sample is too small for the level.
     pub fn median_interval(&self, alpha: f64) -> Option<(f64, f64)> {
         let n = self.total().round() as u64;
-        let binomial = Binomial::new(0.5, n).ok()?;
-        let mut j = 0u64;
-        while j < n / 2 && binomial.cdf(j) <= alpha / 2.0 {
-            j += 1;
-        }
-        if j == 0 {
-            return None;
-        }
+        let j = median_rank(n, alpha)?;
         let low = self.lower(self.bucket_of_rank(j as f64)?);
         let high = self.upper[self.bucket_of_rank((n + 1 - j) as f64)?];
         Some((low, high))

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use serde::Serialize;
 
 use crate::client::HttpClient;
-use crate::experiment::report::{Decision, Verdict};
+use crate::experiment::report::{emit, verdict_line, Decision, Verdict};
 use crate::stats::{format_p, holm_adjusted, holm_levels, split_test, two_proportion};
 
 use binned::{mann_whitney, Histogram};
@@ -143,34 +143,23 @@ pub fn main(args: AnalyzeArgs) -> ExitCode {
             return ExitCode::from(3);
         }
     };
-    if let Some(path) = &args.html {
-        let html = crate::experiment::html::page(
+    let html = args.html.as_deref().map(|path| {
+        let page = crate::experiment::html::page(
             &format!("kvab analyze: {}", report.arms.join(" vs ")),
             &report.verdict_line(),
             report.verdict,
             &report.html_body(),
         );
-        if let Err(e) = std::fs::write(path, html) {
-            eprintln!("kvab analyze: cannot write --html {}: {e}", path.display());
-            return ExitCode::from(3);
-        }
-    }
-    if args.json {
-        match serde_json::to_string_pretty(&report) {
-            Ok(text) => println!("{text}"),
-            Err(e) => {
-                eprintln!("kvab analyze: cannot encode the report: {e}");
-                return ExitCode::from(3);
-            }
-        }
-    } else {
-        print!("{}", report.table());
-    }
-    ExitCode::from(match report.verdict {
-        Verdict::Decided => 0,
-        Verdict::Invalid => 1,
-        Verdict::Inconclusive => 2,
-    })
+        (path, page)
+    });
+    emit(
+        "analyze",
+        &report,
+        report.verdict,
+        args.json,
+        || report.table(),
+        html,
+    )
 }
 
 fn now() -> f64 {
@@ -504,31 +493,33 @@ fn assignment(
     }
 }
 
-fn errors(responses: &[(Labels, f64)], arms: &[String]) -> (BTreeMap<String, Rate>, Option<f64>) {
-    let rates: BTreeMap<String, Rate> = arms
-        .iter()
+/// Per arm (the `key` label), how many of the samples' counts there are and how many `counted` picks.
+fn rates(
+    samples: &[(Labels, f64)],
+    key: &str,
+    arms: &[String],
+    counted: impl Fn(&Labels, &str) -> bool,
+) -> BTreeMap<String, Rate> {
+    arms.iter()
         .map(|arm| {
-            let mine = || {
-                responses
-                    .iter()
-                    .filter(move |(l, _)| label(l, "backend") == arm)
-            };
-            let of: f64 = mine().map(|(_, v)| v).sum();
-            // A 5xx, or no response status at all (reset, timeout): the arm failed the request.
-            let count: f64 = mine()
-                .filter(|(l, _)| matches!(label(l, "code_class"), "5xx" | "none"))
-                .map(|(_, v)| v)
-                .sum();
-            (
-                arm.clone(),
-                Rate {
-                    of,
-                    count,
-                    rate: (of > 0.0).then(|| count / of),
-                },
-            )
+            let (mut of, mut count) = (0.0, 0.0);
+            for (labels, value) in samples.iter().filter(|(l, _)| label(l, key) == arm) {
+                of += value;
+                if counted(labels, arm) {
+                    count += value;
+                }
+            }
+            let rate = (of > 0.0).then(|| count / of);
+            (arm.clone(), Rate { of, count, rate })
         })
-        .collect();
+        .collect()
+}
+
+/// A 5xx, or no response status at all (reset, timeout): the arm failed the request.
+fn errors(responses: &[(Labels, f64)], arms: &[String]) -> (BTreeMap<String, Rate>, Option<f64>) {
+    let rates = rates(responses, "backend", arms, |l, _| {
+        matches!(label(l, "code_class"), "5xx" | "none")
+    });
     let get = |arm: &String| {
         rates
             .get(arm)
@@ -538,29 +529,11 @@ fn errors(responses: &[(Labels, f64)], arms: &[String]) -> (BTreeMap<String, Rat
     (rates, two_proportion(x1, n1, x2, n2))
 }
 
+/// Requests tagged for an arm and served by another.
 fn misroutes(served: &[(Labels, f64)], arms: &[String]) -> BTreeMap<String, Rate> {
-    arms.iter()
-        .map(|arm| {
-            let mine = || {
-                served
-                    .iter()
-                    .filter(move |(l, _)| label(l, "requested") == arm)
-            };
-            let of: f64 = mine().map(|(_, v)| v).sum();
-            let count: f64 = mine()
-                .filter(|(l, _)| label(l, "served") != arm)
-                .map(|(_, v)| v)
-                .sum();
-            (
-                arm.clone(),
-                Rate {
-                    of,
-                    count,
-                    rate: (of > 0.0).then(|| count / of),
-                },
-            )
-        })
-        .collect()
+    rates(served, "requested", arms, |l, arm| {
+        label(l, "served") != arm
+    })
 }
 
 fn verdict(report: &Report, args: &AnalyzeArgs) -> (Verdict, Vec<String>) {
@@ -654,12 +627,7 @@ fn verdict(report: &Report, args: &AnalyzeArgs) -> (Verdict, Vec<String>) {
 
 impl Report {
     pub fn verdict_line(&self) -> String {
-        let word = match self.verdict {
-            Verdict::Decided => "decided",
-            Verdict::Inconclusive => "inconclusive",
-            Verdict::Invalid => "invalid",
-        };
-        format!("{word}: {}", self.reasons.join("; "))
+        verdict_line(self.verdict, &self.reasons)
     }
 
     pub fn table(&self) -> String {

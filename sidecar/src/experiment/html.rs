@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use plotters::prelude::*;
 
-use super::report::{Decision, Report, Samples, Verdict};
+use super::report::{per_arm, Report, Samples, Verdict};
 use crate::stats::{median_interval, percentile};
 
 const ARM_COLORS: [RGBColor; 2] = [RGBColor(31, 119, 180), RGBColor(230, 115, 0)];
@@ -242,11 +242,7 @@ figcaption{font-size:.85em;color:#555}.empty{color:#777;font-style:italic}";
 
 /// A whole page in the reports' style: title, the verdict line (coloured by the verdict), then `body`.
 pub fn page(title: &str, verdict_line: &str, verdict: Verdict, body: &str) -> String {
-    let verdict_class = match verdict {
-        Verdict::Decided => "decided",
-        Verdict::Inconclusive => "inconclusive",
-        Verdict::Invalid => "invalid",
-    };
+    let verdict_class = verdict.word();
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>\
          <style>{STYLE}</style></head><body><h1>{title}</h1>\
@@ -297,18 +293,12 @@ pub fn render(report: &Report, samples: &Samples) -> String {
     out.push_str("</ul>");
 
     let a = &report.assignment;
-    let counts = |map: &std::collections::BTreeMap<String, u64>| {
-        map.iter()
-            .map(|(arm, n)| format!("{arm} {n}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     let _ = write!(
         out,
         "<h2>Assignment</h2><p{}>planned {}; answered {}; misrouted {}; untagged {}; sample ratio p = {} ({})</p>",
         if a.srm_ok { "" } else { " class=\"warn\"" },
-        escape(&counts(&a.planned)),
-        escape(&counts(&a.answered)),
+        escape(&per_arm(&a.planned)),
+        escape(&per_arm(&a.answered)),
         a.misrouted,
         a.untagged,
         a.srm_p.map_or("–".into(), crate::stats::format_p),
@@ -383,14 +373,7 @@ pub fn render(report: &Report, samples: &Samples) -> String {
                 p(&c.p99)
             );
         }
-        let decision = match (c.decision, &c.faster) {
-            (Decision::Faster, Some(arm)) => format!("{arm} faster"),
-            (Decision::Equivalent, _) => "equivalent".into(),
-            _ => match c.more_requests {
-                Some(more) => format!("inconclusive (~{more} more requests)"),
-                None => "inconclusive".into(),
-            },
-        };
+        let decision = c.decision_text();
         let _ =
             write!(
             out,

@@ -61,39 +61,18 @@ pub fn main(args: ExperimentArgs) -> ExitCode {
             return ExitCode::from(3);
         }
     };
-    if let Some(path) = &options.html {
-        if let Err(e) = write_atomically(path, html::render(&report, &samples).as_bytes()) {
-            eprintln!(
-                "kvab experiment: cannot write --html {}: {e}",
-                path.display()
-            );
-            return ExitCode::from(3);
-        }
-    }
-    if options.json {
-        match serde_json::to_string_pretty(&report) {
-            Ok(text) => println!("{text}"),
-            Err(e) => {
-                eprintln!("kvab experiment: cannot encode the report: {e}");
-                return ExitCode::from(3);
-            }
-        }
-    } else {
-        print!("{}", report.table());
-    }
-    ExitCode::from(match report.verdict {
-        Verdict::Decided => 0,
-        Verdict::Invalid => 1,
-        Verdict::Inconclusive => 2,
-    })
-}
-
-/// Through a temporary file beside it: a reader never sees half a report.
-fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".tmp");
-    std::fs::write(&temporary, bytes)?;
-    std::fs::rename(&temporary, path)
+    let html = options
+        .html
+        .as_deref()
+        .map(|path| (path, html::render(&report, &samples)));
+    report::emit(
+        "experiment",
+        &report,
+        report.verdict,
+        options.json,
+        || report.table(),
+        html,
+    )
 }
 
 /// The measured request counts at which `--until decided` analyses: `looks` evenly spaced points.
@@ -339,19 +318,13 @@ fn verdict(design: &Design, analysis: &Analysis) -> (Verdict, Vec<String>) {
         return (Verdict::Invalid, reasons);
     }
     if !a.srm_ok {
-        let counts = |m: &std::collections::BTreeMap<String, u64>| {
-            m.iter()
-                .map(|(arm, n)| format!("{arm} {n}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
         reasons.insert(
             0,
             format!(
                 "sample-ratio mismatch: answered {} against planned {} (p={}): the routing does not follow the \
                  assignment",
-                counts(&a.answered),
-                counts(&a.planned),
+                report::per_arm(&a.answered),
+                report::per_arm(&a.planned),
                 a.srm_p.map_or("-".into(), report::format_p)
             ),
         );

@@ -19,6 +19,63 @@ pub enum Verdict {
     Invalid,
 }
 
+impl Verdict {
+    pub fn word(self) -> &'static str {
+        match self {
+            Verdict::Decided => "decided",
+            Verdict::Inconclusive => "inconclusive",
+            Verdict::Invalid => "invalid",
+        }
+    }
+
+    /// The exit status of `kvab experiment` and `kvab analyze` (3 is for runs that could not be judged).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Verdict::Decided => 0,
+            Verdict::Invalid => 1,
+            Verdict::Inconclusive => 2,
+        }
+    }
+}
+
+/// The output of `kvab experiment` and `kvab analyze`: the HTML report (through a temporary file, so a
+/// reader never sees half of it), then the JSON or the table on stdout; the exit status is the verdict's.
+pub fn emit<T: Serialize>(
+    command: &str,
+    report: &T,
+    verdict: Verdict,
+    json: bool,
+    table: impl FnOnce() -> String,
+    html: Option<(&std::path::Path, String)>,
+) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    if let Some((path, page)) = html {
+        let mut temporary = path.as_os_str().to_owned();
+        temporary.push(".tmp");
+        if let Err(e) =
+            std::fs::write(&temporary, page).and_then(|()| std::fs::rename(&temporary, path))
+        {
+            eprintln!(
+                "kvab {command}: cannot write --html {}: {e}",
+                path.display()
+            );
+            return ExitCode::from(3);
+        }
+    }
+    if json {
+        match serde_json::to_string_pretty(report) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("kvab {command}: cannot encode the report: {e}");
+                return ExitCode::from(3);
+            }
+        }
+    } else {
+        print!("{}", table());
+    }
+    ExitCode::from(verdict.exit_code())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Decision {
@@ -221,14 +278,7 @@ impl Report {
         for c in &self.comparisons {
             let n: u64 = c.n.values().sum();
             let p50 = |arm: &str| c.p50.get(arm).map_or("-".into(), |v| format!("{v:.1}"));
-            let decision = match (c.decision, &c.faster) {
-                (Decision::Faster, Some(arm)) => format!("{arm} faster"),
-                (Decision::Equivalent, _) => "equivalent".into(),
-                _ => match c.more_requests {
-                    Some(more) => format!("inconclusive (~{more} more requests)"),
-                    None => "inconclusive".into(),
-                },
-            };
+            let decision = c.decision_text();
             let _ = writeln!(
                 out,
                 "{:<8} {:<10} {:>7} {:>10} {:>10} {:>10} {:>22} {:>8} {:>9}  {}{}",
@@ -248,17 +298,11 @@ impl Report {
             );
         }
         let a = &self.assignment;
-        let counts = |map: &BTreeMap<String, u64>| {
-            map.iter()
-                .map(|(arm, n)| format!("{arm} {n}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
         let _ = writeln!(
             out,
             "\nassignment: planned {}; answered {}; misrouted {}; untagged {}; sample ratio p={} ({})",
-            counts(&a.planned),
-            counts(&a.answered),
+            per_arm(&a.planned),
+            per_arm(&a.answered),
             a.misrouted,
             a.untagged,
             a.srm_p.map_or("-".into(), format_p),
@@ -297,15 +341,38 @@ impl Report {
     }
 
     pub fn verdict_line(&self) -> String {
-        let word = match self.verdict {
-            Verdict::Decided => "decided",
-            Verdict::Inconclusive => "inconclusive",
-            Verdict::Invalid => "invalid",
-        };
-        if self.reasons.is_empty() {
-            word.to_string()
-        } else {
-            format!("{word}: {}", self.reasons.join("; "))
+        verdict_line(self.verdict, &self.reasons)
+    }
+}
+
+/// `decided: reason; reason`, or the bare word without reasons.
+pub fn verdict_line(verdict: Verdict, reasons: &[String]) -> String {
+    if reasons.is_empty() {
+        verdict.word().to_string()
+    } else {
+        format!("{}: {}", verdict.word(), reasons.join("; "))
+    }
+}
+
+/// `fs 120, nvlink 120`.
+pub fn per_arm(counts: &BTreeMap<String, u64>) -> String {
+    counts
+        .iter()
+        .map(|(arm, n)| format!("{arm} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Comparison {
+    /// `nvlink faster`, `equivalent`, `inconclusive (~N more requests)`.
+    pub fn decision_text(&self) -> String {
+        match (self.decision, &self.faster) {
+            (Decision::Faster, Some(arm)) => format!("{arm} faster"),
+            (Decision::Equivalent, _) => "equivalent".into(),
+            _ => match self.more_requests {
+                Some(more) => format!("inconclusive (~{more} more requests)"),
+                None => "inconclusive".into(),
+            },
         }
     }
 }
