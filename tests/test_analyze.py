@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from kvablocal.net import request, wait_until
-from kvablocal.prometheus import Prometheus, gateway_target, sidecar_target
+from kvablocal.prometheus import Prometheus, Target, gateway_target, sidecar_target
 from kvablocal.sidecar import kvab_binary
 from kvablocal.stack import Stack
 
@@ -32,7 +32,10 @@ def live(tmp_path_factory):
     prometheus = Prometheus(scrape_interval="500ms", workdir=work / "prometheus")
     try:
         stack.start()
-        prometheus.start([gateway_target(stack.gateway.admin_port), sidecar_target(stack.sidecar.port)])
+        # The arms' vLLM-style histograms, with the arm as the label a PodMonitor would give them.
+        arms = [Target(f"vllm-{arm}", f"127.0.0.1:{server.port}", "/metrics", {"kv_backend": arm})
+                for arm, server in stack.arms.items()]
+        prometheus.start([gateway_target(stack.gateway.admin_port), sidecar_target(stack.sidecar.port), *arms])
         prometheus.wait_scraped()
         time.sleep(1.5)
         started = time.time()
@@ -70,6 +73,16 @@ def test_a_randomized_split_is_judged_and_agrees_with_the_experiment(live):
     assert primary["ci_ms"][0] > 0 and primary["shift_ms"] > 20, primary
     assert report["verdict"] == "decided" and code == 0, report["reasons"]
     assert all("increase(" in q for q in report["queries"])
+    # vLLM's own histograms, mapped to arms by label: counted, and on vLLM's coarse TTFT buckets both arms'
+    # medians (~120 and ~160 ms) lie in (100, 250] ms, so the binned comparison cannot call either faster.
+    vllm = {c["metric"]: c for c in report["comparisons"] if c["metric"].startswith("vllm_")}
+    assert set(vllm) == {"vllm_ttft_ms", "vllm_itl_ms", "vllm_e2e_ms"}, set(vllm)
+    ttft = vllm["vllm_ttft_ms"]
+    assert 380 <= sum(ttft["n"].values()) <= 420 and ttft["p50_bucket"]["fs"] == [100.0, 250.0], ttft
+    assert ttft["faster"] != "fs" and not ttft["primary"]
+    by_selector = analyze(prometheus, "--start", f"{start:.3f}", "--end", f"{end:.3f}", "--min-requests", "100",
+                          "--vllm-selector", 'nvlink=job="vllm-nvlink"', "--vllm-selector", 'fs=job="vllm-fs"')[1]
+    assert next(c for c in by_selector["comparisons"] if c["metric"] == "vllm_ttft_ms")["n"] == ttft["n"]
 
     # The experiment on the same stack (header-assigned) finds the same direction.
     done = subprocess.run([kvab_binary(), "experiment", "--gateway-url", stack.urls()["gateway"], "--json", "--quiet",

@@ -66,6 +66,10 @@ ALERTS = {
     "KvabMisroutes", "KvabArmNoReadyEndpoints", "KvabProxyMetricsDown", "KvabEndpointMapStale",
     "KvabReportsFailing", "KvabReportsRefused", "KvabArmErrorRatioHigh", "KvabSidecarNotReady",
 }
+# Recording rules: vLLM's histograms per arm (group kvab-vllm-per-arm).
+RECORDS = {
+    f"kv_backend:vllm_{m}_seconds_bucket:rate5m" for m in ("time_to_first_token", "inter_token_latency", "e2e_request_latency")
+} | {"kv_backend:vllm_time_to_first_token_seconds:p50_5m", "kv_backend:vllm_time_to_first_token_seconds:p99_5m"}
 
 
 def promtool() -> str:
@@ -114,7 +118,7 @@ def test_generated_files_are_what_build_py_writes():
 def test_promtool_checks_the_rules_file_and_the_rules_inside_the_prometheusrule(tmp_path):
     r = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"SUCCESS: {len(ALERTS)} rules found" in r.stdout, r.stdout
+    assert f"SUCCESS: {len(ALERTS) + len(RECORDS)} rules found" in r.stdout, r.stdout
     extracted = tmp_path / "from-prometheusrule.yaml"
     extracted.write_text(yaml.safe_dump({"groups": load_yaml(PROMETHEUSRULE)["spec"]["groups"]}))
     r = subprocess.run([promtool(), "check", "rules", str(extracted)], capture_output=True, text=True, timeout=60)
@@ -134,12 +138,17 @@ def test_prometheusrule_object_carries_exactly_the_tested_rules():
     assert obj["spec"]["groups"] == load_yaml(RULES)["groups"], "PrometheusRule and the promtool-tested file differ"
     names = [g["name"] for g in obj["spec"]["groups"]]
     assert len(names) == len(set(names))
-    alerts = set()
+    alerts, records = set(), set()
     for group in obj["spec"]["groups"]:
         assert set(group) <= {"name", "interval", "rules", "limit", "partial_response_strategy"}
         for rule in group["rules"]:
             assert set(rule) <= {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}, rule
             assert isinstance(rule["expr"], str) and rule["expr"].strip()
+            if "record" in rule:
+                # level:metric:operations, and the arm stays a label.
+                assert rule["record"].startswith("kv_backend:") and "kv_backend" in rule["record"], rule
+                records.add(rule["record"])
+                continue
             assert rule["labels"]["severity"] in {"warning", "critical"}
             a = rule["annotations"]
             assert set(a) == {"summary", "description", "runbook_signal", "check"}, rule["alert"]
@@ -147,6 +156,7 @@ def test_prometheusrule_object_carries_exactly_the_tested_rules():
             assert re.search(r"failure signal|Step \d|prerequisite", a["runbook_signal"]), a["runbook_signal"]
             alerts.add(rule["alert"])
     assert alerts == ALERTS
+    assert records == RECORDS
 
 
 def test_promtool_unit_tests_pass_and_cover_every_alert_firing_and_quiet(tmp_path):
@@ -155,15 +165,20 @@ def test_promtool_unit_tests_pass_and_cover_every_alert_firing_and_quiet(tmp_pat
     assert "SUCCESS" in r.stdout
     tests = load_yaml(RULE_TESTS)
     fires, quiet = set(), set()
+    recorded = set()
     for t in tests["tests"]:
-        for case in t["alert_rule_test"]:
+        for case in t.get("alert_rule_test", []):
             (fires if case["exp_alerts"] else quiet).add(case["alertname"])
+        for case in t.get("promql_expr_test", []):
+            recorded.add(case["expr"].split("{")[0])
     assert fires == ALERTS, ALERTS - fires
     assert quiet == ALERTS, ALERTS - quiet
+    assert {"kv_backend:vllm_time_to_first_token_seconds_bucket:rate5m",
+            "kv_backend:vllm_time_to_first_token_seconds:p50_5m"} <= recorded, recorded
     # A firing expectation must be load-bearing: with it removed the test must fail.
     shutil.copy(RULES, tmp_path / RULES.name)
     for i, t in enumerate(tests["tests"]):
-        for j, case in enumerate(t["alert_rule_test"]):
+        for j, case in enumerate(t.get("alert_rule_test", [])):
             if not case["exp_alerts"]:
                 continue
             mutated = copy.deepcopy(tests)
@@ -660,7 +675,7 @@ def test_latency_was_staged_as_intended(live):
 
 
 def test_every_alert_expression_returns_the_expected_series(live):
-    rules = {r["alert"]: r["expr"] for g in load_yaml(RULES)["groups"] for r in g["rules"]}
+    rules = {r["alert"]: r["expr"] for g in load_yaml(RULES)["groups"] for r in g["rules"] if "alert" in r}
     fs = count(live.outcomes, "backend", where=lambda o: o.admitted)[("fs",)]
     fs_errors = sum(o.backend == "fs" and o.status >= 500 for o in live.outcomes)
     misroutes = WARMUP["b-nvlink"] + BURST["b-nvlink"]
@@ -686,9 +701,10 @@ def test_every_alert_expression_returns_the_expected_series(live):
 
 def test_prometheus_loads_the_rules_and_the_expected_alerts_go_pending_or_fire(live):
     groups = live.prometheus.rules()
-    rules = [r for g in groups for r in g["rules"]]
-    assert {r["name"] for r in rules} == ALERTS
-    assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
+    every = [r for g in groups for r in g["rules"]]
+    assert {r["name"] for r in every} == ALERTS | RECORDS
+    assert all(r["health"] == "ok" for r in every), [(r["name"], r.get("lastError")) for r in every]
+    rules = [r for r in every if r["type"] == "alerting"]
     # Alerts with a `for` stay pending for longer than this test runs; those without fire at once.
     want = {
         ("KvabMisroutes", "firing"), ("KvabReportsRefused", "firing"),

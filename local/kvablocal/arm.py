@@ -151,20 +151,24 @@ class _Handler(BaseHTTPRequestHandler):
         chat = self.path == "/v1/chat/completions"
         tokens = max(1, min(int(body.get("max_tokens") or 16), MAX_ANSWER_TOKENS))
         prompt = prompt_tokens(body)
+        started = time.monotonic()
         with self.server.running():
             # Prefill, then the KV-cache transfer to the decode pod.
             time.sleep(self.server.first_token_delay(prompt))
+            ttft = time.monotonic() - started
             words = [random.choice(WORDS) for _ in range(tokens)]
+            gaps = [self.server.model_timing.gap() for _ in range(tokens - 1)]
             if body.get("stream"):
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                self._stream(chat, words, prompt, include_usage)
+                self._stream(chat, words, gaps, prompt, include_usage)
             else:
-                time.sleep(sum(self.server.model_timing.gap() for _ in range(tokens - 1)))
+                time.sleep(sum(gaps))
                 self._json(200, self.server.completion(chat, words, prompt))
+        self.server.observe(ttft, gaps, time.monotonic() - started)
 
     do_PUT = do_DELETE = do_POST
 
-    def _stream(self, chat, words, prompt, include_usage):
+    def _stream(self, chat, words, gaps, prompt, include_usage):
         """Server-sent events, one chunk per token, as vLLM sends them."""
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
@@ -181,7 +185,7 @@ class _Handler(BaseHTTPRequestHandler):
         kind = "chat.completion.chunk" if chat else "text_completion"
         for i, word in enumerate(words):
             if i:
-                time.sleep(self.server.model_timing.gap())
+                time.sleep(gaps[i - 1])
             piece = (" " if i else "") + word
             choice = {"index": 0, "delta": {"content": piece}} if chat else {"index": 0, "text": piece}
             choice["finish_reason"] = "length" if i == len(words) - 1 else None
@@ -193,6 +197,36 @@ class _Handler(BaseHTTPRequestHandler):
                               "choices": [], "usage": usage(prompt, len(words))}))
         chunk("[DONE]")
         self.wfile.write(b"0\r\n\r\n")
+
+
+# vLLM's bucket bounds, seconds (vllm/v1/metrics: time_to_first_token, inter_token_latency, request_latency).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+               960.0, 1920.0, 7680.0)
+
+
+class Histogram:
+    """A Prometheus histogram (cumulative buckets, sum, count), as vLLM exports its latencies."""
+
+    def __init__(self, name: str, help_text: str, bounds: tuple):
+        self.name, self.help, self.bounds = name, help_text, bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float):
+        self.counts[next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))] += 1
+        self.sum += value
+
+    def text(self, labels: str) -> str:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        cumulative = 0
+        for bound, count in zip((*self.bounds, "+Inf"), self.counts):
+            cumulative += count
+            lines.append(f'{self.name}_bucket{{{labels},le="{bound}"}} {cumulative}')
+        lines += [f"{self.name}_sum{{{labels}}} {self.sum}", f"{self.name}_count{{{labels}}} {cumulative}"]
+        return "\n".join(lines) + "\n"
 
 
 def usage(prompt: int, completion: int) -> dict:
@@ -219,6 +253,11 @@ class ArmServer(ThreadingHTTPServer):
         self.requests = 0
         self.active = 0
         self.succeeded = 0
+        self.histograms = (
+            Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS),
+            Histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS),
+            Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", E2E_BUCKETS),
+        )
 
     def handle_error(self, request, client_address):
         # A client (Envoy) closing a kept-alive connection is routine, not an error to print.
@@ -270,11 +309,20 @@ class ArmServer(ThreadingHTTPServer):
             "usage": usage(prompt, len(words)),
         }
 
+    def observe(self, ttft: float, gaps: list, e2e: float):
+        ttft_histogram, itl_histogram, e2e_histogram = self.histograms
+        with self._lock:
+            ttft_histogram.observe(ttft)
+            for gap in gaps:
+                itl_histogram.observe(gap)
+            e2e_histogram.observe(e2e)
+
     def metrics_text(self) -> str:
+        labels = f'model_name="{self.model}"'
         with self._lock:
             running, succeeded = self.active, self.succeeded
-        labels = f'model_name="{self.model}"'
-        return (
+            histograms = "".join(h.text(labels) for h in self.histograms)
+        return histograms + (
             "# HELP vllm:num_requests_running Number of requests currently running.\n"
             "# TYPE vllm:num_requests_running gauge\n"
             f"vllm:num_requests_running{{{labels}}} {running}\n"

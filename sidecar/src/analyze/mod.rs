@@ -122,6 +122,15 @@ pub fn main(args: AnalyzeArgs) -> ExitCode {
         eprintln!("error: --arms wants two different arms\n\nFor more information, try 'kvab analyze --help'.");
         return ExitCode::from(3);
     }
+    let selected: Vec<&String> = args.vllm_selector.iter().map(|(arm, _)| arm).collect();
+    if !selected.is_empty()
+        && (selected.len() != 2 || !args.arms.iter().all(|a| selected.contains(&a)))
+    {
+        eprintln!(
+            "error: --vllm-selector wants one ARM=MATCHERS for each of the two arms (see --arms)"
+        );
+        return ExitCode::from(3);
+    }
     if let Some((arm, _)) = args.split.iter().find(|(arm, _)| !args.arms.contains(arm)) {
         eprintln!("error: --split names {arm:?}, which is not one of the arms (see --arms)");
         return ExitCode::from(3);
@@ -179,12 +188,56 @@ struct Queries<'a> {
 impl Queries<'_> {
     /// `sum by (<by>) (increase(<metric>{<selector>}[<window>]))`.
     async fn increase(&mut self, metric: &str, by: &str) -> Result<Vec<(Labels, f64)>, String> {
+        let selector = self.selector.clone();
+        self.increase_with(metric, by, &selector).await
+    }
+
+    async fn increase_with(
+        &mut self,
+        metric: &str,
+        by: &str,
+        selector: &str,
+    ) -> Result<Vec<(Labels, f64)>, String> {
         let query = format!(
-            "sum by ({by}) (increase({metric}{{{}}}[{}]))",
-            self.selector, self.range
+            "sum by ({by}) (increase({metric}{{{selector}}}[{}]))",
+            self.range
         );
         self.run.push(query.clone());
         self.prometheus.vector(&query).await
+    }
+
+    /// vLLM's own histogram per arm (seconds, as `_ms` here): by `--vllm-selector` per arm when given, else
+    /// grouped by `--vllm-arm-label`. Empty when vLLM is not scraped (vLLM's series are optional).
+    async fn vllm(
+        &mut self,
+        metric: &str,
+        args: &AnalyzeArgs,
+    ) -> Result<Vec<(Labels, f64)>, String> {
+        let mut samples = Vec::new();
+        if args.vllm_selector.is_empty() {
+            let by = format!("{}, le", args.vllm_arm_label);
+            for (mut labels, value) in self.increase_with(metric, &by, "").await? {
+                let arm = labels.remove(&args.vllm_arm_label).unwrap_or_default();
+                labels.insert("backend".into(), arm);
+                samples.push((labels, value));
+            }
+        } else {
+            for (arm, selector) in &args.vllm_selector {
+                for (mut labels, value) in self.increase_with(metric, "le", selector).await? {
+                    labels.insert("backend".into(), arm.clone());
+                    samples.push((labels, value));
+                }
+            }
+        }
+        // Seconds to milliseconds, on the bucket bounds.
+        for (labels, _) in &mut samples {
+            if let Some(le) = labels.get_mut("le") {
+                if let Ok(seconds) = le.parse::<f64>() {
+                    *le = format!("{}", seconds * 1000.0);
+                }
+            }
+        }
+        Ok(samples)
     }
 
     /// As `increase`, with "no series" an error naming the query: the metric is not scraped at all.
@@ -269,10 +322,21 @@ async fn run(args: &AnalyzeArgs) -> Result<Report, String> {
             .collect()
     });
 
-    let metrics = [
+    let mut metrics = vec![
         ("request_duration_ms", true, histograms(&duration, arms)),
         ("time_to_first_byte_ms", false, histograms(&ttfb, arms)),
     ];
+    // vLLM's own latencies per arm (vllm/v1/metrics: these three names on current vLLM), when scraped.
+    for (name, metric) in [
+        ("vllm_ttft_ms", "vllm:time_to_first_token_seconds_bucket"),
+        ("vllm_itl_ms", "vllm:inter_token_latency_seconds_bucket"),
+        ("vllm_e2e_ms", "vllm:e2e_request_latency_seconds_bucket"),
+    ] {
+        let found = histograms(&q.vllm(metric, args).await?, arms);
+        if found.iter().any(Option::is_some) {
+            metrics.push((name, false, found));
+        }
+    }
     let p_values: Vec<f64> = metrics
         .iter()
         .map(|(_, _, h)| match (&h[0], &h[1]) {

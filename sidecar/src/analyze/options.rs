@@ -38,6 +38,15 @@ pub struct AnalyzeArgs {
     /// Label matchers added to every query, e.g. 'namespace="llm-d-inference-scheduler"'.
     #[arg(long, value_name = "MATCHERS", default_value = "", value_parser = matchers, env = "KVAB_ANALYZE_SELECTOR")]
     pub selector: String,
+    /// The label naming the arm on vLLM's series (a relabeling of the pods' llm-d.ai/kv-backend).
+    #[arg(long, value_name = "NAME", default_value = "kv_backend", value_parser = label_name,
+          env = "KVAB_ANALYZE_VLLM_ARM_LABEL")]
+    pub vllm_arm_label: String,
+    /// Label matchers selecting an arm's vLLM series instead, e.g. 'nvlink=pod=~"vllm-decode-p2p.*"';
+    /// repeatable, one per arm.
+    #[arg(long, value_name = "ARM=MATCHERS", value_parser = arm_matchers, env = "KVAB_ANALYZE_VLLM_SELECTOR",
+          value_delimiter = ' ')]
+    pub vllm_selector: Vec<(String, String)>,
     /// Fewer requests than this per arm in the window is inconclusive.
     #[arg(
         long,
@@ -116,4 +125,26 @@ fn matchers(value: &str) -> Result<String, String> {
         return Err("label matchers only, without braces: 'namespace=\"x\",pod=~\"gw-.*\"'".into());
     }
     Ok(value.trim().trim_matches(',').to_string())
+}
+
+fn arm_matchers(value: &str) -> Result<(String, String), String> {
+    match value.split_once('=') {
+        Some((arm, selector)) if !arm.is_empty() && !selector.is_empty() => {
+            Ok((arm.to_string(), matchers(selector)?))
+        }
+        _ => Err("wants ARM=MATCHERS".into()),
+    }
+}
+
+/// A Prometheus label name: `[a-zA-Z_][a-zA-Z0-9_]*`.
+fn label_name(value: &str) -> Result<String, String> {
+    let mut chars = value.chars();
+    let first = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if first && chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        Ok(value.to_string())
+    } else {
+        Err("not a Prometheus label name (letters, digits and _, not starting with a digit)".into())
+    }
 }
