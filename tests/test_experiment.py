@@ -85,6 +85,12 @@ def test_until_decided_stops_early_and_bad_input_is_one_line(stack, tmp_path):
     assert report["method"]["look_alpha"] == pytest.approx(0.01)
     assert primary(report)["8192"]["faster"] == "nvlink"
 
+    # A time budget stops the run (those in flight finish), and what was answered is analysed.
+    code, report = experiment(s, "--prompt-tokens", "128", "--requests", "100000", "--duration", "1.5",
+                              "--warmup", "0", "--concurrency", "4", "--max-tokens", "2", "--seed", "1")
+    assert report["run"]["stopped_by"] == "duration" and 10 < report["run"]["sent"] < 1000, report["run"]
+    assert sum(report["assignment"]["planned"].values()) == report["run"]["sent"]
+
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"prompt": "hello"}\n{"prompt": 3}\n')
     done = subprocess.run([kvab_binary(), "experiment", "--gateway-url", s.urls()["gateway"], "--prompts", str(bad)],

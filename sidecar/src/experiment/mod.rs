@@ -120,8 +120,9 @@ async fn run(options: &Options) -> Result<(Report, Samples), String> {
 
     // Outcomes by measured number (request number − warm-up); a look analyses the first n of them once
     // all n are in, so what a look sees is fixed by the assignment order, not by which answers came first.
+    // The slots grow with the answers (a large --requests reserves nothing up front).
     let total = options.requests as usize;
-    let mut slots: Vec<Option<Outcome>> = vec![None; total];
+    let mut slots: Vec<Option<Outcome>> = Vec::new();
     let mut complete_prefix = 0usize;
     let mut received = 0usize;
     let points = match options.until {
@@ -131,19 +132,25 @@ async fn run(options: &Options) -> Result<(Report, Samples), String> {
     let mut next_point = 0usize;
     let mut looks_made = 0u32;
     let mut decided: Option<(Analysis, usize)> = None;
-    let mut progress = Progress::new(options, started);
+    let mut progress = Progress::new(options, &design, started);
     while let Some((number, outcome)) = receiver.recv().await {
         let Some(index) = number.checked_sub(options.warmup) else {
             continue;
         };
-        if let Some(slot) = slots.get_mut(index as usize) {
-            *slot = Some(outcome);
-            received += 1;
+        let index = index as usize;
+        if index >= total {
+            continue;
         }
+        if slots.len() <= index {
+            slots.resize(index + 1, None);
+        }
+        progress.observe(&outcome, &design);
+        slots[index] = Some(outcome);
+        received += 1;
         while slots.get(complete_prefix).is_some_and(Option::is_some) {
             complete_prefix += 1;
         }
-        progress.update(&slots, received, &design);
+        progress.update(received);
         while let Some(&point) = points.get(next_point) {
             if (complete_prefix as u64) < point {
                 break;
@@ -167,20 +174,28 @@ async fn run(options: &Options) -> Result<(Report, Samples), String> {
     while senders.join_next().await.is_some() {}
     progress.finish();
     let elapsed = started.elapsed().as_secs_f64();
-    let (analysis, measured, stopped_by) = match decided {
-        Some((analysis, n)) => (analysis, n, "decided"),
+    // The slots the analysis saw: the deciding look's prefix, or every answer.
+    let (analysis, analyzed, stopped_by) = match decided {
+        Some((analysis, point)) => (analysis, point, "decided"),
         None => {
             let outcomes: Vec<Outcome> = slots.iter().flatten().cloned().collect();
-            let n = outcomes.len();
             // The final analysis counts as a look when the run ended before its last one.
             if options.until == Until::Decided && next_point < points.len() {
                 looks_made += 1;
             }
-            let stopped_by = if n >= total { "requests" } else { "duration" };
-            (analysis::analyze(&design, &outcomes), n, stopped_by)
+            let stopped_by = if outcomes.len() >= total {
+                "requests"
+            } else {
+                "duration"
+            };
+            (
+                analysis::analyze(&design, &outcomes),
+                slots.len(),
+                stopped_by,
+            )
         }
     };
-    let outcomes: Vec<Outcome> = slots[..measured.min(total)]
+    let outcomes: Vec<Outcome> = slots[..analyzed.min(slots.len())]
         .iter()
         .flatten()
         .cloned()
@@ -352,31 +367,64 @@ fn verdict(design: &Design, analysis: &Analysis) -> (Verdict, Vec<String>) {
     }
 }
 
-/// The progress line on stderr: answers per arm, rate, the latest look's primary estimates.
+/// The progress line on stderr: answers per arm, rate, and the current estimate of each primary
+/// comparison (the relative Hodges–Lehmann shift, from running samples; the decisions are the looks').
 struct Progress {
     enabled: bool,
     terminal: bool,
     started: Instant,
     last: Instant,
+    last_estimate: Instant,
     total: u64,
     arms: Vec<String>,
+    classes: Vec<String>,
+    per_arm: Vec<u64>,
+    /// Per class and arm, the primary metric of every request that counts.
+    primary: Vec<[Vec<f64>; 2]>,
     estimate: String,
+    look: String,
 }
 
 impl Progress {
-    fn new(options: &Options, started: Instant) -> Self {
+    fn new(options: &Options, design: &Design, started: Instant) -> Self {
         Progress {
             enabled: !options.quiet,
             terminal: std::io::stderr().is_terminal(),
             started,
             last: started,
+            last_estimate: started,
             total: options.requests,
             arms: options.arms.clone(),
+            classes: design.classes.clone(),
+            per_arm: vec![0; options.arms.len()],
+            primary: vec![[Vec::new(), Vec::new()]; design.classes.len()],
             estimate: String::new(),
+            look: String::new(),
         }
     }
 
-    fn update(&mut self, slots: &[Option<Outcome>], received: usize, _design: &Design) {
+    fn observe(&mut self, outcome: &Outcome, design: &Design) {
+        if !self.enabled {
+            return;
+        }
+        if let Some(n) = self.per_arm.get_mut(outcome.assigned) {
+            *n += 1;
+        }
+        let value = if design.stream {
+            outcome.ttft_ms
+        } else {
+            Some(outcome.e2e_ms)
+        };
+        if let (true, Some(value), Some(by_arm)) =
+            (outcome.counts(), value, self.primary.get_mut(outcome.class))
+        {
+            if let Some(values) = by_arm.get_mut(outcome.assigned) {
+                values.push(value);
+            }
+        }
+    }
+
+    fn update(&mut self, received: usize) {
         let every = if self.terminal {
             Duration::from_millis(250)
         } else {
@@ -386,23 +434,36 @@ impl Progress {
             return;
         }
         self.last = Instant::now();
-        let mut per_arm = vec![0u64; self.arms.len()];
-        for o in slots.iter().flatten() {
-            per_arm[o.assigned] += 1;
+        if self.last_estimate.elapsed() >= Duration::from_secs(2) {
+            self.last_estimate = Instant::now();
+            let estimates: Vec<String> = self
+                .classes
+                .iter()
+                .zip(&self.primary)
+                .filter_map(|(class, [first, second])| {
+                    let shift = crate::stats::hodges_lehmann(first, second)?;
+                    let base = crate::stats::percentile(first, 50.0).filter(|b| *b > 0.0)?;
+                    Some(format!("{class} {:+.1}%", 100.0 * shift / base))
+                })
+                .collect();
+            if !estimates.is_empty() {
+                self.estimate = format!("; shift {}", estimates.join(", "));
+            }
         }
         let elapsed = self.started.elapsed().as_secs_f64();
         let arms: Vec<String> = self
             .arms
             .iter()
-            .zip(&per_arm)
+            .zip(&self.per_arm)
             .map(|(a, n)| format!("{a} {n}"))
             .collect();
         let line = format!(
-            "kvab experiment: {received}/{} measured ({}), {:.1}/s{}",
+            "kvab experiment: {received}/{} measured ({}), {:.1}/s{}{}",
             self.total,
             arms.join(", "),
             received as f64 / elapsed.max(1e-9),
-            self.estimate
+            self.estimate,
+            self.look
         );
         let mut stderr = std::io::stderr().lock();
         let _ = if self.terminal {
@@ -414,16 +475,13 @@ impl Progress {
     }
 
     fn look(&mut self, look: u32, analysis: &Analysis) {
-        let estimates: Vec<String> = analysis
+        let decided = analysis
             .comparisons
             .iter()
-            .filter(|c| c.primary)
-            .filter_map(|c| {
-                c.relative
-                    .map(|r| format!("{} {:+.1}%", c.class, 100.0 * r))
-            })
-            .collect();
-        self.estimate = format!("; look {look}: {}", estimates.join(", "));
+            .filter(|c| c.primary && c.decision != report::Decision::Inconclusive)
+            .count();
+        let primary = analysis.comparisons.iter().filter(|c| c.primary).count();
+        self.look = format!("; look {look}: {decided}/{primary} decided");
     }
 
     fn finish(&self) {

@@ -226,7 +226,7 @@ pub struct Run {
     pub duration_s: f64,
     /// Measured requests per second over the run.
     pub achieved_rate: f64,
-    /// Why the run stopped: `requests`, `duration`, `decided` or `interrupted`.
+    /// Why the run stopped: `requests`, `duration` or `decided`.
     pub stopped_by: &'static str,
 }
 
