@@ -55,6 +55,7 @@ def test_the_experiment_finds_the_long_prompt_difference_and_reports_it_in_html(
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page = open_page(html, ARTIFACTS / "experiment-report.png")
     assert page["console_errors"] == [], page["console_errors"]
+    assert page["requests"] == [html.as_uri()], "the report fetches nothing"
     for plot in ("ttft-ecdf", "ttft-vs-prompt", "itl"):
         assert f'data-plot="{plot}"' in page["dom"], plot
     assert page["dom"].count("<svg") >= 3

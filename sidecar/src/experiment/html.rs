@@ -1,18 +1,25 @@
 //! The self-contained HTML report of `kvab experiment` (`--html FILE`): the verdict, the run, the
-//! assignment check, the comparisons and the plots as inline SVG drawn with `plotters` (no script, no
-//! font file, nothing fetched: text in the SVG is left to the browser's fonts).
+//! assignment check, the error rates, the comparisons and the plots as inline SVG drawn with `plotters`
+//! (no script, no font file, nothing fetched: text in the SVG is left to the browser's fonts, and its
+//! layout is `plotters`' estimate without font metrics).
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use plotters::prelude::*;
 
-use super::report::{per_arm, Report, Samples, Verdict};
-use crate::stats::{median_interval, percentile};
+use super::report::{per_arm, ArmSamples, Report, Samples, Verdict};
+use crate::stats::{format_p, median_interval, percentile};
 
 const ARM_COLORS: [RGBColor; 2] = [RGBColor(31, 119, 180), RGBColor(230, 115, 0)];
-/// Most points drawn of one ECDF: beyond it the curve is sampled evenly (the shape is the same).
-const MAX_ECDF_POINTS: usize = 400;
+/// Most steps drawn of one ECDF: beyond it the steps are taken evenly (the shape is the same).
+const MAX_ECDF_STEPS: usize = 400;
+/// The size of every plot, in CSS pixels.
+const PLOT_SIZE: (u32, u32) = (560, 340);
+/// The level of the median intervals in "TTFT against prompt size".
+const MEDIAN_ALPHA: f64 = 0.05;
 
+/// `text` for HTML content or a quoted attribute value.
 pub fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
@@ -36,22 +43,35 @@ fn fmt(value: Option<f64>, digits: usize) -> String {
     value.map_or("–".into(), |v| format!("{v:.digits$}"))
 }
 
-/// The ECDF of a sample as (x, F(x)) steps, at most `MAX_ECDF_POINTS` of them.
+fn finite(sample: &[f64]) -> Vec<f64> {
+    sample.iter().copied().filter(|v| v.is_finite()).collect()
+}
+
+/// The ECDF of a sample as the corners of its staircase, from (min, 0) to (max, 1), with at most
+/// `MAX_ECDF_STEPS` steps. Empty for an empty sample.
 fn ecdf(sample: &[f64]) -> Vec<(f64, f64)> {
-    let mut sorted: Vec<f64> = sample.iter().copied().filter(|v| v.is_finite()).collect();
+    let mut sorted = finite(sample);
     sorted.sort_by(f64::total_cmp);
-    let n = sorted.len();
-    let step = n.div_ceil(MAX_ECDF_POINTS).max(1);
-    let mut points: Vec<(f64, f64)> = sorted
+    let n = sorted.len() as f64;
+    // (x, F(x)) at the last of each run of equal values.
+    let steps: Vec<(f64, f64)> = sorted
         .iter()
         .enumerate()
-        .step_by(step)
-        .map(|(i, &x)| (x, (i + 1) as f64 / n as f64))
+        .filter(|&(i, x)| sorted.get(i + 1) != Some(x))
+        .map(|(i, &x)| (x, (i + 1) as f64 / n))
         .collect();
-    if let Some(&last) = sorted.last() {
-        points.push((last, 1.0));
+    let every = steps.len().div_ceil(MAX_ECDF_STEPS).max(1);
+    let last = steps.len().saturating_sub(1);
+    let mut corners = Vec::with_capacity(2 * MAX_ECDF_STEPS + 2);
+    let mut below = 0.0;
+    for (i, &(x, f)) in steps.iter().enumerate() {
+        if i == 0 || i % every == every - 1 || i == last {
+            corners.push((x, below));
+            corners.push((x, f));
+            below = f;
+        }
     }
-    points
+    corners
 }
 
 type Draw<'a> = Box<
@@ -59,10 +79,10 @@ type Draw<'a> = Box<
 >;
 
 /// One SVG drawing, or the reason it could not be drawn.
-fn svg(width: u32, height: u32, draw: Draw<'_>) -> Result<String, String> {
+fn svg(draw: Draw<'_>) -> Result<String, String> {
     let mut out = String::new();
     {
-        let root = SVGBackend::with_string(&mut out, (width, height)).into_drawing_area();
+        let root = SVGBackend::with_string(&mut out, PLOT_SIZE).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
         draw(&root)?;
         root.present().map_err(|e| e.to_string())?;
@@ -70,149 +90,151 @@ fn svg(width: u32, height: u32, draw: Draw<'_>) -> Result<String, String> {
     Ok(out)
 }
 
+/// One ECDF per arm, the x axis from the smallest value to the 99.5th percentile of all (the tail
+/// beyond is drawn at the right edge).
 fn ecdf_plot(title: &str, x_label: &str, arms: &[(String, Vec<f64>)]) -> Result<String, String> {
-    let all: Vec<f64> = arms.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+    let all: Vec<f64> = arms.iter().flat_map(|(_, v)| finite(v)).collect();
     let (Some(low), Some(high)) = (percentile(&all, 0.0), percentile(&all, 99.5)) else {
         return Err("no samples".into());
     };
     let high = if high > low { high } else { low + 1.0 };
     let title = title.to_string();
     let x_label = x_label.to_string();
-    svg(
-        560,
-        340,
-        Box::new(move |root| {
-            let mut chart = ChartBuilder::on(root)
-                .caption(title, ("sans-serif", 16))
-                .margin(10)
-                .x_label_area_size(36)
-                .y_label_area_size(44)
-                .build_cartesian_2d(low..high, 0.0..1.0)
-                .map_err(|e| e.to_string())?;
+    svg(Box::new(move |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(48)
+            .build_cartesian_2d(low..high, 0.0..1.0)
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .light_line_style(RGBColor(242, 242, 242))
+            .bold_line_style(RGBColor(215, 215, 215))
+            .label_style(("sans-serif", 12))
+            .axis_desc_style(("sans-serif", 13))
+            .x_desc(x_label)
+            .y_desc("fraction of requests")
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (i, (arm, sample)) in arms.iter().enumerate() {
+            let corners: Vec<(f64, f64)> = ecdf(sample)
+                .into_iter()
+                .map(|(x, y)| (x.min(high), y))
+                .collect();
             chart
-                .configure_mesh()
-                .x_desc(x_label)
-                .y_desc("fraction of requests")
-                .draw()
-                .map_err(|e| e.to_string())?;
-            for (i, (arm, sample)) in arms.iter().enumerate() {
-                let points: Vec<(f64, f64)> = ecdf(sample)
-                    .into_iter()
-                    .map(|(x, y)| (x.min(high), y))
-                    .collect();
-                let style = color(i).stroke_width(2);
-                chart
-                    .draw_series(LineSeries::new(points, style))
-                    .map_err(|e| e.to_string())?
-                    .label(format!("{arm} (n={})", sample.len()))
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 16, y)], color(i).stroke_width(2))
-                    });
-            }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::LowerRight)
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .draw()
-                .map_err(|e| e.to_string())
-        }),
-    )
+                .draw_series(LineSeries::new(corners, color(i).stroke_width(2)))
+                .map_err(|e| e.to_string())?
+                .label(format!("{arm} (n={})", sample.len()))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], color(i).stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .label_font(("sans-serif", 12))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| e.to_string())
+    }))
 }
 
-/// (median, interval low, interval high) of one arm's TTFT in one class.
+/// (median, interval low, interval high) of one arm's sample in one class.
 type MedianWithInterval = (f64, f64, f64);
-/// A prompt size and, per arm, its TTFT median with interval.
+/// A prompt size and, per arm, its median with interval.
 type MedianRow = (f64, Vec<Option<MedianWithInterval>>);
 
-/// TTFT median with its 95 % distribution-free interval against prompt size, per arm (log x axis).
-fn median_plot(arms: &[String], rows: &[MedianRow]) -> Result<String, String> {
+/// The median with its distribution-free interval against prompt size, per arm (log x axis).
+fn median_plot(metric: &str, arms: &[String], rows: &[MedianRow]) -> Result<String, String> {
     let sizes: Vec<f64> = rows.iter().map(|(x, _)| *x).collect();
     let values: Vec<f64> = rows
         .iter()
         .flat_map(|(_, per_arm)| per_arm.iter().flatten().flat_map(|&(_, lo, hi)| [lo, hi]))
         .collect();
-    let (Some(&x_min), Some(&x_max)) = (
-        sizes.iter().min_by(|a, b| a.total_cmp(b)),
-        sizes.iter().max_by(|a, b| a.total_cmp(b)),
-    ) else {
+    let (Some(x_min), Some(x_max)) = (percentile(&sizes, 0.0), percentile(&sizes, 100.0)) else {
         return Err("no class with a prompt size".into());
     };
     let (Some(y_min), Some(y_max)) = (percentile(&values, 0.0), percentile(&values, 100.0)) else {
-        return Err("no medians".into());
+        return Err("no samples (or too few for a median interval)".into());
     };
     let (x_low, x_high) = (x_min / 1.6, x_max * 1.6);
     let pad = ((y_max - y_min) * 0.1).max(1.0);
     let (y_low, y_high) = ((y_min - pad).max(0.0), y_max + pad);
+    let title = format!(
+        "{metric} median and {:.0} % interval by prompt size",
+        100.0 * (1.0 - MEDIAN_ALPHA)
+    );
+    let y_label = format!("{metric} ms");
     let arms = arms.to_vec();
     let rows = rows.to_vec();
-    svg(
-        560,
-        340,
-        Box::new(move |root| {
-            let mut chart = ChartBuilder::on(root)
-                .caption(
-                    "TTFT median and 95 % interval by prompt size",
-                    ("sans-serif", 16),
+    svg(Box::new(move |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(52)
+            .build_cartesian_2d((x_low..x_high).log_scale(), y_low..y_high)
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .light_line_style(RGBColor(242, 242, 242))
+            .bold_line_style(RGBColor(215, 215, 215))
+            .label_style(("sans-serif", 12))
+            .axis_desc_style(("sans-serif", 13))
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .x_desc("prompt tokens (log scale)")
+            .y_desc(y_label)
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (i, arm) in arms.iter().enumerate() {
+            // The arms side by side at each size, so that their bars do not hide each other.
+            let offset = if i == 0 { 0.96 } else { 1.04 };
+            let points: Vec<(f64, MedianWithInterval)> = rows
+                .iter()
+                .filter_map(|(x, per_arm)| Some((x * offset, per_arm.get(i).copied().flatten()?)))
+                .collect();
+            let style = color(i).stroke_width(2);
+            chart
+                .draw_series(LineSeries::new(
+                    points.iter().map(|&(x, (m, _, _))| (x, m)),
+                    style,
+                ))
+                .map_err(|e| e.to_string())?
+                .label(arm.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], color(i).stroke_width(2))
+                });
+            chart
+                .draw_series(
+                    points
+                        .iter()
+                        .map(|&(x, (m, lo, hi))| ErrorBar::new_vertical(x, lo, m, hi, style, 8)),
                 )
-                .margin(10)
-                .x_label_area_size(36)
-                .y_label_area_size(48)
-                .build_cartesian_2d((x_low..x_high).log_scale(), y_low..y_high)
                 .map_err(|e| e.to_string())?;
             chart
-                .configure_mesh()
-                .x_desc("prompt tokens (log scale)")
-                .y_desc("TTFT ms")
-                .draw()
+                .draw_series(
+                    points
+                        .iter()
+                        .map(|&(x, (m, _, _))| Circle::new((x, m), 3, color(i).filled())),
+                )
                 .map_err(|e| e.to_string())?;
-            for (i, arm) in arms.iter().enumerate() {
-                // Arms side by side at each size, so their bars do not hide each other.
-                let offset = if i == 0 { 0.96 } else { 1.04 };
-                let points: Vec<(f64, f64, f64, f64)> = rows
-                    .iter()
-                    .filter_map(|(x, per_arm)| {
-                        per_arm
-                            .get(i)
-                            .copied()
-                            .flatten()
-                            .map(|(m, lo, hi)| (x * offset, m, lo, hi))
-                    })
-                    .collect();
-                let style = color(i).stroke_width(2);
-                chart
-                    .draw_series(LineSeries::new(points.iter().map(|p| (p.0, p.1)), style))
-                    .map_err(|e| e.to_string())?
-                    .label(arm.clone())
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 16, y)], color(i).stroke_width(2))
-                    });
-                chart
-                    .draw_series(
-                        points
-                            .iter()
-                            .map(|&(x, _, lo, hi)| PathElement::new(vec![(x, lo), (x, hi)], style)),
-                    )
-                    .map_err(|e| e.to_string())?;
-                chart
-                    .draw_series(
-                        points
-                            .iter()
-                            .map(|&(x, m, _, _)| Circle::new((x, m), 3, color(i).filled())),
-                    )
-                    .map_err(|e| e.to_string())?;
-            }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .draw()
-                .map_err(|e| e.to_string())
-        }),
-    )
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font(("sans-serif", 12))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| e.to_string())
+    }))
 }
 
+/// A `<figure class="plot" data-plot=...>` with the drawing (its `<title>` the caption) or, when there
+/// is nothing to draw, why.
 fn figure(out: &mut String, plot: &str, caption: &str, drawing: Result<String, String>) {
     let _ = write!(
         out,
@@ -220,9 +242,16 @@ fn figure(out: &mut String, plot: &str, caption: &str, drawing: Result<String, S
         escape(plot)
     );
     match drawing {
-        // The SVG's accessible title is the caption.
         Ok(svg) => {
-            out.push_str(&svg.replacen(">", &format!("><title>{}</title>", escape(caption)), 1))
+            let svg = svg.trim();
+            // The title is the first child of the root <svg> element: its accessible name.
+            let open = svg
+                .find("<svg")
+                .and_then(|start| svg[start..].find('>').map(|end| start + end + 1))
+                .unwrap_or(0);
+            out.push_str(&svg[..open]);
+            let _ = write!(out, "<title>{}</title>", escape(caption));
+            out.push_str(&svg[open..]);
         }
         Err(why) => {
             let _ = write!(out, "<p class=\"empty\">{}</p>", escape(&why));
@@ -236,9 +265,10 @@ h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em}\
 .verdict{padding:.6em 1em;border-radius:6px;font-weight:600}\
 .decided{background:#e6f4ea}.inconclusive{background:#fff4e0}.invalid{background:#fde7e9}\
 table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}\
-th{background:#f3f3f3}td.l,th.l{text-align:left}tr.primary td{font-weight:600}\
-.warn{color:#b00020;font-weight:600}figure{display:inline-block;margin:.5em}\
-figcaption{font-size:.85em;color:#555}.empty{color:#777;font-style:italic}";
+th{background:#f3f3f3}td.l,th.l{text-align:left}tr.primary td{font-weight:600}small{color:#666}\
+.warn{color:#b00020;font-weight:600;background:#fde7e9;padding:.3em .6em;border-radius:4px}\
+figure{display:inline-block;margin:.5em;vertical-align:top}figure svg{display:block}\
+figcaption{font-size:.85em;color:#555;max-width:560px}.empty{color:#777;font-style:italic}";
 
 /// A whole page in the reports' style: title, the verdict line (coloured by the verdict), then `body`.
 pub fn page(title: &str, verdict_line: &str, verdict: Verdict, body: &str) -> String {
@@ -252,9 +282,7 @@ pub fn page(title: &str, verdict_line: &str, verdict: Verdict, body: &str) -> St
     )
 }
 
-pub fn render(report: &Report, samples: &Samples) -> String {
-    let mut out = String::with_capacity(64 * 1024);
-    out.push_str("<ul>");
+fn run_facts(out: &mut String, report: &Report) {
     let run = &report.run;
     let load = match (run.concurrency, run.rate) {
         (Some(c), _) => format!("closed loop, {c} in flight"),
@@ -262,10 +290,16 @@ pub fn render(report: &Report, samples: &Samples) -> String {
         _ => run.load.to_string(),
     };
     let m = &report.method;
-    for item in
-        [
-            format!(
-            "{} {}, {}; {} requests sent ({} warm-up) in {:.1} s ({:.1}/s), stopped by {}; seed {}",
+    let arms = match report.arms.as_slice() {
+        [first, second] => format!(
+            "arms: {first} (first), {second} (second); shifts are {second} − {first}: positive when {first} is faster"
+        ),
+        arms => format!("arms: {}", arms.join(", ")),
+    };
+    let items = [
+        arms,
+        format!(
+            "{} {}, {}; {} requests sent ({} warm-up) in {:.1} s ({:.1}/s measured), stopped by {}; seed {}",
             run.endpoint,
             if run.stream { "streamed" } else { "not streamed" },
             load,
@@ -276,34 +310,64 @@ pub fn render(report: &Report, samples: &Samples) -> String {
             run.stopped_by,
             run.seed
         ),
-            format!(
-                "α = {}, min effect {:.1} %, until {}: {} of {} look(s), each at {:.4}",
-                m.alpha,
-                100.0 * m.min_effect,
-                m.until,
-                m.looks_made,
-                m.looks,
-                m.look_alpha
-            ),
-            format!("method: {}", m.description),
-        ]
-    {
+        format!(
+            "α = {}, min effect {:.1} %, until {}: {} of {} look(s), each at α = {:.4}",
+            m.alpha,
+            100.0 * m.min_effect,
+            m.until,
+            m.looks_made,
+            m.looks,
+            m.look_alpha
+        ),
+        format!("method: {}", m.description),
+    ];
+    out.push_str("<ul>");
+    for item in items {
         let _ = write!(out, "<li>{}</li>", escape(&item));
     }
     out.push_str("</ul>");
+}
 
+fn classes(out: &mut String, report: &Report) {
+    out.push_str(
+        "<h2>Classes</h2><table><tr><th class=\"l\">class</th><th>prompt tokens asked</th>\
+         <th>prompt tokens measured (mean)</th><th>measured requests</th></tr>",
+    );
+    for c in &report.classes {
+        let _ = write!(
+            out,
+            "<tr><td class=\"l\">{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&c.label),
+            c.prompt_tokens.map_or("–".into(), |t| t.to_string()),
+            fmt(c.measured_prompt_tokens, 1),
+            c.requests
+        );
+    }
+    out.push_str("</table>");
+}
+
+fn assignment(out: &mut String, report: &Report) {
     let a = &report.assignment;
     let _ = write!(
         out,
-        "<h2>Assignment</h2><p{}>planned {}; answered {}; misrouted {}; untagged {}; sample ratio p = {} ({})</p>",
-        if a.srm_ok { "" } else { " class=\"warn\"" },
+        "<h2>Assignment</h2><p class=\"{}\">planned {}; answered {}; misrouted {}; untagged {}; \
+         sample ratio p = {} ({}, threshold {})</p>",
+        if a.srm_ok { "ok" } else { "warn" },
         escape(&per_arm(&a.planned)),
         escape(&per_arm(&a.answered)),
         a.misrouted,
         a.untagged,
-        a.srm_p.map_or("–".into(), crate::stats::format_p),
-        if a.srm_ok { "ok" } else { "MISMATCH: the routing does not follow the assignment" }
+        a.srm_p.map_or("–".into(), format_p),
+        if a.srm_ok {
+            "ok"
+        } else {
+            "MISMATCH: the routing does not follow the assignment"
+        },
+        report.method.srm_threshold
     );
+}
+
+fn errors(out: &mut String, report: &Report) {
     out.push_str("<h2>Errors</h2><table><tr><th class=\"l\">class</th>");
     for arm in &report.arms {
         let _ = write!(out, "<th>{}</th>", escape(arm));
@@ -333,25 +397,33 @@ pub fn render(report: &Report, samples: &Samples) -> String {
         let _ = write!(
             out,
             "<td>{}</td><td class=\"l\">{}</td></tr>",
-            e.p.map_or("–".into(), crate::stats::format_p),
+            e.p.map_or("–".into(), format_p),
             escape(&codes.join("; "))
         );
     }
     out.push_str("</table>");
+}
 
+fn comparisons(out: &mut String, report: &Report) {
+    let shift = match report.arms.as_slice() {
+        [first, second, ..] => format!("shift ms ({second} − {first})"),
+        _ => "shift ms".into(),
+    };
     out.push_str(
         "<h2>Comparisons</h2><table><tr><th class=\"l\">metric</th><th class=\"l\">class</th>",
     );
     for arm in &report.arms {
         let _ = write!(
             out,
-            "<th>n {0}</th><th>p50/p90/p99 {0} (ms)</th>",
+            "<th>n {0}</th><th>p50 / p90 / p99 {0} (ms)</th>",
             escape(arm)
         );
     }
-    out.push_str(
-        "<th>shift ms (second − first)</th><th>interval</th><th>relative</th><th>p</th><th>p adjusted</th>\
+    let _ = write!(
+        out,
+        "<th>{}</th><th>interval</th><th>relative</th><th>p</th><th>p adjusted</th>\
          <th class=\"l\">decision</th></tr>",
+        escape(&shift)
     );
     for c in &report.comparisons {
         let _ = write!(
@@ -363,7 +435,7 @@ pub fn render(report: &Report, samples: &Samples) -> String {
             escape(&c.class)
         );
         for arm in &report.arms {
-            let p = |map: &std::collections::BTreeMap<String, f64>| fmt(map.get(arm).copied(), 1);
+            let p = |map: &BTreeMap<String, f64>| fmt(map.get(arm).copied(), 1);
             let _ = write!(
                 out,
                 "<td>{}</td><td>{} / {} / {}</td>",
@@ -373,30 +445,60 @@ pub fn render(report: &Report, samples: &Samples) -> String {
                 p(&c.p99)
             );
         }
-        let decision = c.decision_text();
-        let _ =
-            write!(
+        let interval = c.ci_ms.map_or("–".into(), |[lo, hi]| {
+            format!(
+                "[{lo:.2}, {hi:.2}] <small>{:.2} %</small>",
+                100.0 * (1.0 - c.ci_level_alpha)
+            )
+        });
+        let relative = c.relative.map_or("–".into(), |r| {
+            let ci = c.relative_ci.map_or(String::new(), |[lo, hi]| {
+                format!(" <small>[{:+.1}, {:+.1}]</small>", 100.0 * lo, 100.0 * hi)
+            });
+            format!("{:+.1} %{ci}", 100.0 * r)
+        });
+        let _ = write!(
             out,
-            "<td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"l\">{}</td></tr>",
+            "<td>{}</td><td>{interval}</td><td>{relative}</td><td>{}</td><td>{}</td>\
+             <td class=\"l\">{}</td></tr>",
             fmt(c.shift_ms, 2),
-            c.ci_ms.map_or("–".into(), |[lo, hi]| format!("[{lo:.2}, {hi:.2}]")),
-            c.relative.map_or("–".into(), |r| format!("{:+.1} %", 100.0 * r)),
-            c.p.map_or("–".into(), crate::stats::format_p),
-            c.p_adjusted.map_or("–".into(), crate::stats::format_p),
-            escape(&decision)
+            c.p.map_or("–".into(), format_p),
+            c.p_adjusted.map_or("–".into(), format_p),
+            escape(&c.decision_text())
         );
     }
     out.push_str("</table>");
+}
 
-    out.push_str("<h2>Time to first token</h2>");
+pub fn render(report: &Report, samples: &Samples) -> String {
+    let mut out = String::with_capacity(64 * 1024);
+    run_facts(&mut out, report);
+    classes(&mut out, report);
+    assignment(&mut out, report);
+    errors(&mut out, report);
+    comparisons(&mut out, report);
+
+    // Without streaming there is no first token: the primary metric is the end-to-end time.
+    let streamed = report.run.stream
+        || samples
+            .classes
+            .iter()
+            .any(|c| c.arms.iter().any(|a| !a.ttft_ms.is_empty()));
+    let (metric, pick): (&str, fn(&ArmSamples) -> &Vec<f64>) = if streamed {
+        ("TTFT", |a| &a.ttft_ms)
+    } else {
+        ("End-to-end time", |a| &a.e2e_ms)
+    };
+    let _ = write!(out, "<h2>{metric}</h2>");
+    if samples.classes.is_empty() {
+        figure(
+            &mut out,
+            "ttft-ecdf",
+            &format!("{metric} ECDF per arm"),
+            Err("no samples".into()),
+        );
+    }
     for class in &samples.classes {
-        // Without streaming there is no first token: the primary metric is the end-to-end time.
-        let streamed = class.arms.iter().any(|a| !a.ttft_ms.is_empty());
-        let (metric, pick): (&str, fn(&super::report::ArmSamples) -> &Vec<f64>) = if streamed {
-            ("TTFT", |a| &a.ttft_ms)
-        } else {
-            ("End-to-end time", |a| &a.e2e_ms)
-        };
         let arms: Vec<(String, Vec<f64>)> = class
             .arms
             .iter()
@@ -406,7 +508,7 @@ pub fn render(report: &Report, samples: &Samples) -> String {
         figure(
             &mut out,
             "ttft-ecdf",
-            &caption,
+            &format!("{caption} (x axis to the 99.5th percentile)"),
             ecdf_plot(&caption, &format!("{metric} ms"), &arms),
         );
     }
@@ -414,13 +516,14 @@ pub fn render(report: &Report, samples: &Samples) -> String {
         .classes
         .iter()
         .filter_map(|class| {
-            let x = class.prompt_tokens.filter(|x| *x > 0.0)?;
+            let x = class.prompt_tokens.filter(|x| x.is_finite() && *x > 0.0)?;
             let per_arm = class
                 .arms
                 .iter()
                 .map(|a| {
-                    let median = percentile(&a.ttft_ms, 50.0)?;
-                    let (lo, hi) = median_interval(&a.ttft_ms, 0.05)?;
+                    let sample = finite(pick(a));
+                    let median = percentile(&sample, 50.0)?;
+                    let (lo, hi) = median_interval(&sample, MEDIAN_ALPHA)?;
                     Some((median, lo, hi))
                 })
                 .collect();
@@ -430,28 +533,30 @@ pub fn render(report: &Report, samples: &Samples) -> String {
     figure(
         &mut out,
         "ttft-vs-prompt",
-        "TTFT median with its 95 % distribution-free interval against prompt size, per arm",
-        median_plot(&report.arms, &rows),
+        &format!(
+            "{metric} median with its {:.0} % distribution-free interval against prompt size, per arm",
+            100.0 * (1.0 - MEDIAN_ALPHA)
+        ),
+        median_plot(metric, &report.arms, &rows),
     );
+
     out.push_str("<h2>Inter-token latency</h2>");
     let itl: Vec<(String, Vec<f64>)> = report
         .arms
         .iter()
-        .enumerate()
-        .map(|(i, arm)| {
+        .map(|arm| {
             let gaps = samples
                 .classes
                 .iter()
-                .flat_map(|c| c.arms.get(i))
+                .filter_map(|c| c.arms.iter().find(|a| a.arm == *arm))
                 .flat_map(|a| a.itl_ms.iter().copied());
             (arm.clone(), gaps.collect())
         })
         .collect();
-    let caption = "ITL ECDF per arm: every gap between content events, all classes (x axis to the 99.5th percentile)";
     figure(
         &mut out,
         "itl",
-        caption,
+        "ITL ECDF per arm: every gap between content events, all classes (x axis to the 99.5th percentile)",
         ecdf_plot("ITL ECDF per arm", "gap between tokens, ms", &itl),
     );
     page(
@@ -474,31 +579,49 @@ mod tests {
         let arms = vec!["nvlink".to_string(), "fs".to_string()];
         let per_arm =
             |a: f64, b: f64| BTreeMap::from([("nvlink".to_string(), a), ("fs".to_string(), b)]);
+        let counts = |a: u64, b: u64| BTreeMap::from([("nvlink".into(), a), ("fs".into(), b)]);
         Report {
             verdict: Verdict::Decided,
             reasons: vec![format!("ttft_ms {label}: nvlink faster by 30.0%")],
             arms,
-            classes: vec![],
+            classes: vec![Class {
+                label: label.into(),
+                prompt_tokens: Some(128),
+                measured_prompt_tokens: Some(131.5),
+                requests: 100,
+            }],
             assignment: Assignment {
-                planned: BTreeMap::from([("nvlink".into(), 10), ("fs".into(), 10)]),
-                answered: BTreeMap::from([("nvlink".into(), 10), ("fs".into(), 10)]),
+                planned: counts(50, 50),
+                answered: counts(50, 50),
                 misrouted: 0,
                 untagged: 0,
                 srm_p: Some(1.0),
                 srm_ok: true,
             },
-            errors: vec![],
+            errors: vec![ErrorRates {
+                class: label.into(),
+                arms: BTreeMap::from([(
+                    "fs".into(),
+                    ErrorCount {
+                        requests: 50,
+                        errors: 1,
+                        rate: 0.02,
+                    },
+                )]),
+                p: Some(0.3),
+                codes: BTreeMap::from([("fs".into(), BTreeMap::from([("status 503".into(), 1)]))]),
+            }],
             comparisons: vec![Comparison {
                 metric: Metric::Ttft,
                 class: label.into(),
                 primary: true,
-                n: BTreeMap::from([("nvlink".into(), 10), ("fs".into(), 10)]),
+                n: counts(50, 49),
                 p50: per_arm(100.0, 130.0),
                 p90: per_arm(110.0, 140.0),
                 p99: per_arm(120.0, 150.0),
                 shift_ms: Some(30.0),
                 ci_ms: Some([28.0, 32.0]),
-                ci_level_alpha: 0.05,
+                ci_level_alpha: 0.025,
                 relative: Some(0.3),
                 relative_ci: Some([0.28, 0.32]),
                 p: Some(1e-6),
@@ -515,7 +638,7 @@ mod tests {
                 looks_made: 1,
                 look_alpha: 0.05,
                 srm_threshold: 0.001,
-                description: "m",
+                description: "the method",
             },
             run: Run {
                 endpoint: "/v1/chat/completions".into(),
@@ -525,9 +648,9 @@ mod tests {
                 rate: None,
                 seed: 1,
                 warmup: 0,
-                sent: 20,
+                sent: 100,
                 duration_s: 1.0,
-                achieved_rate: 20.0,
+                achieved_rate: 100.0,
                 stopped_by: "requests",
             },
         }
@@ -556,44 +679,160 @@ mod tests {
         }
     }
 
+    /// The figures of one kind: (whole `<figure>`, its SVG if drawn).
+    fn figures<'a>(html: &'a str, plot: &str) -> Vec<&'a str> {
+        let open = format!("<figure class=\"plot\" data-plot=\"{plot}\">");
+        html.match_indices(&open)
+            .map(|(start, _)| {
+                let end = html[start..].find("</figure>").unwrap() + start;
+                &html[start..end]
+            })
+            .collect()
+    }
+
     #[test]
     fn the_report_has_its_three_plots_and_fetches_nothing() {
         let html = render(&report("128"), &samples("128"));
-        for plot in ["ttft-ecdf", "ttft-vs-prompt", "itl"] {
-            assert!(html.contains(&format!("data-plot=\"{plot}\"")), "{plot}");
+        assert!(html.starts_with("<!doctype html>") && html.ends_with("</html>\n"));
+        for (plot, count) in [("ttft-ecdf", 2), ("ttft-vs-prompt", 1), ("itl", 1)] {
+            let found = figures(&html, plot);
+            assert_eq!(found.len(), count, "{plot}");
+            for figure in found {
+                // A drawing with lines, its title first, and a caption.
+                let svg = &figure[figure.find("<svg").unwrap()..];
+                let title = svg.find('>').unwrap() + 1;
+                assert!(
+                    svg[title..].starts_with("<title>"),
+                    "{plot}: {}",
+                    &svg[..200]
+                );
+                assert!(svg.contains("<polyline") || svg.contains("<path"), "{plot}");
+                assert!(svg.contains("</svg><figcaption>"), "{plot}");
+            }
         }
-        assert_eq!(html.matches("data-plot=\"ttft-ecdf\"").count(), 2);
-        assert!(html.matches("<svg").count() >= 4);
-        assert!(
-            html.contains("<polyline") || html.contains("<path"),
-            "no lines drawn"
-        );
-        assert!(html.contains("nvlink faster"));
-        // Nothing to fetch: no script, stylesheet, image or link to another document. (SVG's xmlns
-        // URI is a name, not a fetch.)
-        let without_xmlns = html.replace("xmlns=\"http://www.w3.org/2000/svg\"", "");
-        for fetch in ["http://", "https://", "<script", "<link", "<img", "url("] {
-            assert!(!without_xmlns.contains(fetch), "{fetch}");
+        assert_eq!(html.matches("<svg").count(), 4);
+        assert!(html.contains("<td class=\"l\">nvlink faster</td>"));
+        assert!(html.contains("<tr class=\"primary\"><td class=\"l\">ttft_ms (primary)</td>"));
+        assert!(html.contains("shift ms (fs − nvlink)"));
+        assert!(html.contains("[28.00, 32.00] <small>97.50 %</small>"));
+        assert!(html.contains("+30.0 % <small>[+28.0, +32.0]</small>"));
+        assert!(html.contains("fs: status 503 ×1") && html.contains("1/50 (2.0 %)"));
+        assert!(html.contains("<td>128</td><td>131.5</td><td>100</td>"));
+        assert!(html.contains("<p class=\"ok\">planned fs 50, nvlink 50;"));
+        assert!(html.contains("method: the method"));
+        // Nothing to fetch: no script, stylesheet, image, frame or link to another document. The only
+        // URI is the SVG namespace of each drawing, which is a name, not a fetch.
+        let xmlns = "xmlns=\"http://www.w3.org/2000/svg\"";
+        assert_eq!(html.matches(xmlns).count(), 4);
+        let rest = html.replace(xmlns, "");
+        let fetches = "http: https: // <script <link <img <image <iframe <object <embed href src= url( @import";
+        for fetch in fetches.split(' ') {
+            assert!(!rest.contains(fetch), "{fetch}");
         }
     }
 
     #[test]
-    fn names_from_users_are_escaped_and_empty_samples_say_so() {
-        let html = render(&report("<b>&\""), &samples("<b>&\""));
-        assert!(!html.contains("<b>&\""));
-        assert!(html.contains("&lt;b&gt;&amp;&quot;"));
+    fn names_from_users_are_escaped() {
+        let label = "<b>&\"'";
+        let mut report = report(label);
+        report.arms = vec!["<i>a".into(), "b&".into()];
+        let mut samples = samples(label);
+        for class in &mut samples.classes {
+            class.arms[0].arm = "<i>a".into();
+            class.arms[1].arm = "b&".into();
+        }
+        let html = render(&report, &samples);
+        assert!(!html.contains("<b>") && !html.contains("<i>"));
+        assert!(html.contains("&lt;b&gt;&amp;&quot;&#39;"));
+        // In the SVG too: the ECDF's title and the legends.
+        assert!(html.contains("class &lt;b&gt;&amp;"));
+        assert!(html.contains("&lt;i&gt;a (n=50)") && html.contains("b&amp; (n=50)"));
+    }
+
+    #[test]
+    fn a_mismatch_is_a_warning() {
+        let mut report = report("128");
+        report.verdict = Verdict::Invalid;
+        report.assignment.srm_ok = false;
+        report.assignment.srm_p = Some(1e-9);
+        let html = render(&report, &samples("128"));
+        assert!(html.contains("<p class=\"verdict invalid\">"));
+        assert!(html.contains("<p class=\"warn\">planned") && html.contains("MISMATCH"));
+    }
+
+    #[test]
+    fn empty_samples_say_so() {
         let empty = render(&report("x"), &Samples::default());
+        for plot in ["ttft-ecdf", "ttft-vs-prompt", "itl"] {
+            let found = figures(&empty, plot);
+            assert_eq!(found.len(), 1, "{plot}");
+            assert!(found[0].contains("<p class=\"empty\">"), "{plot}");
+        }
         assert!(empty.contains("no samples") && empty.contains("no class with a prompt size"));
-        let no_ttft = Samples {
+        assert!(!empty.contains("<svg"));
+
+        // An arm with nothing (all misrouted), values that are not numbers, one class without a size.
+        let odd = Samples {
+            classes: vec![
+                ClassSamples {
+                    label: "a".into(),
+                    prompt_tokens: Some(1.0),
+                    arms: vec![
+                        ArmSamples {
+                            arm: "nvlink".into(),
+                            ..ArmSamples::default()
+                        },
+                        ArmSamples {
+                            arm: "fs".into(),
+                            ttft_ms: vec![f64::NAN, 5.0, f64::INFINITY, 5.0],
+                            itl_ms: vec![f64::NAN],
+                            e2e_ms: vec![],
+                        },
+                    ],
+                },
+                ClassSamples {
+                    label: "file".into(),
+                    prompt_tokens: None,
+                    arms: vec![],
+                },
+            ],
+        };
+        let html = render(&report("x"), &odd);
+        assert_eq!(figures(&html, "ttft-ecdf").len(), 2);
+        assert!(figures(&html, "ttft-ecdf")[0].contains("<svg"));
+        assert!(figures(&html, "ttft-ecdf")[1].contains("no samples"));
+        assert!(figures(&html, "ttft-vs-prompt")[0].contains("too few for a median interval"));
+        assert!(figures(&html, "itl")[0].contains("no samples"));
+
+        let not_streamed = Samples {
             classes: vec![ClassSamples {
                 label: "a".into(),
-                prompt_tokens: Some(1.0),
+                prompt_tokens: Some(64.0),
                 arms: vec![ArmSamples {
                     arm: "nvlink".into(),
+                    e2e_ms: (0..20).map(f64::from).collect(),
                     ..ArmSamples::default()
                 }],
             }],
         };
-        assert!(render(&report("x"), &no_ttft).contains("no samples"));
+        let mut report = report("a");
+        report.run.stream = false;
+        let html = render(&report, &not_streamed);
+        assert!(html.contains("End-to-end time ECDF per arm, class a"));
+        assert!(figures(&html, "ttft-vs-prompt")[0].contains("<svg"));
+    }
+
+    #[test]
+    fn the_ecdf_is_a_staircase_from_zero_to_one() {
+        assert_eq!(
+            ecdf(&[2.0, 1.0, 2.0, f64::NAN]),
+            vec![(1.0, 0.0), (1.0, 1.0 / 3.0), (2.0, 1.0 / 3.0), (2.0, 1.0)]
+        );
+        assert!(ecdf(&[]).is_empty());
+        let many: Vec<f64> = (0..10_000).map(f64::from).collect();
+        let corners = ecdf(&many);
+        assert!(corners.len() <= 2 * MAX_ECDF_STEPS + 2);
+        assert_eq!(corners.first(), Some(&(0.0, 0.0)));
+        assert_eq!(corners.last(), Some(&(9999.0, 1.0)));
     }
 }
