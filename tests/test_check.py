@@ -3,13 +3,15 @@ OpenAI-compatible arms): the healthy stack passes, each of the runbook's failure
 fail with the matching diagnosis, and a stack whose counters see no traffic is inconclusive."""
 
 import json
+import subprocess
 
 import pytest
+import yaml
 
 from fakekube import FakeKube, make_pod
 from kvablocal.net import request
-from kvablocal.sidecar import kubernetes_config
-from kvablocal.stack import Stack
+from kvablocal.sidecar import REPO, kubernetes_config, kvab_binary
+from kvablocal.stack import EPP_CONFIG_FILE, Stack
 
 NS = "llm-d-vllm"
 
@@ -62,6 +64,41 @@ def test_a_proxy_whose_metrics_answer_404_fails_with_signal_2(stack):
     assert "local/vllm-fs-proxy (fs) 404" in metrics["measured"]
     assert "failure signal 2" in metrics["diagnosis"]
     assert failed(checks) == {"prerequisites/proxy-metrics"}
+
+
+def test_requests_dropped_by_flow_control_fail_step4_with_the_reason(stack):
+    s = stack(drop={"fs": (429, "rejected-saturated")})
+    code, checks, report = run_check(s)
+    assert code == 1, json.dumps(report, indent=1)
+    status = checks["step4/status"]
+    assert status["result"] == "fail"
+    dropped = report["ab"]["burst_status"].get("429", 0)
+    assert dropped > 0 and f"dropped by flow control: rejected-saturated×{dropped}" in status["measured"], status
+    assert "flow control dropped requests (x-llm-d-request-dropped-reason)" in status["diagnosis"], status
+    assert "rejected-saturated: 429, the saturation detector" in status["diagnosis"]
+    assert "failure signal 1" not in status["diagnosis"]
+
+
+def test_both_epp_config_generations_pass_step2_and_the_old_one_is_noted(stack, tmp_path):
+    """The runbook's configuration (GAIE's apiVersion, by-label-selector) and the shipped one
+    (manifests/epp-config.yaml: llm-d-router's apiVersion, label-selector-filter) both pass Step 2."""
+    s = stack()
+    shipped = yaml.safe_load((REPO / "manifests" / "epp-config.yaml").read_text())
+    current = tmp_path / "epp-config.yaml"
+    current.write_text(shipped["data"]["epp-config.yaml"])
+    args = s.check_args()
+    notes = {}
+    for generation, path in (("runbook", EPP_CONFIG_FILE), ("shipped", current)):
+        args[args.index("--epp-config-file") + 1] = str(path)
+        done = subprocess.run([kvab_binary(), "check", *args, "--json", "--burst-requests", "0",
+                               "--header-requests", "0"], capture_output=True, text=True, timeout=60)
+        step2 = {c["name"]: c for c in json.loads(done.stdout)["checks"]}["step2/epp-config"]
+        assert step2["result"] == "pass", (generation, step2)
+        notes[generation] = step2.get("diagnosis")
+    assert "by-label-selector on llm-d.ai/kv-backend" not in str(notes["shipped"])
+    assert notes["shipped"] is None, notes
+    assert "apiVersion inference.networking.x-k8s.io/v1alpha1 is deprecated" in notes["runbook"], notes
+    assert "by-label-selector is deprecated since llm-d-router v0.9.0" in notes["runbook"], notes
 
 
 def test_a_header_route_to_the_wrong_arm_fails_with_signal_4(stack):

@@ -38,6 +38,11 @@ HEALTHY_EPP_LINE = '{"level":"info","ts":"%s","logger":"scheduler","msg":"Reques
 EXHAUSTED_LINE = ('{"level":"error","ts":"2026-01-01T00:00:00Z","msg":"Failed to schedule request","error":'
                   '"inference gateway: InferencePoolResourceExhausted - failed to find target pod: failed to run '
                   'scheduler profile default"}')
+# The same failure as GAIE >= v1.5.0 (and llm-d-router, which embeds it) logs it: the code was renamed
+# ResourceExhausted and the error reads "inference error: CODE - message" (GAIE v1.5.0
+# pkg/common/error/error.go), with no "failed to run scheduler profile" in it.
+EXHAUSTED_LINE_V15 = ('{"level":"error","ts":"2026-01-01T00:00:00Z","msg":"Failed to schedule request","error":'
+                      '"inference error: ResourceExhausted - failed to find candidate endpoints"}')
 
 
 def pod(name, ns, labels, ports, containers=("main",), ready=True, annotations=None):
@@ -212,14 +217,17 @@ def test_the_rbac_manifest_grants_exactly_what_the_check_uses(cluster):
     assert all(b["roleRef"]["name"] == "kvab-check" for b in bindings)
 
 
-def test_an_exhausted_inference_pool_in_the_epp_log_fails_epp_health(cluster):
+@pytest.mark.parametrize("line,name", [(EXHAUSTED_LINE, "InferencePoolResourceExhausted"),
+                                       (EXHAUSTED_LINE_V15, "inference error: ResourceExhausted")],
+                         ids=["gaie-v1.4", "gaie-v1.5"])
+def test_an_exhausted_inference_pool_in_the_epp_log_fails_epp_health(cluster, line, name):
     kube, stack, kubeconfig = cluster
     kube.reset_log()
     proc = start_check(kubeconfig, "--burst-requests", "6", "--header-requests", "1")
     try:
         # Logged while the check runs (after it opened its first port-forward).
         kube.wait_for_request("/portforward", timeout=30)
-        kube.append_log(EPP_NS, EPP_POD, [EXHAUSTED_LINE], container="epp")
+        kube.append_log(EPP_NS, EPP_POD, [line], container="epp")
     finally:
         code, checks, report, err = finish(proc)
         # The check reads whole seconds back from its start: keep the line out of the next check.
@@ -228,7 +236,7 @@ def test_an_exhausted_inference_pool_in_the_epp_log_fails_epp_health(cluster):
     health = checks["epp/health"]
     assert health["result"] == "fail"
     assert health["measured"].startswith(f"1 matching line(s), first from {EPP_POD}: "), health
-    assert "InferencePoolResourceExhausted" in health["measured"]
+    assert name in health["measured"], health
     assert "failure signal 1" in health["diagnosis"] and "label" in health["diagnosis"], health
     assert {n for n, r in results(checks).items() if r == "fail"} == {"epp/health"}
 

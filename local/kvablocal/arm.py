@@ -148,6 +148,12 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             self._json(400, {"error": {"message": "request body is not a JSON object", "type": "BadRequestError", "code": 400}})
             return
+        if self.server.drop:
+            status, reason = self.server.drop
+            code = "ResourceExhausted" if status == 429 else "ServiceUnavailable"
+            self._send(status, f"inference error: {code} - dropped by flow control".encode(), "text/plain",
+                       extra=[("x-llm-d-request-dropped-reason", reason)])
+            return
         chat = self.path == "/v1/chat/completions"
         tokens = max(1, min(int(body.get("max_tokens") or 16), MAX_ANSWER_TOKENS))
         prompt = prompt_tokens(body)
@@ -238,9 +244,13 @@ class ArmServer(ThreadingHTTPServer):
 
     def __init__(self, name: str, port: int = 0, prefill: str = None, decode: str = None, delay: float = 0.0,
                  jitter: float = 0.0, metrics_status: int = 200, model: str = MODEL, bandwidth: float = None,
-                 pd_model: dict = None):
+                 pd_model: dict = None, drop: tuple = None):
         super().__init__(("127.0.0.1", port), _Handler)
         self.arm_name = name
+        # (status, reason): every completion is answered as llm-d-router's EPP answers a request its flow
+        # control dropped (status, x-llm-d-request-dropped-reason, "inference error: CODE - message" body;
+        # v0.10.0 pkg/common/error/error.go), standing in for the EPP, which does not run locally.
+        self.drop = drop
         default_prefill, default_decode = DEFAULT_PATHS.get(name, (f"vllm-prefill-{name}", f"vllm-decode-{name}"))
         self.prefill = prefill or default_prefill
         self.decode = decode or default_decode

@@ -49,22 +49,25 @@ class Stack:
     ({header arm: the arm its route goes to}, e.g. {"nvlink": "fs"}), `filter_config` (the filter's
     configuration, e.g. a split; the sidecar link is added unless `link_sidecar` is False), `link_sidecar`
     (False: the filter runs without the sidecar, so no counters move), `sidecar_config`/`sidecar_env`
-    (e.g. a Kubernetes-sourced sidecar instead of the static one).
+    (e.g. a Kubernetes-sourced sidecar instead of the static one), `drop` ({arm: (status, reason)}: that
+    arm answers every completion as the EPP answers a request its flow control dropped).
     """
 
     def __init__(self, ports=None, nvlink_delay=0.010, fs_delay=0.050, jitter=0.003, metrics_status=None,
                  swap_routes=False, routes=None, link_sidecar=True, sidecar_config=None, sidecar_env=None, workdir=None,
-                 nvlink_bandwidth=None, fs_bandwidth=None, pd_model=None, filter_config=None):
+                 nvlink_bandwidth=None, fs_bandwidth=None, pd_model=None, filter_config=None, drop=None):
         ports = ports or {}
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kvab-stack-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         metrics_status = metrics_status or {}
+        drop = drop or {}
         self.arms = {
             "nvlink": ArmServer("nvlink", ports.get("nvlink", 0), delay=nvlink_delay, jitter=jitter,
                                 metrics_status=metrics_status.get("nvlink", 200), bandwidth=nvlink_bandwidth,
-                                pd_model=pd_model),
+                                pd_model=pd_model, drop=drop.get("nvlink")),
             "fs": ArmServer("fs", ports.get("fs", 0), delay=fs_delay, jitter=jitter,
-                            metrics_status=metrics_status.get("fs", 200), bandwidth=fs_bandwidth, pd_model=pd_model),
+                            metrics_status=metrics_status.get("fs", 200), bandwidth=fs_bandwidth, pd_model=pd_model,
+                            drop=drop.get("fs")),
         }
         endpoints = [(arm, f"127.0.0.1:{server.port}", PODS[arm]) for arm, server in self.arms.items()]
         self.sidecar = Sidecar(

@@ -172,7 +172,23 @@ pub fn judge_status(shots: &[Shot], planned: u32, min_success_ratio: f64) -> Che
         }
         Ok(_) => None,
     });
-    let cause = if counts.contains_key("429") || counts.contains_key("503") {
+    let dropped = dropped_reasons(shots);
+    if !dropped.is_empty() {
+        measured.push_str(&format!(
+            "; dropped by flow control: {}",
+            render_histogram(&dropped)
+        ));
+    }
+    let cause = if !dropped.is_empty() {
+        let reasons: Vec<String> = dropped
+            .keys()
+            .map(|reason| format!("{reason}: {}", dropped_reason_diagnosis(reason)))
+            .collect();
+        format!(
+            "the llm-d router's flow control dropped requests ({DROPPED_REASON_HEADER}): {}",
+            reasons.join("; ")
+        )
+    } else if counts.contains_key("429") || counts.contains_key("503") {
         format!(
             "429/503 from the scheduler: it found no proxy to pick; {}",
             signals::RESOURCE_EXHAUSTED
@@ -186,6 +202,56 @@ pub fn judge_status(shots: &[Shot], planned: u32, min_success_ratio: f64) -> Che
             None => cause,
         },
     )
+}
+
+/// The header llm-d-router's EPP sets on the 429/503 answers of requests its flow control rejected before
+/// dispatch or evicted after it (v0.10.0 pkg/common/error/error.go: RequestDroppedReasonHeaderKey; set in
+/// pkg/epp/requestcontrol/admission.go and, for evictions, pkg/epp/handlers/server.go).
+pub const DROPPED_REASON_HEADER: &str = "x-llm-d-request-dropped-reason";
+
+/// Answers by dropped reason: 429 and 503 answers that carry `DROPPED_REASON_HEADER`.
+fn dropped_reasons(shots: &[Shot]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for exchange in shots.iter().flatten() {
+        if matches!(exchange.status, 429 | 503) {
+            if let Some(reason) = exchange.header(DROPPED_REASON_HEADER) {
+                *counts.entry(reason.to_string()).or_default() += 1;
+            }
+        }
+    }
+    counts
+}
+
+/// What a dropped reason means for the burst and what to change. The reasons and their status codes are
+/// llm-d-router v0.10.0's (pkg/common/error/error.go, pkg/epp/requestcontrol/admission.go).
+fn dropped_reason_diagnosis(reason: &str) -> &'static str {
+    match reason {
+        "rejected-saturated" => {
+            "429, the saturation detector found the pool full before dispatch: the burst is more than \
+             the proxies take at once; lower --concurrency or raise flowControl.saturationDetector's \
+             thresholds in the EPP configuration"
+        }
+        "rejected-no-endpoints" => {
+            "503, no endpoint passed the filters: no ready proxy, or the label selector filter keeps \
+             none (failure signal 3: check the proxies' labels and the filter's selector)"
+        }
+        "rejected-ttl-expired" => {
+            "429, queued longer than flowControl.defaultRequestTTL: the pool is saturated for longer \
+             than the TTL; lower --concurrency or raise the TTL"
+        }
+        "rejected-context-cancelled" => {
+            "503, the client gave up while the request was queued: kvab's request timeout is shorter \
+             than the queueing; raise --max-time or lower --concurrency"
+        }
+        "rejected-shutting-down" => {
+            "503, the EPP was shutting down (a rollout or restart): run the check again once it is ready"
+        }
+        "evicted" | "evicted-queue-pressure" | "evicted-priority" => {
+            "429, dispatched and then evicted by flow control to make room (queue pressure or a higher \
+             priority): the pool is overloaded at this concurrency"
+        }
+        _ => "a reason this version of kvab does not know: see the EPP's flow control documentation",
+    }
 }
 
 /// "Not pinned": every proxy of the pool got traffic, judged against the expected split.
@@ -499,6 +565,57 @@ mod tests {
             BTreeMap::from([("127.0.0.1:18101".to_string(), 1.0)])
         );
         assert!(source.starts_with("response endpoint tags"));
+    }
+
+    fn dropped(status: u16, reason: &str) -> Shot {
+        let mut shot = answered(status, "127.0.0.1:1");
+        if let Ok(exchange) = &mut shot {
+            exchange
+                .headers
+                .insert(DROPPED_REASON_HEADER, reason.parse().unwrap());
+        }
+        shot
+    }
+
+    #[test]
+    fn dropped_requests_are_counted_by_reason_with_the_flow_control_diagnosis() {
+        let mut shots: Vec<Shot> = (0..10).map(|_| answered(200, "127.0.0.1:1")).collect();
+        shots.extend((0..6).map(|_| dropped(429, "rejected-saturated")));
+        shots.extend((0..3).map(|_| dropped(503, "rejected-no-endpoints")));
+        // Only 429/503 answers are counted as dropped, whatever header another status carries.
+        shots.push(dropped(500, "rejected-saturated"));
+        let check = judge_status(&shots, 20, 0.95);
+        assert_eq!(check.result, Outcome::Fail);
+        assert!(
+            check
+                .measured
+                .contains("dropped by flow control: rejected-no-endpoints×3 rejected-saturated×6"),
+            "{check:?}"
+        );
+        let diagnosis = check.diagnosis.unwrap();
+        assert!(
+            diagnosis.contains("flow control dropped requests (x-llm-d-request-dropped-reason)"),
+            "{diagnosis}"
+        );
+        assert!(diagnosis.contains("rejected-saturated: 429, the saturation detector"));
+        assert!(diagnosis.contains("rejected-no-endpoints: 503, no endpoint passed the filters"));
+        assert!(
+            !diagnosis.contains("failure signal 1"),
+            "a flow-control drop is not the scheduler's ResourceExhausted: {diagnosis}"
+        );
+
+        // Without the header, 429/503 keep the runbook's failure signal 1.
+        let mut plain: Vec<Shot> = (0..10).map(|_| answered(200, "127.0.0.1:1")).collect();
+        plain.extend((0..10).map(|_| answered(429, "127.0.0.1:1")));
+        let check = judge_status(&plain, 20, 0.95);
+        assert!(!check.measured.contains("dropped"), "{check:?}");
+        assert!(check.diagnosis.unwrap().contains("failure signal 1"));
+
+        let unknown = judge_status(&[dropped(429, "rejected-new-reason")], 1, 0.95);
+        assert!(unknown
+            .diagnosis
+            .unwrap()
+            .contains("rejected-new-reason: a reason"));
     }
 
     fn pool() -> Vec<(String, String)> {

@@ -32,9 +32,15 @@ pub async fn check(
     }
 }
 
-/// What the runbook greps for (case-insensitively) in the EPP log.
-pub const FAILURE_PATTERNS: [&str; 2] = [
+/// What the EPP logs when no endpoint can take a request (case-insensitive), by EPP version:
+/// - GAIE up to v1.4 (llm-d-inference-scheduler up to v0.7): the code `InferencePoolResourceExhausted`
+///   (GAIE v1.4.0 pkg/epp/util/error/error.go), the runbook's grep;
+/// - GAIE v1.5.0 (the EPP of llm-d-inference-scheduler v0.8.0 and the llm-d router after it): the code was
+///   renamed `ResourceExhausted` (pkg/common/error/error.go), logged as `inference error: ResourceExhausted - <msg>`;
+/// - every version: `failed to run scheduler profile`.
+pub const FAILURE_PATTERNS: [&str; 3] = [
     "InferencePoolResourceExhausted",
+    "inference error: ResourceExhausted",
     "failed to run scheduler profile",
 ];
 
@@ -73,9 +79,10 @@ pub fn judge_epp_logs(logs: &[(String, String)]) -> Check {
             Outcome::Pass,
         );
     }
-    let exhausted = hits
-        .iter()
-        .any(|(_, l)| l.to_lowercase().contains(&patterns[0]));
+    let exhausted = hits.iter().any(|(_, l)| {
+        let lower = l.to_lowercase();
+        patterns[..2].iter().any(|p| lower.contains(p.as_str()))
+    });
     let (pod, first) = &hits[0];
     let sample: String = first.chars().take(160).collect();
     Check::new(
@@ -117,6 +124,24 @@ mod tests {
         let check = judge_epp_logs(&exhausted);
         assert_eq!(check.result, Outcome::Fail);
         assert!(check.diagnosis.unwrap().contains("failure signal 1"));
+
+        // GAIE v1.5.0's name, in its log format.
+        let renamed = vec![(
+            "epp-3".to_string(),
+            "{\"level\":\"error\",\"msg\":\"Error handling request\",\"error\":\"inference error: ResourceExhausted - failed to find candidate endpoints\"}".to_string(),
+        )];
+        let check = judge_epp_logs(&renamed);
+        assert_eq!(check.result, Outcome::Fail);
+        assert_eq!(
+            check.diagnosis.as_deref(),
+            Some(signals::RESOURCE_EXHAUSTED)
+        );
+        // A gRPC status code of the same name elsewhere is not the scheduler's failure.
+        let grpc = vec![(
+            "epp-4".to_string(),
+            "rpc error: code = ResourceExhausted desc = body too large".to_string(),
+        )];
+        assert_eq!(judge_epp_logs(&grpc).result, Outcome::Pass);
 
         let profile = vec![(
             "epp-2".into(),

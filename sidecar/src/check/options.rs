@@ -273,7 +273,7 @@ pub struct CheckArgs {
         help_heading = "Verdict"
     )]
     epp_config_file: Option<PathBuf>,
-    /// Step 2 fails without a by-label-selector plugin.
+    /// Step 2 fails without a label selector filter plugin (label-selector-filter, or by-label-selector).
     #[arg(long, env = "KVAB_CHECK_REQUIRE_LABEL_SELECTOR", value_parser = BoolishValueParser::new(),
           help_heading = "Verdict")]
     require_label_selector: bool,

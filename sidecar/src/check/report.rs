@@ -73,14 +73,14 @@ impl Check {
 /// The runbook's "Common Failure Signals", quoted in diagnoses.
 pub mod signals {
     pub const RESOURCE_EXHAUSTED: &str =
-        "failure signal 1 (InferencePoolResourceExhausted): usually a proxy label \
-        mismatch or a proxy metrics endpoint that is unavailable";
+        "failure signal 1 (InferencePoolResourceExhausted; ResourceExhausted since GAIE v1.5.0): usually a proxy \
+        label mismatch or a proxy metrics endpoint that is unavailable";
     pub const METRICS_404: &str =
         "failure signal 2 (proxy /metrics returns 404): the active-request-scorer cannot \
         score endpoints; fix the proxy script / metrics pass-through";
     pub const NO_TRAFFIC: &str =
         "failure signal 3 (one proxy never gets traffic): check the labels on the proxy \
-        pods and the EPP by-label-selector criteria";
+        pods and the EPP's label selector filter (label-selector-filter, formerly by-label-selector)";
     pub const HEADER_MISMATCH: &str =
         "failure signal 4 (header A/B mismatch): verify httproute-ab.yaml and the \
         ReferenceGrant in llm-d-vllm";

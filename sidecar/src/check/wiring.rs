@@ -1,7 +1,10 @@
 //! Step 2, gateway + InferencePool wiring, judged on the objects themselves: the HTTPRoute must send traffic
 //! to the InferencePool, and the EPP configuration must load and use `active-request-scorer` and
-//! `max-score-picker` (and, when present or required, a `by-label-selector` on the backend label). The
-//! objects come from the Kubernetes API (cluster mode) or from files (local mode); YAML and JSON both parse.
+//! `max-score-picker` (and, when present or required, a label selector filter on the backend label). Both
+//! generations of the configuration pass: llm-d-router's (`llm-d.ai/v1alpha1`, `label-selector-filter`) and
+//! the older one GAIE's EPP and llm-d-inference-scheduler read (`inference.networking.x-k8s.io/v1alpha1`,
+//! `by-label-selector`), with a note naming what is deprecated and when it goes. The objects come from the
+//! Kubernetes API (cluster mode) or from files (local mode); YAML and JSON both parse.
 
 use serde_json::Value;
 
@@ -75,10 +78,22 @@ fn kind_of(backend_ref: &Value) -> &str {
 
 /// The plugins the runbook's EPP profile needs.
 const REQUIRED_PLUGINS: [&str; 2] = ["active-request-scorer", "max-score-picker"];
-const LABEL_SELECTOR_PLUGIN: &str = "by-label-selector";
+/// The label selector filter's type in llm-d-router (v0.10.0
+/// pkg/epp/framework/plugins/scheduling/filter/bylabel/selector.go: LabelSelectorFilterType).
+const LABEL_SELECTOR_PLUGIN: &str = "label-selector-filter";
+/// Its type before llm-d-router v0.9.0 (and in GAIE's EPP). llm-d-router v0.10.0 cmd/epp/runner/runner.go
+/// registers it deprecated in v0.9.0 with removal in v0.11.0; the removal was merged in llm-d/llm-d-router#2865.
+const DEPRECATED_LABEL_SELECTOR_PLUGIN: &str = "by-label-selector";
+/// The configuration's apiVersion in llm-d-router (v0.10.0 apix/config/v1alpha1: GroupName llm-d.ai).
+const CONFIG_API_VERSION: &str = "llm-d.ai/v1alpha1";
+/// The apiVersion of GAIE's EPP and llm-d-inference-scheduler <= v0.8; llm-d-router still reads it and logs
+/// "DEPRECATION: apiVersion inference.networking.x-k8s.io/v1alpha1/EndpointPickerConfig is deprecated"
+/// (v0.10.0 pkg/epp/config/loader/configloader.go: deprecatedSchemeGroupVersion).
+const DEPRECATED_CONFIG_API_VERSION: &str = "inference.networking.x-k8s.io/v1alpha1";
 
-/// The EPP configuration (`EndpointPickerConfig`) declares the runbook's plugins and a scheduling profile
-/// uses them; a `by-label-selector`, when present (or required), selects on `backend_label`.
+/// The EPP configuration (`EndpointPickerConfig`, either apiVersion) declares the runbook's plugins and a
+/// scheduling profile uses them; a label selector filter (either type name), when present (or required),
+/// selects on `backend_label`. A deprecated name passes with a note saying what replaces it.
 pub fn judge_epp_config(
     config: &Value,
     backend_label: &str,
@@ -93,6 +108,22 @@ pub fn judge_epp_config(
     if require_label_selector {
         expected.push_str(&format!(" + {LABEL_SELECTOR_PLUGIN} on {backend_label}"));
     }
+    let mut problems = Vec::new();
+    let mut deprecations = Vec::new();
+    match config.get("apiVersion").and_then(Value::as_str) {
+        // Without one it is left to the EPP's loader (local files are often fragments): only a wrong
+        // value is judged.
+        None | Some(CONFIG_API_VERSION) => {}
+        Some(DEPRECATED_CONFIG_API_VERSION) => deprecations.push(format!(
+            "apiVersion {DEPRECATED_CONFIG_API_VERSION} is deprecated in llm-d-router (since v0.9.0); \
+             use {CONFIG_API_VERSION}"
+        )),
+        Some(other) => problems.push(format!(
+            "apiVersion {other} is neither {CONFIG_API_VERSION} nor {DEPRECATED_CONFIG_API_VERSION}"
+        )),
+    }
+    let is_label_selector =
+        |kind: &str| kind == LABEL_SELECTOR_PLUGIN || kind == DEPRECATED_LABEL_SELECTOR_PLUGIN;
     // Plugin instances: (name used by pluginRef, type). The name defaults to the type.
     let plugins: Vec<(String, String, &Value)> = config
         .get("plugins")
@@ -149,7 +180,6 @@ pub fn judge_epp_config(
             .all(|required| refs.iter().any(|r| type_of(r) == Some(*required)))
     });
     let types: Vec<&str> = plugins.iter().map(|(_, t, _)| t.as_str()).collect();
-    let mut problems = Vec::new();
     for required in REQUIRED_PLUGINS {
         if !types.contains(&required) {
             problems.push(format!("no {required} plugin"));
@@ -158,23 +188,34 @@ pub fn judge_epp_config(
     if problems.is_empty() && qualifying.is_none() {
         problems.push("no scheduling profile references both".to_string());
     }
-    let selectors: Vec<&Value> = plugins
+    let selectors: Vec<(&str, &Value)> = plugins
         .iter()
-        .filter(|(_, t, _)| t == LABEL_SELECTOR_PLUGIN)
-        .map(|(_, _, p)| *p)
+        .filter(|(_, t, _)| is_label_selector(t))
+        .map(|(_, t, p)| (t.as_str(), *p))
         .collect();
-    let selector_text = if selectors.is_empty() {
-        if require_label_selector {
-            problems.push(format!("no {LABEL_SELECTOR_PLUGIN} plugin"));
-        }
-        "no label selector".to_string()
-    } else if selectors.iter().any(|p| selects_on(p, backend_label)) {
-        format!("{LABEL_SELECTOR_PLUGIN} on {backend_label}")
-    } else {
-        problems.push(format!(
-            "{LABEL_SELECTOR_PLUGIN} does not select on {backend_label}"
+    if selectors
+        .iter()
+        .any(|(t, _)| *t == DEPRECATED_LABEL_SELECTOR_PLUGIN)
+    {
+        deprecations.push(format!(
+            "plugin type {DEPRECATED_LABEL_SELECTOR_PLUGIN} is deprecated since llm-d-router v0.9.0, its \
+             removal is due in v0.11.0; use {LABEL_SELECTOR_PLUGIN} (same parameters)"
         ));
-        format!("{LABEL_SELECTOR_PLUGIN} on other labels")
+    }
+    let selector_text = match selectors.iter().find(|(_, p)| selects_on(p, backend_label)) {
+        Some((kind, _)) => format!("{kind} on {backend_label}"),
+        None if selectors.is_empty() => {
+            if require_label_selector {
+                problems.push(format!("no {LABEL_SELECTOR_PLUGIN} plugin"));
+            }
+            "no label selector".to_string()
+        }
+        None => {
+            problems.push(format!(
+                "{LABEL_SELECTOR_PLUGIN} does not select on {backend_label}"
+            ));
+            format!("{LABEL_SELECTOR_PLUGIN} on other labels")
+        }
     };
     let measured = format!(
         "{source}: plugins [{}]; {}; {selector_text}",
@@ -185,7 +226,12 @@ pub fn judge_epp_config(
         }
     );
     if problems.is_empty() {
-        Check::new(name, expected, measured, Outcome::Pass)
+        let check = Check::new(name, expected, measured, Outcome::Pass);
+        if deprecations.is_empty() {
+            check
+        } else {
+            check.diagnosis(format!("loads today, but {}", deprecations.join("; ")))
+        }
     } else {
         Check::new(name, expected, measured, Outcome::Fail).diagnosis(format!(
             "{}: the EPP cannot score proxies by active requests; apply schedulerinstall-proxy-performance.yaml \
@@ -387,6 +433,75 @@ schedulingProfiles:
         assert!(check
             .measured
             .contains("by-label-selector on llm-d.ai/kv-backend"));
+    }
+
+    #[test]
+    fn both_config_generations_pass_and_the_deprecated_names_are_noted() {
+        let current = EPP
+            .replace(
+                "inference.networking.x-k8s.io/v1alpha1",
+                "llm-d.ai/v1alpha1",
+            )
+            .replace("by-label-selector", "label-selector-filter");
+        let check = judge_epp_config(
+            &parse_document(&current).unwrap(),
+            "llm-d.ai/kv-backend",
+            true,
+            "f",
+        );
+        assert_eq!(check.result, Outcome::Pass, "{check:?}");
+        assert!(check
+            .measured
+            .contains("label-selector-filter on llm-d.ai/kv-backend"));
+        assert_eq!(check.diagnosis, None, "nothing deprecated: no note");
+
+        let old = judge_epp_config(
+            &parse_document(EPP).unwrap(),
+            "llm-d.ai/kv-backend",
+            true,
+            "f",
+        );
+        assert_eq!(old.result, Outcome::Pass, "{old:?}");
+        let note = old.diagnosis.unwrap();
+        assert!(
+            note.contains("apiVersion inference.networking.x-k8s.io/v1alpha1 is deprecated")
+                && note.contains("use llm-d.ai/v1alpha1"),
+            "{note}"
+        );
+        assert!(
+            note.contains("by-label-selector is deprecated since llm-d-router v0.9.0")
+                && note.contains("v0.11.0")
+                && note.contains("use label-selector-filter"),
+            "{note}"
+        );
+
+        // One old name alone is noted alone.
+        let mixed = current.replace("label-selector-filter", "by-label-selector");
+        let note = judge_epp_config(
+            &parse_document(&mixed).unwrap(),
+            "llm-d.ai/kv-backend",
+            true,
+            "f",
+        )
+        .diagnosis
+        .unwrap();
+        assert!(
+            note.contains("by-label-selector") && !note.contains("apiVersion"),
+            "{note}"
+        );
+
+        let unknown = current.replace("llm-d.ai/v1alpha1", "llm-d.ai/v9");
+        let check = judge_epp_config(
+            &parse_document(&unknown).unwrap(),
+            "llm-d.ai/kv-backend",
+            true,
+            "f",
+        );
+        assert_eq!(check.result, Outcome::Fail);
+        assert!(check
+            .diagnosis
+            .unwrap()
+            .contains("apiVersion llm-d.ai/v9 is neither"));
     }
 
     #[test]
