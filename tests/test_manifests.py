@@ -10,8 +10,9 @@
   and the WasmPlugin's sha256 is the built module's;
 - report authentication: only the gateway's identity may POST reports (AuthorizationPolicy evaluated on sample
   requests), plaintext GETs stay open, and deploy/report-token wires one token to kvab serve and the filter;
-- the pool's EPP: InferencePool, EPP Service, Deployment flags, ConfigMap, DestinationRule and RBAC agree, and every
-  Role is read-only on the few resources its workload reads.
+- the pool's EPP: InferencePool, EPP Service, Deployment flags, ConfigMap, DestinationRule and RBAC agree; the image,
+  config apiVersion, plugin types and every flag are llm-d-router v0.10.0's (each flag with its source line); the
+  pool fails closed; every Role is read-only on the few resources its workload reads.
 """
 
 import hashlib
@@ -55,6 +56,28 @@ PROXIES = {
     "fs": {"service": "vllm-fs-proxy", "labels": {"role": "proxy", ARM_LABEL: "fs"}},
 }
 PROXY_PORT = 8080
+# The pool's EPP is llm-d-router v0.10.0's endpoint picker: registry and name in that tag's Makefile:21, 25, 28, tag =
+# release tag (.github/workflows/ci-release.yaml:29, 33-39; hack/push-chart.sh:40-46 pins it in the released charts).
+EPP_IMAGE = "ghcr.io/llm-d/llm-d-router-endpoint-picker:v0.10.0"
+# Its configuration group (apix/config/v1alpha1/zz_generated.register.go:15); the x-k8s.io one is deprecated
+# (pkg/epp/config/loader/configloader.go:53, 91-94).
+EPP_CONFIG_API_VERSION = "llm-d.ai/v1alpha1"
+# The label filter's name (pkg/epp/framework/plugins/scheduling/filter/bylabel/selector.go:19); by-label-selector is
+# deprecated (cmd/epp/runner/runner.go:574) and removed on main (llm-d/llm-d-router#2865).
+LABEL_FILTER = "label-selector-filter"
+# Every EPP flag manifests/ may pass, with where v0.10.0 defines it (pkg/epp/server/options.go unless named).
+EPP_FLAGS = {
+    "pool-name": "pkg/epp/server/options.go:177",
+    "pool-namespace": "pkg/epp/server/options.go:175",
+    "config-file": "pkg/epp/server/options.go:237",
+    "grpc-port": "pkg/epp/server/options.go:164",
+    "grpc-health-port": "pkg/epp/server/options.go:214",
+    "metrics-port": "pkg/epp/server/options.go:213",
+    "metrics-endpoint-auth": "pkg/epp/server/options.go:231",
+    "tracing": "pkg/epp/server/options.go:211",
+    "zap-encoder": "pkg/common/observability/logging/options.go:61 (controller-runtime zap.Options.BindFlags)",
+    "allow-experimental-plugins": "pkg/epp/server/options.go:239 (the header-profile alternative's patch)",
+}
 # Labels the filter encodes in its stat names (docs/filter.md, "Metrics" and "Linking the filter to the sidecar").
 FILTER_STAT_TAGS = {"backend", "source", "code_class", "reason", "requested", "served", "result"}
 
@@ -611,10 +634,11 @@ def check_epp_references(config) -> dict:
 def test_epp_config_is_the_runbooks_profile_and_its_label_filter_keeps_both_arms():
     config = epp_config()
     plugins = check_epp_references(config)
+    assert config["apiVersion"] == EPP_CONFIG_API_VERSION
     ((profile),) = config["schedulingProfiles"]
     types = [plugins[r["pluginRef"]]["type"] for r in profile["plugins"]]
     assert "active-request-scorer" in types and types[-1] == "max-score-picker"
-    (label_filter,) = [plugins[r["pluginRef"]] for r in profile["plugins"] if plugins[r["pluginRef"]]["type"] == "by-label-selector"]
+    (label_filter,) = [plugins[r["pluginRef"]] for r in profile["plugins"] if plugins[r["pluginRef"]]["type"] == LABEL_FILTER]
     for proxy in PROXIES.values():
         assert selects(label_filter["parameters"], proxy["labels"])
     assert not selects(label_filter["parameters"], {"role": "proxy"}), "an unlabeled proxy must not be picked"
@@ -623,19 +647,20 @@ def test_epp_config_is_the_runbooks_profile_and_its_label_filter_keeps_both_arms
 def test_header_profile_alternative_has_one_profile_per_arm():
     config = epp_config(ALTERNATIVES)
     plugins = check_epp_references(config)
+    assert config["apiVersion"] == EPP_CONFIG_API_VERSION
     (handler,) = [p for p in config["plugins"] if p["type"] == "header-profile-handler"]
     assert handler["parameters"]["headerName"] == plugin()["spec"]["pluginConfig"]["header"]
     profiles = {p["name"]: p for p in config["schedulingProfiles"]}
     assert handler["parameters"]["defaultProfile"] in profiles
     for arm, proxy in PROXIES.items():
         refs = [plugins[r["pluginRef"]] for r in profiles[arm]["plugins"]]
-        (label_filter,) = [p for p in refs if p["type"] == "label-selector-filter"]
+        (label_filter,) = [p for p in refs if p["type"] == LABEL_FILTER]
         others = [p for a, p in PROXIES.items() if a != arm]
         assert selects(label_filter["parameters"], proxy["labels"])
         assert not any(selects(label_filter["parameters"], o["labels"]) for o in others)
         assert [p["type"] for p in refs][-1] == "max-score-picker" and "active-request-scorer" in [p["type"] for p in refs]
     default = [plugins[r["pluginRef"]] for r in profiles[handler["parameters"]["defaultProfile"]]["plugins"]]
-    (label_filter,) = [p for p in default if p["type"] == "label-selector-filter"]
+    (label_filter,) = [p for p in default if p["type"] == LABEL_FILTER]
     assert all(selects(label_filter["parameters"], p["labels"]) for p in PROXIES.values())
 
 
@@ -822,10 +847,9 @@ def test_pool_epp_service_and_config_agree():
     volume = {v["name"]: v for v in pod["spec"]["volumes"]}[mounts[config_dir]]
     cm = one("ConfigMap", volume["configMap"]["name"])
     assert cm["metadata"]["name"] == EPP_CONFIGMAP and cm["metadata"]["namespace"] == ns and key in cm["data"]
-    # The image decodes the config strictly in the group of its GAIE (v0.8.0 is built on GAIE v1.5.0, whose
-    # EndpointPickerConfig is inference.networking.x-k8s.io/v1alpha1); the llm-d.ai group needs llm-d-router.
-    assert container["image"] == "ghcr.io/llm-d/llm-d-inference-scheduler:v0.8.0"
-    assert yaml.safe_load(cm["data"][key])["apiVersion"] == "inference.networking.x-k8s.io/v1alpha1"
+    # The llm-d-router release the config's group and plugin names are checked against.
+    assert container["image"] == EPP_IMAGE
+    assert yaml.safe_load(cm["data"][key])["apiVersion"] == EPP_CONFIG_API_VERSION
     # Probes on the health port; hardened like kvab serve.
     assert container["livenessProbe"]["grpc"]["port"] == container["readinessProbe"]["grpc"]["port"] == int(args["grpc-health-port"])
     sc = container["securityContext"]
@@ -835,6 +859,8 @@ def test_pool_epp_service_and_config_agree():
     assert deploy["spec"]["replicas"] == 1 and "ha-enable-leader-election" not in args
     # Metrics without TokenReview/SubjectAccessReview: no ClusterRole needed.
     assert args["metrics-endpoint-auth"] == "false"
+    # No trace exporter runs here, and tracing defaults to on.
+    assert args["tracing"] == "false"
     # Out of the mesh; the gateway reaches it with TLS on the EPP's own certificate.
     assert pod["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
     rule = one("DestinationRule", EPP)
@@ -854,7 +880,7 @@ def test_route_grant_pool_and_epp_config_agree_on_names_and_labels():
     assert {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": POOL} in grant["spec"]["to"]
     # The pool selects both arms' proxies; the EPP's label filter keeps both; neither selects the kvab or EPP pods.
     config = epp_config()
-    (label_filter,) = [p for p in config["plugins"] if p["type"] == "by-label-selector"]
+    (label_filter,) = [p for p in config["plugins"] if p["type"] == LABEL_FILTER]
     others = [kvab_pod_labels(), one("Deployment", EPP)["spec"]["template"]["metadata"]["labels"]]
     for proxy in PROXIES.values():
         assert selects(pool["spec"]["selector"], proxy["labels"]) and selects(label_filter["parameters"], proxy["labels"])
@@ -868,11 +894,50 @@ def test_route_grant_pool_and_epp_config_agree_on_names_and_labels():
     assert (alt["metadata"]["name"], alt["metadata"]["namespace"]) == (EPP_CONFIGMAP, pool["metadata"]["namespace"])
 
 
+def test_every_epp_flag_is_defined_in_the_shipped_release():
+    unknown = set(epp_args()) - set(EPP_FLAGS)
+    assert not unknown, f"flags not checked against llm-d-router v0.10.0: {sorted(unknown)}"
+    # The flag the header-profile alternative tells you to add, too.
+    text = (MANIFESTS / "alternatives" / "epp-config-header-profiles.yaml").read_text()
+    added = set(re.findall(r'"value":"--([a-z-]+)"', text))
+    assert added == {"allow-experimental-plugins"} and added <= set(EPP_FLAGS)
+
+
+def test_no_shipped_epp_config_uses_a_deprecated_name():
+    for docs in (APPLIED, ALTERNATIVES):
+        config = epp_config(docs)
+        assert config["apiVersion"] == EPP_CONFIG_API_VERSION
+        types = {p["type"] for p in config["plugins"]}
+        assert not types & {"by-label-selector", "by-label"}, types
+        assert LABEL_FILTER in types
+
+
+def test_pool_fails_closed_so_an_epp_outage_never_bypasses_the_label_filter(crds):
+    pool = one("InferencePool", POOL)
+    ref = pool["spec"]["endpointPickerRef"]
+    # Set explicitly, not left to the CRD default, and a value the vendored CRD accepts.
+    assert ref["failureMode"] == "FailClose"
+    version = crd_for(crds, pool)
+    fail_open = json.loads(json.dumps(pool))
+    fail_open["spec"]["endpointPickerRef"]["failureMode"] = "FailOpen"
+    assert kubeschema.schema_errors(fail_open, version) == []
+    typo = json.loads(json.dumps(pool))
+    typo["spec"]["endpointPickerRef"]["failureMode"] = "FailClosed"
+    assert kubeschema.schema_errors(typo, version)
+    # Why it matters: the pool also selects a proxy without an arm label, which only the EPP's filter keeps out.
+    unlabeled = {"role": "proxy"}
+    (label_filter,) = [p for p in epp_config()["plugins"] if p["type"] == LABEL_FILTER]
+    assert selects(pool["spec"]["selector"], unlabeled) and not selects(label_filter["parameters"], unlabeled)
+
+
 READ_VERBS = {"get", "list", "watch"}
-# Everything any Role here may read: kvab serve's pods, the EPP's pool, pods and the objectives GAIE watches.
+# Everything any Role here may read: kvab serve's pods; the EPP's pool, pods and the objectives llm-d-router watches,
+# in llm-d.ai or, when only those CRDs exist, the legacy group (pkg/epp/server/controller_config.go:36-41, 74-87).
 ALLOWED_READS = {
     ("", "pods"),
     ("inference.networking.k8s.io", "inferencepools"),
+    ("llm-d.ai", "inferenceobjectives"),
+    ("llm-d.ai", "inferencemodelrewrites"),
     ("inference.networking.x-k8s.io", "inferenceobjectives"),
     ("inference.networking.x-k8s.io", "inferencemodelrewrites"),
 }
@@ -892,6 +957,10 @@ def test_every_role_is_least_privilege():
                     assert "*" not in (group, resource) and "/" not in resource, f"{name}: {rule}"
                     assert (group, resource) in ALLOWED_READS, f"{name}: {group}/{resource}"
     assert roles["kvab-pod-reader"]["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    # The EPP's Role is exactly the chart's reads (llm-d-router v0.10.0 config/charts/llm-d-router-gateway/templates/
+    # rbac.yaml:8-17 and routerlib templates/_rbac.yaml:49-52), nothing more, nothing missing.
+    granted = {(g, r) for rule in roles[EPP]["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    assert granted == ALLOWED_READS
     # Each Role is bound to exactly the ServiceAccount its Deployment runs as, and to nothing else.
     for name, deploy_name in (("kvab-pod-reader", "kvab"), (EPP, EPP)):
         bindings = [d for _, d in APPLIED if d["kind"] == "RoleBinding" and d["roleRef"]["name"] == name]

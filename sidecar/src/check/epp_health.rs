@@ -36,8 +36,11 @@ pub async fn check(
 /// - GAIE up to v1.4 (llm-d-inference-scheduler up to v0.7): the code `InferencePoolResourceExhausted`
 ///   (GAIE v1.4.0 pkg/epp/util/error/error.go), the runbook's grep;
 /// - GAIE v1.5.0 (the EPP of llm-d-inference-scheduler v0.8.0 and the llm-d router after it): the code was
-///   renamed `ResourceExhausted` (pkg/common/error/error.go), logged as `inference error: ResourceExhausted - <msg>`;
-/// - every version: `failed to run scheduler profile`.
+///   renamed `ResourceExhausted` (pkg/common/error/error.go), logged as `inference error: ResourceExhausted - <msg>`
+///   (llm-d-router v0.10.0 pkg/epp/handlers/server.go logs it with "Failed to process request" at the
+///   default level);
+/// - every version: `failed to run scheduler profile`, which llm-d-router v0.10.0 logs only at verbose level
+///   (pkg/epp/scheduling/scheduler.go), so it shows only with a raised `-v`.
 pub const FAILURE_PATTERNS: [&str; 3] = [
     "InferencePoolResourceExhausted",
     "inference error: ResourceExhausted",
