@@ -10,10 +10,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import yaml
 
 from kvablocal.net import request, wait_until
 from kvablocal.prometheus import Prometheus, Target, gateway_target, sidecar_target
-from kvablocal.sidecar import kvab_binary
+from kvablocal.sidecar import REPO, kvab_binary
 from kvablocal.stack import Stack
 
 SPLIT = {"onMissing": "split", "split": {"weights": {"nvlink": 1, "fs": 1}}}
@@ -98,6 +99,31 @@ def test_wrong_weights_fail_the_sample_ratio_check(live):
     assert report["assignment"]["srm_ok"] is False and report["assignment"]["srm_p"] < 0.001
     assert report["verdict"] == "invalid" and code == 1
     assert "sample-ratio mismatch" in report["reasons"][0]
+
+
+def test_the_split_weights_can_come_from_the_filters_own_configuration(live, tmp_path):
+    _, prometheus, start, end = live
+    window = ("--start", f"{start:.3f}", "--end", f"{end:.3f}", "--min-requests", "100")
+    # The WasmPlugin the stack's filter was configured from, as `kubectl get wasmplugin -o yaml` gives it.
+    plugin = yaml.safe_load((REPO / "manifests" / "wasmplugin.yaml").read_text())
+    plugin["spec"]["pluginConfig"].update(SPLIT)
+    shipped = tmp_path / "wasmplugin.yaml"
+    shipped.write_text(yaml.safe_dump(plugin))
+    code, report = analyze(prometheus, *window, "--filter-config", str(shipped))
+    assert report["assignment"]["srm_ok"] is True and code == 0, report["assignment"]
+    # A TrafficExtension carries it under spec.wasm; misconfigured weights there fail the check.
+    extension = {"apiVersion": "extensions.istio.io/v1alpha1", "kind": "TrafficExtension",
+                 "spec": {"wasm": {"pluginConfig": {"onMissing": "split", "split": {"weights": {"nvlink": 9, "fs": 1}}}}}}
+    wrong = tmp_path / "trafficextension.json"
+    wrong.write_text(json.dumps(extension))
+    code, report = analyze(prometheus, *window, "--filter-config", str(wrong))
+    assert report["assignment"]["srm_ok"] is False and report["verdict"] == "invalid" and code == 1
+    # A filter that does not split has no weights to check: one line naming the flag, exit 3.
+    done = subprocess.run([kvab_binary(), "analyze", "--prometheus", prometheus.url, "--filter-config",
+                           str(REPO / "manifests" / "wasmplugin.yaml")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3 and done.stdout == "", done
+    first = done.stderr.splitlines()[0]
+    assert "--filter-config" in first and 'onMissing is "passthrough", not "split"' in first, done.stderr
 
 
 def test_a_window_without_traffic_is_inconclusive_never_a_pass(live):

@@ -117,7 +117,14 @@ const METHOD: &str = "increase() of the filter's histograms and counters over th
                       faster needs the interval to exclude 0 and a difference of at least min_effect; \
                       equivalent needs the interval inside ±min_effect";
 
-pub fn main(args: AnalyzeArgs) -> ExitCode {
+pub fn main(mut args: AnalyzeArgs) -> ExitCode {
+    let split_source = match args.filter_config.take() {
+        Some(options::FilterSplit(weights)) => {
+            args.split = weights;
+            "--filter-config's split.weights"
+        }
+        None => "--split",
+    };
     if args.arms.len() != 2 || args.arms[0] == args.arms[1] {
         eprintln!("error: --arms wants two different arms\n\nFor more information, try 'kvab analyze --help'.");
         return ExitCode::from(3);
@@ -132,7 +139,7 @@ pub fn main(args: AnalyzeArgs) -> ExitCode {
         return ExitCode::from(3);
     }
     if let Some((arm, _)) = args.split.iter().find(|(arm, _)| !args.arms.contains(arm)) {
-        eprintln!("error: --split names {arm:?}, which is not one of the arms (see --arms)");
+        eprintln!("error: {split_source} names {arm:?}, which is not one of the arms (see --arms)");
         return ExitCode::from(3);
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()

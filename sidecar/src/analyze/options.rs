@@ -35,6 +35,11 @@ pub struct AnalyzeArgs {
     /// The filter's split weights, for the sample-ratio check of split-assigned requests [no check].
     #[arg(long, value_name = "ARM=W,...", value_delimiter = ',', value_parser = arm_weight, env = "KVAB_ANALYZE_SPLIT")]
     pub split: Vec<(String, f64)>,
+    /// Read the split weights from the filter's configuration instead: a WasmPlugin or TrafficExtension
+    /// (YAML or JSON, e.g. `kubectl get wasmplugin kvab -o yaml`), or the filter's JSON; - for stdin.
+    #[arg(long, value_name = "FILE", value_parser = split_of_filter_config, conflicts_with = "split",
+          env = "KVAB_ANALYZE_FILTER_CONFIG")]
+    pub filter_config: Option<FilterSplit>,
     /// Label matchers added to every query, e.g. 'namespace="llm-d-inference-scheduler"'.
     #[arg(long, value_name = "MATCHERS", default_value = "", value_parser = matchers, env = "KVAB_ANALYZE_SELECTOR")]
     pub selector: String,
@@ -118,6 +123,54 @@ fn arm_weight(value: &str) -> Result<(String, f64), String> {
         _ => Err("wants ARM=WEIGHT".into()),
     }
 }
+
+/// The split weights of the filter configuration in `path`: its `split.weights` when `onMissing` is
+/// `split`. The configuration is a WasmPlugin's `spec.pluginConfig`, a TrafficExtension's
+/// `spec.wasm.pluginConfig` (Istio 1.30 CRD), or the document itself.
+fn split_of_filter_config(path: &str) -> Result<FilterSplit, String> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    let read = if path == "-" {
+        std::io::stdin().read_to_string(&mut text).map(drop)
+    } else {
+        std::fs::read_to_string(path).map(|t| text = t)
+    };
+    read.map_err(|e| format!("{path}: {e}"))?;
+    let document = crate::check::parse_document(&text).map_err(|e| format!("{path}: {e}"))?;
+    let config = ["/spec/pluginConfig", "/spec/wasm/pluginConfig"]
+        .iter()
+        .find_map(|pointer| document.pointer(pointer))
+        .unwrap_or(&document);
+    let on_missing = config
+        .get("onMissing")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("passthrough");
+    if on_missing != "split" {
+        return Err(format!(
+            "{path}: the filter's onMissing is {on_missing:?}, not \"split\": it assigns no arm at random, \
+             so there are no weights to check"
+        ));
+    }
+    let weights = config
+        .pointer("/split/weights")
+        .and_then(serde_json::Value::as_object)
+        .ok_or_else(|| format!("{path}: onMissing is \"split\" but split.weights is missing"))?;
+    weights
+        .iter()
+        .map(|(arm, weight)| match weight.as_f64() {
+            Some(w) if w > 0.0 && w.is_finite() => Ok((arm.clone(), w)),
+            _ => Err(format!(
+                "{path}: split.weights.{arm} is not a positive number"
+            )),
+        })
+        .collect::<Result<_, _>>()
+        .map(FilterSplit)
+}
+
+/// The split weights read by `--filter-config` (a type of its own: clap would take a bare `Vec` for
+/// a repeatable flag).
+#[derive(Debug, Clone)]
+pub struct FilterSplit(pub Vec<(String, f64)>);
 
 /// PromQL label matchers, kept as typed but refusing what would break out of the braces.
 fn matchers(value: &str) -> Result<String, String> {

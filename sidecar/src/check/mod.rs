@@ -21,6 +21,7 @@ mod report;
 mod requests;
 mod targets;
 mod wiring;
+pub use wiring::parse_document;
 
 use std::process::ExitCode;
 use std::time::Instant;
