@@ -36,7 +36,7 @@ pub struct AnalyzeArgs {
     #[arg(long, value_name = "ARM=W,...", value_delimiter = ',', value_parser = arm_weight, env = "KVAB_ANALYZE_SPLIT")]
     pub split: Vec<(String, f64)>,
     /// Read the split weights from the filter's configuration instead: a WasmPlugin or TrafficExtension
-    /// (YAML or JSON, e.g. `kubectl get wasmplugin kvab -o yaml`), or the filter's JSON; - for stdin.
+    /// (YAML or JSON, e.g. `kubectl get wasmplugin kvab -o yaml`), or the filter's JSON; FILE "-" is stdin.
     #[arg(long, value_name = "FILE", value_parser = split_of_filter_config, conflicts_with = "split",
           env = "KVAB_ANALYZE_FILTER_CONFIG")]
     pub filter_config: Option<FilterSplit>,
