@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import yaml
 
+from browser import open_page
 from kvablocal.net import request, wait_until
 from kvablocal.prometheus import Prometheus, Target, gateway_target, sidecar_target
 from kvablocal.sidecar import REPO, kvab_binary
@@ -61,7 +62,7 @@ def analyze(prometheus, *args):
     return done.returncode, json.loads(done.stdout)
 
 
-def test_a_randomized_split_is_judged_and_agrees_with_the_experiment(live):
+def test_a_randomized_split_is_judged_and_agrees_with_the_experiment(live, tmp_path):
     stack, prometheus, start, end = live
     code, report = analyze(prometheus, "--start", f"{start:.3f}", "--end", f"{end:.3f}", "--split", "nvlink=1,fs=1",
                            "--min-requests", "100")
@@ -84,6 +85,21 @@ def test_a_randomized_split_is_judged_and_agrees_with_the_experiment(live):
     by_selector = analyze(prometheus, "--start", f"{start:.3f}", "--end", f"{end:.3f}", "--min-requests", "100",
                           "--vllm-selector", 'nvlink=job="vllm-nvlink"', "--vllm-selector", 'fs=job="vllm-fs"')[1]
     assert next(c for c in by_selector["comparisons"] if c["metric"] == "vllm_ttft_ms")["n"] == ttft["n"]
+
+    # The whole histograms behind each comparison, and the HTML report drawing them, in a real browser.
+    cdf = primary["cdf"]
+    assert set(cdf) == {"nvlink", "fs"} and all(len(points) == primary["buckets"] - 1 for points in cdf.values())
+    fractions = [f for _, f in cdf["nvlink"]]
+    assert fractions == sorted(fractions) and 0.99 <= fractions[-1] <= 1.0, cdf["nvlink"]
+    html = tmp_path / "analyze.html"
+    subprocess.run([kvab_binary(), "analyze", "--prometheus", prometheus.url, "--start", f"{start:.3f}", "--end",
+                    f"{end:.3f}", "--split", "nvlink=1,fs=1", "--min-requests", "100", "--html", str(html)],
+                   capture_output=True, text=True, timeout=60)
+    page = open_page(html, tmp_path / "analyze.png")
+    assert page["console_errors"] == [] and page["requests"] == [html.as_uri()], page["console_errors"]
+    for metric in ("request_duration_ms", "time_to_first_byte_ms", "vllm_ttft_ms"):
+        assert f'data-plot="{metric}"' in page["dom"], metric
+    assert page["dom"].count("<svg") >= 5 and "nvlink faster" in page["dom"]
 
     # The experiment on the same stack (header-assigned) finds the same direction.
     done = subprocess.run([kvab_binary(), "experiment", "--gateway-url", stack.urls()["gateway"], "--json", "--quiet",

@@ -38,6 +38,23 @@ impl Histogram {
         self.counts.iter().sum()
     }
 
+    /// (upper bound, fraction of the requests at or below it) for every finite bound.
+    pub fn cumulative_fractions(&self) -> Vec<[f64; 2]> {
+        let total = self.total();
+        if total <= 0.0 {
+            return Vec::new();
+        }
+        let mut below = 0.0;
+        self.upper
+            .iter()
+            .zip(&self.counts)
+            .filter_map(|(&le, &count)| {
+                below += count;
+                le.is_finite().then_some([le, below / total])
+            })
+            .collect()
+    }
+
     fn lower(&self, bucket: usize) -> f64 {
         if bucket == 0 {
             0.0f64.min(self.upper[0])
@@ -127,6 +144,15 @@ mod tests {
             upper: upper.to_vec(),
             counts: counts.to_vec(),
         }
+    }
+
+    #[test]
+    fn cumulative_fractions_stop_at_the_last_finite_bound() {
+        let h = histogram(&[50.0, 100.0, f64::INFINITY], &[4.0, 5.0, 1.0]);
+        assert_eq!(h.cumulative_fractions(), vec![[50.0, 0.4], [100.0, 0.9]]);
+        assert!(histogram(&[f64::INFINITY], &[0.0])
+            .cumulative_fractions()
+            .is_empty());
     }
 
     #[test]

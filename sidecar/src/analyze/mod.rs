@@ -79,7 +79,7 @@ pub struct Rate {
 #[derive(Debug, Clone, Serialize)]
 pub struct Comparison {
     /// `request_duration_ms` (the filter's request start to end of stream) or `time_to_first_byte_ms`
-    /// (request start to response headers).
+    /// (request start to the first response body byte).
     pub metric: &'static str,
     pub primary: bool,
     pub n: BTreeMap<String, f64>,
@@ -100,6 +100,20 @@ pub struct Comparison {
     pub decision: Decision,
     pub faster: Option<String>,
     pub buckets: usize,
+    /// Per arm, (bucket upper bound, fraction of the requests at or below it) for every finite bound:
+    /// the whole histogram the comparison was made on.
+    pub cdf: BTreeMap<String, Vec<[f64; 2]>>,
+}
+
+impl Comparison {
+    /// `nvlink faster`, `equivalent` or `inconclusive`.
+    fn decision_text(&self) -> String {
+        match (self.decision, &self.faster) {
+            (Decision::Faster, Some(arm)) => format!("{arm} faster"),
+            (Decision::Equivalent, _) => "equivalent".into(),
+            _ => "inconclusive".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -422,10 +436,12 @@ fn compare(
             .map(|h| h.upper.len())
             .max()
             .unwrap_or(0),
+        cdf: BTreeMap::new(),
     };
     for (arm, h) in arms.iter().zip(histograms) {
         let Some(h) = h else { continue };
         c.n.insert(arm.clone(), h.total());
+        c.cdf.insert(arm.clone(), h.cumulative_fractions());
         if let Some((lo, hi, estimate)) = h.quantile(0.5) {
             c.p50.insert(arm.clone(), estimate);
             c.p50_bucket.insert(arm.clone(), [lo, hi]);
@@ -721,11 +737,7 @@ impl Report {
         for c in &self.comparisons {
             let n = |arm: &str| c.n.get(arm).map_or("-".into(), |v| format!("{v:.0}"));
             let p50 = |arm: &str| c.p50.get(arm).map_or("-".into(), |v| format!("{v:.1}"));
-            let decision = match (c.decision, &c.faster) {
-                (Decision::Faster, Some(arm)) => format!("{arm} faster"),
-                (Decision::Equivalent, _) => "equivalent".into(),
-                _ => "inconclusive".into(),
-            };
+            let decision = c.decision_text();
             let _ = writeln!(
                 out,
                 "{:<22} {:>9} {:>9} {:>12} {:>12} {:>10} {:>22} {:>8} {:>9}  {}{}",
@@ -789,10 +801,30 @@ impl Report {
 
     fn html_body(&self) -> String {
         let escape = crate::experiment::html::escape;
-        let mut out = format!(
-            "<h2>Comparisons</h2><pre>{}</pre><h2>Queries</h2><ul>",
-            escape(&self.table())
-        );
+        let mut out = format!("<h2>Comparisons</h2><pre>{}</pre>", escape(&self.table()));
+        out.push_str("<h2>Distributions</h2>");
+        for c in &self.comparisons {
+            let arms: Vec<crate::experiment::html::BinnedCdf> = self
+                .arms
+                .iter()
+                .filter_map(|arm| {
+                    let points = c.cdf.get(arm)?.iter().map(|&[x, f]| (x, f)).collect();
+                    Some((arm.clone(), c.n.get(arm).copied().unwrap_or(0.0), points))
+                })
+                .collect();
+            let caption = format!(
+                "{}: the fraction of requests at or below each bucket bound, per arm ({}).",
+                c.metric,
+                c.decision_text()
+            );
+            crate::experiment::html::figure(
+                &mut out,
+                c.metric,
+                &caption,
+                crate::experiment::html::binned_cdf_plot(c.metric, "ms (log scale)", &arms),
+            );
+        }
+        out.push_str("<h2>Queries</h2><ul>");
         for q in &self.queries {
             out.push_str(&format!("<li><code>{}</code></li>", escape(q)));
         }

@@ -142,6 +142,91 @@ fn ecdf_plot(title: &str, x_label: &str, arms: &[(String, Vec<f64>)]) -> Result<
     }))
 }
 
+/// One arm's histogram for `binned_cdf_plot`: its name, its request count, and (bound, fraction at or
+/// below it) per bucket.
+pub type BinnedCdf = (String, f64, Vec<(f64, f64)>);
+
+/// The cumulative fraction per arm of a histogram, known only at its bucket bounds: a point at each
+/// bound, joined by straight lines (the true curve passes through the points; between them the data
+/// say nothing). Log x axis, as bucket bounds grow geometrically.
+pub fn binned_cdf_plot(title: &str, x_label: &str, arms: &[BinnedCdf]) -> Result<String, String> {
+    let usable = |points: &[(f64, f64)]| -> Vec<(f64, f64)> {
+        points
+            .iter()
+            .copied()
+            .filter(|(x, _)| x.is_finite() && *x > 0.0)
+            .collect()
+    };
+    let bounds: Vec<f64> = arms
+        .iter()
+        .flat_map(|(_, _, points)| usable(points))
+        .map(|(x, _)| x)
+        .collect();
+    let (Some(first), Some(last)) = (percentile(&bounds, 0.0), percentile(&bounds, 100.0)) else {
+        return Err("no bucket with a finite bound".into());
+    };
+    // The axis spans the bounds where something happens: from the last bound at which every arm is
+    // still at 0 to the first at which every arm is at 1.
+    let (mut low, mut high) = (last, first);
+    for (_, _, points) in arms {
+        let points = usable(points);
+        let empty_until = points.iter().filter(|(_, f)| *f <= 0.0).map(|(x, _)| *x);
+        low = low.min(empty_until.fold(first, f64::max));
+        let full_from = points.iter().filter(|(_, f)| *f >= 1.0).map(|(x, _)| *x);
+        high = high.max(full_from.fold(last, f64::min));
+    }
+    let (low, high) = (low / 1.5, if high > low { high * 1.5 } else { low * 2.0 });
+    let (title, x_label) = (title.to_string(), x_label.to_string());
+    let arms = arms.to_vec();
+    svg(Box::new(move |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(48)
+            .build_cartesian_2d((low..high).log_scale(), 0.0..1.0)
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .light_line_style(RGBColor(242, 242, 242))
+            .bold_line_style(RGBColor(215, 215, 215))
+            .label_style(("sans-serif", 12))
+            .axis_desc_style(("sans-serif", 13))
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .x_desc(x_label)
+            .y_desc("fraction of requests at or below")
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (i, (arm, n, points)) in arms.iter().enumerate() {
+            // Points off the axis are pinned to its edges, where their fraction (0 or 1) still holds.
+            let points: Vec<(f64, f64)> = points
+                .iter()
+                .copied()
+                .filter(|(x, _)| x.is_finite() && *x > 0.0)
+                .map(|(x, f)| (x.clamp(low, high), f))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(points.clone(), color(i).stroke_width(2)))
+                .map_err(|e| e.to_string())?
+                .label(format!("{arm} (n={n:.0})"))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], color(i).stroke_width(2))
+                });
+            chart
+                .draw_series(points.iter().map(|&p| Circle::new(p, 3, color(i).filled())))
+                .map_err(|e| e.to_string())?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .label_font(("sans-serif", 12))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| e.to_string())
+    }))
+}
+
 /// (median, interval low, interval high) of one arm's sample in one class.
 type MedianWithInterval = (f64, f64, f64);
 /// A prompt size and, per arm, its median with interval.
@@ -235,7 +320,7 @@ fn median_plot(metric: &str, arms: &[String], rows: &[MedianRow]) -> Result<Stri
 
 /// A `<figure class="plot" data-plot=...>` with the drawing (its `<title>` the caption) or, when there
 /// is nothing to draw, why.
-fn figure(out: &mut String, plot: &str, caption: &str, drawing: Result<String, String>) {
+pub fn figure(out: &mut String, plot: &str, caption: &str, drawing: Result<String, String>) {
     let _ = write!(
         out,
         "<figure class=\"plot\" data-plot=\"{}\">",
