@@ -17,7 +17,7 @@ WASM_OPT := .tools/binaryen/node_modules/.bin/wasm-opt
 # Features: those rustc's output for wasm32-wasip1 uses, so wasm-opt validates it and adds no others.
 # --remove-exports: the SDK callbacks the filter does not implement (filter/wasm/unused-exports.txt).
 # Envoy skips a callback the module does not export, where the SDK's versions only answered Continue;
-# the body callbacks ran for every body chunk. -Oz then drops the code only they reached.
+# the request body callback ran for every body chunk. -Oz then drops the code only they reached.
 WASM_OPT_FLAGS := --mvp-features --enable-bulk-memory-opt --enable-sign-ext --enable-nontrapping-float-to-int \
   --remove-exports=@filter/wasm/unused-exports.txt -Oz
 # wasm-bindgen-test-runner must match the wasm-bindgen version in Cargo.lock exactly.
@@ -107,7 +107,9 @@ test: lint unit wasm-unit deny fuzz-smoke e2e
 
 # The filter's request-path cost against bare Envoy, native routing and Lua (see BENCHMARKS.md):
 # wall clock and CPU time in alternating runs, about 4 minutes. `make bench-cpu`: instructions
-# per request under callgrind, about 6 minutes (Envoy starts slowly under valgrind).
+# per request under callgrind, the header workloads and then a 200-event streamed answer on
+# gateways of their own, about 10 minutes, 25 under load (Envoy starts slowly under valgrind);
+# BENCH_ARGS="--workloads stream" for the stream alone.
 BENCH_ARGS ?=
 bench-tools:
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }

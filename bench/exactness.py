@@ -91,7 +91,7 @@ def run(args) -> int:
     endpoints = [(arm, f"127.0.0.1:{u.port}", PODS[arm]) for arm, u in upstreams.items()]
     # No probes of the upstreams' /metrics: their request counters must count only the load.
     sidecar = Sidecar(static_config(endpoints, extra="[probe]\ninterval_seconds = 0"), workdir=workdir)
-    config = {"onMissing": "split", "split": {"weights": WEIGHTS},
+    config = {"onMissing": "split", "split": {"weights": WEIGHTS}, "responseEndpointHeader": True,
               "sidecar": {"cluster": "kvab-sidecar", "refreshMs": REFRESH_MS}}
     gateway = None
     try:

@@ -3,6 +3,7 @@ in alternation (A B C D E, A B C D E, ...), with ratios against (a) taken round 
 
     python bench/filterbench.py                 # the `make bench` run (wall clock, CPU time, memory)
     python bench/filterbench.py --callgrind     # instructions per request under callgrind (slow)
+    python bench/filterbench.py --callgrind --workloads stream   # a 200-event streamed answer alone
 
 Every Envoy runs with one worker and binds only 127.0.0.1; every load run is bounded in time.
 """
@@ -153,12 +154,16 @@ class Envoy:
 class Stack:
     """The upstream plus one gateway Envoy per variant, all started once for the whole run."""
 
-    def __init__(self, keys, workdir: Path, wrapper=(), upstream_wrapper=()):
+    def __init__(self, keys, workdir: Path, wrapper=(), upstream_wrapper=(), upstream=None):
+        """`upstream`: another upstream with Envoy's `port`, `start`, `wait_ready` and `stop` (the
+        streamed-response bench's, bench/sse_upstream.py); default the direct-response Envoy."""
         self.workdir = workdir
         self.variants = {k: variants()[k] for k in keys}
-        up_admin, self.upstream_port = free_port(), free_port()
-        self.upstream = Envoy("upstream", render_upstream(workdir / "upstream.yaml", up_admin, self.upstream_port),
-                              up_admin, self.upstream_port, workdir, upstream_wrapper)
+        if upstream is None:
+            up_admin, up_port = free_port(), free_port()
+            upstream = Envoy("upstream", render_upstream(workdir / "upstream.yaml", up_admin, up_port),
+                             up_admin, up_port, workdir, upstream_wrapper)
+        self.upstream, self.upstream_port = upstream, upstream.port
         self.gateways = {}
         for key, v in self.variants.items():
             admin, port = free_port(), free_port()
@@ -367,6 +372,11 @@ def main():
     ap.add_argument("--json", type=Path, default=REPO / ".run" / "bench" / "filter.json")
     ap.add_argument("--callgrind", action="store_true", help="instructions per request under callgrind instead")
     ap.add_argument("--requests", type=int, default=2000, help="requests per workload under callgrind")
+    ap.add_argument("--workloads", default="nvlink,mix,stream",
+                    help="under --callgrind: of nvlink, mix (header workloads) and stream (a streamed answer, "
+                         "on gateways of its own); e.g. --workloads stream for that alone")
+    ap.add_argument("--events", type=int, default=200, help="server-sent events per streamed answer (stream)")
+    ap.add_argument("--stream-requests", type=int, default=50, help="streamed answers measured (stream)")
     ap.add_argument("--wasm", action="append", default=[], metavar="KEY=PATH",
                     help="an extra variant KEY (one letter, list it in --variants): kvab's default config "
                          "with the module at PATH, e.g. another build to compare")

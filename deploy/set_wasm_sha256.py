@@ -1,7 +1,8 @@
-"""Writes the sha256 of the built filter module into the WasmPlugin manifests (`make manifests-sha`).
+"""Writes the sha256 of the built filter module into the WasmPlugin and TrafficExtension manifests
+(`make manifests-sha`).
 
-The WasmPlugin's sha256 must be the digest of the exact bytes kvab serve ships and serves at
-GET /v1/filter.wasm; tests/test_manifests.py fails when the manifests name another one."""
+Their sha256 must be the digest of the exact bytes kvab serve ships and serves at GET /v1/filter.wasm;
+tests/test_manifests.py fails when a manifest names another one, or holds the module without being listed here."""
 
 import hashlib
 import re
@@ -10,8 +11,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 WASM = REPO / "target" / "filter" / "kvab_filter.wasm"
-PLUGINS = [REPO / "manifests" / "wasmplugin.yaml", REPO / "manifests" / "alternatives" / "wasmplugin-oci.yaml"]
-SHA_LINE = re.compile(r"^(  sha256: )[0-9a-f]{64}$", re.M)
+ALTERNATIVES = REPO / "manifests" / "alternatives"
+PLUGINS = [
+    REPO / "manifests" / "wasmplugin.yaml",
+    ALTERNATIVES / "wasmplugin-oci.yaml",
+    ALTERNATIVES / "trafficextension.yaml",
+    ALTERNATIVES / "trafficextension-allow-choice-jwt.yaml",
+]
+# spec.sha256 of a WasmPlugin, spec.wasm.sha256 of a TrafficExtension.
+SHA_LINE = re.compile(r"^( +sha256: )[0-9a-f]{64}$", re.M)
 
 
 def main() -> int:
@@ -23,7 +31,7 @@ def main() -> int:
         text = path.read_text()
         new, count = SHA_LINE.subn(lambda m: m.group(1) + digest, text)
         if count != 1:
-            print(f"{path.relative_to(REPO)}: expected one `  sha256: <64 hex>` line, found {count}", file=sys.stderr)
+            print(f"{path.relative_to(REPO)}: expected one `sha256: <64 hex>` line, found {count}", file=sys.stderr)
             return 1
         if new != text:
             path.write_text(new)

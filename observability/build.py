@@ -84,7 +84,7 @@ LAYOUT = [
      [target(r, quantile(q, "kvab_request_duration_milliseconds"), f"{{{{backend}}}} p{int(q * 100)}")
       for r, q in (("A", 0.5), ("B", 0.95), ("C", 0.99))]),
     ("Time to first byte p50 / p95 / p99", "timeseries", "ms",
-     "Request start to response headers, per tagged arm.",
+     "Request start to the first response body byte (a stream's first token), per tagged arm.",
      [target(r, quantile(q, "kvab_time_to_first_byte_milliseconds"), f"{{{{backend}}}} p{int(q * 100)}")
       for r, q in (("A", 0.5), ("B", 0.95), ("C", 0.99))]),
     ("row", "Routing: who asked, who served"),

@@ -101,6 +101,24 @@ def test_both_epp_config_generations_pass_step2_and_the_old_one_is_noted(stack, 
     assert "by-label-selector is deprecated since llm-d-router v0.9.0" in notes["runbook"], notes
 
 
+def test_without_the_endpoint_tag_the_counters_still_judge_and_without_them_the_reason_is_named(stack):
+    """The shipped configuration does not tag answers with their endpoint (responseEndpointHeader: false):
+    with kvab serve's counters the check passes as before; without them Step 4 says why it cannot tell."""
+    s = stack(filter_config={"responseEndpointHeader": False})
+    code, checks, report = run_check(s)
+    assert code == 0, json.dumps(report, indent=1)
+    assert "of 20 (sidecar counters, answers below 500)" in checks["step4/not-pinned"]["measured"]
+    assert all(c["result"] in ("pass", "skip") for c in checks.values()), checks
+
+    args = s.check_args()
+    del args[args.index("--sidecar-url"):args.index("--sidecar-url") + 2]
+    done = subprocess.run([kvab_binary(), "check", *args, "--json"], capture_output=True, text=True, timeout=120)
+    spread = {c["name"]: c for c in json.loads(done.stdout)["checks"]}["step4/not-pinned"]
+    assert spread["result"] == "inconclusive", spread
+    assert "answers below 500, none with an endpoint tag" in spread["measured"], spread
+    assert "responseEndpointHeader: false" in spread["diagnosis"] and "--sidecar-url" in spread["diagnosis"]
+
+
 def test_a_header_route_to_the_wrong_arm_fails_with_signal_4(stack):
     s = stack(swap_routes=True)
     code, checks, _ = run_check(s)

@@ -128,9 +128,13 @@ def wasm_vm_stats(gateway):
     return {k: v for k, v in (l.split(": ", 1) for l in gateway.admin("/stats").splitlines() if l.startswith("wasm.") and ": " in l) if "vm_reload" in k or k.endswith((".v8.created", ".v8.active", "wasm_vm_count"))}
 
 
+# check_outcome reads the response endpoint tag, so every gateway here turns it on explicitly.
+ENDPOINT_TAG = {"responseEndpointHeader": True}
+
+
 @pytest.fixture(scope="module")
 def matrix_gateway(gateways):
-    g = gateways({})
+    g = gateways(ENDPOINT_TAG)
     g.vm_stats_at_start = wasm_vm_stats(g)
     return g
 
@@ -244,6 +248,7 @@ def policy_gateway(gateways):
             "onMissing": "default",
             "defaultArm": "fs",
             "allowChoice": {"sourceRanges": [f"{ALLOWED_IP}/32", "10.0.0.0/8"], "header": "x-kvab-ab-tester", "headerValues": ["team-kv"]},
+            **ENDPOINT_TAG,
         }
     )
 
@@ -284,7 +289,7 @@ def test_source_address_follows_envoys_trusted_client_address(arms, tmp_path):
     connection manager's default `use_remote_address: false` that address comes from the last
     x-forwarded-for entry, which any client can write; with `use_remote_address: true` (what
     Istio gateways run with) it is the peer's address. docs/filter.md says so; this shows it."""
-    config = {"onMissing": "default", "defaultArm": "fs", "allowChoice": {"sourceRanges": ["10.0.0.0/8"]}}
+    config = {"onMissing": "default", "defaultArm": "fs", "allowChoice": {"sourceRanges": ["10.0.0.0/8"]}, **ENDPOINT_TAG}
     forged_xff = [h(b"nvlink"), h(b"10.1.2.3", b"x-forwarded-for")]
     for use_remote_address, expected in [(False, Arm("nvlink", "header")), (True, Arm("fs", "default"))]:
         g = Gateway(config, arms["nvlink"].port, arms["fs"].port, workdir=tmp_path / f"ura-{use_remote_address}")

@@ -57,6 +57,7 @@ REFUSED = [
     ('{"allowChoice": {"sourceRanges": ["10.1.0.0/8"]}}', 'invalid plugin configuration: allowChoice.sourceRanges[0]: "10.1.0.0/8" has host bits set; the range starts at 10.0.0.0/8'),
     ('{"allowChoice": {"header": "x-kv-backend-endpoint"}}', 'invalid plugin configuration: allowChoice.header: "x-kv-backend-endpoint" is the arm header or one of its tags'),
     ('{"sidecar": {"cluster": "kvab-sidecar-typo"}}', 'invalid plugin configuration: sidecar.cluster: Envoy has no cluster named "kvab-sidecar-typo"'),
+    ('{"responseEndpointHeader": "off"}', 'invalid plugin configuration: responseEndpointHeader: invalid type: string "off", expected a boolean'),
 ]
 
 

@@ -25,9 +25,13 @@ def forwarded(response, name):
     return [v for k, v in response.json()["headers"] if k == name]
 
 
+# The response endpoint tag spelled out wherever a test reads it (the shipped WasmPlugin turns it off).
+ENDPOINT_TAG = {"responseEndpointHeader": True}
+
+
 @pytest.fixture(scope="module")
 def gateway(gateways):
-    return gateways({})
+    return gateways(ENDPOINT_TAG)
 
 
 def test_nvlink_header_reaches_the_p2p_arm(gateway, arms):
@@ -147,6 +151,26 @@ def test_forged_tags_are_stripped(gateway):
     assert forwarded(r, "x-kv-backend-endpoint") == []
 
 
+@pytest.mark.parametrize("on", [False, True], ids=["off", "on"])
+def test_the_response_endpoint_tag_follows_its_setting_and_forged_tags_are_stripped_either_way(gateways, arms, on):
+    """responseEndpointHeader: off, no response shows the upstream's ip:port; on, every proxied one does. The
+    client's own -source and -endpoint never reach the upstream in both cases, tagged or not."""
+    g = gateways({"responseEndpointHeader": on})
+    forged = [("x-kv-backend-source", "split"), ("x-kv-backend-endpoint", "6.6.6.6:1")]
+    cases = [([("x-kv-backend", "fs"), *forged], "fs", ["header"]), ([("x-kv-backend", "p2p"), *forged], "nvlink", ["alias"]), (forged, None, [])]
+    for headers, arm, source in cases:
+        r = send(g, headers)
+        assert r.status == 200
+        served = r.header("x-served-by")
+        assert r.header("x-kv-backend-endpoint") == (f"127.0.0.1:{arms[served].port}" if on else None)
+        assert forwarded(r, "x-kv-backend-endpoint") == []
+        assert forwarded(r, "x-kv-backend-source") == source
+        assert r.header("x-kv-backend") == arm and (arm is None or served == arm)
+    # The filter's own answers carry no endpoint either way.
+    r = send(g, [("x-kv-backend", "bogus"), *forged])
+    assert r.status == 400 and r.header("x-kv-backend-endpoint") is None
+
+
 def kvab_counters(gateway):
     return {k: v for k, v in gateway.stats().items() if k[0].startswith("kvab_") and not k[0].endswith(("_bucket", "_sum", "_count"))}
 
@@ -216,11 +240,11 @@ def test_every_counter_is_exact(gateways):
     assert any(dict(ls).get("le") == "+Inf" and v == 7 for ls, v in buckets.items())
 
 
-def test_bodies_pass_through_whole_without_body_callbacks(gateways, arms):
-    """The module exports no body or trailer callback (`make filter` removes them): Envoy skips them,
-    so a large request body and a streamed answer (one chunk per token) reach their ends unchanged,
-    and the request is still tagged and counted once."""
-    g = gateways({})
+def test_bodies_pass_through_whole_and_unbuffered(gateways, arms):
+    """The module exports no request body or trailer callback (`make filter` removes them), and its
+    response body callback only notes the first byte: a large request body and a streamed answer (one
+    chunk per token) reach their ends unchanged, and the request is still tagged and counted once."""
+    g = gateways(ENDPOINT_TAG)
     prompt = "kv " * 100_000  # 300 KB: several body chunks through Envoy
     big = json.dumps({"model": "m", "prompt": prompt, "max_tokens": 3}).encode()
     r = request(g.port, "POST", "/v1/completions", [("content-type", "application/json"), ("x-kv-backend", "fs")], big)

@@ -8,6 +8,9 @@
   sidecar Service, labels agree between the runbook's proxy pods, HTTPRoute, InferencePool, EPP config and the
   sidecar, the Role grants only pods get/list/watch, kvab check's optional RBAC only reads and port-forwards,
   and the WasmPlugin's sha256 is the built module's;
+- the plugin's other spellings: the TrafficExtension alternatives are wasmplugin.yaml field for field, every shipped
+  configuration with allowChoice fails closed, and the JWT-claim variant lets only verified testers choose (its
+  Lua strip, JWT authentication and the filter at AUTHZ, in the real Envoy);
 - report authentication: only the gateway's identity may POST reports (AuthorizationPolicy evaluated on sample
   requests), plaintext GETs stay open, and deploy/report-token wires one token to kvab serve and the filter;
 - the pool's EPP: InferencePool, EPP Service, Deployment flags, ConfigMap, DestinationRule and RBAC agree; the image,
@@ -15,7 +18,10 @@
   pool fails closed; every Role is read-only on the few resources its workload reads.
 """
 
+import base64
 import hashlib
+import hmac
+import importlib.util
 import json
 import os
 import re
@@ -29,7 +35,9 @@ import pytest
 import yaml
 
 import kubeschema
+from kvablocal import prom
 from kvablocal.envoy import Gateway, wasm_path
+from kvablocal.net import request
 from kvablocal.sidecar import Sidecar, kvab_binary, static_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,6 +153,20 @@ def plugin() -> dict:
     return one("WasmPlugin", "kvab")
 
 
+def module_spec(doc: dict):
+    """The Wasm settings of a plugin object: a WasmPlugin's spec, a TrafficExtension's spec.wasm (None for Lua and
+    for any other kind). The field names inside are the same in both (istio/api extensions/v1alpha1, 1.30.0)."""
+    if doc["kind"] == "WasmPlugin":
+        return doc["spec"]
+    if doc["kind"] == "TrafficExtension":
+        return doc["spec"].get("wasm")
+    return None
+
+
+def docs_of(path: Path) -> list:
+    return [(p, d) for p, d in OBJECTS if p == path]
+
+
 # ---------------------------------------------------------------- parsing, kustomize, kubectl apply -f
 
 
@@ -184,6 +206,8 @@ def test_a_kustomization_yaml_would_be_applied_as_an_object(tmp_path):
 
 CRD_KINDS = {
     "WasmPlugin": ("extensions.istio.io", "v1alpha1"),
+    "TrafficExtension": ("extensions.istio.io", "v1alpha1"),
+    "RequestAuthentication": ("security.istio.io", "v1"),
     "HTTPRoute": ("gateway.networking.k8s.io", "v1"),
     "ReferenceGrant": ("gateway.networking.k8s.io", "v1beta1"),
     "InferencePool": ("inference.networking.k8s.io", "v1"),
@@ -212,7 +236,7 @@ def crd_for(crds, doc):
 CRD_DOCS = [(p, d) for p, d in OBJECTS if d["kind"] in CRD_KINDS]
 
 
-@pytest.mark.parametrize("path,doc", CRD_DOCS, ids=[f"{p.parent.name}/{p.name}:{d['kind']}" for p, d in CRD_DOCS])
+@pytest.mark.parametrize("path,doc", CRD_DOCS, ids=[f"{p.parent.name}/{p.name}:{d['kind']}/{d['metadata']['name']}" for p, d in CRD_DOCS])
 def test_crd_kinds_validate_against_the_upstream_schema_and_cel_rules(crds, path, doc):
     version = crd_for(crds, doc)
     assert kubeschema.schema_errors(doc, version) == []
@@ -401,14 +425,23 @@ def test_config_passes_the_sidecars_own_check_and_serves_the_pinned_module(tmp_p
 
 
 def test_wasmplugin_sha256_is_the_built_modules():
+    """Every WasmPlugin and Wasm TrafficExtension pins the built module, and `make manifests-sha` rewrites each."""
     module = Path(wasm_path())
     assert module.exists(), f"{module} is missing: run `make build`"
     built = hashlib.sha256(module.read_bytes()).hexdigest()
-    for _, doc in APPLIED + ALTERNATIVES:
-        if doc["kind"] == "WasmPlugin":
-            assert doc["spec"]["sha256"] == built, (
-                f"{ident(doc)}: sha256 {doc['spec']['sha256']} is stale, the built module is {built}: run `make manifests-sha`"
-            )
+    holders = set()
+    for path, doc in OBJECTS:
+        wasm = module_spec(doc)
+        if wasm is None:
+            continue
+        assert wasm["sha256"] == built, (
+            f"{ident(doc)}: sha256 {wasm['sha256']} is stale, the built module is {built}: run `make manifests-sha`"
+        )
+        holders.add(path)
+    spec = importlib.util.spec_from_file_location("set_wasm_sha256", REPO / "deploy" / "set_wasm_sha256.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert set(script.PLUGINS) == holders, "deploy/set_wasm_sha256.py must list exactly the files that pin the module"
 
 
 # ---------------------------------------------------------------- the filter and its link to the sidecar
@@ -437,9 +470,244 @@ def test_plugin_targets_the_runbooks_gateway_and_runs_early_and_fails_open():
     # Before the InferencePool ext_proc: Istio appends that after every WasmPlugin phase; AUTHN is the first.
     assert spec["phase"] == "AUTHN" and spec["failStrategy"] == "FAIL_OPEN"
     # The OCI alternative differs only in where the module comes from.
-    oci = one("WasmPlugin", "kvab", ALTERNATIVES)
+    oci = one("WasmPlugin", "kvab", docs_of(MANIFESTS / "alternatives" / "wasmplugin-oci.yaml"))
     assert oci["spec"]["url"].startswith("oci://")
     assert {k: v for k, v in oci["spec"].items() if k != "url"} == {k: v for k, v in spec.items() if k != "url"}
+
+
+TRAFFIC_EXTENSION = MANIFESTS / "alternatives" / "trafficextension.yaml"
+JWT_VARIANT = MANIFESTS / "alternatives" / "trafficextension-allow-choice-jwt.yaml"
+ALLOW_CHOICE_OVERLAY = REPO / "deploy" / "allow-choice"
+# The settings a TrafficExtension spells as WasmPlugin does, at the top of spec or under spec.wasm.
+TOP_LEVEL = ("targetRefs", "selector", "phase", "priority", "match")
+
+
+def as_wasmplugin_spec(doc: dict) -> dict:
+    """A Wasm TrafficExtension's spec in WasmPlugin's spelling (what pilot's translate.go maps, the other way round)."""
+    spec = {k: v for k, v in doc["spec"].items() if k in TOP_LEVEL}
+    return {**spec, **doc["spec"]["wasm"]}
+
+
+def test_trafficextension_is_the_wasmplugin_in_the_new_api(crds):
+    """alternatives/trafficextension.yaml: same targetRefs, phase, priority, failure strategy, module, sha256 and
+    pluginConfig as wasmplugin.yaml, only spelled as a TrafficExtension; the CRD's own rules catch the likely slips."""
+    (ext,) = [d for _, d in docs_of(TRAFFIC_EXTENSION)]
+    assert ext["kind"] == "TrafficExtension" and ext["metadata"] == plugin()["metadata"]
+    assert set(ext["spec"]) - set(TOP_LEVEL) == {"wasm"}
+    assert as_wasmplugin_spec(ext) == plugin()["spec"]
+    assert ext["spec"]["wasm"]["pluginConfig"] == plugin()["spec"]["pluginConfig"]
+    version = crd_for(crds, ext)
+    rules = {r for _, r in kubeschema.cel_report(ext, version).evaluated}
+    assert any("has(self.wasm) != has(self.lua)" in r for r in rules) and any("getScheme" in r for r in rules)
+    flat = json.loads(json.dumps(ext))
+    flat["spec"]["failStrategy"] = flat["spec"]["wasm"].pop("failStrategy")
+    assert kubeschema.schema_errors(flat, version), "WasmPlugin's spelling must not pass for a TrafficExtension"
+    both = json.loads(json.dumps(ext))
+    both["spec"]["lua"] = {"inlineCode": "function envoy_on_request(h) end"}
+    assert kubeschema.schema_errors(both, version) or kubeschema.cel_report(both, version).failed
+
+
+def shipped_plugin_configs() -> list:
+    """(where, kind, Wasm settings) of every filter object shipped: manifests/ with its subfolders, and every
+    overlay under deploy/ as Kustomize renders it."""
+    found = [(f"{p.relative_to(REPO)}", d) for p, d in OBJECTS]
+    for overlay in sorted(k.parent for k in (REPO / "deploy").glob("*/kustomization.yaml")):
+        rendered = yaml.safe_load_all(run_kubectl("kustomize", str(overlay)))
+        found += [(f"{overlay.relative_to(REPO)}/", d) for d in rendered if d]
+    return [(where, d["kind"], module_spec(d)) for where, d in found if module_spec(d) is not None]
+
+
+def test_every_shipped_config_with_allow_choice_fails_closed():
+    """A WasmPlugin or TrafficExtension skipped on failure (FAIL_OPEN) leaves httproute-ab.yaml's header rules to any
+    client, so allowChoice requires FAIL_CLOSE, spelled out (FAIL_CLOSE is also the API's zero value)."""
+    seen = set()
+    for where, kind, wasm in shipped_plugin_configs():
+        if "allowChoice" in wasm["pluginConfig"]:
+            assert wasm.get("failStrategy") == "FAIL_CLOSE", f"{where}: {kind} with allowChoice must fail closed"
+            seen.add(kind)
+    # Both spellings ship with allowChoice, so the rule is exercised for each.
+    assert seen == {"WasmPlugin", "TrafficExtension"}
+    # The default has no allowChoice, and keeps FAIL_OPEN (wasmplugin.yaml says why).
+    assert "allowChoice" not in plugin()["spec"]["pluginConfig"] and plugin()["spec"]["failStrategy"] == "FAIL_OPEN"
+
+
+def test_allow_choice_overlay_changes_only_the_policy_and_the_failure_strategy():
+    docs = [d for d in yaml.safe_load_all(run_kubectl("kustomize", str(ALLOW_CHOICE_OVERLAY))) if d]
+    base = {ident(d): d for _, d in APPLIED}
+    rendered = {ident(d): d for d in docs}
+    assert set(rendered) == set(base)
+    assert {k for k in base if rendered[k] != base[k]} == {ident(plugin())}
+    wasm = rendered[ident(plugin())]
+    expected = json.loads(json.dumps(plugin()))
+    expected["spec"]["failStrategy"] = "FAIL_CLOSE"
+    expected["spec"]["pluginConfig"]["allowChoice"] = {"sourceRanges": ["192.0.2.0/24"]}
+    assert wasm == expected
+    schema = json.loads((REPO / "filter" / "config.schema.json").read_text())
+    assert not list(jsonschema.Draft202012Validator(schema).iter_errors(wasm["spec"]["pluginConfig"]))
+
+
+def jwt_variant() -> dict:
+    """The JWT-claim variant's three objects, by role."""
+    docs = [d for _, d in docs_of(JWT_VARIANT)]
+    assert sorted(d["kind"] for d in docs) == ["RequestAuthentication", "TrafficExtension", "TrafficExtension"]
+    (strip,) = [d for d in docs if d["kind"] == "TrafficExtension" and "lua" in d["spec"]]
+    (auth,) = [d for d in docs if d["kind"] == "RequestAuthentication"]
+    (ext,) = [d for d in docs if d["kind"] == "TrafficExtension" and "wasm" in d["spec"]]
+    return {"strip": strip, "auth": auth, "filter": ext}
+
+
+def test_jwt_variant_strips_the_grant_header_before_jwt_authn_and_runs_the_filter_after_it():
+    parts = jwt_variant()
+    (rule,) = parts["auth"]["spec"]["jwtRules"]
+    (claim,) = rule["outputClaimToHeaders"]
+    config = parts["filter"]["spec"]["wasm"]["pluginConfig"]
+    header = config["allowChoice"]["header"]
+    # One header name throughout: written by JWT authentication, read by allowChoice, removed before both.
+    assert claim["header"] == header and config["allowChoice"]["headerValues"]
+    assert f'headers():remove("{header}")' in parts["strip"]["spec"]["lua"]["inlineCode"]
+    # Istio's order (listener_builder.go): AUTHN plugins, jwt_authn, AUTHZ plugins, RBAC.
+    assert parts["strip"]["spec"]["phase"] == "AUTHN" and parts["filter"]["spec"]["phase"] == "AUTHZ"
+    for doc in parts.values():
+        assert doc["metadata"]["namespace"] == SCHEDULER_NS
+        assert doc["spec"]["targetRefs"] == plugin()["spec"]["targetRefs"]
+    # Apart from the phase, the failure strategy and allowChoice, the filter is wasmplugin.yaml's.
+    expected = json.loads(json.dumps(plugin()["spec"]))
+    expected["phase"], expected["failStrategy"] = "AUTHZ", "FAIL_CLOSE"
+    expected["pluginConfig"]["allowChoice"] = config["allowChoice"]
+    assert as_wasmplugin_spec(parts["filter"]) == expected
+    assert parts["filter"]["metadata"] == plugin()["metadata"]
+
+
+JWT_KEY = b"kvab-test-hs256-key-0123456789ab"
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jwt(issuer: str, claims: dict, key: bytes = JWT_KEY) -> str:
+    """An HS256 token (the test's JWKS holds the symmetric key; the issuer's real keys would be RS/ES)."""
+    head = b64url(json.dumps({"alg": "HS256", "typ": "JWT", "kid": "test"}).encode())
+    body = b64url(json.dumps({"iss": issuer, "sub": "tester", "exp": 4102444800, **claims}).encode())
+    sig = b64url(hmac.new(key, f"{head}.{body}".encode(), hashlib.sha256).digest())
+    return f"{head}.{body}.{sig}"
+
+
+def istio_like_authn_filters(parts: dict, strip: bool) -> str:
+    """The HTTP filters Istio puts before an AUTHZ-phase plugin for this variant: the Lua TrafficExtension inlined
+    (pilot extension/lua.go) and jwt_authn as pilot's convertToEnvoyJwtConfig writes it for a gateway (one provider
+    origins-0, `provider OR allow_missing` on every path, claim_to_headers from outputClaimToHeaders, clear_route_cache,
+    bypass_cors_preflight; security/authn/policy_applier.go, istio/istio 1.30.0). The JWKS is the test's key inline,
+    as istiod inlines fetched keys."""
+    (rule,) = parts["auth"]["spec"]["jwtRules"]
+    jwks = json.dumps({"keys": [{"kty": "oct", "alg": "HS256", "kid": "test", "k": b64url(JWT_KEY)}]})
+    claims = [{"header_name": c["header"], "claim_name": c["claim"]} for c in rule["outputClaimToHeaders"]]
+    lua = {
+        "name": "kvab-ab-tester-strip",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": parts["strip"]["spec"]["lua"]["inlineCode"]},
+        },
+    }
+    authn = {
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {"origins-0": {"issuer": rule["issuer"], "local_jwks": {"inline_string": jwks},
+                                        "claim_to_headers": claims, "clear_route_cache": True}},
+            "rules": [{"match": {"prefix": "/"}, "requires": {"requires_any": {"requirements": [
+                {"provider_name": "origins-0"}, {"allow_missing": {}}]}}}],
+            "bypass_cors_preflight": True,
+        },
+    }
+    filters = ([lua] if strip else []) + [authn]
+    return "".join(f"          - {json.dumps(f)}\n" for f in filters)
+
+
+@pytest.mark.parametrize("strip", [True, False], ids=["as-shipped", "without-the-strip"])
+def test_jwt_variant_lets_only_verified_testers_choose_in_envoy(arms, tmp_path, strip):
+    """The variant's filter chain in the real Envoy: the Lua strip, Istio's jwt_authn, then the filter with the
+    variant's pluginConfig (without the sidecar link, which plays no part in who may choose).
+
+    without-the-strip pins what Envoy's jwt_authn does on its own: it removes a client's copy of a claim_to_headers
+    header on every request it verifies (extractor.cc sanitizeHeaders), token or not, and adds the claim of a valid
+    token; what it leaves alone is a request it does not verify (a CORS preflight, on Envoys before
+    envoyproxy/envoy#46586), which is why the variant strips the header itself."""
+    parts = jwt_variant()
+    config = {k: v for k, v in parts["filter"]["spec"]["wasm"]["pluginConfig"].items() if k != "sidecar"}
+    header, (granted,) = config["allowChoice"]["header"], config["allowChoice"]["headerValues"]
+    issuer = parts["auth"]["spec"]["jwtRules"][0]["issuer"]
+    g = Gateway(config, arms["nvlink"].port, arms["fs"].port, workdir=tmp_path / "envoy")
+    text, n = re.subn(r"^          http_filters:\n", lambda m: m.group(0) + istio_like_authn_filters(parts, strip), g.config_path.read_text(), flags=re.M)
+    assert n == 1
+    g.config_path.write_text(text)
+
+    def send(*headers, method="POST"):
+        r = request(g.port, method, "/v1/completions", [("content-type", "application/json"), *headers], b"{}", timeout=5)
+        seen = r.json()["headers"] if r.status == 200 else []
+        return r, {name: [v for k, v in seen if k == name] for name in (header, "x-kv-backend", "x-kv-backend-source", "x-kv-backend-endpoint")}
+
+    def bearer(**claims):
+        return ("authorization", f"Bearer {jwt(issuer, claims)}")
+
+    def not_allowed():
+        return prom.value(g.stats(), "kvab_invalid_values_total", reason="not_allowed")
+
+    forged = [(header, granted), ("x-kv-backend-source", "header"), ("x-kv-backend-endpoint", "6.6.6.6:1")]
+    try:
+        g.start()
+        assert "invalid plugin configuration" not in g.log()
+        # A tester's token grants the choice; the claim reaches the upstream once.
+        r, seen = send(bearer(kvab_ab=granted), ("x-kv-backend", "p2p"))
+        assert r.status == 200 and r.header("x-served-by") == "nvlink", r
+        assert seen == {header: [granted], "x-kv-backend": ["nvlink"], "x-kv-backend-source": ["alias"], "x-kv-backend-endpoint": []}
+        # No token: the choice is ignored, and routing follows the filter's rewrite (the pool, not the fs route)
+        # although jwt_authn looked up the route before the filter ran.
+        before, served = not_allowed(), set()
+        for _ in range(8):
+            r, seen = send(("x-kv-backend", "fs"), *forged)
+            assert r.status == 200 and seen[header] == [] and seen["x-kv-backend"] == [], (r, seen)
+            # Forged tags are stripped at AUTHZ too, before the router.
+            assert seen["x-kv-backend-source"] == [] and seen["x-kv-backend-endpoint"] == []
+            served.add(r.header("x-served-by"))
+        assert served == {"nvlink", "fs"} and not_allowed() == before + 8
+        # A valid token without the claim, or with another value, plus a forged copy: the copy is gone either way.
+        for claims, left in (({}, []), ({"kvab_ab": "someone-else"}, ["someone-else"])):
+            r, seen = send(bearer(**claims), ("x-kv-backend", "fs"), *forged)
+            assert r.status == 200 and seen[header] == left and seen["x-kv-backend"] == [], (claims, r, seen)
+        assert not_allowed() == before + 10
+        # A bad token never reaches the filter: JWT authentication answers 401, and the filter counts nothing.
+        def counted():
+            return sum(prom.select(g.stats(), "kvab_requests_total").values())
+
+        admitted = counted()
+        r, _ = send(("authorization", f"Bearer {jwt(issuer, {'kvab_ab': granted}, key=b'x' * 32)}"), ("x-kv-backend", "fs"))
+        assert r.status == 401 and counted() == admitted
+        if strip:
+            # A CORS preflight skips JWT authentication; the strip has already removed the forged header.
+            r, _ = send(("origin", "https://client.example"), ("access-control-request-method", "POST"), ("x-kv-backend", "fs"), *forged, method="OPTIONS")
+            assert not_allowed() == before + 11, r
+    finally:
+        g.stop()
+    g.assert_healthy()
+
+
+def test_allow_choice_configs_are_accepted_by_the_filter_in_envoy(arms, tmp_path):
+    """The overlay's pluginConfig (source ranges) as the filter receives it; a client outside the ranges is ignored."""
+    docs = [d for d in yaml.safe_load_all(run_kubectl("kustomize", str(ALLOW_CHOICE_OVERLAY))) if d]
+    (wasm,) = [d for d in docs if d["kind"] == "WasmPlugin"]
+    config = {k: v for k, v in wasm["spec"]["pluginConfig"].items() if k != "sidecar"}
+    g = Gateway(config, arms["nvlink"].port, arms["fs"].port, workdir=tmp_path / "envoy")
+    try:
+        g.start()
+        assert "invalid plugin configuration" not in g.log()
+        r = request(g.port, "POST", "/v1/completions", [("x-kv-backend", "fs")], b"{}", timeout=5)
+        assert r.status == 200 and [v for k, v in r.json()["headers"] if k == "x-kv-backend"] == []
+        assert prom.value(g.stats(), "kvab_invalid_values_total", reason="not_allowed") == 1
+        assert r.header("x-kv-backend-endpoint") is None
+    finally:
+        g.stop()
+    g.assert_healthy()
 
 
 def istio_stats_settings() -> dict:

@@ -75,6 +75,9 @@ class Stack:
             port=ports.get("sidecar", 0), workdir=self.workdir, env=sidecar_env,
         )
         filter_config = dict(filter_config or {})
+        # The local stack shows the serving proxy in every response (kvab check reads it when the sidecar's
+        # counters are not there); the shipped WasmPlugin turns it off.
+        filter_config.setdefault("responseEndpointHeader", True)
         if link_sidecar:
             filter_config["sidecar"] = {"cluster": "kvab-sidecar", "refreshMs": REFRESH_MS}
         self.gateway = Gateway(

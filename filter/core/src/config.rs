@@ -35,6 +35,7 @@ struct RawConfig {
     on_unavailable: UnavailablePolicy,
     sidecar: Option<RawSidecar>,
     allow_choice: Option<RawChoice>,
+    response_endpoint_header: bool,
 }
 
 struct RawSidecar {
@@ -102,6 +103,7 @@ impl RawConfig {
                 "onUnavailable",
                 "sidecar",
                 "allowChoice",
+                "responseEndpointHeader",
             ],
         )?;
         f.finish()?;
@@ -143,6 +145,8 @@ impl RawConfig {
                 .get("allowChoice")
                 .map(|v| RawChoice::read(v, &f.path_of("allowChoice")))
                 .transpose()?,
+            // On unless turned off: configurations written before the field keep their tag.
+            response_endpoint_header: f.bool("responseEndpointHeader")?.unwrap_or(true),
         })
     }
 }
@@ -390,6 +394,7 @@ fn build(raw: RawConfig) -> Result<Plan, ConfigError> {
         split,
         sidecar,
         choice,
+        response_endpoint_header: raw.response_endpoint_header,
     }))
 }
 
@@ -641,6 +646,26 @@ mod tests {
             assert_eq!(plan.arm_names(), ["nvlink", "fs"]);
             assert_eq!(plan.on_missing(), Missing::Passthrough);
             assert_eq!(plan.on_unknown(), Unknown::Reject);
+            assert!(plan.response_endpoint_header());
+        }
+    }
+
+    #[test]
+    fn the_response_endpoint_tag_can_be_turned_off() {
+        let plan = parse(br#"{"responseEndpointHeader":false}"#).unwrap();
+        assert!(!plan.response_endpoint_header());
+        assert!(plan.describe().ends_with(", responseEndpointHeader off"));
+        let plan = parse(br#"{"responseEndpointHeader":true}"#).unwrap();
+        assert!(plan.response_endpoint_header());
+        assert!(!plan.describe().contains("responseEndpointHeader"));
+        for json in [
+            r#"{"responseEndpointHeader":"false"}"#,
+            r#"{"responseEndpointHeader":0}"#,
+            r#"{"responseEndpointHeader":null}"#,
+        ] {
+            let e = err(json);
+            assert_eq!(e.field, "responseEndpointHeader", "{json}");
+            assert!(e.message.contains("expected a boolean"), "{json}: {e}");
         }
     }
 

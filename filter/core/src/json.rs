@@ -75,6 +75,17 @@ impl<'a> Fields<'a> {
             .transpose()
     }
 
+    pub fn bool(&self, key: &str) -> Result<Option<bool>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(other) => Err(error(
+                self.path_of(key),
+                format!("invalid type: {}, expected a boolean", kind(other)),
+            )),
+        }
+    }
+
     pub fn u64(&self, key: &str) -> Result<Option<u64>, ConfigError> {
         self.get(key)
             .map(|v| unsigned(v, &self.path_of(key), u64::MAX))
@@ -234,6 +245,11 @@ mod tests {
             "invalid type: integer `3`, expected a string"
         );
         assert_eq!(a.strings("l").unwrap_err().field, "a.l[1]");
+        assert_eq!(
+            a.bool("s").unwrap_err().message,
+            "invalid type: integer `3`, expected a boolean"
+        );
+        assert_eq!(a.bool("missing").unwrap(), None);
         let e = a.variant("p", &["yes", "no"]).unwrap_err();
         assert_eq!(
             e.message,

@@ -223,6 +223,7 @@ pub(crate) struct Policies {
     pub split: Option<Split>,
     pub sidecar: Option<Sidecar>,
     pub choice: Option<ChoicePolicy>,
+    pub response_endpoint_header: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -239,6 +240,8 @@ pub struct Plan {
     split: Option<Split>,
     sidecar: Option<Sidecar>,
     choice: Option<ChoicePolicy>,
+    /// Whether responses name the upstream `ip:port` in `<header>-endpoint`.
+    response_endpoint_header: bool,
     unknown_body: Vec<u8>,
     ambiguous_body: Vec<u8>,
     /// One per arm: the message names the arm.
@@ -275,6 +278,7 @@ impl Plan {
             ambiguous_body,
             unavailable_bodies,
             choice: p.choice,
+            response_endpoint_header: p.response_endpoint_header,
         }
     }
 
@@ -305,6 +309,12 @@ impl Plan {
     /// `<header>-endpoint`: the upstream `ip:port` that served the response.
     pub fn endpoint_header(&self) -> &str {
         &self.endpoint_header
+    }
+
+    /// Whether responses carry [`Plan::endpoint_header`]. Off, the tag is still stripped from
+    /// requests and responses, so no other value can pass for it.
+    pub fn response_endpoint_header(&self) -> bool {
+        self.response_endpoint_header
     }
 
     pub fn arm_names(&self) -> &[String] {
@@ -372,8 +382,13 @@ impl Plan {
             Some(c) => format!(", allowChoice {}", c.describe()),
             None => String::new(),
         };
+        let endpoint = if self.response_endpoint_header {
+            ""
+        } else {
+            ", responseEndpointHeader off"
+        };
         format!(
-            "header {}, arms [{}], onMissing {missing}, onUnknown {unknown}{choice}{sidecar}",
+            "header {}, arms [{}], onMissing {missing}, onUnknown {unknown}{choice}{sidecar}{endpoint}",
             self.header,
             self.arms.join(", ")
         )

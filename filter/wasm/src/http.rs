@@ -1,5 +1,5 @@
 //! One request's path through the filter: decide and tag on request headers, tag the response
-//! with the arm that served it, count when the stream ends.
+//! with the arm that served it, time its first body byte, count when the stream ends.
 
 use std::rc::Rc;
 
@@ -35,6 +35,9 @@ pub struct RequestContext {
     /// Upstream `ip:port` that answered, and the arm it belongs to per the endpoint map.
     upstream: Option<Box<[u8]>>,
     served: Served,
+    /// Response headers passed without the end of the stream: the time to first byte waits for
+    /// the first body byte.
+    first_byte_pending: bool,
 }
 
 impl RequestContext {
@@ -46,6 +49,18 @@ impl RequestContext {
             start_nanos: 0,
             upstream: None,
             served: Served::None,
+            first_byte_pending: false,
+        }
+    }
+
+    fn record_first_byte(&mut self, now: u64) {
+        self.first_byte_pending = false;
+        if let Some(worker) = self.worker.as_deref() {
+            let metrics = &worker.metrics;
+            metrics.record(
+                metrics.layout.time_to_first_byte(self.arm),
+                now.saturating_sub(self.start_nanos) / 1_000_000,
+            );
         }
     }
 
@@ -153,19 +168,22 @@ impl HttpContext for RequestContext {
         Action::Continue
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some(worker) = self.worker.clone() else {
             return Action::Continue;
         };
         if self.stage != Stage::Admitted {
             return Action::Continue;
         }
-        let (plan, metrics) = (&worker.plan, &worker.metrics);
+        let plan = &worker.plan;
         let now = abi::now_nanos();
-        metrics.record(
-            metrics.layout.time_to_first_byte(self.arm),
-            now.saturating_sub(self.start_nanos) / 1_000_000,
-        );
+        // Streaming servers send the headers before the first token; a response without a body
+        // has no later moment.
+        if end_of_stream {
+            self.record_first_byte(now);
+        } else {
+            self.first_byte_pending = true;
+        }
         self.upstream = abi::property(UPSTREAM_ADDRESS)
             .ok()
             .flatten()
@@ -191,18 +209,31 @@ impl HttpContext for RequestContext {
             );
         }
         match &self.upstream {
-            Some(address) => {
+            Some(address) if plan.response_endpoint_header() => {
                 let _ = abi::replace_header(Headers::Response, plan.endpoint_header(), address);
             }
-            // No upstream (e.g. an Envoy local reply): make sure nobody else's value shows.
-            None => {
+            // No upstream (e.g. an Envoy local reply), or the tag is off: make sure nobody else's
+            // value shows.
+            _ => {
                 let _ = abi::remove_header(Headers::Response, plan.endpoint_header());
             }
         }
         Action::Continue
     }
 
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        // Entered for every chunk of a stream: after the first byte, only this test.
+        if self.first_byte_pending && (body_size > 0 || end_of_stream) {
+            self.record_first_byte(abi::now_nanos());
+        }
+        Action::Continue
+    }
+
     fn on_log(&mut self) {
+        if self.first_byte_pending {
+            // The body never carried a byte (it ended with trailers, or the stream was reset).
+            self.record_first_byte(abi::now_nanos());
+        }
         let Some(worker) = self.worker.as_deref() else {
             return;
         };

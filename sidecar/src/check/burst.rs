@@ -325,7 +325,16 @@ pub fn judge_spread(
     }
     let Some(test) = split_test(&observed, &weights).filter(|_| weights.iter().all(|w| *w > 0.0))
     else {
-        let (result, diagnosis) = if total == 0 {
+        let (result, diagnosis) = if total == 0 && source == NO_ENDPOINT_TAGS {
+            (
+                Outcome::Inconclusive,
+                "the burst was answered, but the gateway's filter does not tag answers with their \
+                 endpoint (responseEndpointHeader: false, as manifests/wasmplugin.yaml ships it) and \
+                 kvab serve's map and counters were not read, so nothing attributes the answers to \
+                 proxies: give --sidecar-url, or set responseEndpointHeader: true while the check runs"
+                    .to_string(),
+            )
+        } else if total == 0 {
             (
                 Outcome::Inconclusive,
                 format!("no traffic observed: nothing shows the burst reached a proxy ({source})"),
@@ -407,13 +416,21 @@ pub fn pool_and_counts(
         })
         .collect();
     let mut counts: BTreeMap<String, f64> = BTreeMap::new();
+    let mut untagged = 0;
     for exchange in shots.iter().flatten().filter(|e| e.status < 500) {
-        if let Some(endpoint) = exchange.header(endpoint_header) {
-            *counts.entry(endpoint.to_string()).or_default() += 1.0;
+        match exchange.header(endpoint_header) {
+            Some(endpoint) => *counts.entry(endpoint.to_string()).or_default() += 1.0,
+            None => untagged += 1,
         }
+    }
+    if counts.is_empty() && untagged > 0 {
+        return (pool, counts, NO_ENDPOINT_TAGS);
     }
     (pool, counts, "response endpoint tags, answers below 500")
 }
+
+/// Step 4's source when the proxies answered but no answer names its endpoint.
+const NO_ENDPOINT_TAGS: &str = "answers below 500, none with an endpoint tag";
 
 /// "No misroutes": over the whole check, no request tagged for one arm was served by another.
 pub fn judge_misroutes(delta: &Counters, arms: &[Arm]) -> Check {

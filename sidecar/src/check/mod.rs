@@ -29,6 +29,7 @@ use std::time::Instant;
 use serde_json::json;
 
 use crate::client::HttpClient;
+use kvab_contract::report::NO_ARM;
 use observe::{Counters, SidecarView};
 use options::{Mode, Options};
 use report::{Check, Outcome, Report};
@@ -208,12 +209,14 @@ async fn run(options: &Options) -> Result<Report, String> {
             &options.unknown_value,
         ))
         .await;
-    let upstream_answers = |arm: &str| -> f64 {
+    // The filter reports every request it admitted once answered, whether a proxy or Envoy itself
+    // answered it, so the counters are complete when they hold every answer (the endpoint tag, which
+    // only upstream answers carry, may be off: responseEndpointHeader).
+    let answers = |arm: &str| -> f64 {
         header_outcomes
             .iter()
             .filter(|(a, _)| a.name == arm)
             .flat_map(|(_, o)| o.iter().flatten())
-            .filter(|e| e.header(&endpoint_header).is_some())
             .count() as f64
     };
     let delta = observe::settle(
@@ -224,7 +227,7 @@ async fn run(options: &Options) -> Result<Report, String> {
         options.settle,
         |d| {
             options.arms.iter().all(|a| {
-                let want = upstream_answers(&a.name);
+                let want = answers(&a.name);
                 (d.routed.is_none() || d.routed_by_served(&a.name).values().sum::<f64>() >= want)
                     && (d.served.is_none()
                         || d.served_by_served(&a.name).values().sum::<f64>() >= want)
@@ -258,21 +261,14 @@ async fn run(options: &Options) -> Result<Report, String> {
         true,
     )
     .await;
-    let reached: Vec<&str> = shots
-        .iter()
-        .flatten()
-        .filter_map(|e| e.header(&endpoint_header))
-        .collect();
+    let answered = shots.iter().flatten().count() as f64;
     let burst_delta = observe::settle(
         &client,
         sidecar_url,
         admin_url,
         &before_burst,
         options.settle,
-        |d| {
-            d.routed.is_none()
-                || d.routed_by_served("none").values().sum::<f64>() >= reached.len() as f64
-        },
+        |d| d.routed.is_none() || d.routed_by_served(NO_ARM).values().sum::<f64>() >= answered,
     )
     .await;
     checks.push(burst::judge_status(
