@@ -5,7 +5,8 @@
 //! random draw. Both map a 64-bit value onto the cumulative weights with a multiply-shift, which
 //! has no modulo bias worth measuring for weights up to 1e6.
 
-use crate::plan::ArmId;
+use crate::arm::ArmId;
+use crate::field::trim_ows;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Split {
@@ -50,7 +51,7 @@ impl Split {
     /// Arm for a session key: stable for the same key bytes (surrounding spaces and tabs
     /// ignored, as documented; other bytes are part of the key).
     pub fn pick_for_key(&self, key: &[u8]) -> ArmId {
-        self.pick(key_hash(crate::plan::trim_ows(key)))
+        self.pick(key_hash(trim_ows(key)))
     }
 
     /// The configured weights, for reports and tests: `(arm, weight)`.

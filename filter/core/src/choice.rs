@@ -135,7 +135,7 @@ impl ChoicePolicy {
 
     /// Whether one occurrence of the policy header grants the choice.
     pub fn allows_header_value(&self, value: &[u8]) -> bool {
-        let value = crate::plan::trim_ows(value);
+        let value = crate::field::trim_ows(value);
         if self.values.is_empty() {
             !value.is_empty()
         } else {

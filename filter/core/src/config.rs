@@ -2,7 +2,6 @@
 //! Envoy), validated once into the runtime [`Plan`] the request path reads.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use serde_json::Value;
 
@@ -12,6 +11,7 @@ use kvab_contract::report::{
 
 use crate::assign::Split;
 use crate::choice::{ChoicePolicy, IpRange, MAX_HEADER_VALUES, MAX_HEADER_VALUE_LEN, MAX_RANGES};
+pub use crate::config_error::ConfigError;
 use crate::json::{self, error, Fields};
 use crate::plan::{ArmId, Missing, Plan, Unavailable, Unknown};
 use crate::sidecar::Sidecar;
@@ -28,11 +28,11 @@ const MAX_WEIGHT: u32 = 1_000_000;
 struct RawConfig {
     header: String,
     arms: Vec<RawArm>,
-    on_missing: MissingPolicy,
-    on_unknown: UnknownPolicy,
+    on_missing: Missing<()>,
+    on_unknown: Unknown<()>,
     default_arm: Option<String>,
     split: Option<RawSplit>,
-    on_unavailable: UnavailablePolicy,
+    on_unavailable: Unavailable,
     sidecar: Option<RawSidecar>,
     allow_choice: Option<RawChoice>,
     response_endpoint_header: bool,
@@ -68,26 +68,6 @@ struct RawSplit {
     key_header: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum MissingPolicy {
-    Passthrough,
-    Default,
-    Split,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum UnavailablePolicy {
-    Reject,
-    Passthrough,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum UnknownPolicy {
-    Reject,
-    Passthrough,
-    Default,
-}
-
 impl RawConfig {
     fn read(value: &Value) -> Result<RawConfig, ConfigError> {
         let f = Fields::new(
@@ -119,14 +99,14 @@ impl RawConfig {
             header: f.string("header")?.unwrap_or_else(default_header),
             arms,
             on_missing: match f.variant("onMissing", &["passthrough", "default", "split"])? {
-                Some("default") => MissingPolicy::Default,
-                Some("split") => MissingPolicy::Split,
-                _ => MissingPolicy::Passthrough,
+                Some("default") => Missing::Default(()),
+                Some("split") => Missing::Split,
+                _ => Missing::Passthrough,
             },
             on_unknown: match f.variant("onUnknown", &["reject", "passthrough", "default"])? {
-                Some("passthrough") => UnknownPolicy::Passthrough,
-                Some("default") => UnknownPolicy::Default,
-                _ => UnknownPolicy::Reject,
+                Some("passthrough") => Unknown::Passthrough,
+                Some("default") => Unknown::Default(()),
+                _ => Unknown::Reject,
             },
             default_arm: f.string("defaultArm")?,
             split: f
@@ -134,8 +114,8 @@ impl RawConfig {
                 .map(|v| RawSplit::read(v, &f.path_of("split")))
                 .transpose()?,
             on_unavailable: match f.variant("onUnavailable", &["reject", "passthrough"])? {
-                Some("passthrough") => UnavailablePolicy::Passthrough,
-                _ => UnavailablePolicy::Reject,
+                Some("passthrough") => Unavailable::Passthrough,
+                _ => Unavailable::Reject,
             },
             sidecar: f
                 .get("sidecar")
@@ -247,38 +227,6 @@ fn default_arms() -> Vec<RawArm> {
     ]
 }
 
-/// A configuration error, naming the field it is about (`arms[1].aliases[0]`, `split.weights.fs`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub field: String,
-    pub message: String,
-}
-
-/// Field paths and messages quote the input (unknown keys, bad names); control characters in it
-/// are written escaped (`\n`, `\u{1b}`), so a refusal is always one printable log line.
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if !self.field.is_empty() {
-            write_printable(f, &self.field)?;
-            f.write_str(": ")?;
-        }
-        write_printable(f, &self.message)
-    }
-}
-
-fn write_printable(f: &mut fmt::Formatter<'_>, s: &str) -> fmt::Result {
-    for c in s.chars() {
-        if c.is_control() {
-            write!(f, "{}", c.escape_default())?;
-        } else {
-            fmt::Write::write_char(f, c)?;
-        }
-    }
-    Ok(())
-}
-
-impl std::error::Error for ConfigError {}
-
 /// Parses and validates the plugin configuration. Empty input means all defaults.
 pub fn parse(json: &[u8]) -> Result<Plan, ConfigError> {
     let trimmed = json.trim_ascii();
@@ -353,14 +301,14 @@ fn build(raw: RawConfig) -> Result<Plan, ConfigError> {
             .ok_or_else(|| error("defaultArm", format!("required when {what} is \"default\"")))
     };
     let on_unknown = match raw.on_unknown {
-        UnknownPolicy::Reject => Unknown::Reject,
-        UnknownPolicy::Passthrough => Unknown::Passthrough,
-        UnknownPolicy::Default => Unknown::Default(needs_default("onUnknown")?),
+        Unknown::Reject => Unknown::Reject,
+        Unknown::Passthrough => Unknown::Passthrough,
+        Unknown::Default(()) => Unknown::Default(needs_default("onUnknown")?),
     };
     let on_missing = match raw.on_missing {
-        MissingPolicy::Passthrough => Missing::Passthrough,
-        MissingPolicy::Default => Missing::Default(needs_default("onMissing")?),
-        MissingPolicy::Split => Missing::Split,
+        Missing::Passthrough => Missing::Passthrough,
+        Missing::Default(()) => Missing::Default(needs_default("onMissing")?),
+        Missing::Split => Missing::Split,
     };
 
     let split = match (&raw.split, on_missing) {
@@ -379,10 +327,7 @@ fn build(raw: RawConfig) -> Result<Plan, ConfigError> {
         Some(sidecar) => Some(build_sidecar(sidecar)?),
         None => None,
     };
-    let on_unavailable = match raw.on_unavailable {
-        UnavailablePolicy::Reject => Unavailable::Reject,
-        UnavailablePolicy::Passthrough => Unavailable::Passthrough,
-    };
+    let on_unavailable = raw.on_unavailable;
 
     Ok(Plan::new(crate::plan::Policies {
         header,

@@ -7,7 +7,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::config::ConfigError;
+use crate::config_error::ConfigError;
 
 pub fn error(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError {

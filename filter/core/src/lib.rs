@@ -13,10 +13,13 @@
     )
 )]
 
+mod arm;
 pub mod assign;
 pub mod choice;
 pub mod config;
+mod config_error;
 pub mod endpoints;
+mod field;
 pub mod headers;
 mod json;
 pub mod metrics;

@@ -1,31 +1,32 @@
 //! The validated configuration in the form the request path uses, and the per-request decision:
 //! which arm a request is tagged with, or whether it is left untagged or rejected.
 
+pub use crate::arm::ArmId;
 use crate::assign::Split;
 use crate::choice::ChoicePolicy;
+use crate::field::trim_ows;
+pub use crate::reply::Rejection;
 use crate::sidecar::Sidecar;
 use kvab_contract::report::NO_ARM;
 
-/// Index of a configured arm (in configuration order).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ArmId(pub usize);
-
-/// What to do when the request carries no arm header (or only an empty value).
+/// What to do when the request carries no arm header (or only an empty value). `Arm` is the
+/// default arm: `()` as configured (`onMissing: "default"`), an `ArmId` once `defaultArm` is resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Missing {
+pub enum Missing<Arm = ArmId> {
     /// Leave it untagged: the scheduler may pick any proxy (the runbook's Step 4).
     Passthrough,
-    Default(ArmId),
+    Default(Arm),
     Split,
 }
 
 /// What to do when the header names no configured arm or several different ones.
+/// `Arm` as in `Missing`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unknown {
+pub enum Unknown<Arm = ArmId> {
     Reject,
     /// Strip the value and leave the request untagged.
     Passthrough,
-    Default(ArmId),
+    Default(Arm),
 }
 
 /// What to do when the endpoint map says the requested arm has no ready endpoint.
@@ -84,48 +85,6 @@ impl Invalid {
             Invalid::Unknown => "unknown",
             Invalid::Ambiguous => "ambiguous",
             Invalid::NotAllowed => "not_allowed",
-        }
-    }
-}
-
-/// A request the filter answers itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rejection {
-    UnknownBackend,
-    AmbiguousBackend,
-    /// The requested arm has no ready endpoint (per a fresh endpoint map).
-    Unavailable,
-}
-
-impl Rejection {
-    pub const ALL: [Rejection; 3] = [
-        Rejection::UnknownBackend,
-        Rejection::AmbiguousBackend,
-        Rejection::Unavailable,
-    ];
-
-    /// The JSON error `code`, also the label of `kvab_rejected_total{reason}`.
-    pub fn code(self) -> &'static str {
-        match self {
-            Rejection::UnknownBackend => "unknown_kv_backend",
-            Rejection::AmbiguousBackend => "ambiguous_kv_backend",
-            Rejection::Unavailable => "kv_backend_unavailable",
-        }
-    }
-
-    pub fn status(self) -> u32 {
-        match self {
-            Rejection::UnknownBackend | Rejection::AmbiguousBackend => 400,
-            Rejection::Unavailable => 503,
-        }
-    }
-
-    /// Envoy's response code details for the local reply (shows in access logs).
-    pub fn details(self) -> &'static str {
-        match self {
-            Rejection::UnknownBackend => "kvab_unknown_kv_backend",
-            Rejection::AmbiguousBackend => "kvab_ambiguous_kv_backend",
-            Rejection::Unavailable => "kvab_kv_backend_unavailable",
         }
     }
 }
@@ -529,17 +488,6 @@ impl Plan {
     }
 }
 
-/// Trims RFC 9110 optional whitespace (SP, HTAB).
-pub(crate) fn trim_ows(bytes: &[u8]) -> &[u8] {
-    let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
-    let start = bytes.iter().position(|b| !is_ows(b)).unwrap_or(bytes.len());
-    let end = bytes
-        .iter()
-        .rposition(|b| !is_ows(b))
-        .map_or(start, |i| i + 1);
-    bytes.get(start..end).unwrap_or(&[])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -797,13 +745,5 @@ mod tests {
             p.describe(),
             "header x-kv-backend, arms [nvlink, fs], onMissing split (fs=1, nvlink=3), onUnknown default (fs)"
         );
-    }
-
-    #[test]
-    fn trim_ows_only_trims_blanks() {
-        assert_eq!(trim_ows(b" \t a b \t"), b"a b");
-        assert_eq!(trim_ows(b"   "), b"");
-        assert_eq!(trim_ows(b""), b"");
-        assert_eq!(trim_ows(b"\na\r"), b"\na\r");
     }
 }

@@ -1,8 +1,50 @@
 //! Bodies of the answers the filter gives itself, in the OpenAI error shape clients of an
 //! OpenAI-compatible server already parse.
 
+use crate::arm::ArmId;
 use crate::json::push_string;
-use crate::plan::{ArmId, Rejection};
+
+/// A request the filter answers itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    UnknownBackend,
+    AmbiguousBackend,
+    /// The requested arm has no ready endpoint (per a fresh endpoint map).
+    Unavailable,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 3] = [
+        Rejection::UnknownBackend,
+        Rejection::AmbiguousBackend,
+        Rejection::Unavailable,
+    ];
+
+    /// The JSON error `code`, also the label of `kvab_rejected_total{reason}`.
+    pub fn code(self) -> &'static str {
+        match self {
+            Rejection::UnknownBackend => "unknown_kv_backend",
+            Rejection::AmbiguousBackend => "ambiguous_kv_backend",
+            Rejection::Unavailable => "kv_backend_unavailable",
+        }
+    }
+
+    pub fn status(self) -> u32 {
+        match self {
+            Rejection::UnknownBackend | Rejection::AmbiguousBackend => 400,
+            Rejection::Unavailable => 503,
+        }
+    }
+
+    /// Envoy's response code details for the local reply (shows in access logs).
+    pub fn details(self) -> &'static str {
+        match self {
+            Rejection::UnknownBackend => "kvab_unknown_kv_backend",
+            Rejection::AmbiguousBackend => "kvab_ambiguous_kv_backend",
+            Rejection::Unavailable => "kvab_kv_backend_unavailable",
+        }
+    }
+}
 
 /// Builds the JSON body of a rejection. Called once per configuration, never per request.
 pub(crate) fn rejection_body(
@@ -66,8 +108,8 @@ pub(crate) fn rejection_body(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use crate::config::parse;
-    use crate::plan::Rejection;
     use serde_json::Value;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
@@ -100,10 +142,9 @@ mod tests {
             body["error"]["message"],
             "x-kv-backend names more than one KV backend; send exactly one of: nvlink, fs"
         );
-        let body: Value = serde_json::from_slice(
-            plan.rejection_body(Rejection::Unavailable, Some(crate::ArmId(1))),
-        )
-        .unwrap();
+        let body: Value =
+            serde_json::from_slice(plan.rejection_body(Rejection::Unavailable, Some(ArmId(1))))
+                .unwrap();
         assert_eq!(body["error"]["code"], "kv_backend_unavailable");
         assert_eq!(body["error"]["type"], "service_unavailable_error");
         assert_eq!(
