@@ -1276,3 +1276,33 @@ def test_sidecar_image_is_multi_stage_distroless_and_matches_the_deployment():
     assert mounts["config"] == config_dir and key in one("ConfigMap", "kvab-config")["data"]
     # The OCI alternative image holds just the module, where Istio looks for it.
     assert dockerfile("filter-oci.Dockerfile") == [("FROM", "scratch"), ("COPY", "target/filter/kvab_filter.wasm /plugin.wasm")]
+
+
+def test_kvab_check_clusters_defaults_name_the_shipped_objects():
+    """`kvab check --cluster` with no flags reads exactly the objects `kubectl apply -f manifests/` creates:
+    the EPP's ConfigMap key its Deployment mounts as --config-file, the EPP Deployment whose first container
+    logs, kvab serve's Service and port, and the HTTPRoute to the pool."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVAB_")}
+    plan = subprocess.run([kvab_binary(), "check", "--cluster", "--dry-run"], capture_output=True, text=True,
+                          timeout=30, env={**env, "KUBECONFIG": "/nonexistent"})
+    assert plan.returncode == 0, plan.stderr
+    reads = set(re.findall(r"GET (/api\S*)", plan.stdout))
+    applied = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d for _, d in APPLIED}
+
+    configmap = f"/api/v1/namespaces/{VLLM_NS}/configmaps/{EPP_CONFIGMAP}"
+    key = re.search(re.escape(configmap) + r" \(key (\S+)\)", plan.stdout).group(1)
+    assert configmap in reads and key in applied[("ConfigMap", VLLM_NS, EPP_CONFIGMAP)]["data"]
+    deployment = applied[("Deployment", VLLM_NS, EPP)]
+    assert f"/apis/apps/v1/namespaces/{VLLM_NS}/deployments/{EPP}," in plan.stdout
+    epp = deployment["spec"]["template"]["spec"]["containers"][0]
+    mount = next(m for m in epp["volumeMounts"] if f"--config-file={m['mountPath']}/{key}" in epp["args"])
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == EPP_CONFIGMAP, volume
+
+    service = applied[("Service", VLLM_NS, "kvab")]
+    assert f"/api/v1/namespaces/{VLLM_NS}/services/kvab," in plan.stdout
+    assert "svc/kvab:18090" in plan.stdout and 18090 in [p["port"] for p in service["spec"]["ports"]]
+
+    route = f"/apis/gateway.networking.k8s.io/v1/namespaces/{SCHEDULER_NS}/httproutes/llm-d-inference-scheduling"
+    assert route in reads and ("HTTPRoute", SCHEDULER_NS, "llm-d-inference-scheduling") in applied
+    assert f"svc/{GATEWAY_SERVICE}:80" in plan.stdout
