@@ -12,6 +12,7 @@ use std::sync::LazyLock;
 
 use kvab_filter_core::headers::{scan_request_headers, serialize_pairs, HeaderPairs};
 use kvab_filter_core::metrics::MetricLayout;
+use kvab_filter_core::request::{on_request_headers, HeaderEdit, RequestInputs};
 use kvab_filter_core::{parse, ArmId, Decision, Invalid, Plan, Rejection, Source, Verdict};
 
 /// What the model needs to know about one configuration.
@@ -288,6 +289,87 @@ pub fn check_request(m: &Model, request: &Request, draw: u64) {
             assert_eq!(values, [m.plan.arm_label(Some(arm)).as_bytes()]);
         }
     }
+    check_effects(m, map, source, draw, &verdict, forged, present);
+}
+
+/// The request path as one step (`request::on_request_headers`, no endpoint map) does what the verdict
+/// says: its edits, counts, reply and arm follow from the decision, the forged tags and the header.
+fn check_effects(
+    m: &Model,
+    map: &[u8],
+    source: Option<&[u8]>,
+    draw: u64,
+    verdict: &Verdict,
+    forged: bool,
+    present: bool,
+) {
+    struct Host<'a>(Option<&'a [u8]>, u64);
+    impl RequestInputs for Host<'_> {
+        fn source_address(&mut self) -> Option<Box<[u8]>> {
+            self.0.map(Box::from)
+        }
+        fn next_draw(&mut self) -> u64 {
+            self.1
+        }
+        fn ready_endpoints(&mut self, _arm: ArmId) -> Option<u32> {
+            None
+        }
+    }
+    let layout = MetricLayout::new(&m.plan);
+    let effects = on_request_headers(&m.plan, &layout, map, &mut Host(source, draw));
+    let plan = &m.plan;
+    let mut edits = Vec::new();
+    if forged {
+        edits.push(HeaderEdit::Remove(plan.endpoint_header()));
+    }
+    let mut counts: Vec<usize> = verdict
+        .invalid
+        .map(|why| layout.invalid_values(why))
+        .into_iter()
+        .collect();
+    match verdict.decision {
+        Decision::Reject(r) => {
+            counts.push(layout.rejected(r));
+            assert_eq!(effects.reply, Some((r, None)));
+            assert_eq!(effects.arm, None);
+        }
+        Decision::Tag { arm, source } => {
+            let canonical = plan.arm_label(Some(arm));
+            let values: Vec<&[u8]> = HeaderPairs::new(map)
+                .filter(|(k, _)| *k == plan.header().as_bytes())
+                .map(|(_, v)| v)
+                .collect();
+            if values != [canonical.as_bytes()] {
+                edits.push(HeaderEdit::Set(plan.header(), canonical.as_bytes()));
+            }
+            edits.push(HeaderEdit::Set(
+                plan.source_header(),
+                source.label().as_bytes(),
+            ));
+            counts.push(layout.requests(Some((arm, source))));
+            assert_eq!((effects.reply, effects.arm), (None, Some(arm)));
+        }
+        Decision::Untagged => {
+            if present {
+                edits.push(HeaderEdit::Remove(plan.header()));
+            }
+            if forged {
+                edits.push(HeaderEdit::Remove(plan.source_header()));
+            }
+            counts.push(layout.requests(None));
+            assert_eq!((effects.reply, effects.arm), (None, None));
+        }
+    }
+    assert_eq!(
+        effects.edits().collect::<Vec<_>>(),
+        edits,
+        "edits for {verdict:?}"
+    );
+    assert_eq!(
+        effects.counts().collect::<Vec<_>>(),
+        counts,
+        "counts for {verdict:?}"
+    );
 }
 
 /// Every decision is a configured arm, untagged (`none`), or a rejection with its code.

@@ -25,6 +25,7 @@ mod json;
 pub mod metrics;
 pub mod plan;
 mod reply;
+pub mod request;
 pub mod sidecar;
 pub mod tally;
 

@@ -4,9 +4,11 @@
 use std::rc::Rc;
 
 use kvab_filter_core::endpoints::Served;
-use kvab_filter_core::headers::scan_request_headers;
 use kvab_filter_core::metrics::CodeClass;
-use kvab_filter_core::{Admission, ArmId, Decision, Rejection};
+use kvab_filter_core::request::{
+    on_reply_refused, on_request_headers, HeaderEdit, RequestEffects, RequestInputs,
+};
+use kvab_filter_core::ArmId;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
@@ -64,13 +66,24 @@ impl RequestContext {
         }
     }
 
-    fn reject(&mut self, worker: &Worker, rejection: Rejection, arm: Option<ArmId>) -> Action {
-        let plan = &worker.plan;
+    /// Applies what the core decided: header edits and counts, then the local reply if any.
+    fn apply(&mut self, worker: &Worker, effects: &RequestEffects<'_>) -> Action {
+        for edit in effects.edits() {
+            let _ = match edit {
+                HeaderEdit::Set(name, value) => abi::replace_header(Headers::Request, name, value),
+                HeaderEdit::Remove(name) => abi::remove_header(Headers::Request, name),
+            };
+        }
+        for index in effects.counts() {
+            worker.metrics.count(index);
+        }
+        self.arm = effects.arm;
+        let Some((rejection, arm)) = effects.reply else {
+            self.stage = Stage::Admitted;
+            return Action::Continue;
+        };
         self.stage = Stage::Rejected;
-        worker
-            .metrics
-            .count(worker.metrics.layout.rejected(rejection));
-        let body = plan.rejection_body(rejection, arm);
+        let body = worker.plan.rejection_body(rejection, arm);
         if abi::send_local_response(
             rejection.status(),
             rejection.details(),
@@ -81,13 +94,31 @@ impl RequestContext {
         {
             return Action::Pause;
         }
-        // The host refused the local reply: let the request through untagged rather than hang it.
-        self.stage = Stage::Admitted;
-        self.arm = None;
-        let _ = abi::remove_header(Headers::Request, plan.header());
-        let _ = abi::remove_header(Headers::Request, plan.source_header());
-        worker.metrics.count(worker.metrics.layout.requests(None));
-        Action::Continue
+        self.apply(
+            worker,
+            &on_reply_refused(&worker.plan, &worker.metrics.layout),
+        )
+    }
+}
+
+/// The host's answers to what the core asks while deciding a request.
+struct HostInputs<'w> {
+    worker: &'w Worker,
+    now: u64,
+}
+
+impl RequestInputs for HostInputs<'_> {
+    fn source_address(&mut self) -> Option<Box<[u8]>> {
+        abi::property(SOURCE_ADDRESS).ok().flatten()
+    }
+
+    fn next_draw(&mut self) -> u64 {
+        self.worker.next_draw()
+    }
+
+    fn ready_endpoints(&mut self, arm: ArmId) -> Option<u32> {
+        let link = self.worker.link.as_ref()?;
+        link.fresh_map(self.now).map(|map| map.ready_endpoints(arm))
     }
 }
 
@@ -103,7 +134,6 @@ impl HttpContext for RequestContext {
             return Action::Continue;
         };
         self.start_nanos = abi::now_nanos();
-        let (plan, metrics) = (&worker.plan, &worker.metrics);
         let map = match abi::header_pairs(Headers::Request) {
             Ok(map) => map.unwrap_or_default(),
             Err(e) => {
@@ -114,58 +144,12 @@ impl HttpContext for RequestContext {
                 Box::default()
             }
         };
-        let scan = scan_request_headers(plan, &map);
-        // Reads the source address only under an `allowChoice` policy with source ranges.
-        let may_choose = scan.may_choose(plan, || abi::property(SOURCE_ADDRESS).ok().flatten());
-        let verdict = plan.decide_for(&scan.reading, may_choose, scan.split_key, || {
-            worker.next_draw()
-        });
-        if let Some(why) = verdict.invalid {
-            metrics.count(metrics.layout.invalid_values(why));
-        }
-        if scan.forged_tags {
-            let _ = abi::remove_header(Headers::Request, plan.endpoint_header());
-        }
-        match verdict.decision {
-            Decision::Reject(rejection) => return self.reject(&worker, rejection, None),
-            Decision::Tag { arm, source } => {
-                let fresh = worker
-                    .link
-                    .as_ref()
-                    .and_then(|l| l.fresh_map(self.start_nanos));
-                match plan.admit(fresh.map(|m| m.ready_endpoints(arm))) {
-                    Admission::Reject(rejection) => {
-                        metrics.count(metrics.layout.unavailable(arm));
-                        return self.reject(&worker, rejection, Some(arm));
-                    }
-                    Admission::Unavailable => metrics.count(metrics.layout.unavailable(arm)),
-                    Admission::Admit => {}
-                }
-                self.stage = Stage::Admitted;
-                self.arm = Some(arm);
-                if !scan.reading.already_canonical(arm) {
-                    let name = plan.arm_label(Some(arm));
-                    let _ = abi::replace_header(Headers::Request, plan.header(), name.as_bytes());
-                }
-                let _ = abi::replace_header(
-                    Headers::Request,
-                    plan.source_header(),
-                    source.label().as_bytes(),
-                );
-                metrics.count(metrics.layout.requests(Some((arm, source))));
-            }
-            Decision::Untagged => {
-                self.stage = Stage::Admitted;
-                if scan.reading.present() {
-                    let _ = abi::remove_header(Headers::Request, plan.header());
-                }
-                if scan.forged_tags {
-                    let _ = abi::remove_header(Headers::Request, plan.source_header());
-                }
-                metrics.count(metrics.layout.requests(None));
-            }
-        }
-        Action::Continue
+        let mut inputs = HostInputs {
+            worker: &worker,
+            now: self.start_nanos,
+        };
+        let effects = on_request_headers(&worker.plan, &worker.metrics.layout, &map, &mut inputs);
+        self.apply(&worker, &effects)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
