@@ -74,6 +74,26 @@ fn ecdf(sample: &[f64]) -> Vec<(f64, f64)> {
     corners
 }
 
+/// The short line of arm `i`'s colour that stands for its series in the legend.
+fn legend_line(i: usize, x: i32, y: i32) -> PathElement<(i32, i32)> {
+    PathElement::new(vec![(x, y), (x + 16, y)], color(i).stroke_width(2))
+}
+
+/// Every plot's legend: the series labels in a framed, half-transparent box at `position`.
+fn draw_legend<'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, CT>,
+    position: SeriesLabelPosition,
+) -> Result<(), String> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .label_font(("sans-serif", 12))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())
+}
+
 type Draw<'a> = Box<
     dyn FnOnce(&DrawingArea<SVGBackend<'_>, plotters::coord::Shift>) -> Result<(), String> + 'a,
 >;
@@ -127,18 +147,9 @@ fn ecdf_plot(title: &str, x_label: &str, arms: &[(String, Vec<f64>)]) -> Result<
                 .draw_series(LineSeries::new(corners, color(i).stroke_width(2)))
                 .map_err(|e| e.to_string())?
                 .label(format!("{arm} (n={})", sample.len()))
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 16, y)], color(i).stroke_width(2))
-                });
+                .legend(move |(x, y)| legend_line(i, x, y));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .label_font(("sans-serif", 12))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| e.to_string())
+        draw_legend(&mut chart, SeriesLabelPosition::LowerRight)
     }))
 }
 
@@ -209,21 +220,12 @@ pub fn binned_cdf_plot(title: &str, x_label: &str, arms: &[BinnedCdf]) -> Result
                 .draw_series(LineSeries::new(points.clone(), color(i).stroke_width(2)))
                 .map_err(|e| e.to_string())?
                 .label(format!("{arm} (n={n:.0})"))
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 16, y)], color(i).stroke_width(2))
-                });
+                .legend(move |(x, y)| legend_line(i, x, y));
             chart
                 .draw_series(points.iter().map(|&p| Circle::new(p, 3, color(i).filled())))
                 .map_err(|e| e.to_string())?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .label_font(("sans-serif", 12))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| e.to_string())
+        draw_legend(&mut chart, SeriesLabelPosition::LowerRight)
     }))
 }
 
@@ -289,9 +291,7 @@ fn median_plot(metric: &str, arms: &[String], rows: &[MedianRow]) -> Result<Stri
                 ))
                 .map_err(|e| e.to_string())?
                 .label(arm.clone())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 16, y)], color(i).stroke_width(2))
-                });
+                .legend(move |(x, y)| legend_line(i, x, y));
             chart
                 .draw_series(
                     points
@@ -307,14 +307,7 @@ fn median_plot(metric: &str, arms: &[String], rows: &[MedianRow]) -> Result<Stri
                 )
                 .map_err(|e| e.to_string())?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .label_font(("sans-serif", 12))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| e.to_string())
+        draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)
     }))
 }
 
