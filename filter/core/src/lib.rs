@@ -22,6 +22,7 @@ pub mod endpoints;
 mod field;
 pub mod headers;
 mod json;
+pub mod link;
 pub mod metrics;
 pub mod plan;
 mod reply;

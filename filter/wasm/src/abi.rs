@@ -7,6 +7,8 @@
 use std::ptr::{null, null_mut};
 use std::time::Duration;
 
+use kvab_filter_core::link::SharedValue;
+
 /// A non-OK status returned by the host (proxy-wasm ABI 0.2.1 numbering).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostError(pub u32);
@@ -284,19 +286,14 @@ pub fn http_call_response_body(size: usize) -> Result<Option<Box<[u8]>>, HostErr
 }
 
 /// A value shared by every worker VM of this plugin, with its compare-and-swap token.
-pub struct Shared {
-    pub value: Box<[u8]>,
-    pub cas: u32,
-}
-
-pub fn shared_data(key: &str) -> Result<Option<Shared>, HostError> {
+pub fn shared_data(key: &str) -> Result<Option<SharedValue>, HostError> {
     let mut data: *mut u8 = null_mut();
     let mut size: usize = 0;
     let mut cas: u32 = 0;
     // SAFETY: pointer and length describe a live string; out-pointers are valid for the call.
     match unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) }
     {
-        OK => Ok(Some(Shared {
+        OK => Ok(Some(SharedValue {
             value: owned(data, size),
             cas,
         })),
