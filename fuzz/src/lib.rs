@@ -865,3 +865,314 @@ pub fn check_report_round_trip(data: &[u8]) {
         "the journal replays to other counters"
     );
 }
+
+/// The link of two worker VMs to the sidecar, driven by the fuzzer: 3-byte ops record a request,
+/// move the clock, tick a worker, answer a worker's oldest call (a map, 304, garbage, a timeout or
+/// an error; a report applied and acknowledged, lost, applied with its answer lost, or refused as
+/// too large) or read a worker's map. Checked throughout: one fetch per `refreshMs` across both
+/// workers, one report in flight per worker, consecutive sequences, and a map only while some
+/// answer confirmed it within `staleAfterMs`. At the end every call is answered until nothing is
+/// left, and the sidecar's ledger must hold exactly the requests recorded.
+pub fn check_link(data: &[u8]) {
+    use std::cell::RefCell;
+    use std::collections::{BTreeMap, VecDeque};
+
+    use kvab_contract::report::REPORTS_PATH;
+    use kvab_filter_core::endpoints::Served;
+    use kvab_filter_core::link::{HostStatus, Link, LinkHost, Outgoing, SharedValue};
+    use kvab_filter_core::metrics::CodeClass;
+
+    const MS: u64 = 1_000_000;
+    const REFRESH_MS: u64 = 100;
+    const STALE_MS: u64 = 300;
+
+    #[derive(Default)]
+    struct Store {
+        values: BTreeMap<String, (Vec<u8>, u32)>,
+        writes: u32,
+    }
+
+    struct Sent {
+        token: u32,
+        report: Option<Report>,
+        if_none_match: Option<String>,
+    }
+
+    struct Host<'s> {
+        store: &'s RefCell<Store>,
+        tokens: &'s RefCell<u32>,
+        pending: VecDeque<Sent>,
+        answer_body: Vec<u8>,
+    }
+
+    impl LinkHost for Host<'_> {
+        fn shared(&mut self, key: &str) -> Result<Option<SharedValue>, HostStatus> {
+            Ok(self
+                .store
+                .borrow()
+                .values
+                .get(key)
+                .map(|(v, cas)| SharedValue {
+                    value: v.clone().into_boxed_slice(),
+                    cas: *cas,
+                }))
+        }
+
+        fn set_shared(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), HostStatus> {
+            let mut store = self.store.borrow_mut();
+            if cas != 0 && store.values.get(key).is_some_and(|(_, c)| *c != cas) {
+                return Err(HostStatus(8));
+            }
+            store.writes += 1;
+            let written = store.writes;
+            store
+                .values
+                .insert(key.to_owned(), (value.to_vec(), written));
+            Ok(())
+        }
+
+        fn call(&mut self, call: Outgoing<'_>) -> Result<u32, HostStatus> {
+            let header = |name: &str| {
+                call.headers
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            };
+            let report = (header(":path").as_deref() == Some(REPORTS_PATH)).then(|| {
+                serde_json::from_slice(call.body)
+                    .unwrap_or_else(|e| panic!("the link's report is not a contract Report: {e}"))
+            });
+            *self.tokens.borrow_mut() += 1;
+            let token = *self.tokens.borrow();
+            self.pending.push_back(Sent {
+                token,
+                report,
+                if_none_match: header("if-none-match"),
+            });
+            Ok(token)
+        }
+
+        fn call_response_body(&mut self, size: usize) -> Option<Box<[u8]>> {
+            Some(self.answer_body.get(..size)?.to_vec().into_boxed_slice())
+        }
+
+        fn warn(&mut self, _message: &str) {}
+    }
+
+    let plan = parse(
+        format!(r#"{{"sidecar":{{"cluster":"kvab","refreshMs":{REFRESH_MS},"timeoutMs":50,"staleAfterMs":{STALE_MS}}}}}"#)
+            .as_bytes(),
+    )
+    .unwrap();
+    let sidecar = plan.sidecar().unwrap().clone();
+    let store = RefCell::new(Store::default());
+    let tokens = RefCell::new(0);
+    let host = || Host {
+        store: &store,
+        tokens: &tokens,
+        pending: VecDeque::new(),
+        answer_body: Vec::new(),
+    };
+    let mut links = [
+        Link::new(&plan, sidecar.clone(), "w0".into(), MS),
+        Link::new(&plan, sidecar, "w1".into(), MS),
+    ];
+    let mut hosts = [host(), host()];
+    let arms = report_arms();
+    let mut ledger = Ledger::default();
+    let (mut recorded, mut added) = (0u128, 0u128);
+    let mut now = MS;
+    let mut last_fetch: Option<u64> = None;
+    let mut last_sequence = [0u64; 2];
+    let mut maps_served = 0u32;
+    // ETag → map version, and when each ETag was last confirmed (200 or 304).
+    let versions: RefCell<BTreeMap<String, String>> = RefCell::default();
+    let confirmed: RefCell<BTreeMap<String, u64>> = RefCell::default();
+
+    // Answers worker `w`'s oldest call; `how` picks the answer. Returns false when none is pending.
+    let mut answer = |links: &mut [Link; 2],
+                      hosts: &mut [Host<'_>; 2],
+                      w: usize,
+                      how: u8,
+                      now: u64,
+                      ledger: &mut Ledger,
+                      added: &mut u128|
+     -> bool {
+        let Some(sent) = hosts[w].pending.pop_front() else {
+            return false;
+        };
+        let (status, etag, body): (&[u8], Option<String>, Vec<u8>) = match &sent.report {
+            None => match how % 6 {
+                0 => {
+                    maps_served += 1;
+                    let (version, etag) =
+                        (format!("v{maps_served}"), format!("\"e{maps_served}\""));
+                    versions.borrow_mut().insert(etag.clone(), version.clone());
+                    let ready = maps_served % 2 == 0;
+                    let map = format!(
+                        r#"{{"version":"{version}","backends":{{"nvlink":{{"endpoints":[{{"address":"10.0.0.5:8080","ready":{ready}}}]}},"fs":{{"endpoints":[{{"address":"10.0.0.7:8080","ready":true}}]}}}}}}"#
+                    );
+                    (b"200", Some(etag), map.into_bytes())
+                }
+                1 if sent.if_none_match.is_some() => (b"304", None, Vec::new()),
+                1 | 2 => (b"200", Some("\"bad\"".into()), b"{\"version\":".to_vec()),
+                3 => (b"504", None, Vec::new()),
+                4 => (b"", None, Vec::new()),
+                _ => (b"500", None, Vec::new()),
+            },
+            Some(report) => {
+                let applied = |ledger: &mut Ledger, added: &mut u128| match ledger
+                    .apply(report, &arms, &pod_of, false)
+                {
+                    Ok(Outcome::Applied(increments)) => {
+                        *added += increments.iter().map(|(_, n)| u128::from(*n)).sum::<u128>();
+                        "applied"
+                    }
+                    Ok(Outcome::Duplicate) => "duplicate",
+                    Ok(Outcome::Stale) => "stale",
+                    other => panic!("the ledger answered {other:?} to a report of the link"),
+                };
+                match how % 4 {
+                    0 => {
+                        let result = applied(ledger, added);
+                        (
+                            b"200",
+                            None,
+                            format!(r#"{{"result":"{result}"}}"#).into_bytes(),
+                        )
+                    }
+                    1 => (b"500", None, Vec::new()),
+                    2 => {
+                        applied(ledger, added);
+                        (b"", None, Vec::new())
+                    }
+                    _ => (b"413", None, Vec::new()),
+                }
+            }
+        };
+        if status == b"200" && sent.report.is_none() && etag.as_deref() != Some("\"bad\"") {
+            confirmed.borrow_mut().insert(etag.clone().unwrap(), now);
+        }
+        if status == b"304" {
+            confirmed
+                .borrow_mut()
+                .insert(sent.if_none_match.clone().unwrap(), now);
+        }
+        let mut pairs: Vec<(&[u8], &[u8])> = Vec::new();
+        if !status.is_empty() {
+            pairs.push((b":status", status));
+        }
+        if let Some(etag) = &etag {
+            pairs.push((b"etag", etag.as_bytes()));
+        }
+        hosts[w].answer_body = body;
+        let size = hosts[w].answer_body.len();
+        let answered = links[w].on_response(
+            &plan,
+            &mut hosts[w],
+            sent.token,
+            &serialize_pairs(&pairs),
+            size,
+            now,
+        );
+        assert!(answered.is_some(), "the link did not know its own call");
+        true
+    };
+    // Ticks worker `w`, checking the lease and the report sequence.
+    let mut tick = |links: &mut [Link; 2], hosts: &mut [Host<'_>; 2], w: usize, now: u64| {
+        let before = hosts[w].pending.len();
+        links[w].tick(&plan, &mut hosts[w], now);
+        for sent in hosts[w].pending.iter().skip(before) {
+            match &sent.report {
+                None => {
+                    if let Some(t) = last_fetch {
+                        assert!(now >= t + REFRESH_MS * MS, "two fetches within refreshMs");
+                    }
+                    last_fetch = Some(now);
+                }
+                Some(report) => {
+                    assert_eq!(report.sequence, last_sequence[w] + 1, "sequences skip");
+                    last_sequence[w] = report.sequence;
+                }
+            }
+        }
+        let in_flight = hosts[w]
+            .pending
+            .iter()
+            .filter(|s| s.report.is_some())
+            .count();
+        assert!(in_flight <= 1, "{in_flight} reports in flight");
+    };
+
+    for op in data.chunks_exact(3) {
+        let w = usize::from(op[0] & 1);
+        match (op[0] >> 1) % 5 {
+            0 => {
+                let requested = match op[1] % 3 {
+                    2 => None,
+                    a => Some(ArmId(usize::from(a))),
+                };
+                let served = match (op[1] >> 2) % 4 {
+                    0 => Served::Arm(ArmId(0)),
+                    1 => Served::Arm(ArmId(1)),
+                    2 => Served::Unknown,
+                    _ => Served::None,
+                };
+                let class = CodeClass::ALL[usize::from(op[2]) % CodeClass::ALL.len()];
+                let upstream = UPSTREAMS[usize::from(op[2] >> 3) % UPSTREAMS.len()];
+                links[w].record(requested, served, upstream, class);
+                recorded += 1;
+            }
+            1 => now += u64::from(op[1]) * u64::from(op[2] % 8 + 1) * MS,
+            2 => tick(&mut links, &mut hosts, w, now),
+            3 => {
+                now += u64::from(op[2]) * MS / 4;
+                answer(
+                    &mut links,
+                    &mut hosts,
+                    w,
+                    op[1],
+                    now,
+                    &mut ledger,
+                    &mut added,
+                );
+            }
+            _ => {
+                if let Some(map) = links[w].fresh_map(now) {
+                    let fresh = confirmed.borrow().iter().any(|(etag, t)| {
+                        versions.borrow().get(etag).map(String::as_str) == Some(map.version())
+                            && now - t <= STALE_MS * MS
+                    });
+                    assert!(
+                        fresh,
+                        "map {} used unconfirmed for staleAfterMs",
+                        map.version()
+                    );
+                }
+            }
+        }
+    }
+    // Drain: every tick's calls answered well until a round sends no report.
+    for _ in 0..64 {
+        now += REFRESH_MS * MS;
+        let mut reports = 0;
+        for w in 0..2 {
+            while answer(&mut links, &mut hosts, w, 0, now, &mut ledger, &mut added) {}
+            tick(&mut links, &mut hosts, w, now);
+            reports += hosts[w]
+                .pending
+                .iter()
+                .filter(|s| s.report.is_some())
+                .count();
+            while answer(&mut links, &mut hosts, w, 0, now, &mut ledger, &mut added) {}
+        }
+        if reports == 0 {
+            break;
+        }
+    }
+    drop(answer);
+    assert_eq!(
+        added, recorded,
+        "the sidecar's ledger holds a different count"
+    );
+}

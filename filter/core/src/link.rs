@@ -64,16 +64,12 @@ struct MapView {
     confirmed_nanos: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Call {
-    Fetch {
-        started_nanos: u64,
-    },
+    /// `etag`: the one sent in `If-None-Match` (a 304 confirms that map, not one adopted since).
+    Fetch { started_nanos: u64, etag: Vec<u8> },
     /// `changes` as counted when it was written; `complete`: it carried every unacknowledged total.
-    Report {
-        changes: u64,
-        complete: bool,
-    },
+    Report { changes: u64, complete: bool },
 }
 
 /// What one tick did that the metrics show.
@@ -188,18 +184,26 @@ impl Link {
             (":authority", self.sidecar.authority.as_str()),
         ];
         // ETags are ASCII (the sidecar sends a quoted hash); anything else is not sent back.
-        if let Ok(etag) = std::str::from_utf8(&self.view.etag) {
-            if !etag.is_empty() {
+        let sent_etag = match std::str::from_utf8(&self.view.etag) {
+            Ok(etag) if !etag.is_empty() => {
                 headers.push(("if-none-match", etag));
+                etag.as_bytes().to_vec()
             }
-        }
+            _ => Vec::new(),
+        };
         let token = host.call(Outgoing {
             cluster: &self.sidecar.cluster,
             headers,
             body: &[],
             timeout_ms: self.sidecar.timeout_ms,
         })?;
-        self.calls.push((token, Call::Fetch { started_nanos: now }));
+        self.calls.push((
+            token,
+            Call::Fetch {
+                started_nanos: now,
+                etag: sent_etag,
+            },
+        ));
         Ok(())
     }
 
@@ -319,11 +323,14 @@ impl Link {
         let status =
             header(b":status").and_then(|v| std::str::from_utf8(v).ok()?.parse::<u32>().ok());
         Some(match call {
-            Call::Fetch { started_nanos } => Answered::Fetch(self.on_fetched(
+            Call::Fetch {
+                started_nanos,
+                etag: sent_etag,
+            } => Answered::Fetch(self.on_fetched(
                 plan,
                 host,
                 status,
-                header(b"etag"),
+                (header(b"etag"), &sent_etag),
                 body_size,
                 now,
                 started_nanos,
@@ -370,7 +377,7 @@ impl Link {
         plan: &Plan,
         host: &mut impl LinkHost,
         status: Option<u32>,
-        etag: Option<&[u8]>,
+        (etag, sent_etag): (Option<&[u8]>, &[u8]),
         body_size: usize,
         now: u64,
         started: u64,
@@ -406,8 +413,10 @@ impl Link {
                 }
             }
             Some(304) => {
-                self.view.confirmed_nanos = now;
-                self.confirm_shared(host, now);
+                if self.view.map.is_some() && self.view.etag == sent_etag {
+                    self.view.confirmed_nanos = now;
+                }
+                self.confirm_shared(host, sent_etag, now);
                 FetchResult::NotModified
             }
             // Envoy answers a call that ran out of time with its own 504.
@@ -438,10 +447,10 @@ impl Link {
         }
     }
 
-    /// Moves the shared confirmation time forward, unless another worker published a newer map.
-    fn confirm_shared(&self, host: &mut impl LinkHost, now: u64) {
+    /// Moves the shared confirmation time of `etag` forward, unless another worker published a
+    /// newer map.
+    fn confirm_shared(&self, host: &mut impl LinkHost, etag: &[u8], now: u64) {
         if let Ok(Some(current)) = host.shared(&self.meta_key) {
-            let etag = self.view.etag.as_slice();
             if current.value.get(8..) == Some(etag) {
                 let _ = host.set_shared(&self.meta_key, &meta(now, etag), current.cas);
             }
@@ -1007,5 +1016,57 @@ mod tests {
         let mut host = FakeHost::new(&store, 0);
         host.refuse_calls = true;
         assert_eq!(a.tick(&plan, &mut host, 2_500 * MS).map_age_s, 2);
+    }
+
+    #[test]
+    fn a_304_for_an_older_etag_does_not_confirm_the_map_adopted_since() {
+        let plan = plan();
+        let store = RefCell::new(Store::default());
+        let (mut a, mut b) = (link(&plan, "a"), link(&plan, "b"));
+        let (mut host_a, mut host_b) = (FakeHost::new(&store, 0), FakeHost::new(&store, 100));
+        a.tick(&plan, &mut host_a, 10 * MS);
+        respond(
+            &mut a,
+            &plan,
+            &mut host_a,
+            0,
+            &[(b":status", b"200"), (b"etag", b"\"e1\"")],
+            MAP,
+            10 * MS,
+        );
+        // a asks again with e1; meanwhile b fetches e2 and a adopts it.
+        a.tick(&plan, &mut host_a, 120 * MS);
+        assert_eq!(host_a.header(1, "if-none-match").as_deref(), Some("\"e1\""));
+        b.tick(&plan, &mut host_b, 230 * MS);
+        let map_v2 = String::from_utf8(MAP.to_vec()).unwrap().replace("v1", "v2");
+        respond(
+            &mut b,
+            &plan,
+            &mut host_b,
+            0,
+            &[(b":status", b"200"), (b"etag", b"\"e2\"")],
+            map_v2.as_bytes(),
+            230 * MS,
+        );
+        host_a
+            .set_shared("kvab.fetch-lease/kvab", &u64::MAX.to_le_bytes(), 0)
+            .unwrap();
+        a.tick(&plan, &mut host_a, 240 * MS);
+        assert_eq!(a.fresh_map(240 * MS).unwrap().version(), "v2");
+        // The sidecar's 304 says e1 is current at 900 ms: it says nothing about v2.
+        let answered = respond(
+            &mut a,
+            &plan,
+            &mut host_a,
+            1,
+            &[(b":status", b"304")],
+            b"",
+            900 * MS,
+        );
+        assert_eq!(answered, Some(Answered::Fetch(FetchResult::NotModified)));
+        assert!(
+            a.fresh_map(1231 * MS).is_none(),
+            "v2 was confirmed at 230 ms only"
+        );
     }
 }
