@@ -15,11 +15,7 @@ WASM    := target/filter/kvab_filter.wasm
 BINARYEN_VERSION := 132.0.0
 WASM_OPT := .tools/binaryen/node_modules/.bin/wasm-opt
 # Features: those rustc's output for wasm32-wasip1 uses, so wasm-opt validates it and adds no others.
-# --remove-exports: the SDK callbacks the filter does not implement (filter/wasm/unused-exports.txt).
-# Envoy skips a callback the module does not export, where the SDK's versions only answered Continue;
-# the request body callback ran for every body chunk. -Oz then drops the code only they reached.
-WASM_OPT_FLAGS := --mvp-features --enable-bulk-memory-opt --enable-sign-ext --enable-nontrapping-float-to-int \
-  --remove-exports=@filter/wasm/unused-exports.txt -Oz
+WASM_OPT_FLAGS := --mvp-features --enable-bulk-memory-opt --enable-sign-ext --enable-nontrapping-float-to-int -Oz
 # wasm-bindgen-test-runner must match the wasm-bindgen version in Cargo.lock exactly.
 WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = "\(.*\)"/\1/p;q}' Cargo.lock)
 WB_RUNNER := .tools/bin/wasm-bindgen-test-runner

@@ -9,8 +9,10 @@ import math
 
 import pytest
 
+import yaml
+
 from kvablocal import prom
-from kvablocal.envoy import GATEWAY_TEMPLATE, render, validate, wasm_path
+from kvablocal.envoy import GATEWAY_TEMPLATE, Gateway, filter_config_value, render, validate, wasm_path
 from kvablocal.net import request, wait_until
 
 BODY = json.dumps({"model": "Qwen/Qwen3-Coder-30B-A3B-Instruct", "prompt": "Hello", "max_tokens": 5}).encode()
@@ -372,3 +374,57 @@ def test_shipped_envoy_configs_validate(tmp_path):
     result = validate(config)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout + result.stderr
+
+
+def _http_filters(node):
+    """The `http_filters` list of the first HTTP connection manager in an Envoy config."""
+    if isinstance(node, dict):
+        if "http_filters" in node:
+            return node["http_filters"]
+        children = node.values()
+    elif isinstance(node, list):
+        children = node
+    else:
+        return None
+    for child in children:
+        found = _http_filters(child)
+        if found is not None:
+            return found
+    return None
+
+
+def test_two_plugins_sharing_one_vm_each_decide_with_their_own_configuration(arms, tmp_path):
+    """Envoy runs plugins with the same module and VM settings in one VM, one root context each:
+    every request must reach the root it was created under."""
+    gateway = Gateway(ENDPOINT_TAG, arms["nvlink"].port, arms["fs"].port, workdir=tmp_path)
+    config = yaml.safe_load(gateway.config_path.read_text())
+    filters = _http_filters(config)
+    kvab = next(f for f in filters if f["name"] == "envoy.filters.http.wasm")
+    second = json.loads(json.dumps(kvab))
+    second["typed_config"]["config"]["name"] = "kvab-tier"
+    second["typed_config"]["config"]["root_id"] = "kvab-tier"
+    assert second["typed_config"]["config"]["vm_config"] == kvab["typed_config"]["config"]["vm_config"]
+    second["typed_config"]["config"]["configuration"]["value"] = json.loads(filter_config_value(
+        {"header": "x-kv-tier", "onMissing": "default", "onUnknown": "default", "defaultArm": "fs"}))
+    filters.insert(filters.index(kvab) + 1, second)
+    gateway.config_path.write_text(yaml.safe_dump(config))
+    gateway.start()
+    try:
+        # As many VMs as one plugin has (the base VM, the main thread's, one per worker): shared.
+        assert prom.value(gateway.stats(), "envoy_wasm_envoy_wasm_runtime_v8_active") == gateway.concurrency + 2
+        for _ in range(20):
+            r = send(gateway, [("x-kv-backend", "nvlink")])
+            assert r.status == 200
+            assert forwarded(r, "x-kv-backend") == ["nvlink"]
+            assert forwarded(r, "x-kv-backend-source") == ["header"]
+            assert forwarded(r, "x-kv-tier") == ["fs"]
+            assert forwarded(r, "x-kv-tier-source") == ["default"]
+            assert r.header("x-kv-backend") == "nvlink"
+            assert r.header("x-kv-tier") == "fs"
+        r = send(gateway, [("x-kv-backend", "bogus"), ("x-kv-tier", "nvlink")])
+        assert r.status == 400 and r.json()["error"]["code"] == "unknown_kv_backend"
+        r = send(gateway, [("x-kv-tier", "bogus")])
+        assert r.status == 200 and forwarded(r, "x-kv-tier") == ["fs"]
+    finally:
+        gateway.stop()
+    gateway.assert_healthy()

@@ -1,12 +1,12 @@
 //! The host calls the filter makes, each returning a `Result`.
 //!
-//! The SDK's own wrappers `panic!` on any status they do not expect, and a panic traps the VM:
-//! every later request on that worker would get a 503. Declaring the few imports we use here,
-//! with the status read as a plain integer, keeps every host answer an ordinary value.
+//! The few proxy-wasm imports the filter uses, declared here with the status read as a plain
+//! integer: every host answer is an ordinary value, never a panic (a panic traps the VM, and every
+//! later request on that worker would get a 503).
 
 use std::ptr::{null, null_mut};
-use std::time::Duration;
 
+use kvab_filter_core::headers::serialize_pairs;
 use kvab_filter_core::link::SharedValue;
 
 /// A non-OK status returned by the host (proxy-wasm ABI 0.2.1 numbering).
@@ -107,6 +107,18 @@ extern "C" {
         cas: u32,
     ) -> u32;
     fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
+    fn proxy_http_call(
+        upstream_data: *const u8,
+        upstream_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        trailers_data: *const u8,
+        trailers_size: usize,
+        timeout_ms: u32,
+        return_token: *mut u32,
+    ) -> u32;
 }
 
 // The host's random source. Envoy provides it to every module (proxy-wasm-cpp-host
@@ -124,7 +136,7 @@ fn status(code: u32) -> Result<(), HostError> {
     }
 }
 
-/// Takes ownership of a buffer the host allocated through the SDK's `proxy_on_memory_allocate`
+/// Takes ownership of a buffer the host allocated through `proxy_on_memory_allocate`
 /// (a boxed `[u8]` of exactly `size` bytes), so it is freed when dropped.
 fn owned(data: *mut u8, size: usize) -> Box<[u8]> {
     if data.is_null() {
@@ -259,25 +271,36 @@ pub fn set_tick_period_ms(period: u32) -> Result<(), HostError> {
 
 /// Sends an HTTP request to an Envoy cluster; the answer arrives in `on_http_call_response`
 /// with the returned token. An unknown cluster is `BadArgument` (2).
-///
-/// This one goes through the SDK: its dispatcher must learn the token to route the answer back
-/// (and panics on an answer it did not register). Envoy's `httpCall` returns only the three
-/// statuses the SDK expects (Ok, BadArgument, InternalFailure).
 pub fn http_call(
     cluster: &str,
     headers: Vec<(&str, &str)>,
     body: &[u8],
     timeout_ms: u64,
 ) -> Result<u32, HostError> {
-    let body = if body.is_empty() { None } else { Some(body) };
-    proxy_wasm::hostcalls::dispatch_http_call(
-        cluster,
-        headers,
-        body,
-        Vec::new(),
-        Duration::from_millis(timeout_ms),
-    )
-    .map_err(|status| HostError(status as u32))
+    let headers: Vec<(&[u8], &[u8])> = headers
+        .iter()
+        .map(|(name, value)| (name.as_bytes(), value.as_bytes()))
+        .collect();
+    let headers = serialize_pairs(&headers);
+    let no_trailers = serialize_pairs(&[]);
+    let timeout_ms = u32::try_from(timeout_ms).unwrap_or(u32::MAX);
+    let mut token: u32 = 0;
+    // SAFETY: pointers and lengths describe live buffers; the out-pointer is valid for the call.
+    status(unsafe {
+        proxy_http_call(
+            cluster.as_ptr(),
+            cluster.len(),
+            headers.as_ptr(),
+            headers.len(),
+            body.as_ptr(),
+            body.len(),
+            no_trailers.as_ptr(),
+            no_trailers.len(),
+            timeout_ms,
+            &mut token,
+        )
+    })?;
+    Ok(token)
 }
 
 pub fn http_call_response_body(size: usize) -> Result<Option<Box<[u8]>>, HostError> {

@@ -3,21 +3,27 @@
 
 use std::rc::Rc;
 
+use crate::abi::{self, Headers, Level};
+use crate::worker::Worker;
 use kvab_filter_core::endpoints::Served;
 use kvab_filter_core::metrics::CodeClass;
 use kvab_filter_core::request::{
     on_reply_refused, on_request_headers, HeaderEdit, RequestEffects, RequestInputs,
 };
 use kvab_filter_core::ArmId;
-use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::Action;
-
-use crate::abi::{self, Headers, Level};
-use crate::worker::Worker;
 
 const RESPONSE_CODE: &[u8] = b"response\0code";
 const UPSTREAM_ADDRESS: &[u8] = b"upstream\0address";
 const SOURCE_ADDRESS: &[u8] = b"source\0address";
+
+/// What a header or body callback tells Envoy (proxy-wasm ABI 0.2.1 numbering).
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Action {
+    Continue = 0,
+    /// Stop iteration: the filter answered locally.
+    Pause = 1,
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Stage {
@@ -40,6 +46,9 @@ pub struct RequestContext {
     /// Response headers passed without the end of the stream: the time to first byte waits for
     /// the first body byte.
     first_byte_pending: bool,
+    /// When the response's end of stream passed (with its headers or a body chunk): the request's
+    /// end for its duration, so `on_log` reads no clock of its own.
+    end_nanos: Option<u64>,
 }
 
 impl RequestContext {
@@ -52,6 +61,7 @@ impl RequestContext {
             upstream: None,
             served: Served::None,
             first_byte_pending: false,
+            end_nanos: None,
         }
     }
 
@@ -122,14 +132,9 @@ impl RequestInputs for HostInputs<'_> {
     }
 }
 
-fn millis_since(start_nanos: u64) -> u64 {
-    abi::now_nanos().saturating_sub(start_nanos) / 1_000_000
-}
-
-impl Context for RequestContext {}
-
-impl HttpContext for RequestContext {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+/// The callbacks `exports` hands a request's context.
+impl RequestContext {
+    pub fn on_request_headers(&mut self) -> Action {
         let Some(worker) = self.worker.clone() else {
             return Action::Continue;
         };
@@ -152,7 +157,7 @@ impl HttpContext for RequestContext {
         self.apply(&worker, &effects)
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+    pub fn on_response_headers(&mut self, end_of_stream: bool) -> Action {
         let Some(worker) = self.worker.clone() else {
             return Action::Continue;
         };
@@ -160,22 +165,26 @@ impl HttpContext for RequestContext {
             return Action::Continue;
         }
         let plan = &worker.plan;
-        let now = abi::now_nanos();
+        // The clock only when something reads it: each host call costs (BENCHMARKS.md).
+        let now = (end_of_stream || worker.link.is_some()).then(abi::now_nanos);
         // Streaming servers send the headers before the first token; a response without a body
         // has no later moment.
-        if end_of_stream {
-            self.record_first_byte(now);
-        } else {
-            self.first_byte_pending = true;
+        match now {
+            Some(now) if end_of_stream => {
+                self.record_first_byte(now);
+                self.end_nanos = Some(now);
+            }
+            _ => self.first_byte_pending = true,
         }
         self.upstream = abi::property(UPSTREAM_ADDRESS)
             .ok()
             .flatten()
             .filter(|a| !a.is_empty());
-        self.served = match (
-            &self.upstream,
-            worker.link.as_ref().and_then(|l| l.fresh_map(now)),
-        ) {
+        let map = match (worker.link.as_ref(), now) {
+            (Some(link), Some(now)) => link.fresh_map(now),
+            _ => None,
+        };
+        self.served = match (&self.upstream, map) {
             (None, _) => Served::None,
             (Some(address), Some(map)) => map.arm_of(address),
             (Some(_), None) => Served::Unknown,
@@ -205,18 +214,30 @@ impl HttpContext for RequestContext {
         Action::Continue
     }
 
-    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        // Entered for every chunk of a stream: after the first byte, only this test.
-        if self.first_byte_pending && (body_size > 0 || end_of_stream) {
-            self.record_first_byte(abi::now_nanos());
+    pub fn on_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        // Entered for every chunk of a stream: after the first byte, only these tests. One clock
+        // read serves the first byte and the end when one chunk is the whole body.
+        let first_byte = self.first_byte_pending && (body_size > 0 || end_of_stream);
+        let end = end_of_stream && self.stage == Stage::Admitted;
+        if first_byte || end {
+            let now = abi::now_nanos();
+            if first_byte {
+                self.record_first_byte(now);
+            }
+            if end {
+                self.end_nanos = Some(now);
+            }
         }
         Action::Continue
     }
 
-    fn on_log(&mut self) {
-        if self.first_byte_pending {
+    pub fn on_log(&mut self) {
+        // Only an admitted request is timed (and only it can wait for its first byte).
+        let end_nanos =
+            (self.stage == Stage::Admitted).then(|| self.end_nanos.unwrap_or_else(abi::now_nanos));
+        if let (true, Some(end_nanos)) = (self.first_byte_pending, end_nanos) {
             // The body never carried a byte (it ended with trailers, or the stream was reset).
-            self.record_first_byte(abi::now_nanos());
+            self.record_first_byte(end_nanos);
         }
         let Some(worker) = self.worker.as_deref() else {
             return;
@@ -243,10 +264,10 @@ impl HttpContext for RequestContext {
                 class,
             );
         }
-        if self.stage == Stage::Admitted {
+        if let Some(end_nanos) = end_nanos {
             metrics.record(
                 metrics.layout.request_duration(self.arm),
-                millis_since(self.start_nanos),
+                end_nanos.saturating_sub(self.start_nanos) / 1_000_000,
             );
         }
     }
