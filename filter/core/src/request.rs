@@ -1,10 +1,12 @@
-//! One request's headers through the filter as a single pure step: what the host provides goes in
-//! (the serialized header map, and on demand the source address, a split draw and the endpoint map's
-//! answer), what to do comes out as a value (header edits, counters to bump, a local reply). The host
-//! glue only reads the inputs and applies the effects, in any order: none depends on another.
+//! One request through the filter as pure steps, one per moment the host reports: what the host
+//! provides goes in (the serialized header map, and on demand the source address, a split draw and
+//! the endpoint map's answer; the upstream that answered; the response status), what to do comes out
+//! as a value (header edits, counters to bump, a local reply). The host glue only reads the inputs and
+//! applies the effects, in any order: none depends on another.
 
+use crate::endpoints::{ArmMap, Served};
 use crate::headers::scan_request_headers;
-use crate::metrics::MetricLayout;
+use crate::metrics::{CodeClass, MetricLayout};
 use crate::plan::{Admission, ArmId, Decision, Plan, Rejection};
 
 /// What the request path may ask the host, each only when the answer decides something.
@@ -18,11 +20,12 @@ pub trait RequestInputs {
     fn ready_endpoints(&mut self, arm: ArmId) -> Option<u32>;
 }
 
-/// A change to the request's headers. Names and values borrow from the plan.
+/// A change to the request's or the response's headers. Names borrow from the plan, values from
+/// the plan or the host's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HeaderEdit<'p> {
-    Set(&'p str, &'p [u8]),
-    Remove(&'p str),
+pub enum HeaderEdit<'a> {
+    Set(&'a str, &'a [u8]),
+    Remove(&'a str),
 }
 
 /// Most edits one request needs: the forged endpoint tag, the arm header and the source tag.
@@ -140,6 +143,78 @@ pub fn on_reply_refused<'p>(plan: &'p Plan, layout: &MetricLayout) -> RequestEff
     effects.edit(HeaderEdit::Remove(plan.source_header()));
     effects.count(layout.requests(None));
     effects
+}
+
+/// What to do with an admitted request's response headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseEffects<'a> {
+    /// The arm tag, then the endpoint tag.
+    edits: [Option<HeaderEdit<'a>>; 2],
+    /// Which arm served the request, per the endpoint map: counted when the stream ends.
+    pub served: Served,
+}
+
+impl<'a> ResponseEffects<'a> {
+    pub fn edits(&self) -> impl Iterator<Item = HeaderEdit<'a>> + '_ {
+        self.edits.iter().flatten().copied()
+    }
+}
+
+/// Tags an admitted request's response. `arm` is the request's arm (`None`: untagged), `upstream`
+/// the `ip:port` that answered (`None`: a local reply), `map` a fresh endpoint map if any.
+pub fn on_response_headers<'a>(
+    plan: &'a Plan,
+    arm: Option<ArmId>,
+    upstream: Option<&'a [u8]>,
+    map: Option<&ArmMap>,
+) -> ResponseEffects<'a> {
+    let served = match (upstream, map) {
+        (None, _) => Served::None,
+        (Some(address), Some(map)) => map.arm_of(address),
+        (Some(_), None) => Served::Unknown,
+    };
+    // The arm that served it when the map knows, else the arm the request was tagged with.
+    let shown = match served {
+        Served::Arm(served) => Some(served),
+        Served::Unknown | Served::None => arm,
+    };
+    let tag =
+        shown.map(|shown| HeaderEdit::Set(plan.header(), plan.arm_label(Some(shown)).as_bytes()));
+    let endpoint = match upstream {
+        Some(address) if plan.response_endpoint_header() => {
+            HeaderEdit::Set(plan.endpoint_header(), address)
+        }
+        // No upstream (e.g. an Envoy local reply), or the tag is off: make sure nobody else's
+        // value shows.
+        _ => HeaderEdit::Remove(plan.endpoint_header()),
+    };
+    ResponseEffects {
+        edits: [tag, Some(endpoint)],
+        served,
+    }
+}
+
+/// What the end of a request counts: its response status class, the response counter and the
+/// served counter (indexes into the plan's `MetricLayout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamEnd {
+    pub class: CodeClass,
+    pub counts: [usize; 2],
+}
+
+/// The end of a request that reached the filter (admitted or answered by it). `status` is the
+/// response code, 0 when there was none.
+pub fn on_stream_end(
+    layout: &MetricLayout,
+    arm: Option<ArmId>,
+    served: Served,
+    status: u64,
+) -> StreamEnd {
+    let class = CodeClass::of(status);
+    StreamEnd {
+        class,
+        counts: [layout.responses(arm, class), layout.served(arm, served)],
+    }
 }
 
 #[cfg(test)]
@@ -365,5 +440,75 @@ mod tests {
             [layout.requests(None)]
         );
         assert_eq!((effects.arm, effects.reply), (None, None));
+    }
+
+    #[test]
+    fn a_response_is_tagged_with_the_arm_that_served_it_when_the_map_knows() {
+        let plan = parse(b"{}").unwrap();
+        let (nvlink, fs) = (
+            plan.arm_by_name("nvlink").unwrap(),
+            plan.arm_by_name("fs").unwrap(),
+        );
+        let map = ArmMap::parse(
+            &plan,
+            br#"{"version":"1","backends":{"fs":{"endpoints":[{"address":"10.0.0.1:8000","ready":true}]}}}"#,
+        )
+        .unwrap();
+        let effects = on_response_headers(&plan, Some(nvlink), Some(b"10.0.0.1:8000"), Some(&map));
+        assert_eq!(effects.served, Served::Arm(fs));
+        assert_eq!(
+            effects.edits().collect::<Vec<_>>(),
+            [
+                HeaderEdit::Set("x-kv-backend", b"fs"),
+                HeaderEdit::Set("x-kv-backend-endpoint", b"10.0.0.1:8000")
+            ]
+        );
+        let unknown = on_response_headers(&plan, Some(nvlink), Some(b"10.9.9.9:1"), Some(&map));
+        assert_eq!(unknown.served, Served::Unknown);
+        assert_eq!(
+            unknown.edits().next(),
+            Some(HeaderEdit::Set("x-kv-backend", b"nvlink"))
+        );
+    }
+
+    #[test]
+    fn without_a_map_or_an_upstream_the_response_shows_the_request_arm_and_no_endpoint() {
+        let plan = parse(br#"{"responseEndpointHeader":false}"#).unwrap();
+        let fs = plan.arm_by_name("fs").unwrap();
+        let effects = on_response_headers(&plan, Some(fs), Some(b"10.0.0.1:8000"), None);
+        assert_eq!(effects.served, Served::Unknown);
+        assert_eq!(
+            effects.edits().collect::<Vec<_>>(),
+            [
+                HeaderEdit::Set("x-kv-backend", b"fs"),
+                HeaderEdit::Remove("x-kv-backend-endpoint")
+            ]
+        );
+        let local = on_response_headers(&plan, None, None, None);
+        assert_eq!(local.served, Served::None);
+        assert_eq!(
+            local.edits().collect::<Vec<_>>(),
+            [HeaderEdit::Remove("x-kv-backend-endpoint")]
+        );
+    }
+
+    #[test]
+    fn the_end_of_a_request_counts_its_status_class_and_who_served_it() {
+        let plan = parse(b"{}").unwrap();
+        let layout = MetricLayout::new(&plan);
+        let fs = plan.arm_by_name("fs");
+        let end = on_stream_end(&layout, fs, Served::Unknown, 503);
+        assert_eq!(end.class, CodeClass::C5xx);
+        assert_eq!(
+            end.counts,
+            [
+                layout.responses(fs, CodeClass::C5xx),
+                layout.served(fs, Served::Unknown)
+            ]
+        );
+        assert_eq!(
+            on_stream_end(&layout, None, Served::None, 0).class,
+            CodeClass::None
+        );
     }
 }

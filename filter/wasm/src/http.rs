@@ -1,14 +1,16 @@
 //! One request's path through the filter: decide and tag on request headers, tag the response
-//! with the arm that served it, time its first body byte, count when the stream ends.
+//! with the arm that served it, time its first body byte, count when the stream ends. What to do
+//! at each step is decided by `kvab_filter_core::request`; this file reads the host's inputs and
+//! applies the answers.
 
 use std::rc::Rc;
 
 use crate::abi::{self, Headers, Level};
 use crate::worker::Worker;
 use kvab_filter_core::endpoints::Served;
-use kvab_filter_core::metrics::CodeClass;
 use kvab_filter_core::request::{
-    on_reply_refused, on_request_headers, HeaderEdit, RequestEffects, RequestInputs,
+    on_reply_refused, on_request_headers, on_response_headers, on_stream_end, HeaderEdit,
+    RequestEffects, RequestInputs,
 };
 use kvab_filter_core::ArmId;
 
@@ -78,12 +80,7 @@ impl RequestContext {
 
     /// Applies what the core decided: header edits and counts, then the local reply if any.
     fn apply(&mut self, worker: &Worker, effects: &RequestEffects<'_>) -> Action {
-        for edit in effects.edits() {
-            let _ = match edit {
-                HeaderEdit::Set(name, value) => abi::replace_header(Headers::Request, name, value),
-                HeaderEdit::Remove(name) => abi::remove_header(Headers::Request, name),
-            };
-        }
+        apply_edits(Headers::Request, effects.edits());
         for index in effects.counts() {
             worker.metrics.count(index);
         }
@@ -108,6 +105,17 @@ impl RequestContext {
             worker,
             &on_reply_refused(&worker.plan, &worker.metrics.layout),
         )
+    }
+}
+
+/// Applies the core's header edits to one map. A failing host call loses the edit, never the
+/// request.
+fn apply_edits<'a>(map: Headers, edits: impl Iterator<Item = HeaderEdit<'a>>) {
+    for edit in edits {
+        let _ = match edit {
+            HeaderEdit::Set(name, value) => abi::replace_header(map, name, value),
+            HeaderEdit::Remove(name) => abi::remove_header(map, name),
+        };
     }
 }
 
@@ -184,33 +192,9 @@ impl RequestContext {
             (Some(link), Some(now)) => link.fresh_map(now),
             _ => None,
         };
-        self.served = match (&self.upstream, map) {
-            (None, _) => Served::None,
-            (Some(address), Some(map)) => map.arm_of(address),
-            (Some(_), None) => Served::Unknown,
-        };
-        // The arm that served it when the map knows, else the arm the request was tagged with.
-        let shown = match self.served {
-            Served::Arm(arm) => Some(arm),
-            Served::Unknown | Served::None => self.arm,
-        };
-        if shown.is_some() {
-            let _ = abi::replace_header(
-                Headers::Response,
-                plan.header(),
-                plan.arm_label(shown).as_bytes(),
-            );
-        }
-        match &self.upstream {
-            Some(address) if plan.response_endpoint_header() => {
-                let _ = abi::replace_header(Headers::Response, plan.endpoint_header(), address);
-            }
-            // No upstream (e.g. an Envoy local reply), or the tag is off: make sure nobody else's
-            // value shows.
-            _ => {
-                let _ = abi::remove_header(Headers::Response, plan.endpoint_header());
-            }
-        }
+        let effects = on_response_headers(plan, self.arm, self.upstream.as_deref(), map.as_deref());
+        apply_edits(Headers::Response, effects.edits());
+        self.served = effects.served;
         Action::Continue
     }
 
@@ -253,15 +237,16 @@ impl RequestContext {
                 .map_or(0, u64::from_le_bytes),
             _ => 0,
         };
-        let class = CodeClass::of(status);
-        metrics.count(metrics.layout.responses(self.arm, class));
-        metrics.count(metrics.layout.served(self.arm, self.served));
+        let end = on_stream_end(&metrics.layout, self.arm, self.served, status);
+        for index in end.counts {
+            metrics.count(index);
+        }
         if let Some(link) = &worker.link {
             link.record(
                 self.arm,
                 self.served,
                 self.upstream.as_deref().unwrap_or_default(),
-                class,
+                end.class,
             );
         }
         if let Some(end_nanos) = end_nanos {
