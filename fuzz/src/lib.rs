@@ -10,9 +10,12 @@
 
 use std::sync::LazyLock;
 
+use kvab_filter_core::endpoints::{ArmMap, Served};
 use kvab_filter_core::headers::{scan_request_headers, serialize_pairs, HeaderPairs};
-use kvab_filter_core::metrics::MetricLayout;
-use kvab_filter_core::request::{on_request_headers, HeaderEdit, RequestInputs};
+use kvab_filter_core::metrics::{CodeClass, MetricLayout};
+use kvab_filter_core::request::{
+    on_request_headers, on_response_headers, on_stream_end, HeaderEdit, RequestInputs,
+};
 use kvab_filter_core::{parse, ArmId, Decision, Invalid, Plan, Rejection, Source, Verdict};
 
 /// What the model needs to know about one configuration.
@@ -369,6 +372,67 @@ fn check_effects(
         effects.counts().collect::<Vec<_>>(),
         counts,
         "counts for {verdict:?}"
+    );
+    if effects.reply.is_none() {
+        check_response(m, &layout, effects.arm, draw);
+    }
+}
+
+/// The response of an admitted request (`request::on_response_headers`, then `on_stream_end`),
+/// answered by an upstream the draw picks (none, one the endpoint map lists, one it does not), with
+/// or without a map: the arm tag shows the served arm when the map knows it, else the request's;
+/// the endpoint tag is the upstream's address only when there is one and the tag is on; the end
+/// counts the status class and who served it.
+fn check_response(m: &Model, layout: &MetricLayout, arm: Option<ArmId>, draw: u64) {
+    let plan = &m.plan;
+    let listed = plan
+        .arm_names()
+        .get((draw >> 8) as usize % plan.arm_names().len())
+        .cloned();
+    let map = listed.as_ref().map(|name| {
+        let json = format!(
+            r#"{{"version":"v","backends":{{"{name}":{{"endpoints":[{{"address":"10.0.0.1:8000","ready":true}}]}}}}}}"#
+        );
+        ArmMap::parse(plan, json.as_bytes()).expect("a one-endpoint map parses")
+    });
+    let upstream: Option<&[u8]> = match draw % 3 {
+        0 => None,
+        1 => Some(b"10.0.0.1:8000"),
+        _ => Some(b"10.9.9.9:1"),
+    };
+    let map = if draw & 4 == 0 { map.as_ref() } else { None };
+    let effects = on_response_headers(plan, arm, upstream, map);
+    let served = match (upstream, map, &listed) {
+        (None, _, _) => Served::None,
+        (Some(b"10.0.0.1:8000"), Some(_), Some(name)) => Served::Arm(arm_id(m, name)),
+        (Some(_), _, _) => Served::Unknown,
+    };
+    assert_eq!(
+        effects.served, served,
+        "served by {upstream:?} with {map:?}"
+    );
+    let shown = match served {
+        Served::Arm(served) => Some(served),
+        _ => arm,
+    };
+    let mut edits: Vec<HeaderEdit> = shown
+        .map(|shown| HeaderEdit::Set(plan.header(), plan.arm_label(Some(shown)).as_bytes()))
+        .into_iter()
+        .collect();
+    edits.push(match upstream {
+        Some(address) if plan.response_endpoint_header() => {
+            HeaderEdit::Set(plan.endpoint_header(), address)
+        }
+        _ => HeaderEdit::Remove(plan.endpoint_header()),
+    });
+    assert_eq!(effects.edits().collect::<Vec<_>>(), edits);
+
+    let status = (draw >> 16) % 700;
+    let end = on_stream_end(layout, arm, served, status);
+    assert_eq!(end.class, CodeClass::of(status));
+    assert_eq!(
+        end.counts,
+        [layout.responses(arm, end.class), layout.served(arm, served)]
     );
 }
 
