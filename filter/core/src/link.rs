@@ -627,6 +627,26 @@ mod tests {
         link.on_response(plan, host, token, &answer(pairs), body.len(), now)
     }
 
+    /// Two workers over one store, `a` holding the map of ETag "e1" it fetched at 10 ms.
+    fn a_fetched_e1<'s>(
+        plan: &Plan,
+        store: &'s RefCell<Store>,
+    ) -> (Link, Link, FakeHost<'s>, FakeHost<'s>) {
+        let (mut a, b) = (link(plan, "a"), link(plan, "b"));
+        let (mut host_a, host_b) = (FakeHost::new(store, 0), FakeHost::new(store, 100));
+        a.tick(plan, &mut host_a, 10 * MS);
+        respond(
+            &mut a,
+            plan,
+            &mut host_a,
+            0,
+            &[(b":status", b"200"), (b"etag", b"\"e1\"")],
+            MAP,
+            10 * MS,
+        );
+        (a, b, host_a, host_b)
+    }
+
     #[test]
     fn one_worker_per_interval_fetches_and_the_others_adopt_its_map() {
         let plan = plan();
@@ -677,18 +697,7 @@ mod tests {
     fn a_304_confirms_the_map_for_every_worker_and_an_unconfirmed_map_goes_stale() {
         let plan = plan();
         let store = RefCell::new(Store::default());
-        let (mut a, mut b) = (link(&plan, "a"), link(&plan, "b"));
-        let (mut host_a, mut host_b) = (FakeHost::new(&store, 0), FakeHost::new(&store, 100));
-        a.tick(&plan, &mut host_a, 10 * MS);
-        respond(
-            &mut a,
-            &plan,
-            &mut host_a,
-            0,
-            &[(b":status", b"200"), (b"etag", b"\"e1\"")],
-            MAP,
-            10 * MS,
-        );
+        let (mut a, mut b, mut host_a, mut host_b) = a_fetched_e1(&plan, &store);
         b.tick(&plan, &mut host_b, 20 * MS);
         // staleAfterMs is 1000: the map confirmed at 10 ms is trusted through 1010 ms.
         assert!(b.fresh_map(1010 * MS).is_some());
@@ -1022,18 +1031,7 @@ mod tests {
     fn a_304_for_an_older_etag_does_not_confirm_the_map_adopted_since() {
         let plan = plan();
         let store = RefCell::new(Store::default());
-        let (mut a, mut b) = (link(&plan, "a"), link(&plan, "b"));
-        let (mut host_a, mut host_b) = (FakeHost::new(&store, 0), FakeHost::new(&store, 100));
-        a.tick(&plan, &mut host_a, 10 * MS);
-        respond(
-            &mut a,
-            &plan,
-            &mut host_a,
-            0,
-            &[(b":status", b"200"), (b"etag", b"\"e1\"")],
-            MAP,
-            10 * MS,
-        );
+        let (mut a, mut b, mut host_a, mut host_b) = a_fetched_e1(&plan, &store);
         // a asks again with e1; meanwhile b fetches e2 and a adopts it.
         a.tick(&plan, &mut host_a, 120 * MS);
         assert_eq!(host_a.header(1, "if-none-match").as_deref(), Some("\"e1\""));

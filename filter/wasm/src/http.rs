@@ -5,14 +5,15 @@
 
 use std::rc::Rc;
 
-use crate::abi::{self, Headers, Level};
-use crate::worker::Worker;
 use kvab_filter_core::endpoints::Served;
 use kvab_filter_core::request::{
     on_reply_refused, on_request_headers, on_response_headers, on_stream_end, HeaderEdit,
     RequestEffects, RequestInputs,
 };
 use kvab_filter_core::ArmId;
+
+use crate::abi::{self, Headers, Level};
+use crate::worker::Worker;
 
 const RESPONSE_CODE: &[u8] = b"response\0code";
 const UPSTREAM_ADDRESS: &[u8] = b"upstream\0address";
