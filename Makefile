@@ -119,7 +119,7 @@ noop-filter: rust-targets
 	cargo build --quiet --release --target wasm32-wasip1 --manifest-path bench/noop-filter/Cargo.toml \
 	  --target-dir target/bench-noop
 
-bench-filter: filter noop-filter venv bench-tools
+bench-filter: filter sidecar noop-filter venv bench-tools
 	$(PY) bench/filterbench.py $(BENCH_ARGS)
 
 # Sidecar: /v1/endpoints at 10k pods, memory, watch-to-map latency; the report path at 1,000 reporters
@@ -141,8 +141,8 @@ bench-experiment: venv
 
 bench: bench-filter bench-sidecar bench-exactness bench-experiment
 
-bench-cpu: filter noop-filter venv bench-valgrind
-	$(PY) bench/filterbench.py --callgrind --variants abcden $(BENCH_ARGS)
+bench-cpu: filter sidecar noop-filter venv bench-valgrind
+	$(PY) bench/filterbench.py --callgrind --variants abcdenl $(BENCH_ARGS)
 
 # The RustSec advisory database comes from a committed snapshot (third_party/rustsec-advisory-db),
 # unpacked as the git repository cargo-deny reads offline: <db-path>/advisory-db-<hash of its URL>,

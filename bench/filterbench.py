@@ -28,10 +28,15 @@ sys.path.insert(0, str(REPO / "local"))
 
 from kvablocal import wasmfile  # noqa: E402
 from kvablocal.envoy import envoy_binary, filter_config_value, render, wasm_path  # noqa: E402
+from kvablocal import prom  # noqa: E402
 from kvablocal.net import free_port, request, wait_until  # noqa: E402
+from kvablocal.sidecar import Sidecar, static_config  # noqa: E402
 
 # kvab with `split` assignment for requests without the header, sticky on x-session-id.
 SPLIT_CONFIG = {"onMissing": "split", "split": {"weights": {"nvlink": 1, "fs": 1}, "keyHeader": "x-session-id"}}
+# The same, linked to `kvab serve` (static endpoints, see Stack): maps fetched, served arms looked up,
+# reports sent, every second.
+LINKED_CONFIG = {**SPLIT_CONFIG, "sidecar": {"cluster": "kvab-sidecar", "refreshMs": 1000}}
 NOOP_WASM = REPO / "target" / "bench-noop" / "wasm32-wasip1" / "release" / "kvab_bench_noop.wasm"
 BODY = b'{"model":"Qwen/Qwen3-Coder-30B-A3B-Instruct","prompt":"Hello","max_tokens":5}'
 
@@ -43,6 +48,7 @@ class Variant:
     template: str
     values: dict = field(default_factory=dict)
     tags: bool = False  # whether the response must carry x-kv-backend (the filter ran)
+    sidecar: bool = False  # whether the variant needs `kvab serve` (its filter config links to it)
 
 
 EXTRA_WASM = {}  # --wasm KEY=PATH: kvab's default config with another build of the module
@@ -60,6 +66,9 @@ def variants() -> dict:
                     {"KVAB_WASM": wasm_path(), "KVAB_FILTER_CONFIG": filter_config_value({})}, tags=True),
             Variant("d", "kvab split", "gateway-kvab.yaml",
                     {"KVAB_WASM": wasm_path(), "KVAB_FILTER_CONFIG": filter_config_value(SPLIT_CONFIG)}, tags=True),
+            Variant("l", "kvab split, linked to kvab serve", "gateway-kvab.yaml",
+                    {"KVAB_WASM": wasm_path(), "KVAB_FILTER_CONFIG": filter_config_value(LINKED_CONFIG)}, tags=True,
+                    sidecar=True),
             Variant("e", "Lua equivalent", "gateway-lua.yaml",
                     {"LUA_SCRIPT": BENCH / "kvab_equivalent.lua"}, tags=True),
             # The floor of any Wasm filter: V8 and the proxy-wasm ABI with callbacks that do nothing.
@@ -70,8 +79,11 @@ def variants() -> dict:
     }
 
 
-def render_variant(variant: Variant, path: Path, admin_port: int, gateway_port: int, upstream_port: int) -> Path:
+def render_variant(variant: Variant, path: Path, admin_port: int, gateway_port: int, upstream_port: int,
+                   sidecar_port: int = 1) -> Path:
+    """`sidecar_port`: where `kvab serve` listens, for a variant linked to it (port 1: nobody)."""
     path.write_text(render(BENCH / variant.template, ADMIN_PORT=admin_port, GATEWAY_PORT=gateway_port,
+                           SIDECAR_PORT=sidecar_port,
                            UPSTREAM_PORT=upstream_port, **variant.values))
     return path
 
@@ -164,16 +176,27 @@ class Stack:
             upstream = Envoy("upstream", render_upstream(workdir / "upstream.yaml", up_admin, up_port),
                              up_admin, up_port, workdir, upstream_wrapper)
         self.upstream, self.upstream_port = upstream, upstream.port
+        # kvab serve for a linked variant: static endpoints, the upstream as nvlink's one pod and fs's
+        # on an address nobody routes to (both ready, so neither arm is unavailable).
+        self.sidecar = None
+        if any(v.sidecar for v in self.variants.values()):
+            self.sidecar = Sidecar(static_config([("nvlink", f"127.0.0.1:{self.upstream_port}", "bench-nvlink"),
+                                                  ("fs", f"127.0.0.2:{self.upstream_port}", "bench-fs")]),
+                                   workdir=workdir)
         self.gateways = {}
         for key, v in self.variants.items():
             admin, port = free_port(), free_port()
-            cfg = render_variant(v, workdir / f"gateway-{key}.yaml", admin, port, self.upstream_port)
+            cfg = render_variant(v, workdir / f"gateway-{key}.yaml", admin, port, self.upstream_port,
+                                 self.sidecar.port if v.sidecar else 1)
             self.gateways[key] = Envoy(f"gateway-{key}", cfg, admin, port, workdir, wrapper)
 
     def __enter__(self):
         return self
 
     def start(self, timeout: float = 120):
+        if self.sidecar:
+            self.sidecar.start()
+            wait_until(lambda: self.sidecar.get("/readyz").status == 200, 15, what="kvab serve ready")
         self.upstream.start()
         for g in self.gateways.values():
             g.start()
@@ -186,6 +209,8 @@ class Stack:
         for g in self.gateways.values():
             g.stop()
         self.upstream.stop()
+        if self.sidecar:
+            self.sidecar.stop()
 
     def check(self):
         """Each variant answers and does its work before anything is timed."""
@@ -198,6 +223,13 @@ class Stack:
                 assert r.header("x-kv-backend-endpoint") == f"127.0.0.1:{self.upstream_port}", (key, r.header_list)
                 bad = request(g.port, "POST", "/v1/completions", [("x-kv-backend", "nvlink2")], BODY)
                 assert bad.status == 400 and b"unknown_kv_backend" in bad.body, (key, bad.status, bad.body)
+            if self.variants[key].sidecar:
+                # Linked for real before anything is timed: a map fetched, a report accepted.
+                def linked():
+                    stats = prom.parse(g.admin("/stats/prometheus"))
+                    return (prom.value(stats, "kvab_endpoint_map_fetches_total", result="ok") >= 1
+                            and prom.value(stats, "kvab_reports_total", result="ok") >= 1)
+                wait_until(linked, 180, interval=1, what=f"gateway {key} linked to kvab serve")
 
 
 # --- wrk ---------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ import filterbench  # noqa: E402
 BODY = filterbench.BODY
 
 
+# (l) is (d)'s file with a filter config linked to kvab serve, which `--mode validate` cannot load: the
+# filter checks its sidecar cluster exists, and a validating Envoy has no clusters running.
 @pytest.mark.parametrize("key", ["a", "b", "c", "d", "e"])
 def test_bench_gateway_configs_validate(tmp_path, key):
     config = filterbench.render_variant(filterbench.variants()[key], tmp_path / "gateway.yaml", 18001, 18080, 18101)
