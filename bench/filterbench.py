@@ -26,9 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 sys.path.insert(0, str(REPO / "local"))
 
-from kvablocal import wasmfile  # noqa: E402
+from kvablocal import prom, wasmfile  # noqa: E402
 from kvablocal.envoy import envoy_binary, filter_config_value, render, wasm_path  # noqa: E402
-from kvablocal import prom  # noqa: E402
 from kvablocal.net import free_port, request, wait_until  # noqa: E402
 from kvablocal.sidecar import Sidecar, static_config  # noqa: E402
 

@@ -4,11 +4,11 @@ Two local arms stand in for vllm-p2p-proxy and vllm-fs-proxy; the gateway routes
 x-kv-backend header like the runbook's HTTPRoute, and untagged requests go to a pool of both.
 """
 
+import copy
 import json
 import math
 
 import pytest
-
 import yaml
 
 from kvablocal import prom
@@ -400,7 +400,7 @@ def test_two_plugins_sharing_one_vm_each_decide_with_their_own_configuration(arm
     config = yaml.safe_load(gateway.config_path.read_text())
     filters = _http_filters(config)
     kvab = next(f for f in filters if f["name"] == "envoy.filters.http.wasm")
-    second = json.loads(json.dumps(kvab))
+    second = copy.deepcopy(kvab)
     second["typed_config"]["config"]["name"] = "kvab-tier"
     second["typed_config"]["config"]["root_id"] = "kvab-tier"
     assert second["typed_config"]["config"]["vm_config"] == kvab["typed_config"]["config"]["vm_config"]

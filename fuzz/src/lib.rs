@@ -943,18 +943,14 @@ pub fn check_link(data: &[u8]) {
 
     use kvab_contract::report::REPORTS_PATH;
     use kvab_filter_core::endpoints::Served;
-    use kvab_filter_core::link::{HostStatus, Link, LinkHost, Outgoing, SharedValue};
+    use kvab_filter_core::link::{
+        FakeSharedData, HostStatus, Link, LinkHost, Outgoing, SharedValue,
+    };
     use kvab_filter_core::metrics::CodeClass;
 
     const MS: u64 = 1_000_000;
     const REFRESH_MS: u64 = 100;
     const STALE_MS: u64 = 300;
-
-    #[derive(Default)]
-    struct Store {
-        values: BTreeMap<String, (Vec<u8>, u32)>,
-        writes: u32,
-    }
 
     struct Sent {
         token: u32,
@@ -963,7 +959,7 @@ pub fn check_link(data: &[u8]) {
     }
 
     struct Host<'s> {
-        store: &'s RefCell<Store>,
+        store: &'s RefCell<FakeSharedData>,
         tokens: &'s RefCell<u32>,
         pending: VecDeque<Sent>,
         answer_body: Vec<u8>,
@@ -971,28 +967,11 @@ pub fn check_link(data: &[u8]) {
 
     impl LinkHost for Host<'_> {
         fn shared(&mut self, key: &str) -> Result<Option<SharedValue>, HostStatus> {
-            Ok(self
-                .store
-                .borrow()
-                .values
-                .get(key)
-                .map(|(v, cas)| SharedValue {
-                    value: v.clone().into_boxed_slice(),
-                    cas: *cas,
-                }))
+            Ok(self.store.borrow().get(key))
         }
 
         fn set_shared(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), HostStatus> {
-            let mut store = self.store.borrow_mut();
-            if cas != 0 && store.values.get(key).is_some_and(|(_, c)| *c != cas) {
-                return Err(HostStatus(8));
-            }
-            store.writes += 1;
-            let written = store.writes;
-            store
-                .values
-                .insert(key.to_owned(), (value.to_vec(), written));
-            Ok(())
+            self.store.borrow_mut().set(key, value, cas)
         }
 
         fn call(&mut self, call: Outgoing<'_>) -> Result<u32, HostStatus> {
@@ -1029,7 +1008,7 @@ pub fn check_link(data: &[u8]) {
     )
     .unwrap();
     let sidecar = plan.sidecar().unwrap().clone();
-    let store = RefCell::new(Store::default());
+    let store = RefCell::new(FakeSharedData::default());
     let tokens = RefCell::new(0);
     let host = || Host {
         store: &store,

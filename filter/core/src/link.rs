@@ -26,6 +26,48 @@ const PAYLOAD_TOO_LARGE: u32 = 413;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostStatus(pub u32);
 
+/// Envoy's shared data as its host keeps it, for tests and fuzzing (feature `fake-host`): one
+/// store for every worker VM, a CAS token per key that every write moves, so a write with a stale
+/// token fails with `CasMismatch`.
+#[cfg(any(test, feature = "fake-host"))]
+#[derive(Debug, Default)]
+pub struct FakeSharedData {
+    values: std::collections::BTreeMap<String, (Vec<u8>, u32)>,
+    writes: u32,
+}
+
+#[cfg(any(test, feature = "fake-host"))]
+impl FakeSharedData {
+    /// proxy-wasm's `CasMismatch`.
+    const CAS_MISMATCH: HostStatus = HostStatus(8);
+
+    pub fn get(&self, key: &str) -> Option<SharedValue> {
+        self.values.get(key).map(|(value, cas)| SharedValue {
+            value: value.clone().into_boxed_slice(),
+            cas: *cas,
+        })
+    }
+
+    pub fn set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), HostStatus> {
+        if cas != 0
+            && self
+                .values
+                .get(key)
+                .is_some_and(|(_, current)| *current != cas)
+        {
+            return Err(Self::CAS_MISMATCH);
+        }
+        self.writes += 1;
+        self.values
+            .insert(key.to_owned(), (value.to_vec(), self.writes));
+        Ok(())
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.values.contains_key(key)
+    }
+}
+
 /// A shared-data value with its compare-and-swap token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SharedValue {
@@ -64,12 +106,22 @@ struct MapView {
     confirmed_nanos: u64,
 }
 
+/// A map request in flight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SentFetch {
+    started_nanos: u64,
+    /// The ETag sent in `If-None-Match` (a 304 confirms that map, not one adopted since).
+    etag: Vec<u8>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Call {
-    /// `etag`: the one sent in `If-None-Match` (a 304 confirms that map, not one adopted since).
-    Fetch { started_nanos: u64, etag: Vec<u8> },
+    Fetch(SentFetch),
     /// `changes` as counted when it was written; `complete`: it carried every unacknowledged total.
-    Report { changes: u64, complete: bool },
+    Report {
+        changes: u64,
+        complete: bool,
+    },
 }
 
 /// What one tick did that the metrics show.
@@ -199,10 +251,10 @@ impl Link {
         })?;
         self.calls.push((
             token,
-            Call::Fetch {
+            Call::Fetch(SentFetch {
                 started_nanos: now,
                 etag: sent_etag,
-            },
+            }),
         ));
         Ok(())
     }
@@ -323,17 +375,14 @@ impl Link {
         let status =
             header(b":status").and_then(|v| std::str::from_utf8(v).ok()?.parse::<u32>().ok());
         Some(match call {
-            Call::Fetch {
-                started_nanos,
-                etag: sent_etag,
-            } => Answered::Fetch(self.on_fetched(
+            Call::Fetch(sent) => Answered::Fetch(self.on_fetched(
                 plan,
                 host,
+                &sent,
                 status,
-                (header(b"etag"), &sent_etag),
+                header(b"etag"),
                 body_size,
                 now,
-                started_nanos,
             )),
             Call::Report { changes, complete } => {
                 Answered::Report(self.on_reported(host, status, body_size, changes, complete))
@@ -376,11 +425,11 @@ impl Link {
         &mut self,
         plan: &Plan,
         host: &mut impl LinkHost,
+        sent: &SentFetch,
         status: Option<u32>,
-        (etag, sent_etag): (Option<&[u8]>, &[u8]),
+        etag: Option<&[u8]>,
         body_size: usize,
         now: u64,
-        started: u64,
     ) -> FetchResult {
         match status {
             Some(200) if body_size > MAX_MAP_BYTES => {
@@ -413,10 +462,10 @@ impl Link {
                 }
             }
             Some(304) => {
-                if self.view.map.is_some() && self.view.etag == sent_etag {
+                if self.view.map.is_some() && self.view.etag == sent.etag {
                     self.view.confirmed_nanos = now;
                 }
-                self.confirm_shared(host, sent_etag, now);
+                self.confirm_shared(host, &sent.etag, now);
                 FetchResult::NotModified
             }
             // Envoy answers a call that ran out of time with its own 504.
@@ -424,7 +473,7 @@ impl Link {
             Some(_) => FetchResult::Error,
             // No status: the call failed. Envoy does not say why; one that took the whole timeout
             // timed out.
-            None if now.saturating_sub(started)
+            None if now.saturating_sub(sent.started_nanos)
                 >= self.sidecar.timeout_ms.saturating_mul(NANOS_PER_MS) * 9 / 10 =>
             {
                 FetchResult::Timeout
@@ -484,7 +533,6 @@ fn split_body(body: &[u8]) -> Option<(&[u8], &[u8])> {
 #[cfg(test)]
 mod tests {
     use std::cell::RefCell;
-    use std::collections::BTreeMap;
 
     use super::*;
     use crate::config::parse;
@@ -496,19 +544,11 @@ mod tests {
     const CONFIG: &[u8] = br#"{"sidecar":{"cluster":"kvab","refreshMs":100,"timeoutMs":100,"staleAfterMs":1000,"reportToken":"0123456789abcdef"}}"#;
     const MAP: &[u8] = br#"{"version":"v1","backends":{"nvlink":{"endpoints":[{"address":"10.0.0.5:8080","ready":true}]},"fs":{"endpoints":[{"address":"10.0.0.7:8080","ready":true}]}}}"#;
 
-    /// Envoy's shared data as the host keeps it: one store for every worker VM, a CAS token per
-    /// key that every write moves (a write with a stale token fails).
-    #[derive(Default)]
-    struct Store {
-        values: BTreeMap<String, (Vec<u8>, u32)>,
-        next_cas: u32,
-    }
-
     type Sent = (u32, Vec<(String, String)>, Vec<u8>);
 
     /// One worker's host: the shared store, the calls it sent, the answer body in hand.
     struct FakeHost<'s> {
-        store: &'s RefCell<Store>,
+        store: &'s RefCell<FakeSharedData>,
         /// Token, headers and body of each call sent.
         sent: Vec<Sent>,
         next_token: u32,
@@ -518,7 +558,7 @@ mod tests {
     }
 
     impl<'s> FakeHost<'s> {
-        fn new(store: &'s RefCell<Store>, first_token: u32) -> Self {
+        fn new(store: &'s RefCell<FakeSharedData>, first_token: u32) -> Self {
             FakeHost {
                 store,
                 sent: Vec::new(),
@@ -546,27 +586,11 @@ mod tests {
 
     impl LinkHost for FakeHost<'_> {
         fn shared(&mut self, key: &str) -> Result<Option<SharedValue>, HostStatus> {
-            Ok(self
-                .store
-                .borrow()
-                .values
-                .get(key)
-                .map(|(v, cas)| SharedValue {
-                    value: v.clone().into_boxed_slice(),
-                    cas: *cas,
-                }))
+            Ok(self.store.borrow().get(key))
         }
 
         fn set_shared(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), HostStatus> {
-            let mut store = self.store.borrow_mut();
-            let current = store.values.get(key).map(|(_, c)| *c);
-            if cas != 0 && current.is_some_and(|c| c != cas) {
-                return Err(HostStatus(8)); // CasMismatch
-            }
-            store.next_cas += 1;
-            let next = store.next_cas;
-            store.values.insert(key.to_owned(), (value.to_vec(), next));
-            Ok(())
+            self.store.borrow_mut().set(key, value, cas)
         }
 
         fn call(&mut self, call: Outgoing<'_>) -> Result<u32, HostStatus> {
@@ -630,7 +654,7 @@ mod tests {
     /// Two workers over one store, `a` holding the map of ETag "e1" it fetched at 10 ms.
     fn a_fetched_e1<'s>(
         plan: &Plan,
-        store: &'s RefCell<Store>,
+        store: &'s RefCell<FakeSharedData>,
     ) -> (Link, Link, FakeHost<'s>, FakeHost<'s>) {
         let (mut a, b) = (link(plan, "a"), link(plan, "b"));
         let (mut host_a, host_b) = (FakeHost::new(store, 0), FakeHost::new(store, 100));
@@ -650,7 +674,7 @@ mod tests {
     #[test]
     fn one_worker_per_interval_fetches_and_the_others_adopt_its_map() {
         let plan = plan();
-        let store = RefCell::new(Store::default());
+        let store = RefCell::new(FakeSharedData::default());
         let (mut a, mut b) = (link(&plan, "a"), link(&plan, "b"));
         let (mut host_a, mut host_b) = (FakeHost::new(&store, 0), FakeHost::new(&store, 100));
         let now = 10 * MS;
@@ -696,7 +720,7 @@ mod tests {
     #[test]
     fn a_304_confirms_the_map_for_every_worker_and_an_unconfirmed_map_goes_stale() {
         let plan = plan();
-        let store = RefCell::new(Store::default());
+        let store = RefCell::new(FakeSharedData::default());
         let (mut a, mut b, mut host_a, mut host_b) = a_fetched_e1(&plan, &store);
         b.tick(&plan, &mut host_b, 20 * MS);
         // staleAfterMs is 1000: the map confirmed at 10 ms is trusted through 1010 ms.
@@ -728,7 +752,7 @@ mod tests {
     #[test]
     fn refused_maps_change_nothing_and_say_why() {
         let plan = plan();
-        let store = RefCell::new(Store::default());
+        let store = RefCell::new(FakeSharedData::default());
         let mut a = link(&plan, "a");
         let mut host = FakeHost::new(&store, 0);
         for (i, body) in [&b"{not json"[..], br#"{"version":"v2"}"#]
@@ -755,7 +779,7 @@ mod tests {
             host.warnings
         );
         assert!(
-            !store.borrow().values.contains_key("kvab.endpoints/kvab"),
+            !store.borrow().contains("kvab.endpoints/kvab"),
             "nothing published"
         );
 
@@ -776,7 +800,7 @@ mod tests {
     #[test]
     fn a_body_from_another_write_than_the_meta_is_not_adopted() {
         let plan = plan();
-        let store = RefCell::new(Store::default());
+        let store = RefCell::new(FakeSharedData::default());
         let mut a = link(&plan, "a");
         let mut host = FakeHost::new(&store, 0);
         let mut body = 4u16.to_le_bytes().to_vec();
@@ -802,7 +826,7 @@ mod tests {
     #[test]
     fn failed_calls_are_timeouts_only_when_they_took_the_timeout() {
         let plan = plan();
-        let store = RefCell::new(Store::default());
+        let store = RefCell::new(FakeSharedData::default());
         let mut a = link(&plan, "a");
         let mut host = FakeHost::new(&store, 0);
         let cases: [(&[u8], u64, FetchResult); 4] = [
@@ -836,7 +860,7 @@ mod tests {
     #[test]
     fn reports_go_one_at_a_time_and_only_acknowledged_totals_stop_them() {
         let plan = plan();
-        let store = RefCell::new(Store::default());
+        let store = RefCell::new(FakeSharedData::default());
         let mut a = link(&plan, "a");
         let mut host = FakeHost::new(&store, 0);
         host.set_shared("kvab.fetch-lease/kvab", &u64::MAX.to_le_bytes(), 0)
@@ -945,7 +969,7 @@ mod tests {
     #[test]
     fn a_413_halves_the_report_budget_down_to_a_floor() {
         let plan = plan();
-        let store = RefCell::new(Store::default());
+        let store = RefCell::new(FakeSharedData::default());
         let mut a = link(&plan, "a");
         let mut host = FakeHost::new(&store, 0);
         host.set_shared("kvab.fetch-lease/kvab", &u64::MAX.to_le_bytes(), 0)
@@ -1020,7 +1044,7 @@ mod tests {
     #[test]
     fn map_age_counts_from_the_start_until_a_map_is_confirmed() {
         let plan = plan();
-        let store = RefCell::new(Store::default());
+        let store = RefCell::new(FakeSharedData::default());
         let mut a = link(&plan, "a");
         let mut host = FakeHost::new(&store, 0);
         host.refuse_calls = true;
@@ -1030,7 +1054,7 @@ mod tests {
     #[test]
     fn a_304_for_an_older_etag_does_not_confirm_the_map_adopted_since() {
         let plan = plan();
-        let store = RefCell::new(Store::default());
+        let store = RefCell::new(FakeSharedData::default());
         let (mut a, mut b, mut host_a, mut host_b) = a_fetched_e1(&plan, &store);
         // a asks again with e1; meanwhile b fetches e2 and a adopts it.
         a.tick(&plan, &mut host_a, 120 * MS);

@@ -43,6 +43,8 @@ pub enum MetricKind {
 }
 
 const HTTP_CALL_RESPONSE_BODY: u32 = 4;
+/// An empty header map in the wire form (a zero count): the trailers of every call.
+const NO_PAIRS: [u8; 4] = [0; 4];
 const PLUGIN_CONFIGURATION: u32 = 7;
 
 extern "C" {
@@ -282,7 +284,6 @@ pub fn http_call(
         .map(|(name, value)| (name.as_bytes(), value.as_bytes()))
         .collect();
     let headers = serialize_pairs(&headers);
-    let no_trailers = serialize_pairs(&[]);
     let timeout_ms = u32::try_from(timeout_ms).unwrap_or(u32::MAX);
     let mut token: u32 = 0;
     // SAFETY: pointers and lengths describe live buffers; the out-pointer is valid for the call.
@@ -294,8 +295,8 @@ pub fn http_call(
             headers.len(),
             body.as_ptr(),
             body.len(),
-            no_trailers.as_ptr(),
-            no_trailers.len(),
+            NO_PAIRS.as_ptr(),
+            NO_PAIRS.len(),
             timeout_ms,
             &mut token,
         )
