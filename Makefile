@@ -79,7 +79,7 @@ sidecar:
 	cargo build -p kvab
 
 build: filter
-	cargo build --release -p kvab
+	cargo build --profile sidecar -p kvab
 
 lint: rust-targets
 	cargo fmt --all --check
@@ -125,7 +125,7 @@ bench-filter: filter sidecar noop-filter venv bench-tools
 # Sidecar: /v1/endpoints at 10k pods, memory, watch-to-map latency; the report path at 1,000 reporters
 # x 200 endpoints, one report each per second for 60 s (see BENCHMARKS.md).
 bench-sidecar: venv bench-tools
-	cargo build --release -p kvab
+	cargo build --profile sidecar -p kvab
 	$(PY) sidecar/bench/bench.py
 	$(PY) sidecar/bench/reports.py
 
@@ -136,7 +136,7 @@ bench-exactness: filter sidecar venv bench-tools
 # kvab experiment's load generator against an Envoy answering a canned SSE stream by itself: it must
 # sustain at least 2,000 streamed requests/s, so the client is never what an experiment measures.
 bench-experiment: venv
-	cargo build --release -p kvab
+	cargo build --profile sidecar -p kvab
 	$(PY) bench/experiment_load.py
 
 bench: bench-filter bench-sidecar bench-exactness bench-experiment

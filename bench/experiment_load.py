@@ -26,7 +26,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=60000)
     parser.add_argument("--concurrency", default="16,64,128")
-    parser.add_argument("--kvab", default=str(REPO / "target" / "release" / "kvab"))
+    parser.add_argument("--kvab", default=str(REPO / "target" / "sidecar" / "kvab"))
     parser.add_argument("--min-rate", type=float, default=2000.0, help="fail below this rate at the best concurrency")
     args = parser.parse_args()
 

@@ -13,11 +13,11 @@ COPY Cargo.toml Cargo.lock ./
 COPY contract contract
 COPY filter filter
 COPY sidecar sidecar
-RUN cargo build --release --locked -p kvab
+RUN cargo build --profile sidecar --locked -p kvab
 
 # distroless/cc: glibc and libgcc only, no shell, runs as uid 65532 (nonroot).
 FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /src/target/release/kvab /kvab/kvab
+COPY --from=build /src/target/sidecar/kvab /kvab/kvab
 COPY target/filter/kvab_filter.wasm /kvab/kvab_filter.wasm
 USER 65532:65532
 EXPOSE 18090

@@ -65,6 +65,7 @@ SIDECAR_METRICS = {
 ALERTS = {
     "KvabMisroutes", "KvabArmNoReadyEndpoints", "KvabProxyMetricsDown", "KvabEndpointMapStale",
     "KvabReportsFailing", "KvabReportsRefused", "KvabArmErrorRatioHigh", "KvabSidecarNotReady",
+    "KvabHandlerPanicked",
 }
 # Recording rules: vLLM's histograms per arm (group kvab-vllm-per-arm).
 RECORDS = {
@@ -692,6 +693,8 @@ def test_every_alert_expression_returns_the_expected_series(live):
         "KvabReportsRefused": ("gauge", {key(namespace=kv, result="invalid"): lambda v: 0.9 <= v <= 2.5}),
         "KvabArmErrorRatioHigh": ("gauge", {key(namespace=gw, backend="fs"): lambda v: abs(v - fs_errors / fs) <= 0.1 * fs_errors / fs}),
         "KvabSidecarNotReady": ("gauge", {}),
+        # No request panics kvab serve: the alert's expression has no sample.
+        "KvabHandlerPanicked": ("gauge", {}),
     }
     assert set(rules) == set(expected)
     for alert, expr in rules.items():

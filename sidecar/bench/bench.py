@@ -2,8 +2,8 @@
 """Benchmarks of `kvab serve` (release build): /v1/endpoints throughput and latency with wrk (200 and 304
 answers), resident memory at 0, 1k and 10k endpoints, and watch-event-to-served-map latency against fakekube.
 
-    cargo build --release -p kvab
-    python3 sidecar/bench/bench.py [--duration 10] [--connections 4,32] [--kvab target/release/kvab]
+    cargo build --profile sidecar -p kvab
+    python3 sidecar/bench/bench.py [--duration 10] [--connections 4,32] [--kvab target/sidecar/kvab]
 
 Prints a Markdown section for BENCHMARKS.md. Needs wrk (Debian package `wrk`). Standard library only.
 Nothing here asserts on timings: the numbers are reported, not judged.
@@ -178,7 +178,7 @@ def bench_watch_latency(binary: str, workdir: Path, pods: int, changes: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kvab", default=str(REPO / "target" / "release" / "kvab"))
+    parser.add_argument("--kvab", default=str(REPO / "target" / "sidecar" / "kvab"))
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--connections", default="4,32", help="comma-separated wrk connection counts")
     parser.add_argument("--changes", type=int, default=50, help="pod changes per watch-latency run")
@@ -186,7 +186,7 @@ def main() -> None:
     if not shutil.which("wrk"):
         raise SystemExit("wrk not found: apt-get install -y wrk")
     if not Path(args.kvab).is_file():
-        raise SystemExit(f"{args.kvab} missing: cargo build --release -p kvab")
+        raise SystemExit(f"{args.kvab} missing: cargo build --profile sidecar -p kvab")
 
     with tempfile.TemporaryDirectory(prefix="kvab-bench-") as tmp:
         workdir = Path(tmp)

@@ -2,8 +2,8 @@
 """The report path of `kvab serve` (release build) at scale: many filter VMs reporting once a second to one
 sidecar with a state file, as a fleet of gateways does.
 
-    cargo build --release -p kvab
-    python3 sidecar/bench/reports.py [--reporters 1000] [--endpoints 200] [--duration 60] [--kvab target/release/kvab]
+    cargo build --profile sidecar -p kvab
+    python3 sidecar/bench/reports.py [--reporters 1000] [--endpoints 200] [--duration 60] [--kvab target/sidecar/kvab]
 
 Each reporter first sends a total for every endpoint (so the ledger holds reporters x endpoints entries), then
 once a second the entries of `--changed` random endpoints, cumulative, as the filter does. Latency is from
@@ -128,7 +128,7 @@ def percentile(values, q):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kvab", default=str(REPO / "target" / "release" / "kvab"))
+    parser.add_argument("--kvab", default=str(REPO / "target" / "sidecar" / "kvab"))
     parser.add_argument("--reporters", type=int, default=1000)
     parser.add_argument("--endpoints", type=int, default=200)
     parser.add_argument("--changed", type=int, default=20, help="endpoints changed per report after the first")

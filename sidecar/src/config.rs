@@ -22,6 +22,9 @@ pub const EMBEDDED_DEFAULT_NAME: &str = "<embedded sidecar/config/local.toml>";
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// `health_listen`: a listener of its own for `GET /healthz` and `GET /readyz`, answered even while
+    /// clients hold every connection of `listen`.
+    pub health_listen: Option<SocketAddr>,
     pub arms: Vec<String>,
     pub source: Source,
     pub probe: Probe,
@@ -123,6 +126,7 @@ impl std::error::Error for ConfigError {}
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: Option<Spanned<String>>,
+    health_listen: Option<Spanned<String>>,
     source: Option<Spanned<String>>,
     arms: Option<Spanned<Vec<String>>>,
     #[serde(default)]
@@ -278,7 +282,7 @@ impl Config {
             loc.error(e.span(), e.message().trim().replace('\n', " "))
         })?;
 
-        let listen = match &raw.listen {
+        let listen: SocketAddr = match &raw.listen {
             None => DEFAULT_LISTEN
                 .parse()
                 .map_err(|_| loc.error(None, "internal: bad default listen address"))?,
@@ -291,6 +295,28 @@ impl Config {
                     ),
                 )
             })?,
+        };
+
+        let health_listen = match &raw.health_listen {
+            None => None,
+            Some(value) => {
+                let address: SocketAddr = value.get_ref().parse().map_err(|_| {
+                    loc.at(
+                        value,
+                        format!(
+                            "`health_listen` must be an `ip:port` socket address, got {:?}",
+                            value.get_ref()
+                        ),
+                    )
+                })?;
+                if address.port() != 0 && address.port() == listen.port() {
+                    return Err(loc.at(
+                        value,
+                        format!("`health_listen` must use another port than `listen` ({listen})"),
+                    ));
+                }
+                Some(address)
+            }
         };
 
         let arms = match &raw.arms {
@@ -460,6 +486,7 @@ impl Config {
 
         Ok(Config {
             listen,
+            health_listen,
             arms,
             source,
             probe,
@@ -610,6 +637,7 @@ mod tests {
     fn empty_file_gives_documented_defaults() {
         let c = Config::parse("", "t.toml").unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:18090");
+        assert_eq!(c.health_listen, None);
         assert_eq!(c.arms, ["nvlink", "fs"]);
         assert!(matches!(c.source, Source::Static(ref e) if e.is_empty()));
         assert_eq!(c.probe.interval, Some(Duration::from_secs(10)));
@@ -740,6 +768,11 @@ mod tests {
     fn bad_values_name_their_key() {
         for (text, key) in [
             ("listen = \"localhost\"", "`listen`"),
+            ("health_listen = \"localhost:1\"", "`health_listen`"),
+            (
+                "listen = \"127.0.0.1:18090\"\nhealth_listen = \"0.0.0.0:18090\"",
+                "another port than `listen`",
+            ),
             ("arms = []", "`arms`"),
             ("arms = [\"fs\", \"fs\"]", "listed twice"),
             ("arms = [\"none\"]", "reserved"),
@@ -793,5 +826,10 @@ mod tests {
         ] {
             Config::parse(text, name).unwrap();
         }
+        let in_cluster = Config::parse(include_str!("../config/in-cluster.toml"), "c").unwrap();
+        assert_eq!(
+            in_cluster.health_listen.map(|a| a.to_string()).as_deref(),
+            Some("0.0.0.0:18091")
+        );
     }
 }

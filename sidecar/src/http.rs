@@ -25,13 +25,8 @@ pub struct App {
 const JSON: &str = "application/json";
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-pub fn routes(
-    app: Arc<App>,
-) -> impl Filter<Extract = (Response<Bytes>,), Error = std::convert::Infallible>
-       + Clone
-       + Send
-       + Sync
-       + 'static {
+/// The API listener's routes (`listen`).
+pub fn routes(app: Arc<App>) -> crate::server::Routes {
     // The one route with a body; everything else (including other methods on it) is `handle`'s.
     let report_app = app.clone();
     let post_reports = warp::post()
@@ -87,7 +82,32 @@ pub fn routes(
                 handle(&app, &method, path.as_str(), &headers)
             },
         );
-    post_reports.or(everything_else).unify()
+    post_reports.or(everything_else).unify().boxed()
+}
+
+/// The probe listener's routes (`health_listen`): `GET /healthz` and `GET /readyz`; every other request is
+/// a JSON 404 (or 405) naming what this port serves.
+pub fn probe_routes(app: Arc<App>) -> crate::server::Routes {
+    warp::method()
+        .and(warp::path::full())
+        .and(warp::header::headers_cloned())
+        .map(
+            move |method: Method, path: warp::path::FullPath, headers: HeaderMap| match path
+                .as_str()
+            {
+                "/healthz" | "/readyz" => handle(&app, &method, path.as_str(), &headers),
+                other => {
+                    let response = error(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        &format!("no route for {other} on the probe port; it serves GET /healthz and GET /readyz"),
+                    );
+                    count(&app.state, "other", &response);
+                    response
+                }
+            },
+        )
+        .boxed()
 }
 
 fn count(state: &State, route: &str, response: &Response<Bytes>) {

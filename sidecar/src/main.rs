@@ -10,6 +10,7 @@ mod cli;
 mod client;
 mod config;
 mod experiment;
+mod fence;
 mod filter_wasm;
 mod http;
 mod index;
@@ -39,6 +40,8 @@ use crate::state::State;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // Every command: a panic outside a request's fence ends the process at once (fence.rs).
+    fence::install_hook();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let serve_args = match cli::parse_from(&args) {
         Ok(cli::Command::Serve(serve_args)) => serve_args,
@@ -85,6 +88,12 @@ fn main() -> ExitCode {
         }
         println!("{line}");
         return ExitCode::SUCCESS;
+    }
+    if !fence::unwinds() {
+        log::warn!(
+            "this kvab was built with panic = \"abort\": a panic while answering one request ends the \
+             process; build it with `cargo build --profile sidecar -p kvab` (docs/sidecar.md)"
+        );
     }
     if let Some(module) = &filter_module {
         log::info!(
@@ -157,6 +166,14 @@ async fn serve(
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (key `listen`)", config.listen))?;
+    let health_listener = match config.health_listen {
+        None => None,
+        Some(address) => Some(
+            TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on {address} (key `health_listen`)"))?,
+        ),
+    };
     let (shutdown_tx, shutdown_rx) = shutdown_channel::channel(false);
     let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
@@ -199,11 +216,32 @@ async fn serve(
         reports,
         filter_module,
     });
-    let server = server::run(listener, http::routes(app), async move {
-        let _ = server_shutdown.changed().await;
-    });
+    let server = server::run(
+        "api",
+        listener,
+        server::API,
+        http::routes(app.clone()),
+        state.clone(),
+        async move {
+            let _ = server_shutdown.changed().await;
+        },
+    );
     let mut server_task = tokio::spawn(server);
     log::info!("kvab serve listening on http://{}", config.listen);
+    // Probes stay answered while the draining API finishes: this listener closes with the process.
+    let _probe_task = health_listener.map(|listener| {
+        if let Ok(address) = listener.local_addr() {
+            log::info!("probes (/healthz, /readyz) also on http://{address}");
+        }
+        tokio::spawn(server::run(
+            "probes",
+            listener,
+            server::PROBES,
+            http::probe_routes(app),
+            state.clone(),
+            std::future::pending(),
+        ))
+    });
 
     // Run until a signal, or until the source fails for good (e.g. no Kubernetes client can be configured).
     let source_failure = tokio::select! {

@@ -49,6 +49,8 @@ pub struct Metrics {
     pub watch_errors: IntCounter,
     pub watch_skipped_objects: IntCounter,
     pub http_requests: IntCounterVec,
+    pub http_panics: IntCounterVec,
+    pub http_connections_evicted: IntCounterVec,
     routed_requests: IntCounterVec,
     pub reports_received: IntCounterVec,
     reporters: IntGauge,
@@ -120,6 +122,20 @@ impl Metrics {
                 Opts::new("kvab_http_requests_total", "HTTP requests served, by route and status code."),
                 &["route", "code"],
             )?)?,
+            http_panics: register(r, IntCounterVec::new(
+                Opts::new(
+                    "kvab_http_panics_total",
+                    "Panics caught while answering a request (stage=request: answered 500) or serving a connection (stage=connection: that connection closed); the process kept serving. Any is a bug: report it with the log line.",
+                ),
+                &["stage"],
+            )?)?,
+            http_connections_evicted: register(r, IntCounterVec::new(
+                Opts::new(
+                    "kvab_http_connections_evicted_total",
+                    "Connections closed at a listener's connection cap to admit a new one: the one idle longest (no request in flight), by listener (api, probes).",
+                ),
+                &["listener"],
+            )?)?,
             routed_requests: register(r, IntCounterVec::new(
                 Opts::new(
                     "kvab_routed_requests_total",
@@ -152,6 +168,14 @@ impl Metrics {
         // Every result exists from the start, at zero: rate() and increase() need a first sample.
         for result in REPORT_RESULTS {
             metrics.reports_received.with_label_values(&[result]);
+        }
+        for stage in ["request", "connection"] {
+            metrics.http_panics.with_label_values(&[stage]);
+        }
+        for listener in ["api", "probes"] {
+            metrics
+                .http_connections_evicted
+                .with_label_values(&[listener]);
         }
         Ok(metrics)
     }
