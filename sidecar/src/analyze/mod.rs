@@ -13,11 +13,11 @@ use serde::Serialize;
 
 use crate::client::HttpClient;
 use crate::experiment::report::{emit, verdict_line, Decision, Verdict};
-use crate::stats::{format_p, holm_adjusted, holm_levels, split_test, two_proportion};
+use crate::stats::{count, format_p, holm_adjusted, holm_levels, split_test, two_proportion};
 
 use binned::{mann_whitney, Histogram};
 use options::AnalyzeArgs;
-use prometheus::{Labels, Prometheus};
+use prometheus::{printable, Labels, Prometheus};
 
 /// Split-assigned share at or above which the comparison counts as randomized.
 const RANDOMIZED_SHARE: f64 = 0.95;
@@ -250,10 +250,11 @@ impl Queries<'_> {
                 }
             }
         }
-        // Seconds to milliseconds, on the bucket bounds.
+        // Seconds to milliseconds, on the finite bucket bounds (any other `le` is left for
+        // `Histogram::from_cumulative` to judge).
         for (labels, _) in &mut samples {
             if let Some(le) = labels.get_mut("le") {
-                if let Ok(seconds) = le.parse::<f64>() {
+                if let Some(seconds) = le.parse::<f64>().ok().filter(|s| s.is_finite()) {
                     *le = format!("{}", seconds * 1000.0);
                 }
             }
@@ -279,21 +280,51 @@ fn label<'a>(labels: &'a Labels, name: &str) -> &'a str {
     labels.get(name).map_or("", String::as_str)
 }
 
-fn histograms(samples: &[(Labels, f64)], arms: &[String]) -> Vec<Option<Histogram>> {
+/// A series as PromQL writes it, `metric{label="value", ...}`, its server-provided text made printable.
+fn series(metric: &str, labels: &Labels) -> String {
+    let labels: Vec<String> = labels
+        .iter()
+        .map(|(name, value)| format!("{}={:?}", printable(name), printable(value)))
+        .collect();
+    format!("{metric}{{{}}}", labels.join(", "))
+}
+
+/// The one line of input that cannot be judged, naming its series.
+fn invalid_input(metric: &str, labels: &Labels, problem: impl std::fmt::Display) -> String {
+    format!("invalid input: {}: {problem}", series(metric, labels))
+}
+
+/// Every value of a counter's answer is a count (`stats::count`), or the answer is refused.
+fn counts(metric: &str, samples: &[(Labels, f64)]) -> Result<(), String> {
+    for (labels, value) in samples {
+        count(*value).map_err(|problem| invalid_input(metric, labels, problem))?;
+    }
+    Ok(())
+}
+
+/// Per arm, the histogram of its buckets; `None` for an arm without any; an error naming the arm's series
+/// when its buckets are no histogram (`Histogram::from_cumulative`).
+fn histograms(
+    metric: &str,
+    samples: &[(Labels, f64)],
+    arms: &[String],
+) -> Result<Vec<Option<Histogram>>, String> {
     arms.iter()
         .map(|arm| {
-            let buckets: Vec<(f64, f64)> = samples
+            let buckets: Vec<(&str, f64)> = samples
                 .iter()
                 .filter(|(l, _)| label(l, "backend") == arm)
-                .filter_map(|(l, v)| {
-                    let le = match label(l, "le") {
-                        "+Inf" => f64::INFINITY,
-                        le => le.parse().ok()?,
-                    };
-                    Some((le, *v))
-                })
+                .map(|(l, v)| (label(l, "le"), *v))
                 .collect();
+            if buckets.is_empty() {
+                return Ok(None);
+            }
             Histogram::from_cumulative(buckets)
+                .map(Some)
+                .map_err(|problem| {
+                    let labels = Labels::from([("backend".to_string(), arm.clone())]);
+                    invalid_input(metric, &labels, problem)
+                })
         })
         .collect()
 }
@@ -330,6 +361,10 @@ async fn run(args: &AnalyzeArgs) -> Result<Report, String> {
     let routed = q
         .increase("kvab_routed_requests_total", "requested")
         .await?;
+    counts("kvab_requests_total", &requests)?;
+    counts("kvab_responses_total", &responses)?;
+    counts("kvab_served_total", &served)?;
+    counts("kvab_routed_requests_total", &routed)?;
 
     let design = design(&requests, arms);
     let assignment = assignment(&requests, arms, &args.split, args.srm_threshold);
@@ -344,8 +379,16 @@ async fn run(args: &AnalyzeArgs) -> Result<Report, String> {
     });
 
     let mut metrics = vec![
-        ("request_duration_ms", true, histograms(&duration, arms)),
-        ("time_to_first_byte_ms", false, histograms(&ttfb, arms)),
+        (
+            "request_duration_ms",
+            true,
+            histograms("kvab_request_duration_milliseconds_bucket", &duration, arms)?,
+        ),
+        (
+            "time_to_first_byte_ms",
+            false,
+            histograms("kvab_time_to_first_byte_milliseconds_bucket", &ttfb, arms)?,
+        ),
     ];
     // vLLM's own latencies per arm (vllm/v1/metrics: these three names on current vLLM), when scraped.
     for (name, metric) in [
@@ -353,7 +396,7 @@ async fn run(args: &AnalyzeArgs) -> Result<Report, String> {
         ("vllm_itl_ms", "vllm:inter_token_latency_seconds_bucket"),
         ("vllm_e2e_ms", "vllm:e2e_request_latency_seconds_bucket"),
     ] {
-        let found = histograms(&q.vllm(metric, args).await?, arms);
+        let found = histograms(metric, &q.vllm(metric, args).await?, arms)?;
         if found.iter().any(Option::is_some) {
             metrics.push((name, false, found));
         }

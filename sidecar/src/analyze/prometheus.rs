@@ -8,6 +8,25 @@ use crate::client::{HttpClient, Request};
 
 pub type Labels = BTreeMap<String, String>;
 
+/// The most bytes of one answer read: 16 MiB. kvab's queries answer a few hundred series of about 200
+/// bytes (buckets × arms); 16 MiB is some 80,000 series, far beyond any layout of kvab's metrics, and
+/// bounds the memory of a run (the whole answer is parsed at once).
+pub const MAX_ANSWER_BYTES: usize = 16 << 20;
+
+/// Server-provided text as a message may print it: control characters (C0, DEL, C1: ESC, BEL, line
+/// breaks...) written as escapes (`\u{1b}`, `\n`), so an answer cannot drive the terminal.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 pub struct Prometheus {
     client: HttpClient,
     base: String,
@@ -40,7 +59,7 @@ struct Sample {
 impl Prometheus {
     pub fn new(client: HttpClient, base: &str, time: f64) -> Self {
         Prometheus {
-            client,
+            client: client.with_max_body(MAX_ANSWER_BYTES),
             base: base.trim_end_matches('/').to_string(),
             time,
         }
@@ -53,42 +72,40 @@ impl Prometheus {
             .append_pair("time", &format!("{:.3}", self.time))
             .finish();
         let url = format!("{}/api/v1/query?{encoded}", self.base);
-        let fail = |why: String| format!("query {query}: {why}");
+        let fail = |why: String| format!("query {query}: {}", printable(&why));
         let exchange = self.client.send(&Request::get(url)).await.map_err(fail)?;
-        let answer: Answer = serde_json::from_slice(&exchange.body).map_err(|e| {
-            fail(format!(
-                "status {} and no Prometheus answer ({e})",
-                exchange.status
-            ))
-        })?;
-        if answer.status != "success" {
-            return Err(fail(format!(
-                "{}: {}",
-                answer.error_type.unwrap_or_default(),
-                answer.error.unwrap_or_default()
-            )));
-        }
-        let data = answer
-            .data
-            .ok_or_else(|| fail("no data in the answer".into()))?;
-        if data.result_type != "vector" {
-            return Err(fail(format!(
-                "a {} where a vector was expected",
-                data.result_type
-            )));
-        }
-        data.result
-            .into_iter()
-            .map(|s| {
-                let value = match s.value.1.as_str() {
-                    "+Inf" => f64::INFINITY,
-                    "-Inf" => f64::NEG_INFINITY,
-                    v => v
-                        .parse::<f64>()
-                        .map_err(|e| fail(format!("value {v:?}: {e}")))?,
-                };
-                Ok((s.metric, value))
-            })
-            .collect()
+        answer(&exchange.body, exchange.status).map_err(fail)
     }
+}
+
+/// Prometheus's answer to an instant query as samples, or why it is none (the answer's own text, to be
+/// made printable).
+fn answer(body: &[u8], status: u16) -> Result<Vec<(Labels, f64)>, String> {
+    let answer: Answer = serde_json::from_slice(body)
+        .map_err(|e| format!("status {status} and no Prometheus answer ({e})"))?;
+    if answer.status != "success" {
+        return Err(format!(
+            "{}: {}",
+            answer.error_type.unwrap_or_default(),
+            answer.error.unwrap_or_default()
+        ));
+    }
+    let data = answer.data.ok_or("no data in the answer")?;
+    if data.result_type != "vector" {
+        return Err(format!(
+            "a {} where a vector was expected",
+            data.result_type
+        ));
+    }
+    data.result
+        .into_iter()
+        .map(|s| {
+            let value = match s.value.1.as_str() {
+                "+Inf" => f64::INFINITY,
+                "-Inf" => f64::NEG_INFINITY,
+                v => v.parse::<f64>().map_err(|e| format!("value {v:?}: {e}"))?,
+            };
+            Ok((s.metric, value))
+        })
+        .collect()
 }
