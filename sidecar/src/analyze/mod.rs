@@ -329,6 +329,21 @@ fn histograms(
         .collect()
 }
 
+/// One answer: `increase()` per series.
+type Samples = Vec<(Labels, f64)>;
+
+/// What the queries answered, before any judging.
+struct Answers {
+    duration: Samples,
+    ttfb: Samples,
+    requests: Samples,
+    responses: Samples,
+    served: Samples,
+    routed: Samples,
+    /// vLLM's histograms, (report name, metric, samples), empty where not scraped.
+    vllm: Vec<(&'static str, &'static str, Samples)>,
+}
+
 async fn run(args: &AnalyzeArgs) -> Result<Report, String> {
     let end = args.end.unwrap_or_else(now);
     let start = args.start.unwrap_or(end - args.window.as_secs_f64());
@@ -345,31 +360,67 @@ async fn run(args: &AnalyzeArgs) -> Result<Report, String> {
         range: format!("{seconds}s"),
         run: Vec::new(),
     };
+    let mut answers = Answers {
+        duration: q
+            .required("kvab_request_duration_milliseconds_bucket", "backend, le")
+            .await?,
+        ttfb: q
+            .required("kvab_time_to_first_byte_milliseconds_bucket", "backend, le")
+            .await?,
+        requests: q.required("kvab_requests_total", "backend, source").await?,
+        responses: q
+            .required("kvab_responses_total", "backend, code_class")
+            .await?,
+        served: q.increase("kvab_served_total", "requested, served").await?,
+        routed: q
+            .increase("kvab_routed_requests_total", "requested")
+            .await?,
+        vllm: Vec::new(),
+    };
+    // vLLM's own latencies per arm (vllm/v1/metrics: these three names on current vLLM), when scraped.
+    for (name, metric) in [
+        ("vllm_ttft_ms", "vllm:time_to_first_token_seconds_bucket"),
+        ("vllm_itl_ms", "vllm:inter_token_latency_seconds_bucket"),
+        ("vllm_e2e_ms", "vllm:e2e_request_latency_seconds_bucket"),
+    ] {
+        let samples = q.vllm(metric, args).await?;
+        answers.vllm.push((name, metric, samples));
+    }
+    let window = Window {
+        start,
+        end,
+        seconds,
+    };
+    judge(&answers, args, window, q.run)
+}
+
+/// The report on the answers: every value checked first (`stats::count`, `Histogram::from_cumulative`),
+/// so input that is no count or no histogram is an error naming its series, never a verdict.
+fn judge(
+    answers: &Answers,
+    args: &AnalyzeArgs,
+    window: Window,
+    queries: Vec<String>,
+) -> Result<Report, String> {
     let arms = &args.arms;
+    let Answers {
+        duration,
+        ttfb,
+        requests,
+        responses,
+        served,
+        routed,
+        vllm,
+    } = answers;
+    counts("kvab_requests_total", requests)?;
+    counts("kvab_responses_total", responses)?;
+    counts("kvab_served_total", served)?;
+    counts("kvab_routed_requests_total", routed)?;
 
-    let duration = q
-        .required("kvab_request_duration_milliseconds_bucket", "backend, le")
-        .await?;
-    let ttfb = q
-        .required("kvab_time_to_first_byte_milliseconds_bucket", "backend, le")
-        .await?;
-    let requests = q.required("kvab_requests_total", "backend, source").await?;
-    let responses = q
-        .required("kvab_responses_total", "backend, code_class")
-        .await?;
-    let served = q.increase("kvab_served_total", "requested, served").await?;
-    let routed = q
-        .increase("kvab_routed_requests_total", "requested")
-        .await?;
-    counts("kvab_requests_total", &requests)?;
-    counts("kvab_responses_total", &responses)?;
-    counts("kvab_served_total", &served)?;
-    counts("kvab_routed_requests_total", &routed)?;
-
-    let design = design(&requests, arms);
-    let assignment = assignment(&requests, arms, &args.split, args.srm_threshold);
-    let (errors, errors_p) = errors(&responses, arms);
-    let misroutes = misroutes(&served, arms);
+    let design = design(requests, arms);
+    let assignment = assignment(requests, arms, &args.split, args.srm_threshold);
+    let (errors, errors_p) = errors(responses, arms);
+    let misroutes = misroutes(served, arms);
     let routed = (!routed.is_empty()).then(|| {
         routed
             .iter()
@@ -382,23 +433,18 @@ async fn run(args: &AnalyzeArgs) -> Result<Report, String> {
         (
             "request_duration_ms",
             true,
-            histograms("kvab_request_duration_milliseconds_bucket", &duration, arms)?,
+            histograms("kvab_request_duration_milliseconds_bucket", duration, arms)?,
         ),
         (
             "time_to_first_byte_ms",
             false,
-            histograms("kvab_time_to_first_byte_milliseconds_bucket", &ttfb, arms)?,
+            histograms("kvab_time_to_first_byte_milliseconds_bucket", ttfb, arms)?,
         ),
     ];
-    // vLLM's own latencies per arm (vllm/v1/metrics: these three names on current vLLM), when scraped.
-    for (name, metric) in [
-        ("vllm_ttft_ms", "vllm:time_to_first_token_seconds_bucket"),
-        ("vllm_itl_ms", "vllm:inter_token_latency_seconds_bucket"),
-        ("vllm_e2e_ms", "vllm:e2e_request_latency_seconds_bucket"),
-    ] {
-        let found = histograms(metric, &q.vllm(metric, args).await?, arms)?;
+    for (name, metric, samples) in vllm {
+        let found = histograms(metric, samples, arms)?;
         if found.iter().any(Option::is_some) {
-            metrics.push((name, false, found));
+            metrics.push((*name, false, found));
         }
     }
     let p_values: Vec<f64> = metrics
@@ -422,11 +468,7 @@ async fn run(args: &AnalyzeArgs) -> Result<Report, String> {
         verdict: Verdict::Inconclusive,
         reasons: Vec::new(),
         arms: arms.clone(),
-        window: Window {
-            start,
-            end,
-            seconds,
-        },
+        window,
         design,
         assignment,
         errors,
@@ -441,7 +483,7 @@ async fn run(args: &AnalyzeArgs) -> Result<Report, String> {
             srm_threshold: args.srm_threshold,
             description: METHOD,
         },
-        queries: q.run,
+        queries,
     };
     (report.verdict, report.reasons) = verdict(&report, args);
     Ok(report)
@@ -873,5 +915,162 @@ impl Report {
         }
         out.push_str("</ul>");
         out
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use clap::Parser;
+    use serde_json::{json, Value};
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: AnalyzeArgs,
+    }
+
+    fn args() -> AnalyzeArgs {
+        Cli::try_parse_from(["analyze", "--prometheus", "http://prometheus:9090"])
+            .unwrap()
+            .args
+    }
+
+    /// The samples of Prometheus's JSON answer to an instant query, read as a run reads it.
+    fn answer(series: &[Value]) -> Vec<(Labels, f64)> {
+        let body = json!({"status": "success", "data": {"resultType": "vector", "result": series}});
+        prometheus::answer(body.to_string().as_bytes(), 200).unwrap()
+    }
+
+    fn sample(labels: Value, value: &str) -> Value {
+        json!({"metric": labels, "value": [1_796_252_038.6, value]})
+    }
+
+    /// One arm's cumulative buckets, as `sum by (backend, le)` returns them.
+    fn buckets(arm: &str, cumulative: &[(&str, &str)]) -> Vec<Value> {
+        cumulative
+            .iter()
+            .map(|(le, v)| sample(json!({"backend": arm, "le": le}), v))
+            .collect()
+    }
+
+    /// A randomized window, 1000 requests per arm, nvlink's durations clearly shorter.
+    fn answers(nvlink_duration: &[(&str, &str)], nvlink_split: &str) -> Answers {
+        let fs = [
+            ("50", "0"),
+            ("100", "100"),
+            ("200", "900"),
+            ("+Inf", "1000"),
+        ];
+        let duration = answer(&[buckets("nvlink", nvlink_duration), buckets("fs", &fs)].concat());
+        let per_arm = |name: &str, other: Value, nvlink: &str| {
+            answer(&[
+                sample(json!({"backend": "nvlink", name: other}), nvlink),
+                sample(json!({"backend": "fs", name: other}), "1000"),
+            ])
+        };
+        Answers {
+            ttfb: duration.clone(),
+            duration,
+            requests: per_arm("source", json!("split"), nvlink_split),
+            responses: per_arm("code_class", json!("2xx"), "1000"),
+            served: answer(&[
+                sample(json!({"requested": "nvlink", "served": "nvlink"}), "1000"),
+                sample(json!({"requested": "fs", "served": "fs"}), "1000"),
+            ]),
+            routed: Vec::new(),
+            vllm: Vec::new(),
+        }
+    }
+
+    const NVLINK: [(&str, &str); 4] = [
+        ("50", "900"),
+        ("100", "990"),
+        ("200", "1000"),
+        ("+Inf", "1000"),
+    ];
+
+    fn judged(answers: &Answers) -> Result<Report, String> {
+        let window = Window {
+            start: 0.0,
+            end: 3600.0,
+            seconds: 3600,
+        };
+        judge(answers, &args(), window, Vec::new())
+    }
+
+    #[test]
+    fn a_sound_window_is_judged() {
+        let report = judged(&answers(&NVLINK, "1000")).unwrap();
+        assert_eq!(report.verdict, Verdict::Decided, "{:?}", report.reasons);
+        assert_eq!(report.comparisons[0].faster.as_deref(), Some("nvlink"));
+    }
+
+    #[test]
+    fn input_that_is_no_histogram_is_refused_naming_its_series() {
+        let series = "invalid input: kvab_request_duration_milliseconds_bucket{backend=\"nvlink\"}";
+        for (buckets, problem) in [
+            // Was NaN cast to 0: "decided: nvlink faster by 242.9 %".
+            (
+                [("50", "NaN"), ("100", "990"), ("200", "1000"), ("+Inf", "1000")],
+                "bucket le=\"50\": the value is NaN, not a count",
+            ),
+            // Was clamped silently into a verdict (nvlink faster).
+            (
+                [("50", "900"), ("100", "300"), ("200", "1000"), ("+Inf", "1000")],
+                "bucket le=\"100\" counts 300 requests, fewer than the 900 of the bucket below it \
+                 (cumulative buckets never decrease)",
+            ),
+            // Was "too little traffic".
+            (
+                [("50", "900"), ("100", "990"), ("200", "1000"), ("1000", "1000")],
+                "no le=\"+Inf\" bucket, so no total",
+            ),
+            (
+                [("50", "900"), ("50.0", "990"), ("200", "1000"), ("+Inf", "1000")],
+                "two buckets le=\"50.0\"",
+            ),
+            (
+                [("50", "900"), ("100", "990"), ("200", "1000"), ("+Inf", "1e18")],
+                // Was a hang in the median's rank.
+                "bucket le=\"+Inf\": the count 1e18 is above 2^53 (9.007199254740992e15), more than any \
+                 window holds",
+            ),
+        ] {
+            assert_eq!(
+                judged(&answers(&buckets, "1000")).unwrap_err(),
+                format!("{series}: {problem}")
+            );
+        }
+    }
+
+    #[test]
+    fn counters_that_are_no_counts_are_refused_naming_their_series() {
+        // Was u64::MAX steps of the binomial test: a hang.
+        assert_eq!(
+            judged(&answers(&NVLINK, "+Inf")).unwrap_err(),
+            "invalid input: kvab_requests_total{backend=\"nvlink\", source=\"split\"}: the value is inf, \
+             not a count"
+        );
+        assert!(judged(&answers(&NVLINK, "1e18"))
+            .unwrap_err()
+            .contains("the count 1e18 is above 2^53"));
+        assert!(judged(&answers(&NVLINK, "-5"))
+            .unwrap_err()
+            .contains("the count -5 is negative"));
+        // Server-provided label text reaches the message printable.
+        let mut bad = answers(&NVLINK, "1000");
+        bad.responses = answer(&[sample(
+            json!({"backend": "nvlink", "code_class": "\u{1b}]0;x\u{7}"}),
+            "NaN",
+        )]);
+        let message = judged(&bad).unwrap_err();
+        assert!(!message.chars().any(char::is_control), "{message:?}");
+        assert!(
+            message.contains(r#"code_class="\\u{1b}]0;x\\u{7}""#),
+            "{message}"
+        );
     }
 }

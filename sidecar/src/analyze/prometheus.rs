@@ -80,7 +80,7 @@ impl Prometheus {
 
 /// Prometheus's answer to an instant query as samples, or why it is none (the answer's own text, to be
 /// made printable).
-fn answer(body: &[u8], status: u16) -> Result<Vec<(Labels, f64)>, String> {
+pub(crate) fn answer(body: &[u8], status: u16) -> Result<Vec<(Labels, f64)>, String> {
     let answer: Answer = serde_json::from_slice(body)
         .map_err(|e| format!("status {status} and no Prometheus answer ({e})"))?;
     if answer.status != "success" {
@@ -108,4 +108,66 @@ fn answer(body: &[u8], status: u16) -> Result<Vec<(Labels, f64)>, String> {
             Ok((s.metric, value))
         })
         .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A server answering one request with `body`, and a Prometheus client of it.
+    async fn prometheus_answering(body: Vec<u8>) -> Prometheus {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = socket.read(&mut buf).await.unwrap();
+            let head = format!(
+                "HTTP/1.1 400 Bad Request\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = socket.write_all(&body).await;
+        });
+        let client = HttpClient::new(Duration::from_secs(10));
+        Prometheus::new(client, &format!("http://{address}"), 1_796_252_038.6)
+    }
+
+    #[test]
+    fn control_characters_become_escapes() {
+        assert_eq!(
+            printable("bad\u{1b}[2J\u{7}\u{9b}31m\nquery \u{7f}é"),
+            "bad\\u{1b}[2J\\u{7}\\u{9b}31m\\nquery \\u{7f}é"
+        );
+    }
+
+    #[tokio::test]
+    async fn prometheus_error_text_reaches_the_terminal_printable() {
+        let body = br#"{"status":"error","errorType":"bad_data","error":"parse error \u001b]0;pwned\u0007\u001b[2J"}"#;
+        let error = prometheus_answering(body.to_vec())
+            .await
+            .vector("up")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error,
+            r"query up: bad_data: parse error \u{1b}]0;pwned\u{7}\u{1b}[2J"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_over_the_cap_is_an_error_naming_the_query() {
+        let error = prometheus_answering(vec![b' '; MAX_ANSWER_BYTES + 1])
+            .await
+            .vector("up")
+            .await
+            .unwrap_err();
+        assert_eq!(error, "query up: the answer is longer than 16777216 bytes");
+    }
 }
