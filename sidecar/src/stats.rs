@@ -408,9 +408,11 @@ pub struct SplitTest {
 }
 
 /// Tests observed request counts per proxy against expected weights (any positive scale). `None` when the
-/// inputs differ in length, a weight is not positive, or nothing was observed.
+/// inputs differ in length, a weight is not positive, nothing was observed, or the total overflows u64.
 pub fn split_test(observed: &[u64], weights: &[f64]) -> Option<SplitTest> {
-    let total: u64 = observed.iter().sum();
+    let total = observed
+        .iter()
+        .try_fold(0u64, |sum, o| sum.checked_add(*o))?;
     let weight_sum: f64 = weights.iter().sum();
     if observed.len() != weights.len()
         || observed.is_empty()
@@ -698,6 +700,7 @@ mod tests {
         assert!(split_test(&[0, 0], &[1.0, 1.0]).is_none());
         assert!(split_test(&[1, 2], &[1.0]).is_none());
         assert!(split_test(&[1, 2], &[1.0, 0.0]).is_none());
+        assert!(split_test(&[u64::MAX, 1], &[1.0, 1.0]).is_none());
         assert_eq!(split_test(&[5], &[1.0]).unwrap().method, SplitMethod::None);
     }
 

@@ -647,13 +647,14 @@ fn assignment(
         .map(|a| weights.get(a).copied().unwrap_or(0.0))
         .collect();
     let srm_p = if weight.iter().any(|w| *w <= 0.0) {
-        let stray: u64 = observed
+        let stray = observed
             .iter()
             .zip(&weight)
-            .filter(|(_, w)| **w <= 0.0)
-            .map(|(o, _)| *o)
-            .sum();
-        (observed.iter().sum::<u64>() > 0).then_some(if stray > 0 { 0.0 } else { 1.0 })
+            .any(|(o, w)| *w <= 0.0 && *o > 0);
+        observed
+            .iter()
+            .any(|o| *o > 0)
+            .then_some(if stray { 0.0 } else { 1.0 })
     } else {
         split_test(&observed, &weight).map(|t| t.p_value)
     };
@@ -933,9 +934,14 @@ mod tests {
     }
 
     fn args() -> AnalyzeArgs {
-        Cli::try_parse_from(["analyze", "--prometheus", "http://prometheus:9090"])
-            .unwrap()
-            .args
+        let command = [
+            "analyze",
+            "--prometheus",
+            "http://prometheus:9090",
+            "--split",
+            "nvlink=1,fs=1",
+        ];
+        Cli::try_parse_from(command).unwrap().args
     }
 
     /// The samples of Prometheus's JSON answer to an instant query, read as a run reads it.
@@ -1005,6 +1011,7 @@ mod tests {
     fn a_sound_window_is_judged() {
         let report = judged(&answers(&NVLINK, "1000")).unwrap();
         assert_eq!(report.verdict, Verdict::Decided, "{:?}", report.reasons);
+        assert_eq!(report.assignment.srm_ok, Some(true));
         assert_eq!(report.comparisons[0].faster.as_deref(), Some("nvlink"));
     }
 
@@ -1060,6 +1067,12 @@ mod tests {
         assert!(judged(&answers(&NVLINK, "-5"))
             .unwrap_err()
             .contains("the count -5 is negative"));
+        // Series repeated until their sum passes u64: no overflow, no sample-ratio p-value.
+        let mut repeated = answers(&NVLINK, "9e15");
+        repeated.requests = std::iter::repeat_n(repeated.requests, 3_000)
+            .flatten()
+            .collect();
+        assert_eq!(judged(&repeated).unwrap().assignment.srm_p, None);
         // Server-provided label text reaches the message printable.
         let mut bad = answers(&NVLINK, "1000");
         bad.responses = answer(&[sample(
