@@ -280,11 +280,15 @@ fn label<'a>(labels: &'a Labels, name: &str) -> &'a str {
     labels.get(name).map_or("", String::as_str)
 }
 
-/// A series as PromQL writes it, `metric{label="value", ...}`, its server-provided text made printable.
+/// A series as PromQL writes it, `metric{label="value", ...}` (`\` and `"` escaped in values), its
+/// server-provided text made printable.
 fn series(metric: &str, labels: &Labels) -> String {
     let labels: Vec<String> = labels
         .iter()
-        .map(|(name, value)| format!("{}={:?}", printable(name), printable(value)))
+        .map(|(name, value)| {
+            let value = value.replace('\\', "\\\\").replace('"', "\\\"");
+            format!("{}=\"{}\"", printable(name), printable(&value))
+        })
         .collect();
     format!("{metric}{{{}}}", labels.join(", "))
 }
@@ -1008,6 +1012,18 @@ mod tests {
     }
 
     #[test]
+    fn series_are_named_as_promql_writes_them_and_printable() {
+        let labels = Labels::from([
+            ("backend".to_string(), "a\"b\\c\u{1b}[2J".to_string()),
+            ("le".to_string(), "50".to_string()),
+        ]);
+        assert_eq!(
+            series("m", &labels),
+            r#"m{backend="a\"b\\c\u{1b}[2J", le="50"}"#
+        );
+    }
+
+    #[test]
     fn a_sound_window_is_judged() {
         let report = judged(&answers(&NVLINK, "1000")).unwrap();
         assert_eq!(report.verdict, Verdict::Decided, "{:?}", report.reasons);
@@ -1082,7 +1098,7 @@ mod tests {
         let message = judged(&bad).unwrap_err();
         assert!(!message.chars().any(char::is_control), "{message:?}");
         assert!(
-            message.contains(r#"code_class="\\u{1b}]0;x\\u{7}""#),
+            message.contains(r#"code_class="\u{1b}]0;x\u{7}""#),
             "{message}"
         );
     }
