@@ -2,12 +2,18 @@
 filter splitting untagged traffic 50/50 (onMissing: split), kvab serve, and the P/D-model arms. Its
 decision must agree in direction with `kvab experiment` on the same stack, its sample-ratio check must
 pass against the true weights and fail against wrong ones, a window with no traffic must be
-inconclusive, and a failing query must be one line naming it."""
+inconclusive, and a failing query must be one line naming it. Bad input (NaN, decreasing or missing
+buckets, absurd counters, hostile error text, huge answers) comes from a fake Prometheus: exit 3, one
+line naming the series or query."""
 
 import json
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 import yaml
@@ -164,3 +170,107 @@ def test_prometheus_failures_are_one_line_naming_the_query(live):
                                  capture_output=True, text=True, timeout=60)
     assert unreachable.returncode == 3 and unreachable.stderr.count("\n") == 1, unreachable.stderr
     assert "query sum by" in unreachable.stderr and "refused" in unreachable.stderr
+
+
+# Bad input, which a real Prometheus seldom or never returns: a fake answering each query of the run.
+NVLINK = [("50", "900"), ("100", "990"), ("200", "1000"), ("+Inf", "1000")]
+FS = [("50", "0"), ("100", "100"), ("200", "900"), ("+Inf", "1000")]
+
+
+class FakePrometheus:
+    """Answers kvab analyze's instant queries: nvlink's duration buckets and each arm's split count as given,
+    every other series sound; or one error answer, or a body of `size` bytes, for every query."""
+
+    def __init__(self, nvlink=NVLINK, split="1000", raw: bytes | None = None, size: int | None = None):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_):
+                pass
+
+            def do_GET(self):
+                query = parse_qs(urlparse(self.path).query)["query"][0]
+                if size is not None:
+                    self.send_response(200)
+                    self.send_header("content-length", str(size))
+                    self.end_headers()
+                    with suppress(OSError):
+                        for _ in range(size >> 20):
+                            self.wfile.write(b" " * (1 << 20))
+                    return
+                body = raw if raw is not None else json.dumps(fake.answer(query)).encode()
+                self.send_response(400 if raw is not None else 200)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.nvlink, self.split = nvlink, split
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, query: str) -> dict:
+        def per_arm(label, value, count):
+            return [({"backend": arm, label: value}, count) for arm in ("nvlink", "fs")]
+
+        if query.startswith("sum by (backend, le) (increase(kvab_"):
+            series = [({"backend": arm, "le": le}, v) for arm, bs in (("nvlink", self.nvlink), ("fs", FS)) for le, v in bs]
+        elif "kvab_requests_total" in query:
+            series = per_arm("source", "split", self.split)
+        elif "kvab_responses_total" in query:
+            series = per_arm("code_class", "2xx", "1000")
+        elif "kvab_served_total" in query:
+            series = [({"requested": arm, "served": arm}, "1000") for arm in ("nvlink", "fs")]
+        else:
+            series = []
+        result = [{"metric": labels, "value": [1.0, value]} for labels, value in series]
+        return {"status": "success", "data": {"resultType": "vector", "result": result}}
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+DURATION = 'kvab_request_duration_milliseconds_bucket{backend="nvlink"}'
+
+
+@pytest.mark.parametrize("fake, line", [
+    # Was "decided: nvlink faster" on a NaN read as 0.
+    (dict(nvlink=[("50", "NaN"), *NVLINK[1:]]), f'invalid input: {DURATION}: bucket le="50": the value is NaN, not a count'),
+    # Was clamped silently into a verdict.
+    (dict(nvlink=[("50", "900"), ("100", "300"), *NVLINK[2:]]),
+     f'invalid input: {DURATION}: bucket le="100" counts 300 requests, fewer than the 900 of the bucket below it'),
+    # Was "too little traffic".
+    (dict(nvlink=NVLINK[:3]), f'invalid input: {DURATION}: no le="+Inf" bucket, so no total'),
+    (dict(nvlink=[("50", "900"), ("50.0", "990"), *NVLINK[2:]]), f'invalid input: {DURATION}: two buckets le="50.0"'),
+    # Was a hang: u64::MAX steps of the sample-ratio test.
+    (dict(split="+Inf"), 'invalid input: kvab_requests_total{backend="nvlink", source="split"}: the value is inf'),
+    (dict(split="1e18"), 'invalid input: kvab_requests_total{backend="nvlink", source="split"}: the count 1e18 is above 2^53'),
+    # Was Prometheus's ESC and BEL on the terminal.
+    (dict(raw=b'{"status":"error","errorType":"bad_data","error":"boom \\u001b]0;pwned\\u0007"}'),
+     r"bad_data: boom \u{1b}]0;pwned\u{7}"),
+    # Was 2.4 GB of memory for a 300 MiB answer.
+    (dict(size=300 << 20), "the answer is longer than 16777216 bytes"),
+])
+def test_bad_input_is_refused_in_one_line_naming_the_series(fake, line):
+    prometheus = FakePrometheus(**fake)
+    try:
+        done = subprocess.run([kvab_binary(), "analyze", "--prometheus", prometheus.url, "--split", "nvlink=1,fs=1"],
+                              capture_output=True, text=True, timeout=30)
+    finally:
+        prometheus.stop()
+    assert done.returncode == 3 and done.stdout == "", done
+    assert done.stderr.count("\n") == 1 and line in done.stderr, done.stderr
+    assert not any(c < " " or "\x7f" <= c <= "\x9f" for c in done.stderr.rstrip("\n")), repr(done.stderr)
+
+
+def test_the_fake_prometheus_answers_a_sound_window_with_a_verdict():
+    prometheus = FakePrometheus(split="100000000")  # 1e8 split requests an arm: took 7 s, now a closed form.
+    try:
+        done = subprocess.run([kvab_binary(), "analyze", "--prometheus", prometheus.url, "--split", "nvlink=1,fs=1",
+                               "--json"], capture_output=True, text=True, timeout=30)
+    finally:
+        prometheus.stop()
+    report = json.loads(done.stdout)
+    assert done.returncode == 0 and report["verdict"] == "decided", done
+    assert report["assignment"]["srm_ok"] is True and report["comparisons"][0]["faster"] == "nvlink", report

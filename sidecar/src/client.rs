@@ -101,6 +101,8 @@ impl Streamed {
 pub struct HttpClient {
     client: Client<HttpConnector, Full<Bytes>>,
     max_time: Duration,
+    /// A longer body is an error (`with_max_body`); `None`: no limit.
+    max_body: Option<usize>,
 }
 
 impl HttpClient {
@@ -112,6 +114,16 @@ impl HttpClient {
         Self {
             client: Client::builder(TokioExecutor::new()).build(connector),
             max_time,
+            max_body: None,
+        }
+    }
+
+    /// The same client, with a body longer than `bytes` an error (the exchange stops there) instead of
+    /// being read on.
+    pub fn with_max_body(self, bytes: usize) -> Self {
+        Self {
+            max_body: Some(bytes),
+            ..self
         }
     }
 
@@ -175,9 +187,14 @@ impl HttpClient {
                 .map_err(|e| describe_error(&e))?;
             let headers_at = started.elapsed();
             let (parts, mut body) = response.into_parts();
+            let mut received = 0usize;
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| format!("reading the body: {e}"))?;
                 if let Some(data) = frame.data_ref() {
+                    received = received.saturating_add(data.len());
+                    if let Some(max) = self.max_body.filter(|max| received > *max) {
+                        return Err(format!("the answer is longer than {max} bytes"));
+                    }
                     on_chunk(data, started.elapsed());
                 }
             }
@@ -252,6 +269,35 @@ mod tests {
         assert_eq!(exchange.header("x-kv-backend"), Some("fs"));
         assert_eq!(&exchange.body[..], b"abcdef");
         assert!(exchange.total - exchange.time_to_first_byte >= Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_an_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            for _ in 0..2 {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = socket.read(&mut buf).await.unwrap();
+                let _ = socket
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n0123456789")
+                    .await;
+            }
+        });
+        let url = format!("http://{address}/");
+        let client = HttpClient::new(Duration::from_secs(5));
+        let fits = client.clone().with_max_body(10);
+        assert_eq!(
+            &fits.send(&Request::get(url.clone())).await.unwrap().body[..],
+            b"0123456789"
+        );
+        let over = client
+            .with_max_body(9)
+            .send(&Request::get(url))
+            .await
+            .unwrap_err();
+        assert_eq!(over, "the answer is longer than 9 bytes");
     }
 
     #[tokio::test]

@@ -4,7 +4,17 @@
 //! ties; the interval of the difference of medians is built from distribution-free median intervals
 //! widened to bucket edges, so it holds whatever the values inside the buckets are.
 
-use crate::stats::{median_rank, normal_sf};
+use std::fmt;
+
+use crate::stats::{count, median_rank, normal_sf, InvalidCount};
+
+/// A dip between cumulative buckets up to which it is taken as `increase()`'s noise and clamped: one
+/// request, or 0.1 % of the bucket below when more. `increase()` extrapolates each bucket series to the
+/// window's edges on its own, so buckets scraped together can disagree by a fraction of the requests of
+/// one scrape interval (PromQL's `histogram_quantile` silently absorbs relative differences below 1e-12
+/// and forces larger dips away with only an info annotation). A larger dip means the buckets are not one
+/// histogram (targets with different bucket layouts summed, a broken exporter): refused, not clamped.
+pub const DIP_TOLERANCE: (f64, f64) = (1.0, 1e-3);
 
 /// A histogram's increase over a window: per bucket (upper bounds ascending, the last `+Inf`), the count.
 #[derive(Debug, Clone, PartialEq)]
@@ -13,25 +23,85 @@ pub struct Histogram {
     pub counts: Vec<f64>,
 }
 
+/// Why cumulative buckets are no histogram.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InvalidHistogram {
+    /// An `le` that is no number (or NaN, or −Inf).
+    Bound(String),
+    /// Two buckets with the same upper bound.
+    DuplicateBound(String),
+    /// No `le="+Inf"` bucket: the total is unknown.
+    NoInfBucket,
+    /// A bucket's value is no count.
+    Count { le: String, problem: InvalidCount },
+    /// A bucket holds fewer requests than the one below it, beyond `DIP_TOLERANCE`.
+    Decreasing { le: String, count: f64, below: f64 },
+}
+
+impl fmt::Display for InvalidHistogram {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InvalidHistogram::Bound(le) => write!(f, "le={le:?} is no bucket bound"),
+            InvalidHistogram::DuplicateBound(le) => write!(f, "two buckets le={le:?}"),
+            InvalidHistogram::NoInfBucket => write!(f, "no le=\"+Inf\" bucket, so no total"),
+            InvalidHistogram::Count { le, problem } => write!(f, "bucket le={le:?}: {problem}"),
+            InvalidHistogram::Decreasing { le, count, below } => write!(
+                f,
+                "bucket le={le:?} counts {count} requests, fewer than the {below} of the bucket below it \
+                 (cumulative buckets never decrease)"
+            ),
+        }
+    }
+}
+
+/// An `le` label's bound: a number, `+Inf` for the last bucket.
+fn bound(le: &str) -> Result<f64, InvalidHistogram> {
+    match le.parse::<f64>() {
+        Ok(bound) if !bound.is_nan() && bound != f64::NEG_INFINITY => Ok(bound),
+        _ => Err(InvalidHistogram::Bound(le.to_string())),
+    }
+}
+
 impl Histogram {
     /// From cumulative `le` buckets (any order, `+Inf` included), as `increase(..._bucket[w])` returns.
-    /// Counter resets are Prometheus's business (`increase`); a non-monotone result (rounding between
-    /// buckets scraped apart) is clamped.
-    pub fn from_cumulative(mut buckets: Vec<(f64, f64)>) -> Option<Self> {
-        buckets.retain(|(le, _)| !le.is_nan());
-        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-        if buckets.last().is_none_or(|(le, _)| *le != f64::INFINITY) {
-            return None;
+    /// Counter resets are Prometheus's business (`increase`). Refused: a bound that is no number, two
+    /// buckets with one bound, no `+Inf` bucket, a value that is no count (`stats::count`), a bucket
+    /// below the one before it by more than `DIP_TOLERANCE` (a smaller dip is clamped).
+    pub fn from_cumulative<'a>(
+        buckets: impl IntoIterator<Item = (&'a str, f64)>,
+    ) -> Result<Self, InvalidHistogram> {
+        let mut parsed = Vec::new();
+        for (le, value) in buckets {
+            let problem = |problem| InvalidHistogram::Count {
+                le: le.to_string(),
+                problem,
+            };
+            parsed.push((bound(le)?, le, count(value).map_err(problem)?));
+        }
+        parsed.sort_by(|a, b| a.0.total_cmp(&b.0));
+        if let Some(pair) = parsed.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+            return Err(InvalidHistogram::DuplicateBound(pair[1].1.to_string()));
+        }
+        if parsed.last().is_none_or(|(le, _, _)| *le != f64::INFINITY) {
+            return Err(InvalidHistogram::NoInfBucket);
         }
         let mut previous = 0.0f64;
         let (mut upper, mut counts) = (Vec::new(), Vec::new());
-        for (le, cumulative) in buckets {
+        for (le, text, cumulative) in parsed {
+            let (absolute, relative) = DIP_TOLERANCE;
+            if cumulative < previous - absolute.max(relative * previous) {
+                return Err(InvalidHistogram::Decreasing {
+                    le: text.to_string(),
+                    count: cumulative,
+                    below: previous,
+                });
+            }
             let cumulative = cumulative.max(previous).round();
             upper.push(le);
             counts.push(cumulative - previous);
             previous = cumulative;
         }
-        Some(Histogram { upper, counts })
+        Ok(Histogram { upper, counts })
     }
 
     pub fn total(&self) -> f64 {
@@ -157,15 +227,78 @@ mod tests {
 
     #[test]
     fn cumulative_buckets_become_counts_and_need_inf() {
-        let h = Histogram::from_cumulative(vec![(f64::INFINITY, 10.0), (50.0, 4.0), (100.0, 9.0)])
-            .unwrap();
+        let h = Histogram::from_cumulative([("+Inf", 10.0), ("50", 4.0), ("100", 9.0)]).unwrap();
         assert_eq!(h.upper, vec![50.0, 100.0, f64::INFINITY]);
         assert_eq!(h.counts, vec![4.0, 5.0, 1.0]);
-        assert!(Histogram::from_cumulative(vec![(50.0, 4.0)]).is_none());
-        // increase() rounding can make a bucket dip below the one before: clamped, never negative.
-        let h = Histogram::from_cumulative(vec![(50.0, 4.2), (100.0, 3.9), (f64::INFINITY, 5.0)])
-            .unwrap();
+        // increase() extrapolates each bucket on its own: a dip of a fraction of a request is clamped,
+        // never negative.
+        let h = Histogram::from_cumulative([("50", 4.2), ("100", 3.9), ("+Inf", 5.0)]).unwrap();
         assert!(h.counts.iter().all(|c| *c >= 0.0) && h.total() == 5.0);
+        // Up to 0.1 % of a large bucket too.
+        assert!(Histogram::from_cumulative([("50", 100_000.0), ("+Inf", 99_950.0)]).is_ok());
+    }
+
+    #[test]
+    fn buckets_that_are_no_histogram_are_refused() {
+        use InvalidHistogram::*;
+        let refused = |buckets: &[(&str, f64)]| Histogram::from_cumulative(buckets.iter().copied());
+        // Was "too little traffic": no +Inf bucket means no total.
+        assert_eq!(refused(&[("50", 4.0)]), Err(NoInfBucket));
+        // Was a NaN cast to 0 and a verdict.
+        assert_eq!(
+            refused(&[("50", f64::NAN), ("+Inf", 10.0)]),
+            Err(Count {
+                le: "50".into(),
+                problem: InvalidCount::NotANumber
+            })
+        );
+        assert_eq!(
+            refused(&[("50", 1.0), ("+Inf", f64::INFINITY)]),
+            Err(Count {
+                le: "+Inf".into(),
+                problem: InvalidCount::Infinite(f64::INFINITY)
+            })
+        );
+        assert_eq!(
+            refused(&[("50", -2.0), ("+Inf", 1.0)]),
+            Err(Count {
+                le: "50".into(),
+                problem: InvalidCount::Negative(-2.0)
+            })
+        );
+        assert_eq!(
+            refused(&[("50", 1.0), ("+Inf", 1e18)]),
+            Err(Count {
+                le: "+Inf".into(),
+                problem: InvalidCount::Absurd(1e18)
+            })
+        );
+        // Was clamped silently into a verdict: 900 requests at or below 50 ms, 300 at or below 100 ms.
+        assert_eq!(
+            refused(&[("50", 900.0), ("100", 300.0), ("+Inf", 1000.0)]),
+            Err(Decreasing {
+                le: "100".into(),
+                count: 300.0,
+                below: 900.0
+            })
+        );
+        assert_eq!(
+            refused(&[("50", 1.0), ("50.0", 2.0), ("+Inf", 3.0)]),
+            Err(DuplicateBound("50.0".into()))
+        );
+        for le in ["fast", "", "NaN", "-Inf"] {
+            assert_eq!(refused(&[(le, 1.0), ("+Inf", 3.0)]), Err(Bound(le.into())));
+        }
+        assert_eq!(
+            Decreasing {
+                le: "100".into(),
+                count: 300.0,
+                below: 900.0
+            }
+            .to_string(),
+            "bucket le=\"100\" counts 300 requests, fewer than the 900 of the bucket below it (cumulative \
+             buckets never decrease)"
+        );
     }
 
     #[test]

@@ -13,11 +13,11 @@ use serde::Serialize;
 
 use crate::client::HttpClient;
 use crate::experiment::report::{emit, verdict_line, Decision, Verdict};
-use crate::stats::{format_p, holm_adjusted, holm_levels, split_test, two_proportion};
+use crate::stats::{count, format_p, holm_adjusted, holm_levels, split_test, two_proportion};
 
 use binned::{mann_whitney, Histogram};
 use options::AnalyzeArgs;
-use prometheus::{Labels, Prometheus};
+use prometheus::{printable, Labels, Prometheus};
 
 /// Split-assigned share at or above which the comparison counts as randomized.
 const RANDOMIZED_SHARE: f64 = 0.95;
@@ -250,10 +250,11 @@ impl Queries<'_> {
                 }
             }
         }
-        // Seconds to milliseconds, on the bucket bounds.
+        // Seconds to milliseconds, on the finite bucket bounds (any other `le` is left for
+        // `Histogram::from_cumulative` to judge).
         for (labels, _) in &mut samples {
             if let Some(le) = labels.get_mut("le") {
-                if let Ok(seconds) = le.parse::<f64>() {
+                if let Some(seconds) = le.parse::<f64>().ok().filter(|s| s.is_finite()) {
                     *le = format!("{}", seconds * 1000.0);
                 }
             }
@@ -279,23 +280,72 @@ fn label<'a>(labels: &'a Labels, name: &str) -> &'a str {
     labels.get(name).map_or("", String::as_str)
 }
 
-fn histograms(samples: &[(Labels, f64)], arms: &[String]) -> Vec<Option<Histogram>> {
+/// A series as PromQL writes it, `metric{label="value", ...}` (`\` and `"` escaped in values), its
+/// server-provided text made printable.
+fn series(metric: &str, labels: &Labels) -> String {
+    let labels: Vec<String> = labels
+        .iter()
+        .map(|(name, value)| {
+            let value = value.replace('\\', "\\\\").replace('"', "\\\"");
+            format!("{}=\"{}\"", printable(name), printable(&value))
+        })
+        .collect();
+    format!("{metric}{{{}}}", labels.join(", "))
+}
+
+/// The one line of input that cannot be judged, naming its series.
+fn invalid_input(metric: &str, labels: &Labels, problem: impl std::fmt::Display) -> String {
+    format!("invalid input: {}: {problem}", series(metric, labels))
+}
+
+/// Every value of a counter's answer is a count (`stats::count`), or the answer is refused.
+fn counts(metric: &str, samples: &[(Labels, f64)]) -> Result<(), String> {
+    for (labels, value) in samples {
+        count(*value).map_err(|problem| invalid_input(metric, labels, problem))?;
+    }
+    Ok(())
+}
+
+/// Per arm, the histogram of its buckets; `None` for an arm without any; an error naming the arm's series
+/// when its buckets are no histogram (`Histogram::from_cumulative`).
+fn histograms(
+    metric: &str,
+    samples: &[(Labels, f64)],
+    arms: &[String],
+) -> Result<Vec<Option<Histogram>>, String> {
     arms.iter()
         .map(|arm| {
-            let buckets: Vec<(f64, f64)> = samples
+            let buckets: Vec<(&str, f64)> = samples
                 .iter()
                 .filter(|(l, _)| label(l, "backend") == arm)
-                .filter_map(|(l, v)| {
-                    let le = match label(l, "le") {
-                        "+Inf" => f64::INFINITY,
-                        le => le.parse().ok()?,
-                    };
-                    Some((le, *v))
-                })
+                .map(|(l, v)| (label(l, "le"), *v))
                 .collect();
+            if buckets.is_empty() {
+                return Ok(None);
+            }
             Histogram::from_cumulative(buckets)
+                .map(Some)
+                .map_err(|problem| {
+                    let labels = Labels::from([("backend".to_string(), arm.clone())]);
+                    invalid_input(metric, &labels, problem)
+                })
         })
         .collect()
+}
+
+/// One answer: `increase()` per series.
+type Samples = Vec<(Labels, f64)>;
+
+/// What the queries answered, before any judging.
+struct Answers {
+    duration: Samples,
+    ttfb: Samples,
+    requests: Samples,
+    responses: Samples,
+    served: Samples,
+    routed: Samples,
+    /// vLLM's histograms, (report name, metric, samples), empty where not scraped.
+    vllm: Vec<(&'static str, &'static str, Samples)>,
 }
 
 async fn run(args: &AnalyzeArgs) -> Result<Report, String> {
@@ -314,27 +364,67 @@ async fn run(args: &AnalyzeArgs) -> Result<Report, String> {
         range: format!("{seconds}s"),
         run: Vec::new(),
     };
+    let mut answers = Answers {
+        duration: q
+            .required("kvab_request_duration_milliseconds_bucket", "backend, le")
+            .await?,
+        ttfb: q
+            .required("kvab_time_to_first_byte_milliseconds_bucket", "backend, le")
+            .await?,
+        requests: q.required("kvab_requests_total", "backend, source").await?,
+        responses: q
+            .required("kvab_responses_total", "backend, code_class")
+            .await?,
+        served: q.increase("kvab_served_total", "requested, served").await?,
+        routed: q
+            .increase("kvab_routed_requests_total", "requested")
+            .await?,
+        vllm: Vec::new(),
+    };
+    // vLLM's own latencies per arm (vllm/v1/metrics: these three names on current vLLM), when scraped.
+    for (name, metric) in [
+        ("vllm_ttft_ms", "vllm:time_to_first_token_seconds_bucket"),
+        ("vllm_itl_ms", "vllm:inter_token_latency_seconds_bucket"),
+        ("vllm_e2e_ms", "vllm:e2e_request_latency_seconds_bucket"),
+    ] {
+        let samples = q.vllm(metric, args).await?;
+        answers.vllm.push((name, metric, samples));
+    }
+    let window = Window {
+        start,
+        end,
+        seconds,
+    };
+    judge(&answers, args, window, q.run)
+}
+
+/// The report on the answers: every value checked first (`stats::count`, `Histogram::from_cumulative`),
+/// so input that is no count or no histogram is an error naming its series, never a verdict.
+fn judge(
+    answers: &Answers,
+    args: &AnalyzeArgs,
+    window: Window,
+    queries: Vec<String>,
+) -> Result<Report, String> {
     let arms = &args.arms;
+    let Answers {
+        duration,
+        ttfb,
+        requests,
+        responses,
+        served,
+        routed,
+        vllm,
+    } = answers;
+    counts("kvab_requests_total", requests)?;
+    counts("kvab_responses_total", responses)?;
+    counts("kvab_served_total", served)?;
+    counts("kvab_routed_requests_total", routed)?;
 
-    let duration = q
-        .required("kvab_request_duration_milliseconds_bucket", "backend, le")
-        .await?;
-    let ttfb = q
-        .required("kvab_time_to_first_byte_milliseconds_bucket", "backend, le")
-        .await?;
-    let requests = q.required("kvab_requests_total", "backend, source").await?;
-    let responses = q
-        .required("kvab_responses_total", "backend, code_class")
-        .await?;
-    let served = q.increase("kvab_served_total", "requested, served").await?;
-    let routed = q
-        .increase("kvab_routed_requests_total", "requested")
-        .await?;
-
-    let design = design(&requests, arms);
-    let assignment = assignment(&requests, arms, &args.split, args.srm_threshold);
-    let (errors, errors_p) = errors(&responses, arms);
-    let misroutes = misroutes(&served, arms);
+    let design = design(requests, arms);
+    let assignment = assignment(requests, arms, &args.split, args.srm_threshold);
+    let (errors, errors_p) = errors(responses, arms);
+    let misroutes = misroutes(served, arms);
     let routed = (!routed.is_empty()).then(|| {
         routed
             .iter()
@@ -344,18 +434,21 @@ async fn run(args: &AnalyzeArgs) -> Result<Report, String> {
     });
 
     let mut metrics = vec![
-        ("request_duration_ms", true, histograms(&duration, arms)),
-        ("time_to_first_byte_ms", false, histograms(&ttfb, arms)),
+        (
+            "request_duration_ms",
+            true,
+            histograms("kvab_request_duration_milliseconds_bucket", duration, arms)?,
+        ),
+        (
+            "time_to_first_byte_ms",
+            false,
+            histograms("kvab_time_to_first_byte_milliseconds_bucket", ttfb, arms)?,
+        ),
     ];
-    // vLLM's own latencies per arm (vllm/v1/metrics: these three names on current vLLM), when scraped.
-    for (name, metric) in [
-        ("vllm_ttft_ms", "vllm:time_to_first_token_seconds_bucket"),
-        ("vllm_itl_ms", "vllm:inter_token_latency_seconds_bucket"),
-        ("vllm_e2e_ms", "vllm:e2e_request_latency_seconds_bucket"),
-    ] {
-        let found = histograms(&q.vllm(metric, args).await?, arms);
+    for (name, metric, samples) in vllm {
+        let found = histograms(metric, samples, arms)?;
         if found.iter().any(Option::is_some) {
-            metrics.push((name, false, found));
+            metrics.push((*name, false, found));
         }
     }
     let p_values: Vec<f64> = metrics
@@ -379,11 +472,7 @@ async fn run(args: &AnalyzeArgs) -> Result<Report, String> {
         verdict: Verdict::Inconclusive,
         reasons: Vec::new(),
         arms: arms.clone(),
-        window: Window {
-            start,
-            end,
-            seconds,
-        },
+        window,
         design,
         assignment,
         errors,
@@ -398,7 +487,7 @@ async fn run(args: &AnalyzeArgs) -> Result<Report, String> {
             srm_threshold: args.srm_threshold,
             description: METHOD,
         },
-        queries: q.run,
+        queries,
     };
     (report.verdict, report.reasons) = verdict(&report, args);
     Ok(report)
@@ -562,13 +651,14 @@ fn assignment(
         .map(|a| weights.get(a).copied().unwrap_or(0.0))
         .collect();
     let srm_p = if weight.iter().any(|w| *w <= 0.0) {
-        let stray: u64 = observed
+        let stray = observed
             .iter()
             .zip(&weight)
-            .filter(|(_, w)| **w <= 0.0)
-            .map(|(o, _)| *o)
-            .sum();
-        (observed.iter().sum::<u64>() > 0).then_some(if stray > 0 { 0.0 } else { 1.0 })
+            .any(|(o, w)| *w <= 0.0 && *o > 0);
+        observed
+            .iter()
+            .any(|o| *o > 0)
+            .then_some(if stray { 0.0 } else { 1.0 })
     } else {
         split_test(&observed, &weight).map(|t| t.p_value)
     };
@@ -830,5 +920,186 @@ impl Report {
         }
         out.push_str("</ul>");
         out
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use clap::Parser;
+    use serde_json::{json, Value};
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: AnalyzeArgs,
+    }
+
+    fn args() -> AnalyzeArgs {
+        let command = [
+            "analyze",
+            "--prometheus",
+            "http://prometheus:9090",
+            "--split",
+            "nvlink=1,fs=1",
+        ];
+        Cli::try_parse_from(command).unwrap().args
+    }
+
+    /// The samples of Prometheus's JSON answer to an instant query, read as a run reads it.
+    fn answer(series: &[Value]) -> Vec<(Labels, f64)> {
+        let body = json!({"status": "success", "data": {"resultType": "vector", "result": series}});
+        prometheus::answer(body.to_string().as_bytes(), 200).unwrap()
+    }
+
+    fn sample(labels: Value, value: &str) -> Value {
+        json!({"metric": labels, "value": [1_796_252_038.6, value]})
+    }
+
+    /// One arm's cumulative buckets, as `sum by (backend, le)` returns them.
+    fn buckets(arm: &str, cumulative: &[(&str, &str)]) -> Vec<Value> {
+        cumulative
+            .iter()
+            .map(|(le, v)| sample(json!({"backend": arm, "le": le}), v))
+            .collect()
+    }
+
+    /// A randomized window, 1000 requests per arm, nvlink's durations clearly shorter.
+    fn answers(nvlink_duration: &[(&str, &str)], nvlink_split: &str) -> Answers {
+        let fs = [
+            ("50", "0"),
+            ("100", "100"),
+            ("200", "900"),
+            ("+Inf", "1000"),
+        ];
+        let duration = answer(&[buckets("nvlink", nvlink_duration), buckets("fs", &fs)].concat());
+        let per_arm = |name: &str, other: Value, nvlink: &str| {
+            answer(&[
+                sample(json!({"backend": "nvlink", name: other}), nvlink),
+                sample(json!({"backend": "fs", name: other}), "1000"),
+            ])
+        };
+        Answers {
+            ttfb: duration.clone(),
+            duration,
+            requests: per_arm("source", json!("split"), nvlink_split),
+            responses: per_arm("code_class", json!("2xx"), "1000"),
+            served: answer(&[
+                sample(json!({"requested": "nvlink", "served": "nvlink"}), "1000"),
+                sample(json!({"requested": "fs", "served": "fs"}), "1000"),
+            ]),
+            routed: Vec::new(),
+            vllm: Vec::new(),
+        }
+    }
+
+    const NVLINK: [(&str, &str); 4] = [
+        ("50", "900"),
+        ("100", "990"),
+        ("200", "1000"),
+        ("+Inf", "1000"),
+    ];
+
+    fn judged(answers: &Answers) -> Result<Report, String> {
+        let window = Window {
+            start: 0.0,
+            end: 3600.0,
+            seconds: 3600,
+        };
+        judge(answers, &args(), window, Vec::new())
+    }
+
+    #[test]
+    fn series_are_named_as_promql_writes_them_and_printable() {
+        let labels = Labels::from([
+            ("backend".to_string(), "a\"b\\c\u{1b}[2J".to_string()),
+            ("le".to_string(), "50".to_string()),
+        ]);
+        assert_eq!(
+            series("m", &labels),
+            r#"m{backend="a\"b\\c\u{1b}[2J", le="50"}"#
+        );
+    }
+
+    #[test]
+    fn a_sound_window_is_judged() {
+        let report = judged(&answers(&NVLINK, "1000")).unwrap();
+        assert_eq!(report.verdict, Verdict::Decided, "{:?}", report.reasons);
+        assert_eq!(report.assignment.srm_ok, Some(true));
+        assert_eq!(report.comparisons[0].faster.as_deref(), Some("nvlink"));
+    }
+
+    #[test]
+    fn input_that_is_no_histogram_is_refused_naming_its_series() {
+        let series = "invalid input: kvab_request_duration_milliseconds_bucket{backend=\"nvlink\"}";
+        for (buckets, problem) in [
+            // Was NaN cast to 0: "decided: nvlink faster by 242.9 %".
+            (
+                [("50", "NaN"), ("100", "990"), ("200", "1000"), ("+Inf", "1000")],
+                "bucket le=\"50\": the value is NaN, not a count",
+            ),
+            // Was clamped silently into a verdict (nvlink faster).
+            (
+                [("50", "900"), ("100", "300"), ("200", "1000"), ("+Inf", "1000")],
+                "bucket le=\"100\" counts 300 requests, fewer than the 900 of the bucket below it \
+                 (cumulative buckets never decrease)",
+            ),
+            // Was "too little traffic".
+            (
+                [("50", "900"), ("100", "990"), ("200", "1000"), ("1000", "1000")],
+                "no le=\"+Inf\" bucket, so no total",
+            ),
+            (
+                [("50", "900"), ("50.0", "990"), ("200", "1000"), ("+Inf", "1000")],
+                "two buckets le=\"50.0\"",
+            ),
+            (
+                [("50", "900"), ("100", "990"), ("200", "1000"), ("+Inf", "1e18")],
+                // Was a hang in the median's rank.
+                "bucket le=\"+Inf\": the count 1e18 is above 2^53 (9.007199254740992e15), more than any \
+                 window holds",
+            ),
+        ] {
+            assert_eq!(
+                judged(&answers(&buckets, "1000")).unwrap_err(),
+                format!("{series}: {problem}")
+            );
+        }
+    }
+
+    #[test]
+    fn counters_that_are_no_counts_are_refused_naming_their_series() {
+        // Was u64::MAX steps of the binomial test: a hang.
+        assert_eq!(
+            judged(&answers(&NVLINK, "+Inf")).unwrap_err(),
+            "invalid input: kvab_requests_total{backend=\"nvlink\", source=\"split\"}: the value is inf, \
+             not a count"
+        );
+        assert!(judged(&answers(&NVLINK, "1e18"))
+            .unwrap_err()
+            .contains("the count 1e18 is above 2^53"));
+        assert!(judged(&answers(&NVLINK, "-5"))
+            .unwrap_err()
+            .contains("the count -5 is negative"));
+        // Series repeated until their sum passes u64: no overflow, no sample-ratio p-value.
+        let mut repeated = answers(&NVLINK, "9e15");
+        repeated.requests = std::iter::repeat_n(repeated.requests, 3_000)
+            .flatten()
+            .collect();
+        assert_eq!(judged(&repeated).unwrap().assignment.srm_p, None);
+        // Server-provided label text reaches the message printable.
+        let mut bad = answers(&NVLINK, "1000");
+        bad.responses = answer(&[sample(
+            json!({"backend": "nvlink", "code_class": "\u{1b}]0;x\u{7}"}),
+            "NaN",
+        )]);
+        let message = judged(&bad).unwrap_err();
+        assert!(!message.chars().any(char::is_control), "{message:?}");
+        assert!(
+            message.contains(r#"code_class="\u{1b}]0;x\u{7}""#),
+            "{message}"
+        );
     }
 }

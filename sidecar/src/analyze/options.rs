@@ -10,8 +10,9 @@ use crate::check::options::{arm_name, fraction, http_url, seconds};
 
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    after_help = "Exit status: 0 decided, 1 invalid (sample-ratio mismatch), 2 inconclusive, 3 usage error or\n\
-                        a Prometheus query failed (unreachable, bad query, no such series).\n\
+    after_help = "Exit status: 0 decided, 1 invalid (sample-ratio mismatch), 2 inconclusive, 3 usage error,\n\
+                        a Prometheus query failed (unreachable, bad query, no such series, an answer over 16 MiB)\n\
+                        or invalid input (a value that is no count, buckets that are no histogram).\n\
                         Every environment variable is used only when its flag is not given."
 )]
 pub struct AnalyzeArgs {

@@ -8,6 +8,25 @@ use crate::client::{HttpClient, Request};
 
 pub type Labels = BTreeMap<String, String>;
 
+/// The most bytes of one answer read: 16 MiB. kvab's queries answer a few hundred series of about 200
+/// bytes (buckets × arms); 16 MiB is some 80,000 series, far beyond any layout of kvab's metrics, and
+/// bounds the memory of a run (the whole answer is parsed at once).
+pub const MAX_ANSWER_BYTES: usize = 16 << 20;
+
+/// Server-provided text as a message may print it: control characters (C0, DEL, C1: ESC, BEL, line
+/// breaks...) written as escapes (`\u{1b}`, `\n`), so an answer cannot drive the terminal.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 pub struct Prometheus {
     client: HttpClient,
     base: String,
@@ -40,7 +59,7 @@ struct Sample {
 impl Prometheus {
     pub fn new(client: HttpClient, base: &str, time: f64) -> Self {
         Prometheus {
-            client,
+            client: client.with_max_body(MAX_ANSWER_BYTES),
             base: base.trim_end_matches('/').to_string(),
             time,
         }
@@ -53,42 +72,102 @@ impl Prometheus {
             .append_pair("time", &format!("{:.3}", self.time))
             .finish();
         let url = format!("{}/api/v1/query?{encoded}", self.base);
-        let fail = |why: String| format!("query {query}: {why}");
+        let fail = |why: String| format!("query {query}: {}", printable(&why));
         let exchange = self.client.send(&Request::get(url)).await.map_err(fail)?;
-        let answer: Answer = serde_json::from_slice(&exchange.body).map_err(|e| {
-            fail(format!(
-                "status {} and no Prometheus answer ({e})",
-                exchange.status
-            ))
-        })?;
-        if answer.status != "success" {
-            return Err(fail(format!(
-                "{}: {}",
-                answer.error_type.unwrap_or_default(),
-                answer.error.unwrap_or_default()
-            )));
-        }
-        let data = answer
-            .data
-            .ok_or_else(|| fail("no data in the answer".into()))?;
-        if data.result_type != "vector" {
-            return Err(fail(format!(
-                "a {} where a vector was expected",
-                data.result_type
-            )));
-        }
-        data.result
-            .into_iter()
-            .map(|s| {
-                let value = match s.value.1.as_str() {
-                    "+Inf" => f64::INFINITY,
-                    "-Inf" => f64::NEG_INFINITY,
-                    v => v
-                        .parse::<f64>()
-                        .map_err(|e| fail(format!("value {v:?}: {e}")))?,
-                };
-                Ok((s.metric, value))
-            })
-            .collect()
+        answer(&exchange.body, exchange.status).map_err(fail)
+    }
+}
+
+/// Prometheus's answer to an instant query as samples, or why it is none (the answer's own text, to be
+/// made printable).
+pub(crate) fn answer(body: &[u8], status: u16) -> Result<Vec<(Labels, f64)>, String> {
+    let answer: Answer = serde_json::from_slice(body)
+        .map_err(|e| format!("status {status} and no Prometheus answer ({e})"))?;
+    if answer.status != "success" {
+        return Err(format!(
+            "{}: {}",
+            answer.error_type.unwrap_or_default(),
+            answer.error.unwrap_or_default()
+        ));
+    }
+    let data = answer.data.ok_or("no data in the answer")?;
+    if data.result_type != "vector" {
+        return Err(format!(
+            "a {} where a vector was expected",
+            data.result_type
+        ));
+    }
+    data.result
+        .into_iter()
+        .map(|s| {
+            let value = match s.value.1.as_str() {
+                "+Inf" => f64::INFINITY,
+                "-Inf" => f64::NEG_INFINITY,
+                v => v.parse::<f64>().map_err(|e| format!("value {v:?}: {e}"))?,
+            };
+            Ok((s.metric, value))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A server answering one request with `body`, and a Prometheus client of it.
+    async fn prometheus_answering(body: Vec<u8>) -> Prometheus {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = socket.read(&mut buf).await.unwrap();
+            let head = format!(
+                "HTTP/1.1 400 Bad Request\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = socket.write_all(&body).await;
+        });
+        let client = HttpClient::new(Duration::from_secs(10));
+        Prometheus::new(client, &format!("http://{address}"), 1_796_252_038.6)
+    }
+
+    #[test]
+    fn control_characters_become_escapes() {
+        assert_eq!(
+            printable("bad\u{1b}[2J\u{7}\u{9b}31m\nquery \u{7f}é"),
+            "bad\\u{1b}[2J\\u{7}\\u{9b}31m\\nquery \\u{7f}é"
+        );
+    }
+
+    #[tokio::test]
+    async fn prometheus_error_text_reaches_the_terminal_printable() {
+        let body = br#"{"status":"error","errorType":"bad_data","error":"parse error \u001b]0;pwned\u0007\u001b[2J"}"#;
+        let error = prometheus_answering(body.to_vec())
+            .await
+            .vector("up")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error,
+            r"query up: bad_data: parse error \u{1b}]0;pwned\u{7}\u{1b}[2J"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_over_the_cap_is_an_error_naming_the_query() {
+        let error = prometheus_answering(vec![b' '; MAX_ANSWER_BYTES + 1])
+            .await
+            .vector("up")
+            .await
+            .unwrap_err();
+        assert_eq!(error, "query up: the answer is longer than 16777216 bytes");
     }
 }
