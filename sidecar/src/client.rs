@@ -3,7 +3,7 @@
 //! headers when there is no body) and total time (last body byte).
 
 use std::fmt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method};
@@ -80,21 +80,38 @@ impl Exchange {
     }
 }
 
-/// The head of a response whose body was handed to the caller chunk by chunk (`HttpClient::stream`).
+/// The status line and headers of a response, as they arrived.
 #[derive(Debug, Clone)]
-pub struct Streamed {
+pub struct Head {
     pub status: u16,
     pub headers: HeaderMap,
     /// From the request's start to the response headers.
     pub headers_at: Duration,
+}
+
+impl Head {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// A response whose body was handed to the caller chunk by chunk (`HttpClient::stream`).
+#[derive(Debug, Clone)]
+pub struct Streamed {
+    pub head: Head,
     /// From the request's start to the last body byte.
     pub total: Duration,
 }
 
-impl Streamed {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
+/// A streamed exchange that failed: a transport error or the time limit, before the headers or while
+/// the body was coming. `head` is the response's head when it had arrived, so the caller still knows
+/// who answered.
+#[derive(Debug, Clone)]
+pub struct StreamFailure {
+    pub head: Option<Head>,
+    /// The client's time limit ran out (else a transport error).
+    pub timed_out: bool,
+    pub message: String,
 }
 
 #[derive(Clone)]
@@ -139,58 +156,78 @@ impl HttpClient {
                 }
                 collected.extend_from_slice(data);
             })
-            .await?;
+            .await
+            .map_err(|failure| failure.message)?;
         Ok(Exchange {
-            status: streamed.status,
-            headers: streamed.headers,
+            status: streamed.head.status,
+            headers: streamed.head.headers,
             body: Bytes::from(collected),
-            time_to_first_byte: first_byte.unwrap_or(streamed.headers_at),
+            time_to_first_byte: first_byte.unwrap_or(streamed.head.headers_at),
             total: streamed.total,
         })
     }
 
     /// Sends `request` and hands each body chunk to `on_chunk` with its arrival time since the request's
-    /// start, as it arrives (nothing is collected here). `Err` on a transport error, or when the whole
-    /// exchange takes longer than the client's limit.
+    /// start, as it arrives (nothing is collected here). Fails on a transport error, or when the whole
+    /// exchange takes longer than the client's limit; the failure keeps the head if it had arrived.
     pub async fn stream(
         &self,
         request: &Request,
         mut on_chunk: impl FnMut(&[u8], Duration),
-    ) -> Result<Streamed, String> {
+    ) -> Result<Streamed, StreamFailure> {
         let mut builder = http::Request::builder()
             .method(request.method.clone())
             .uri(&request.url);
         for (name, value) in &request.headers {
             builder = builder.header(name.as_str(), value.as_str());
         }
-        let outgoing = builder
-            .body(Full::new(request.body.clone()))
-            .map_err(|e| format!("bad request {}: {e}", request.url))?;
-        let started = Instant::now();
-        let exchange = async {
-            let response = self
-                .client
-                .request(outgoing)
-                .await
-                .map_err(|e| describe_error(&e))?;
-            let headers_at = started.elapsed();
-            let (parts, mut body) = response.into_parts();
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|e| format!("reading the body: {e}"))?;
-                if let Some(data) = frame.data_ref() {
-                    on_chunk(data, started.elapsed());
-                }
-            }
-            Ok(Streamed {
-                status: parts.status.as_u16(),
-                headers: parts.headers,
-                headers_at,
-                total: started.elapsed(),
-            })
+        let outgoing =
+            builder
+                .body(Full::new(request.body.clone()))
+                .map_err(|e| StreamFailure {
+                    head: None,
+                    timed_out: false,
+                    message: format!("bad request {}: {e}", request.url),
+                })?;
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.max_time;
+        let failure = |head: Option<Head>, timed_out: bool, message: String| StreamFailure {
+            head,
+            timed_out,
+            message,
         };
-        tokio::time::timeout(self.max_time, exchange)
-            .await
-            .map_err(|_| format!("no complete answer within {:?}", self.max_time))?
+        let timeout = || format!("no complete answer within {:?}", self.max_time);
+        let response = match tokio::time::timeout_at(deadline, self.client.request(outgoing)).await
+        {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => return Err(failure(None, false, describe_error(&e))),
+            Err(_) => return Err(failure(None, true, timeout())),
+        };
+        let (parts, mut body) = response.into_parts();
+        let head = Head {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            headers_at: started.elapsed(),
+        };
+        loop {
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                Ok(None) => break,
+                Ok(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        on_chunk(data, started.elapsed());
+                    }
+                }
+                Ok(Some(Err(e))) => {
+                    let message = format!("reading the body: {}", describe_error(&e));
+                    return Err(failure(Some(head), false, message));
+                }
+                Err(_) => return Err(failure(Some(head), true, timeout())),
+            }
+        }
+        Ok(Streamed {
+            head,
+            total: started.elapsed(),
+        })
     }
 }
 

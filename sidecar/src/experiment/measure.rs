@@ -14,7 +14,8 @@ use serde::Deserialize;
 pub struct Outcome {
     pub class: usize,
     pub assigned: usize,
-    /// The arm that served it, by the response's arm tag; `None`: no response or no known arm in the tag.
+    /// The arm that served it, by the response's arm tag, also when the body then failed or timed out;
+    /// `None`: no response headers or no known arm in the tag.
     pub served: Option<usize>,
     pub status: Option<u16>,
     /// Why it failed: `status 503`, `status 400 unknown_kv_backend`, `timeout`, `transport`, `stream error`,
