@@ -181,21 +181,16 @@ impl HttpClient {
         for (name, value) in &request.headers {
             builder = builder.header(name.as_str(), value.as_str());
         }
-        let outgoing =
-            builder
-                .body(Full::new(request.body.clone()))
-                .map_err(|e| StreamFailure {
-                    head: None,
-                    timed_out: false,
-                    message: format!("bad request {}: {e}", request.url),
-                })?;
-        let started = tokio::time::Instant::now();
-        let deadline = started + self.max_time;
         let failure = |head: Option<Head>, timed_out: bool, message: String| StreamFailure {
             head,
             timed_out,
             message,
         };
+        let outgoing = builder
+            .body(Full::new(request.body.clone()))
+            .map_err(|e| failure(None, false, format!("bad request {}: {e}", request.url)))?;
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.max_time;
         let timeout = || format!("no complete answer within {:?}", self.max_time);
         let response = match tokio::time::timeout_at(deadline, self.client.request(outgoing)).await
         {
@@ -243,12 +238,53 @@ fn describe_error(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// A test server for one request, which answers as a test needs, broken answers included.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub mod one_shot {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// What the test server does after reading the request.
+    pub enum Then {
+        /// Writes these bytes and closes the connection.
+        Answer(&'static [u8]),
+        /// Writes these bytes and keeps the connection open until the client hangs up.
+        Stall(&'static [u8]),
+    }
+
+    /// A server for one `GET`: reads the request's head, then does `then`. Returns its URL.
+    pub async fn serve_once(then: Then) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.ends_with(b"\r\n\r\n") {
+                let n = socket.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the client hung up before its request's end");
+                request.extend_from_slice(&buf[..n]);
+            }
+            match then {
+                Then::Answer(bytes) => socket.write_all(bytes).await.unwrap(),
+                Then::Stall(bytes) => {
+                    socket.write_all(bytes).await.unwrap();
+                    while socket.read(&mut buf).await.unwrap_or(0) > 0 {}
+                }
+            }
+        });
+        format!("http://{address}/")
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
+    use super::one_shot::{serve_once, Then};
     use super::*;
 
     #[test]
@@ -289,6 +325,29 @@ mod tests {
         assert_eq!(exchange.header("x-kv-backend"), Some("fs"));
         assert_eq!(&exchange.body[..], b"abcdef");
         assert!(exchange.total - exchange.time_to_first_byte >= Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_or_stalled_after_the_headers_fails_with_the_head() {
+        let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-kv-backend: fs\r\n\r\n3\r\nabc\r\n";
+        let client = HttpClient::new(Duration::from_millis(300));
+        for (then, timed_out) in [(Then::Answer(head), false), (Then::Stall(head), true)] {
+            let url = serve_once(then).await;
+            let mut received = Vec::new();
+            let failure = client
+                .stream(&Request::get(url), |data, _| {
+                    received.extend_from_slice(data)
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(failure.timed_out, timed_out, "{}", failure.message);
+            let answered = failure.head.unwrap();
+            assert_eq!(
+                (answered.status, answered.header("x-kv-backend")),
+                (200, Some("fs"))
+            );
+            assert_eq!(received, b"abc");
+        }
     }
 
     #[tokio::test]

@@ -281,46 +281,12 @@ pub fn start(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
-
     use super::*;
+    use crate::client::one_shot::{serve_once, Then};
 
     const TAGGED_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
         transfer-encoding: chunked\r\nx-kv-backend: nvlink\r\n\r\n\
         30\r\ndata: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n\r\n";
-
-    /// What the test server does after reading the request.
-    enum Then {
-        /// Writes these bytes and closes the connection.
-        Answer(&'static [u8]),
-        /// Writes these bytes and keeps the connection open until the client hangs up.
-        Stall(&'static [u8]),
-    }
-
-    /// A server for one `GET`: reads the request's head, then does `then`. Returns its URL.
-    async fn serve_once(then: Then) -> String {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut request = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !request.ends_with(b"\r\n\r\n") {
-                let n = socket.read(&mut buf).await.unwrap();
-                assert!(n > 0, "the client hung up before its request's end");
-                request.extend_from_slice(&buf[..n]);
-            }
-            match then {
-                Then::Answer(bytes) => socket.write_all(bytes).await.unwrap(),
-                Then::Stall(bytes) => {
-                    socket.write_all(bytes).await.unwrap();
-                    while socket.read(&mut buf).await.unwrap_or(0) > 0 {}
-                }
-            }
-        });
-        format!("http://{address}/")
-    }
 
     async fn outcome_of(then: Then, max_time: Duration) -> Outcome {
         let url = serve_once(then).await;
