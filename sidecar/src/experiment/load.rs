@@ -283,20 +283,28 @@ pub fn start(
 mod tests {
     use super::*;
     use crate::client::one_shot::{serve_once, Then};
+    use crate::experiment::analysis::{analyze, Design};
 
     const TAGGED_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
         transfer-encoding: chunked\r\nx-kv-backend: nvlink\r\n\r\n\
         30\r\ndata: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n\r\n";
 
+    const ARMS: [&str; 2] = ["fs", "nvlink"];
+
+    /// The outcome of one request assigned to `nvlink` answered as `then` says.
     async fn outcome_of(then: Then, max_time: Duration) -> Outcome {
+        outcome_for(1, then, max_time).await
+    }
+
+    async fn outcome_for(arm: usize, then: Then, max_time: Duration) -> Outcome {
         let url = serve_once(then).await;
         let job = Job {
             number: 0,
             class: 0,
-            arm: 1,
-            request: Request::get(url).with_header("x-kv-backend", "nvlink"),
+            arm,
+            request: Request::get(url).with_header("x-kv-backend", ARMS[arm]),
         };
-        let arms = ["fs".to_string(), "nvlink".to_string()];
+        let arms = ARMS.map(String::from);
         execute(
             &HttpClient::new(max_time),
             &job,
@@ -339,5 +347,37 @@ mod tests {
         assert_eq!(outcome.served, None);
         assert_eq!(outcome.status, None);
         assert_eq!(outcome.error.as_deref(), Some("transport"));
+    }
+
+    #[tokio::test]
+    async fn an_arm_whose_streams_break_off_is_not_a_sample_ratio_mismatch() {
+        const FS_ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+            transfer-encoding: chunked\r\nx-kv-backend: fs\r\n\r\n\
+            30\r\ndata: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n\r\n\
+            e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n";
+        let mut outcomes = Vec::new();
+        // Twelve each: with no nvlink answer, 12 against 0 is a mismatch (p = 0.0005).
+        for _ in 0..12 {
+            outcomes.push(outcome_for(0, Then::Answer(FS_ANSWER), Duration::from_secs(5)).await);
+            outcomes.push(outcome_of(Then::Answer(TAGGED_HEAD), Duration::from_secs(5)).await);
+        }
+        let design = Design {
+            arms: ARMS.map(String::from).to_vec(),
+            classes: vec!["128".into()],
+            prompt_tokens: vec![Some(128)],
+            stream: true,
+            look_alpha: 0.05,
+            min_effect: 0.05,
+            srm_threshold: 0.001,
+        };
+        let analysis = analyze(&design, &outcomes);
+        let a = &analysis.assignment;
+        assert_eq!(
+            (a.answered["fs"], a.answered["nvlink"], a.untagged),
+            (12, 12, 0)
+        );
+        assert!(a.srm_ok);
+        let errors = &analysis.errors[0].arms;
+        assert_eq!((errors["fs"].errors, errors["nvlink"].errors), (0, 12));
     }
 }
