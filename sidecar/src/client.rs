@@ -3,7 +3,7 @@
 //! headers when there is no body) and total time (last body byte).
 
 use std::fmt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method};
@@ -80,21 +80,38 @@ impl Exchange {
     }
 }
 
-/// The head of a response whose body was handed to the caller chunk by chunk (`HttpClient::stream`).
+/// The status line and headers of a response, as they arrived.
 #[derive(Debug, Clone)]
-pub struct Streamed {
+pub struct Head {
     pub status: u16,
     pub headers: HeaderMap,
     /// From the request's start to the response headers.
     pub headers_at: Duration,
+}
+
+impl Head {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// A response whose body was handed to the caller chunk by chunk (`HttpClient::stream`).
+#[derive(Debug, Clone)]
+pub struct Streamed {
+    pub head: Head,
     /// From the request's start to the last body byte.
     pub total: Duration,
 }
 
-impl Streamed {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
+/// A streamed exchange that failed: a transport error or the time limit, before the headers or while
+/// the body was coming. `head` is the response's head when it had arrived, so the caller still knows
+/// who answered.
+#[derive(Debug, Clone)]
+pub struct StreamFailure {
+    pub head: Option<Head>,
+    /// The client's time limit ran out (else a transport error).
+    pub timed_out: bool,
+    pub message: String,
 }
 
 #[derive(Clone)]
@@ -151,63 +168,79 @@ impl HttpClient {
                 }
                 collected.extend_from_slice(data);
             })
-            .await?;
+            .await
+            .map_err(|failure| failure.message)?;
         Ok(Exchange {
-            status: streamed.status,
-            headers: streamed.headers,
+            status: streamed.head.status,
+            headers: streamed.head.headers,
             body: Bytes::from(collected),
-            time_to_first_byte: first_byte.unwrap_or(streamed.headers_at),
+            time_to_first_byte: first_byte.unwrap_or(streamed.head.headers_at),
             total: streamed.total,
         })
     }
 
     /// Sends `request` and hands each body chunk to `on_chunk` with its arrival time since the request's
-    /// start, as it arrives (nothing is collected here). `Err` on a transport error, or when the whole
-    /// exchange takes longer than the client's limit.
+    /// start, as it arrives (nothing is collected here). Fails on a transport error, or when the whole
+    /// exchange takes longer than the client's limit; the failure keeps the head if it had arrived.
     pub async fn stream(
         &self,
         request: &Request,
         mut on_chunk: impl FnMut(&[u8], Duration),
-    ) -> Result<Streamed, String> {
+    ) -> Result<Streamed, StreamFailure> {
         let mut builder = http::Request::builder()
             .method(request.method.clone())
             .uri(&request.url);
         for (name, value) in &request.headers {
             builder = builder.header(name.as_str(), value.as_str());
         }
+        let failure = |head: Option<Head>, timed_out: bool, message: String| StreamFailure {
+            head,
+            timed_out,
+            message,
+        };
         let outgoing = builder
             .body(Full::new(request.body.clone()))
-            .map_err(|e| format!("bad request {}: {e}", request.url))?;
-        let started = Instant::now();
-        let exchange = async {
-            let response = self
-                .client
-                .request(outgoing)
-                .await
-                .map_err(|e| describe_error(&e))?;
-            let headers_at = started.elapsed();
-            let (parts, mut body) = response.into_parts();
-            let mut received = 0usize;
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|e| format!("reading the body: {e}"))?;
-                if let Some(data) = frame.data_ref() {
-                    received = received.saturating_add(data.len());
-                    if let Some(max) = self.max_body.filter(|max| received > *max) {
-                        return Err(format!("the answer is longer than {max} bytes"));
-                    }
-                    on_chunk(data, started.elapsed());
-                }
-            }
-            Ok(Streamed {
-                status: parts.status.as_u16(),
-                headers: parts.headers,
-                headers_at,
-                total: started.elapsed(),
-            })
+            .map_err(|e| failure(None, false, format!("bad request {}: {e}", request.url)))?;
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.max_time;
+        let timeout = || format!("no complete answer within {:?}", self.max_time);
+        let response = match tokio::time::timeout_at(deadline, self.client.request(outgoing)).await
+        {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => return Err(failure(None, false, describe_error(&e))),
+            Err(_) => return Err(failure(None, true, timeout())),
         };
-        tokio::time::timeout(self.max_time, exchange)
-            .await
-            .map_err(|_| format!("no complete answer within {:?}", self.max_time))?
+        let (parts, mut body) = response.into_parts();
+        let head = Head {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            headers_at: started.elapsed(),
+        };
+        let mut received = 0usize;
+        loop {
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                Ok(None) => break,
+                Ok(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        received = received.saturating_add(data.len());
+                        if let Some(max) = self.max_body.filter(|max| received > *max) {
+                            let message = format!("the answer is longer than {max} bytes");
+                            return Err(failure(Some(head), false, message));
+                        }
+                        on_chunk(data, started.elapsed());
+                    }
+                }
+                Ok(Some(Err(e))) => {
+                    let message = format!("reading the body: {}", describe_error(&e));
+                    return Err(failure(Some(head), false, message));
+                }
+                Err(_) => return Err(failure(Some(head), true, timeout())),
+            }
+        }
+        Ok(Streamed {
+            head,
+            total: started.elapsed(),
+        })
     }
 }
 
@@ -223,12 +256,53 @@ fn describe_error(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// A test server for one request, which answers as a test needs, broken answers included.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub mod one_shot {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// What the test server does after reading the request.
+    pub enum Then {
+        /// Writes these bytes and closes the connection.
+        Answer(&'static [u8]),
+        /// Writes these bytes and keeps the connection open until the client hangs up.
+        Stall(&'static [u8]),
+    }
+
+    /// A server for one `GET`: reads the request's head, then does `then`. Returns its URL.
+    pub async fn serve_once(then: Then) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.ends_with(b"\r\n\r\n") {
+                let n = socket.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the client hung up before its request's end");
+                request.extend_from_slice(&buf[..n]);
+            }
+            match then {
+                Then::Answer(bytes) => socket.write_all(bytes).await.unwrap(),
+                Then::Stall(bytes) => {
+                    socket.write_all(bytes).await.unwrap();
+                    while socket.read(&mut buf).await.unwrap_or(0) > 0 {}
+                }
+            }
+        });
+        format!("http://{address}/")
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
+    use super::one_shot::{serve_once, Then};
     use super::*;
 
     #[test]
@@ -272,26 +346,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_body_cut_or_stalled_after_the_headers_fails_with_the_head() {
+        let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-kv-backend: fs\r\n\r\n3\r\nabc\r\n";
+        let client = HttpClient::new(Duration::from_millis(300));
+        for (then, timed_out) in [(Then::Answer(head), false), (Then::Stall(head), true)] {
+            let url = serve_once(then).await;
+            let mut received = Vec::new();
+            let failure = client
+                .stream(&Request::get(url), |data, _| {
+                    received.extend_from_slice(data)
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(failure.timed_out, timed_out, "{}", failure.message);
+            let answered = failure.head.unwrap();
+            assert_eq!(
+                (answered.status, answered.header("x-kv-backend")),
+                (200, Some("fs"))
+            );
+            assert_eq!(received, b"abc");
+        }
+    }
+
+    #[tokio::test]
     async fn a_body_over_the_limit_is_an_error() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            for _ in 0..2 {
-                let (mut socket, _) = listener.accept().await.unwrap();
-                let mut buf = [0u8; 1024];
-                let _ = socket.read(&mut buf).await.unwrap();
-                let _ = socket
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n0123456789")
-                    .await;
-            }
-        });
-        let url = format!("http://{address}/");
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n0123456789";
         let client = HttpClient::new(Duration::from_secs(5));
+        let url = serve_once(Then::Answer(answer)).await;
         let fits = client.clone().with_max_body(10);
         assert_eq!(
-            &fits.send(&Request::get(url.clone())).await.unwrap().body[..],
+            &fits.send(&Request::get(url)).await.unwrap().body[..],
             b"0123456789"
         );
+        let url = serve_once(Then::Answer(answer)).await;
         let over = client
             .with_max_body(9)
             .send(&Request::get(url))

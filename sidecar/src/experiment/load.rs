@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::client::{HttpClient, Request};
+use crate::client::{Head, HttpClient, Request};
 
 use super::assign::Assigner;
 use super::measure::{ms, status_error, usage_of, EventStream, Outcome};
@@ -129,25 +129,27 @@ pub async fn execute(
     };
     let response = match result {
         Ok(response) => response,
-        Err(e) => {
-            outcome.error = Some(
-                if e.starts_with("no complete answer") {
-                    "timeout"
-                } else {
-                    "transport"
-                }
-                .into(),
-            );
+        Err(failure) => {
+            // Headers that arrived name the arm that answered, whatever became of the body: the failure
+            // is that arm's error. Without them the request stays untagged.
+            if let Some(head) = &failure.head {
+                outcome.status = Some(head.status);
+                outcome.served = served_arm(head, arms, header);
+            }
+            outcome.error = Some(match outcome.status {
+                Some(status) if !(200..300).contains(&status) => status_error(status, &kept),
+                _ if failure.timed_out => "timeout".into(),
+                _ => "transport".into(),
+            });
             return outcome;
         }
     };
-    outcome.status = Some(response.status);
+    let head = &response.head;
+    outcome.status = Some(head.status);
     outcome.e2e_ms = ms(response.total);
-    outcome.served = response
-        .header(header)
-        .and_then(|tag| arms.iter().position(|a| a == tag));
-    if !(200..300).contains(&response.status) {
-        outcome.error = Some(status_error(response.status, &kept));
+    outcome.served = served_arm(head, arms, header);
+    if !(200..300).contains(&head.status) {
+        outcome.error = Some(status_error(head.status, &kept));
         return outcome;
     }
     if !stream {
@@ -168,6 +170,12 @@ pub async fn execute(
     });
     outcome.itl_ms = std::mem::take(&mut events.gaps_ms);
     outcome
+}
+
+/// The arm named by the response's arm tag, if it names one.
+fn served_arm(head: &Head, arms: &[String], header: &str) -> Option<usize> {
+    head.header(header)
+        .and_then(|tag| arms.iter().position(|a| a == tag))
 }
 
 /// What the senders share.
@@ -268,4 +276,108 @@ pub fn start(
         }
     }
     tasks
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::client::one_shot::{serve_once, Then};
+    use crate::experiment::analysis::{analyze, Design};
+
+    const TAGGED_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+        transfer-encoding: chunked\r\nx-kv-backend: nvlink\r\n\r\n\
+        30\r\ndata: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n\r\n";
+
+    const ARMS: [&str; 2] = ["fs", "nvlink"];
+
+    /// The outcome of one request assigned to `nvlink` answered as `then` says.
+    async fn outcome_of(then: Then, max_time: Duration) -> Outcome {
+        outcome_for(1, then, max_time).await
+    }
+
+    async fn outcome_for(arm: usize, then: Then, max_time: Duration) -> Outcome {
+        let url = serve_once(then).await;
+        let job = Job {
+            number: 0,
+            class: 0,
+            arm,
+            request: Request::get(url).with_header("x-kv-backend", ARMS[arm]),
+        };
+        let arms = ARMS.map(String::from);
+        execute(
+            &HttpClient::new(max_time),
+            &job,
+            &arms,
+            "x-kv-backend",
+            true,
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_stream_cut_after_its_tagged_headers_is_that_arms_transport_error() {
+        let outcome = outcome_of(Then::Answer(TAGGED_HEAD), Duration::from_secs(5)).await;
+        assert_eq!(outcome.served, Some(1));
+        assert_eq!(outcome.status, Some(200));
+        assert_eq!(outcome.error.as_deref(), Some("transport"));
+        assert!(!outcome.counts());
+    }
+
+    #[tokio::test]
+    async fn a_stream_stalled_after_its_tagged_headers_is_that_arms_timeout() {
+        let outcome = outcome_of(Then::Stall(TAGGED_HEAD), Duration::from_millis(300)).await;
+        assert_eq!(outcome.served, Some(1));
+        assert_eq!(outcome.status, Some(200));
+        assert_eq!(outcome.error.as_deref(), Some("timeout"));
+    }
+
+    #[tokio::test]
+    async fn a_tagged_error_status_cut_short_keeps_its_status() {
+        let head = b"HTTP/1.1 503 Service Unavailable\r\ntransfer-encoding: chunked\r\n\
+            x-kv-backend: fs\r\n\r\n5\r\nno he";
+        let outcome = outcome_of(Then::Answer(head), Duration::from_secs(5)).await;
+        assert_eq!(outcome.served, Some(0));
+        assert_eq!(outcome.error.as_deref(), Some("status 503"));
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_before_any_header_stays_untagged() {
+        let outcome = outcome_of(Then::Answer(b""), Duration::from_secs(5)).await;
+        assert_eq!(outcome.served, None);
+        assert_eq!(outcome.status, None);
+        assert_eq!(outcome.error.as_deref(), Some("transport"));
+    }
+
+    #[tokio::test]
+    async fn an_arm_whose_streams_break_off_is_not_a_sample_ratio_mismatch() {
+        const FS_ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+            transfer-encoding: chunked\r\nx-kv-backend: fs\r\n\r\n\
+            30\r\ndata: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n\r\n\
+            e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n";
+        let mut outcomes = Vec::new();
+        // Twelve each: with no nvlink answer, 12 against 0 is a mismatch (p = 0.0005).
+        for _ in 0..12 {
+            outcomes.push(outcome_for(0, Then::Answer(FS_ANSWER), Duration::from_secs(5)).await);
+            outcomes.push(outcome_of(Then::Answer(TAGGED_HEAD), Duration::from_secs(5)).await);
+        }
+        let design = Design {
+            arms: ARMS.map(String::from).to_vec(),
+            classes: vec!["128".into()],
+            prompt_tokens: vec![Some(128)],
+            stream: true,
+            look_alpha: 0.05,
+            min_effect: 0.05,
+            srm_threshold: 0.001,
+        };
+        let analysis = analyze(&design, &outcomes);
+        let a = &analysis.assignment;
+        assert_eq!(
+            (a.answered["fs"], a.answered["nvlink"], a.untagged),
+            (12, 12, 0)
+        );
+        assert!(a.srm_ok);
+        let errors = &analysis.errors[0].arms;
+        assert_eq!((errors["fs"].errors, errors["nvlink"].errors), (0, 12));
+    }
 }

@@ -14,7 +14,8 @@ use serde::Deserialize;
 pub struct Outcome {
     pub class: usize,
     pub assigned: usize,
-    /// The arm that served it, by the response's arm tag; `None`: no response or no known arm in the tag.
+    /// The arm that served it, by the response's arm tag, also when the body then failed or timed out;
+    /// `None`: no response headers or no known arm in the tag.
     pub served: Option<usize>,
     pub status: Option<u16>,
     /// Why it failed: `status 503`, `status 400 unknown_kv_backend`, `timeout`, `transport`, `stream error`,
@@ -76,13 +77,29 @@ struct Usage {
     completion_tokens: Option<u64>,
 }
 
-/// Most bytes of one event kept while waiting for its end (a larger event is a broken stream).
+/// Most bytes of one event held while waiting for its end (its data so far and its current line): a
+/// larger event fails the request (`event too large`) instead of growing without bound.
 const MAX_EVENT_BYTES: usize = 1 << 20;
 
 /// Reads a `text/event-stream` body incrementally and keeps the timings.
+///
+/// Lines end in CRLF, LF or CR, and a blank line ends an event (the WHATWG server-sent events parsing
+/// rules); an event's data is its `data` fields joined by LF, read when its blank line arrives, so the
+/// event's time is the arrival of the chunk that completes it. Every byte is looked at once on arrival:
+/// only the current line and the current event's data are held, never the bytes already read.
 #[derive(Debug, Default)]
 pub struct EventStream {
-    pending: Vec<u8>,
+    /// The line being received, without its end.
+    line: Vec<u8>,
+    /// The data of the event being received: its `data` field values, joined by LF.
+    data: Vec<u8>,
+    /// The event being received has a `data` field (an empty one too).
+    has_data: bool,
+    /// The last line ended in CR: an LF right after it is that line end's (CRLF).
+    after_cr: bool,
+    /// Bytes searched for line ends, to test that each is searched once.
+    #[cfg(test)]
+    searched: usize,
     first_content: Option<Duration>,
     last_content: Option<Duration>,
     pub gaps_ms: Vec<f64>,
@@ -93,85 +110,110 @@ pub struct EventStream {
 }
 
 impl EventStream {
-    pub fn feed(&mut self, data: &[u8], at: Duration) {
-        if self.error.is_some() {
-            return;
-        }
-        self.pending.extend_from_slice(data);
-        // Events end with a blank line; lines may end in \n or \r\n.
-        while let Some(end) = event_end(&self.pending) {
-            let event: Vec<u8> = self.pending.drain(..end.1).take(end.0).collect();
-            self.event(&event, at);
-        }
-        if self.pending.len() > MAX_EVENT_BYTES {
-            self.error = Some("stream error".into());
+    pub fn feed(&mut self, mut data: &[u8], at: Duration) {
+        while self.error.is_none() && !data.is_empty() {
+            if std::mem::take(&mut self.after_cr) {
+                if let Some(rest) = data.strip_prefix(b"\n") {
+                    data = rest;
+                    continue;
+                }
+            }
+            let end = data.iter().position(|&b| b == b'\n' || b == b'\r');
+            #[cfg(test)]
+            {
+                self.searched += end.map_or(data.len(), |end| end + 1);
+            }
+            let Some(end) = end else {
+                self.line.extend_from_slice(data);
+                self.limit_size();
+                return;
+            };
+            let (line, rest) = data.split_at(end);
+            self.line.extend_from_slice(line);
+            self.after_cr = rest.first() == Some(&b'\r');
+            data = rest.get(1..).unwrap_or_default();
+            self.end_line(at);
+            self.limit_size();
         }
     }
 
-    fn event(&mut self, event: &[u8], at: Duration) {
-        for line in event.split(|&b| b == b'\n') {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            let Some(data) = line.strip_prefix(b"data:") else {
-                continue;
-            };
-            let data = data.strip_prefix(b" ").unwrap_or(data);
-            if data == b"[DONE]" {
-                self.done = true;
-                continue;
+    fn limit_size(&mut self) {
+        if self.line.len() + self.data.len() > MAX_EVENT_BYTES {
+            self.error = Some("event too large".into());
+            self.line = Vec::new();
+            self.data = Vec::new();
+        }
+    }
+
+    /// A blank line ends the event; a `data` field adds to its data; other fields and comments are not
+    /// read.
+    fn end_line(&mut self, at: Duration) {
+        if self.line.is_empty() {
+            if std::mem::take(&mut self.has_data) {
+                let data = std::mem::take(&mut self.data);
+                self.event(&data, at);
+                // The buffer's room serves the next event.
+                self.data = data;
+                self.data.clear();
             }
-            let Ok(chunk) = serde_json::from_slice::<Chunk>(data) else {
-                self.error = Some("stream error".into());
-                return;
-            };
-            if chunk.error.is_some() {
-                self.error = Some("stream error".into());
-                return;
+            return;
+        }
+        let value = match self.line.strip_prefix(b"data") {
+            Some(b"") => Some(&b""[..]),
+            Some(rest) => rest.strip_prefix(b":"),
+            None => None,
+        };
+        if let Some(value) = value {
+            let value = value.strip_prefix(b" ").unwrap_or(value);
+            if std::mem::replace(&mut self.has_data, true) {
+                self.data.push(b'\n');
             }
-            if let Some(usage) = chunk.usage {
-                self.prompt_tokens = usage.prompt_tokens.or(self.prompt_tokens);
-                self.completion_tokens = usage.completion_tokens.or(self.completion_tokens);
+            self.data.extend_from_slice(value);
+        }
+        self.line.clear();
+    }
+
+    /// One event's data.
+    fn event(&mut self, data: &[u8], at: Duration) {
+        if data == b"[DONE]" {
+            self.done = true;
+            return;
+        }
+        let Ok(chunk) = serde_json::from_slice::<Chunk>(data) else {
+            self.error = Some("stream error".into());
+            return;
+        };
+        if chunk.error.is_some() {
+            self.error = Some("stream error".into());
+            return;
+        }
+        if let Some(usage) = chunk.usage {
+            self.prompt_tokens = usage.prompt_tokens.or(self.prompt_tokens);
+            self.completion_tokens = usage.completion_tokens.or(self.completion_tokens);
+        }
+        let content = chunk.choices.iter().any(|c| {
+            let delta = c.delta.as_ref();
+            [
+                c.text.as_ref(),
+                delta.and_then(|d| d.content.as_ref()),
+                delta.and_then(|d| d.reasoning_content.as_ref()),
+            ]
+            .into_iter()
+            .flatten()
+            .any(|t| !t.is_empty())
+        });
+        if content {
+            if let Some(last) = self.last_content {
+                self.gaps_ms.push(ms(at.saturating_sub(last)));
             }
-            let content = chunk.choices.iter().any(|c| {
-                let delta = c.delta.as_ref();
-                [
-                    c.text.as_ref(),
-                    delta.and_then(|d| d.content.as_ref()),
-                    delta.and_then(|d| d.reasoning_content.as_ref()),
-                ]
-                .into_iter()
-                .flatten()
-                .any(|t| !t.is_empty())
-            });
-            if content {
-                if let Some(last) = self.last_content {
-                    self.gaps_ms.push(ms(at.saturating_sub(last)));
-                }
-                self.first_content.get_or_insert(at);
-                self.last_content = Some(at);
-            }
+            self.first_content.get_or_insert(at);
+            self.last_content = Some(at);
         }
     }
 
     pub fn ttft_ms(&self) -> Option<f64> {
         self.first_content.map(ms)
     }
-}
-
-/// (length of the event, bytes to drain including its blank line) of the first complete event.
-fn event_end(buffer: &[u8]) -> Option<(usize, usize)> {
-    let mut i = 0;
-    while i + 1 < buffer.len() {
-        if buffer[i] == b'\n' {
-            if buffer[i + 1] == b'\n' {
-                return Some((i, i + 2));
-            }
-            if buffer[i + 1] == b'\r' && buffer.get(i + 2) == Some(&b'\n') {
-                return Some((i, i + 3));
-            }
-        }
-        i += 1;
-    }
-    None
 }
 
 pub fn ms(duration: Duration) -> f64 {
@@ -255,6 +297,116 @@ mod tests {
         let mut e = EventStream::default();
         e.feed(b"data: {\"error\":{\"message\":\"boom\"}}\n\n", at(1));
         assert_eq!(e.error.as_deref(), Some("stream error"));
+    }
+
+    /// What a stream measured: time to first token, gaps, tokens, done, error.
+    type Measured = (
+        Option<f64>,
+        Vec<f64>,
+        Option<u64>,
+        Option<u64>,
+        bool,
+        Option<String>,
+    );
+
+    /// What a stream measured, to compare two ways of feeding it.
+    fn measured(s: &EventStream) -> Measured {
+        (
+            s.ttft_ms(),
+            s.gaps_ms.clone(),
+            s.prompt_tokens,
+            s.completion_tokens,
+            s.done,
+            s.error.clone(),
+        )
+    }
+
+    fn content_event(text: &str) -> String {
+        format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{text}\"}}}}]}}\n\n")
+    }
+
+    #[test]
+    fn lines_end_in_crlf_lf_or_cr_and_data_lines_join() {
+        let mut s = EventStream::default();
+        // CR line ends; a comment, an id and an event name are not data.
+        s.feed(
+            b": keep-alive\r\rid: 1\revent: chunk\rdata: {\"choices\":[{\"text\":\"a\"}]}\r",
+            at(3),
+        );
+        assert_eq!(s.ttft_ms(), None);
+        // The CR that ends the event arrives alone; the LF after it (CRLF) does not end another line.
+        s.feed(b"\r", at(4));
+        assert_eq!(s.ttft_ms(), Some(4.0));
+        // One JSON value over two data lines is one event's data.
+        s.feed(b"\ndata: {\"choices\":[{\"text\":\"b\"}],\ndata:\"usage\":{\"completion_tokens\":2}}\n\n", at(6));
+        s.feed(b"data:[DONE]\r\n\r\n", at(7));
+        assert_eq!(s.gaps_ms, vec![2.0]);
+        assert_eq!(s.completion_tokens, Some(2));
+        assert!(s.done && s.error.is_none());
+    }
+
+    #[test]
+    fn any_split_into_chunks_measures_what_the_whole_body_does() {
+        let bodies = [
+            format!("{}{}data: [DONE]\n\n", content_event("Hi"), content_event("!")),
+            "data: {\"choices\":[{\"text\":\"a\"}]}\r\n\r\n: c\r\rdata: {\"choices\":[],\r\ndata: \"usage\":\
+             {\"prompt_tokens\":7,\"completion_tokens\":1}}\r\rdata: [DONE]\r\n\r\n"
+                .to_string(),
+            format!("{}data: {{oops\n\n{}", content_event("x"), content_event("y")),
+            format!("{}data: [DONE]\n", content_event("no blank line at the end")),
+        ];
+        for body in bodies.iter().map(String::as_bytes) {
+            let mut whole = EventStream::default();
+            whole.feed(body, at(1));
+            let expected = measured(&whole);
+            let mut bytewise = EventStream::default();
+            for byte in body.chunks(1) {
+                bytewise.feed(byte, at(1));
+            }
+            assert_eq!(measured(&bytewise), expected, "byte by byte");
+            for i in 0..=body.len() {
+                for j in i..=body.len() {
+                    let mut split = EventStream::default();
+                    for piece in [&body[..i], &body[i..j], &body[j..]] {
+                        split.feed(piece, at(1));
+                    }
+                    assert_eq!(measured(&split), expected, "split at {i} and {j}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn each_byte_is_searched_once_however_small_the_chunks() {
+        // One event of almost MAX_EVENT_BYTES, in 64-byte chunks: 16,384 chunks, each searched alone.
+        let text = "x".repeat(MAX_EVENT_BYTES - 64);
+        let body = format!("{}data: [DONE]\n\n", content_event(&text));
+        let mut s = EventStream::default();
+        for (i, chunk) in body.as_bytes().chunks(64).enumerate() {
+            s.feed(chunk, at(i as u64));
+        }
+        assert!(
+            s.searched <= body.len(),
+            "{} bytes searched for {}",
+            s.searched,
+            body.len()
+        );
+        assert!(s.done && s.error.is_none());
+        assert!(s.ttft_ms().is_some());
+    }
+
+    #[test]
+    fn an_event_over_the_limit_fails_the_stream_and_is_not_kept() {
+        let mut s = EventStream::default();
+        let chunk = [b'x'; 4096];
+        s.feed(b"data: ", at(1));
+        for _ in 0..=MAX_EVENT_BYTES / chunk.len() {
+            s.feed(&chunk, at(1));
+        }
+        assert_eq!(s.error.as_deref(), Some("event too large"));
+        assert_eq!(s.line.capacity() + s.data.capacity(), 0);
+        s.feed(content_event("late").as_bytes(), at(2));
+        assert_eq!(s.ttft_ms(), None);
     }
 
     #[test]

@@ -333,11 +333,21 @@ fn verdict(design: &Design, analysis: &Analysis) -> (Verdict, Vec<String>) {
         return (Verdict::Invalid, reasons);
     }
     if !a.srm_ok {
+        // Requests without response headers have no arm: when there are any, the mismatch may be theirs.
+        let untagged = if a.untagged > 0 {
+            format!(
+                "; {} request(s) without a tagged answer (no response headers, or no known arm in the tag) \
+                 are not among the answers",
+                a.untagged
+            )
+        } else {
+            String::new()
+        };
         reasons.insert(
             0,
             format!(
                 "sample-ratio mismatch: answered {} against planned {} (p={}): the routing does not follow the \
-                 assignment",
+                 assignment{untagged}",
                 report::per_arm(&a.answered),
                 report::per_arm(&a.planned),
                 a.srm_p.map_or("-".into(), report::format_p)
