@@ -96,8 +96,10 @@ wasm-unit: rust-targets wasm-runner
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(abspath $(WB_RUNNER)) \
 	  cargo test -p kvab-filter-core --target wasm32-unknown-unknown
 
+# tests/sidecar/test_hostile_requests.py builds kvab from this Cargo profile (`sidecar` is the shipped one).
+KVAB_SHIPPED_PROFILE ?= sidecar-ci
 e2e: filter sidecar venv system-deps fetch advisory-db
-	$(PYTEST) -q -p no:cacheprovider tests
+	KVAB_SHIPPED_PROFILE=$(KVAB_SHIPPED_PROFILE) $(PYTEST) -q -p no:cacheprovider tests
 
 test: lint unit wasm-unit deny fuzz-smoke e2e
 

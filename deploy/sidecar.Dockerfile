@@ -20,6 +20,6 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/sidecar/kvab /kvab/kvab
 COPY target/filter/kvab_filter.wasm /kvab/kvab_filter.wasm
 USER 65532:65532
-EXPOSE 18090
+EXPOSE 18090 18091
 ENTRYPOINT ["/kvab/kvab"]
 CMD ["serve", "--config", "/etc/kvab/kvab.toml"]

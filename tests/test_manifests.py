@@ -1258,12 +1258,18 @@ def test_sidecar_image_is_multi_stage_distroless_and_matches_the_deployment():
     copied = [arg.split()[0] for op, arg in steps if op == "COPY" and not arg.startswith("--from")]
     for member in json.loads(f"[{members}]"):
         assert any(member == c or member.startswith(c + "/") for c in copied), f"{member} is not copied into the build stage"
-    assert any(op == "RUN" and "--locked" in arg and "-p kvab" in arg for op, arg in steps)
+    # Built from the shipped profile (release with unwinding, docs/sidecar.md) and copied from its folder.
+    assert any(op == "RUN" and "--locked" in arg and "--profile sidecar" in arg and "-p kvab" in arg for op, arg in steps)
+    assert any(op == "COPY" and arg.startswith("--from=build /src/target/sidecar/kvab ") for op, arg in steps)
     # The final image runs as the Deployment's user, serves on its port and has the module where kvab.toml says.
     pod = one("Deployment", "kvab")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert dict(steps)["USER"] == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
-    assert int(dict(steps)["EXPOSE"]) == container["ports"][0]["containerPort"]
+    # The API port and the probe port (health_listen), as the container declares them.
+    assert [int(p) for p in dict(steps)["EXPOSE"].split()] == [p["containerPort"] for p in container["ports"]]
+    probe_port = {p["name"]: p["containerPort"] for p in container["ports"]}[container["livenessProbe"]["httpGet"]["port"]]
+    assert f'health_listen = "0.0.0.0:{probe_port}"' in sidecar_toml()
+    assert container["readinessProbe"]["httpGet"]["port"] == container["livenessProbe"]["httpGet"]["port"]
     wasm_copy = [arg for op, arg in steps if op == "COPY" and arg.startswith("target/filter/kvab_filter.wasm ")]
     assert wasm_copy == ["target/filter/kvab_filter.wasm /kvab/kvab_filter.wasm"]
     assert 'filter_wasm = "/kvab/kvab_filter.wasm"' in sidecar_toml()

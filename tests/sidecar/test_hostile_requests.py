@@ -1,6 +1,6 @@
-"""`kvab serve` as shipped (the `sidecar` profile: release, LTO, unwinding at the request fence) against
-what a hostile or broken client sends: every request-line form, generated malformed requests, and clients
-that hold every connection. After each batch the server must still answer /healthz, and the process must
+"""`kvab serve` as shipped (the `sidecar` profile: release, LTO, unwinding at the request fence; in `make test`
+its `sidecar-ci` twin) against what a hostile or broken client sends: every request-line form, generated
+malformed requests, and clients that hold every connection. After each batch the server must still answer /healthz, and the process must
 still be the one that started."""
 
 from __future__ import annotations
@@ -28,15 +28,18 @@ MAX_CONNECTIONS = 1024
 
 @pytest.fixture(scope="session")
 def shipped_kvab_bin() -> str:
-    """The binary as the image ships it: `cargo build --profile sidecar -p kvab` (KVAB_SHIPPED_BIN: use that)."""
+    """kvab from the Cargo profile KVAB_SHIPPED_PROFILE: `sidecar` (the default here) is the binary the image
+    ships; `make test` sets `sidecar-ci`, the same panic, assertion and overflow settings without the
+    optimizer (Cargo.toml says why). KVAB_SHIPPED_BIN: use that binary instead."""
     explicit = os.environ.get("KVAB_SHIPPED_BIN")
     if explicit:
         assert Path(explicit).is_file(), f"KVAB_SHIPPED_BIN={explicit} does not exist"
         return explicit
-    subprocess.run(["cargo", "build", "--quiet", "--profile", "sidecar", "-p", "kvab", "--bin", "kvab"],
+    profile = os.environ.get("KVAB_SHIPPED_PROFILE", "sidecar")
+    subprocess.run(["cargo", "build", "--quiet", "--profile", profile, "-p", "kvab", "--bin", "kvab"],
                    cwd=REPO, check=True)
     target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
-    return str(target / "sidecar" / "kvab")
+    return str(target / profile / "kvab")
 
 
 @pytest.fixture
