@@ -34,10 +34,8 @@ pub fn install_hook() {
     std::panic::set_hook(Box::new(move |info| {
         default(info);
         if DEPTH.with(Cell::get) == 0 {
-            // stderr as well as the log: the log may be filtered, this line must be seen.
-            eprintln!(
-                "kvab: a panic outside request handling; aborting (nothing is served unsaved)"
-            );
+            // Straight to stderr, after the default message: RUST_LOG cannot filter it out.
+            eprintln!("kvab: a panic outside request handling; aborting");
             std::process::abort();
         }
     }));
