@@ -757,6 +757,11 @@ pub mod tests {
             receive(&reports, &state, body("b", 1, 3)).await.status,
             StatusCode::OK
         );
+        // The writer retires after answering: wait for it (under load the answer comes first).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while lock(&reports.ledger).retired() == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         assert_eq!(lock(&reports.ledger).retired(), 1, "a was retired");
         let text = String::from_utf8(state.render_metrics().unwrap()).unwrap();
         assert!(text.contains("kvab_retired_reporters 1"), "{text}");
