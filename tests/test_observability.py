@@ -65,7 +65,7 @@ SIDECAR_METRICS = {
 ALERTS = {
     "KvabMisroutes", "KvabArmNoReadyEndpoints", "KvabProxyMetricsDown", "KvabEndpointMapStale",
     "KvabReportsFailing", "KvabReportsRefused", "KvabArmErrorRatioHigh", "KvabSidecarNotReady",
-    "KvabHandlerPanicked",
+    "KvabHandlerPanicked", "KvabReportStateDamaged", "KvabReportStateErrors",
 }
 # Recording rules: vLLM's histograms per arm (group kvab-vllm-per-arm).
 RECORDS = {
@@ -695,6 +695,9 @@ def test_every_alert_expression_returns_the_expected_series(live):
         "KvabSidecarNotReady": ("gauge", {}),
         # No request panics kvab serve: the alert's expression has no sample.
         "KvabHandlerPanicked": ("gauge", {}),
+        # The live sidecar's state is sound and writable: neither expression has a sample.
+        "KvabReportStateDamaged": ("gauge", {}),
+        "KvabReportStateErrors": ("gauge", {}),
     }
     assert set(rules) == set(expected)
     for alert, expr in rules.items():

@@ -8,8 +8,8 @@ sidecar with a state file, as a fleet of gateways does.
 Each reporter first sends a total for every endpoint (so the ledger holds reporters x endpoints entries), then
 once a second the entries of `--changed` random endpoints, cumulative, as the filter does. Latency is from
 writing a request to reading its answer, over `--connections` keep-alive connections. Also printed: the
-sidecar's peak resident memory, the state directory's size at the end, and whether the counts shown equal
-the counts sent. Prints a Markdown section for BENCHMARKS.md. Standard library only; nothing here asserts
+sidecar's peak resident memory, the state directory's size at the end, whether the counts shown equal
+the counts sent, and the time a restart on that state takes to be ready (snapshot read, journals replayed). Prints a Markdown section for BENCHMARKS.md. Standard library only; nothing here asserts
 on timings.
 """
 
@@ -150,6 +150,18 @@ def main() -> None:
         files = sorted(p.name for p in state_dir.iterdir())
     finally:
         kvab.stop()
+    # Restart on the state left: the time until /readyz answers 200 is the snapshot read and the journals
+    # replayed (the static map is ready at once), and the counts must come back whole.
+    started = time.monotonic()
+    kvab = Kvab(args.kvab, config(args.endpoints, state_dir / "reports.json"), workdir)
+    try:
+        kvab.wait_ready()
+        restart_s = time.monotonic() - started
+        _, _, metrics = get(kvab.port, "/metrics")
+        restored = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.decode().splitlines()
+                       if line.startswith("kvab_routed_requests_total{"))
+    finally:
+        kvab.stop()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     print(f"### Report path ({datetime.date.today()}, commit {commit}, {platform.machine()}, {os.cpu_count()} cores)\n")
     print(f"`python3 sidecar/bench/reports.py --reporters {args.reporters} --endpoints {args.endpoints} "
@@ -162,7 +174,8 @@ def main() -> None:
         print(f"| {label} | {len(lat)} | {statistics.median(lat):.2f} | {percentile(lat, 99):.2f} | {max(lat):.1f} |")
     print(f"\n{result['reports']} reports in {result['elapsed']:.1f} s ({result['reports'] / result['elapsed']:.0f}/s), "
           f"statuses {result['statuses']}, {result['late']} sent late; peak RSS {peak_kib / 1024:.0f} MiB; state "
-          f"{len(files)} files, {state_bytes / 2**20:.1f} MiB; counts shown = counts sent: {shown == result['sent_total']}.")
+          f"{len(files)} files, {state_bytes / 2**20:.1f} MiB; counts shown = counts sent: {shown == result['sent_total']}; "
+          f"restart on that state ready in {restart_s:.2f} s, counts restored: {restored == shown}.")
 
 if __name__ == "__main__":
     main()

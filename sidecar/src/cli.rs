@@ -47,6 +47,10 @@ pub struct ServeArgs {
     /// Validate the configuration, print a summary and exit (0 valid, 2 invalid).
     #[arg(long)]
     pub check_config: bool,
+    /// When the report state (reports.state_file) is damaged, move its files aside (suffix .damaged.<n>)
+    /// and start counting from zero, each filter VM's next report a baseline; a state that reads is kept.
+    #[arg(long)]
+    pub repair_state: bool,
 }
 
 /// Exit status of a usage error: `kvab check`, `experiment` and `analyze` keep their documented 3 (0–2 are

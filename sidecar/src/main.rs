@@ -61,6 +61,7 @@ fn main() -> ExitCode {
     // An empty KVAB_CONFIG means "not set", as before clap read it.
     let config_path = serve_args.config.filter(|path| !path.is_empty());
     let check_only = serve_args.check_config;
+    let repair_state = serve_args.repair_state;
     let config = match Config::load(config_path.as_deref()) {
         Ok(config) => config,
         Err(e) => {
@@ -114,7 +115,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config, filter_module)) {
+    match runtime.block_on(serve(config, filter_module, repair_state)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e:#}");
@@ -148,6 +149,7 @@ fn summary(config: &Config) -> String {
 async fn serve(
     config: Config,
     filter_module: Option<filter_wasm::FilterWasm>,
+    repair_state: bool,
 ) -> anyhow::Result<()> {
     let unready_after = match &config.source {
         Source::Kubernetes(k) => k.unready_after,
@@ -160,6 +162,7 @@ async fn serve(
             state_file: config.reports_state_file.clone(),
             token: config.reports_token.clone(),
             retire_after: config.reports_retire_after,
+            repair: repair_state,
         },
         &state,
     )?);

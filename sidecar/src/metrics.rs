@@ -33,6 +33,9 @@ pub const REPORT_RESULTS: [&str; 8] = [
     "unsaved",
 ];
 
+/// The operations of `kvab_state_errors_total`.
+pub const STATE_OPS: [&str; 4] = ["append", "compact", "cleanup", "open"];
+
 pub struct Metrics {
     registry: Registry,
     /// Serializes "recompute gauges, then gather" so two scrapes cannot interleave.
@@ -56,6 +59,9 @@ pub struct Metrics {
     reporters: IntGauge,
     retired_reporters: IntGauge,
     pub state_write_errors: IntCounter,
+    pub state_errors: IntCounterVec,
+    pub state_damaged: IntGauge,
+    pub state_unavailable: IntGauge,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(
@@ -160,7 +166,22 @@ impl Metrics {
             )?)?,
             state_write_errors: register(r, IntCounter::new(
                 "kvab_state_write_errors_total",
-                "Failed writes of the report state file (reports.state_file).",
+                "Failed writes of the report state (reports.state_file): appends of reports and compactions.",
+            )?)?,
+            state_errors: register(r, IntCounterVec::new(
+                Opts::new(
+                    "kvab_state_errors_total",
+                    "Failures on the report state by operation: append (a batch answered 503), compact (a new journal or snapshot could not be written; put off), cleanup (an old journal or a temporary file could not be removed), open (the state could not be opened at start).",
+                ),
+                &["op"],
+            )?)?,
+            state_damaged: register(r, IntGauge::new(
+                "kvab_state_damaged",
+                "1 while the report state files do not read (checksum, gap, missing snapshot): counts are not restored and reports answer 503 state_damaged until the files are restored or kvab serve runs with --repair-state.",
+            )?)?,
+            state_unavailable: register(r, IntGauge::new(
+                "kvab_state_unavailable",
+                "1 while the report state could not be opened at start (permissions, a full disk; see the log): reports answer 503 state_unavailable until a restart opens it.",
             )?)?,
             scrape: Mutex::new(()),
             registry,
@@ -168,6 +189,9 @@ impl Metrics {
         // Every result exists from the start, at zero: rate() and increase() need a first sample.
         for result in REPORT_RESULTS {
             metrics.reports_received.with_label_values(&[result]);
+        }
+        for op in STATE_OPS {
+            metrics.state_errors.with_label_values(&[op]);
         }
         for stage in ["request", "connection"] {
             metrics.http_panics.with_label_values(&[stage]);

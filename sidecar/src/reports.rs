@@ -23,7 +23,7 @@ use warp::http::StatusCode;
 
 use crate::ledger::{Ledger, Line, Outcome};
 use crate::state::{lock, RoutedCounts, State};
-use crate::store::Store;
+use crate::store::{OpenError, StateLock, Store};
 
 /// Reports waiting for the writer, at most; a sender waits beyond that (before anything changed).
 const QUEUE: usize = 4096;
@@ -42,6 +42,10 @@ pub struct Reports {
     /// Set when no saved ledger was restored: reporters started before this time may have been
     /// counted by a previous run, so their first report is a baseline.
     baseline_before_ms: Option<u64>,
+    /// Set when the state could not be opened: every report is answered 503 with this code and message.
+    refusal: Option<(&'static str, String)>,
+    /// The state's lock, held while this process runs (also while refusing).
+    _lock: Option<StateLock>,
 }
 
 /// The `[reports]` settings.
@@ -50,6 +54,8 @@ pub struct Settings {
     pub state_file: Option<PathBuf>,
     pub token: Option<String>,
     pub retire_after: Duration,
+    /// `kvab serve --repair-state`: move damaged state files aside and start an empty ledger.
+    pub repair: bool,
 }
 
 /// One report for the writer, and where its answer goes.
@@ -81,11 +87,25 @@ fn counts(ledger: &Ledger) -> RoutedCounts {
 
 impl Reports {
     /// Restores the ledger from `state_file` (snapshot and journal) when there is one, publishes its
-    /// counts and starts the writer. A state that does not read is an error naming the file.
+    /// counts and starts the writer. The only error is a state locked by another process (two writers
+    /// would lose counts): a state that is damaged or cannot be opened is logged with its file and
+    /// remedy, shown on `kvab_state_damaged` / `kvab_state_unavailable`, and every report is answered
+    /// 503 meanwhile, while the endpoint maps, health and /metrics keep being served.
     pub fn open(settings: Settings, state: &Arc<State>) -> anyhow::Result<Reports> {
-        let (restored, store) = match &settings.state_file {
-            Some(path) => {
-                let (ledger, store) = Store::open(path)?;
+        let Some(path) = settings.state_file.clone() else {
+            return Self::start(settings, None, None, state);
+        };
+        let opened = match crate::store::lock(&path) {
+            Err(OpenError::Locked(message)) => anyhow::bail!(message),
+            Err(e) => Err((e, None)),
+            // The lock stays held while refusing: a second process must not write meanwhile.
+            Ok(lock) => match Store::open(&path, settings.repair) {
+                Ok((ledger, store)) => Ok((lock, ledger, store)),
+                Err(e) => Err((e, Some(lock))),
+            },
+        };
+        match opened {
+            Ok((lock, ledger, store)) => {
                 if let Some(ledger) = &ledger {
                     log::info!(
                         "report state restored from {}: {} reporters",
@@ -93,11 +113,33 @@ impl Reports {
                         ledger.reporters()
                     );
                 }
-                (ledger, Some(store))
+                let mut reports = Self::start(settings, ledger, Some(store), state)?;
+                reports._lock = Some(lock);
+                Ok(reports)
             }
-            None => (None, None),
-        };
-        Self::start(settings, restored, store, state)
+            Err((error, lock)) => {
+                log::error!("{error}; the endpoint maps are served all the same");
+                let code = match &error {
+                    OpenError::Damaged { .. } => {
+                        state.metrics.state_damaged.set(1);
+                        "state_damaged"
+                    }
+                    _ => {
+                        state.metrics.state_unavailable.set(1);
+                        state
+                            .metrics
+                            .state_errors
+                            .with_label_values(&["open"])
+                            .inc();
+                        "state_unavailable"
+                    }
+                };
+                let mut reports = Self::start(settings, None, None, state)?;
+                reports.refusal = Some((code, format!("{error}")));
+                reports._lock = lock;
+                Ok(reports)
+            }
+        }
     }
 
     /// Publishes the restored counts and starts the writer on `store` (`settings.state_file` is its path).
@@ -139,6 +181,8 @@ impl Reports {
             writer: Some(writer),
             token,
             baseline_before_ms,
+            refusal: None,
+            _lock: None,
         })
     }
 
@@ -226,6 +270,15 @@ impl Reports {
                 )
             }
         };
+        if let Some((code, message)) = &self.refusal {
+            return reject(
+                state,
+                StatusCode::SERVICE_UNAVAILABLE,
+                code,
+                message.clone(),
+                "unsaved",
+            );
+        }
         // Once queued, the writer applies the report to completion whatever happens to the request.
         let baseline = self
             .baseline_before_ms
@@ -294,6 +347,7 @@ impl Writer {
         }
         if let Some(store) = &mut self.store {
             store.finish_compaction();
+            count_errors(&self.state, store);
         }
     }
 
@@ -316,8 +370,9 @@ impl Writer {
                 retired: idle.clone(),
                 at_ms: now,
             };
-            if let Err(e) = store.append(&[line]) {
-                self.state.metrics.state_write_errors.inc();
+            let appended = store.append(&[line]);
+            count_errors(&self.state, store);
+            if let Err(e) = appended {
                 log::error!("cannot save the retirement of idle reporters: {e:#}; kept for now");
                 return;
             }
@@ -370,7 +425,6 @@ impl Writer {
             for undo in undos.into_iter().rev() {
                 ledger.undo(undo);
             }
-            self.state.metrics.state_write_errors.inc();
             log::error!(
                 "cannot save the report state (key reports.state_file): {e:#}; {} reports refused, the filter sends them again",
                 records.len()
@@ -381,6 +435,9 @@ impl Writer {
             if let Some(store) = &mut self.store {
                 store.compact_if_due(&ledger);
             }
+        }
+        if let Some(store) = &mut self.store {
+            count_errors(&self.state, store);
         }
         drop(ledger);
         for (job, result) in batch.into_iter().zip(results) {
@@ -415,6 +472,17 @@ impl Writer {
             };
             // The client may have gone away; the report is applied (or not) all the same.
             let _ = job.answer.send(answer);
+        }
+    }
+}
+
+/// Counts the store's failures: every one on `kvab_state_errors_total{op}`, the writes (append,
+/// compact) also on `kvab_state_write_errors_total`.
+fn count_errors(state: &State, store: &mut Store) {
+    for op in store.take_errors() {
+        state.metrics.state_errors.with_label_values(&[op]).inc();
+        if op != "cleanup" {
+            state.metrics.state_write_errors.inc();
         }
     }
 }
@@ -536,6 +604,7 @@ pub mod tests {
             state_file,
             token: None,
             retire_after: Duration::from_secs(86_400),
+            repair: false,
         }
     }
 
@@ -547,7 +616,7 @@ pub mod tests {
         retire_after: Duration,
         compact_after: Option<u64>,
     ) -> Arc<Reports> {
-        let (restored, mut store) = Store::open(path).unwrap();
+        let (restored, mut store) = Store::open(path, false).unwrap();
         if let Some(bytes) = compact_after {
             store.set_compact_after(bytes);
         }
@@ -623,7 +692,7 @@ pub mod tests {
         let reports = start_on(&path, &state, Duration::from_secs(86_400), Some(1));
         // The first report moves the journal to generation 1, a device that is always full: every
         // write there fails (ENOSPC), as on a full volume.
-        std::os::unix::fs::symlink("/dev/full", dir.join("reports.json.journal.1")).unwrap();
+        std::os::unix::fs::symlink("/dev/full", dir.join("reports.json.log.1")).unwrap();
         let answer = receive(&reports, &state, body("vm", 1, 100)).await;
         assert_eq!(answer.status, StatusCode::OK);
         for sequence in [2, 3] {
@@ -635,7 +704,8 @@ pub mod tests {
         assert_eq!(state.metrics.state_write_errors.get(), 2);
         drop(reports);
         // Once the state can be written, the filter's resend counts the rest exactly once.
-        std::fs::remove_file(dir.join("reports.json.journal.1")).unwrap();
+        std::fs::remove_file(dir.join("reports.json.log.1")).unwrap();
+        std::fs::write(dir.join("reports.json.log.1"), b"").unwrap();
         let state = Arc::new(State::new(Duration::from_secs(30)).unwrap());
         let reports = open(Some(path.clone()), &state);
         assert_eq!(shown(&state), 100.0);
@@ -687,6 +757,11 @@ pub mod tests {
             receive(&reports, &state, body("b", 1, 3)).await.status,
             StatusCode::OK
         );
+        // The writer retires after answering: wait for it (under load the answer comes first).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while lock(&reports.ledger).retired() == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         assert_eq!(lock(&reports.ledger).retired(), 1, "a was retired");
         let text = String::from_utf8(state.render_metrics().unwrap()).unwrap();
         assert!(text.contains("kvab_retired_reporters 1"), "{text}");
@@ -709,6 +784,74 @@ pub mod tests {
             StatusCode::OK
         );
         assert_eq!(shown(&state), 18.0);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_damaged_state_refuses_reports_with_a_code_and_a_gauge_instead_of_stopping() {
+        let dir = scratch("damaged");
+        let path = dir.join("reports.json");
+        let state = Arc::new(State::new(Duration::from_secs(30)).unwrap());
+        let reports = open(Some(path.clone()), &state);
+        assert_eq!(
+            receive(&reports, &state, body("vm", 1, 10)).await.status,
+            StatusCode::OK
+        );
+        drop(reports);
+        // The snapshot deleted, the journal kept.
+        std::fs::remove_file(&path).unwrap();
+        let state = Arc::new(State::new(Duration::from_secs(30)).unwrap());
+        let reports = Arc::new(Reports::open(settings(Some(path.clone())), &state).unwrap());
+        let answer = receive(&reports, &state, body("vm", 2, 20)).await;
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        match &answer.body {
+            Err(("state_damaged", message)) => assert!(
+                message.contains("--repair-state") && message.contains("reports.json"),
+                "{message}"
+            ),
+            other => panic!("{:?}", other.as_ref().err()),
+        }
+        let text = String::from_utf8(state.render_metrics().unwrap()).unwrap();
+        assert!(text.contains("kvab_state_damaged 1"), "{text}");
+        assert_eq!(shown(&state), 0.0, "nothing counted while refusing");
+        // While it refuses, it holds the lock.
+        assert!(matches!(
+            crate::store::lock(&path),
+            Err(crate::store::OpenError::Locked(_))
+        ));
+        drop(reports);
+        // --repair-state: the next reports are baselines, then counting goes on.
+        let state = Arc::new(State::new(Duration::from_secs(30)).unwrap());
+        let repair = Settings {
+            repair: true,
+            ..settings(Some(path.clone()))
+        };
+        let reports = Arc::new(Reports::open(repair, &state).unwrap());
+        assert!(dir.join("reports.json.log.0.damaged.1").exists());
+        let answer = receive(&reports, &state, body("vm", 3, 30)).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        let answer = receive(&reports, &state, body("vm", 4, 35)).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        let text = String::from_utf8(state.render_metrics().unwrap()).unwrap();
+        assert!(text.contains("kvab_state_damaged 0"), "{text}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_second_process_on_the_state_is_refused_naming_the_holder() {
+        let dir = scratch("locked");
+        let path = dir.join("reports.json");
+        let state = Arc::new(State::new(Duration::from_secs(30)).unwrap());
+        let _held = crate::store::lock(&path).unwrap();
+        let error = match Reports::open(settings(Some(path)), &state) {
+            Err(e) => format!("{e:#}"),
+            Ok(_) => panic!("started on a locked state"),
+        };
+        assert!(
+            error.contains(&format!("PID {}", std::process::id()))
+                && error.contains("reports.json.lock"),
+            "{error}"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -104,3 +104,111 @@ def test_sigkill_during_a_stream_of_saves_always_restarts_on_a_consistent_ledger
     # Every trial wrote (several hundred reports in all), and the state stayed small.
     assert sum(sent) > TRIALS * REPORTERS * 2
     assert sum(p.stat().st_size for p in state.parent.iterdir()) < 8 << 20
+
+
+ENDPOINT_REPORT = {"requested": "fs", "served": "fs", "code_class": "2xx"}
+
+
+def started(sidecar, tmp_path, name: str = "reports.json"):
+    state = tmp_path / "state" / name
+    state.parent.mkdir(exist_ok=True)
+    return state, sidecar(CONFIG.replace("STATE", str(state)))
+
+
+def fed(kvab, reports: int = 3) -> int:
+    """Reports of one filter VM younger than the sidecar: counted. Returns the count."""
+    started_at_ms = int(time.time() * 1000) + 1
+    for sequence in range(1, reports + 1):
+        status, answer = post(kvab.port, report("vm-a", sequence, started_at_ms))
+        assert status == 200, answer
+    wait_until(lambda: shown(kvab) == reports, 5, "counts shown")
+    return started_at_ms
+
+
+def test_a_second_kvab_serve_on_the_same_state_file_is_refused_naming_the_holder(sidecar, tmp_path):
+    state, first = started(sidecar, tmp_path)
+    fed(first)
+    second = sidecar(CONFIG.replace("STATE", str(state)), wait=False)
+    assert second.proc.wait(15) != 0
+    log = second.log()
+    assert f"PID {first.proc.pid}" in log and "reports.json.lock" in log, log[-2000:]
+    # The first one goes on counting.
+    status, _ = post(first.port, report("vm-a", 4, int(time.time() * 1000) + 1))
+    assert status == 200
+
+
+def damaged_sidecar_serves_maps_and_refuses_reports(kvab, what: str):
+    assert kvab.endpoints()  # the maps are served (answered 200)
+    status, answer = post(kvab.port, report("vm-a", 9, int(time.time() * 1000) + 1))
+    assert status == 503 and "state_damaged" in json.dumps(answer), (status, answer)
+    assert kvab.metric("kvab_state_damaged") == 1
+    assert kvab.get("/healthz").status == 200
+    log = kvab.log()
+    assert "--repair-state" in log and what in log, log[-2000:]
+
+
+def restart_with_repair(kvab, tmp_path):
+    kvab.stop()
+    wrapper = tmp_path / "kvab-repair"
+    wrapper.write_text(f'#!/bin/sh\nexec {kvab.binary} "$@" --repair-state\n')
+    wrapper.chmod(0o755)
+    kvab.binary = str(wrapper)
+    kvab.start()
+
+
+def test_a_deleted_snapshot_is_refused_while_the_maps_are_served_and_repair_counts_again(sidecar, tmp_path):
+    state, kvab = started(sidecar, tmp_path)
+    started_at_ms = fed(kvab)
+    kvab.stop()
+    state.unlink()  # the snapshot deleted, the journal kept
+    kvab.start()
+    assert shown(kvab) == 0
+    damaged_sidecar_serves_maps_and_refuses_reports(kvab, str(state))
+    restart_with_repair(kvab, tmp_path)
+    assert (state.parent / "reports.json.log.0.damaged.1").exists()
+    assert kvab.metric("kvab_state_damaged") == 0
+    # Counting starts again: the VM's next report (older than the repaired sidecar) is a baseline,
+    # what follows counts.
+    status, answer = post(kvab.port, report("vm-a", 4, started_at_ms))
+    assert status == 200 and answer["result"] == "baselined", answer
+    status, answer = post(kvab.port, report("vm-a", 6, started_at_ms))
+    assert status == 200 and answer["result"] == "applied", answer
+    assert shown(kvab) == 2
+
+
+def test_a_flipped_byte_that_keeps_the_json_valid_is_refused(sidecar, tmp_path):
+    state, kvab = started(sidecar, tmp_path)
+    fed(kvab)
+    kvab.stop()
+    journal = state.parent / "reports.json.log.0"
+    text = journal.read_text()
+    flipped = text.replace('"sequence":3', '"sequence":5', 1)
+    assert flipped != text
+    journal.write_text(flipped)
+    kvab.start()
+    damaged_sidecar_serves_maps_and_refuses_reports(kvab, str(journal))
+
+
+def test_a_journal_that_cannot_be_compacted_is_counted(sidecar, tmp_path):
+    """As in a read-only directory (root ignores permissions, so the next journal's name is taken by a
+    directory): compaction fails, is counted on kvab_state_write_errors_total and
+    kvab_state_errors_total{op="compact"}, and reports go on being saved in the journal."""
+    state = tmp_path / "state" / "reports.json"
+    state.parent.mkdir()
+    kvab = sidecar(CONFIG.replace("STATE", str(state)))
+    (state.parent / "reports.json.log.1").mkdir()
+    started_at_ms = int(time.time() * 1000) + 1
+    # Past 4 MiB of journal: reports of 200 entries make long lines.
+    sequence = 0
+    while (state.parent / "reports.json.log.0").stat().st_size < (4 << 20) + (256 << 10):
+        sequence += 1
+        body = json.dumps({
+            "reporter": "vm-a", "sequence": sequence, "started_at_ms": started_at_ms,
+            "totals": [{**ENDPOINT_REPORT, "endpoint": f"10.9.{i // 250}.{i % 250}:8080", "count": sequence}
+                       for i in range(200)],
+        }).encode()
+        status, answer = post(kvab.port, body)
+        assert status == 200, answer
+    wait_until(lambda: (kvab.metric('kvab_state_errors_total{op="compact"}') or 0) >= 1, 5, "compaction failure counted")
+    assert kvab.metric("kvab_state_write_errors_total") >= 1
+    assert "compaction put off" in kvab.log()
