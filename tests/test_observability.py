@@ -65,7 +65,7 @@ SIDECAR_METRICS = {
 ALERTS = {
     "KvabMisroutes", "KvabArmNoReadyEndpoints", "KvabProxyMetricsDown", "KvabEndpointMapStale",
     "KvabReportsFailing", "KvabReportsRefused", "KvabArmErrorRatioHigh", "KvabSidecarNotReady",
-    "KvabHandlerPanicked",
+    "KvabHandlerPanicked", "KvabReportLedgerNearCap", "KvabReportsRefusedLedgerFull", "KvabSharedReporterId",
 }
 # Recording rules: vLLM's histograms per arm (group kvab-vllm-per-arm).
 RECORDS = {
@@ -695,6 +695,10 @@ def test_every_alert_expression_returns_the_expected_series(live):
         "KvabSidecarNotReady": ("gauge", {}),
         # No request panics kvab serve: the alert's expression has no sample.
         "KvabHandlerPanicked": ("gauge", {}),
+        # The live stack is far from the ledger's caps, refuses nothing as full and shares no id.
+        "KvabReportLedgerNearCap": ("gauge", {}),
+        "KvabReportsRefusedLedgerFull": ("gauge", {}),
+        "KvabSharedReporterId": ("gauge", {}),
     }
     assert set(rules) == set(expected)
     for alert, expr in rules.items():
