@@ -27,6 +27,10 @@ use crate::store::Store;
 
 /// Reports waiting for the writer, at most; a sender waits beyond that (before anything changed).
 const QUEUE: usize = 4096;
+/// Reports parsed and not yet answered, at most: a parsed report takes a few times its body's size, so
+/// a flood of 1 MiB reports over many connections would otherwise hold hundreds of MiB at once
+/// (BENCHMARKS.md, report ledger at its caps). Others wait with their body read.
+const MAX_PARSED: usize = 8;
 /// Reports applied and synced together, at most.
 const MAX_BATCH: usize = 512;
 /// At a cap, a reporter idle this long (or `retire_after`, if shorter) is retired early to make room
@@ -40,6 +44,8 @@ pub struct Reports {
     ledger: Arc<Mutex<Ledger>>,
     /// `None` once closed (on drop).
     jobs: Option<mpsc::Sender<Job>>,
+    /// `MAX_PARSED` permits, one held from parsing a report to its answer.
+    parsing: Arc<tokio::sync::Semaphore>,
     writer: Option<std::thread::JoinHandle<()>>,
     /// When set, a report must carry `Authorization: Bearer <token>`.
     token: Option<String>,
@@ -150,6 +156,7 @@ impl Reports {
             #[cfg(test)]
             ledger: writer_ledger,
             jobs: Some(jobs),
+            parsing: Arc::new(tokio::sync::Semaphore::new(MAX_PARSED)),
             writer: Some(writer),
             token,
             baseline_before_ms,
@@ -228,7 +235,12 @@ impl Reports {
                 )
             }
         };
-        let report: Report = match serde_json::from_slice(&bytes) {
+        let Ok(_parsing) = self.parsing.acquire().await else {
+            return internal("the report writer stopped");
+        };
+        let parsed = serde_json::from_slice(&bytes);
+        drop(bytes);
+        let report: Report = match parsed {
             Ok(report) => report,
             Err(e) => {
                 return reject(
