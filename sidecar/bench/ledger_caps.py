@@ -114,6 +114,7 @@ def main() -> None:
         fill = asyncio.run(send_all(kvab.port, (body(f"vm-{i:05d}", 1, i * per, per, 1) for i in range(reporters)),
                                 min(16, reporters)))
         fill_s = time.monotonic() - t
+        fill_peak_kib = proc_status(kvab.proc.pid, "VmHWM")
         flood_first = reporters * per
         flood = asyncio.run(send_all(
             kvab.port, (body(f"flood-{i:03d}", 1, flood_first + i * 9000, 9000, 1) for i in range(args.flood)), args.flood_connections))
@@ -143,6 +144,7 @@ def main() -> None:
           f"--flood {args.flood} --flood-connections {args.flood_connections} --fill-reporters {reporters}` (release build)\n")
     print(f"- fill: {reporters} reporters x {per} entries, no key shared ({reporters * per} entries), {fill_s:.1f} s, statuses {fill}")
     size = len(body("flood-000", 1, flood_first, 9000, 1))
+    print(f"  peak RSS after the fill {fill_peak_kib / 1024:.0f} MiB")
     print(f"- flood: {args.flood} reports of 9,000 new entries ({size / 2**20:.2f} MiB each) from new reporters: statuses {flood}")
     print(f"- 100 known reporters again: statuses {known}")
     print(f"- gauges: kvab_reporters {metrics['kvab_reporters']:.0f} / {metrics['kvab_reporters_limit']:.0f}, "

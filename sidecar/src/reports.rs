@@ -27,10 +27,12 @@ use crate::store::Store;
 
 /// Reports waiting for the writer, at most; a sender waits beyond that (before anything changed).
 const QUEUE: usize = 4096;
-/// Reports parsed and not yet answered, at most: a parsed report takes a few times its body's size, so
-/// a flood of 1 MiB reports over many connections would otherwise hold hundreds of MiB at once
-/// (BENCHMARKS.md, report ledger at its caps). Others wait with their body read.
-const MAX_PARSED: usize = 8;
+/// Reports being read, parsed or applied at once, at most: each holds its body (up to 1 MiB, about
+/// 2 MiB while it grows) and its parsed form, so a flood of 1 MiB reports over many connections would
+/// otherwise hold hundreds of MiB (BENCHMARKS.md, report ledger at its caps: 64 connections took the
+/// peak from 154 to 261 MiB). Others wait before reading their body; a sender that waits past its own
+/// timeout sends again later (the filter: on its next tick, the counts kept).
+const MAX_IN_FLIGHT: usize = 16;
 /// Reports applied and synced together, at most.
 const MAX_BATCH: usize = 512;
 /// At a cap, a reporter idle this long (or `retire_after`, if shorter) is retired early to make room
@@ -44,8 +46,8 @@ pub struct Reports {
     ledger: Arc<Mutex<Ledger>>,
     /// `None` once closed (on drop).
     jobs: Option<mpsc::Sender<Job>>,
-    /// `MAX_PARSED` permits, one held from parsing a report to its answer.
-    parsing: Arc<tokio::sync::Semaphore>,
+    /// `MAX_IN_FLIGHT` permits, one held from reading a report's body to its answer.
+    in_flight: Arc<tokio::sync::Semaphore>,
     writer: Option<std::thread::JoinHandle<()>>,
     /// When set, a report must carry `Authorization: Bearer <token>`.
     token: Option<String>,
@@ -156,7 +158,7 @@ impl Reports {
             #[cfg(test)]
             ledger: writer_ledger,
             jobs: Some(jobs),
-            parsing: Arc::new(tokio::sync::Semaphore::new(MAX_PARSED)),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
             writer: Some(writer),
             token,
             baseline_before_ms,
@@ -202,6 +204,9 @@ impl Reports {
                 "invalid",
             );
         }
+        let Ok(_in_flight) = self.in_flight.acquire().await else {
+            return internal("the report writer stopped");
+        };
         let bytes = match read_capped(body, MAX_REPORT_BYTES).await {
             Ok(bytes) => bytes,
             Err(BodyError::TooLarge) => {
@@ -234,9 +239,6 @@ impl Reports {
                     "invalid",
                 )
             }
-        };
-        let Ok(_parsing) = self.parsing.acquire().await else {
-            return internal("the report writer stopped");
         };
         let parsed = serde_json::from_slice(&bytes);
         drop(bytes);
