@@ -28,11 +28,13 @@ use crate::store::Store;
 /// Reports waiting for the writer, at most; a sender waits beyond that (before anything changed).
 const QUEUE: usize = 4096;
 /// Reports being read, parsed or applied at once, at most: each holds its body (up to 1 MiB, about
-/// 2 MiB while it grows) and its parsed form, so a flood of 1 MiB reports over many connections would
-/// otherwise hold hundreds of MiB (BENCHMARKS.md, report ledger at its caps: 64 connections took the
-/// peak from 154 to 261 MiB). Others wait before reading their body; a sender that waits past its own
-/// timeout sends again later (the filter: on its next tick, the counts kept).
-const MAX_IN_FLIGHT: usize = 16;
+/// 2 MiB while it grows) and its parsed form, so a flood of 1 MiB reports over the API listener's
+/// 1024 connections would otherwise hold gigabytes; 64 of them peaked at 337 MiB (BENCHMARKS.md,
+/// report ledger at its caps). Others wait before reading their body; a sender that waits past its own
+/// timeout sends again later (the filter: on its next tick, the counts kept). Fewer (16) cut the
+/// ordinary path's batches: 1,000 small reports a second over 64 connections waited 29 ms (p50)
+/// instead of under 1.
+const MAX_IN_FLIGHT: usize = 64;
 /// Reports applied and synced together, at most.
 const MAX_BATCH: usize = 512;
 /// At a cap, a reporter idle this long (or `retire_after`, if shorter) is retired early to make room
