@@ -66,6 +66,7 @@ ALERTS = {
     "KvabMisroutes", "KvabArmNoReadyEndpoints", "KvabProxyMetricsDown", "KvabEndpointMapStale",
     "KvabReportsFailing", "KvabReportsRefused", "KvabArmErrorRatioHigh", "KvabSidecarNotReady",
     "KvabHandlerPanicked", "KvabReportStateDamaged", "KvabReportStateErrors",
+    "KvabReportLedgerNearCap", "KvabReportsRefusedLedgerFull", "KvabSharedReporterId",
 }
 # Recording rules: vLLM's histograms per arm (group kvab-vllm-per-arm).
 RECORDS = {
@@ -698,6 +699,10 @@ def test_every_alert_expression_returns_the_expected_series(live):
         # The live sidecar's state is sound and writable: neither expression has a sample.
         "KvabReportStateDamaged": ("gauge", {}),
         "KvabReportStateErrors": ("gauge", {}),
+        # The live stack is far from the ledger's caps, refuses nothing as full and shares no id.
+        "KvabReportLedgerNearCap": ("gauge", {}),
+        "KvabReportsRefusedLedgerFull": ("gauge", {}),
+        "KvabSharedReporterId": ("gauge", {}),
     }
     assert set(rules) == set(expected)
     for alert, expr in rules.items():

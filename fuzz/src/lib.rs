@@ -944,7 +944,7 @@ pub fn check_link(data: &[u8]) {
     use kvab_contract::report::REPORTS_PATH;
     use kvab_filter_core::endpoints::Served;
     use kvab_filter_core::link::{
-        FakeSharedData, HostStatus, Link, LinkHost, Outgoing, SharedValue,
+        FakeSharedData, HostStatus, Link, LinkHost, Outgoing, SharedValue, MAX_REPORT_BACKOFF_MS,
     };
     use kvab_filter_core::metrics::CodeClass;
 
@@ -1075,7 +1075,7 @@ pub fn check_link(data: &[u8]) {
                     Ok(Outcome::Stale) => "stale",
                     other => panic!("the ledger answered {other:?} to a report of the link"),
                 };
-                match how % 4 {
+                match how % 5 {
                     0 => {
                         let result = applied(ledger, added);
                         (
@@ -1089,7 +1089,13 @@ pub fn check_link(data: &[u8]) {
                         applied(ledger, added);
                         (b"", None, Vec::new())
                     }
-                    _ => (b"413", None, Vec::new()),
+                    3 => (b"413", None, Vec::new()),
+                    // The ledger at a cap (or its state unwritable): nothing changed, send later.
+                    _ => (
+                        b"507",
+                        None,
+                        br#"{"error":{"code":"ledger_full","message":"full"}}"#.to_vec(),
+                    ),
                 }
             }
         };
@@ -1195,9 +1201,10 @@ pub fn check_link(data: &[u8]) {
             }
         }
     }
-    // Drain: every tick's calls answered well until a round sends no report.
+    // Drain: every tick's calls answered well until a round sends no report (each round waits out
+    // the longest report backoff, so a round without a report has nothing left to send).
     for _ in 0..64 {
-        now += REFRESH_MS * MS;
+        now += MAX_REPORT_BACKOFF_MS.max(REFRESH_MS) * MS;
         let mut reports = 0;
         for w in 0..2 {
             while answer(&mut links, &mut hosts, w, 0, now, &mut ledger, &mut added) {}

@@ -37,6 +37,10 @@ pub struct Config {
     pub reports_retire_after: Duration,
     /// `reports.token_file`: reports must carry `Authorization: Bearer <this token>`.
     pub reports_token: Option<String>,
+    /// `reports.max_reporters`: reporters (filter VMs) the ledger holds at most.
+    pub reports_max_reporters: usize,
+    /// `reports.max_entries`: per-reporter totals the ledger holds at most, all reporters together.
+    pub reports_max_entries: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -148,6 +152,8 @@ struct RawReports {
     state_file: Option<Spanned<String>>,
     token_file: Option<Spanned<String>>,
     retire_after_seconds: Option<Spanned<f64>>,
+    max_reporters: Option<Spanned<i64>>,
+    max_entries: Option<Spanned<i64>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -205,6 +211,12 @@ pub const DEFAULT_PROBE_CONCURRENCY: usize = 64;
 pub const DEFAULT_RETIRE_AFTER_SECONDS: f64 = 86_400.0;
 /// Shorter would retire filter VMs that are only between bursts.
 pub const MIN_RETIRE_AFTER_SECONDS: f64 = 60.0;
+/// Reporters the ledger holds (a filter VM is one; each restart brings a new id, kept until retired).
+pub const DEFAULT_MAX_REPORTERS: usize = 4096;
+pub const MAX_MAX_REPORTERS: usize = 1_000_000;
+/// Entries the ledger holds, all reporters together (BENCHMARKS.md: memory, state and restart at this cap).
+pub const DEFAULT_MAX_ENTRIES: usize = 200_000;
+pub const MAX_MAX_ENTRIES: usize = 10_000_000;
 pub const DEFAULT_DRAIN_DELAY_SECONDS: f64 = 0.0;
 pub const DEFAULT_GRACE_SECONDS: f64 = 10.0;
 
@@ -484,6 +496,30 @@ impl Config {
             }
         };
 
+        let count = |value: Option<Spanned<i64>>, key: &str, default: usize, max: usize| match value
+        {
+            None => Ok(default),
+            Some(n) => match usize::try_from(*n.get_ref()) {
+                Ok(v) if (1..=max).contains(&v) => Ok(v),
+                _ => Err(loc.at(
+                    &n,
+                    format!("`{key}` must be 1..={max}, got {}", n.get_ref()),
+                )),
+            },
+        };
+        let reports_max_reporters = count(
+            raw.reports.max_reporters,
+            "reports.max_reporters",
+            DEFAULT_MAX_REPORTERS,
+            MAX_MAX_REPORTERS,
+        )?;
+        let reports_max_entries = count(
+            raw.reports.max_entries,
+            "reports.max_entries",
+            DEFAULT_MAX_ENTRIES,
+            MAX_MAX_ENTRIES,
+        )?;
+
         Ok(Config {
             listen,
             health_listen,
@@ -495,6 +531,8 @@ impl Config {
             reports_state_file,
             reports_retire_after,
             reports_token,
+            reports_max_reporters,
+            reports_max_entries,
         })
     }
 }
@@ -644,6 +682,10 @@ mod tests {
         assert_eq!(c.probe.timeout, Duration::from_secs(2));
         assert_eq!(c.probe.path, "/metrics");
         assert_eq!(c.probe.concurrency, 64);
+        assert_eq!(
+            (c.reports_max_reporters, c.reports_max_entries),
+            (DEFAULT_MAX_REPORTERS, DEFAULT_MAX_ENTRIES)
+        );
         assert_eq!(c.shutdown.drain_delay, Duration::ZERO);
         assert_eq!(c.shutdown.grace, Duration::from_secs(10));
     }
@@ -788,6 +830,9 @@ mod tests {
                 "reports.retire_after_seconds",
             ),
             ("[probe]\nconcurrency = 5000", "probe.concurrency"),
+            ("[reports]\nmax_reporters = 0", "reports.max_reporters"),
+            ("[reports]\nmax_entries = -1", "reports.max_entries"),
+            ("[reports]\nmax_entries = 10000001", "reports.max_entries"),
             (
                 "[kubernetes]\nnamespaces = [\"Bad_NS\"]",
                 "kubernetes.namespaces",

@@ -55,6 +55,14 @@ struct Reporter {
     /// When its last report was applied (Unix ms; 0 in a ledger saved before this was kept).
     #[serde(default)]
     last_seen_ms: u64,
+    /// Reports answered `stale` or `duplicate`: one filter VM sends each sequence once and one report
+    /// at a time, so these are rare for one VM and about half of all reports for two VMs under one id.
+    /// Diagnostic only, not saved.
+    #[serde(skip)]
+    out_of_order: u32,
+    /// Already named as shared (counted once per id and run).
+    #[serde(skip)]
+    shared: bool,
 }
 
 /// Reporter ids remembered after their retirement, at most (the oldest are forgotten first).
@@ -64,6 +72,25 @@ pub const MAX_REPORTER_ENTRIES: usize = 100_000;
 
 /// Refusals in a row, for one reporter, after which a shared id is the likely cause.
 pub const SHARED_ID_REGRESSIONS: u32 = 2;
+/// `stale` or `duplicate` answers to one reporter after which a shared id is the likely cause.
+pub const SHARED_ID_OUT_OF_ORDER: u32 = 3;
+
+/// Caps on what the ledger holds across all reporters (`reports.max_reporters`,
+/// `reports.max_entries`): memory, state file and restart replay grow with them, not with traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_reporters: usize,
+    pub max_entries: usize,
+}
+
+/// What a report would add to the ledger, and what would have to go for it to fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Growth {
+    /// 1 for a reporter the ledger does not hold.
+    pub reporters: usize,
+    /// Entries (keys) the reporter does not hold yet.
+    pub entries: usize,
+}
 
 /// What happened to a report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +132,12 @@ pub struct Ledger {
     /// are dropped, and a report from one of them again is a starting point, never counted from zero.
     #[serde(default)]
     retired: HashMap<String, u64>,
+    /// Entries of all reporters together (kept as they change; recounted by `share_keys`).
+    #[serde(skip)]
+    entries: usize,
+    /// Reporter ids found shared by two VMs since last taken (`take_shared`).
+    #[serde(skip)]
+    newly_shared: Vec<String>,
 }
 
 /// One line of the journal: a report's change, or reporters retired.
@@ -184,11 +217,18 @@ impl Ledger {
         // it counted before, so it starts over from this report.
         let returning = previous.is_none() && self.retired.contains_key(&report.reporter);
         let baselined = match previous {
-            Some(p) if report.sequence == p.sequence => return Ok((Outcome::Duplicate, None)),
-            Some(p) if report.sequence < p.sequence => return Ok((Outcome::Stale, None)),
+            Some(p) if report.sequence == p.sequence => {
+                self.out_of_order(&report.reporter);
+                return Ok((Outcome::Duplicate, None));
+            }
+            Some(p) if report.sequence < p.sequence => {
+                self.out_of_order(&report.reporter);
+                return Ok((Outcome::Stale, None));
+            }
             Some(p) => p.baselined,
             None => baseline_unknown || returning,
         };
+        let previous = self.reporters.get(&report.reporter);
         if let Some(p) = previous {
             let grown = totals.keys().filter(|k| !p.totals.contains_key(*k)).count();
             if p.totals.len() + grown > MAX_REPORTER_ENTRIES {
@@ -278,8 +318,13 @@ impl Ledger {
                 .map(|(key, _)| (key.clone(), reporter.totals.get(key).copied()))
                 .collect(),
         });
+        let grown = totals
+            .iter()
+            .filter(|(key, _)| !reporter.totals.contains_key(key))
+            .count();
         // Entries a reporter stops sending keep their last total (cumulative counts never vanish).
         reporter.totals.extend(totals);
+        self.entries += grown;
         reporter.sequence = record.sequence;
         reporter.baselined = record.baselined;
         reporter.regressions = 0;
@@ -304,7 +349,9 @@ impl Ledger {
             self.retired.insert(undo.reporter.clone(), at);
         }
         let Some(previous) = undo.previous else {
-            self.reporters.remove(&undo.reporter);
+            if let Some(gone) = self.reporters.remove(&undo.reporter) {
+                self.entries = self.entries.saturating_sub(gone.totals.len());
+            }
             return;
         };
         if let Some(reporter) = self.reporters.get_mut(&undo.reporter) {
@@ -314,8 +361,14 @@ impl Ledger {
             reporter.last_seen_ms = previous.last_seen_ms;
             for (key, before) in previous.entries {
                 match before {
-                    Some(n) => reporter.totals.insert(key, n),
-                    None => reporter.totals.remove(&key),
+                    Some(n) => {
+                        reporter.totals.insert(key, n);
+                    }
+                    None => {
+                        if reporter.totals.remove(&key).is_some() {
+                            self.entries = self.entries.saturating_sub(1);
+                        }
+                    }
                 };
             }
         }
@@ -342,7 +395,8 @@ impl Ledger {
     /// newest `MAX_RETIRED`) so that a report from one of them again is a starting point.
     pub fn retire(&mut self, ids: &[String], at_ms: u64) {
         for id in ids {
-            if self.reporters.remove(id).is_some() {
+            if let Some(gone) = self.reporters.remove(id) {
+                self.entries = self.entries.saturating_sub(gone.totals.len());
                 self.retired.insert(id.clone(), at_ms);
             }
         }
@@ -395,6 +449,117 @@ impl Ledger {
                 .collect();
         }
         self.reporters = reporters;
+        self.entries = self.reporters.values().map(|r| r.totals.len()).sum();
+    }
+
+    /// Entries (per-reporter totals) held, all reporters together.
+    pub fn entries(&self) -> usize {
+        self.entries
+    }
+
+    /// What `report` would add if applied: nothing for a repeat or an older report.
+    pub fn growth(&self, report: &Report) -> Growth {
+        let Some(reporter) = self.reporters.get(&report.reporter) else {
+            let mut keys: HashSet<(&str, &str, &str, &str)> = HashSet::new();
+            for t in &report.totals {
+                keys.insert((&t.requested, &t.served, &t.endpoint, &t.code_class));
+            }
+            return Growth {
+                reporters: 1,
+                entries: keys.len(),
+            };
+        };
+        if report.sequence <= reporter.sequence {
+            return Growth::default();
+        }
+        let entries = report
+            .totals
+            .iter()
+            .filter(|t| {
+                let key = (
+                    t.requested.clone(),
+                    t.served.clone(),
+                    t.endpoint.clone(),
+                    t.code_class.clone(),
+                );
+                !reporter.totals.contains_key(&key)
+            })
+            .count();
+        Growth {
+            reporters: 0,
+            entries,
+        }
+    }
+
+    /// Whether `growth` fits under `limits` as the ledger is.
+    pub fn fits(&self, growth: Growth, limits: &Limits) -> bool {
+        (growth.reporters == 0 || self.reporters.len() < limits.max_reporters)
+            && self.entries.saturating_add(growth.entries) <= limits.max_entries
+    }
+
+    /// The reporters to retire, longest idle first and only those idle since before `before_ms`
+    /// (seen at `loaded_ms` when saved before report times were kept), for `growth` to fit under
+    /// `limits`; `None` when retiring all of them would not make room. `keep` is never picked.
+    pub fn make_room(
+        &self,
+        growth: Growth,
+        limits: &Limits,
+        before_ms: u64,
+        loaded_ms: u64,
+        keep: &str,
+    ) -> Option<Vec<String>> {
+        let slots = if growth.reporters > 0 && self.reporters.len() >= limits.max_reporters {
+            self.reporters.len() + 1 - limits.max_reporters
+        } else {
+            0
+        };
+        let excess =
+            (self.entries.saturating_add(growth.entries)).saturating_sub(limits.max_entries);
+        if slots == 0 && excess == 0 {
+            return Some(Vec::new());
+        }
+        let mut idle: Vec<(u64, &String, usize)> = self
+            .reporters
+            .iter()
+            .filter(|(id, _)| id.as_str() != keep)
+            .map(|(id, r)| {
+                let seen = if r.last_seen_ms == 0 {
+                    loaded_ms
+                } else {
+                    r.last_seen_ms
+                };
+                (seen, id, r.totals.len())
+            })
+            .filter(|(seen, _, _)| *seen < before_ms)
+            .collect();
+        idle.sort_unstable();
+        let (mut freed_slots, mut freed) = (0, 0);
+        let mut picked = Vec::new();
+        for (_, id, entries) in idle {
+            if freed_slots >= slots && freed >= excess {
+                break;
+            }
+            picked.push(id.clone());
+            freed_slots += 1;
+            freed += entries;
+        }
+        (freed_slots >= slots && freed >= excess).then_some(picked)
+    }
+
+    /// Reporter ids found shared by two filter VMs since the last call.
+    pub fn take_shared(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.newly_shared)
+    }
+
+    /// A `stale` or `duplicate` report from `reporter_id`: after a few, names the id as shared.
+    fn out_of_order(&mut self, reporter_id: &str) {
+        if let Some(reporter) = self.reporters.get_mut(reporter_id) {
+            reporter.out_of_order = reporter.out_of_order.saturating_add(1);
+            if reporter.out_of_order >= SHARED_ID_OUT_OF_ORDER && !reporter.shared {
+                reporter.shared = true;
+                self.newly_shared.push(reporter_id.to_owned());
+            }
+        }
     }
 
     fn regression(&mut self, reporter_id: &str, key: &EntryKey, was: u64, count: u64) -> String {
@@ -405,6 +570,10 @@ impl Ledger {
         if let Some(reporter) = self.reporters.get_mut(reporter_id) {
             reporter.regressions = reporter.regressions.saturating_add(1);
             if reporter.regressions >= SHARED_ID_REGRESSIONS {
+                if !reporter.shared {
+                    reporter.shared = true;
+                    self.newly_shared.push(reporter_id.to_owned());
+                }
                 message.push_str(&format!(
                     " ({} reports in a row: two filter VMs are sending under this one reporter id, and about half of their counts are refused)",
                     reporter.regressions
@@ -943,6 +1112,92 @@ mod tests {
             serde_json::from_str(&serde_json::to_string(&record).unwrap()).unwrap();
         ledger.replay(&record);
         assert_eq!(serde_json::to_string(&ledger).unwrap(), applied);
+    }
+
+    #[test]
+    fn entries_are_counted_through_apply_undo_retire_and_load_and_room_is_made_from_the_idle() {
+        let mut ledger = Ledger::default();
+        let recount = |l: &Ledger| l.reporters.values().map(|r| r.totals.len()).sum::<usize>();
+        let rows = |n: usize| -> Vec<(String, u64)> {
+            (0..n).map(|i| (format!("10.0.1.{i}:8080"), 1)).collect()
+        };
+        let wide = |id: &str, sequence, n| {
+            let rows = rows(n);
+            let rows: Vec<_> = rows
+                .iter()
+                .map(|(e, c)| ("fs", "fs", e.as_str(), "2xx", *c))
+                .collect();
+            report(id, sequence, &rows)
+        };
+        for (i, id) in ["a", "b", "c"].iter().enumerate() {
+            ledger
+                .apply_logged(&wide(id, 1, 4), &arms(), &pods, false, 10 * i as u64)
+                .unwrap();
+        }
+        assert_eq!((ledger.entries(), recount(&ledger)), (12, 12));
+        let (_, change) = ledger
+            .apply_logged(&wide("a", 2, 6), &arms(), &pods, false, 50)
+            .unwrap();
+        assert_eq!(ledger.entries(), 14);
+        ledger.undo(change.unwrap().1);
+        assert_eq!((ledger.entries(), recount(&ledger)), (12, 12));
+        let limits = Limits {
+            max_reporters: 3,
+            max_entries: 14,
+        };
+        let growth = ledger.growth(&wide("d", 1, 3));
+        assert_eq!(
+            growth,
+            Growth {
+                reporters: 1,
+                entries: 3
+            }
+        );
+        assert!(!ledger.fits(growth, &limits));
+        assert_eq!(
+            ledger.growth(&wide("a", 1, 9)),
+            Growth::default(),
+            "a repeat adds nothing"
+        );
+        // Idle since before 15 ms: a (0) and b (10); a is the longest idle, and one is enough.
+        assert_eq!(
+            ledger.make_room(growth, &limits, 15, 0, "d"),
+            Some(vec!["a".to_string()])
+        );
+        // Before 5 ms only a: not enough for 9 more entries.
+        let big = ledger.growth(&wide("d", 1, 9));
+        assert_eq!(ledger.make_room(big, &limits, 5, 0, "d"), None);
+        ledger.retire(&["a".to_string()], 60);
+        assert_eq!((ledger.entries(), recount(&ledger)), (8, 8));
+        let json = serde_json::to_vec(&ledger).unwrap();
+        let mut back: Ledger = serde_json::from_slice(&json).unwrap();
+        back.share_keys();
+        assert_eq!(back.entries(), 8);
+    }
+
+    #[test]
+    fn stale_and_duplicate_reports_name_a_shared_id_once() {
+        let mut ledger = Ledger::default();
+        let row = |n| [("fs", "fs", "10.0.0.7:8080", "2xx", n)];
+        ledger
+            .apply(&report("dup", 10, &row(5)), &arms(), &pods, false)
+            .unwrap();
+        for sequence in [3, 10, 4, 5, 6] {
+            ledger
+                .apply(&report("dup", sequence, &row(9)), &arms(), &pods, false)
+                .unwrap();
+        }
+        assert_eq!(ledger.take_shared(), ["dup".to_string()]);
+        assert!(ledger.take_shared().is_empty());
+        // Regressions name it too, once.
+        let mut ledger = Ledger::default();
+        ledger
+            .apply(&report("x", 1, &row(9)), &arms(), &pods, false)
+            .unwrap();
+        for sequence in 2..6 {
+            let _ = ledger.apply(&report("x", sequence, &row(1)), &arms(), &pods, false);
+        }
+        assert_eq!(ledger.take_shared(), ["x".to_string()]);
     }
 
     #[test]

@@ -163,6 +163,11 @@ async fn serve(
             token: config.reports_token.clone(),
             retire_after: config.reports_retire_after,
             repair: repair_state,
+            evict_idle_after: reports::EVICT_IDLE_AFTER,
+            limits: ledger::Limits {
+                max_reporters: config.reports_max_reporters,
+                max_entries: config.reports_max_entries,
+            },
         },
         &state,
     )?);

@@ -1,6 +1,6 @@
 //! Prometheus metrics. Counters are incremented where things happen; gauges are recomputed from the current
 //! snapshot and probe results at scrape time, so they cannot drift from what `/v1/endpoints` serves.
-//! `kvab_routed_requests_total`, `kvab_reporters` and `kvab_retired_reporters` are the saved report ledger itself, read at scrape
+//! `kvab_routed_requests_total`, `kvab_reporters`, `kvab_retired_reporters` and `kvab_ledger_entries` are the saved report ledger itself, read at scrape
 //! time: a count shows if and only if it is saved, and both saturate alike at 2^64-1.
 
 use std::collections::BTreeMap;
@@ -22,7 +22,7 @@ pub struct Scrape<'a> {
 }
 
 /// Values of `kvab_reports_received_total{result}`.
-pub const REPORT_RESULTS: [&str; 8] = [
+pub const REPORT_RESULTS: [&str; 9] = [
     "applied",
     "baselined",
     "duplicate",
@@ -31,6 +31,7 @@ pub const REPORT_RESULTS: [&str; 8] = [
     "too_large",
     "unauthorized",
     "unsaved",
+    "full",
 ];
 
 /// The operations of `kvab_state_errors_total`.
@@ -58,6 +59,10 @@ pub struct Metrics {
     pub reports_received: IntCounterVec,
     reporters: IntGauge,
     retired_reporters: IntGauge,
+    ledger_entries: IntGauge,
+    reporters_limit: IntGauge,
+    ledger_entries_limit: IntGauge,
+    pub shared_reporter_ids: IntCounter,
     pub state_write_errors: IntCounter,
     pub state_errors: IntCounterVec,
     pub state_damaged: IntGauge,
@@ -152,7 +157,7 @@ impl Metrics {
             reports_received: register(r, IntCounterVec::new(
                 Opts::new(
                     "kvab_reports_received_total",
-                    "Filter reports received, by result: applied, baselined, duplicate, stale, invalid, too_large, unauthorized, unsaved (the state file could not be written: 503, nothing changed).",
+                    "Filter reports received, by result: applied, baselined, duplicate, stale, invalid, too_large, unauthorized, unsaved (the state file could not be written: 503, nothing changed), full (the ledger is at reports.max_reporters or reports.max_entries: 507, nothing changed).",
                 ),
                 &["result"],
             )?)?,
@@ -163,6 +168,22 @@ impl Metrics {
             retired_reporters: register(r, IntGauge::new(
                 "kvab_retired_reporters",
                 "Filter VMs retired after reports.retire_after_seconds without a report: their counts stay, their totals are dropped, and a report from one again is a starting point.",
+            )?)?,
+            ledger_entries: register(r, IntGauge::new(
+                "kvab_ledger_entries",
+                "Per-reporter totals the report ledger holds, all reporters together (against kvab_ledger_entries_limit).",
+            )?)?,
+            reporters_limit: register(r, IntGauge::new(
+                "kvab_reporters_limit",
+                "reports.max_reporters: reporters the ledger holds at most; a report from one more is answered 507 ledger_full.",
+            )?)?,
+            ledger_entries_limit: register(r, IntGauge::new(
+                "kvab_ledger_entries_limit",
+                "reports.max_entries: per-reporter totals the ledger holds at most; a report that would add more is answered 507 ledger_full.",
+            )?)?,
+            shared_reporter_ids: register(r, IntCounter::new(
+                "kvab_shared_reporter_ids_total",
+                "Reporter ids found used by two or more filter VMs at once (repeated regressions, or repeated stale or duplicate reports); each is also logged.",
             )?)?,
             state_write_errors: register(r, IntCounter::new(
                 "kvab_state_write_errors_total",
@@ -252,9 +273,19 @@ impl Metrics {
         }
         self.reporters.set(gauge_value(routed.reporters));
         self.retired_reporters.set(gauge_value(routed.retired));
+        self.ledger_entries.set(gauge_value(routed.entries));
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
         Ok(out)
+    }
+}
+
+impl Metrics {
+    /// The ledger's caps, set once at start.
+    pub fn set_ledger_limits(&self, limits: &crate::ledger::Limits) {
+        self.reporters_limit.set(gauge_value(limits.max_reporters));
+        self.ledger_entries_limit
+            .set(gauge_value(limits.max_entries));
     }
 }
 

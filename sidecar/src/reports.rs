@@ -21,14 +21,26 @@ use kvab_contract::report::{Report, ReportAck, MAX_REPORT_BYTES};
 use tokio::sync::{mpsc, oneshot};
 use warp::http::StatusCode;
 
-use crate::ledger::{Ledger, Line, Outcome};
+use crate::ledger::{Growth, Ledger, Limits, Line, Outcome};
 use crate::state::{lock, RoutedCounts, State};
 use crate::store::{OpenError, StateLock, Store};
 
 /// Reports waiting for the writer, at most; a sender waits beyond that (before anything changed).
 const QUEUE: usize = 4096;
+/// Reports being read, parsed or applied at once, at most: each holds its body (up to 1 MiB, about
+/// 2 MiB while it grows) and its parsed form, so a flood of 1 MiB reports over the API listener's
+/// 1024 connections would otherwise hold gigabytes; 64 of them peaked at 337 MiB (BENCHMARKS.md,
+/// report ledger at its caps). Others wait before reading their body; a sender that waits past its own
+/// timeout sends again later (the filter: on its next tick, the counts kept). Fewer (16) cut the
+/// ordinary path's batches: 1,000 small reports a second over 64 connections waited 29 ms (p50)
+/// instead of under 1.
+const MAX_IN_FLIGHT: usize = 64;
 /// Reports applied and synced together, at most.
 const MAX_BATCH: usize = 512;
+/// At a cap, a reporter idle this long (or `retire_after`, if shorter) is retired early to make room
+/// for a new one: its counts stay; a filter VM with requests to report sends them within its
+/// `refreshMs`, so one silent this long has nothing unacknowledged.
+pub const EVICT_IDLE_AFTER: Duration = Duration::from_secs(600);
 
 pub struct Reports {
     /// The writer's ledger, for tests: it holds the lock across apply, save and publish.
@@ -36,6 +48,8 @@ pub struct Reports {
     ledger: Arc<Mutex<Ledger>>,
     /// `None` once closed (on drop).
     jobs: Option<mpsc::Sender<Job>>,
+    /// `MAX_IN_FLIGHT` permits, one held from reading a report's body to its answer.
+    in_flight: Arc<tokio::sync::Semaphore>,
     writer: Option<std::thread::JoinHandle<()>>,
     /// When set, a report must carry `Authorization: Bearer <token>`.
     token: Option<String>,
@@ -56,6 +70,10 @@ pub struct Settings {
     pub retire_after: Duration,
     /// `kvab serve --repair-state`: move damaged state files aside and start an empty ledger.
     pub repair: bool,
+    /// `EVICT_IDLE_AFTER` (shorter in tests).
+    pub evict_idle_after: Duration,
+    /// `reports.max_reporters`, `reports.max_entries`.
+    pub limits: Limits,
 }
 
 /// One report for the writer, and where its answer goes.
@@ -82,6 +100,7 @@ fn counts(ledger: &Ledger) -> RoutedCounts {
         counters: ledger.routed().map(|(k, v)| (k.clone(), v)).collect(),
         reporters: ledger.reporters(),
         retired: ledger.retired(),
+        entries: ledger.entries(),
     }
 }
 
@@ -153,8 +172,11 @@ impl Reports {
             arms,
             token,
             retire_after,
+            evict_idle_after,
+            limits,
             ..
         } = settings;
+        state.metrics.set_ledger_limits(&limits);
         let baseline_before_ms = restored.is_none().then(now_ms);
         let ledger = restored.unwrap_or_default();
         state.publish_routed(counts(&ledger));
@@ -168,6 +190,8 @@ impl Reports {
             store,
             state: state.clone(),
             retire_after,
+            evict_idle_after: evict_idle_after.min(retire_after),
+            limits,
             started_ms: now_ms(),
             last_sweep_ms: now_ms(),
         };
@@ -178,6 +202,7 @@ impl Reports {
             #[cfg(test)]
             ledger: writer_ledger,
             jobs: Some(jobs),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
             writer: Some(writer),
             token,
             baseline_before_ms,
@@ -225,6 +250,9 @@ impl Reports {
                 "invalid",
             );
         }
+        let Ok(_in_flight) = self.in_flight.acquire().await else {
+            return internal("the report writer stopped");
+        };
         let bytes = match read_capped(body, MAX_REPORT_BYTES).await {
             Ok(bytes) => bytes,
             Err(BodyError::TooLarge) => {
@@ -258,7 +286,9 @@ impl Reports {
                 )
             }
         };
-        let report: Report = match serde_json::from_slice(&bytes) {
+        let parsed = serde_json::from_slice(&bytes);
+        drop(bytes);
+        let report: Report = match parsed {
             Ok(report) => report,
             Err(e) => {
                 return reject(
@@ -328,6 +358,8 @@ struct Writer {
     state: Arc<State>,
     /// `reports.retire_after_seconds`.
     retire_after: Duration,
+    evict_idle_after: Duration,
+    limits: Limits,
     started_ms: u64,
     last_sweep_ms: u64,
 }
@@ -401,8 +433,31 @@ impl Writer {
         let mut results = Vec::with_capacity(batch.len());
         let mut records = Vec::new();
         let mut undos = Vec::new();
+        // Reporters retired (and journaled) to make room: shown with the batch, or alone if it is not.
+        let mut retired_early = false;
         for job in &batch {
             let report = &job.report;
+            let growth = ledger.growth(report);
+            if !ledger.fits(growth, &self.limits) {
+                let before_ms = now.saturating_sub(
+                    u64::try_from(self.evict_idle_after.as_millis()).unwrap_or(u64::MAX),
+                );
+                let room = make_room(
+                    &mut self.store,
+                    &mut ledger,
+                    &self.limits,
+                    report,
+                    growth,
+                    (before_ms, self.started_ms, now),
+                );
+                match room {
+                    Ok(()) => retired_early = true,
+                    Err(message) => {
+                        results.push(Err(Refused::Full(message)));
+                        continue;
+                    }
+                }
+            }
             match ledger.apply_logged(report, &self.arms, &pod_of, job.baseline, now) {
                 Ok((outcome, change)) => {
                     if let Some((record, undo)) = change {
@@ -413,9 +468,15 @@ impl Writer {
                 }
                 Err(message) => {
                     log::warn!("report from {:?} refused: {message}", report.reporter);
-                    results.push(Err(message));
+                    results.push(Err(Refused::Invalid(message)));
                 }
             }
+        }
+        for id in ledger.take_shared() {
+            self.state.metrics.shared_reporter_ids.inc();
+            log::warn!(
+                "reporter id {id:?} is used by two or more filter VMs at once (its reports keep going back or repeating): about half of their counts are refused or ignored; give every filter VM its own id"
+            );
         }
         let saved = match (&mut self.store, records.is_empty()) {
             (Some(store), false) => store.append(&records),
@@ -436,18 +497,29 @@ impl Writer {
                 store.compact_if_due(&ledger);
             }
         }
+        if retired_early && (saved.is_err() || records.is_empty()) {
+            // The batch is undone or changed nothing: what is left is saved.
+            self.state.publish_routed(counts(&ledger));
+        }
         if let Some(store) = &mut self.store {
             count_errors(&self.state, store);
         }
         drop(ledger);
         for (job, result) in batch.into_iter().zip(results) {
             let answer = match (result, &saved) {
-                (Err(message), _) => reject(
+                (Err(Refused::Invalid(message)), _) => reject(
                     &self.state,
                     StatusCode::BAD_REQUEST,
                     "invalid_report",
                     message,
                     "invalid",
+                ),
+                (Err(Refused::Full(message)), _) => reject(
+                    &self.state,
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "ledger_full",
+                    message,
+                    "full",
                 ),
                 (Ok(Outcome::Applied(_) | Outcome::Baselined), Err(e)) => reject(
                     &self.state,
@@ -485,6 +557,62 @@ fn count_errors(state: &State, store: &mut Store) {
             state.metrics.state_write_errors.inc();
         }
     }
+}
+
+/// Why the writer refused a report.
+enum Refused {
+    /// 400 `invalid_report`.
+    Invalid(String),
+    /// 507 `ledger_full`: it is fine, but the ledger is at a cap; nothing changed.
+    Full(String),
+}
+
+/// Retires the longest-idle reporters (idle since before `before_ms`, journaled first) so that
+/// `growth` fits under `limits`; `Err` says why it does not fit, and then nothing changed. Publishing
+/// is the caller's: reports applied before it in the batch are not saved yet.
+fn make_room(
+    store: &mut Option<Store>,
+    ledger: &mut Ledger,
+    limits: &Limits,
+    report: &Report,
+    growth: Growth,
+    (before_ms, loaded_ms, now): (u64, u64, u64),
+) -> Result<(), String> {
+    let full = || {
+        format!(
+            "the report ledger is full ({} of reports.max_reporters = {} reporters, {} of reports.max_entries = {} entries; this report adds {} reporter and {} entries) and no reporter is idle long enough to retire early; nothing changed, send the report again later",
+            ledger.reporters(),
+            limits.max_reporters,
+            ledger.entries(),
+            limits.max_entries,
+            growth.reporters,
+            growth.entries
+        )
+    };
+    let Some(idle) = ledger.make_room(growth, limits, before_ms, loaded_ms, &report.reporter)
+    else {
+        return Err(full());
+    };
+    if idle.is_empty() {
+        return Ok(());
+    }
+    if let Some(store) = store {
+        let line = Line::Retired {
+            retired: idle.clone(),
+            at_ms: now,
+        };
+        // A failed append is counted with the batch's store errors (`count_errors`).
+        if let Err(e) = store.append(&[line]) {
+            log::error!("cannot save the early retirement of idle reporters: {e:#}");
+            return Err(full());
+        }
+    }
+    ledger.retire(&idle, now);
+    log::info!(
+        "the report ledger is at a cap: retired {} reporters idle the longest to make room (their counts stay)",
+        idle.len()
+    );
+    Ok(())
 }
 
 fn reject(
@@ -605,6 +733,11 @@ pub mod tests {
             token: None,
             retire_after: Duration::from_secs(86_400),
             repair: false,
+            evict_idle_after: EVICT_IDLE_AFTER,
+            limits: Limits {
+                max_reporters: 4096,
+                max_entries: 200_000,
+            },
         }
     }
 
@@ -785,6 +918,169 @@ pub mod tests {
         );
         assert_eq!(shown(&state), 18.0);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A report of `n` distinct endpoints, each counted `count` times.
+    fn wide(reporter: &str, sequence: u64, n: usize, count: u64) -> Vec<u8> {
+        let totals: Vec<String> = (0..n)
+            .map(|i| {
+                format!(
+                    r#"{{"requested":"fs","served":"fs","endpoint":"10.1.{}.{}:8080","code_class":"2xx","count":{count}}}"#,
+                    i / 256,
+                    i % 256
+                )
+            })
+            .collect();
+        format!(
+            r#"{{"reporter":"{reporter}","sequence":{sequence},"started_at_ms":{},"totals":[{}]}}"#,
+            u64::MAX / 2,
+            totals.join(",")
+        )
+        .into_bytes()
+    }
+
+    fn scrape(state: &State, name: &str) -> f64 {
+        let text = String::from_utf8(state.render_metrics().unwrap()).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_reporters_and_keys_is_bounded_while_known_reporters_keep_counting() {
+        let dir = scratch("caps");
+        let path = dir.join("reports.json");
+        let state = Arc::new(State::new(Duration::from_secs(30)).unwrap());
+        let limits = Limits {
+            max_reporters: 3,
+            max_entries: 40,
+        };
+        let capped = Settings {
+            limits,
+            ..settings(Some(path.clone()))
+        };
+        let reports = Arc::new(Reports::open(capped, &state).unwrap());
+        for vm in ["a", "b"] {
+            let answer = receive(&reports, &state, wide(vm, 1, 10, 1)).await;
+            assert_eq!(answer.status, StatusCode::OK);
+        }
+        // A flood of new reporters, each with new keys: one more fits, then every one is refused
+        // with 507 ledger_full, and nothing of them is kept.
+        let mut full = 0;
+        for i in 0..50 {
+            let answer = receive(&reports, &state, wide(&format!("flood{i}"), 1, 5, 1)).await;
+            match answer.body {
+                Ok(_) => assert_eq!(answer.status, StatusCode::OK),
+                Err((code, message)) => {
+                    assert_eq!(
+                        (answer.status, code),
+                        (StatusCode::INSUFFICIENT_STORAGE, "ledger_full")
+                    );
+                    assert!(message.contains("reports.max_reporters"), "{message}");
+                    full += 1;
+                }
+            }
+        }
+        assert_eq!(full, 49);
+        assert_eq!(shown(&state), 25.0);
+        // A known reporter with more keys than the room left is refused too; within the room it counts.
+        let answer = receive(&reports, &state, wide("a", 2, 30, 2)).await;
+        assert_eq!(answer.status, StatusCode::INSUFFICIENT_STORAGE);
+        let answer = receive(&reports, &state, wide("a", 3, 25, 2)).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(shown(&state), 25.0 + 10.0 + 15.0 * 2.0);
+        assert_eq!(scrape(&state, "kvab_ledger_entries"), 40.0);
+        assert_eq!(scrape(&state, "kvab_ledger_entries_limit"), 40.0);
+        assert_eq!(scrape(&state, "kvab_reporters"), 3.0);
+        assert_eq!(scrape(&state, "kvab_reporters_limit"), 3.0);
+        assert_eq!(
+            scrape(&state, "kvab_reports_received_total{result=\"full\"}"),
+            50.0
+        );
+        drop(reports);
+        // The bound holds across a restart: the state is what was acknowledged, no more.
+        let state = Arc::new(State::new(Duration::from_secs(30)).unwrap());
+        let capped = Settings {
+            limits,
+            ..settings(Some(path.clone()))
+        };
+        let reports = Arc::new(Reports::open(capped, &state).unwrap());
+        assert_eq!(scrape(&state, "kvab_ledger_entries"), 40.0);
+        let answer = receive(&reports, &state, wide("b", 2, 10, 3)).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(shown(&state), 65.0 + 20.0);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn at_a_cap_the_reporter_idle_longest_is_retired_early_and_its_counts_stay() {
+        let dir = scratch("evict");
+        let path = dir.join("reports.json");
+        let state = Arc::new(State::new(Duration::from_secs(30)).unwrap());
+        let settings = Settings {
+            evict_idle_after: Duration::from_millis(200),
+            limits: Limits {
+                max_reporters: 2,
+                max_entries: 1000,
+            },
+            ..settings(Some(path.clone()))
+        };
+        let reports = Arc::new(Reports::open(settings, &state).unwrap());
+        for vm in ["old", "older"] {
+            assert_eq!(
+                receive(&reports, &state, body(vm, 1, 5)).await.status,
+                StatusCode::OK
+            );
+        }
+        // Not idle long enough: refused.
+        let answer = receive(&reports, &state, body("new", 1, 7)).await;
+        assert_eq!(answer.status, StatusCode::INSUFFICIENT_STORAGE);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            receive(&reports, &state, body("old", 2, 6)).await.status,
+            StatusCode::OK
+        );
+        // Now "older" is idle past the bound: retired for the new reporter, its 5 stay.
+        let answer = receive(&reports, &state, body("new", 2, 7)).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(shown(&state), 6.0 + 5.0 + 7.0);
+        assert_eq!(scrape(&state, "kvab_retired_reporters"), 1.0);
+        assert_eq!(scrape(&state, "kvab_reporters"), 2.0);
+        drop(reports);
+        // Journaled: after a restart "older" is still retired, so its return is a starting point.
+        let state = Arc::new(State::new(Duration::from_secs(30)).unwrap());
+        let reports = open(Some(path.clone()), &state);
+        assert_eq!(shown(&state), 18.0);
+        let answer = receive(&reports, &state, body("older", 2, 9)).await;
+        assert!(matches!(&answer.body, Ok(ack) if ack.result == "baselined"));
+        assert_eq!(shown(&state), 18.0);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_reporter_id_sent_by_two_vms_is_counted_from_stale_and_duplicate_answers() {
+        let state = Arc::new(State::new(Duration::from_secs(30)).unwrap());
+        let reports = open(None, &state);
+        // Two VMs under one id, each with its own sequence; their counts only grow here, so no
+        // regression ever names them: A is ahead, B's reports are stale or repeat A's sequences.
+        let mut results = Vec::new();
+        for i in 1..=10u64 {
+            for (sequence, count) in [(10 + 2 * i, 100 + i), (5 + i, 1000 + i)] {
+                let answer = receive(&reports, &state, body("shared", sequence, count)).await;
+                results.push(answer.body.map(|ack| ack.result).unwrap());
+            }
+        }
+        assert!(results.iter().any(|r| r == "stale"), "{results:?}");
+        assert_eq!(
+            scrape(&state, "kvab_shared_reporter_ids_total"),
+            1.0,
+            "named once"
+        );
+        // One VM alone never is.
+        for sequence in 1..=20u64 {
+            receive(&reports, &state, body("alone", sequence, sequence)).await;
+        }
+        assert_eq!(scrape(&state, "kvab_shared_reporter_ids_total"), 1.0);
     }
 
     #[tokio::test]

@@ -21,6 +21,8 @@ pub struct RoutedCounts {
     pub counters: Vec<(RoutedKey, u64)>,
     pub reporters: usize,
     pub retired: usize,
+    /// Per-reporter totals held, all reporters together.
+    pub entries: usize,
 }
 
 /// One published endpoint map, serialized once and served as is until the content changes.

@@ -21,6 +21,13 @@ const NANOS_PER_MS: u64 = 1_000_000;
 /// The smallest report budget a 413 can bring the filter down to (a few dozen entries).
 const MIN_REPORT_BUDGET: usize = 8 * 1024;
 const PAYLOAD_TOO_LARGE: u32 = 413;
+/// Answers that say "not now": the sidecar cannot take the report yet (its state cannot be written,
+/// 503 `state_unavailable`, or its ledger is at a cap, 507 `ledger_full`), or Envoy has no healthy
+/// sidecar (503). The totals stay for a later report; the next one waits a backoff.
+const RETRY_LATER: [u32; 3] = [429, 503, 507];
+/// The longest wait between reports while the sidecar says "not now": after n such answers in a row
+/// the next report waits `refreshMs` × 2^n (rounded up to a tick), at most this.
+pub const MAX_REPORT_BACKOFF_MS: u64 = 60_000;
 
 /// A non-OK status of a host call (proxy-wasm ABI numbering).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +168,10 @@ pub struct Link {
     acked_changes: u64,
     /// Largest report to write; halved (down to a floor) when the sidecar answers 413.
     report_budget: usize,
+    /// "Not now" answers in a row (`RETRY_LATER`), and no report is sent before `report_due`
+    /// (host nanoseconds) after one.
+    deferred: u32,
+    report_due: u64,
     started_nanos: u64,
 }
 
@@ -181,6 +192,8 @@ impl Link {
             changes: 0,
             acked_changes: 0,
             report_budget: REPORT_BUDGET_BYTES,
+            deferred: 0,
+            report_due: 0,
             started_nanos: now,
         }
     }
@@ -216,7 +229,7 @@ impl Link {
     pub fn tick(&mut self, plan: &Plan, host: &mut impl LinkHost, now: u64) -> Tick {
         self.adopt_shared(plan, host, now);
         let fetch_refused = self.take_lease(host, now) && self.fetch(host, now).is_err();
-        let report_refused = self.report(plan, host) == Err(());
+        let report_refused = self.report(plan, host, now) == Err(());
         let since = match self.view.confirmed_nanos {
             0 => self.started_nanos,
             confirmed => confirmed,
@@ -310,14 +323,14 @@ impl Link {
         }
     }
 
-    /// Sends a report when something changed since the last acknowledged one and none is in
-    /// flight; `Err` when the host refused to send it.
-    fn report(&mut self, plan: &Plan, host: &mut impl LinkHost) -> Result<(), ()> {
+    /// Sends a report when something changed since the last acknowledged one, none is in flight
+    /// and no backoff is running; `Err` when the host refused to send it.
+    fn report(&mut self, plan: &Plan, host: &mut impl LinkHost, now: u64) -> Result<(), ()> {
         let pending = self
             .calls
             .iter()
             .any(|(_, call)| matches!(call, Call::Report { .. }));
-        if self.changes == self.acked_changes || pending {
+        if self.changes == self.acked_changes || pending || now < self.report_due {
             return Ok(());
         }
         self.sequence += 1;
@@ -384,9 +397,13 @@ impl Link {
                 body_size,
                 now,
             )),
-            Call::Report { changes, complete } => {
-                Answered::Report(self.on_reported(host, status, body_size, changes, complete))
-            }
+            Call::Report { changes, complete } => Answered::Report(self.on_reported(
+                host,
+                status,
+                body_size,
+                (changes, complete),
+                now,
+            )),
         })
     }
 
@@ -395,20 +412,40 @@ impl Link {
         host: &mut impl LinkHost,
         status: Option<u32>,
         body_size: usize,
-        changes: u64,
-        complete: bool,
+        (changes, complete): (u64, bool),
+        now: u64,
     ) -> ReportResult {
         let acked = status == Some(200)
             && host
                 .call_response_body(body_size)
                 .is_some_and(|body| is_ack(&body));
         if acked {
+            self.deferred = 0;
+            self.report_due = 0;
             self.tally.acknowledge();
             // A report the budget cut leaves totals for the next tick.
             if complete {
                 self.acked_changes = changes;
             }
             return ReportResult::Ok;
+        }
+        if let Some(status) = status.filter(|s| RETRY_LATER.contains(s)) {
+            // Nothing is acknowledged: the next report carries these totals again (cumulative).
+            self.deferred = self.deferred.saturating_add(1);
+            let wait_ms = self
+                .sidecar
+                .refresh_ms
+                .max(1)
+                .saturating_mul(1 << self.deferred.min(20))
+                .min(MAX_REPORT_BACKOFF_MS);
+            self.report_due = now.saturating_add(wait_ms.saturating_mul(NANOS_PER_MS));
+            if self.deferred == 1 {
+                host.warn(&format!(
+                    "kvab serve cannot take reports now ({status}); the counts are kept and sent again after a backoff of up to {} s",
+                    MAX_REPORT_BACKOFF_MS / 1000
+                ));
+            }
+            return ReportResult::Deferred;
         }
         if status == Some(PAYLOAD_TOO_LARGE) {
             self.report_budget = (self.report_budget / 2).max(MIN_REPORT_BUDGET);
@@ -964,6 +1001,92 @@ mod tests {
         assert_eq!(answered, Some(Answered::Report(ReportResult::Error)));
         host.refuse_calls = true;
         assert!(a.tick(&plan, &mut host, 120 * MS).report_refused);
+    }
+
+    #[test]
+    fn a_503_or_507_keeps_the_counts_and_backs_off_exponentially_up_to_a_bound() {
+        let plan = plan();
+        let store = RefCell::new(FakeSharedData::default());
+        let mut a = link(&plan, "a");
+        let mut host = FakeHost::new(&store, 0);
+        host.set_shared("kvab.fetch-lease/kvab", &u64::MAX.to_le_bytes(), 0)
+            .unwrap();
+        let record = |a: &mut Link| {
+            a.record(
+                Some(ArmId(0)),
+                Served::Arm(ArmId(0)),
+                b"10.0.0.5:8080",
+                CodeClass::of(200),
+            )
+        };
+        // refreshMs is 100: tick every 100 ms, answer each report at once with 507, then 503.
+        let mut sent_at = Vec::new();
+        let mut now = 0;
+        let mut recorded = 0u64;
+        while now <= 400_000 * MS {
+            record(&mut a);
+            recorded += 1;
+            a.tick(&plan, &mut host, now);
+            if host.sent.len() > sent_at.len() {
+                sent_at.push(now / MS);
+                let status: &[u8] = if sent_at.len() % 2 == 0 {
+                    b"503"
+                } else {
+                    b"507"
+                };
+                let answered = respond(
+                    &mut a,
+                    &plan,
+                    &mut host,
+                    sent_at.len() - 1,
+                    &[(b":status", status)],
+                    br#"{"error":{"code":"ledger_full"}}"#,
+                    now,
+                );
+                assert_eq!(answered, Some(Answered::Report(ReportResult::Deferred)));
+            }
+            now += 100 * MS;
+        }
+        let gaps: Vec<u64> = sent_at.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(
+            gaps[..10],
+            [200, 400, 800, 1600, 3200, 6400, 12800, 25600, 51200, 60000]
+        );
+        assert!(gaps[10..].iter().all(|&g| g == MAX_REPORT_BACKOFF_MS));
+        assert_eq!(host.warnings.len(), 1, "warned once: {:?}", host.warnings);
+        // Every report is cumulative: the last one sent carries every request recorded before it.
+        let last: serde_json::Value =
+            serde_json::from_slice(&host.sent[sent_at.len() - 1].2).unwrap();
+        let sent_count = last["totals"][0]["count"].as_u64().unwrap();
+        assert_eq!(sent_count, *sent_at.last().unwrap() / 100 + 1);
+        // The sidecar takes reports again: the next report (after the backoff) carries all of it,
+        // and then reports go every tick again.
+        let mut after = Vec::new();
+        while after.len() < 3 {
+            record(&mut a);
+            recorded += 1;
+            a.tick(&plan, &mut host, now);
+            if host.sent.len() > sent_at.len() + after.len() {
+                let index = host.sent.len() - 1;
+                let report: serde_json::Value =
+                    serde_json::from_slice(&host.sent[index].2).unwrap();
+                after.push((now / MS, report["totals"][0]["count"].as_u64().unwrap()));
+                let answered = respond(
+                    &mut a,
+                    &plan,
+                    &mut host,
+                    index,
+                    &[(b":status", b"200")],
+                    br#"{"result":"applied"}"#,
+                    now,
+                );
+                assert_eq!(answered, Some(Answered::Report(ReportResult::Ok)));
+            }
+            now += 100 * MS;
+        }
+        assert_eq!(after[0].1, recorded - 2, "nothing lost: {after:?}");
+        assert_eq!(after[1].0 - after[0].0, 100, "no backoff after a 200");
+        assert_eq!(after[2].1, recorded);
     }
 
     #[test]

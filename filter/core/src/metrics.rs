@@ -63,15 +63,23 @@ impl FetchResult {
 pub enum ReportResult {
     Ok,
     Error,
+    /// Refused for now (503, 507 `ledger_full`, 429): the totals stay for a later report, sent after a
+    /// backoff.
+    Deferred,
 }
 
 impl ReportResult {
-    pub const ALL: [ReportResult; 2] = [ReportResult::Ok, ReportResult::Error];
+    pub const ALL: [ReportResult; 3] = [
+        ReportResult::Ok,
+        ReportResult::Error,
+        ReportResult::Deferred,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             ReportResult::Ok => "ok",
             ReportResult::Error => "error",
+            ReportResult::Deferred => "deferred",
         }
     }
 }
