@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import REPO, Kvab, get, proc_status  # noqa: E402
+from reports import post_on  # noqa: E402
 
 STARTED_AT_MS = 4_000_000_000_000
 
@@ -49,19 +50,6 @@ def body(reporter: str, sequence: int, first: int, count: int, value: int) -> by
         "totals": [{"requested": "fs", "served": "fs", "endpoint": endpoint(n), "code_class": "2xx", "count": value}
                    for n in range(first, first + count)],
     }, separators=(",", ":")).encode()
-
-
-async def post_on(reader, writer, data: bytes) -> int:
-    writer.write(b"POST /v1/reports HTTP/1.1\r\nhost: kvab\r\ncontent-type: application/json\r\n"
-                 b"content-length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
-    await writer.drain()
-    status_line = await reader.readline()
-    length = 0
-    while (line := await reader.readline()) not in (b"\r\n", b""):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":")[1])
-    await reader.readexactly(length)
-    return int(status_line.split()[1])
 
 
 async def send_all(port: int, bodies, connections: int) -> dict:
