@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import random
+import shutil
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
+
+import pytest
+from kvablocal.sidecar import Sidecar
 
 from kvabtest import wait_until
 
@@ -212,3 +219,80 @@ def test_a_journal_that_cannot_be_compacted_is_counted(sidecar, tmp_path):
     wait_until(lambda: (kvab.metric('kvab_state_errors_total{op="compact"}') or 0) >= 1, 5, "compaction failure counted")
     assert kvab.metric("kvab_state_write_errors_total") >= 1
     assert "compaction put off" in kvab.log()
+
+
+# manifests/sidecar.yaml: runAsUser and runAsGroup.
+POD_UID = 65532
+
+
+@pytest.fixture
+def as_pod_user(kvab_bin):
+    """A folder the pod's user can read, with a copy of kvab and a wrapper that runs it as that user
+    (setpriv, util-linux): the tests run as root, and root ignores a directory's permissions."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run kvab as the pod's user")
+    folder = Path(tempfile.mkdtemp(prefix="kvab-pod-user-"))
+    folder.chmod(0o755)
+    binary = folder / "kvab"
+    shutil.copy(kvab_bin, binary)
+    wrapper = folder / "kvab-as-pod-user"
+    wrapper.write_text(f'#!/bin/sh\nexec setpriv --reuid {POD_UID} --regid {POD_UID} --clear-groups "{binary}" "$@"\n')
+    wrapper.chmod(0o755)
+    yield folder, str(wrapper)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_read_only_state_directory_is_counted_and_reports_keep_being_saved(as_pod_user):
+    """kvab as the pod's user; its state directory turns read-only after it started: compactions fail,
+    are counted and put off, and reports are still saved in the open journal (the issue: one ERROR per
+    batch, kvab_state_write_errors_total 0, no compaction ever)."""
+    folder, wrapper = as_pod_user
+    state_dir = folder / "state"
+    state_dir.mkdir()
+    os.chown(state_dir, POD_UID, POD_UID)
+    state = state_dir / "reports.json"
+    kvab = Sidecar(CONFIG.replace("STATE", str(state)), workdir=folder, binary=wrapper).start()
+    try:
+        state_dir.chmod(0o500)
+        started_at_ms = int(time.time() * 1000) + 1
+        sequence = 0
+        # Past 4 MiB of journal, where a compaction is due: 200-entry reports make long lines.
+        while sum(p.stat().st_size for p in state_dir.glob("reports.json.log.*")) < (4 << 20) + (256 << 10):
+            sequence += 1
+            body = json.dumps({
+                "reporter": "vm-a", "sequence": sequence, "started_at_ms": started_at_ms,
+                "totals": [{**ENDPOINT_REPORT, "endpoint": f"10.9.{i // 250}.{i % 250}:8080", "count": sequence}
+                           for i in range(200)],
+            }).encode()
+            status, answer = post(kvab.port, body)
+            assert status == 200, answer
+        wait_until(lambda: (kvab.metric('kvab_state_errors_total{op="compact"}') or 0) >= 1, 10,
+                   "the failed compaction counted")
+        assert kvab.metric("kvab_state_write_errors_total") >= 1
+        # Put off, not retried on every batch: a few more reports add no error line each.
+        errors = kvab.log().count("compaction put off")
+        for extra in range(1, 6):
+            status, _ = post(kvab.port, report("vm-b", extra, started_at_ms))
+            assert status == 200
+        assert kvab.log().count("compaction put off") == errors
+        assert shown(kvab) == 200 * sequence + 5
+    finally:
+        state_dir.chmod(0o700)
+        kvab.stop()
+
+
+def test_a_state_directory_the_pod_user_cannot_write_keeps_the_maps_served(as_pod_user):
+    """A volume whose root is owned by root without fsGroup (the issue: 'Permission denied' and no
+    kvab serve at all): the maps are served, reports answer 503 state_unavailable, the gauge says why."""
+    folder, wrapper = as_pod_user
+    state_dir = folder / "root-owned"
+    state_dir.mkdir(mode=0o755)
+    kvab = Sidecar(CONFIG.replace("STATE", str(state_dir / "reports.json")), workdir=folder, binary=wrapper).start()
+    try:
+        assert kvab.get("/v1/endpoints").status == 200
+        status, answer = post(kvab.port, report("vm-a", 1, int(time.time() * 1000) + 1))
+        assert status == 503 and answer["error"]["code"] == "state_unavailable", answer
+        assert kvab.metric("kvab_state_unavailable") == 1
+        assert "Permission denied" in kvab.log()
+    finally:
+        kvab.stop()
