@@ -458,7 +458,7 @@ impl Ledger {
     }
 
     /// What `report` would add if applied: nothing for a repeat or an older report.
-    pub fn growth(&self, report: &Report) -> Growth {
+    fn growth(&self, report: &Report) -> Growth {
         let Some(reporter) = self.reporters.get(&report.reporter) else {
             let mut keys: HashSet<(&str, &str, &str, &str)> = HashSet::new();
             for t in &report.totals {
@@ -489,6 +489,19 @@ impl Ledger {
             reporters: 0,
             entries,
         }
+    }
+
+    /// What `report` would add when it may not fit under `limits`; `None` when it fits whatever its
+    /// keys are (its totals counted as all new), the common case, which then reads none of them.
+    pub fn growth_past(&self, report: &Report, limits: &Limits) -> Option<Growth> {
+        let most = Growth {
+            reporters: usize::from(!self.reporters.contains_key(&report.reporter)),
+            entries: report.totals.len(),
+        };
+        if self.fits(most, limits) {
+            return None;
+        }
+        Some(self.growth(report)).filter(|growth| !self.fits(*growth, limits))
     }
 
     /// Whether `growth` fits under `limits` as the ledger is.

@@ -437,8 +437,7 @@ impl Writer {
         let mut retired_early = false;
         for job in &batch {
             let report = &job.report;
-            let growth = ledger.growth(report);
-            if !ledger.fits(growth, &self.limits) {
+            if let Some(growth) = ledger.growth_past(report, &self.limits) {
                 let before_ms = now.saturating_sub(
                     u64::try_from(self.evict_idle_after.as_millis()).unwrap_or(u64::MAX),
                 );

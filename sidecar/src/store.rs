@@ -315,6 +315,50 @@ pub struct Loaded {
     leftovers: Vec<PathBuf>,
 }
 
+impl Loaded {
+    /// No state: a first start, or one after `--repair-state` moved the damaged files aside.
+    fn empty() -> Self {
+        Loaded {
+            ledger: None,
+            snapshot_len: 0,
+            newest: None,
+            legacy: false,
+            leftovers: Vec::new(),
+        }
+    }
+}
+
+/// Checks that `generations` (sorted) run from `from` without a gap, then replays each journal
+/// (`file_of`) into `ledger` with `read`; returns the newest's generation, length and intact length.
+fn replay_journals(
+    ledger: &mut Ledger,
+    from: u64,
+    generations: &[u64],
+    file_of: impl Fn(u64) -> PathBuf,
+    read: fn(&[u8]) -> Option<Line>,
+) -> Result<Option<(u64, u64, u64)>, OpenError> {
+    for (i, &generation) in generations.iter().enumerate() {
+        let expected = from + i as u64;
+        if generation != expected {
+            return Err(damaged(
+                &file_of(expected),
+                format!("this journal is missing (the snapshot holds up to generation {from}, the journals {generations:?} are there)"),
+            ));
+        }
+    }
+    let mut newest = None;
+    for (i, &generation) in generations.iter().enumerate() {
+        let file = file_of(generation);
+        let bytes = read_file(&file)?.unwrap_or_default();
+        let is_newest = i + 1 == generations.len();
+        let intact = replay(ledger, &file, &bytes, is_newest, read)?;
+        if is_newest {
+            newest = Some((generation, bytes.len() as u64, intact as u64));
+        }
+    }
+    Ok(newest)
+}
+
 /// Reads the snapshot and replays the journals, changing nothing on disk.
 pub fn load(path: &Path) -> Result<Loaded, OpenError> {
     let list = |infix| {
@@ -355,13 +399,7 @@ pub fn load(path: &Path) -> Result<Loaded, OpenError> {
         // The first start creates journal 0 and then the snapshot: an empty journal 0 alone is a first
         // start cut short.
         if logs.is_empty() || (logs == [0] && empty_logs) {
-            return Ok(Loaded {
-                ledger: None,
-                snapshot_len: 0,
-                newest: None,
-                legacy: false,
-                leftovers: Vec::new(),
-            });
+            return Ok(Loaded::empty());
         }
         return Err(damaged(
             path,
@@ -388,31 +426,19 @@ pub fn load(path: &Path) -> Result<Loaded, OpenError> {
             .map(|g| legacy_journal_path(path, *g)),
     );
     let live: Vec<u64> = logs.into_iter().filter(|g| *g >= from).collect();
-    for (i, &generation) in live.iter().enumerate() {
-        let expected = from + i as u64;
-        if generation != expected {
-            return Err(damaged(
-                &journal_path(path, expected),
-                format!("this journal is missing (the snapshot holds up to generation {from}, the journals {live:?} are there)"),
-            ));
-        }
-    }
     if live.is_empty() {
         return Err(damaged(
             &journal_path(path, from),
             "this journal is missing: the snapshot names it as the one that follows it",
         ));
     }
-    let mut newest = None;
-    for (i, &generation) in live.iter().enumerate() {
-        let file = journal_path(path, generation);
-        let bytes = read_file(&file)?.unwrap_or_default();
-        let is_newest = i + 1 == live.len();
-        let intact = replay(&mut ledger, &file, &bytes, is_newest, read_line)?;
-        if is_newest {
-            newest = Some((generation, bytes.len() as u64, intact as u64));
-        }
-    }
+    let newest = replay_journals(
+        &mut ledger,
+        from,
+        &live,
+        |g| journal_path(path, g),
+        read_line,
+    )?;
     Ok(Loaded {
         ledger: Some(ledger),
         snapshot_len: bytes.len() as u64,
@@ -438,32 +464,20 @@ fn load_legacy(
         None => None,
     };
     let from = ledger.as_ref().map_or(0, |l| l.journal_generation);
-    let mut leftovers: Vec<PathBuf> = Vec::new();
     let live: Vec<u64> = journals.iter().copied().filter(|g| *g >= from).collect();
-    for (i, &generation) in live.iter().enumerate() {
-        let expected = from + i as u64;
-        if generation != expected {
-            return Err(damaged(
-                &legacy_journal_path(path, expected),
-                format!(
-                    "this journal is missing (generations from {from} expected, {live:?} found)"
-                ),
-            ));
-        }
-    }
-    for (i, &generation) in live.iter().enumerate() {
-        let file = legacy_journal_path(path, generation);
-        let bytes = read_file(&file)?.unwrap_or_default();
-        let is_newest = i + 1 == live.len();
-        replay(
+    if !live.is_empty() {
+        replay_journals(
             ledger.get_or_insert_with(Ledger::default),
-            &file,
-            &bytes,
-            is_newest,
+            from,
+            &live,
+            |g| legacy_journal_path(path, g),
             read_legacy_line,
         )?;
     }
-    leftovers.extend(journals.iter().map(|g| legacy_journal_path(path, *g)));
+    let leftovers = journals
+        .iter()
+        .map(|g| legacy_journal_path(path, *g))
+        .collect();
     Ok(Loaded {
         ledger,
         snapshot_len: 0,
@@ -614,13 +628,7 @@ impl Store {
                         .collect::<Vec<_>>()
                         .join(", ")
                 );
-                Loaded {
-                    ledger: None,
-                    snapshot_len: 0,
-                    newest: None,
-                    legacy: false,
-                    leftovers: Vec::new(),
-                }
+                Loaded::empty()
             }
             other => {
                 let loaded = other?;
@@ -642,14 +650,7 @@ impl Store {
                         journal_path(path, generation).display()
                     );
                 }
-                let journal = open_journal(path, generation).map_err(io)?;
-                journal
-                    .set_len(intact)
-                    .and_then(|()| journal.sync_all())
-                    .with_context(|| {
-                        format!("cannot cut {}", journal_path(path, generation).display())
-                    })
-                    .map_err(io)?;
+                let journal = open_journal_cut_to(path, generation, intact).map_err(io)?;
                 (
                     loaded.ledger,
                     generation,
@@ -661,12 +662,7 @@ impl Store {
             _ => {
                 // A first start, or the format before checksums: journal 0, then the snapshot naming it.
                 let mut ledger = loaded.ledger;
-                let journal = open_journal(path, 0).map_err(io)?;
-                journal
-                    .set_len(0)
-                    .and_then(|()| journal.sync_all())
-                    .with_context(|| format!("cannot cut {}", journal_path(path, 0).display()))
-                    .map_err(io)?;
+                let journal = open_journal_cut_to(path, 0, 0).map_err(io)?;
                 let mut snapshot = ledger.clone().unwrap_or_default();
                 snapshot.journal_generation = 0;
                 let len = write_snapshot(path, &snapshot).map_err(io)?;
@@ -842,6 +838,16 @@ fn remove_older_journals(path: &Path, generation: u64) -> u64 {
         }
     }
     failed
+}
+
+/// Opens the journal `generation` and cuts it to its first `len` bytes (what reads), synced.
+fn open_journal_cut_to(path: &Path, generation: u64, len: u64) -> anyhow::Result<File> {
+    let journal = open_journal(path, generation)?;
+    journal
+        .set_len(len)
+        .and_then(|()| journal.sync_all())
+        .with_context(|| format!("cannot cut {}", journal_path(path, generation).display()))?;
+    Ok(journal)
 }
 
 fn open_journal(path: &Path, generation: u64) -> anyhow::Result<File> {

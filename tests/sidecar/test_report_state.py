@@ -196,18 +196,11 @@ def test_a_flipped_byte_that_keeps_the_json_valid_is_refused(sidecar, tmp_path):
     damaged_sidecar_serves_maps_and_refuses_reports(kvab, str(journal))
 
 
-def test_a_journal_that_cannot_be_compacted_is_counted(sidecar, tmp_path):
-    """As in a read-only directory (root ignores permissions, so the next journal's name is taken by a
-    directory): compaction fails, is counted on kvab_state_write_errors_total and
-    kvab_state_errors_total{op="compact"}, and reports go on being saved in the journal."""
-    state = tmp_path / "state" / "reports.json"
-    state.parent.mkdir()
-    kvab = sidecar(CONFIG.replace("STATE", str(state)))
-    (state.parent / "reports.json.log.1").mkdir()
-    started_at_ms = int(time.time() * 1000) + 1
-    # Past 4 MiB of journal: reports of 200 entries make long lines.
+def fill_past_compaction(kvab, journal: Path, started_at_ms: int) -> int:
+    """Reports of 200 entries from vm-a (long journal lines), each answered 200, until `journal` is past
+    the 4 MiB at which a compaction is due (store.rs COMPACT_AFTER_BYTES); returns the last sequence."""
     sequence = 0
-    while (state.parent / "reports.json.log.0").stat().st_size < (4 << 20) + (256 << 10):
+    while journal.stat().st_size < (4 << 20) + (256 << 10):
         sequence += 1
         body = json.dumps({
             "reporter": "vm-a", "sequence": sequence, "started_at_ms": started_at_ms,
@@ -216,6 +209,18 @@ def test_a_journal_that_cannot_be_compacted_is_counted(sidecar, tmp_path):
         }).encode()
         status, answer = post(kvab.port, body)
         assert status == 200, answer
+    return sequence
+
+
+def test_a_journal_that_cannot_be_compacted_is_counted(sidecar, tmp_path):
+    """As in a read-only directory (root ignores permissions, so the next journal's name is taken by a
+    directory): compaction fails, is counted on kvab_state_write_errors_total and
+    kvab_state_errors_total{op="compact"}, and reports go on being saved in the journal."""
+    state = tmp_path / "state" / "reports.json"
+    state.parent.mkdir()
+    kvab = sidecar(CONFIG.replace("STATE", str(state)))
+    (state.parent / "reports.json.log.1").mkdir()
+    fill_past_compaction(kvab, state.parent / "reports.json.log.0", int(time.time() * 1000) + 1)
     wait_until(lambda: (kvab.metric('kvab_state_errors_total{op="compact"}') or 0) >= 1, 5, "compaction failure counted")
     assert kvab.metric("kvab_state_write_errors_total") >= 1
     assert "compaction put off" in kvab.log()
@@ -255,17 +260,7 @@ def test_a_read_only_state_directory_is_counted_and_reports_keep_being_saved(as_
     try:
         state_dir.chmod(0o500)
         started_at_ms = int(time.time() * 1000) + 1
-        sequence = 0
-        # Past 4 MiB of journal, where a compaction is due: 200-entry reports make long lines.
-        while sum(p.stat().st_size for p in state_dir.glob("reports.json.log.*")) < (4 << 20) + (256 << 10):
-            sequence += 1
-            body = json.dumps({
-                "reporter": "vm-a", "sequence": sequence, "started_at_ms": started_at_ms,
-                "totals": [{**ENDPOINT_REPORT, "endpoint": f"10.9.{i // 250}.{i % 250}:8080", "count": sequence}
-                           for i in range(200)],
-            }).encode()
-            status, answer = post(kvab.port, body)
-            assert status == 200, answer
+        sequence = fill_past_compaction(kvab, state_dir / "reports.json.log.0", started_at_ms)
         wait_until(lambda: (kvab.metric('kvab_state_errors_total{op="compact"}') or 0) >= 1, 10,
                    "the failed compaction counted")
         assert kvab.metric("kvab_state_write_errors_total") >= 1

@@ -606,6 +606,12 @@ mod tests {
             }
         }
 
+        /// Takes the fetch lease for ever: map fetches stay out of a test about reports.
+        fn hold_fetch_lease(&mut self) {
+            self.set_shared("kvab.fetch-lease/kvab", &u64::MAX.to_le_bytes(), 0)
+                .unwrap();
+        }
+
         fn header(&self, call: usize, name: &str) -> Option<String> {
             let (_, headers, _) = self.sent.get(call)?;
             headers
@@ -846,8 +852,7 @@ mod tests {
         host.set_shared("kvab.endpoints/kvab", &body, 0).unwrap();
         host.set_shared("kvab.endpoints-meta/kvab", &meta(5 * MS, b"\"e1\""), 0)
             .unwrap();
-        host.set_shared("kvab.fetch-lease/kvab", &u64::MAX.to_le_bytes(), 0)
-            .unwrap();
+        host.hold_fetch_lease();
         a.tick(&plan, &mut host, 10 * MS);
         assert!(
             a.fresh_map(10 * MS).is_none(),
@@ -900,8 +905,7 @@ mod tests {
         let store = RefCell::new(FakeSharedData::default());
         let mut a = link(&plan, "a");
         let mut host = FakeHost::new(&store, 0);
-        host.set_shared("kvab.fetch-lease/kvab", &u64::MAX.to_le_bytes(), 0)
-            .unwrap();
+        host.hold_fetch_lease();
         a.tick(&plan, &mut host, 10 * MS);
         assert!(host.sent.is_empty(), "nothing to report");
 
@@ -1009,8 +1013,7 @@ mod tests {
         let store = RefCell::new(FakeSharedData::default());
         let mut a = link(&plan, "a");
         let mut host = FakeHost::new(&store, 0);
-        host.set_shared("kvab.fetch-lease/kvab", &u64::MAX.to_le_bytes(), 0)
-            .unwrap();
+        host.hold_fetch_lease();
         let record = |a: &mut Link| {
             a.record(
                 Some(ArmId(0)),
@@ -1095,8 +1098,7 @@ mod tests {
         let store = RefCell::new(FakeSharedData::default());
         let mut a = link(&plan, "a");
         let mut host = FakeHost::new(&store, 0);
-        host.set_shared("kvab.fetch-lease/kvab", &u64::MAX.to_le_bytes(), 0)
-            .unwrap();
+        host.hold_fetch_lease();
         let mut budgets = Vec::new();
         for i in 0..8 {
             a.record(
@@ -1193,9 +1195,7 @@ mod tests {
             map_v2.as_bytes(),
             230 * MS,
         );
-        host_a
-            .set_shared("kvab.fetch-lease/kvab", &u64::MAX.to_le_bytes(), 0)
-            .unwrap();
+        host_a.hold_fetch_lease();
         a.tick(&plan, &mut host_a, 240 * MS);
         assert_eq!(a.fresh_map(240 * MS).unwrap().version(), "v2");
         // The sidecar's 304 says e1 is current at 900 ms: it says nothing about v2.

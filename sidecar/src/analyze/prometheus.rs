@@ -115,28 +115,20 @@ pub(crate) fn answer(body: &[u8], status: u16) -> Result<Vec<(Labels, f64)>, Str
 mod tests {
     use std::time::Duration;
 
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
-
     use super::*;
+    use crate::client::one_shot::{serve_once, Then};
 
-    /// A server answering one request with `body`, and a Prometheus client of it.
+    /// A server answering one request 400 with `body`, and a Prometheus client of it.
     async fn prometheus_answering(body: Vec<u8>) -> Prometheus {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut buf = [0u8; 4096];
-            let _ = socket.read(&mut buf).await.unwrap();
-            let head = format!(
-                "HTTP/1.1 400 Bad Request\r\ncontent-length: {}\r\n\r\n",
-                body.len()
-            );
-            let _ = socket.write_all(head.as_bytes()).await;
-            let _ = socket.write_all(&body).await;
-        });
+        let mut answer = format!(
+            "HTTP/1.1 400 Bad Request\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        answer.extend_from_slice(&body);
+        let url = serve_once(Then::Answer(answer)).await;
         let client = HttpClient::new(Duration::from_secs(10));
-        Prometheus::new(client, &format!("http://{address}"), 1_796_252_038.6)
+        Prometheus::new(client, &url, 1_796_252_038.6)
     }
 
     #[test]

@@ -317,7 +317,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_cut_after_its_tagged_headers_is_that_arms_transport_error() {
-        let outcome = outcome_of(Then::Answer(TAGGED_HEAD), Duration::from_secs(5)).await;
+        let outcome = outcome_of(Then::Answer(TAGGED_HEAD.to_vec()), Duration::from_secs(5)).await;
         assert_eq!(outcome.served, Some(1));
         assert_eq!(outcome.status, Some(200));
         assert_eq!(outcome.error.as_deref(), Some("transport"));
@@ -326,7 +326,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_stalled_after_its_tagged_headers_is_that_arms_timeout() {
-        let outcome = outcome_of(Then::Stall(TAGGED_HEAD), Duration::from_millis(300)).await;
+        let outcome = outcome_of(
+            Then::Stall(TAGGED_HEAD.to_vec()),
+            Duration::from_millis(300),
+        )
+        .await;
         assert_eq!(outcome.served, Some(1));
         assert_eq!(outcome.status, Some(200));
         assert_eq!(outcome.error.as_deref(), Some("timeout"));
@@ -336,14 +340,14 @@ mod tests {
     async fn a_tagged_error_status_cut_short_keeps_its_status() {
         let head = b"HTTP/1.1 503 Service Unavailable\r\ntransfer-encoding: chunked\r\n\
             x-kv-backend: fs\r\n\r\n5\r\nno he";
-        let outcome = outcome_of(Then::Answer(head), Duration::from_secs(5)).await;
+        let outcome = outcome_of(Then::Answer(head.to_vec()), Duration::from_secs(5)).await;
         assert_eq!(outcome.served, Some(0));
         assert_eq!(outcome.error.as_deref(), Some("status 503"));
     }
 
     #[tokio::test]
     async fn a_connection_closed_before_any_header_stays_untagged() {
-        let outcome = outcome_of(Then::Answer(b""), Duration::from_secs(5)).await;
+        let outcome = outcome_of(Then::Answer(b"".to_vec()), Duration::from_secs(5)).await;
         assert_eq!(outcome.served, None);
         assert_eq!(outcome.status, None);
         assert_eq!(outcome.error.as_deref(), Some("transport"));
@@ -358,8 +362,11 @@ mod tests {
         let mut outcomes = Vec::new();
         // Twelve each: with no nvlink answer, 12 against 0 is a mismatch (p = 0.0005).
         for _ in 0..12 {
-            outcomes.push(outcome_for(0, Then::Answer(FS_ANSWER), Duration::from_secs(5)).await);
-            outcomes.push(outcome_of(Then::Answer(TAGGED_HEAD), Duration::from_secs(5)).await);
+            outcomes.push(
+                outcome_for(0, Then::Answer(FS_ANSWER.to_vec()), Duration::from_secs(5)).await,
+            );
+            outcomes
+                .push(outcome_of(Then::Answer(TAGGED_HEAD.to_vec()), Duration::from_secs(5)).await);
         }
         let design = Design {
             arms: ARMS.map(String::from).to_vec(),
