@@ -915,6 +915,22 @@ mod tests {
     }
 
     /// Applies reports of one VM (cumulative `10 * sequence`) and appends each.
+    /// Report `sequence` of `reporter`: one fs entry at 10 per sequence, cumulative.
+    fn fs_report(reporter: &str, sequence: u64) -> Report {
+        Report {
+            reporter: reporter.into(),
+            sequence,
+            started_at_ms: 0,
+            totals: vec![RoutedCount {
+                requested: "fs".into(),
+                served: "fs".into(),
+                endpoint: "10.0.0.1:8080".into(),
+                code_class: "2xx".into(),
+                count: 10 * sequence,
+            }],
+        }
+    }
+
     fn feed(
         ledger: &mut Ledger,
         store: &mut Store,
@@ -923,18 +939,7 @@ mod tests {
     ) {
         let arms = vec!["fs".to_string()];
         for sequence in sequences {
-            let report = Report {
-                reporter: reporter.into(),
-                sequence,
-                started_at_ms: 0,
-                totals: vec![RoutedCount {
-                    requested: "fs".into(),
-                    served: "fs".into(),
-                    endpoint: "10.0.0.1:8080".into(),
-                    code_class: "2xx".into(),
-                    count: 10 * sequence,
-                }],
-            };
+            let report = fs_report(reporter, sequence);
             let (_, change) = ledger
                 .apply_logged(&report, &arms, &|_| Some("ns/fs".into()), false, 1)
                 .unwrap();
@@ -1138,18 +1143,7 @@ mod tests {
         let arms = vec!["fs".to_string()];
         let (_, change) = b
             .apply_logged(
-                &Report {
-                    reporter: "b".into(),
-                    sequence: 1,
-                    started_at_ms: 0,
-                    totals: vec![RoutedCount {
-                        requested: "fs".into(),
-                        served: "fs".into(),
-                        endpoint: "10.0.0.1:8080".into(),
-                        code_class: "2xx".into(),
-                        count: 10,
-                    }],
-                },
+                &fs_report("b", 1),
                 &arms,
                 &|_| Some("ns/fs".into()),
                 false,
