@@ -757,14 +757,8 @@ pub fn check_map(data: &[u8]) {
     assert_eq!(map.arm_of(b"\xff not an address"), Served::Unknown);
 }
 
-/// The sidecar's ledger, compiled from its own source: the sidecar is a binary crate, and the
-/// ledger is pure (no I/O, no clock), so the fuzz crate can build it as a module.
-#[path = "../../sidecar/src/ledger.rs"]
-#[allow(dead_code)]
-mod ledger;
-
 use kvab_contract::report::Report;
-use ledger::{Ledger, Line, Outcome};
+use kvab_ledger::{Ledger, Line, Outcome};
 
 const REPORT_ARMS: [&str; 2] = ["nvlink", "fs"];
 

@@ -14,7 +14,6 @@ mod fence;
 mod filter_wasm;
 mod http;
 mod index;
-mod ledger;
 mod metrics;
 mod probe;
 mod reports;
@@ -22,7 +21,6 @@ mod selector;
 mod server;
 mod state;
 mod stats;
-mod store;
 mod watch;
 
 use std::process::ExitCode;
@@ -164,7 +162,7 @@ async fn serve(
             retire_after: config.reports_retire_after,
             repair: repair_state,
             evict_idle_after: reports::EVICT_IDLE_AFTER,
-            limits: ledger::Limits {
+            limits: kvab_ledger::Limits {
                 max_reporters: config.reports_max_reporters,
                 max_entries: config.reports_max_entries,
             },

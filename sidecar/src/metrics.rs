@@ -282,7 +282,7 @@ impl Metrics {
 
 impl Metrics {
     /// The ledger's caps, set once at start.
-    pub fn set_ledger_limits(&self, limits: &crate::ledger::Limits) {
+    pub fn set_ledger_limits(&self, limits: &kvab_ledger::Limits) {
         self.reporters_limit.set(gauge_value(limits.max_reporters));
         self.ledger_entries_limit
             .set(gauge_value(limits.max_entries));

@@ -4,7 +4,7 @@
 //! `rate()` would count everything again) nor count anything twice. So a count is visible on
 //! `/metrics` if and only if it is durably in the ledger. One writer thread owns that sequence: it
 //! takes the reports waiting (a batch), applies them to the ledger, appends them to the journal with
-//! one sync (`crate::store`), and only then publishes the ledger and answers; if the append fails it
+//! one sync (`kvab_ledger::store`), and only then publishes the ledger and answers; if the append fails it
 //! undoes the batch and answers 503, and the filter's next cumulative reports apply it once. A
 //! client that goes away (the filter's call timeout) leaves its report to the writer, which is never
 //! interrupted. Without a state file a restarted sidecar starts at zero and takes the first report
@@ -21,9 +21,9 @@ use kvab_contract::report::{Report, ReportAck, MAX_REPORT_BYTES};
 use tokio::sync::{mpsc, oneshot};
 use warp::http::StatusCode;
 
-use crate::ledger::{Growth, Ledger, Limits, Line, Outcome};
 use crate::state::{lock, RoutedCounts, State};
-use crate::store::{OpenError, StateLock, Store};
+use kvab_ledger::store::{OpenError, StateLock, Store};
+use kvab_ledger::{Growth, Ledger, Limits, Line, Outcome};
 
 /// Reports waiting for the writer, at most; a sender waits beyond that (before anything changed).
 const QUEUE: usize = 4096;
@@ -114,7 +114,7 @@ impl Reports {
         let Some(path) = settings.state_file.clone() else {
             return Self::start(settings, None, None, state);
         };
-        let opened = match crate::store::lock(&path) {
+        let opened = match kvab_ledger::store::lock(&path) {
             Err(OpenError::Locked(message)) => anyhow::bail!(message),
             Err(e) => Err((e, None)),
             // The lock stays held while refusing: a second process must not write meanwhile.
@@ -719,7 +719,7 @@ pub mod tests {
     }
 
     fn saved(path: &std::path::Path) -> f64 {
-        crate::store::load(path)
+        kvab_ledger::store::load(path)
             .unwrap()
             .ledger
             .map_or(0.0, |l| l.routed().map(|(_, n)| n as f64).sum())
@@ -1111,8 +1111,8 @@ pub mod tests {
         assert_eq!(shown(&state), 0.0, "nothing counted while refusing");
         // While it refuses, it holds the lock.
         assert!(matches!(
-            crate::store::lock(&path),
-            Err(crate::store::OpenError::Locked(_))
+            kvab_ledger::store::lock(&path),
+            Err(kvab_ledger::store::OpenError::Locked(_))
         ));
         drop(reports);
         // --repair-state: the next reports are baselines, then counting goes on.
@@ -1137,7 +1137,7 @@ pub mod tests {
         let dir = scratch("locked");
         let path = dir.join("reports.json");
         let state = Arc::new(State::new(Duration::from_secs(30)).unwrap());
-        let _held = crate::store::lock(&path).unwrap();
+        let _held = kvab_ledger::store::lock(&path).unwrap();
         let error = match Reports::open(settings(Some(path)), &state) {
             Err(e) => format!("{e:#}"),
             Ok(_) => panic!("started on a locked state"),

@@ -11,8 +11,8 @@ use jiff::Timestamp;
 use kvab_contract::Endpoint;
 
 use crate::index::{ArmCounts, View};
-use crate::ledger::RoutedKey;
 use crate::metrics::{Metrics, Scrape};
+use kvab_ledger::RoutedKey;
 
 /// The routing counts `/metrics` shows: the report ledger as last saved (or as kept, without a
 /// state file). Published whole, so a scrape never sees half a report.
