@@ -128,8 +128,8 @@ bench-filter: filter sidecar noop-filter venv bench-tools
 # x 200 endpoints, one report each per second for 60 s (see BENCHMARKS.md).
 bench-sidecar: venv bench-tools
 	cargo build --profile sidecar -p kvab
-	$(PY) sidecar/bench/bench.py
-	$(PY) sidecar/bench/reports.py
+	$(PY) serve/bench/bench.py
+	$(PY) serve/bench/reports.py
 
 # Counter exactness: 100,032 requests at -c 64 with split; client, filter, sidecar and upstreams agree.
 bench-exactness: filter sidecar venv bench-tools

@@ -12,6 +12,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY contract contract
 COPY filter filter
+COPY ledger ledger
+COPY serve serve
 COPY sidecar sidecar
 RUN cargo build --profile sidecar --locked -p kvab
 

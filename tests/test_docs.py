@@ -9,7 +9,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DOCS = sorted((REPO / "docs").glob("*.md"))
 # The pages that must hold together, and every other Markdown file of the project (vendored trees aside).
-REQUIRED = [REPO / "README.md", REPO / "BENCHMARKS.md", REPO / "sidecar" / "README.md", *DOCS]
+REQUIRED = [REPO / "README.md", REPO / "BENCHMARKS.md", REPO / "serve" / "README.md", *DOCS]
 SKIP = {"target", "third_party", "node_modules"}
 OTHERS = sorted(
     p for p in REPO.rglob("*.md")

@@ -11,9 +11,9 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 
-use crate::client::HttpClient;
 use crate::experiment::report::{emit, verdict_line, Decision, Verdict};
 use crate::stats::{count, format_p, holm_adjusted, holm_levels, split_test, two_proportion};
+use kvab_serve::client::HttpClient;
 
 use binned::{mann_whitney, Histogram};
 use options::AnalyzeArgs;

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::client::{HttpClient, Request};
+use kvab_serve::client::{HttpClient, Request};
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -116,7 +116,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::client::one_shot::{serve_once, Then};
+    use kvab_serve::client::one_shot::{serve_once, Then};
 
     /// A server answering one request 400 with `body`, and a Prometheus client of it.
     async fn prometheus_answering(body: Vec<u8>) -> Prometheus {

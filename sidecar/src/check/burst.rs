@@ -13,8 +13,8 @@ use kvab_contract::report::{NO_ARM, UNKNOWN_ARM};
 use super::observe::Counters;
 use super::options::Arm;
 use super::report::{signals, Check, Outcome};
-use crate::client::{Exchange, HttpClient, Request};
 use crate::stats::{split_test, SplitMethod};
+use kvab_serve::client::{Exchange, HttpClient, Request};
 
 pub type Shot = Result<Exchange, String>;
 

@@ -4,7 +4,7 @@
 
 use super::options::Arm;
 use super::report::{Check, Outcome};
-use crate::client::Exchange;
+use kvab_serve::client::Exchange;
 
 const PREFILL_MARK: &str = "___prefill_addr_";
 const DECODE_MARK: &str = "___decode_addr_";

@@ -10,7 +10,7 @@ use super::direct::{completion_id, identify, Identity};
 use super::observe::{render_counts, Counters};
 use super::options::Arm;
 use super::report::{signals, Check, Outcome};
-use crate::client::Exchange;
+use kvab_serve::client::Exchange;
 
 /// Judges the header requests of one arm, given what the counters did meanwhile.
 pub fn judge_arm(

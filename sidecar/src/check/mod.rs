@@ -4,7 +4,7 @@
 //! (`prerequisites`, `direct`, `wiring`, `header_ab`, `burst`, `epp_health`, `latency`) whose judgement is a
 //! pure, unit-tested function. Where requests go is `targets` (URLs or port-forwards), what is sent is
 //! `requests`, and `plan` prints both for `--dry-run`. Flags are `options`, statistics `stats`, Kubernetes
-//! `kube`, counters `observe`, rendering `report`; HTTP is `crate::client`.
+//! `kube`, counters `observe`, rendering `report`; HTTP is `kvab_serve::client`.
 
 mod burst;
 mod direct;
@@ -28,8 +28,8 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use crate::client::HttpClient;
 use kvab_contract::report::NO_ARM;
+use kvab_serve::client::HttpClient;
 use observe::{Counters, SidecarView};
 use options::{Mode, Options};
 use report::{Check, Outcome, Report};

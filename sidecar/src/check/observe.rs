@@ -9,7 +9,7 @@ use kvab_contract::EndpointMap;
 
 use super::prom::{self, Sample};
 use super::requests;
-use crate::client::{HttpClient, Request};
+use kvab_serve::client::{HttpClient, Request};
 
 pub struct SidecarView {
     pub map: Option<EndpointMap>,

@@ -557,12 +557,12 @@ pub(crate) fn fraction(value: &str) -> Result<f64, String> {
 }
 
 fn label_selector(value: &str) -> Result<String, String> {
-    crate::selector::validate(value)?;
+    kvab_serve::selector::validate(value)?;
     Ok(value.to_string())
 }
 
 fn label_key(value: &str) -> Result<String, String> {
-    crate::selector::validate_key(value)?;
+    kvab_serve::selector::validate_key(value)?;
     Ok(value.to_string())
 }
 

@@ -9,7 +9,7 @@ use super::prom::{self, Sample};
 use super::report::{signals, Check, Outcome};
 use super::requests;
 use super::targets::Targets;
-use crate::client::HttpClient;
+use kvab_serve::client::HttpClient;
 
 /// What the check needs to know about a pod (cluster mode).
 #[derive(Debug, Clone, PartialEq, Eq)]

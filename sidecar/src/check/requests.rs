@@ -4,7 +4,7 @@
 use serde_json::json;
 
 use super::options::Options;
-use crate::client::Request;
+use kvab_serve::client::Request;
 
 fn completion_body(options: &Options) -> serde_json::Value {
     json!({"model": options.model, "prompt": "Hello", "max_tokens": 5})

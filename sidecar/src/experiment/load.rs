@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::client::{Head, HttpClient, Request};
+use kvab_serve::client::{Head, HttpClient, Request};
 
 use super::assign::Assigner;
 use super::measure::{ms, status_error, usage_of, EventStream, Outcome};
@@ -282,8 +282,8 @@ pub fn start(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::client::one_shot::{serve_once, Then};
     use crate::experiment::analysis::{analyze, Design};
+    use kvab_serve::client::one_shot::{serve_once, Then};
 
     const TAGGED_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
         transfer-encoding: chunked\r\nx-kv-backend: nvlink\r\n\r\n\

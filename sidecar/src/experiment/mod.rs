@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::check::kube;
-use crate::client::HttpClient;
+use kvab_serve::client::HttpClient;
 
 use analysis::{Analysis, Design};
 use measure::Outcome;

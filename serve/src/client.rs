@@ -257,7 +257,7 @@ fn describe_error(error: &dyn std::error::Error) -> String {
 }
 
 /// A test server for one request, which answers as a test needs, broken answers included.
-#[cfg(test)]
+#[cfg(any(test, feature = "test-server"))]
 #[allow(clippy::unwrap_used)]
 pub mod one_shot {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

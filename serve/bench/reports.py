@@ -3,7 +3,7 @@
 sidecar with a state file, as a fleet of gateways does.
 
     cargo build --profile sidecar -p kvab
-    python3 sidecar/bench/reports.py [--reporters 1000] [--endpoints 200] [--duration 60] [--kvab target/sidecar/kvab]
+    python3 serve/bench/reports.py [--reporters 1000] [--endpoints 200] [--duration 60] [--kvab target/sidecar/kvab]
 
 Each reporter first sends a total for every endpoint (so the ledger holds reporters x endpoints entries), then
 once a second the entries of `--changed` random endpoints, cumulative, as the filter does. Latency is from
@@ -164,7 +164,7 @@ def main() -> None:
         kvab.stop()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     print(f"### Report path ({datetime.date.today()}, commit {commit}, {platform.machine()}, {os.cpu_count()} cores)\n")
-    print(f"`python3 sidecar/bench/reports.py --reporters {args.reporters} --endpoints {args.endpoints} "
+    print(f"`python3 serve/bench/reports.py --reporters {args.reporters} --endpoints {args.endpoints} "
           f"--changed {args.changed} --duration {args.duration} --connections {args.connections}` (release build)\n")
     print("| reports | count | p50 ms | p99 ms | max ms |")
     print("|---|---|---|---|---|")

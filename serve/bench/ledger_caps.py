@@ -2,7 +2,7 @@
 """The report ledger of `kvab serve` (release build) at its caps: memory, state size and restart, worst case.
 
     cargo build --profile sidecar -p kvab
-    python3 sidecar/bench/ledger_caps.py [--max-reporters 4096] [--max-entries 200000] [--kvab target/sidecar/kvab]
+    python3 serve/bench/ledger_caps.py [--max-reporters 4096] [--max-entries 200000] [--kvab target/sidecar/kvab]
 
 Worst case for memory: no two entries share a key (every reporter has endpoints of its own), so nothing is
 shared across reporters. Phase 1 fills the ledger to `--max-reporters - 1` reporters holding about
@@ -128,7 +128,7 @@ def main() -> None:
     shown = lambda m: sum(v for k, v in m.items() if k.startswith("kvab_routed_requests_total{"))  # noqa: E731
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     print(f"### Report ledger at its caps ({datetime.date.today()}, commit {commit}, {platform.machine()}, {os.cpu_count()} cores)\n")
-    print(f"`python3 sidecar/bench/ledger_caps.py --max-reporters {args.max_reporters} --max-entries {args.max_entries} "
+    print(f"`python3 serve/bench/ledger_caps.py --max-reporters {args.max_reporters} --max-entries {args.max_entries} "
           f"--flood {args.flood} --flood-connections {args.flood_connections} --fill-reporters {reporters}` (release build)\n")
     print(f"- fill: {reporters} reporters x {per} entries, no key shared ({reporters * per} entries), {fill_s:.1f} s, statuses {fill}")
     size = len(body("flood-000", 1, flood_first, 9000, 1))

@@ -17,7 +17,7 @@ use crate::selector;
 
 /// Used when neither `--config` nor `KVAB_CONFIG` is given: static endpoints for the local stack.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../config/local.toml");
-pub const EMBEDDED_DEFAULT_NAME: &str = "<embedded sidecar/config/local.toml>";
+pub const EMBEDDED_DEFAULT_NAME: &str = "<embedded serve/config/local.toml>";
 
 #[derive(Debug, Clone)]
 pub struct Config {

@@ -3,7 +3,7 @@
 answers), resident memory at 0, 1k and 10k endpoints, and watch-event-to-served-map latency against fakekube.
 
     cargo build --profile sidecar -p kvab
-    python3 sidecar/bench/bench.py [--duration 10] [--connections 4,32] [--kvab target/sidecar/kvab]
+    python3 serve/bench/bench.py [--duration 10] [--connections 4,32] [--kvab target/sidecar/kvab]
 
 Prints a Markdown section for BENCHMARKS.md. Needs wrk (Debian package `wrk`). Standard library only.
 Nothing here asserts on timings: the numbers are reported, not judged.
@@ -200,7 +200,7 @@ def main() -> None:
     print(f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} on {os.cpu_count()} cores "
           f"({cpu}), {platform.system()} {platform.release()}; kvab release build; wrk and kvab share the "
           "machine.\n")
-    print(f"Command: `python3 sidecar/bench/bench.py --duration {args.duration} --connections "
+    print(f"Command: `python3 serve/bench/bench.py --duration {args.duration} --connections "
           f"{args.connections} --changes {args.changes}` (static source, probes off; each row is "
           f"`wrk -t2 -c<connections> -d{args.duration}s --latency [-H 'If-None-Match: <etag>'] "
           "http://127.0.0.1:PORT/v1/endpoints`).\n")
