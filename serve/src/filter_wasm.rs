@@ -45,14 +45,14 @@ impl FilterWasm {
 /// names it, or a JSON `404` with code `filter_wasm_not_configured` when the key is unset.
 pub fn respond(module: Option<&FilterWasm>, headers: &HeaderMap) -> Response<Bytes> {
     let Some(module) = module else {
-        return crate::http::error(
+        return crate::answer::error(
             StatusCode::NOT_FOUND,
             "filter_wasm_not_configured",
             "this sidecar serves no filter module: set the `filter_wasm` key to the path of kvab_filter.wasm",
         );
     };
     let etag = format!("\"{}\"", module.sha256);
-    let (status, body) = if crate::http::if_none_match(headers, &etag) {
+    let (status, body) = if crate::answer::if_none_match(headers, &etag) {
         (StatusCode::NOT_MODIFIED, Bytes::new())
     } else {
         (StatusCode::OK, module.body.clone())

@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use kvab_contract::report::REPORTS_PATH;
-use kvab_contract::{ErrorBody, ENDPOINTS_PATH};
+use kvab_contract::ENDPOINTS_PATH;
 use warp::http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use warp::Filter;
 
+use crate::answer::{error, if_none_match, json, with_status};
 use crate::filter_wasm::FilterWasm;
 use crate::reports::Reports;
 use crate::state::State;
@@ -22,7 +23,6 @@ pub struct App {
     pub filter_module: Option<FilterWasm>,
 }
 
-const JSON: &str = "application/json";
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The API listener's routes (`listen`).
@@ -193,17 +193,6 @@ fn endpoints(state: &State, headers: &HeaderMap) -> Response<Bytes> {
     response
 }
 
-/// `If-None-Match` uses weak comparison (RFC 9110 §13.1.2): `W/"x"` matches `"x"`; `*` matches any.
-pub(crate) fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
-    headers
-        .get_all(header::IF_NONE_MATCH)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(|tag| tag.trim())
-        .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag)
-}
-
 fn readyz(state: &State) -> Response<Bytes> {
     match state.not_ready_reason() {
         None => json(
@@ -233,27 +222,6 @@ fn metrics(state: &State) -> Response<Bytes> {
             )
         }
     }
-}
-
-fn with_status(status: StatusCode, body: Bytes) -> Response<Bytes> {
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    response
-}
-
-fn json(status: StatusCode, body: Bytes) -> Response<Bytes> {
-    let mut response = with_status(status, body);
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON));
-    response
-}
-
-pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response<Bytes> {
-    // Serializing two strings cannot fail; fall back to a fixed body rather than panic.
-    let body = serde_json::to_vec(&ErrorBody::new(code, message))
-        .unwrap_or_else(|_| b"{\"error\":{\"code\":\"internal\",\"message\":\"\"}}".to_vec());
-    json(status, Bytes::from(body))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! (the filter module served to the gateway). `client` is the HTTP client of the prober, which the
 //! `kvab` tools share.
 
+mod answer;
 pub mod client;
 pub mod config;
 pub mod fence;
@@ -14,6 +15,7 @@ mod http;
 mod index;
 mod metrics;
 mod probe;
+mod published;
 mod reports;
 pub mod selector;
 mod server;

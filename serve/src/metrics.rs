@@ -10,7 +10,7 @@ use prometheus::{
     Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::state::{ProbeResult, RoutedCounts, Snapshot};
+use crate::published::{ProbeResult, RoutedCounts, Snapshot};
 
 /// What the gauges show at one scrape: values read once from the state, so the metrics depend on data, not
 /// on where it is kept.

@@ -14,7 +14,8 @@ use tokio::sync::watch as signal;
 
 use crate::client::HttpClient;
 use crate::config::Probe;
-use crate::state::{ProbeResult, State};
+use crate::published::ProbeResult;
+use crate::state::State;
 
 /// (arm, pod) of an endpoint.
 type Key = (String, String);

@@ -21,7 +21,8 @@ use kvab_contract::report::{Report, ReportAck, MAX_REPORT_BYTES};
 use tokio::sync::{mpsc, oneshot};
 use warp::http::StatusCode;
 
-use crate::state::{lock, RoutedCounts, State};
+use crate::published::RoutedCounts;
+use crate::state::{lock, State};
 use kvab_ledger::store::{OpenError, StateLock, Store};
 use kvab_ledger::{Growth, Ledger, Limits, Line, Outcome};
 

@@ -321,7 +321,7 @@ where
                         .http_panics
                         .with_label_values(&["request"])
                         .inc();
-                    let response = crate::http::error(
+                    let response = crate::answer::error(
                         StatusCode::INTERNAL_SERVER_ERROR,
                         "internal",
                         "the request could not be answered; the server logged why",
@@ -357,14 +357,14 @@ pub fn refuse_target(method: &Method, uri: &warp::http::Uri) -> Option<Response<
                 .insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
             Some(response)
         }
-        Some("*") => Some(crate::http::error(
+        Some("*") => Some(crate::answer::error(
             StatusCode::BAD_REQUEST,
             "invalid_request_target",
             &format!(
                 "{method} * is not a request this server answers; send a path such as /healthz"
             ),
         )),
-        _ => Some(crate::http::error(
+        _ => Some(crate::answer::error(
             StatusCode::BAD_REQUEST,
             "invalid_request_target",
             "the request target must be a path such as /healthz (origin form) or an absolute URI; \

@@ -9,5 +9,6 @@ mod abi;
 mod exports;
 mod http;
 mod link;
+mod metrics;
 mod root;
 mod worker;

@@ -11,7 +11,7 @@ use kvab_filter_core::sidecar::Sidecar;
 use kvab_filter_core::{ArmId, Plan};
 
 use crate::abi::{self, Headers, HostError, Level};
-use crate::worker::Metrics;
+use crate::metrics::Metrics;
 
 /// The proxy as the link's host.
 struct Host;

@@ -12,7 +12,20 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use super::prerequisites::PodState;
+/// What the check needs to know about a pod (cluster mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodState {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub phase: String,
+    pub ready: bool,
+}
+
+impl PodState {
+    pub fn healthy(&self) -> bool {
+        self.phase == "Running" && self.ready
+    }
+}
 
 pub struct Cluster {
     client: kube::Client,

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use super::kube::PodState;
 use super::observe::SidecarView;
 use super::options::{Arm, Mode, Options};
 use super::prom::{self, Sample};
@@ -10,21 +11,6 @@ use super::report::{signals, Check, Outcome};
 use super::requests;
 use super::targets::Targets;
 use kvab_serve::client::HttpClient;
-
-/// What the check needs to know about a pod (cluster mode).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodState {
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
-    pub phase: String,
-    pub ready: bool,
-}
-
-impl PodState {
-    fn healthy(&self) -> bool {
-        self.phase == "Running" && self.ready
-    }
-}
 
 /// Name prefix of the pods behind an id-path name: `vllm-prefill-p2p:14579` → `vllm-prefill-p2p`.
 fn pod_prefix(id_name: &str) -> &str {
