@@ -5,7 +5,7 @@ use bytes::Bytes;
 use kvab_contract::ErrorBody;
 use warp::http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 
-const JSON: &str = "application/json";
+pub const JSON: &str = "application/json";
 
 /// `If-None-Match` uses weak comparison (RFC 9110 §13.1.2): `W/"x"` matches `"x"`; `*` matches any.
 pub fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {

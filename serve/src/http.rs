@@ -227,6 +227,9 @@ fn metrics(state: &State) -> Response<Bytes> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use kvab_contract::ErrorBody;
+
+    use crate::answer::JSON;
     use std::time::Duration;
 
     use kvab_contract::EndpointMap;
