@@ -161,10 +161,7 @@ impl fmt::Display for ArmNameError {
                 f,
                 " has the uppercase letter {c:?} (refused, never lowercased): {ARM_NAME_RULE}"
             ),
-            Problem::Character(c) => write!(
-                f,
-                " has the character {c:?}: {ARM_NAME_RULE}"
-            ),
+            Problem::Character(c) => write!(f, " has the character {c:?}: {ARM_NAME_RULE}"),
             Problem::TooLong(len) => write!(f, " is {len} characters long: {ARM_NAME_RULE}"),
             Problem::Edge => write!(
                 f,
@@ -192,7 +189,15 @@ mod tests {
     #[test]
     fn valid_names_are_kept_as_written() {
         let longest = "a".repeat(MAX_ARM_NAME_LEN);
-        for name in ["nvlink", "fs", "a", "7", "lm-cache.v1_2", "0a", longest.as_str()] {
+        for name in [
+            "nvlink",
+            "fs",
+            "a",
+            "7",
+            "lm-cache.v1_2",
+            "0a",
+            longest.as_str(),
+        ] {
             let arm = ArmName::parse(name).unwrap();
             assert_eq!(arm.as_str(), name);
             assert_eq!(arm.to_string(), name);

@@ -681,8 +681,9 @@ mod tests {
 
     #[test]
     fn header_names_are_normalized_arm_names_kept_as_written() {
-        let plan = parse(br#"{"header":"X-KV-Arm","arms":[{"name":"nv.link-2","aliases":[" P2P "]}]}"#)
-            .unwrap();
+        let plan =
+            parse(br#"{"header":"X-KV-Arm","arms":[{"name":"nv.link-2","aliases":[" P2P "]}]}"#)
+                .unwrap();
         assert_eq!(plan.header(), "x-kv-arm");
         assert_eq!(plan.source_header(), "x-kv-arm-source");
         assert_eq!(plan.arm_names(), ["nv.link-2"]);
@@ -697,7 +698,9 @@ mod tests {
         assert_eq!(e.field, "arms[0].name");
         assert_eq!(
             e.message,
-            kvab_contract::ArmName::parse("NVLink").unwrap_err().to_string()
+            kvab_contract::ArmName::parse("NVLink")
+                .unwrap_err()
+                .to_string()
         );
         assert!(e.message.contains("\"NVLink\""), "{e}");
         assert!(e.message.contains(kvab_contract::ARM_NAME_RULE), "{e}");

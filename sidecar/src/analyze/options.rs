@@ -118,7 +118,7 @@ fn instant(value: &str) -> Result<f64, String> {
 fn arm_weight(value: &str) -> Result<(String, f64), String> {
     match value.trim().split_once('=') {
         Some((arm, w)) if !arm.is_empty() => match w.parse::<f64>() {
-            Ok(w) if w > 0.0 && w.is_finite() => Ok((arm.to_string(), w)),
+            Ok(w) if w > 0.0 && w.is_finite() => Ok((arm_name(arm)?, w)),
             _ => Err(format!("the weight of {arm} must be a positive number")),
         },
         _ => Err("wants ARM=WEIGHT".into()),
@@ -184,7 +184,7 @@ fn matchers(value: &str) -> Result<String, String> {
 fn arm_matchers(value: &str) -> Result<(String, String), String> {
     match value.split_once('=') {
         Some((arm, selector)) if !arm.is_empty() && !selector.is_empty() => {
-            Ok((arm.to_string(), matchers(selector)?))
+            Ok((arm_name(arm)?, matchers(selector)?))
         }
         _ => Err("wants ARM=MATCHERS".into()),
     }
