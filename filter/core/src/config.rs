@@ -784,6 +784,20 @@ mod tests {
         assert!(seen >= 15, "only {seen} fixtures found");
     }
 
+    /// The JSON Schema states the contract's arm-name grammar (its pattern; the reserved names apart).
+    #[cfg(not(target_arch = "wasm32"))]
+    #[test]
+    fn the_schema_states_the_contract_arm_name_pattern() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config.schema.json");
+        let schema: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        let arm_name = &schema["$defs"]["armName"];
+        assert_eq!(arm_name["pattern"], kvab_contract::ARM_NAME_PATTERN);
+        assert_eq!(
+            arm_name["not"]["enum"],
+            serde_json::json!(kvab_contract::report::RESERVED_ARM_NAMES)
+        );
+    }
+
     /// The refusal is logged as one line: control characters from the input (a key or value
     /// with a newline, DEL, an escape sequence) must not break or forge log lines.
     #[test]
