@@ -29,7 +29,8 @@ pub struct AnalyzeArgs {
     /// End of the window (RFC 3339 or Unix seconds) [now].
     #[arg(long, value_name = "TIME", value_parser = instant, env = "KVAB_ANALYZE_END")]
     pub end: Option<f64>,
-    /// The two arms, in comparison order (shifts are second minus first).
+    /// The two arms, in comparison order (shifts are second minus first); arm names as the filter takes them
+    /// (a-z 0-9 . _ -, see docs/filter.md#arm-names).
     #[arg(long, value_name = "A,B", value_delimiter = ',', default_value = "nvlink,fs", value_parser = arm_name,
           env = "KVAB_ANALYZE_ARMS")]
     pub arms: Vec<String>,

@@ -185,7 +185,8 @@ pub struct CheckArgs {
           value_delimiter = ' ', help_heading = "Targets")]
     proxy_url: Vec<(String, String)>,
 
-    /// The arms, in comparison order.
+    /// The arms, in comparison order; arm names as the filter takes them (a-z 0-9 . _ -, see
+    /// docs/filter.md#arm-names).
     #[arg(long, value_name = "A,B", value_delimiter = ',', default_value = "nvlink,fs", value_parser = arm_name,
           env = "KVAB_CHECK_ARMS", help_heading = "Arms")]
     arms: Vec<String>,
