@@ -160,7 +160,10 @@ fn split_of_filter_config(path: &str) -> Result<FilterSplit, String> {
     weights
         .iter()
         .map(|(arm, weight)| match weight.as_f64() {
-            Some(w) if w > 0.0 && w.is_finite() => Ok((arm.clone(), w)),
+            Some(w) if w > 0.0 && w.is_finite() => Ok((
+                arm_name(arm).map_err(|e| format!("{path}: split.weights: {e}"))?,
+                w,
+            )),
             _ => Err(format!(
                 "{path}: split.weights.{arm} is not a positive number"
             )),
