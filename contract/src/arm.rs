@@ -147,14 +147,9 @@ impl fmt::Display for ArmNameError {
         if self.problem == Problem::Empty {
             return write!(f, "empty arm name: {ARM_NAME_RULE}");
         }
-        f.write_str("arm name ")?;
-        // `{:?}` quotes and escapes control characters; a cut name shows where it was cut.
-        let quoted = format!("{:?}", self.name);
-        if self.cut {
-            write!(f, "{}...\"", quoted.trim_end_matches('"'))?;
-        } else {
-            f.write_str(&quoted)?;
-        }
+        // Quoted with control characters and quotes escaped; a cut name shows where it was cut.
+        let cut = if self.cut { "..." } else { "" };
+        write!(f, "arm name \"{}{cut}\"", self.name.escape_debug())?;
         match self.problem {
             Problem::Empty => Ok(()),
             Problem::Uppercase(c) => write!(
