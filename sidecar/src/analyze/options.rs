@@ -5,20 +5,31 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
+use clap::ArgGroup;
 
 use crate::check::options::{arm_name, fraction, http_url, seconds};
 
 #[derive(Debug, Clone, clap::Args)]
 #[command(
+    group(ArgGroup::new("source").required(true).args(["prometheus", "answers"])),
     after_help = "Exit status: 0 decided, 1 invalid (sample-ratio mismatch), 2 inconclusive, 3 usage error,\n\
-                        a Prometheus query failed (unreachable, bad query, no such series, an answer over 16 MiB)\n\
-                        or invalid input (a value that is no count, buckets that are no histogram).\n\
+                        a Prometheus query failed (unreachable, bad query, no such series, an answer over 16 MiB,\n\
+                        a query not in --answers' file), a file of answers that cannot be read or written, or\n\
+                        invalid input (a value that is no count, buckets that are no histogram).\n\
                         Every environment variable is used only when its flag is not given."
 )]
 pub struct AnalyzeArgs {
     /// Prometheus (its HTTP API at /api/v1/query).
     #[arg(long, value_name = "URL", value_parser = http_url, env = "KVAB_ANALYZE_PROMETHEUS")]
-    pub prometheus: String,
+    pub prometheus: Option<String>,
+    /// Judge the answers recorded by --save-answers instead of asking Prometheus (no network); the window
+    /// is the file's.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["window", "start", "end", "save_answers"],
+          env = "KVAB_ANALYZE_ANSWERS")]
+    pub answers: Option<PathBuf>,
+    /// Also write every query and Prometheus's answer to this file, to judge again with --answers.
+    #[arg(long, value_name = "FILE", env = "KVAB_ANALYZE_SAVE_ANSWERS")]
+    pub save_answers: Option<PathBuf>,
     /// The window ending at --end: 90s, 30m, 1h, 2d.
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = window, conflicts_with = "start",
           env = "KVAB_ANALYZE_WINDOW")]
