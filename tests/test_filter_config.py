@@ -2,12 +2,14 @@
 filter refuses bad configurations inside a real Envoy with one log line naming the field."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import jsonschema
 import pytest
 
 from kvablocal.envoy import Gateway
+from kvablocal.sidecar import kvab_binary, static_config
 
 FILTER = Path(__file__).resolve().parents[1] / "filter"
 SCHEMA = json.loads((FILTER / "config.schema.json").read_text())
@@ -72,3 +74,31 @@ def test_envoy_refuses_bad_configuration_at_startup(arms, tmp_path, config, line
     assert len(kvab_lines) == 1, log[-3000:]
     assert line in kvab_lines[0], kvab_lines[0]
     assert "panic" not in log
+
+
+# The contract's arm-name rule (kvab_contract::ARM_NAME_RULE), as every part states it.
+ARM_NAME_RULE = ("an arm name is 1 to 32 characters of a-z, 0-9, '.', '_', '-', starting and ending with a letter or "
+                 "digit (a label value Kubernetes and Prometheus keep as is), and not \"none\" or \"unknown\"")
+
+
+def test_an_uppercase_arm_is_refused_at_load_by_the_filter_and_kvab_serve_with_the_same_rule(arms, tmp_path):
+    """`NVLink` is a valid Kubernetes label value. Lowercased by one part and kept by another, every request
+    for it would be answered 503 (the map's `NVLink` is foreign to a filter that knows `nvlink`): both refuse
+    it at load instead, with the same message."""
+    refusal = f"arm name \"NVLink\" has the uppercase letter 'N' (refused, never lowercased): {ARM_NAME_RULE}"
+    g = Gateway('{"arms": [{"name": "NVLink"}, {"name": "fs"}]}', arms["nvlink"].port, arms["fs"].port,
+                workdir=tmp_path / "envoy")
+    g.start_process()
+    code = g.wait_exit(timeout=60)
+    log = g.log()
+    kvab_lines = [l for l in log.splitlines() if "invalid plugin configuration" in l]
+    assert code != 0 and len(kvab_lines) == 1, log[-3000:]
+    assert f"invalid plugin configuration: arms[0].name: {refusal}" in kvab_lines[0], kvab_lines[0]
+
+    config = tmp_path / "kvab.toml"
+    config.write_text(static_config([("NVLink", f"127.0.0.1:{arms['nvlink'].port}", "local/p2p")],
+                                    arms=("NVLink", "fs")).replace("{port}", "0"))
+    serve = subprocess.run([kvab_binary(), "serve", "--config", str(config)], capture_output=True, text=True,
+                           timeout=30)
+    assert serve.returncode == 2 and serve.stdout == "", serve.stderr
+    assert f"kvab.toml: line 3, column 8: `arms`: {refusal}" in serve.stderr, serve.stderr

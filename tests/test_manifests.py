@@ -817,6 +817,25 @@ def test_arms_agree_between_filter_sidecar_routes_and_epp():
     assert plugin()["spec"]["pluginConfig"]["header"] == "x-kv-backend"
 
 
+def test_every_arm_name_in_the_manifests_follows_the_arm_name_grammar():
+    """The filter's arms, kvab serve's arms, the HTTPRoute's header values and the proxies' labels all compare
+    exactly: each must be an arm name (the schema's $defs/armName, the contract's grammar), never one a part
+    would refuse."""
+    arm_name = json.loads((REPO / "filter" / "config.schema.json").read_text())["$defs"]["armName"]
+    validator = jsonschema.Draft202012Validator(arm_name)
+    sidecar_arms = json.loads(re.search(r"^arms = (\[.*\])$", sidecar_toml(), re.M)[1])
+    route_arms = [a for a in httproute_rules(one("HTTPRoute")) if a is not None]
+    labels = [p["labels"][ARM_LABEL] for p in PROXIES.values()]
+    names = [a["name"] for a in plugin()["spec"]["pluginConfig"]["arms"]] + sidecar_arms + route_arms + labels
+    assert len(names) >= 8
+    for name in names:
+        assert validator.is_valid(name), name
+    for refused in ["NVLink", "nvlink-", "-fs", "none", "a" * 33, "nv link", ""]:
+        assert not validator.is_valid(refused), refused
+    for accepted in ["nvlink", "fs", "nixl-push", "hbm.v2_1", "a" * 32, "0"]:
+        assert validator.is_valid(accepted), accepted
+
+
 def test_sidecar_selector_matches_every_proxy_pod():
     selector = re.search(r'^pod_selector = "(.*)"$', sidecar_toml(), re.M)[1]
     match_labels = dict(part.split("=") for part in selector.split(","))

@@ -511,6 +511,15 @@ fn invalid_reports_change_nothing() {
         (report("a", 0, &[]), "sequence"),
         (report("a", 2, &[("gpu", "fs", "", "2xx", 1)]), "requested"),
         (report("a", 2, &[("fs", "gpu", "", "2xx", 1)]), "served"),
+        // Configured arms are ArmNames: a name no part may change is no configured arm.
+        (
+            report("a", 2, &[("NVLink", "nvlink", "", "2xx", 1)]),
+            "requested: \"NVLink\" is not an arm",
+        ),
+        (
+            report("a", 2, &[("fs", "FS", "", "2xx", 1)]),
+            "served: \"FS\" is not an arm",
+        ),
         (report("a", 2, &[("fs", "fs", "", "2XX", 1)]), "code_class"),
         (
             report("a", 2, &[("fs", "fs", "<script>", "2xx", 1)]),

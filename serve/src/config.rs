@@ -7,9 +7,8 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::time::Duration;
 
-use kvab_contract::report::{
-    is_report_token, MAX_REPORT_TOKEN_LEN, MIN_REPORT_TOKEN_LEN, RESERVED_ARM_NAMES,
-};
+use kvab_contract::report::{is_report_token, MAX_REPORT_TOKEN_LEN, MIN_REPORT_TOKEN_LEN};
+use kvab_contract::ArmName;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -340,17 +339,9 @@ impl Config {
                 }
                 let mut seen = BTreeSet::new();
                 for arm in &arms {
-                    if !selector::is_label_value(arm) {
-                        return Err(loc.at(
-                            value,
-                            format!("`arms`: {arm:?} is not a valid Kubernetes label value"),
-                        ));
-                    }
-                    if RESERVED_ARM_NAMES.contains(&arm.as_str()) {
-                        return Err(loc.at(
-                            value,
-                            format!("`arms`: {arm:?} is reserved: the counters use it for untagged or unmapped traffic"),
-                        ));
+                    // The contract's grammar, the filter's too: the same name, refused with the same rule.
+                    if let Err(e) = ArmName::parse(arm) {
+                        return Err(loc.at(value, format!("`arms`: {e}")));
                     }
                     if !seen.insert(arm.as_str()) {
                         return Err(loc.at(value, format!("`arms`: {arm:?} is listed twice")));
@@ -804,6 +795,24 @@ mod tests {
             );
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `NVLink` is a valid Kubernetes label value, but no arm name: the filter refuses it (it would not
+    /// lowercase it either), so `kvab serve` refuses it too, with the contract's message, the filter's.
+    #[test]
+    fn an_uppercase_arm_is_refused_with_the_contract_rule() {
+        let e = error("arms = [\"NVLink\", \"fs\"]");
+        let rule = kvab_contract::ArmName::parse("NVLink")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e.message, format!("`arms`: {rule}"));
+        assert!(e.message.contains(kvab_contract::ARM_NAME_RULE), "{e}");
+        assert_eq!(e.position, Some((1, 8)), "{e}");
+        for arm in ["fs-", "-fs", " fs", &"a".repeat(33), "nvlinké"] {
+            let e = error(&format!("arms = [{arm:?}]"));
+            assert!(e.message.contains(kvab_contract::ARM_NAME_RULE), "{e}");
+        }
+        assert!(Config::parse("arms = [\"nv.link_2-x\", \"0\"]", "t.toml").is_ok());
     }
 
     #[test]

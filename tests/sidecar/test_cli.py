@@ -121,3 +121,20 @@ def test_experiment_usage_errors_exit_3_and_name_the_flag_or_variable(kvab_bin):
     assert both.returncode == 3 and "--concurrency" in both.stderr, both.stderr
     odd_block = run(kvab_bin, "experiment", "--block", "3")
     assert odd_block.returncode == 3 and "--block 3 is not a multiple" in odd_block.stderr, odd_block.stderr
+
+
+def test_an_arm_name_outside_the_contract_grammar_is_a_usage_error_naming_the_arm_and_the_rule(kvab_bin):
+    """`kvab experiment --arms NVLink,fs` would tag requests `NVLink`, which no filter configuration can name
+    (the filter and `kvab serve` refuse it): every command refuses it up front, as the filter states the rule."""
+    rule = ("arm name \"NVLink\" has the uppercase letter 'N' (refused, never lowercased): an arm name is 1 to 32 "
+            "characters of a-z, 0-9, '.', '_', '-', starting and ending with a letter or digit")
+    for args in (("experiment", "--arms", "NVLink,fs"), ("analyze", "--arms", "NVLink,fs"),
+                 ("check", "--arms", "NVLink,fs"), ("analyze", "--split", "NVLink=1,fs=1"),
+                 ("check", "--proxy-url", "NVLink=http://127.0.0.1:1")):
+        result = run(kvab_bin, *args)
+        assert result.returncode == 3 and result.stdout == "", (args, result.stderr)
+        assert f"'{args[1]} <" in result.stderr and rule in result.stderr, (args, result.stderr)
+    from_env = run(kvab_bin, "experiment", env={"KVAB_EXPERIMENT_ARMS": "nvlink,fs-"})
+    assert from_env.returncode == 3 and "arm name \"fs-\" must start and end with a letter or digit" in from_env.stderr, \
+        from_env.stderr
+    assert "environment variable KVAB_EXPERIMENT_ARMS" in from_env.stderr, from_env.stderr

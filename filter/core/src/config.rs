@@ -5,9 +5,8 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use kvab_contract::report::{
-    is_report_token, MAX_REPORT_TOKEN_LEN, MIN_REPORT_TOKEN_LEN, RESERVED_ARM_NAMES,
-};
+use kvab_contract::report::{is_report_token, MAX_REPORT_TOKEN_LEN, MIN_REPORT_TOKEN_LEN};
+use kvab_contract::ArmName;
 
 use crate::assign::Split;
 use crate::choice::{ChoicePolicy, IpRange, MAX_HEADER_VALUES, MAX_HEADER_VALUE_LEN, MAX_RANGES};
@@ -16,9 +15,8 @@ use crate::json::{self, error, Fields};
 use crate::plan::{ArmId, Missing, Plan, Unavailable, Unknown};
 use crate::sidecar::Sidecar;
 
-/// Arm names and aliases end up in metric names and header values: keep them to a safe,
-/// bounded alphabet.
-const MAX_NAME_LEN: usize = 32;
+/// Aliases end up in header values: keep them to a safe, bounded alphabet (arm names: [`ArmName`]).
+const MAX_ALIAS_LEN: usize = 32;
 /// Bounds the label cardinality of every per-arm metric.
 pub const MAX_ARMS: usize = 16;
 /// Same cap as a Gateway API `backendRef` weight; keeps the weight sum far from overflow.
@@ -254,30 +252,23 @@ fn build(raw: RawConfig) -> Result<Plan, ConfigError> {
     }
 
     let mut arms: Vec<String> = Vec::with_capacity(raw.arms.len());
-    // Every name and alias, lowercased, with the arm it selects: the table the request path scans.
+    // Every name and alias (both lowercase) with the arm it selects: the table the request path scans.
     let mut spellings: Vec<(String, ArmId, bool)> = Vec::new();
     for (i, arm) in raw.arms.iter().enumerate() {
         let field = format!("arms[{i}].name");
-        let name = validate_token(&field, &arm.name)?;
-        if RESERVED_ARM_NAMES.contains(&name.as_str()) {
-            return Err(error(
-                field,
-                format!(
-                    "{name:?} is reserved: the counters use it for untagged or unmapped traffic"
-                ),
-            ));
-        }
+        // Taken as written: the name is matched exactly by HTTPRoutes, pod labels and the sidecar's map.
+        let name = arm_name(&field, &arm.name)?;
         let id = ArmId(i);
         claim(&mut spellings, &field, &name, id, true, &arms)?;
         arms.push(name);
         for (j, alias) in arm.aliases.iter().enumerate() {
             let field = format!("arms[{i}].aliases[{j}]");
-            let alias = validate_token(&field, alias)?;
+            let alias = validate_alias(&field, alias)?;
             claim(&mut spellings, &field, &alias, id, false, &arms)?;
         }
     }
     let arm_id = |field: &str, name: &str| -> Result<ArmId, ConfigError> {
-        let wanted = name.trim().to_ascii_lowercase();
+        let wanted = arm_name(field, name)?;
         arms.iter()
             .position(|a| *a == wanted)
             .map(ArmId)
@@ -541,17 +532,25 @@ fn claim(
     Ok(())
 }
 
-/// Arm names and aliases: 1..=32 of `[a-z0-9._-]`, starting with a letter or digit, compared
-/// case-insensitively (stored lowercase).
-fn validate_token(field: &str, value: &str) -> Result<String, ConfigError> {
+/// An arm name (`arms[].name`, `defaultArm`, a `split.weights` key): an [`ArmName`], taken as written;
+/// refused with the contract's message (the same rule `kvab serve` and the CLIs state).
+fn arm_name(field: &str, value: &str) -> Result<String, ConfigError> {
+    ArmName::parse(value)
+        .map(ArmName::into_string)
+        .map_err(|e| error(field, e.to_string()))
+}
+
+/// Aliases are spellings clients may send (header values, matched case-insensitively), not arm
+/// names: 1..=32 of `[a-z0-9._-]`, starting with a letter or digit, stored lowercase.
+fn validate_alias(field: &str, value: &str) -> Result<String, ConfigError> {
     let v = value.trim().to_ascii_lowercase();
     let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c);
     let first_ok = v.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
-    if v.is_empty() || v.len() > MAX_NAME_LEN || !first_ok || !v.chars().all(ok_char) {
+    if v.is_empty() || v.len() > MAX_ALIAS_LEN || !first_ok || !v.chars().all(ok_char) {
         return Err(error(
             field,
             format!(
-                "\"{value}\" must be 1 to {MAX_NAME_LEN} characters of a-z, 0-9, '.', '_', '-' starting with a letter or digit"
+                "\"{value}\" must be 1 to {MAX_ALIAS_LEN} characters of a-z, 0-9, '.', '_', '-' starting with a letter or digit"
             ),
         ));
     }
@@ -681,11 +680,43 @@ mod tests {
     }
 
     #[test]
-    fn names_are_normalized() {
-        let plan = parse(br#"{"header":"X-KV-Arm","arms":[{"name":" NVLink "}]}"#).unwrap();
+    fn header_names_are_normalized_arm_names_kept_as_written() {
+        let plan =
+            parse(br#"{"header":"X-KV-Arm","arms":[{"name":"nv.link-2","aliases":[" P2P "]}]}"#)
+                .unwrap();
         assert_eq!(plan.header(), "x-kv-arm");
         assert_eq!(plan.source_header(), "x-kv-arm-source");
-        assert_eq!(plan.arm_names(), ["nvlink"]);
+        assert_eq!(plan.arm_names(), ["nv.link-2"]);
+    }
+
+    /// `NVLink` is a valid label value but no arm name: lowercasing it would make the filter's arm differ
+    /// from the sidecar's map and the HTTPRoute's match, so it is refused with the contract's rule (the
+    /// same message `kvab serve` gives), not changed.
+    #[test]
+    fn an_uppercase_arm_name_is_refused_with_the_contract_rule() {
+        let e = err(r#"{"arms":[{"name":"NVLink"},{"name":"fs"}]}"#);
+        assert_eq!(e.field, "arms[0].name");
+        assert_eq!(
+            e.message,
+            kvab_contract::ArmName::parse("NVLink")
+                .unwrap_err()
+                .to_string()
+        );
+        assert!(e.message.contains("\"NVLink\""), "{e}");
+        assert!(e.message.contains(kvab_contract::ARM_NAME_RULE), "{e}");
+        for (json, field) in [
+            (r#"{"arms":[{"name":" fs"}]}"#, "arms[0].name"),
+            (r#"{"arms":[{"name":"fs-"}]}"#, "arms[0].name"),
+            (r#"{"onMissing":"default","defaultArm":"FS"}"#, "defaultArm"),
+            (
+                r#"{"onMissing":"split","split":{"weights":{"NVLINK":1}}}"#,
+                "split.weights.NVLINK",
+            ),
+        ] {
+            let e = err(json);
+            assert_eq!(e.field, field, "{json}");
+            assert!(e.message.contains(kvab_contract::ARM_NAME_RULE), "{e}");
+        }
     }
 
     #[test]
@@ -695,7 +726,7 @@ mod tests {
         let e = err(r#"{"onMissing":"default","defaultArm":"gpu"}"#);
         assert_eq!(e.field, "defaultArm");
         assert!(e.message.contains("nvlink, fs"), "{e}");
-        let plan = parse(br#"{"onMissing":"default","defaultArm":"FS"}"#).unwrap();
+        let plan = parse(br#"{"onMissing":"default","defaultArm":"fs"}"#).unwrap();
         assert_eq!(plan.on_missing(), Missing::Default(ArmId(1)));
     }
 
@@ -715,7 +746,7 @@ mod tests {
             (r#"{"nvlink":4294967296}"#, "split.weights.nvlink"),
             (r#"{"nvlink":1000001}"#, "split.weights.nvlink"),
             (r#"{"gpu":1}"#, "split.weights.gpu"),
-            (r#"{"nvlink":1,"NVLINK":1}"#, "split.weights.nvlink"),
+            (r#"{"nvlink":1,"NVLINK":1}"#, "split.weights.NVLINK"),
             (r#"{}"#, "split.weights"),
         ] {
             let json = format!(r#"{{"onMissing":"split","split":{{"weights":{weights}}}}}"#);
@@ -751,6 +782,20 @@ mod tests {
             }
         }
         assert!(seen >= 15, "only {seen} fixtures found");
+    }
+
+    /// The JSON Schema states the contract's arm-name grammar (its pattern; the reserved names apart).
+    #[cfg(not(target_arch = "wasm32"))]
+    #[test]
+    fn the_schema_states_the_contract_arm_name_pattern() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config.schema.json");
+        let schema: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        let arm_name = &schema["$defs"]["armName"];
+        assert_eq!(arm_name["pattern"], kvab_contract::ARM_NAME_PATTERN);
+        assert_eq!(
+            arm_name["not"]["enum"],
+            serde_json::json!(kvab_contract::report::RESERVED_ARM_NAMES)
+        );
     }
 
     /// The refusal is logged as one line: control characters from the input (a key or value

@@ -5,20 +5,31 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
+use clap::ArgGroup;
 
 use crate::check::options::{arm_name, fraction, http_url, seconds};
 
 #[derive(Debug, Clone, clap::Args)]
 #[command(
+    group(ArgGroup::new("source").required(true).args(["prometheus", "answers"])),
     after_help = "Exit status: 0 decided, 1 invalid (sample-ratio mismatch), 2 inconclusive, 3 usage error,\n\
-                        a Prometheus query failed (unreachable, bad query, no such series, an answer over 16 MiB)\n\
-                        or invalid input (a value that is no count, buckets that are no histogram).\n\
+                        a Prometheus query failed (unreachable, bad query, no such series, an answer over 16 MiB,\n\
+                        a query not in --answers' file), a file of answers that cannot be read or written, or\n\
+                        invalid input (a value that is no count, buckets that are no histogram).\n\
                         Every environment variable is used only when its flag is not given."
 )]
 pub struct AnalyzeArgs {
     /// Prometheus (its HTTP API at /api/v1/query).
     #[arg(long, value_name = "URL", value_parser = http_url, env = "KVAB_ANALYZE_PROMETHEUS")]
-    pub prometheus: String,
+    pub prometheus: Option<String>,
+    /// Judge the answers recorded by --save-answers instead of asking Prometheus (no network); the window
+    /// is the file's.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["window", "start", "end", "save_answers"],
+          env = "KVAB_ANALYZE_ANSWERS")]
+    pub answers: Option<PathBuf>,
+    /// Also write every query and Prometheus's answer to this file, to judge again with --answers.
+    #[arg(long, value_name = "FILE", env = "KVAB_ANALYZE_SAVE_ANSWERS")]
+    pub save_answers: Option<PathBuf>,
     /// The window ending at --end: 90s, 30m, 1h, 2d.
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = window, conflicts_with = "start",
           env = "KVAB_ANALYZE_WINDOW")]
@@ -29,7 +40,8 @@ pub struct AnalyzeArgs {
     /// End of the window (RFC 3339 or Unix seconds) [now].
     #[arg(long, value_name = "TIME", value_parser = instant, env = "KVAB_ANALYZE_END")]
     pub end: Option<f64>,
-    /// The two arms, in comparison order (shifts are second minus first).
+    /// The two arms, in comparison order (shifts are second minus first); arm names as the filter takes them
+    /// (a-z 0-9 . _ -, see docs/filter.md#arm-names).
     #[arg(long, value_name = "A,B", value_delimiter = ',', default_value = "nvlink,fs", value_parser = arm_name,
           env = "KVAB_ANALYZE_ARMS")]
     pub arms: Vec<String>,
@@ -118,7 +130,7 @@ fn instant(value: &str) -> Result<f64, String> {
 fn arm_weight(value: &str) -> Result<(String, f64), String> {
     match value.trim().split_once('=') {
         Some((arm, w)) if !arm.is_empty() => match w.parse::<f64>() {
-            Ok(w) if w > 0.0 && w.is_finite() => Ok((arm.to_string(), w)),
+            Ok(w) if w > 0.0 && w.is_finite() => Ok((arm_name(arm)?, w)),
             _ => Err(format!("the weight of {arm} must be a positive number")),
         },
         _ => Err("wants ARM=WEIGHT".into()),
@@ -159,7 +171,10 @@ fn split_of_filter_config(path: &str) -> Result<FilterSplit, String> {
     weights
         .iter()
         .map(|(arm, weight)| match weight.as_f64() {
-            Some(w) if w > 0.0 && w.is_finite() => Ok((arm.clone(), w)),
+            Some(w) if w > 0.0 && w.is_finite() => Ok((
+                arm_name(arm).map_err(|e| format!("{path}: split.weights: {e}"))?,
+                w,
+            )),
             _ => Err(format!(
                 "{path}: split.weights.{arm} is not a positive number"
             )),
@@ -184,7 +199,7 @@ fn matchers(value: &str) -> Result<String, String> {
 fn arm_matchers(value: &str) -> Result<(String, String), String> {
     match value.split_once('=') {
         Some((arm, selector)) if !arm.is_empty() && !selector.is_empty() => {
-            Ok((arm.to_string(), matchers(selector)?))
+            Ok((arm_name(arm)?, matchers(selector)?))
         }
         _ => Err("wants ARM=MATCHERS".into()),
     }

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
 use serde::Deserialize;
 
 use kvab_serve::client::{HttpClient, Request};
@@ -65,17 +66,29 @@ impl Prometheus {
         }
     }
 
-    /// An instant vector query at the evaluation time.
-    pub async fn vector(&self, query: &str) -> Result<Vec<(Labels, f64)>, String> {
+    /// The `time` parameter of every query: the evaluation time, Unix seconds to the millisecond.
+    pub fn time(&self) -> String {
+        evaluation_time(self.time)
+    }
+
+    /// An instant vector query at the evaluation time: its samples, and the answer's body as it came
+    /// (for `--save-answers`).
+    pub async fn vector(&self, query: &str) -> Result<(Vec<(Labels, f64)>, Bytes), String> {
         let encoded: String = form_urlencoded::Serializer::new(String::new())
             .append_pair("query", query)
-            .append_pair("time", &format!("{:.3}", self.time))
+            .append_pair("time", &self.time())
             .finish();
         let url = format!("{}/api/v1/query?{encoded}", self.base);
         let fail = |why: String| format!("query {query}: {}", printable(&why));
         let exchange = self.client.send(&Request::get(url)).await.map_err(fail)?;
-        answer(&exchange.body, exchange.status).map_err(fail)
+        let samples = answer(&exchange.body, exchange.status).map_err(fail)?;
+        Ok((samples, exchange.body))
     }
+}
+
+/// The `time` parameter of an instant query at `time` (Unix seconds), as kvab sends it: to the millisecond.
+pub fn evaluation_time(time: f64) -> String {
+    format!("{time:.3}")
 }
 
 /// Prometheus's answer to an instant query as samples, or why it is none (the answer's own text, to be

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
+use kvab_contract::ArmName;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -184,7 +185,8 @@ pub struct CheckArgs {
           value_delimiter = ' ', help_heading = "Targets")]
     proxy_url: Vec<(String, String)>,
 
-    /// The arms, in comparison order.
+    /// The arms, in comparison order; arm names as the filter takes them (a-z 0-9 . _ -, see
+    /// docs/filter.md#arm-names).
     #[arg(long, value_name = "A,B", value_delimiter = ',', default_value = "nvlink,fs", value_parser = arm_name,
           env = "KVAB_CHECK_ARMS", help_heading = "Arms")]
     arms: Vec<String>,
@@ -481,9 +483,10 @@ fn http_url_or_none(value: &str) -> Result<String, String> {
     }
 }
 
+/// `ARM=VALUE`: the arm must be an [`ArmName`].
 fn pair(value: &str, shape: &str) -> Result<(String, String), String> {
     match value.split_once('=') {
-        Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), v.to_string())),
+        Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((arm_name(k)?, v.to_string())),
         _ => Err(format!("wants {shape}")),
     }
 }
@@ -504,11 +507,12 @@ fn id_path(value: &str) -> Result<(String, String, String), String> {
     }
 }
 
+/// An arm name as the filter and `kvab serve` take it: an [`ArmName`], as written (never lowercased or
+/// trimmed); a bad one is a usage error naming the arm and the rule.
 pub(crate) fn arm_name(value: &str) -> Result<String, String> {
-    match value.trim() {
-        "" => Err("empty arm name".into()),
-        name => Ok(name.to_string()),
-    }
+    ArmName::parse(value)
+        .map(ArmName::into_string)
+        .map_err(|e| e.to_string())
 }
 
 fn arm_weight(value: &str) -> Result<(String, f64), String> {
@@ -703,6 +707,16 @@ mod tests {
         assert!(error(&["--frobnicate"]).contains("--frobnicate"));
         assert!(error(&["--alpha", "2"]).contains("--alpha"));
         assert!(error(&["--arms", "nvlink,,fs"]).contains("empty arm name"));
+        let rule = ArmName::parse("NVLink").unwrap_err().to_string();
+        for args in [
+            &["--arms", "NVLink,fs"][..],
+            &["--proxy-url", "NVLink=http://127.0.0.1:1"],
+            &["--id-path", "NVLink=a,b"],
+            &["--split", "NVLink=1"],
+        ] {
+            let e = error(args);
+            assert!(e.contains(&rule), "{args:?}: {e}");
+        }
         assert!(error(&["--id-path", "fs=onlyone"]).contains("ARM=PREFILL,DECODE"));
         assert!(error(&["--local", "--cluster"]).contains("--cluster"));
         assert!(error(&["--sidecar-service", "kvab:0"]).contains("--sidecar-service"));

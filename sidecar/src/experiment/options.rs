@@ -88,7 +88,8 @@ pub struct ExperimentArgs {
           value_parser = |v: &str| service(v, 80), env = "KVAB_EXPERIMENT_GATEWAY_SERVICE", help_heading = "Targets")]
     gateway_service: ServiceRef,
 
-    /// The two arms, in comparison order (shifts are second minus first).
+    /// The two arms, in comparison order (shifts are second minus first); arm names as the filter takes them
+    /// (a-z 0-9 . _ -, see docs/filter.md#arm-names).
     #[arg(long, value_name = "A,B", value_delimiter = ',', default_value = "nvlink,fs", value_parser = arm_name,
           env = "KVAB_EXPERIMENT_ARMS", help_heading = "Arms")]
     arms: Vec<String>,

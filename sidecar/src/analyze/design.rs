@@ -1,0 +1,123 @@
+//! The design, read from how requests chose their arm (`source`), and the sample-ratio check of the
+//! split-assigned requests against the split weights. No I/O here.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::stats::split_test;
+
+use super::prometheus::Labels;
+use super::series::label;
+
+/// Split-assigned share at or above which the comparison counts as randomized.
+pub const RANDOMIZED_SHARE: f64 = 0.95;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Design {
+    /// `randomized` (at least 95 % of tagged requests assigned by the split), `observational` (most chose
+    /// their arm by header), `mixed`, or `none` (no tagged request).
+    pub kind: &'static str,
+    /// Tagged requests per arm and `source` (`header`, `split`, `default`).
+    pub requests: BTreeMap<String, BTreeMap<String, f64>>,
+    pub split_share: Option<f64>,
+    pub header_share: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Assignment {
+    /// Split-assigned requests per arm.
+    pub split: BTreeMap<String, f64>,
+    pub weights: Option<BTreeMap<String, f64>>,
+    pub srm_p: Option<f64>,
+    /// `null` without --split or without split traffic.
+    pub srm_ok: Option<bool>,
+}
+
+/// The design of the window from `kvab_requests_total` by (backend, source).
+pub fn design(requests: &[(Labels, f64)], arms: &[String]) -> Design {
+    let mut by_arm: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
+    for (l, v) in requests {
+        let arm = label(l, "backend");
+        if arms.iter().any(|a| a == arm) {
+            *by_arm
+                .entry(arm.to_string())
+                .or_default()
+                .entry(label(l, "source").to_string())
+                .or_default() += v;
+        }
+    }
+    let total: f64 = by_arm.values().flat_map(|s| s.values()).sum();
+    let share = |source: &str| {
+        (total > 0.0).then(|| by_arm.values().filter_map(|s| s.get(source)).sum::<f64>() / total)
+    };
+    let (split_share, header_share) = (share("split"), share("header"));
+    let kind = match (split_share, header_share) {
+        (None, _) => "none",
+        (Some(s), _) if s >= RANDOMIZED_SHARE => "randomized",
+        (_, Some(h)) if h > 0.5 => "observational",
+        _ => "mixed",
+    };
+    Design {
+        kind,
+        requests: by_arm,
+        split_share,
+        header_share,
+    }
+}
+
+/// The split-assigned requests per arm, tested against `split`'s weights (none: not checked).
+pub fn assignment(
+    requests: &[(Labels, f64)],
+    arms: &[String],
+    split: &[(String, f64)],
+    threshold: f64,
+) -> Assignment {
+    let counts: BTreeMap<String, f64> = arms
+        .iter()
+        .map(|arm| {
+            let n = requests
+                .iter()
+                .filter(|(l, _)| label(l, "backend") == arm && label(l, "source") == "split")
+                .map(|(_, v)| v)
+                .sum();
+            (arm.clone(), n)
+        })
+        .collect();
+    if split.is_empty() {
+        return Assignment {
+            split: counts,
+            weights: None,
+            srm_p: None,
+            srm_ok: None,
+        };
+    }
+    let weights: BTreeMap<String, f64> = split.iter().cloned().collect();
+    let observed: Vec<u64> = arms
+        .iter()
+        .map(|a| counts.get(a).copied().unwrap_or(0.0).round() as u64)
+        .collect();
+    // An arm left out of --split has weight 0: any split request to it is a mismatch by itself.
+    let weight: Vec<f64> = arms
+        .iter()
+        .map(|a| weights.get(a).copied().unwrap_or(0.0))
+        .collect();
+    let srm_p = if weight.iter().any(|w| *w <= 0.0) {
+        let stray = observed
+            .iter()
+            .zip(&weight)
+            .any(|(o, w)| *w <= 0.0 && *o > 0);
+        observed
+            .iter()
+            .any(|o| *o > 0)
+            .then_some(if stray { 0.0 } else { 1.0 })
+    } else {
+        split_test(&observed, &weight).map(|t| t.p_value)
+    };
+    Assignment {
+        split: counts,
+        weights: Some(weights),
+        srm_p,
+        srm_ok: srm_p.map(|p| p >= threshold),
+    }
+}

@@ -1,0 +1,192 @@
+//! The report of `kvab analyze` (its JSON is a public contract, docs/analyze.md) and its renderings:
+//! the table, the verdict line and the HTML page's body. No I/O here.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::experiment::report::{verdict_line, Verdict};
+use crate::stats::format_p;
+
+use super::compare::Comparison;
+use super::design::{Assignment, Design};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub verdict: Verdict,
+    pub reasons: Vec<String>,
+    pub arms: Vec<String>,
+    pub window: Window,
+    pub design: Design,
+    pub assignment: Assignment,
+    pub errors: BTreeMap<String, Rate>,
+    pub errors_p: Option<f64>,
+    pub misroutes: BTreeMap<String, Rate>,
+    /// kvab serve's ledger (`kvab_routed_requests_total`) per requested arm, when it is scraped.
+    pub routed: Option<BTreeMap<String, f64>>,
+    pub comparisons: Vec<Comparison>,
+    pub method: Method,
+    /// Every PromQL query run, in order.
+    pub queries: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Window {
+    pub start: f64,
+    pub end: f64,
+    pub seconds: u64,
+}
+
+impl Window {
+    /// The window from `start` to `end` (Unix seconds), whole seconds long (at least one), or why it is none.
+    pub fn new(start: f64, end: f64) -> Result<Self, String> {
+        if start >= end {
+            return Err(format!(
+                "the window is empty: --start {start} is not before --end {end}"
+            ));
+        }
+        let seconds = (end - start).round().max(1.0) as u64;
+        Ok(Window {
+            start,
+            end,
+            seconds,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Rate {
+    pub of: f64,
+    pub count: f64,
+    pub rate: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Method {
+    pub alpha: f64,
+    pub min_effect: f64,
+    pub min_requests: u64,
+    pub srm_threshold: f64,
+    pub description: &'static str,
+}
+
+impl Report {
+    pub fn verdict_line(&self) -> String {
+        verdict_line(self.verdict, &self.reasons)
+    }
+
+    pub fn table(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let (first, second) = (&self.arms[0], &self.arms[1]);
+        let _ = writeln!(
+            out,
+            "{:<22} {:>9} {:>9} {:>12} {:>12} {:>10} {:>22} {:>8} {:>9}  decision",
+            "metric",
+            format!("n {first}"),
+            format!("n {second}"),
+            format!("p50 {first}"),
+            format!("p50 {second}"),
+            "shift",
+            "interval",
+            "rel",
+            "p adj"
+        );
+        for c in &self.comparisons {
+            let n = |arm: &str| c.n.get(arm).map_or("-".into(), |v| format!("{v:.0}"));
+            let p50 = |arm: &str| c.p50.get(arm).map_or("-".into(), |v| format!("{v:.1}"));
+            let decision = c.decision_text();
+            let _ = writeln!(
+                out,
+                "{:<22} {:>9} {:>9} {:>12} {:>12} {:>10} {:>22} {:>8} {:>9}  {}{}",
+                c.metric,
+                n(first),
+                n(second),
+                p50(first),
+                p50(second),
+                c.shift_ms.map_or("-".into(), |v| format!("{v:+.2}")),
+                c.ci_ms
+                    .map_or("-".into(), |[lo, hi]| format!("[{lo:+.1}, {hi:+.1}]")),
+                c.relative
+                    .map_or("-".into(), |v| format!("{:+.1}%", 100.0 * v)),
+                c.p_adjusted.map_or("-".into(), format_p),
+                decision,
+                if c.primary { "" } else { " (secondary)" }
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\ndesign: {} (split {}, header {}); split-assigned {}; sample ratio {}",
+            self.design.kind,
+            self.design
+                .split_share
+                .map_or("-".into(), |s| format!("{:.0}%", 100.0 * s)),
+            self.design
+                .header_share
+                .map_or("-".into(), |s| format!("{:.0}%", 100.0 * s)),
+            self.assignment
+                .split
+                .iter()
+                .map(|(a, n)| format!("{a} {n:.0}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            match (self.assignment.srm_ok, self.assignment.srm_p) {
+                (Some(true), Some(p)) => format!("p={} (ok)", format_p(p)),
+                (Some(false), Some(p)) => format!("p={} (MISMATCH)", format_p(p)),
+                _ => "not checked (no --split)".into(),
+            }
+        );
+        let rates = |map: &BTreeMap<String, Rate>| {
+            map.iter()
+                .map(|(a, r)| format!("{a} {:.0}/{:.0}", r.count, r.of))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            out,
+            "errors (5xx or no status): {}; misrouted: {}",
+            rates(&self.errors),
+            rates(&self.misroutes)
+        );
+        let _ = writeln!(
+            out,
+            "window: {} s ending {:.0}",
+            self.window.seconds, self.window.end
+        );
+        let _ = writeln!(out, "verdict: {}", self.verdict_line());
+        out
+    }
+
+    pub fn html_body(&self) -> String {
+        let escape = crate::experiment::html::escape;
+        let mut out = format!("<h2>Comparisons</h2><pre>{}</pre>", escape(&self.table()));
+        out.push_str("<h2>Distributions</h2>");
+        for c in &self.comparisons {
+            let arms: Vec<crate::experiment::html::BinnedCdf> = self
+                .arms
+                .iter()
+                .filter_map(|arm| {
+                    let points = c.cdf.get(arm)?.iter().map(|&[x, f]| (x, f)).collect();
+                    Some((arm.clone(), c.n.get(arm).copied().unwrap_or(0.0), points))
+                })
+                .collect();
+            let caption = format!(
+                "{}: the fraction of requests at or below each bucket bound, per arm ({}).",
+                c.metric,
+                c.decision_text()
+            );
+            crate::experiment::html::figure(
+                &mut out,
+                c.metric,
+                &caption,
+                crate::experiment::html::binned_cdf_plot(c.metric, "ms (log scale)", &arms),
+            );
+        }
+        out.push_str("<h2>Queries</h2><ul>");
+        for q in &self.queries {
+            out.push_str(&format!("<li><code>{}</code></li>", escape(q)));
+        }
+        out.push_str("</ul>");
+        out
+    }
+}
