@@ -6,7 +6,6 @@ mod analyze;
 mod check;
 mod cli;
 mod experiment;
-mod stats;
 
 use std::process::ExitCode;
 

@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::experiment::report::{Decision, Verdict};
-use crate::stats::format_p;
+use kvab_judge::stats::format_p;
 
-use super::binned::{mann_whitney, Histogram};
 use super::options::AnalyzeArgs;
 use super::report::Report;
+use kvab_judge::binned::{mann_whitney, Histogram};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Comparison {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::stats::split_test;
+use kvab_judge::stats::split_test;
 
 use super::prometheus::Labels;
 use super::series::label;

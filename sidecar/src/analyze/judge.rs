@@ -5,9 +5,8 @@
 use std::collections::BTreeMap;
 
 use crate::experiment::report::Verdict;
-use crate::stats::{holm_adjusted, holm_levels, two_proportion};
+use kvab_judge::stats::{holm_adjusted, holm_levels, two_proportion};
 
-use super::binned::mann_whitney;
 use super::compare::{compare, verdict, Comparison};
 use super::design::{assignment, design};
 use super::fetch::Answers;
@@ -15,6 +14,7 @@ use super::options::AnalyzeArgs;
 use super::prometheus::Labels;
 use super::report::{Method, Rate, Report, Window};
 use super::series::{counts, histograms, label};
+use kvab_judge::binned::mann_whitney;
 
 pub const METHOD: &str = "increase() of the filter's histograms and counters over the window; Mann-Whitney with \
                       each bucket a group of ties; the difference of medians with distribution-free median \

@@ -5,7 +5,6 @@
 //! The run: options -> a `source` of answers (Prometheus, or a file recorded by `--save-answers`) ->
 //! `fetch` (the queries) -> `judge` (`series`, `design`, `compare`; no I/O) -> `report` (table, JSON, HTML).
 
-pub mod binned;
 mod compare;
 mod design;
 mod fetch;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::experiment::report::{verdict_line, Verdict};
-use crate::stats::format_p;
+use kvab_judge::stats::format_p;
 
 use super::compare::Comparison;
 use super::design::{Assignment, Design};

@@ -2,10 +2,10 @@
 //! (`stats::count`, `Histogram::from_cumulative`) so that input that is no count or no histogram is an
 //! error naming its series. No I/O here.
 
-use crate::stats::count;
+use kvab_judge::stats::count;
 
-use super::binned::Histogram;
 use super::prometheus::{printable, Labels};
+use kvab_judge::binned::Histogram;
 
 /// One answer: `increase()` per series.
 pub type Samples = Vec<(Labels, f64)>;

@@ -6,7 +6,6 @@
 use clap::Parser;
 use serde_json::{json, Value};
 
-use super::binned::Histogram;
 use super::compare::compare;
 use super::design::{assignment, design};
 use super::fetch::{fetch, Answers};
@@ -16,6 +15,7 @@ use super::series::series;
 use super::source::{document, save, Recorded, MAX_ANSWERS};
 use super::*;
 use crate::experiment::report::{Decision, Verdict};
+use kvab_judge::binned::Histogram;
 use kvab_serve::client::one_shot::{serve_once, Then};
 
 #[derive(Parser)]

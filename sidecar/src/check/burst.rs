@@ -13,7 +13,7 @@ use kvab_contract::report::{NO_ARM, UNKNOWN_ARM};
 use super::observe::Counters;
 use super::options::Arm;
 use super::report::{signals, Check, Outcome};
-use crate::stats::{split_test, SplitMethod};
+use kvab_judge::stats::{split_test, SplitMethod};
 use kvab_serve::client::{Exchange, HttpClient, Request};
 
 pub type Shot = Result<Exchange, String>;
@@ -354,7 +354,7 @@ pub fn judge_spread(
     };
     measured.push_str(&format!(
         "; {method} p={}",
-        crate::stats::format_p(test.p_value)
+        kvab_judge::stats::format_p(test.p_value)
     ));
     let starved: Vec<&str> = pool
         .iter()

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use super::burst::Shot;
 use super::options::Arm;
 use super::report::{Check, Outcome};
-use crate::stats::percentile;
+use kvab_judge::stats::percentile;
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ArmSamples {

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::stats::{
+use kvab_judge::stats::{
     hodges_lehmann, holm_adjusted, holm_levels, mann_whitney_u, percentile, shift_interval,
     split_test, two_proportion,
 };

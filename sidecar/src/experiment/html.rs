@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use plotters::prelude::*;
 
 use super::report::{per_arm, ArmSamples, Report, Samples, Verdict};
-use crate::stats::{format_p, median_interval, percentile};
+use kvab_judge::stats::{format_p, median_interval, percentile};
 
 const ARM_COLORS: [RGBColor; 2] = [RGBColor(31, 119, 180), RGBColor(230, 115, 0)];
 /// Most steps drawn of one ECDF: beyond it the steps are taken evenly (the shape is the same).

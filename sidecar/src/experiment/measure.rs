@@ -38,7 +38,7 @@ impl Outcome {
     /// The request's median inter-token gap: the unit of the ITL comparison (gaps within one request are
     /// not independent; requests are).
     pub fn median_itl_ms(&self) -> Option<f64> {
-        crate::stats::percentile(&self.itl_ms, 50.0)
+        kvab_judge::stats::percentile(&self.itl_ms, 50.0)
     }
 
     /// Time per output token after the first: (last content − first content) / (tokens − 1).

@@ -451,8 +451,8 @@ impl Progress {
                 .iter()
                 .zip(&self.primary)
                 .filter_map(|(class, [first, second])| {
-                    let shift = crate::stats::hodges_lehmann(first, second)?;
-                    let base = crate::stats::percentile(first, 50.0).filter(|b| *b > 0.0)?;
+                    let shift = kvab_judge::stats::hodges_lehmann(first, second)?;
+                    let base = kvab_judge::stats::percentile(first, 50.0).filter(|b| *b > 0.0)?;
                     Some(format!("{class} {:+.1}%", 100.0 * shift / base))
                 })
                 .collect();
