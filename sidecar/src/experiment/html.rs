@@ -730,6 +730,7 @@ mod tests {
                 duration_s: 1.0,
                 achieved_rate: 100.0,
                 stopped_by: "requests",
+                judged_from: None,
             },
         }
     }

@@ -228,6 +228,8 @@ pub struct Run {
     pub achieved_rate: f64,
     /// Why the run stopped: `requests`, `duration` or `decided`.
     pub stopped_by: &'static str,
+    /// The records file this report was judged from (`--judge-records`); `null` for a live run.
+    pub judged_from: Option<String>,
 }
 
 /// The raw timings behind the report, for the plots.
