@@ -399,8 +399,12 @@ fn run_facts(out: &mut String, report: &Report) {
         ),
         format!("method: {}", m.description),
     ];
+    let judged = run
+        .judged_from
+        .as_ref()
+        .map(|file| format!("judged from the records in {file} (no traffic sent)"));
     out.push_str("<ul>");
-    for item in items {
+    for item in items.into_iter().chain(judged) {
         let _ = write!(out, "<li>{}</li>", escape(&item));
     }
     out.push_str("</ul>");

@@ -177,3 +177,206 @@ impl Looks {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use rand::rngs::ChaCha8Rng;
+    use rand::seq::SliceRandom;
+    use rand::{RngExt, SeedableRng};
+
+    use super::*;
+    use crate::experiment::records::{self, ClassSpec, Header, LoadSpec, MethodSpec, RunFacts};
+    use crate::experiment::{assemble, replay};
+
+    fn header(until: Until, looks: u32, requests: u64) -> Header {
+        Header {
+            arms: vec!["nvlink".into(), "fs".into()],
+            classes: vec![
+                ClassSpec {
+                    label: "128".into(),
+                    prompt_tokens: Some(128),
+                },
+                ClassSpec {
+                    label: "2048".into(),
+                    prompt_tokens: Some(2048),
+                },
+            ],
+            stream: true,
+            endpoint: "/v1/chat/completions".into(),
+            load: LoadSpec::Closed { concurrency: 8 },
+            seed: 7,
+            warmup: 4,
+            requests,
+            method: MethodSpec {
+                alpha: 0.05,
+                min_effect: 0.05,
+                until,
+                looks,
+                srm_threshold: 0.001,
+            },
+            run: RunFacts {
+                sent: requests + 4,
+                skipped: 0,
+                duration_s: 3.217_654_321,
+                stopped_by: "requests".into(),
+            },
+        }
+    }
+
+    /// A scripted experiment: class 2048's fs arm is 40 % slower; a few errors, misroutes and untagged
+    /// answers; timings with every bit of an f64 in use.
+    fn outcomes(n: usize, seed: u64) -> Vec<Outcome> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..n)
+            .map(|i| {
+                let class = (i / 2) % 2;
+                let assigned = i % 2;
+                let base = if class == 0 { 30.0 } else { 80.0 };
+                let slow = if class == 1 && assigned == 1 {
+                    1.4
+                } else {
+                    1.0
+                };
+                let ttft = base * slow * (1.0 + 0.1 * rng.random::<f64>());
+                let served = match rng.random_range(0..100) {
+                    0 => None,
+                    1 => Some(1 - assigned),
+                    _ => Some(assigned),
+                };
+                let error = (rng.random_range(0..50) == 0).then(|| "status 503".to_string());
+                Outcome {
+                    class,
+                    assigned,
+                    served,
+                    status: served.map(|_| if error.is_some() { 503 } else { 200 }),
+                    error,
+                    ttft_ms: Some(ttft),
+                    itl_ms: (0..3).map(|_| rng.random::<f64>() * 3.0).collect(),
+                    e2e_ms: ttft + 10.0 * rng.random::<f64>(),
+                    prompt_tokens: Some(if class == 0 { 130 } else { 2050 }),
+                    output_tokens: Some(4),
+                }
+            })
+            .collect()
+    }
+
+    /// The looks by hand: the first planned point whose prefix decides with the sample ratio ok.
+    fn first_deciding_point(header: &Header, outcomes: &[Outcome]) -> Option<u64> {
+        look_points(header.requests, header.method.looks)
+            .into_iter()
+            .find(|&p| {
+                let a = analysis::analyze(&header.design(), &outcomes[..p as usize]);
+                a.decided() && a.assignment.srm_ok
+            })
+    }
+
+    fn report_json(
+        header: &Header,
+        ended: Ended,
+        judged_from: Option<String>,
+    ) -> serde_json::Value {
+        let stopped_by = match ended.end {
+            End::Decided => "decided",
+            End::Complete => "requests",
+            End::Short => "duration",
+        };
+        serde_json::to_value(assemble(
+            header,
+            &header.design(),
+            ended,
+            stopped_by,
+            judged_from,
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_live_order_and_the_replay_of_the_written_records_give_the_same_report() {
+        let mut decided_early = 0;
+        for (until, looks, seed) in [
+            (Until::Decided, 10, 1),
+            (Until::Decided, 3, 2),
+            (Until::Budget, 1, 3),
+        ] {
+            let header = header(until, looks, 400);
+            let all = outcomes(400, seed);
+            // The live run: answers arrive out of order (up to 8 in flight), and it stops taking them once
+            // a look decides; those already in stay in the records.
+            let mut arrival: Vec<usize> = (0..all.len()).collect();
+            for chunk in arrival.chunks_mut(8) {
+                chunk.shuffle(&mut ChaCha8Rng::seed_from_u64(seed + 100));
+            }
+            let mut live = Looks::new(header.design(), header.requests, until, looks);
+            let mut seen_looks = Vec::new();
+            for &i in &arrival {
+                if live.receive(i as u64, all[i].clone(), |k, _| seen_looks.push(k)) {
+                    break;
+                }
+            }
+            let live_ended = live.finish();
+            let expected = if until == Until::Decided {
+                first_deciding_point(&header, &all)
+            } else {
+                None
+            };
+            match expected {
+                Some(point) => {
+                    decided_early += usize::from(point < 400);
+                    assert_eq!(live_ended.end, End::Decided, "until {until:?}");
+                    assert_eq!(live_ended.analyzed.len() as u64, point);
+                    let k = look_points(400, looks)
+                        .iter()
+                        .position(|&p| p == point)
+                        .unwrap();
+                    assert_eq!(live_ended.looks_made as usize, k + 1);
+                    assert_eq!(seen_looks, (1..=k as u32 + 1).collect::<Vec<_>>());
+                }
+                None => assert_eq!(live_ended.end, End::Complete),
+            }
+            let mut written = Vec::new();
+            records::write_to(&mut written, &header, live.slots()).unwrap();
+            let parsed = records::parse(written.as_slice(), "test").unwrap();
+            assert_eq!(parsed.header, header);
+            assert_eq!(parsed.outcomes.len(), live.received());
+            for (number, outcome) in &parsed.outcomes {
+                assert_eq!(Some(outcome), all.get(*number as usize), "record {number}");
+            }
+            let judged = replay(&parsed.header, parsed.outcomes);
+            assert_eq!(judged.end, live_ended.end);
+            assert_eq!(judged.looks_made, live_ended.looks_made);
+            assert_eq!(judged.analyzed, live_ended.analyzed);
+            assert_eq!(
+                report_json(&parsed.header, judged, None),
+                report_json(&header, live_ended, None)
+            );
+        }
+        assert!(decided_early >= 1, "a script that stops at a look");
+    }
+
+    #[test]
+    fn a_run_cut_short_makes_its_last_analysis_a_look() {
+        let header = header(Until::Decided, 4, 400);
+        // No answer is tagged: no look can decide.
+        let all = outcomes(150, 4)
+            .into_iter()
+            .map(|o| Outcome { served: None, ..o });
+        let mut looks = Looks::new(header.design(), 400, Until::Decided, 4);
+        let mut made = Vec::new();
+        for (i, o) in all.enumerate() {
+            assert!(!looks.receive(i as u64, o, |k, _| made.push(k)));
+        }
+        assert_eq!(made, [1]);
+        // Out of the budget, and twice: not taken.
+        assert!(!looks.receive(400, Outcome::default(), |_, _| {}));
+        assert!(!looks.receive(3, Outcome::default(), |_, _| {}));
+        assert_eq!(looks.received(), 150);
+        let ended = looks.finish();
+        assert_eq!(ended.end, End::Short);
+        assert_eq!(
+            ended.looks_made, 2,
+            "the look at 100, then the final analysis"
+        );
+        assert_eq!(ended.analyzed.len(), 150);
+    }
+}

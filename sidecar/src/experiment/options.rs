@@ -515,3 +515,106 @@ fn long_seconds(value: &str) -> Result<Duration, String> {
         .map(Duration::from_secs_f64)
         .ok_or_else(|| "must be seconds, more than 0 and at most 604800 (a week)".into())
 }
+
+#[cfg(test)]
+#[allow(clippy::panic, clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn plan(args: &[&str]) -> Result<Plan, String> {
+        let line = ["kvab", "experiment"].iter().chain(args);
+        match crate::cli::parse_from(line) {
+            Ok(crate::cli::Command::Experiment(args)) => Options::from_args(*args),
+            other => panic!("not parsed as experiment: {other:?}"),
+        }
+    }
+
+    fn judge(args: &[&str]) -> JudgeOptions {
+        match plan(args) {
+            Ok(Plan::Judge(judge)) => judge,
+            other => panic!("not a judgement: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn judging_records_refuses_the_traffic_flags_by_name() {
+        let refused = plan(&[
+            "--judge-records",
+            "r.jsonl",
+            "--gateway-url",
+            "http://gw:80",
+            "--json",
+            "--seed",
+            "3",
+            "--block",
+            "8",
+        ])
+        .unwrap_err();
+        assert!(
+            refused.starts_with(
+                "--judge-records sends no traffic: --gateway-url, --seed, --block only apply"
+            ),
+            "{refused}"
+        );
+        assert!(plan(&["--judge-records", "r.jsonl", "--records", "s.jsonl"]).is_err());
+        assert!(
+            matches!(plan(&["--records", "s.jsonl"]), Ok(Plan::Live(o)) if o.records.is_some())
+        );
+    }
+
+    #[test]
+    fn method_flags_given_replace_the_recorded_ones_and_the_rest_are_kept() {
+        let recorded = MethodSpec {
+            alpha: 0.1,
+            min_effect: 0.02,
+            until: Until::Decided,
+            looks: 5,
+            srm_threshold: 0.01,
+        };
+        let kept = judge(&["--judge-records", "r.jsonl", "--json"]);
+        assert!(kept.json && kept.alpha.is_none() && kept.looks.is_none());
+        assert_eq!(kept.method(recorded), recorded);
+        let margin = judge(&[
+            "--judge-records",
+            "r.jsonl",
+            "--min-effect",
+            "0.2",
+            "--alpha",
+            "0.05",
+        ]);
+        assert_eq!(
+            margin.method(recorded),
+            MethodSpec {
+                min_effect: 0.2,
+                alpha: 0.05,
+                ..recorded
+            }
+        );
+        let budget = judge(&[
+            "--judge-records",
+            "r.jsonl",
+            "--until",
+            "budget",
+            "--looks",
+            "4",
+        ]);
+        assert_eq!(budget.method(recorded).looks, 1);
+        // A run of one analysis judged with looks: --looks, or its default.
+        let one = MethodSpec {
+            until: Until::Budget,
+            looks: 1,
+            ..recorded
+        };
+        let decided = judge(&["--judge-records", "r.jsonl", "--until", "decided"]);
+        assert_eq!(decided.method(one).looks, DEFAULT_LOOKS);
+        let three = judge(&[
+            "--judge-records",
+            "r.jsonl",
+            "--until",
+            "decided",
+            "--looks",
+            "3",
+        ]);
+        assert_eq!(three.method(one).looks, 3);
+    }
+}

@@ -338,6 +338,9 @@ impl Report {
             self.method.looks_made,
             self.method.looks
         );
+        if let Some(file) = &self.run.judged_from {
+            let _ = writeln!(out, "judged from the records in {file} (no traffic sent)");
+        }
         let _ = writeln!(out, "verdict: {}", self.verdict_line());
         out
     }
