@@ -78,8 +78,8 @@ pub struct ExperimentArgs {
         help_heading = "Mode and output"
     )]
     records: Option<PathBuf>,
-    /// Send nothing: judge a file written by --records, as the live run did (the Verdict flags given
-    /// override the recorded ones; the traffic flags are refused).
+    /// Send nothing: judge a file written by --records as its live run did. The Verdict flags given,
+    /// but for --block, replace the recorded ones; the flags that shape traffic are refused.
     #[arg(
         long,
         value_name = "FILE",
