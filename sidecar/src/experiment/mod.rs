@@ -121,6 +121,12 @@ fn header(options: &Options, classes: &[workload::Class]) -> Header {
 
 async fn run(options: &Options) -> Result<(Report, Samples), String> {
     let classes = workload::classes(options)?;
+    // The records' temporary file first: a path that cannot be written stops before any traffic.
+    let pending = options
+        .records
+        .as_deref()
+        .map(records::Pending::create)
+        .transpose()?;
     let (_forward, gateway) = match &options.gateway_url {
         Some(url) => (None, url.clone()),
         None => {
@@ -190,8 +196,8 @@ async fn run(options: &Options) -> Result<(Report, Samples), String> {
         }
         .to_string(),
     };
-    if let Some(path) = &options.records {
-        records::write(path, &header, looks.slots())?;
+    if let Some(pending) = pending {
+        pending.finish(&header, looks.slots())?;
     }
     let samples = analysis::samples(&design, &ended.analysis, &ended.analyzed);
     let report = assemble(&header, &design, ended, &header.run.stopped_by, None);

@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -199,23 +199,46 @@ pub fn write_to(
     Ok(())
 }
 
-/// Writes the records to `path` through a temporary file in the same directory, renamed at the end: a
-/// reader never sees half a file.
-pub fn write(path: &Path, header: &Header, slots: &[Option<Outcome>]) -> Result<(), String> {
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(format!(".{}.tmp", std::process::id()));
-    let temporary = std::path::PathBuf::from(temporary);
-    let written = std::fs::File::create(&temporary).and_then(|file| {
+/// A records file being written: its temporary file beside `path` (`FILE.<pid>.tmp`), created before the
+/// run sends anything (a path that cannot be written stops the command before the traffic), filled and
+/// renamed to `path` at the end, so a reader never sees half a file.
+pub struct Pending {
+    file: std::fs::File,
+    temporary: PathBuf,
+    path: PathBuf,
+}
+
+impl Pending {
+    pub fn create(path: &Path) -> Result<Pending, String> {
+        let mut temporary = path.as_os_str().to_owned();
+        temporary.push(format!(".{}.tmp", std::process::id()));
+        let temporary = PathBuf::from(temporary);
+        let file = std::fs::File::create(&temporary)
+            .map_err(|e| format!("cannot write --records {}: {e}", path.display()))?;
+        Ok(Pending {
+            file,
+            temporary,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Writes the header and the records, then renames the file into place.
+    pub fn finish(self, header: &Header, slots: &[Option<Outcome>]) -> Result<(), String> {
+        let Pending {
+            file,
+            temporary,
+            path,
+        } = self;
         let mut out = std::io::BufWriter::new(file);
-        write_to(&mut out, header, slots)?;
-        let file = out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, path)
-    });
-    written.map_err(|e| {
-        let _ = std::fs::remove_file(&temporary);
-        format!("cannot write --records {}: {e}", path.display())
-    })
+        let written = write_to(&mut out, header, slots)
+            .and_then(|()| out.into_inner().map_err(|e| e.into_error()))
+            .and_then(|file| file.sync_all())
+            .and_then(|()| std::fs::rename(&temporary, &path));
+        written.map_err(|e| {
+            let _ = std::fs::remove_file(&temporary);
+            format!("cannot write --records {}: {e}", path.display())
+        })
+    }
 }
 
 /// A records file read back: the header, and each measured request's outcome with its number, in file
@@ -678,6 +701,27 @@ mod tests {
         // At the cap exactly, the line is read (a blank one here).
         let at_cap = format!("{HEADER}\n{}\n", " ".repeat(MAX_LINE_BYTES));
         assert!(parse(at_cap.as_bytes(), "f").is_ok());
+    }
+
+    #[test]
+    fn the_file_appears_whole_at_the_end_and_no_temporary_file_stays() {
+        let dir = std::env::temp_dir().join(format!("kvab-records-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("run.jsonl");
+        let header = parse(format!("{HEADER}\n").as_bytes(), "f").unwrap().header;
+        let pending = Pending::create(&path).unwrap();
+        assert!(!path.exists(), "nothing at the path while the run goes on");
+        let slots = vec![None, Some(Outcome::default())];
+        pending.finish(&header, &slots).unwrap();
+        let records = read(&path).unwrap();
+        assert_eq!(records.header, header);
+        assert_eq!(records.outcomes, vec![(1, Outcome::default())]);
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["run.jsonl"]);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
