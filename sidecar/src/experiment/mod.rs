@@ -239,8 +239,10 @@ fn judge_records(judge: &JudgeOptions) -> Result<(Report, Samples), String> {
     Ok((report, samples))
 }
 
-/// The looks over recorded outcomes, in the order given (the same procedure as the live run's).
-pub fn replay(header: &Header, outcomes: Vec<(u64, Outcome)>) -> looks::Ended {
+/// The looks over recorded outcomes, in measured order (the same procedure as the live run's, which
+/// takes them in the order they come: what each look sees does not depend on it).
+pub fn replay(header: &Header, mut outcomes: Vec<(u64, Outcome)>) -> looks::Ended {
+    outcomes.sort_by_key(|(number, _)| *number);
     let mut looks = Looks::new(
         header.design(),
         header.requests,

@@ -270,7 +270,8 @@ pub fn parse(reader: impl BufRead, name: &str) -> Result<Records, String> {
     let mut total = 0u64;
     let mut header: Option<Header> = None;
     let mut outcomes = Vec::new();
-    let mut seen = HashSet::new();
+    // Measured numbers seen, one flag each (at most `requests`, 10,000,000).
+    let mut seen: Vec<bool> = Vec::new();
     loop {
         line.clear();
         let read = (&mut reader)
@@ -309,7 +310,12 @@ pub fn parse(reader: impl BufRead, name: &str) -> Result<Records, String> {
             None => header = Some(read_header(&mut fields).map_err(at)?),
             Some(header) => {
                 let (n, outcome) = read_record(&mut fields, header).map_err(at)?;
-                if !seen.insert(n) {
+                // `n` < requests ≤ 10,000,000 (read_record): the flags stay small.
+                let index = n as usize;
+                if seen.len() <= index {
+                    seen.resize(index + 1, false);
+                }
+                if std::mem::replace(&mut seen[index], true) {
                     return Err(at(format!(
                         "field `number`: measured request {n} is recorded twice"
                     )));

@@ -56,17 +56,19 @@ def record(name: str) -> None:
     with tempfile.TemporaryDirectory() as work:
         stack = Stack(workdir=Path(work) / "stack", **knobs).start()
         try:
-            records = HERE / f"{name}.jsonl"
+            records = Path(work) / f"{name}.jsonl"
             done = subprocess.run(
                 [kvab_binary(), "experiment", "--gateway-url", stack.urls()["gateway"], "--json", "--quiet",
                  "--records", str(records), *flags],
                 capture_output=True, text=True, timeout=300)
         finally:
             stack.stop()
-    report = json.loads(done.stdout)
-    if report["verdict"] != expected:
-        sys.exit(f"{name}: verdict {report['verdict']}, not {expected}: {report['reasons']}")
-    (HERE / f"{name}.report.json").write_text(json.dumps(report, indent=2) + "\n")
+        report = json.loads(done.stdout)
+        if report["verdict"] != expected:
+            sys.exit(f"{name}: verdict {report['verdict']}, not {expected}: {report['reasons']}")
+        # Both files of the fixture, or neither.
+        (HERE / f"{name}.jsonl").write_bytes(records.read_bytes())
+        (HERE / f"{name}.report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"{name}: {report['verdict']}; {'; '.join(report['reasons'])}")
 
 
