@@ -2,8 +2,10 @@
 //!
 //! `options` (the command line), `workload` (classes, prompts, bodies), `assign` (balanced randomized
 //! blocks), `load` (closed or open loop, one request's measurement), `measure` (server-sent events to
-//! timings), `analysis` (the statistics and decisions, no I/O), `report` (JSON and table), `html` (the
-//! report with plots). Here: the run, its looks, the progress line and the exit status.
+//! timings), `looks` (the sequential looks, no I/O: the one procedure of the live run and of
+//! `--judge-records`), `analysis` (the statistics and decisions, no I/O), `records` (the per-request
+//! records file: `--records`, `--judge-records`), `report` (JSON and table), `html` (the report with
+//! plots). Here: the run, the judgement of a records file, the progress line and the exit status.
 
 pub mod analysis;
 pub mod assign;
