@@ -100,3 +100,91 @@ def test_until_decided_stops_early_and_bad_input_is_one_line(stack, tmp_path):
     assert f"--prompts {bad} line 2" in done.stderr, done.stderr
     usage = subprocess.run([kvab_binary(), "experiment", "--arms", "a,b,c"], capture_output=True, text=True, timeout=30)
     assert usage.returncode == 3 and "exactly two arms" in usage.stderr
+
+
+RECORDS_FIXTURES = REPO / "tests" / "data" / "experiment-records"
+# The report fields a judgement of records may legitimately give otherwise than the live run's report:
+# the file it was judged from (null for the live run).
+JUDGED_FIELDS = [("run", "judged_from")]
+
+
+def judge(path, *args, timeout=60):
+    done = subprocess.run([kvab_binary(), "experiment", "--judge-records", str(path), "--json", *args],
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.stdout, done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
+def without_judged_fields(report: dict) -> dict:
+    report = json.loads(json.dumps(report))
+    for section, field in JUDGED_FIELDS:
+        report[section].pop(field, None)
+    return report
+
+
+def test_records_of_a_live_run_judge_to_the_same_report_and_rejudge_with_another_margin(stack, tmp_path):
+    s = stack(nvlink_delay=0.0, fs_delay=0.0)
+    records = tmp_path / "run.jsonl"
+    code, live = experiment(s, "--prompt-tokens", "128,8192", "--requests", "200", "--warmup", "4",
+                            "--concurrency", "8", "--max-tokens", "4", "--seed", "9", "--until", "decided",
+                            "--looks", "5", "--records", str(records))
+    assert live["run"]["judged_from"] is None
+    lines = records.read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["kvab_records"] == 1 and header["arms"] == ["nvlink", "fs"], header
+    assert header["run"]["stopped_by"] == live["run"]["stopped_by"] and header["run"]["sent"] == live["run"]["sent"]
+    numbers = [json.loads(line)["number"] for line in lines[1:]]
+    assert numbers == sorted(set(numbers)) and all(0 <= n < 200 for n in numbers)
+    assert not list(tmp_path.glob("run.jsonl.*")), "no temporary file is left"
+
+    judged_code, judged = judge(records)
+    assert judged["run"]["judged_from"] == str(records)
+    assert without_judged_fields(judged) == without_judged_fields(live)
+    assert judged_code == code
+
+    # Another margin: the method says so, the recorded run facts stay.
+    _, wider = judge(records, "--min-effect", "0.5", "--alpha", "0.01")
+    assert wider["method"]["min_effect"] == 0.5 and wider["method"]["alpha"] == 0.01, wider["method"]
+    assert wider["method"]["looks"] == live["method"]["looks"] and wider["method"]["until"] == "decided"
+    assert wider["run"]["sent"] == live["run"]["sent"] and wider["run"]["seed"] == 9
+    # One analysis of every record instead of the looks.
+    _, budget = judge(records, "--until", "budget")
+    assert budget["method"]["looks"] == 1 and budget["method"]["looks_made"] == 1
+    assert sum(budget["assignment"]["planned"].values()) == len(lines) - 1
+
+    # Traffic flags are refused, by name; a bad record names its line and field.
+    refused = subprocess.run([kvab_binary(), "experiment", "--judge-records", str(records), "--gateway-url",
+                              "http://127.0.0.1:1", "--seed", "3"], capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 3 and refused.stdout == ""
+    assert "--gateway-url, --seed" in refused.stderr, refused.stderr
+    bad = tmp_path / "bad.jsonl"
+    record = json.loads(lines[1])
+    record["assigned"] = "gpu"
+    bad.write_text("\n".join([lines[0], json.dumps(record)]) + "\n")
+    done = subprocess.run([kvab_binary(), "experiment", "--judge-records", str(bad)], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 3 and done.stdout == ""
+    assert f"--judge-records {bad} line 2: field `assigned`" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in RECORDS_FIXTURES.glob("*.jsonl")))
+def test_recorded_fixtures_judge_to_their_saved_reports(name):
+    code, judged = judge(RECORDS_FIXTURES / f"{name}.jsonl")
+    saved = json.loads((RECORDS_FIXTURES / f"{name}.report.json").read_text())
+    assert judged["run"]["judged_from"] == str(RECORDS_FIXTURES / f"{name}.jsonl")
+    judged, saved = without_judged_fields(judged), without_judged_fields(saved)
+    # The parts named first, for a readable failure; then everything else.
+    assert judged["verdict"] == saved["verdict"] and code == {"decided": 0, "invalid": 1, "inconclusive": 2}[
+        saved["verdict"]]
+    assert judged["assignment"] == saved["assignment"]
+    assert judged["errors"] == saved["errors"]
+    for ours, theirs in zip(judged["comparisons"], saved["comparisons"], strict=True):
+        assert ours == theirs, (ours["metric"], ours["class"])
+    assert judged == saved
+
+
+def test_the_recorded_fixtures_are_there():
+    names = sorted(p.stem for p in RECORDS_FIXTURES.glob("*.jsonl"))
+    assert len(names) >= 3, names
+    verdicts = {json.loads((RECORDS_FIXTURES / f"{n}.report.json").read_text())["verdict"] for n in names}
+    assert len(verdicts) >= 2, verdicts

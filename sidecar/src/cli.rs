@@ -89,7 +89,14 @@ where
     T: Into<OsString> + Clone,
 {
     let matches = command().try_get_matches_from(args)?;
-    Cli::from_arg_matches(&matches).map(|cli| cli.command)
+    let mut parsed = Cli::from_arg_matches(&matches)?.command;
+    // `kvab experiment --judge-records` tells the flags given from the defaults.
+    if let (Command::Experiment(experiment), Some(sub)) =
+        (&mut parsed, matches.subcommand_matches("experiment"))
+    {
+        experiment.note_sources(sub);
+    }
+    Ok(parsed)
 }
 
 /// Prints a parse error (or help, or the version). A refused value that came from the environment, not from

@@ -399,8 +399,12 @@ fn run_facts(out: &mut String, report: &Report) {
         ),
         format!("method: {}", m.description),
     ];
+    let judged = run
+        .judged_from
+        .as_ref()
+        .map(|file| format!("judged from the records in {file} (no traffic sent)"));
     out.push_str("<ul>");
-    for item in items {
+    for item in items.into_iter().chain(judged) {
         let _ = write!(out, "<li>{}</li>", escape(&item));
     }
     out.push_str("</ul>");
@@ -730,6 +734,7 @@ mod tests {
                 duration_s: 1.0,
                 achieved_rate: 100.0,
                 stopped_by: "requests",
+                judged_from: None,
             },
         }
     }

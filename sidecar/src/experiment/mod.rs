@@ -2,17 +2,24 @@
 //!
 //! `options` (the command line), `workload` (classes, prompts, bodies), `assign` (balanced randomized
 //! blocks), `load` (closed or open loop, one request's measurement), `measure` (server-sent events to
-//! timings), `analysis` (the statistics and decisions, no I/O), `report` (JSON and table), `html` (the
-//! report with plots). Here: the run, its looks, the progress line and the exit status.
+//! timings), `looks` (the sequential looks, no I/O: the one procedure of the live run and of
+//! `--judge-records`), `analysis` (the statistics and decisions, no I/O), `records` (the per-request
+//! records file: `--records`, `--judge-records`), `report` (JSON and table), `html` (the report with
+//! plots). Here: the run, the judgement of a records file, the progress line and the exit status.
 
 pub mod analysis;
 pub mod assign;
 pub mod html;
 pub mod load;
+pub mod looks;
 pub mod measure;
 pub mod options;
+pub mod records;
 pub mod report;
 pub mod workload;
+
+#[cfg(test)]
+pub use looks::look_points;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -26,8 +33,10 @@ use crate::check::kube;
 use kvab_serve::client::HttpClient;
 
 use analysis::{Analysis, Design};
+use looks::{End, Looks};
 use measure::Outcome;
-use options::{ExperimentArgs, Load, Options, Until};
+use options::{ExperimentArgs, JudgeOptions, Load, Options, Plan, Until};
+use records::{ClassSpec, Header, LoadSpec, MethodSpec, RunFacts};
 use report::{Class, Method, Report, Run, Samples, Verdict};
 
 /// How the method is described in the report (docs/experiment.md has the full account).
@@ -37,53 +46,89 @@ const METHOD: &str = "randomized balanced blocks per class; Hodges-Lehmann shift
                       each analysis at alpha/looks (union bound over the planned looks)";
 
 pub fn main(args: ExperimentArgs) -> ExitCode {
-    let options = match Options::from_args(args) {
-        Ok(options) => options,
+    let plan = match Options::from_args(args) {
+        Ok(plan) => plan,
         Err(message) => {
             eprintln!("error: {message}\n\nFor more information, try 'kvab experiment --help'.");
             return ExitCode::from(3);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("kvab experiment: cannot start the async runtime: {e}");
-            return ExitCode::from(3);
-        }
+    let done = match &plan {
+        Plan::Live(options) => match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime.block_on(run(options)),
+            Err(e) => Err(format!("cannot start the async runtime: {e}")),
+        },
+        Plan::Judge(judge) => judge_records(judge),
     };
-    let (report, samples) = match runtime.block_on(run(&options)) {
+    let (json, html_path) = match &plan {
+        Plan::Live(options) => (options.json, options.html.as_deref()),
+        Plan::Judge(judge) => (judge.json, judge.html.as_deref()),
+    };
+    let (report, samples) = match done {
         Ok(done) => done,
         Err(message) => {
             eprintln!("kvab experiment: {message}");
             return ExitCode::from(3);
         }
     };
-    let html = options
-        .html
-        .as_deref()
-        .map(|path| (path, html::render(&report, &samples)));
+    let html = html_path.map(|path| (path, html::render(&report, &samples)));
     report::emit(
         "experiment",
         &report,
         report.verdict,
-        options.json,
+        json,
         || report.table(),
         html,
     )
 }
 
-/// The measured request counts at which `--until decided` analyses: `looks` evenly spaced points.
-pub fn look_points(requests: u64, looks: u32) -> Vec<u64> {
-    (1..=u64::from(looks))
-        .map(|k| (k * requests).div_ceil(u64::from(looks)))
-        .collect()
+/// The records header of a live run: its design and method (the run facts are filled in at the end).
+fn header(options: &Options, classes: &[workload::Class]) -> Header {
+    Header {
+        arms: options.arms.clone(),
+        classes: classes
+            .iter()
+            .map(|c| ClassSpec {
+                label: c.label.clone(),
+                prompt_tokens: c.prompt_tokens,
+            })
+            .collect(),
+        stream: options.stream,
+        endpoint: options.path.clone(),
+        load: match options.load {
+            Load::Closed { concurrency } => LoadSpec::Closed { concurrency },
+            Load::Open { rate, .. } => LoadSpec::Open { rate },
+        },
+        seed: options.seed,
+        warmup: options.warmup,
+        requests: options.requests,
+        method: MethodSpec {
+            alpha: options.alpha,
+            min_effect: options.min_effect,
+            until: options.until,
+            looks: options.looks,
+            srm_threshold: options.srm_threshold,
+        },
+        run: RunFacts {
+            sent: 0,
+            skipped: 0,
+            duration_s: 0.0,
+            stopped_by: String::new(),
+        },
+    }
 }
 
 async fn run(options: &Options) -> Result<(Report, Samples), String> {
     let classes = workload::classes(options)?;
+    // The records' temporary file first: a path that cannot be written stops before any traffic.
+    let pending = options
+        .records
+        .as_deref()
+        .map(records::Pending::create)
+        .transpose()?;
     let (_forward, gateway) = match &options.gateway_url {
         Some(url) => (None, url.clone()),
         None => {
@@ -99,15 +144,8 @@ async fn run(options: &Options) -> Result<(Report, Samples), String> {
             (Some(forward), url)
         }
     };
-    let design = Design {
-        arms: options.arms.clone(),
-        classes: classes.iter().map(|c| c.label.clone()).collect(),
-        prompt_tokens: classes.iter().map(|c| c.prompt_tokens).collect(),
-        stream: options.stream,
-        look_alpha: options.alpha / f64::from(options.looks),
-        min_effect: options.min_effect,
-        srm_threshold: options.srm_threshold,
-    };
+    let mut header = header(options, &classes);
+    let design = header.design();
     let started = Instant::now();
     let generator = load::Generator::new(options, classes.clone(), &gateway);
     let shared = load::Run::new(
@@ -118,54 +156,28 @@ async fn run(options: &Options) -> Result<(Report, Samples), String> {
     let (sender, mut receiver) = mpsc::unbounded_channel::<(u64, Outcome)>();
     let mut senders = load::start(shared.clone(), options, sender);
 
-    // Outcomes by measured number (request number − warm-up); a look analyses the first n of them once
-    // all n are in, so what a look sees is fixed by the assignment order, not by which answers came first.
-    // The slots grow with the answers (a large --requests reserves nothing up front).
-    let total = options.requests as usize;
-    let mut slots: Vec<Option<Outcome>> = Vec::new();
-    let mut complete_prefix = 0usize;
-    let mut received = 0usize;
-    let points = match options.until {
-        Until::Decided => look_points(options.requests, options.looks),
-        Until::Budget => Vec::new(),
-    };
-    let mut next_point = 0usize;
-    let mut looks_made = 0u32;
-    let mut decided: Option<(Analysis, usize)> = None;
+    // The looks (looks.rs) take each answer by its measured number (request number − warm-up), in the
+    // order the answers come; `--judge-records` replays the same procedure over the records.
+    let mut looks = Looks::new(
+        design.clone(),
+        options.requests,
+        options.until,
+        options.looks,
+    );
     let mut progress = Progress::new(options, &design, started);
     while let Some((number, outcome)) = receiver.recv().await {
         let Some(index) = number.checked_sub(options.warmup) else {
             continue;
         };
-        let index = index as usize;
-        if index >= total {
+        if index >= options.requests {
             continue;
         }
-        if slots.len() <= index {
-            slots.resize(index + 1, None);
-        }
         progress.observe(&outcome, &design);
-        slots[index] = Some(outcome);
-        received += 1;
-        while slots.get(complete_prefix).is_some_and(Option::is_some) {
-            complete_prefix += 1;
-        }
-        progress.update(received);
-        while let Some(&point) = points.get(next_point) {
-            if (complete_prefix as u64) < point {
-                break;
-            }
-            next_point += 1;
-            looks_made += 1;
-            let prefix: Vec<Outcome> = slots[..point as usize].iter().flatten().cloned().collect();
-            let analysis = analysis::analyze(&design, &prefix);
-            progress.look(looks_made, &analysis);
-            if analysis.decided() && analysis.assignment.srm_ok {
-                decided = Some((analysis, point as usize));
-                break;
-            }
-        }
-        if decided.is_some() {
+        let decided = looks.receive(index, outcome, |look, analysis| {
+            progress.look(look, analysis)
+        });
+        progress.update(looks.received());
+        if decided {
             shared.stop.store(true, Ordering::Relaxed);
             senders.abort_all();
             break;
@@ -174,66 +186,89 @@ async fn run(options: &Options) -> Result<(Report, Samples), String> {
     while senders.join_next().await.is_some() {}
     progress.finish();
     let elapsed = started.elapsed().as_secs_f64();
-    // The slots the analysis saw: the deciding look's prefix, or every answer.
-    let (analysis, analyzed, stopped_by) = match decided {
-        Some((analysis, point)) => (analysis, point, "decided"),
-        None => {
-            let outcomes: Vec<Outcome> = slots.iter().flatten().cloned().collect();
-            // The final analysis counts as a look when the run ended before its last one.
-            if options.until == Until::Decided && next_point < points.len() {
-                looks_made += 1;
-            }
-            let stopped_by = if outcomes.len() >= total {
-                "requests"
-            } else {
-                "duration"
-            };
-            (
-                analysis::analyze(&design, &outcomes),
-                slots.len(),
-                stopped_by,
-            )
+    let ended = looks.finish();
+    header.run = RunFacts {
+        sent: shared.sent.load(Ordering::Relaxed),
+        skipped: shared.skipped.load(Ordering::Relaxed),
+        duration_s: elapsed,
+        stopped_by: match ended.end {
+            End::Decided => "decided",
+            End::Complete => "requests",
+            End::Short => "duration",
         }
+        .to_string(),
     };
-    let outcomes: Vec<Outcome> = slots[..analyzed.min(slots.len())]
-        .iter()
-        .flatten()
-        .cloned()
-        .collect();
-    let samples = analysis::samples(&design, &analysis, &outcomes);
-    let report = assemble(
-        options,
-        &design,
-        &classes,
-        analysis,
-        looks_made.max(1),
-        RunFacts {
-            sent: shared.sent.load(Ordering::Relaxed),
-            skipped: shared.skipped.load(Ordering::Relaxed),
-            measured: outcomes.len() as u64,
-            elapsed,
-            stopped_by,
-        },
-    );
+    if let Some(pending) = pending {
+        pending.finish(&header, looks.slots())?;
+    }
+    let samples = analysis::samples(&design, &ended.analysis, &ended.analyzed);
+    let report = assemble(&header, &design, ended, &header.run.stopped_by, None);
     Ok((report, samples))
 }
 
-struct RunFacts {
-    sent: u64,
-    skipped: u64,
-    measured: u64,
-    elapsed: f64,
-    stopped_by: &'static str,
+/// `--judge-records`: the records' header with the method flags given, and the look procedure of the live
+/// run replayed over the records.
+fn judge_records(judge: &JudgeOptions) -> Result<(Report, Samples), String> {
+    let records = records::read(&judge.file)?;
+    let mut header = records.header;
+    let recorded = header.method;
+    header.method = judge.method(recorded);
+    let design = header.design();
+    let ended = replay(&header, records.outcomes);
+    let stopped_by = match ended.end {
+        End::Decided => "decided",
+        End::Complete => "requests",
+        // The records end where the run stopped: its time budget, or its own decision.
+        End::Short if header.run.stopped_by == "decided" => "decided",
+        End::Short => "duration",
+    };
+    let samples = analysis::samples(&design, &ended.analysis, &ended.analyzed);
+    let undecided_replay = ended.end != End::Decided && stopped_by == "decided";
+    let mut report = assemble(
+        &header,
+        &design,
+        ended,
+        stopped_by,
+        Some(judge.file.display().to_string()),
+    );
+    if undecided_replay {
+        report.reasons.push(format!(
+            "the records end where the recorded run stopped, decided by its own method (alpha {}, min effect \
+             {}, {} look(s)); this method did not decide at any look before",
+            recorded.alpha, recorded.min_effect, recorded.looks
+        ));
+    }
+    Ok((report, samples))
+}
+
+/// The looks over recorded outcomes, in measured order (the same procedure as the live run's, which
+/// takes them in the order they come: what each look sees does not depend on it).
+pub fn replay(header: &Header, mut outcomes: Vec<(u64, Outcome)>) -> looks::Ended {
+    outcomes.sort_by_key(|(number, _)| *number);
+    let mut looks = Looks::new(
+        header.design(),
+        header.requests,
+        header.method.until,
+        header.method.looks,
+    );
+    for (number, outcome) in outcomes {
+        if looks.receive(number, outcome, |_, _| {}) {
+            break;
+        }
+    }
+    looks.finish()
 }
 
 fn assemble(
-    options: &Options,
+    header: &Header,
     design: &Design,
-    classes: &[workload::Class],
-    analysis: Analysis,
-    looks_made: u32,
-    facts: RunFacts,
+    ended: looks::Ended,
+    stopped_by: &str,
+    judged_from: Option<String>,
 ) -> Report {
+    let analysis = ended.analysis;
+    let facts = &header.run;
+    let measured = ended.analyzed.len() as u64;
     let (verdict, reasons) = verdict(design, &analysis);
     let mut reasons = reasons;
     if facts.skipped > 0 {
@@ -242,15 +277,17 @@ fn assemble(
             facts.skipped
         ));
     }
-    let (concurrency, rate, load) = match options.load {
-        Load::Closed { concurrency } => (Some(concurrency), None, "closed"),
-        Load::Open { rate, .. } => (None, Some(rate), "open"),
+    let (concurrency, rate, load) = match header.load {
+        LoadSpec::Closed { concurrency } => (Some(concurrency), None, "closed"),
+        LoadSpec::Open { rate } => (None, Some(rate), "open"),
     };
+    let method = header.method;
     Report {
         verdict,
         reasons,
-        arms: options.arms.clone(),
-        classes: classes
+        arms: header.arms.clone(),
+        classes: header
+            .classes
             .iter()
             .enumerate()
             .map(|(i, c)| Class {
@@ -264,35 +301,45 @@ fn assemble(
         errors: analysis.errors,
         comparisons: analysis.comparisons,
         method: Method {
-            alpha: options.alpha,
-            min_effect: options.min_effect,
-            until: match options.until {
+            alpha: method.alpha,
+            min_effect: method.min_effect,
+            until: match method.until {
                 Until::Budget => "budget",
                 Until::Decided => "decided",
             },
-            looks: options.looks,
-            looks_made,
+            looks: method.looks,
+            looks_made: ended.looks_made,
             look_alpha: design.look_alpha,
-            srm_threshold: options.srm_threshold,
+            srm_threshold: method.srm_threshold,
             description: METHOD,
         },
         run: Run {
-            endpoint: options.path.clone(),
-            stream: options.stream,
+            endpoint: header.endpoint.clone(),
+            stream: header.stream,
             load,
             concurrency,
             rate,
-            seed: options.seed,
-            warmup: options.warmup,
+            seed: header.seed,
+            warmup: header.warmup,
             sent: facts.sent,
-            duration_s: facts.elapsed,
-            achieved_rate: if facts.elapsed > 0.0 {
-                facts.measured as f64 / facts.elapsed
+            duration_s: facts.duration_s,
+            achieved_rate: if facts.duration_s > 0.0 {
+                measured as f64 / facts.duration_s
             } else {
                 0.0
             },
-            stopped_by: facts.stopped_by,
+            stopped_by: stopped_word(stopped_by),
+            judged_from,
         },
+    }
+}
+
+/// The report's word for why the run stopped.
+fn stopped_word(stopped_by: &str) -> &'static str {
+    match stopped_by {
+        "decided" => "decided",
+        "duration" => "duration",
+        _ => "requests",
     }
 }
 

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
 
+use super::records::MethodSpec;
+
 use crate::check::options::{
     absolute_path, arm_name, fraction, header_name, http_url, local_url, seconds, service,
     ServiceRef, MODEL,
@@ -68,6 +70,23 @@ pub struct ExperimentArgs {
     #[arg(long, env = "KVAB_EXPERIMENT_QUIET", value_parser = BoolishValueParser::new(),
           help_heading = "Mode and output")]
     quiet: bool,
+    /// Also write every measured request's record to this file (JSON Lines, for --judge-records).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "KVAB_EXPERIMENT_RECORDS",
+        help_heading = "Mode and output"
+    )]
+    records: Option<PathBuf>,
+    /// Send nothing: judge a file written by --records as its live run did. The Verdict flags given,
+    /// but for --block, replace the recorded ones; the flags that shape traffic are refused.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "KVAB_EXPERIMENT_JUDGE_RECORDS",
+        help_heading = "Mode and output"
+    )]
+    judge_records: Option<PathBuf>,
 
     /// The gateway [local: http://127.0.0.1:$KVAB_GATEWAY_PORT, port 18080 by default; cluster: a port-forward
     /// to the gateway Service].
@@ -195,7 +214,7 @@ pub struct ExperimentArgs {
     until: Until,
     /// With --until decided: analyses at this many evenly spaced points of the request budget, each at
     /// alpha/looks (1-100).
-    #[arg(long, value_name = "K", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100),
+    #[arg(long, value_name = "K", default_value_t = DEFAULT_LOOKS, value_parser = clap::value_parser!(u32).range(1..=100),
           env = "KVAB_EXPERIMENT_LOOKS", help_heading = "Verdict")]
     looks: u32,
     /// Sample-ratio check: the experiment is invalid when answers per arm differ from the assignment with a
@@ -208,7 +227,105 @@ pub struct ExperimentArgs {
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..=64),
           env = "KVAB_EXPERIMENT_BLOCK", help_heading = "Verdict")]
     block: u32,
+
+    /// Where each flag's value came from (filled from clap's matches by `note_sources`).
+    #[arg(skip)]
+    sources: Sources,
 }
+
+/// The flags given on the command line, and those given by the command line or the environment (ids as
+/// clap names them: `gateway_url`).
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    typed: Vec<String>,
+    given: Vec<String>,
+}
+
+/// The flags that `--judge-records` takes: output, and the method (the Verdict flags that judge, not
+/// `--block`, which shapes the traffic).
+const JUDGE_FLAGS: &[&str] = &[
+    "json",
+    "html",
+    "quiet",
+    "judge_records",
+    "alpha",
+    "min_effect",
+    "until",
+    "looks",
+    "srm_threshold",
+];
+
+impl ExperimentArgs {
+    /// Notes which flags the command line or the environment gave (clap's matches of `experiment`).
+    pub fn note_sources(&mut self, matches: &clap::ArgMatches) {
+        use clap::parser::ValueSource;
+        // The flags, not the argument group clap names after this struct.
+        let command =
+            <ExperimentArgs as clap::Args>::augment_args(clap::Command::new("experiment"));
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            match matches.value_source(id) {
+                Some(ValueSource::CommandLine) => {
+                    self.sources.typed.push(id.to_string());
+                    self.sources.given.push(id.to_string());
+                }
+                Some(ValueSource::EnvVariable) => self.sources.given.push(id.to_string()),
+                _ => {}
+            }
+        }
+    }
+
+    fn given(&self, id: &str) -> bool {
+        self.sources.given.iter().any(|g| g == id)
+    }
+}
+
+/// What `kvab experiment` is asked to do.
+#[derive(Debug, Clone)]
+pub enum Plan {
+    /// Send the traffic and judge it.
+    Live(Box<Options>),
+    /// Judge a records file.
+    Judge(JudgeOptions),
+}
+
+/// `--judge-records`: the file, the output, and the method flags given (`None`: the recorded value).
+#[derive(Debug, Clone)]
+pub struct JudgeOptions {
+    pub file: PathBuf,
+    pub json: bool,
+    pub html: Option<PathBuf>,
+    pub alpha: Option<f64>,
+    pub min_effect: Option<f64>,
+    pub until: Option<Until>,
+    pub looks: Option<u32>,
+    pub srm_threshold: Option<f64>,
+}
+
+impl JudgeOptions {
+    /// The method of the judgement: each flag given replaces the recorded value. `--looks` not given keeps
+    /// the recorded looks when the recorded run looked at its results as it went (`--until decided`), and
+    /// is 10 (its default) otherwise; with `--until budget` there is one analysis.
+    pub fn method(&self, recorded: MethodSpec) -> MethodSpec {
+        let until = self.until.unwrap_or(recorded.until);
+        let looks = match (until, self.looks, recorded.until) {
+            (Until::Budget, _, _) => 1,
+            (Until::Decided, Some(looks), _) => looks,
+            (Until::Decided, None, Until::Decided) => recorded.looks,
+            (Until::Decided, None, Until::Budget) => DEFAULT_LOOKS,
+        };
+        MethodSpec {
+            alpha: self.alpha.unwrap_or(recorded.alpha),
+            min_effect: self.min_effect.unwrap_or(recorded.min_effect),
+            until,
+            looks,
+            srm_threshold: self.srm_threshold.unwrap_or(recorded.srm_threshold),
+        }
+    }
+}
+
+/// The default of `--looks`.
+const DEFAULT_LOOKS: u32 = 10;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Load {
@@ -253,10 +370,45 @@ pub struct Options {
     pub looks: u32,
     pub srm_threshold: f64,
     pub block: u32,
+    /// `--records`: write the per-request records here.
+    pub records: Option<PathBuf>,
 }
 
 impl Options {
-    pub fn from_args(args: ExperimentArgs) -> Result<Options, String> {
+    /// The live run's options, or the judgement's with `--judge-records` (which refuses the traffic flags
+    /// typed on the command line and ignores their environment variables).
+    pub fn from_args(args: ExperimentArgs) -> Result<Plan, String> {
+        let Some(file) = args.judge_records.clone() else {
+            return Options::live(args).map(|options| Plan::Live(Box::new(options)));
+        };
+        let refused: Vec<String> = args
+            .sources
+            .typed
+            .iter()
+            .filter(|id| !JUDGE_FLAGS.contains(&id.as_str()))
+            .map(|id| format!("--{}", id.replace('_', "-")))
+            .collect();
+        if !refused.is_empty() {
+            return Err(format!(
+                "--judge-records sends no traffic: {} only apply to a live run (the judgement takes the \
+                 output flags and --alpha, --min-effect, --until, --looks, --srm-threshold)",
+                refused.join(", ")
+            ));
+        }
+        let given = |id: &str| args.given(id);
+        Ok(Plan::Judge(JudgeOptions {
+            file,
+            json: args.json,
+            html: args.html.clone(),
+            alpha: given("alpha").then_some(args.alpha),
+            min_effect: given("min_effect").then_some(args.min_effect),
+            until: given("until").then_some(args.until),
+            looks: given("looks").then_some(args.looks),
+            srm_threshold: given("srm_threshold").then_some(args.srm_threshold),
+        }))
+    }
+
+    fn live(args: ExperimentArgs) -> Result<Options, String> {
         let arms = args.arms;
         if arms.len() != 2 {
             return Err(format!("--arms wants exactly two arms, got {}", arms.len()));
@@ -325,6 +477,7 @@ impl Options {
             looks,
             srm_threshold: args.srm_threshold,
             block: args.block,
+            records: args.records,
         })
     }
 }
@@ -362,4 +515,107 @@ fn long_seconds(value: &str) -> Result<Duration, String> {
         .filter(|s| *s > 0.0 && *s <= 7.0 * 86_400.0)
         .map(Duration::from_secs_f64)
         .ok_or_else(|| "must be seconds, more than 0 and at most 604800 (a week)".into())
+}
+
+#[cfg(test)]
+#[allow(clippy::panic, clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn plan(args: &[&str]) -> Result<Plan, String> {
+        let line = ["kvab", "experiment"].iter().chain(args);
+        match crate::cli::parse_from(line) {
+            Ok(crate::cli::Command::Experiment(args)) => Options::from_args(*args),
+            other => panic!("not parsed as experiment: {other:?}"),
+        }
+    }
+
+    fn judge(args: &[&str]) -> JudgeOptions {
+        match plan(args) {
+            Ok(Plan::Judge(judge)) => judge,
+            other => panic!("not a judgement: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn judging_records_refuses_the_traffic_flags_by_name() {
+        let refused = plan(&[
+            "--judge-records",
+            "r.jsonl",
+            "--gateway-url",
+            "http://gw:80",
+            "--json",
+            "--seed",
+            "3",
+            "--block",
+            "8",
+        ])
+        .unwrap_err();
+        assert!(
+            refused.starts_with(
+                "--judge-records sends no traffic: --gateway-url, --seed, --block only apply"
+            ),
+            "{refused}"
+        );
+        assert!(plan(&["--judge-records", "r.jsonl", "--records", "s.jsonl"]).is_err());
+        assert!(
+            matches!(plan(&["--records", "s.jsonl"]), Ok(Plan::Live(o)) if o.records.is_some())
+        );
+    }
+
+    #[test]
+    fn method_flags_given_replace_the_recorded_ones_and_the_rest_are_kept() {
+        let recorded = MethodSpec {
+            alpha: 0.1,
+            min_effect: 0.02,
+            until: Until::Decided,
+            looks: 5,
+            srm_threshold: 0.01,
+        };
+        let kept = judge(&["--judge-records", "r.jsonl", "--json"]);
+        assert!(kept.json && kept.alpha.is_none() && kept.looks.is_none());
+        assert_eq!(kept.method(recorded), recorded);
+        let margin = judge(&[
+            "--judge-records",
+            "r.jsonl",
+            "--min-effect",
+            "0.2",
+            "--alpha",
+            "0.05",
+        ]);
+        assert_eq!(
+            margin.method(recorded),
+            MethodSpec {
+                min_effect: 0.2,
+                alpha: 0.05,
+                ..recorded
+            }
+        );
+        let budget = judge(&[
+            "--judge-records",
+            "r.jsonl",
+            "--until",
+            "budget",
+            "--looks",
+            "4",
+        ]);
+        assert_eq!(budget.method(recorded).looks, 1);
+        // A run of one analysis judged with looks: --looks, or its default.
+        let one = MethodSpec {
+            until: Until::Budget,
+            looks: 1,
+            ..recorded
+        };
+        let decided = judge(&["--judge-records", "r.jsonl", "--until", "decided"]);
+        assert_eq!(decided.method(one).looks, DEFAULT_LOOKS);
+        let three = judge(&[
+            "--judge-records",
+            "r.jsonl",
+            "--until",
+            "decided",
+            "--looks",
+            "3",
+        ]);
+        assert_eq!(three.method(one).looks, 3);
+    }
 }

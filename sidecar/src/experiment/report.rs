@@ -228,6 +228,8 @@ pub struct Run {
     pub achieved_rate: f64,
     /// Why the run stopped: `requests`, `duration` or `decided`.
     pub stopped_by: &'static str,
+    /// The records file this report was judged from (`--judge-records`); `null` for a live run.
+    pub judged_from: Option<String>,
 }
 
 /// The raw timings behind the report, for the plots.
@@ -336,6 +338,9 @@ impl Report {
             self.method.looks_made,
             self.method.looks
         );
+        if let Some(file) = &self.run.judged_from {
+            let _ = writeln!(out, "judged from the records in {file} (no traffic sent)");
+        }
         let _ = writeln!(out, "verdict: {}", self.verdict_line());
         out
     }

@@ -1,0 +1,382 @@
+//! The sequential looks of `kvab experiment`, with no I/O: the one procedure that both the live run and
+//! `--judge-records` follow, so a judged records file decides where the run did.
+//!
+//! Outcomes are kept by measured number (request number − warm-up); a look analyses the first `n` of them
+//! once all `n` are in, so what a look sees is fixed by the assignment order, not by which answers came
+//! first. With `--until decided` the looks are at `look_points`; the first look where every primary
+//! comparison is decided and the sample-ratio check passes ends the run. Otherwise the analysis is of
+//! every outcome received.
+
+use super::analysis::{self, Analysis, Design};
+use super::measure::Outcome;
+use super::options::Until;
+
+/// The measured request counts at which `--until decided` analyses: `looks` evenly spaced points.
+pub fn look_points(requests: u64, looks: u32) -> Vec<u64> {
+    (1..=u64::from(looks))
+        .map(|k| (k * requests).div_ceil(u64::from(looks)))
+        .collect()
+}
+
+/// Why the looks ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// A look decided.
+    Decided,
+    /// Every measured request was in, and no look decided.
+    Complete,
+    /// The outcomes stopped before every measured request was in (the run's time budget, or a run that
+    /// stopped when decided, judged again with another method).
+    Short,
+}
+
+/// What the looks found.
+#[derive(Debug, Clone)]
+pub struct Ended {
+    pub analysis: Analysis,
+    /// The outcomes the analysis saw, in measured order: the deciding look's prefix, or every one
+    /// received.
+    pub analyzed: Vec<Outcome>,
+    /// The analyses made (the final analysis counts as a look when the run ended before its last one).
+    pub looks_made: u32,
+    pub end: End,
+}
+
+/// The look procedure, fed one outcome at a time (in any order).
+#[derive(Debug, Clone)]
+pub struct Looks {
+    design: Design,
+    total: usize,
+    until: Until,
+    points: Vec<u64>,
+    /// Outcomes by measured number; they grow with the answers (a large --requests reserves nothing).
+    slots: Vec<Option<Outcome>>,
+    complete_prefix: usize,
+    received: usize,
+    next_point: usize,
+    looks_made: u32,
+    decided: Option<(Analysis, usize)>,
+}
+
+impl Looks {
+    /// `looks` is the planned number of analyses of `--until decided` (ignored with `--until budget`).
+    pub fn new(design: Design, requests: u64, until: Until, looks: u32) -> Self {
+        let points = match until {
+            Until::Decided => look_points(requests, looks),
+            Until::Budget => Vec::new(),
+        };
+        Looks {
+            design,
+            total: usize::try_from(requests).unwrap_or(usize::MAX),
+            until,
+            points,
+            slots: Vec::new(),
+            complete_prefix: 0,
+            received: 0,
+            next_point: 0,
+            looks_made: 0,
+            decided: None,
+        }
+    }
+
+    /// Measured outcomes received (each measured number once).
+    pub fn received(&self) -> usize {
+        self.received
+    }
+
+    /// Outcomes received, by measured number (`None`: not received).
+    pub fn slots(&self) -> &[Option<Outcome>] {
+        &self.slots
+    }
+
+    /// The outcome of measured request `number`; `on_look` sees each look made (its 1-based number and
+    /// analysis). True once a look has decided: the run stops, and later outcomes are not taken. A number
+    /// beyond the budget, or one already received, is not taken.
+    pub fn receive(
+        &mut self,
+        number: u64,
+        outcome: Outcome,
+        mut on_look: impl FnMut(u32, &Analysis),
+    ) -> bool {
+        if self.decided.is_some() {
+            return true;
+        }
+        let Ok(index) = usize::try_from(number) else {
+            return false;
+        };
+        if index >= self.total {
+            return false;
+        }
+        if self.slots.len() <= index {
+            self.slots.resize(index + 1, None);
+        }
+        if self.slots[index].is_some() {
+            return false;
+        }
+        self.slots[index] = Some(outcome);
+        self.received += 1;
+        while self
+            .slots
+            .get(self.complete_prefix)
+            .is_some_and(Option::is_some)
+        {
+            self.complete_prefix += 1;
+        }
+        while let Some(&point) = self.points.get(self.next_point) {
+            if (self.complete_prefix as u64) < point {
+                break;
+            }
+            self.next_point += 1;
+            self.looks_made += 1;
+            let prefix: Vec<Outcome> = self.slots[..point as usize]
+                .iter()
+                .flatten()
+                .cloned()
+                .collect();
+            let analysis = analysis::analyze(&self.design, &prefix);
+            on_look(self.looks_made, &analysis);
+            if analysis.decided() && analysis.assignment.srm_ok {
+                self.decided = Some((analysis, point as usize));
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The analysis of the run: the deciding look's, or a final one of every outcome received.
+    pub fn finish(&self) -> Ended {
+        match &self.decided {
+            Some((analysis, point)) => Ended {
+                analysis: analysis.clone(),
+                analyzed: self.slots[..(*point).min(self.slots.len())]
+                    .iter()
+                    .flatten()
+                    .cloned()
+                    .collect(),
+                looks_made: self.looks_made.max(1),
+                end: End::Decided,
+            },
+            None => {
+                let outcomes: Vec<Outcome> = self.slots.iter().flatten().cloned().collect();
+                let mut looks_made = self.looks_made;
+                if self.until == Until::Decided && self.next_point < self.points.len() {
+                    looks_made += 1;
+                }
+                let end = if outcomes.len() >= self.total {
+                    End::Complete
+                } else {
+                    End::Short
+                };
+                Ended {
+                    analysis: analysis::analyze(&self.design, &outcomes),
+                    analyzed: outcomes,
+                    looks_made: looks_made.max(1),
+                    end,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use rand::rngs::ChaCha8Rng;
+    use rand::seq::SliceRandom;
+    use rand::{RngExt, SeedableRng};
+
+    use super::*;
+    use crate::experiment::records::{self, ClassSpec, Header, LoadSpec, MethodSpec, RunFacts};
+    use crate::experiment::{assemble, replay};
+
+    fn header(until: Until, looks: u32, requests: u64) -> Header {
+        Header {
+            arms: vec!["nvlink".into(), "fs".into()],
+            classes: vec![
+                ClassSpec {
+                    label: "128".into(),
+                    prompt_tokens: Some(128),
+                },
+                ClassSpec {
+                    label: "2048".into(),
+                    prompt_tokens: Some(2048),
+                },
+            ],
+            stream: true,
+            endpoint: "/v1/chat/completions".into(),
+            load: LoadSpec::Closed { concurrency: 8 },
+            seed: 7,
+            warmup: 4,
+            requests,
+            method: MethodSpec {
+                alpha: 0.05,
+                min_effect: 0.05,
+                until,
+                looks,
+                srm_threshold: 0.001,
+            },
+            run: RunFacts {
+                sent: requests + 4,
+                skipped: 0,
+                duration_s: 3.217_654_321,
+                stopped_by: "requests".into(),
+            },
+        }
+    }
+
+    /// A scripted experiment: class 2048's fs arm is 40 % slower; a few errors, misroutes and untagged
+    /// answers; timings with every bit of an f64 in use.
+    fn outcomes(n: usize, seed: u64) -> Vec<Outcome> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..n)
+            .map(|i| {
+                let class = (i / 2) % 2;
+                let assigned = i % 2;
+                let base = if class == 0 { 30.0 } else { 80.0 };
+                let slow = if class == 1 && assigned == 1 {
+                    1.4
+                } else {
+                    1.0
+                };
+                let ttft = base * slow * (1.0 + 0.1 * rng.random::<f64>());
+                let served = match rng.random_range(0..100) {
+                    0 => None,
+                    1 => Some(1 - assigned),
+                    _ => Some(assigned),
+                };
+                let error = (rng.random_range(0..50) == 0).then(|| "status 503".to_string());
+                Outcome {
+                    class,
+                    assigned,
+                    served,
+                    status: served.map(|_| if error.is_some() { 503 } else { 200 }),
+                    error,
+                    ttft_ms: Some(ttft),
+                    itl_ms: (0..3).map(|_| rng.random::<f64>() * 3.0).collect(),
+                    e2e_ms: ttft + 10.0 * rng.random::<f64>(),
+                    prompt_tokens: Some(if class == 0 { 130 } else { 2050 }),
+                    output_tokens: Some(4),
+                }
+            })
+            .collect()
+    }
+
+    /// The looks by hand: the first planned point whose prefix decides with the sample ratio ok.
+    fn first_deciding_point(header: &Header, outcomes: &[Outcome]) -> Option<u64> {
+        look_points(header.requests, header.method.looks)
+            .into_iter()
+            .find(|&p| {
+                let a = analysis::analyze(&header.design(), &outcomes[..p as usize]);
+                a.decided() && a.assignment.srm_ok
+            })
+    }
+
+    fn report_json(
+        header: &Header,
+        ended: Ended,
+        judged_from: Option<String>,
+    ) -> serde_json::Value {
+        let stopped_by = match ended.end {
+            End::Decided => "decided",
+            End::Complete => "requests",
+            End::Short => "duration",
+        };
+        serde_json::to_value(assemble(
+            header,
+            &header.design(),
+            ended,
+            stopped_by,
+            judged_from,
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_live_order_and_the_replay_of_the_written_records_give_the_same_report() {
+        let mut decided_early = 0;
+        for (until, looks, seed) in [
+            (Until::Decided, 10, 1),
+            (Until::Decided, 3, 2),
+            (Until::Budget, 1, 3),
+        ] {
+            let header = header(until, looks, 400);
+            let all = outcomes(400, seed);
+            // The live run: answers arrive out of order (up to 8 in flight), and it stops taking them once
+            // a look decides; those already in stay in the records.
+            let mut arrival: Vec<usize> = (0..all.len()).collect();
+            for chunk in arrival.chunks_mut(8) {
+                chunk.shuffle(&mut ChaCha8Rng::seed_from_u64(seed + 100));
+            }
+            let mut live = Looks::new(header.design(), header.requests, until, looks);
+            let mut seen_looks = Vec::new();
+            for &i in &arrival {
+                if live.receive(i as u64, all[i].clone(), |k, _| seen_looks.push(k)) {
+                    break;
+                }
+            }
+            let live_ended = live.finish();
+            let expected = if until == Until::Decided {
+                first_deciding_point(&header, &all)
+            } else {
+                None
+            };
+            match expected {
+                Some(point) => {
+                    decided_early += usize::from(point < 400);
+                    assert_eq!(live_ended.end, End::Decided, "until {until:?}");
+                    assert_eq!(live_ended.analyzed.len() as u64, point);
+                    let k = look_points(400, looks)
+                        .iter()
+                        .position(|&p| p == point)
+                        .unwrap();
+                    assert_eq!(live_ended.looks_made as usize, k + 1);
+                    assert_eq!(seen_looks, (1..=k as u32 + 1).collect::<Vec<_>>());
+                }
+                None => assert_eq!(live_ended.end, End::Complete),
+            }
+            let mut written = Vec::new();
+            records::write_to(&mut written, &header, live.slots()).unwrap();
+            let parsed = records::parse(written.as_slice(), "test").unwrap();
+            assert_eq!(parsed.header, header);
+            assert_eq!(parsed.outcomes.len(), live.received());
+            for (number, outcome) in &parsed.outcomes {
+                assert_eq!(Some(outcome), all.get(*number as usize), "record {number}");
+            }
+            let judged = replay(&parsed.header, parsed.outcomes);
+            assert_eq!(judged.end, live_ended.end);
+            assert_eq!(judged.looks_made, live_ended.looks_made);
+            assert_eq!(judged.analyzed, live_ended.analyzed);
+            assert_eq!(
+                report_json(&parsed.header, judged, None),
+                report_json(&header, live_ended, None)
+            );
+        }
+        assert!(decided_early >= 1, "a script that stops at a look");
+    }
+
+    #[test]
+    fn a_run_cut_short_makes_its_last_analysis_a_look() {
+        let header = header(Until::Decided, 4, 400);
+        // No answer is tagged: no look can decide.
+        let all = outcomes(150, 4)
+            .into_iter()
+            .map(|o| Outcome { served: None, ..o });
+        let mut looks = Looks::new(header.design(), 400, Until::Decided, 4);
+        let mut made = Vec::new();
+        for (i, o) in all.enumerate() {
+            assert!(!looks.receive(i as u64, o, |k, _| made.push(k)));
+        }
+        assert_eq!(made, [1]);
+        // Out of the budget, and twice: not taken.
+        assert!(!looks.receive(400, Outcome::default(), |_, _| {}));
+        assert!(!looks.receive(3, Outcome::default(), |_, _| {}));
+        assert_eq!(looks.received(), 150);
+        let ended = looks.finish();
+        assert_eq!(ended.end, End::Short);
+        assert_eq!(
+            ended.looks_made, 2,
+            "the look at 100, then the final analysis"
+        );
+        assert_eq!(ended.analyzed.len(), 150);
+    }
+}

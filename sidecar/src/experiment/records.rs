@@ -1,0 +1,768 @@
+//! The per-request records of `kvab experiment`: written by a live run with `--records FILE`, judged
+//! again without traffic by `--judge-records FILE` (docs/experiment.md, "Records").
+//!
+//! JSON Lines: a header line (`{"kvab_records": 1, ...}`: the design, the method and the run facts),
+//! then one line per measured request received, in measured order. Arms and classes are written by name.
+//! Floats are written in their shortest form that reads back to the same `f64` (serde_json with
+//! `float_roundtrip`), so a judged file gives the live run's figures exactly.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::analysis::Design;
+use super::measure::Outcome;
+use super::options::Until;
+
+/// The format version this kvab writes and reads (`kvab_records`).
+pub const VERSION: u64 = 1;
+/// Largest records file read: 1 GiB.
+pub const MAX_FILE_BYTES: u64 = 1 << 30;
+/// Longest line read (its end not counted): 4 MiB (a request's inter-token gaps at the largest
+/// --max-tokens, 65536, take under 2 MiB).
+pub const MAX_LINE_BYTES: usize = 4 << 20;
+/// Most classes (as `--prompts`).
+const MAX_CLASSES: usize = 64;
+
+/// A class of the design, as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassSpec {
+    pub label: String,
+    /// The size asked for (`--prompt-tokens`); `null` for prompts from a file.
+    pub prompt_tokens: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LoadSpec {
+    Closed { concurrency: u32 },
+    Open { rate: f64 },
+}
+
+/// The method: what `--judge-records` may change.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MethodSpec {
+    pub alpha: f64,
+    pub min_effect: f64,
+    pub until: Until,
+    /// Planned analyses: 1 with `--until budget`.
+    pub looks: u32,
+    pub srm_threshold: f64,
+}
+
+/// What the run did, beyond its outcomes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunFacts {
+    /// Requests sent, warm-up included.
+    pub sent: u64,
+    /// Open loop: arrivals skipped at --max-in-flight.
+    pub skipped: u64,
+    pub duration_s: f64,
+    /// `requests`, `duration` or `decided`.
+    pub stopped_by: String,
+}
+
+/// Everything the judgement needs that is not per request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Header {
+    pub arms: Vec<String>,
+    pub classes: Vec<ClassSpec>,
+    pub stream: bool,
+    pub endpoint: String,
+    pub load: LoadSpec,
+    pub seed: u64,
+    pub warmup: u64,
+    pub requests: u64,
+    pub method: MethodSpec,
+    pub run: RunFacts,
+}
+
+impl Header {
+    /// What the analysis needs of it.
+    pub fn design(&self) -> Design {
+        Design {
+            arms: self.arms.clone(),
+            classes: self.classes.iter().map(|c| c.label.clone()).collect(),
+            prompt_tokens: self.classes.iter().map(|c| c.prompt_tokens).collect(),
+            stream: self.stream,
+            look_alpha: self.method.alpha / f64::from(self.method.looks),
+            min_effect: self.method.min_effect,
+            srm_threshold: self.method.srm_threshold,
+        }
+    }
+}
+
+fn until_word(until: Until) -> &'static str {
+    match until {
+        Until::Budget => "budget",
+        Until::Decided => "decided",
+    }
+}
+
+/// The header line as written, in this field order.
+#[derive(Serialize)]
+struct HeaderLine<'a> {
+    kvab_records: u64,
+    arms: &'a [String],
+    classes: &'a [ClassSpec],
+    stream: bool,
+    endpoint: &'a str,
+    load: &'static str,
+    concurrency: Option<u32>,
+    rate: Option<f64>,
+    seed: u64,
+    warmup: u64,
+    requests: u64,
+    looks: u32,
+    until: &'static str,
+    alpha: f64,
+    min_effect: f64,
+    srm_threshold: f64,
+    run: &'a RunFacts,
+}
+
+/// One measured request, as written.
+#[derive(Serialize)]
+struct RecordLine<'a> {
+    number: u64,
+    class: &'a str,
+    assigned: &'a str,
+    served: Option<&'a str>,
+    status: Option<u16>,
+    error: Option<&'a str>,
+    ttft_ms: Option<f64>,
+    itl_ms: &'a [f64],
+    e2e_ms: f64,
+    prompt_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+}
+
+fn name(names: &[String], i: usize) -> &str {
+    names.get(i).map(String::as_str).unwrap_or("")
+}
+
+/// Writes the header and one line per outcome (`slots[i]` is measured request `i`).
+pub fn write_to(
+    out: &mut impl Write,
+    header: &Header,
+    slots: &[Option<Outcome>],
+) -> std::io::Result<()> {
+    let (load, concurrency, rate) = match header.load {
+        LoadSpec::Closed { concurrency } => ("closed", Some(concurrency), None),
+        LoadSpec::Open { rate } => ("open", None, Some(rate)),
+    };
+    let line = HeaderLine {
+        kvab_records: VERSION,
+        arms: &header.arms,
+        classes: &header.classes,
+        stream: header.stream,
+        endpoint: &header.endpoint,
+        load,
+        concurrency,
+        rate,
+        seed: header.seed,
+        warmup: header.warmup,
+        requests: header.requests,
+        looks: header.method.looks,
+        until: until_word(header.method.until),
+        alpha: header.method.alpha,
+        min_effect: header.method.min_effect,
+        srm_threshold: header.method.srm_threshold,
+        run: &header.run,
+    };
+    serde_json::to_writer(&mut *out, &line)?;
+    out.write_all(b"\n")?;
+    let labels: Vec<String> = header.classes.iter().map(|c| c.label.clone()).collect();
+    for (number, outcome) in slots.iter().enumerate() {
+        let Some(o) = outcome else { continue };
+        let record = RecordLine {
+            number: number as u64,
+            class: name(&labels, o.class),
+            assigned: name(&header.arms, o.assigned),
+            served: o.served.map(|s| name(&header.arms, s)),
+            status: o.status,
+            error: o.error.as_deref(),
+            ttft_ms: o.ttft_ms,
+            itl_ms: &o.itl_ms,
+            e2e_ms: o.e2e_ms,
+            prompt_tokens: o.prompt_tokens,
+            output_tokens: o.output_tokens,
+        };
+        serde_json::to_writer(&mut *out, &record)?;
+        out.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+/// A records file being written: its temporary file beside `path` (`FILE.<pid>.tmp`), created before the
+/// run sends anything (a path that cannot be written stops the command before the traffic), filled and
+/// renamed to `path` at the end, so a reader never sees half a file.
+pub struct Pending {
+    file: std::fs::File,
+    temporary: PathBuf,
+    path: PathBuf,
+}
+
+impl Pending {
+    pub fn create(path: &Path) -> Result<Pending, String> {
+        let mut temporary = path.as_os_str().to_owned();
+        temporary.push(format!(".{}.tmp", std::process::id()));
+        let temporary = PathBuf::from(temporary);
+        let file = std::fs::File::create(&temporary)
+            .map_err(|e| format!("cannot write --records {}: {e}", path.display()))?;
+        Ok(Pending {
+            file,
+            temporary,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Writes the header and the records, then renames the file into place.
+    pub fn finish(self, header: &Header, slots: &[Option<Outcome>]) -> Result<(), String> {
+        let Pending {
+            file,
+            temporary,
+            path,
+        } = self;
+        let mut out = std::io::BufWriter::new(file);
+        let written = write_to(&mut out, header, slots)
+            .and_then(|()| out.into_inner().map_err(|e| e.into_error()))
+            .and_then(|file| file.sync_all())
+            .and_then(|()| std::fs::rename(&temporary, &path));
+        written.map_err(|e| {
+            let _ = std::fs::remove_file(&temporary);
+            format!("cannot write --records {}: {e}", path.display())
+        })
+    }
+}
+
+/// A records file read back: the header, and each measured request's outcome with its number, in file
+/// order.
+#[derive(Debug, Clone)]
+pub struct Records {
+    pub header: Header,
+    pub outcomes: Vec<(u64, Outcome)>,
+}
+
+/// Reads and checks a records file (`--judge-records`).
+pub fn read(path: &Path) -> Result<Records, String> {
+    let name = format!("--judge-records {}", path.display());
+    let file = std::fs::File::open(path).map_err(|e| format!("{name}: {e}"))?;
+    let size = file.metadata().map_err(|e| format!("{name}: {e}"))?.len();
+    if size > MAX_FILE_BYTES {
+        return Err(format!(
+            "{name}: {size} bytes, more than the {MAX_FILE_BYTES} a records file may have"
+        ));
+    }
+    parse(BufReader::new(file), &name)
+}
+
+/// Reads records from `reader`; errors name `name` and the line.
+pub fn parse(reader: impl BufRead, name: &str) -> Result<Records, String> {
+    let mut reader = reader.take(MAX_FILE_BYTES + 1);
+    let mut line = Vec::new();
+    let mut number = 0usize;
+    let mut total = 0u64;
+    let mut header: Option<Header> = None;
+    let mut outcomes = Vec::new();
+    // Measured numbers seen, one flag each (at most `requests`, 10,000,000).
+    let mut seen: Vec<bool> = Vec::new();
+    loop {
+        line.clear();
+        let read = (&mut reader)
+            .take(MAX_LINE_BYTES as u64 + 2)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| format!("{name}: {e}"))?;
+        if read == 0 {
+            break;
+        }
+        number += 1;
+        total += read as u64;
+        if total > MAX_FILE_BYTES {
+            return Err(format!(
+                "{name}: more than the {MAX_FILE_BYTES} bytes a records file may have"
+            ));
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+        }
+        if line.len() > MAX_LINE_BYTES {
+            return Err(format!(
+                "{name} line {number}: longer than {MAX_LINE_BYTES} bytes"
+            ));
+        }
+        let at = |what: String| format!("{name} line {number}: {what}");
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let object: Map<String, Value> =
+            serde_json::from_slice(&line).map_err(|e| at(format!("not a JSON object: {e}")))?;
+        let mut fields = Fields { object };
+        match &header {
+            None => header = Some(read_header(&mut fields).map_err(at)?),
+            Some(header) => {
+                let (n, outcome) = read_record(&mut fields, header).map_err(at)?;
+                // `n` < requests ≤ 10,000,000 (read_record): the flags stay small.
+                let index = n as usize;
+                if seen.len() <= index {
+                    seen.resize(index + 1, false);
+                }
+                if std::mem::replace(&mut seen[index], true) {
+                    return Err(at(format!(
+                        "field `number`: measured request {n} is recorded twice"
+                    )));
+                }
+                outcomes.push((n, outcome));
+            }
+        }
+    }
+    let Some(header) = header else {
+        return Err(format!("{name}: empty (no header line)"));
+    };
+    Ok(Records { header, outcomes })
+}
+
+/// The fields of one line, taken one by one; those left over are unknown.
+struct Fields {
+    object: Map<String, Value>,
+}
+
+impl Fields {
+    fn take<T: DeserializeOwned>(&mut self, field: &str) -> Result<T, String> {
+        let value = self
+            .object
+            .remove(field)
+            .ok_or_else(|| format!("field `{field}` is missing"))?;
+        serde_json::from_value(value).map_err(|e| format!("field `{field}`: {e}"))
+    }
+
+    fn finish(&self) -> Result<(), String> {
+        match self.object.keys().next() {
+            Some(field) => Err(format!("field `{field}` is not known")),
+            None => Ok(()),
+        }
+    }
+}
+
+fn check(ok: bool, field: &str, what: &str) -> Result<(), String> {
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("field `{field}`: {what}"))
+    }
+}
+
+fn open_fraction(fields: &mut Fields, field: &str) -> Result<f64, String> {
+    let value: f64 = fields.take(field)?;
+    check(
+        value > 0.0 && value < 1.0,
+        field,
+        "must be more than 0 and less than 1",
+    )?;
+    Ok(value)
+}
+
+fn read_header(fields: &mut Fields) -> Result<Header, String> {
+    let Some(version) = fields.object.remove("kvab_records") else {
+        return Err(
+            "not a kvab experiment records header (no \"kvab_records\" field; the first line is the header)"
+                .into(),
+        );
+    };
+    if version.as_u64() != Some(VERSION) {
+        return Err(format!(
+            "field `kvab_records`: version {version} is not one this kvab reads (it reads {VERSION})"
+        ));
+    }
+    let arms: Vec<String> = fields.take("arms")?;
+    check(arms.len() == 2, "arms", "wants exactly two arms")?;
+    check(
+        arms.iter().all(|a| !a.is_empty() && a.trim() == a),
+        "arms",
+        "an arm name is empty or has spaces around it",
+    )?;
+    check(arms[0] != arms[1], "arms", "names one arm twice")?;
+    let classes: Vec<ClassSpec> = fields.take("classes")?;
+    check(
+        (1..=MAX_CLASSES).contains(&classes.len()),
+        "classes",
+        "wants 1 to 64 classes",
+    )?;
+    let mut labels = HashSet::new();
+    for class in &classes {
+        check(
+            !class.label.is_empty() && class.label.chars().count() <= 64,
+            "classes",
+            "a label must have 1 to 64 characters",
+        )?;
+        check(
+            labels.insert(class.label.as_str()),
+            "classes",
+            &format!("the label {:?} is there twice", class.label),
+        )?;
+    }
+    let stream: bool = fields.take("stream")?;
+    let endpoint: String = fields.take("endpoint")?;
+    check(endpoint.starts_with('/'), "endpoint", "must be a path")?;
+    let load: String = fields.take("load")?;
+    let concurrency: Option<u32> = fields.take("concurrency")?;
+    let rate: Option<f64> = fields.take("rate")?;
+    let load = match (load.as_str(), concurrency, rate) {
+        ("closed", Some(concurrency), None) => {
+            check(
+                (1..=4096).contains(&concurrency),
+                "concurrency",
+                "must be 1 to 4096",
+            )?;
+            LoadSpec::Closed { concurrency }
+        }
+        ("open", None, Some(rate)) => {
+            check(
+                rate > 0.0 && rate <= 100_000.0,
+                "rate",
+                "must be more than 0 and at most 100000",
+            )?;
+            LoadSpec::Open { rate }
+        }
+        _ => {
+            return Err(
+                "field `load`: `closed` with a `concurrency` and a null `rate`, or `open` with a `rate` \
+                 and a null `concurrency`"
+                    .into(),
+            )
+        }
+    };
+    let seed: u64 = fields.take("seed")?;
+    let warmup: u64 = fields.take("warmup")?;
+    check(warmup <= 100_000, "warmup", "must be at most 100000")?;
+    let requests: u64 = fields.take("requests")?;
+    check(
+        (2..=10_000_000).contains(&requests),
+        "requests",
+        "must be 2 to 10000000",
+    )?;
+    let looks: u32 = fields.take("looks")?;
+    check((1..=100).contains(&looks), "looks", "must be 1 to 100")?;
+    let until = match fields.take::<String>("until")?.as_str() {
+        "budget" => Until::Budget,
+        "decided" => Until::Decided,
+        _ => return Err("field `until`: must be \"budget\" or \"decided\"".into()),
+    };
+    let alpha = open_fraction(fields, "alpha")?;
+    let min_effect = open_fraction(fields, "min_effect")?;
+    let srm_threshold = open_fraction(fields, "srm_threshold")?;
+    let run: RunFacts = fields.take("run")?;
+    check(
+        run.duration_s.is_finite() && run.duration_s >= 0.0,
+        "run",
+        "duration_s must be a number of seconds, 0 or more",
+    )?;
+    check(
+        matches!(run.stopped_by.as_str(), "requests" | "duration" | "decided"),
+        "run",
+        "stopped_by must be \"requests\", \"duration\" or \"decided\"",
+    )?;
+    fields.finish()?;
+    Ok(Header {
+        arms,
+        classes,
+        stream,
+        endpoint,
+        load,
+        seed,
+        warmup,
+        requests,
+        method: MethodSpec {
+            alpha,
+            min_effect,
+            until,
+            looks: if until == Until::Budget { 1 } else { looks },
+            srm_threshold,
+        },
+        run,
+    })
+}
+
+fn milliseconds(value: f64) -> bool {
+    value.is_finite() && value >= 0.0
+}
+
+fn read_record(fields: &mut Fields, header: &Header) -> Result<(u64, Outcome), String> {
+    let number: u64 = fields.take("number")?;
+    check(
+        number < header.requests,
+        "number",
+        &format!(
+            "measured request {number} is beyond the header's {} requests",
+            header.requests
+        ),
+    )?;
+    let arm =
+        |field: &str, name: &str| {
+            header.arms.iter().position(|a| a == name).ok_or_else(|| {
+                format!("field `{field}`: arm {name:?} is not one of the header's arms")
+            })
+        };
+    let class: String = fields.take("class")?;
+    let class = header
+        .classes
+        .iter()
+        .position(|c| c.label == class)
+        .ok_or_else(|| format!("field `class`: {class:?} is not one of the header's classes"))?;
+    let assigned = arm("assigned", &fields.take::<String>("assigned")?)?;
+    let served = match fields.take::<Option<String>>("served")? {
+        Some(name) => Some(arm("served", &name)?),
+        None => None,
+    };
+    let status: Option<u16> = fields.take("status")?;
+    let error: Option<String> = fields.take("error")?;
+    let ttft_ms: Option<f64> = fields.take("ttft_ms")?;
+    check(
+        ttft_ms.is_none_or(milliseconds),
+        "ttft_ms",
+        "must be milliseconds, 0 or more",
+    )?;
+    let itl_ms: Vec<f64> = fields.take("itl_ms")?;
+    check(
+        itl_ms.iter().copied().all(milliseconds),
+        "itl_ms",
+        "must be milliseconds, 0 or more",
+    )?;
+    let e2e_ms: f64 = fields.take("e2e_ms")?;
+    check(
+        milliseconds(e2e_ms),
+        "e2e_ms",
+        "must be milliseconds, 0 or more",
+    )?;
+    let prompt_tokens: Option<u64> = fields.take("prompt_tokens")?;
+    let output_tokens: Option<u64> = fields.take("output_tokens")?;
+    fields.finish()?;
+    Ok((
+        number,
+        Outcome {
+            class,
+            assigned,
+            served,
+            status,
+            error,
+            ttft_ms,
+            itl_ms,
+            e2e_ms,
+            prompt_tokens,
+            output_tokens,
+        },
+    ))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use rand::rngs::ChaCha8Rng;
+    use rand::{RngExt, SeedableRng};
+
+    use super::*;
+
+    const HEADER: &str = r#"{"kvab_records":1,"arms":["nvlink","fs"],"classes":[{"label":"128","prompt_tokens":128},{"label":"file","prompt_tokens":null}],"stream":true,"endpoint":"/v1/chat/completions","load":"closed","concurrency":8,"rate":null,"seed":3,"warmup":8,"requests":10,"looks":5,"until":"decided","alpha":0.05,"min_effect":0.05,"srm_threshold":0.001,"run":{"sent":18,"skipped":0,"duration_s":1.5,"stopped_by":"requests"}}"#;
+    const RECORD: &str = r#"{"number":0,"class":"128","assigned":"nvlink","served":"fs","status":200,"error":null,"ttft_ms":12.5,"itl_ms":[1.25,2.0],"e2e_ms":20.0,"prompt_tokens":130,"output_tokens":3}"#;
+
+    fn parsed(lines: &[&str]) -> Result<Records, String> {
+        parse(format!("{}\n", lines.join("\n")).as_bytes(), "f")
+    }
+
+    fn error(lines: &[&str]) -> String {
+        parsed(lines).unwrap_err()
+    }
+
+    #[test]
+    fn a_good_file_reads_by_name() {
+        let other = RECORD
+            .replace("\"number\":0", "\"number\":7")
+            .replace("\"128\"", "\"file\"")
+            .replace("\"served\":\"fs\"", "\"served\":null")
+            .replace("\"error\":null", "\"error\":\"timeout\"");
+        // Blank lines and CRLF ends are read too.
+        let text = format!("{HEADER}\r\n{RECORD}\n\n{other}");
+        let records = parse(text.as_bytes(), "f").unwrap();
+        let h = &records.header;
+        assert_eq!(h.arms, ["nvlink", "fs"]);
+        assert_eq!(h.classes[1].prompt_tokens, None);
+        assert_eq!(h.load, LoadSpec::Closed { concurrency: 8 });
+        assert_eq!((h.method.until, h.method.looks), (Until::Decided, 5));
+        assert_eq!(h.run.stopped_by, "requests");
+        let (n, o) = &records.outcomes[0];
+        assert_eq!(*n, 0);
+        assert_eq!((o.class, o.assigned, o.served), (0, 0, Some(1)));
+        assert_eq!(
+            (o.ttft_ms, o.itl_ms.as_slice(), o.e2e_ms),
+            (Some(12.5), &[1.25, 2.0][..], 20.0)
+        );
+        let (n, o) = &records.outcomes[1];
+        assert_eq!((*n, o.class, o.served), (7, 1, None));
+        assert_eq!(o.error.as_deref(), Some("timeout"));
+    }
+
+    #[test]
+    fn bad_lines_are_named_with_their_field() {
+        let cases: &[(&[&str], &str)] = &[
+            (&[], "f: empty (no header line)"),
+            (
+                &["{\"arms\":[]}"],
+                "f line 1: not a kvab experiment records header",
+            ),
+            (&["[1]"], "f line 1: not a JSON object"),
+            (
+                &[&HEADER.replace("\"kvab_records\":1", "\"kvab_records\":2")],
+                "f line 1: field `kvab_records`: version 2",
+            ),
+            (
+                &[&HEADER.replace("\"alpha\":0.05", "\"alpha\":1.5")],
+                "f line 1: field `alpha`: must be more than 0",
+            ),
+            (
+                &[&HEADER.replace("\"seed\":3,", "")],
+                "f line 1: field `seed` is missing",
+            ),
+            (
+                &[&HEADER.replace("\"seed\":3", "\"seed\":3,\"colour\":1")],
+                "f line 1: field `colour` is not known",
+            ),
+            (
+                &[&HEADER.replace("\"nvlink\",\"fs\"", "\"fs\",\"fs\"")],
+                "f line 1: field `arms`: names one arm twice",
+            ),
+            (
+                &[&HEADER.replace("\"rate\":null", "\"rate\":3.0")],
+                "f line 1: field `load`",
+            ),
+            (
+                &[
+                    HEADER,
+                    &RECORD.replace("\"assigned\":\"nvlink\"", "\"assigned\":\"gpu\""),
+                ],
+                "f line 2: field `assigned`: arm \"gpu\" is not one of the header's arms",
+            ),
+            (
+                &[
+                    HEADER,
+                    &RECORD.replace("\"served\":\"fs\"", "\"served\":\"gpu\""),
+                ],
+                "f line 2: field `served`: arm \"gpu\"",
+            ),
+            (
+                &[
+                    HEADER,
+                    &RECORD.replace("\"class\":\"128\"", "\"class\":\"64\""),
+                ],
+                "f line 2: field `class`: \"64\" is not one of the header's classes",
+            ),
+            (
+                &[HEADER, RECORD, RECORD],
+                "f line 3: field `number`: measured request 0 is recorded twice",
+            ),
+            (
+                &[HEADER, &RECORD.replace("\"number\":0", "\"number\":10")],
+                "f line 2: field `number`: measured request 10 is beyond the header's 10 requests",
+            ),
+            (
+                &[
+                    HEADER,
+                    &RECORD.replace("\"ttft_ms\":12.5", "\"ttft_ms\":-1.0"),
+                ],
+                "f line 2: field `ttft_ms`: must be milliseconds",
+            ),
+            (
+                &[
+                    HEADER,
+                    &RECORD.replace("\"e2e_ms\":20.0", "\"e2e_ms\":\"fast\""),
+                ],
+                "f line 2: field `e2e_ms`: invalid type",
+            ),
+            (
+                &[HEADER, &RECORD.replace(",\"output_tokens\":3", "")],
+                "f line 2: field `output_tokens` is missing",
+            ),
+            (&[HEADER, "{\"number\":1"], "f line 2: not a JSON object"),
+        ];
+        for (lines, expected) in cases {
+            let message = error(lines);
+            assert!(message.starts_with(expected), "{message:?} for {lines:?}");
+        }
+    }
+
+    #[test]
+    fn a_line_over_the_cap_is_refused_by_its_number() {
+        let long = format!("{HEADER}\n{}\n", " ".repeat(MAX_LINE_BYTES + 1));
+        assert_eq!(
+            parse(long.as_bytes(), "f").unwrap_err(),
+            format!("f line 2: longer than {MAX_LINE_BYTES} bytes")
+        );
+        // At the cap exactly, the line is read (a blank one here).
+        let at_cap = format!("{HEADER}\n{}\n", " ".repeat(MAX_LINE_BYTES));
+        assert!(parse(at_cap.as_bytes(), "f").is_ok());
+    }
+
+    #[test]
+    fn the_file_appears_whole_at_the_end_and_no_temporary_file_stays() {
+        let dir = std::env::temp_dir().join(format!("kvab-records-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("run.jsonl");
+        let header = parse(format!("{HEADER}\n").as_bytes(), "f").unwrap().header;
+        let pending = Pending::create(&path).unwrap();
+        assert!(!path.exists(), "nothing at the path while the run goes on");
+        let slots = vec![None, Some(Outcome::default())];
+        pending.finish(&header, &slots).unwrap();
+        let records = read(&path).unwrap();
+        assert_eq!(records.header, header);
+        assert_eq!(records.outcomes, vec![(1, Outcome::default())]);
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["run.jsonl"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn every_f64_reads_back_exactly() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let header = parse(format!("{HEADER}\n").as_bytes(), "f").unwrap().header;
+        let mut slots = Vec::new();
+        for i in 0..2000 {
+            // Uniform bits (every finite non-negative f64) and timings as the clock gives them.
+            let bits = f64::from_bits(rng.random::<u64>() >> 2);
+            let clock = f64::from(rng.random_range(0..10_000_000u32)) / 1e6 * 1000.0;
+            slots.push(Some(Outcome {
+                class: i % 2,
+                assigned: i % 2,
+                served: Some(i % 2),
+                ttft_ms: Some(bits),
+                itl_ms: vec![clock, bits / 3.0],
+                e2e_ms: clock * 1.000_000_1,
+                ..Outcome::default()
+            }));
+        }
+        let mut header = header;
+        header.requests = 2000;
+        header.run.duration_s = 1.0 / 3.0;
+        let mut out = Vec::new();
+        write_to(&mut out, &header, &slots).unwrap();
+        let records = parse(out.as_slice(), "f").unwrap();
+        assert_eq!(records.header, header);
+        for (n, outcome) in &records.outcomes {
+            let expected = slots[*n as usize].as_ref().unwrap();
+            assert_eq!(outcome, expected, "record {n}");
+            assert_eq!(
+                outcome.ttft_ms.map(f64::to_bits),
+                expected.ttft_ms.map(f64::to_bits)
+            );
+        }
+    }
+}
