@@ -17,6 +17,8 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
+import one_judge
+
 from kvablocal.sidecar import REPO, kvab_binary
 
 DATA = REPO / "tests" / "data" / "analyze-answers"
@@ -87,8 +89,11 @@ def judged(done: subprocess.CompletedProcess) -> dict:
 
 
 def recorded(name: str) -> tuple[Path, dict, dict]:
+    """The answers file, its document and its report, saved before the one judge (#28) and read as the one
+    judge words it (tests/one_judge.py lists every difference)."""
     path = DATA / f"{name}.json"
-    return path, json.loads(path.read_text()), json.loads((DATA / f"{name}.report.json").read_text())
+    saved = json.loads((DATA / f"{name}.report.json").read_text())
+    return path, json.loads(path.read_text()), one_judge.analyze_report(saved)
 
 
 def test_the_recordings_have_different_outcomes():

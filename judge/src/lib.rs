@@ -1,8 +1,21 @@
 //! kvab's judge: everything between measured data and a verdict, with no I/O.
 //!
-//! `stats` (percentiles, the split test, Mann-Whitney with the Hodges–Lehmann shift and its interval,
-//! median intervals, Holm, two proportions) works on samples; `binned` (quantiles, Mann-Whitney and the
-//! interval of the difference of medians) on Prometheus histograms.
+//! - `stats` (percentiles, the split test, Mann-Whitney with the Hodges–Lehmann shift and its interval,
+//!   median intervals, Holm, two proportions) works on samples; `binned` (quantiles, Mann-Whitney and the
+//!   interval of the difference of medians) on Prometheus histograms.
+//! - `comparison`: one `Comparison` of two arms and the one rule that decides it (`faster`,
+//!   `equivalent`, `inconclusive`), from samples or from histograms.
+//! - `verdict`: the verdict on a whole report and its reasons, in one wording.
+//! - `requests`: an experiment's per-request outcomes judged (assignment, error rates, comparisons).
+//! - `report`: the reports of `kvab experiment` and `kvab analyze` (their JSON is a public contract) and
+//!   their renderings: the table, the HTML page and its plots.
 
 pub mod binned;
+pub mod comparison;
+pub mod report;
+pub mod requests;
 pub mod stats;
+pub mod verdict;
+
+pub use comparison::{Comparison, Decision, Rule};
+pub use verdict::{Findings, Verdict};

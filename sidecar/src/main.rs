@@ -6,6 +6,7 @@ mod analyze;
 mod check;
 mod cli;
 mod experiment;
+mod output;
 
 use std::process::ExitCode;
 

@@ -3,8 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
-
+use kvab_judge::report::production::{Assignment, Design};
 use kvab_judge::stats::split_test;
 
 use super::prometheus::Labels;
@@ -12,27 +11,6 @@ use super::series::label;
 
 /// Split-assigned share at or above which the comparison counts as randomized.
 pub const RANDOMIZED_SHARE: f64 = 0.95;
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Design {
-    /// `randomized` (at least 95 % of tagged requests assigned by the split), `observational` (most chose
-    /// their arm by header), `mixed`, or `none` (no tagged request).
-    pub kind: &'static str,
-    /// Tagged requests per arm and `source` (`header`, `split`, `default`).
-    pub requests: BTreeMap<String, BTreeMap<String, f64>>,
-    pub split_share: Option<f64>,
-    pub header_share: Option<f64>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Assignment {
-    /// Split-assigned requests per arm.
-    pub split: BTreeMap<String, f64>,
-    pub weights: Option<BTreeMap<String, f64>>,
-    pub srm_p: Option<f64>,
-    /// `null` without --split or without split traffic.
-    pub srm_ok: Option<bool>,
-}
 
 /// The design of the window from `kvab_requests_total` by (backend, source).
 pub fn design(requests: &[(Labels, f64)], arms: &[String]) -> Design {

@@ -3,9 +3,9 @@
 
 use super::options::AnalyzeArgs;
 use super::prometheus::Labels;
-use super::report::Window;
 use super::series::Samples;
 use super::source::Source;
+use kvab_judge::report::production::Window;
 
 /// Runs a query, keeping it for the report.
 struct Queries<'a> {

@@ -4,17 +4,17 @@
 
 use std::collections::BTreeMap;
 
-use crate::experiment::report::Verdict;
-use kvab_judge::stats::{holm_adjusted, holm_levels, two_proportion};
+use kvab_judge::stats::{format_p, holm_adjusted, holm_levels, two_proportion};
 
-use super::compare::{compare, verdict, Comparison};
 use super::design::{assignment, design};
 use super::fetch::Answers;
 use super::options::AnalyzeArgs;
 use super::prometheus::Labels;
-use super::report::{Method, Rate, Report, Window};
 use super::series::{counts, histograms, label};
 use kvab_judge::binned::mann_whitney;
+use kvab_judge::comparison::{of_histograms, Comparison, InFamily, Rule};
+use kvab_judge::report::production::{Method, Rate, Report, Window};
+use kvab_judge::verdict::{verdict, Findings, Verdict};
 
 pub const METHOD: &str = "increase() of the filter's histograms and counters over the window; Mann-Whitney with \
                       each bucket a group of ties; the difference of medians with distribution-free median \
@@ -75,20 +75,43 @@ pub fn judge(
             metrics.push((*name, false, found));
         }
     }
-    let p_values: Vec<f64> = metrics
+    let p_values: Vec<Option<f64>> = metrics
         .iter()
         .map(|(_, _, h)| match (&h[0], &h[1]) {
-            (Some(a), Some(b)) => mann_whitney(a, b).unwrap_or(1.0),
-            _ => 1.0,
+            (Some(a), Some(b)) => mann_whitney(a, b),
+            _ => None,
         })
         .collect();
-    let adjusted = holm_adjusted(&p_values);
-    let levels = holm_levels(&p_values, args.alpha);
+    let family: Vec<f64> = p_values.iter().map(|p| p.unwrap_or(1.0)).collect();
+    let adjusted = holm_adjusted(&family);
+    let levels = holm_levels(&family, args.alpha);
+    let rule = Rule {
+        level: args.alpha,
+        min_effect: args.min_effect,
+    };
     let comparisons: Vec<Comparison> = metrics
         .iter()
-        .zip(adjusted.iter().zip(&levels))
-        .map(|((metric, primary, h), (&p_adjusted, &level))| {
-            compare(metric, *primary, arms, h, p_adjusted, level, args)
+        .zip(p_values.iter().zip(adjusted.iter().zip(&levels)))
+        .map(|((metric, primary, h), (&p, (&p_adjusted, &level)))| {
+            let family = InFamily {
+                p,
+                p_adjusted,
+                level,
+            };
+            of_histograms(metric, *primary, arms, h, family, rule, args.min_requests)
+        })
+        .collect();
+    // Per primary metric, the arms with fewer requests than --min-requests (Prometheus's counts, before
+    // they are rounded for the report).
+    let few: Vec<Vec<(String, f64)>> = metrics
+        .iter()
+        .filter(|(_, primary, _)| *primary)
+        .map(|(_, _, h)| {
+            arms.iter()
+                .zip(h)
+                .map(|(arm, h)| (arm.clone(), h.as_ref().map_or(0.0, |h| h.total())))
+                .filter(|(_, n)| *n < args.min_requests as f64)
+                .collect()
         })
         .collect();
 
@@ -113,8 +136,65 @@ pub fn judge(
         },
         queries,
     };
-    (report.verdict, report.reasons) = verdict(&report, args);
+    (report.verdict, report.reasons) = verdict(findings(&report, &few, args), &report.comparisons);
     Ok(report)
+}
+
+/// What the window shows besides its comparisons, for the one verdict rule (`kvab_judge::verdict`): a
+/// sample-ratio mismatch makes it invalid; a window that is not randomized, or has too little traffic
+/// (`few`: per primary metric, the arms under --min-requests), cannot decide; differing error rates and
+/// misrouted requests are noted.
+fn findings(report: &Report, few: &[Vec<(String, f64)>], args: &AnalyzeArgs) -> Findings {
+    let mut f = Findings::default();
+    if report.assignment.srm_ok == Some(false) {
+        let counts: Vec<String> = report
+            .assignment
+            .split
+            .iter()
+            .map(|(a, n)| format!("{a} {n:.0}"))
+            .collect();
+        f.invalid.push(format!(
+            "sample-ratio mismatch: split-assigned requests {} against the weights of --split (p={}): the filter's \
+             split is not what --split says, or requests are lost on one arm",
+            counts.join(", "),
+            report.assignment.srm_p.map_or("-".into(), format_p)
+        ));
+    }
+    match report.design.kind {
+        "randomized" => f.context.push(format!(
+            "randomized: {:.0} % of tagged requests were assigned by the filter's split",
+            100.0 * report.design.split_share.unwrap_or(0.0)
+        )),
+        "none" => f.caveats.push("no tagged request in the window".into()),
+        kind => f.caveats.push(format!(
+            "{kind}: {:.0} % of tagged requests chose their arm by header (clients chose), only {:.0} % by the \
+             split; the arms saw different clients, prompts and moments, so a difference may come from who \
+             sends to which arm and is no verdict (use onMissing: split, or kvab experiment)",
+            100.0 * report.design.header_share.unwrap_or(0.0),
+            100.0 * report.design.split_share.unwrap_or(0.0)
+        )),
+    }
+    for arms in few.iter().filter(|arms| !arms.is_empty()) {
+        let named: Vec<String> = arms.iter().map(|(a, n)| format!("{a} {n:.0}")).collect();
+        f.caveats.push(format!(
+            "too little traffic in the window: {} request(s), fewer than --min-requests {}",
+            named.join(", "),
+            args.min_requests
+        ));
+    }
+    if let Some(p) = report.errors_p.filter(|p| *p < args.alpha) {
+        f.notes.push(format!(
+            "error rates differ between the arms (p={})",
+            format_p(p)
+        ));
+    }
+    let misrouted: f64 = report.misroutes.values().map(|r| r.count).sum();
+    if misrouted > 0.0 {
+        f.notes.push(format!(
+            "{misrouted:.0} request(s) served by another arm than tagged"
+        ));
+    }
+    f
 }
 
 /// Per arm (the `key` label), how many of the samples' counts there are and how many `counted` picks.

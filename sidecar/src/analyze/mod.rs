@@ -1,17 +1,17 @@
 //! `kvab analyze`: the A/B judged on what Prometheus already holds (docs/analyze.md): the filter's per-arm
-//! histograms and counters over a window, with statistics valid on binned data (`binned`), the design
-//! read from how requests chose their arm, and the sample-ratio check against the split weights.
+//! histograms and counters over a window, with statistics valid on binned data (`kvab_judge::binned`),
+//! the design read from how requests chose their arm, and the sample-ratio check against the split
+//! weights.
 //!
 //! The run: options -> a `source` of answers (Prometheus, or a file recorded by `--save-answers`) ->
-//! `fetch` (the queries) -> `judge` (`series`, `design`, `compare`; no I/O) -> `report` (table, JSON, HTML).
+//! `fetch` (the queries) -> `judge` (`series`, `design`; the comparisons, the verdict and the report are
+//! `kvab_judge`'s; no I/O) -> `crate::output` (table, JSON, HTML).
 
-mod compare;
 mod design;
 mod fetch;
 mod judge;
 pub mod options;
 pub mod prometheus;
-mod report;
 mod series;
 mod source;
 #[cfg(test)]
@@ -19,12 +19,12 @@ mod tests;
 
 use std::process::ExitCode;
 
-use crate::experiment::report::emit;
+use crate::output::emit;
+use kvab_judge::report::production::{Report, Window};
 use kvab_serve::client::HttpClient;
 
 use options::AnalyzeArgs;
 use prometheus::Prometheus;
-use report::{Report, Window};
 use source::{Recording, Source};
 
 pub fn main(mut args: AnalyzeArgs) -> ExitCode {
@@ -70,7 +70,7 @@ pub fn main(mut args: AnalyzeArgs) -> ExitCode {
         }
     };
     let html = args.html.as_deref().map(|path| {
-        let page = crate::experiment::html::page(
+        let page = kvab_judge::report::html::page(
             &format!("kvab analyze: {}", report.arms.join(" vs ")),
             &report.verdict_line(),
             report.verdict,

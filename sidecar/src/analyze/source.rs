@@ -18,8 +18,8 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use super::prometheus::{answer, evaluation_time, printable, Prometheus, MAX_ANSWER_BYTES};
-use super::report::Window;
 use super::series::Samples;
+use kvab_judge::report::production::Window;
 
 /// The `format` of a file of answers.
 pub const FORMAT: &str = "kvab-analyze-answers";

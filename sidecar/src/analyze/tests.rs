@@ -6,7 +6,6 @@
 use clap::Parser;
 use serde_json::{json, Value};
 
-use super::compare::compare;
 use super::design::{assignment, design};
 use super::fetch::{fetch, Answers};
 use super::judge::judge;
@@ -14,8 +13,9 @@ use super::prometheus::Labels;
 use super::series::series;
 use super::source::{document, save, Recorded, MAX_ANSWERS};
 use super::*;
-use crate::experiment::report::{Decision, Verdict};
 use kvab_judge::binned::Histogram;
+use kvab_judge::comparison::{of_histograms, InFamily, Rule};
+use kvab_judge::{Decision, Verdict};
 use kvab_serve::client::one_shot::{serve_once, Then};
 
 #[derive(Parser)]
@@ -113,7 +113,7 @@ fn arms() -> Vec<String> {
 }
 
 /// The primary comparison of a report.
-fn primary(report: &Report) -> &compare::Comparison {
+fn primary(report: &Report) -> &kvab_judge::Comparison {
     report.comparisons.iter().find(|c| c.primary).unwrap()
 }
 
@@ -322,10 +322,11 @@ fn an_arm_clearly_faster_is_decided_with_its_interval_and_effect() {
         (c.decision, c.faster.as_deref()),
         (Decision::Faster, Some("nvlink"))
     );
-    assert_eq!((c.n["nvlink"], c.n["fs"]), (1000.0, 1000.0));
+    assert_eq!((c.n["nvlink"], c.n["fs"]), (1000, 1000));
     // nvlink's median in (0, 50] ms, fs's in (100, 200]: the interval excludes 0, the shift is positive.
-    assert_eq!(c.p50_bucket["nvlink"], [0.0, 50.0]);
-    assert_eq!(c.p50_bucket["fs"], [100.0, 200.0]);
+    let buckets = c.p50_bucket.as_ref().unwrap();
+    assert_eq!(buckets["nvlink"], [0.0, 50.0]);
+    assert_eq!(buckets["fs"], [100.0, 200.0]);
     let [lo, hi] = c.ci_ms.unwrap();
     assert!(lo > 0.0 && hi > lo, "{lo} {hi}");
     assert!(
@@ -337,7 +338,7 @@ fn an_arm_clearly_faster_is_decided_with_its_interval_and_effect() {
         report.reasons,
         [
             "randomized: 100 % of tagged requests were assigned by the filter's split",
-            "request_duration_ms: nvlink faster by 440.0% (median)"
+            "request_duration_ms: nvlink faster by 440.0%"
         ]
     );
     assert_eq!(report.verdict, Verdict::Decided);
@@ -417,14 +418,22 @@ fn too_little_traffic_or_a_wide_interval_is_inconclusive() {
 #[test]
 fn the_comparison_alone_needs_both_arms() {
     let histogram = Histogram::from_cumulative(vec![("50", 10.0), ("+Inf", 300.0)]).unwrap();
-    let c = compare(
+    let args = args();
+    let c = of_histograms(
         "request_duration_ms",
         true,
         &arms(),
         &[Some(histogram), None],
-        0.01,
-        0.05,
-        &args(),
+        InFamily {
+            p: None,
+            p_adjusted: 0.01,
+            level: 0.05,
+        },
+        Rule {
+            level: args.alpha,
+            min_effect: args.min_effect,
+        },
+        args.min_requests,
     );
     assert_eq!(
         (c.n.len(), c.p, c.decision),
@@ -528,6 +537,32 @@ fn flags_of(saved: &Value) -> Vec<String> {
     flags
 }
 
+/// `now` holds every field of `saved` with the same value, but `reasons`, and `n` of a comparison rounded.
+fn same_figures(name: &str, now: &Value, saved: &Value) {
+    for (key, value) in saved.as_object().unwrap() {
+        match key.as_str() {
+            "reasons" => {}
+            "comparisons" => {
+                let (now, saved) = (now[key].as_array().unwrap(), value.as_array().unwrap());
+                assert_eq!(now.len(), saved.len(), "{name}: comparisons");
+                for (c, s) in now.iter().zip(saved) {
+                    for (field, v) in s.as_object().unwrap() {
+                        if field == "n" {
+                            for (arm, n) in v.as_object().unwrap() {
+                                let rounded = n.as_f64().unwrap().round() as u64;
+                                assert_eq!(c[field][arm], rounded, "{name}: n of {arm}");
+                            }
+                        } else {
+                            assert_eq!(&c[field], v, "{name}: comparison field {field}");
+                        }
+                    }
+                }
+            }
+            _ => assert_eq!(&now[key], value, "{name}: {key}"),
+        }
+    }
+}
+
 async fn judged_recording(document: &Value, flags: &[String]) -> Result<Report, String> {
     let recording = Recording::from_document("recorded.json".into(), document)?;
     let window = recording.window();
@@ -552,12 +587,12 @@ async fn the_recorded_answers_are_judged_to_their_saved_reports() {
         let document: Value = serde_json::from_str(recorded).unwrap();
         let flags = flags_of(&serde_json::from_str(saved).unwrap());
         let report = judged_recording(&document, &flags).await.unwrap();
-        // The text `--json` printed, byte for byte (parsed, serde_json may be off by one ulp in a float).
-        let text = serde_json::to_string_pretty(&report).unwrap() + "\n";
-        assert!(
-            text == saved,
-            "{name}: the report differs from the saved one"
-        );
+        // The same decisions and figures as the report saved before the one judge (#28): every field but
+        // the reasons (their wording is the one judge's, tests/test_analyze_answers.py checks it) and the
+        // requests per arm, now whole requests.
+        let now = serde_json::to_value(&report).unwrap();
+        let saved: Value = serde_json::from_str(saved).unwrap();
+        same_figures(name, &now, &saved);
         verdicts.push(report.verdict);
     }
     assert_eq!(

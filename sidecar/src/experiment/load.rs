@@ -282,7 +282,7 @@ pub fn start(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::experiment::analysis::{analyze, Design};
+    use kvab_judge::requests::{analyze, Design};
     use kvab_serve::client::one_shot::{serve_once, Then};
 
     const TAGGED_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\

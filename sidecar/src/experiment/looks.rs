@@ -7,16 +7,10 @@
 //! comparison is decided and the sample-ratio check passes ends the run. Otherwise the analysis is of
 //! every outcome received.
 
-use super::analysis::{self, Analysis, Design};
 use super::measure::Outcome;
 use super::options::Until;
-
-/// The measured request counts at which `--until decided` analyses: `looks` evenly spaced points.
-pub fn look_points(requests: u64, looks: u32) -> Vec<u64> {
-    (1..=u64::from(looks))
-        .map(|k| (k * requests).div_ceil(u64::from(looks)))
-        .collect()
-}
+pub use kvab_judge::requests::look_points;
+use kvab_judge::requests::{self as analysis, Analysis, Design};
 
 /// Why the looks ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

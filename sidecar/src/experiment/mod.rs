@@ -3,23 +3,18 @@
 //! `options` (the command line), `workload` (classes, prompts, bodies), `assign` (balanced randomized
 //! blocks), `load` (closed or open loop, one request's measurement), `measure` (server-sent events to
 //! timings), `looks` (the sequential looks, no I/O: the one procedure of the live run and of
-//! `--judge-records`), `analysis` (the statistics and decisions, no I/O), `records` (the per-request
-//! records file: `--records`, `--judge-records`), `report` (JSON and table), `html` (the report with
-//! plots). Here: the run, the judgement of a records file, the progress line and the exit status.
+//! `--judge-records`), `records` (the per-request records file: `--records`, `--judge-records`). The
+//! statistics, the decisions, the verdict and the report (JSON, table, HTML) are the `kvab-judge`
+//! crate's (`requests`, `comparison`, `verdict`, `report::experiment`, `report::html`). Here: the run,
+//! the judgement of a records file, the progress line and the exit status.
 
-pub mod analysis;
 pub mod assign;
-pub mod html;
 pub mod load;
 pub mod looks;
 pub mod measure;
 pub mod options;
 pub mod records;
-pub mod report;
 pub mod workload;
-
-#[cfg(test)]
-pub use looks::look_points;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -30,6 +25,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::check::kube;
+use crate::output;
+use kvab_judge::report::{experiment as report, html};
+use kvab_judge::requests as analysis;
+use kvab_judge::Findings;
 use kvab_serve::client::HttpClient;
 
 use analysis::{Analysis, Design};
@@ -75,7 +74,7 @@ pub fn main(args: ExperimentArgs) -> ExitCode {
         }
     };
     let html = html_path.map(|path| (path, html::render(&report, &samples)));
-    report::emit(
+    output::emit(
         "experiment",
         &report,
         report.verdict,
@@ -343,17 +342,43 @@ fn stopped_word(stopped_by: &str) -> &'static str {
     }
 }
 
+/// What the run shows besides its comparisons, for the one verdict rule (`kvab_judge::verdict`): nothing
+/// counted or a sample-ratio mismatch makes it invalid; misrouted answers and differing error rates are
+/// noted.
 fn verdict(design: &Design, analysis: &Analysis) -> (Verdict, Vec<String>) {
     let a = &analysis.assignment;
-    let mut reasons = Vec::new();
+    let mut findings = Findings::default();
     let counted: u64 = analysis
         .comparisons
         .iter()
         .filter(|c| c.primary)
         .flat_map(|c| c.n.values())
         .sum();
+    if counted == 0 {
+        findings
+            .invalid
+            .push("no request was answered by its assigned arm without error".into());
+    } else if !a.srm_ok {
+        // Requests without response headers have no arm: when there are any, the mismatch may be theirs.
+        let untagged = if a.untagged > 0 {
+            format!(
+                "; {} request(s) without a tagged answer (no response headers, or no known arm in the tag) \
+                 are not among the answers",
+                a.untagged
+            )
+        } else {
+            String::new()
+        };
+        findings.invalid.push(format!(
+            "sample-ratio mismatch: answered {} against planned {} (p={}): the routing does not follow the \
+             assignment{untagged}",
+            report::per_arm(&a.answered),
+            report::per_arm(&a.planned),
+            a.srm_p.map_or("-".into(), report::format_p)
+        ));
+    }
     if a.misrouted > 0 {
-        reasons.push(format!(
+        findings.notes.push(format!(
             "{} response(s) served by another arm than assigned (excluded from the timings)",
             a.misrouted
         ));
@@ -365,63 +390,14 @@ fn verdict(design: &Design, analysis: &Analysis) -> (Verdict, Vec<String>) {
                 .iter()
                 .map(|(arm, c)| format!("{arm} {:.1}%", 100.0 * c.rate))
                 .collect();
-            reasons.push(format!(
+            findings.notes.push(format!(
                 "error rates differ in class {}: {}",
                 e.class,
                 rates.join(", ")
             ));
         }
     }
-    if counted == 0 {
-        reasons.insert(
-            0,
-            "no request was answered by its assigned arm without error".into(),
-        );
-        return (Verdict::Invalid, reasons);
-    }
-    if !a.srm_ok {
-        // Requests without response headers have no arm: when there are any, the mismatch may be theirs.
-        let untagged = if a.untagged > 0 {
-            format!(
-                "; {} request(s) without a tagged answer (no response headers, or no known arm in the tag) \
-                 are not among the answers",
-                a.untagged
-            )
-        } else {
-            String::new()
-        };
-        reasons.insert(
-            0,
-            format!(
-                "sample-ratio mismatch: answered {} against planned {} (p={}): the routing does not follow the \
-                 assignment{untagged}",
-                report::per_arm(&a.answered),
-                report::per_arm(&a.planned),
-                a.srm_p.map_or("-".into(), report::format_p)
-            ),
-        );
-        return (Verdict::Invalid, reasons);
-    }
-    for c in analysis.comparisons.iter().filter(|c| c.primary) {
-        let what = match (&c.decision, &c.faster) {
-            (report::Decision::Faster, Some(arm)) => format!(
-                "{} {}: {arm} faster by {:.1}%",
-                c.metric.name(),
-                c.class,
-                100.0 * c.relative.unwrap_or(0.0).abs()
-            ),
-            (report::Decision::Equivalent, _) => {
-                format!("{} {}: equivalent", c.metric.name(), c.class)
-            }
-            _ => format!("{} {}: inconclusive", c.metric.name(), c.class),
-        };
-        reasons.push(what);
-    }
-    if analysis.decided() {
-        (Verdict::Decided, reasons)
-    } else {
-        (Verdict::Inconclusive, reasons)
-    }
+    kvab_judge::verdict::verdict(findings, &analysis.comparisons)
 }
 
 /// The progress line on stderr: answers per arm, rate, and the current estimate of each primary

@@ -14,9 +14,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::analysis::Design;
 use super::measure::Outcome;
 use super::options::Until;
+use kvab_judge::requests::Design;
 
 /// The format version this kvab writes and reads (`kvab_records`).
 pub const VERSION: u64 = 1;

@@ -6,106 +6,9 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-pub use kvab_judge::stats::format_p;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Verdict {
-    /// Every primary comparison is `faster` or `equivalent`, and the assignment checks passed.
-    Decided,
-    /// At least one primary comparison is undecided.
-    Inconclusive,
-    /// The run cannot be trusted (sample-ratio mismatch, no answers): no comparison is a finding.
-    Invalid,
-}
-
-impl Verdict {
-    pub fn word(self) -> &'static str {
-        match self {
-            Verdict::Decided => "decided",
-            Verdict::Inconclusive => "inconclusive",
-            Verdict::Invalid => "invalid",
-        }
-    }
-
-    /// The exit status of `kvab experiment` and `kvab analyze` (3 is for runs that could not be judged).
-    pub fn exit_code(self) -> u8 {
-        match self {
-            Verdict::Decided => 0,
-            Verdict::Invalid => 1,
-            Verdict::Inconclusive => 2,
-        }
-    }
-}
-
-/// The output of `kvab experiment` and `kvab analyze`: the HTML report (through a temporary file, so a
-/// reader never sees half of it), then the JSON or the table on stdout; the exit status is the verdict's.
-pub fn emit<T: Serialize>(
-    command: &str,
-    report: &T,
-    verdict: Verdict,
-    json: bool,
-    table: impl FnOnce() -> String,
-    html: Option<(&std::path::Path, String)>,
-) -> std::process::ExitCode {
-    use std::process::ExitCode;
-    if let Some((path, page)) = html {
-        let mut temporary = path.as_os_str().to_owned();
-        temporary.push(".tmp");
-        if let Err(e) =
-            std::fs::write(&temporary, page).and_then(|()| std::fs::rename(&temporary, path))
-        {
-            eprintln!(
-                "kvab {command}: cannot write --html {}: {e}",
-                path.display()
-            );
-            return ExitCode::from(3);
-        }
-    }
-    if json {
-        match serde_json::to_string_pretty(report) {
-            Ok(text) => println!("{text}"),
-            Err(e) => {
-                eprintln!("kvab {command}: cannot encode the report: {e}");
-                return ExitCode::from(3);
-            }
-        }
-    } else {
-        print!("{}", table());
-    }
-    ExitCode::from(verdict.exit_code())
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Decision {
-    Faster,
-    Equivalent,
-    Inconclusive,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-pub enum Metric {
-    #[serde(rename = "ttft_ms")]
-    Ttft,
-    #[serde(rename = "itl_ms")]
-    Itl,
-    #[serde(rename = "tpot_ms")]
-    Tpot,
-    #[serde(rename = "e2e_ms")]
-    E2e,
-}
-
-impl Metric {
-    pub fn name(self) -> &'static str {
-        match self {
-            Metric::Ttft => "ttft_ms",
-            Metric::Itl => "itl_ms",
-            Metric::Tpot => "tpot_ms",
-            Metric::E2e => "e2e_ms",
-        }
-    }
-}
+pub use crate::comparison::{Comparison, Decision};
+pub use crate::stats::format_p;
+pub use crate::verdict::{per_arm, verdict_line, Verdict};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -164,35 +67,6 @@ pub struct ErrorCount {
     pub requests: u64,
     pub errors: u64,
     pub rate: f64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Comparison {
-    pub metric: Metric,
-    pub class: String,
-    /// Primary comparisons decide the verdict (time to first token; end-to-end when not streaming).
-    pub primary: bool,
-    pub n: BTreeMap<String, u64>,
-    pub p50: BTreeMap<String, f64>,
-    pub p90: BTreeMap<String, f64>,
-    pub p99: BTreeMap<String, f64>,
-    /// Hodges–Lehmann shift, second arm minus first arm (positive: the first arm is faster).
-    pub shift_ms: Option<f64>,
-    /// Its distribution-free interval at `1 − ci_level_alpha`.
-    pub ci_ms: Option<[f64; 2]>,
-    pub ci_level_alpha: f64,
-    /// `shift_ms` relative to the first arm's median.
-    pub relative: Option<f64>,
-    /// `ci_ms` relative to the first arm's median.
-    pub relative_ci: Option<[f64; 2]>,
-    /// Mann-Whitney U two-sided p-value, and after Holm's correction across every comparison.
-    pub p: Option<f64>,
-    pub p_adjusted: Option<f64>,
-    pub decision: Decision,
-    pub faster: Option<String>,
-    /// For an inconclusive comparison: an estimate of the further measured requests (both arms, this
-    /// class) the interval needs to decide; `null` when no estimate can be made.
-    pub more_requests: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -284,8 +158,8 @@ impl Report {
             let _ = writeln!(
                 out,
                 "{:<8} {:<10} {:>7} {:>10} {:>10} {:>10} {:>22} {:>8} {:>9}  {}{}",
-                c.metric.name().trim_end_matches("_ms"),
-                c.class,
+                c.metric.trim_end_matches("_ms"),
+                c.class.as_deref().unwrap_or("-"),
                 n,
                 p50(first),
                 p50(second),
@@ -347,37 +221,5 @@ impl Report {
 
     pub fn verdict_line(&self) -> String {
         verdict_line(self.verdict, &self.reasons)
-    }
-}
-
-/// `decided: reason; reason`, or the bare word without reasons.
-pub fn verdict_line(verdict: Verdict, reasons: &[String]) -> String {
-    if reasons.is_empty() {
-        verdict.word().to_string()
-    } else {
-        format!("{}: {}", verdict.word(), reasons.join("; "))
-    }
-}
-
-/// `fs 120, nvlink 120`.
-pub fn per_arm(counts: &BTreeMap<String, u64>) -> String {
-    counts
-        .iter()
-        .map(|(arm, n)| format!("{arm} {n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-impl Comparison {
-    /// `nvlink faster`, `equivalent`, `inconclusive (~N more requests)`.
-    pub fn decision_text(&self) -> String {
-        match (self.decision, &self.faster) {
-            (Decision::Faster, Some(arm)) => format!("{arm} faster"),
-            (Decision::Equivalent, _) => "equivalent".into(),
-            _ => match self.more_requests {
-                Some(more) => format!("inconclusive (~{more} more requests)"),
-                None => "inconclusive".into(),
-            },
-        }
     }
 }

@@ -11,15 +11,78 @@
 
 use std::collections::BTreeMap;
 
-use kvab_judge::stats::{
-    hodges_lehmann, holm_adjusted, holm_levels, mann_whitney_u, percentile, shift_interval,
-    split_test, two_proportion,
-};
+use serde::Serialize;
 
-use super::measure::Outcome;
-use super::report::{
-    Assignment, ClassSamples, Comparison, Decision, ErrorCount, ErrorRates, Metric, Samples,
+use crate::comparison::{of_samples, Comparison, Decision, InFamily, Rule};
+use crate::report::experiment::{
+    ArmSamples, Assignment, ClassSamples, ErrorCount, ErrorRates, Samples,
 };
+use crate::stats::{holm_adjusted, holm_levels, mann_whitney_u, split_test, two_proportion};
+
+/// What one request measured.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Outcome {
+    pub class: usize,
+    pub assigned: usize,
+    /// The arm that served it, by the response's arm tag, also when the body then failed or timed out;
+    /// `None`: no response headers or no known arm in the tag.
+    pub served: Option<usize>,
+    pub status: Option<u16>,
+    /// Why it failed: `status 503`, `status 400 unknown_kv_backend`, `timeout`, `transport`, `stream error`,
+    /// `incomplete stream`.
+    pub error: Option<String>,
+    pub ttft_ms: Option<f64>,
+    /// Each gap between content events.
+    pub itl_ms: Vec<f64>,
+    pub e2e_ms: f64,
+    pub prompt_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+}
+
+impl Outcome {
+    /// Answered by its own arm, without error: its timings count.
+    pub fn counts(&self) -> bool {
+        self.error.is_none() && self.served == Some(self.assigned)
+    }
+
+    /// The request's median inter-token gap: the unit of the ITL comparison (gaps within one request are
+    /// not independent; requests are).
+    pub fn median_itl_ms(&self) -> Option<f64> {
+        crate::stats::percentile(&self.itl_ms, 50.0)
+    }
+
+    /// Time per output token after the first: (last content − first content) / (tokens − 1).
+    pub fn tpot_ms(&self) -> Option<f64> {
+        let tokens = self.output_tokens.unwrap_or(self.itl_ms.len() as u64 + 1);
+        if tokens < 2 || self.itl_ms.is_empty() {
+            return None;
+        }
+        Some(self.itl_ms.iter().sum::<f64>() / (tokens - 1) as f64)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum Metric {
+    #[serde(rename = "ttft_ms")]
+    Ttft,
+    #[serde(rename = "itl_ms")]
+    Itl,
+    #[serde(rename = "tpot_ms")]
+    Tpot,
+    #[serde(rename = "e2e_ms")]
+    E2e,
+}
+
+impl Metric {
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Ttft => "ttft_ms",
+            Metric::Itl => "itl_ms",
+            Metric::Tpot => "tpot_ms",
+            Metric::E2e => "e2e_ms",
+        }
+    }
+}
 
 /// What the analysis needs to know of the design.
 #[derive(Debug, Clone)]
@@ -122,67 +185,27 @@ pub fn analyze(design: &Design, outcomes: &[Outcome]) -> Analysis {
     let adjusted = holm_adjusted(&p_values);
     let levels = holm_levels(&p_values, design.look_alpha);
 
+    let rule = Rule {
+        level: design.look_alpha,
+        min_effect: design.min_effect,
+    };
     let comparisons = raw
         .iter()
         .zip(adjusted.iter().zip(&levels))
         .map(|(r, (&p_adjusted, &level))| {
-            let per_arm = |f: &dyn Fn(&[f64]) -> Option<f64>| -> BTreeMap<String, f64> {
-                [(&design.arms[0], &r.first), (&design.arms[1], &r.second)]
-                    .into_iter()
-                    .filter_map(|(arm, v)| f(v).map(|x| (arm.clone(), x)))
-                    .collect()
-            };
-            let base = percentile(&r.first, 50.0);
-            let shift = hodges_lehmann(&r.first, &r.second);
-            let ci = shift_interval(&r.first, &r.second, level);
-            let relative = shift
-                .zip(base)
-                .filter(|(_, b)| *b > 0.0)
-                .map(|(s, b)| s / b);
-            let relative_ci = ci
-                .zip(base)
-                .filter(|(_, b)| *b > 0.0)
-                .map(|((lo, hi), b)| [lo / b, hi / b]);
-            let (decision, faster) = decide(
-                design,
+            of_samples(
+                r.metric.name(),
+                design.classes.get(r.class).cloned(),
+                r.primary,
                 &design.arms,
-                r.p.map(|_| p_adjusted),
-                relative,
-                ci,
-                relative_ci,
-            );
-            let n_class = (r.first.len() + r.second.len()) as u64;
-            let more_requests = match decision {
-                Decision::Inconclusive => {
-                    more_requests(design.min_effect, n_class, ci, shift, base)
-                }
-                _ => None,
-            };
-            Comparison {
-                metric: r.metric,
-                class: design.classes[r.class].clone(),
-                primary: r.primary,
-                n: [
-                    (&design.arms[0], r.first.len()),
-                    (&design.arms[1], r.second.len()),
-                ]
-                .into_iter()
-                .map(|(a, n)| (a.clone(), n as u64))
-                .collect(),
-                p50: per_arm(&|v| percentile(v, 50.0)),
-                p90: per_arm(&|v| percentile(v, 90.0)),
-                p99: per_arm(&|v| percentile(v, 99.0)),
-                shift_ms: shift,
-                ci_ms: ci.map(|(lo, hi)| [lo, hi]),
-                ci_level_alpha: level,
-                relative,
-                relative_ci,
-                p: r.p,
-                p_adjusted: r.p.map(|_| p_adjusted),
-                decision,
-                faster,
-                more_requests,
-            }
+                [&r.first, &r.second],
+                InFamily {
+                    p: r.p,
+                    p_adjusted,
+                    level,
+                },
+                rule,
+            )
         })
         .collect();
 
@@ -206,56 +229,6 @@ pub fn analyze(design: &Design, outcomes: &[Outcome]) -> Analysis {
         measured_prompt_tokens,
         requests_per_class,
     }
-}
-
-fn decide(
-    design: &Design,
-    arms: &[String],
-    p_adjusted: Option<f64>,
-    relative: Option<f64>,
-    ci: Option<(f64, f64)>,
-    relative_ci: Option<[f64; 2]>,
-) -> (Decision, Option<String>) {
-    let (Some(p_adjusted), Some(relative), Some((lo, hi)), Some([rlo, rhi])) =
-        (p_adjusted, relative, ci, relative_ci)
-    else {
-        return (Decision::Inconclusive, None);
-    };
-    let excludes_zero = lo > 0.0 || hi < 0.0;
-    if p_adjusted <= design.look_alpha && excludes_zero && relative.abs() >= design.min_effect {
-        // shift = second − first: positive means the first arm is faster.
-        let faster = if relative > 0.0 { &arms[0] } else { &arms[1] };
-        return (Decision::Faster, Some(faster.clone()));
-    }
-    if rlo > -design.min_effect && rhi < design.min_effect {
-        return (Decision::Equivalent, None);
-    }
-    (Decision::Inconclusive, None)
-}
-
-/// Further requests (this class, both arms) until the interval is narrow enough to decide, assuming its
-/// width shrinks as 1/√n: to exclude zero when the shift is at least the margin, else to fit inside it.
-fn more_requests(
-    min_effect: f64,
-    n: u64,
-    ci: Option<(f64, f64)>,
-    shift: Option<f64>,
-    base: Option<f64>,
-) -> Option<u64> {
-    let ((lo, hi), shift, base) = (ci?, shift?, base?);
-    let half = (hi - lo) / 2.0;
-    let margin = min_effect * base;
-    let target = if shift.abs() >= margin {
-        shift.abs()
-    } else {
-        margin - shift.abs()
-    };
-    if !(target > 0.0 && half > 0.0 && n > 0) {
-        return None;
-    }
-    let factor = (half / target).powi(2);
-    let more = (n as f64 * (factor - 1.0)).ceil();
-    (more.is_finite() && more < 1e12).then(|| more.max(1.0) as u64)
 }
 
 fn assignment(design: &Design, outcomes: &[Outcome]) -> Assignment {
@@ -358,7 +331,7 @@ pub fn samples(design: &Design, analysis: &Analysis, outcomes: &[Outcome]) -> Sa
                             .iter()
                             .filter(move |o| o.class == c && o.assigned == a && o.counts())
                     };
-                    super::report::ArmSamples {
+                    ArmSamples {
                         arm: arm.clone(),
                         ttft_ms: counted().filter_map(|o| o.ttft_ms).collect(),
                         itl_ms: counted().flat_map(|o| o.itl_ms.iter().copied()).collect(),
@@ -373,6 +346,13 @@ pub fn samples(design: &Design, analysis: &Analysis, outcomes: &[Outcome]) -> Sa
 
 /// Calibration: the method's error rates measured on simulated experiments (A/A and known shifts), not
 /// asserted. Deterministic seeds, so the rates are the same on every run.
+/// The measured request counts at which `--until decided` analyses: `looks` evenly spaced points.
+pub fn look_points(requests: u64, looks: u32) -> Vec<u64> {
+    (1..=u64::from(looks))
+        .map(|k| (k * requests).div_ceil(u64::from(looks)))
+        .collect()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod calibration {
@@ -380,7 +360,6 @@ mod calibration {
     use rand::{RngExt, SeedableRng};
 
     use super::*;
-    use crate::experiment::look_points;
 
     const EXPERIMENTS: usize = 500;
     const ALPHA: f64 = 0.05;

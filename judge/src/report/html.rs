@@ -8,8 +8,8 @@ use std::fmt::Write as _;
 
 use plotters::prelude::*;
 
-use super::report::{per_arm, ArmSamples, Report, Samples, Verdict};
-use kvab_judge::stats::{format_p, median_interval, percentile};
+use super::experiment::{per_arm, ArmSamples, Report, Samples, Verdict};
+use crate::stats::{format_p, median_interval, percentile};
 
 const ARM_COLORS: [RGBColor; 2] = [RGBColor(31, 119, 180), RGBColor(230, 115, 0)];
 /// Most steps drawn of one ECDF: beyond it the steps are taken evenly (the shape is the same).
@@ -512,9 +512,9 @@ fn comparisons(out: &mut String, report: &Report) {
             out,
             "<tr{}><td class=\"l\">{}{}</td><td class=\"l\">{}</td>",
             if c.primary { " class=\"primary\"" } else { "" },
-            c.metric.name(),
+            c.metric,
             if c.primary { " (primary)" } else { "" },
-            escape(&c.class)
+            escape(c.class.as_deref().unwrap_or("-"))
         );
         for arm in &report.arms {
             let p = |map: &BTreeMap<String, f64>| fmt(map.get(arm).copied(), 1);
@@ -655,7 +655,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::experiment::report::*;
+    use crate::report::experiment::*;
 
     fn report(label: &str) -> Report {
         let arms = vec!["nvlink".to_string(), "fs".to_string()];
@@ -694,8 +694,8 @@ mod tests {
                 codes: BTreeMap::from([("fs".into(), BTreeMap::from([("status 503".into(), 1)]))]),
             }],
             comparisons: vec![Comparison {
-                metric: Metric::Ttft,
-                class: label.into(),
+                metric: "ttft_ms",
+                class: Some(label.into()),
                 primary: true,
                 n: counts(50, 49),
                 p50: per_arm(100.0, 130.0),
@@ -711,6 +711,9 @@ mod tests {
                 decision: Decision::Faster,
                 faster: Some("nvlink".into()),
                 more_requests: None,
+                p50_bucket: None,
+                buckets: None,
+                cdf: None,
             }],
             method: Method {
                 alpha: 0.05,

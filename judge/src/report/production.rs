@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::experiment::report::{verdict_line, Verdict};
-use kvab_judge::stats::format_p;
+use crate::comparison::Comparison;
+use crate::stats::format_p;
+use crate::verdict::{verdict_line, Verdict};
 
-use super::compare::Comparison;
-use super::design::{Assignment, Design};
+use super::html;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -28,6 +28,27 @@ pub struct Report {
     pub method: Method,
     /// Every PromQL query run, in order.
     pub queries: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Design {
+    /// `randomized` (at least 95 % of tagged requests assigned by the split), `observational` (most chose
+    /// their arm by header), `mixed`, or `none` (no tagged request).
+    pub kind: &'static str,
+    /// Tagged requests per arm and `source` (`header`, `split`, `default`).
+    pub requests: BTreeMap<String, BTreeMap<String, f64>>,
+    pub split_share: Option<f64>,
+    pub header_share: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Assignment {
+    /// Split-assigned requests per arm.
+    pub split: BTreeMap<String, f64>,
+    pub weights: Option<BTreeMap<String, f64>>,
+    pub srm_p: Option<f64>,
+    /// `null` without --split or without split traffic.
+    pub srm_ok: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -93,7 +114,7 @@ impl Report {
             "p adj"
         );
         for c in &self.comparisons {
-            let n = |arm: &str| c.n.get(arm).map_or("-".into(), |v| format!("{v:.0}"));
+            let n = |arm: &str| c.n.get(arm).map_or("-".into(), |v| v.to_string());
             let p50 = |arm: &str| c.p50.get(arm).map_or("-".into(), |v| format!("{v:.1}"));
             let decision = c.decision_text();
             let _ = writeln!(
@@ -158,16 +179,26 @@ impl Report {
     }
 
     pub fn html_body(&self) -> String {
-        let escape = crate::experiment::html::escape;
+        let escape = html::escape;
         let mut out = format!("<h2>Comparisons</h2><pre>{}</pre>", escape(&self.table()));
         out.push_str("<h2>Distributions</h2>");
         for c in &self.comparisons {
-            let arms: Vec<crate::experiment::html::BinnedCdf> = self
+            let arms: Vec<html::BinnedCdf> = self
                 .arms
                 .iter()
                 .filter_map(|arm| {
-                    let points = c.cdf.get(arm)?.iter().map(|&[x, f]| (x, f)).collect();
-                    Some((arm.clone(), c.n.get(arm).copied().unwrap_or(0.0), points))
+                    let points = c
+                        .cdf
+                        .as_ref()?
+                        .get(arm)?
+                        .iter()
+                        .map(|&[x, f]| (x, f))
+                        .collect();
+                    Some((
+                        arm.clone(),
+                        c.n.get(arm).copied().unwrap_or(0) as f64,
+                        points,
+                    ))
                 })
                 .collect();
             let caption = format!(
@@ -175,11 +206,11 @@ impl Report {
                 c.metric,
                 c.decision_text()
             );
-            crate::experiment::html::figure(
+            html::figure(
                 &mut out,
                 c.metric,
                 &caption,
-                crate::experiment::html::binned_cdf_plot(c.metric, "ms (log scale)", &arms),
+                html::binned_cdf_plot(c.metric, "ms (log scale)", &arms),
             );
         }
         out.push_str("<h2>Queries</h2><ul>");

@@ -1,0 +1,5 @@
+//! The reports and their renderings (no I/O: writing them is the tools' job).
+
+pub mod experiment;
+pub mod html;
+pub mod production;
