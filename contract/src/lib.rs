@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 pub mod arm;
+pub mod metrics;
 pub mod report;
 
 pub use arm::{ArmName, ArmNameError, ARM_NAME_PATTERN, ARM_NAME_RULE, MAX_ARM_NAME_LEN};

@@ -3,6 +3,7 @@
 //! `kvab_routed_requests_total`, `kvab_reporters`, `kvab_retired_reporters` and `kvab_ledger_entries` are the saved report ledger itself, read at scrape
 //! time: a count shows if and only if it is saved, and both saturate alike at 2^64-1.
 
+use kvab_contract::metrics::{self, label};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
@@ -149,10 +150,10 @@ impl Metrics {
             )?)?,
             routed_requests: register(r, IntCounterVec::new(
                 Opts::new(
-                    "kvab_routed_requests_total",
+                    metrics::ROUTED_REQUESTS,
                     "Requests through the gateway as reported by the kvab filter: the arm requested, the arm that served (per the endpoint map; unknown, or none when no upstream answered), the proxy pod that served (unknown when not in the map) and the status class.",
                 ),
-                &["requested", "served", "pod", "code_class"],
+                &[label::REQUESTED, label::SERVED, label::POD, label::CODE_CLASS],
             )?)?,
             reports_received: register(r, IntCounterVec::new(
                 Opts::new(

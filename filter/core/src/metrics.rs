@@ -8,28 +8,12 @@
 use crate::endpoints::Served;
 use crate::plan::{ArmId, Invalid, Plan, Rejection, Source};
 
-pub const REQUESTS: &str = "kvab_requests_total";
-pub const RESPONSES: &str = "kvab_responses_total";
-pub const REJECTED: &str = "kvab_rejected_total";
-pub const INVALID_VALUES: &str = "kvab_invalid_values_total";
-pub const REQUEST_DURATION: &str = "kvab_request_duration_milliseconds";
-pub const TIME_TO_FIRST_BYTE: &str = "kvab_time_to_first_byte_milliseconds";
-pub const SERVED: &str = "kvab_served_total";
-pub const UNAVAILABLE: &str = "kvab_unavailable_total";
-pub const MAP_FETCHES: &str = "kvab_endpoint_map_fetches_total";
-pub const MAP_AGE: &str = "kvab_endpoint_map_age_seconds";
-pub const REPORTS: &str = "kvab_reports_total";
-
-/// Tag names, for the `stats_tags` / `extraStatTags` configuration.
-pub const TAGS: [&str; 7] = [
-    "backend",
-    "source",
-    "code_class",
-    "reason",
-    "requested",
-    "served",
-    "result",
-];
+// The names and label keys are the contract's: `kvab analyze` and `kvab check` read them by the same names.
+use kvab_contract::metrics::label;
+pub use kvab_contract::metrics::{
+    FILTER_TAGS as TAGS, INVALID_VALUES, MAP_AGE, MAP_FETCHES, REJECTED, REPORTS, REQUESTS,
+    REQUEST_DURATION, RESPONSES, SERVED, TIME_TO_FIRST_BYTE, UNAVAILABLE,
+};
 
 /// Outcome of one endpoint-map fetch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -286,31 +270,40 @@ impl MetricLayout {
         let backend = |i: usize| plan.arm_label(Some(ArmId(i)).filter(|a| a.0 < self.arms));
         for arm in 0..self.arms {
             for source in Source::ALL {
-                let tags = [("backend", backend(arm)), ("source", source.label())];
+                let tags = [
+                    (label::BACKEND, backend(arm)),
+                    (label::SOURCE, source.label()),
+                ];
                 defs.push((Kind::Counter, stat_name(REQUESTS, &tags)));
             }
         }
-        let none = [("backend", backend(self.arms)), ("source", SOURCE_NONE)];
+        let none = [
+            (label::BACKEND, backend(self.arms)),
+            (label::SOURCE, SOURCE_NONE),
+        ];
         defs.push((Kind::Counter, stat_name(REQUESTS, &none)));
         for b in 0..self.backends() {
             for class in CodeClass::ALL {
-                let tags = [("backend", backend(b)), ("code_class", class.label())];
+                let tags = [
+                    (label::BACKEND, backend(b)),
+                    (label::CODE_CLASS, class.label()),
+                ];
                 defs.push((Kind::Counter, stat_name(RESPONSES, &tags)));
             }
         }
         for rejection in Rejection::ALL {
-            let tags = [("reason", rejection.code())];
+            let tags = [(label::REASON, rejection.code())];
             defs.push((Kind::Counter, stat_name(REJECTED, &tags)));
         }
         for why in Invalid::ALL {
-            let tags = [("reason", why.label())];
+            let tags = [(label::REASON, why.label())];
             defs.push((Kind::Counter, stat_name(INVALID_VALUES, &tags)));
         }
         for metric in [REQUEST_DURATION, TIME_TO_FIRST_BYTE] {
             for b in 0..self.backends() {
                 defs.push((
                     Kind::Histogram,
-                    stat_name(metric, &[("backend", backend(b))]),
+                    stat_name(metric, &[(label::BACKEND, backend(b))]),
                 ));
             }
         }
@@ -321,8 +314,8 @@ impl MetricLayout {
         for requested in 0..self.backends() {
             for served in &served_kinds {
                 let tags = [
-                    ("requested", backend(requested)),
-                    ("served", served.label(plan)),
+                    (label::REQUESTED, backend(requested)),
+                    (label::SERVED, served.label(plan)),
                 ];
                 defs.push((Kind::Counter, stat_name(SERVED, &tags)));
             }
@@ -330,19 +323,19 @@ impl MetricLayout {
         for arm in 0..self.arms {
             defs.push((
                 Kind::Counter,
-                stat_name(UNAVAILABLE, &[("backend", backend(arm))]),
+                stat_name(UNAVAILABLE, &[(label::BACKEND, backend(arm))]),
             ));
         }
         for result in FetchResult::ALL {
             defs.push((
                 Kind::Counter,
-                stat_name(MAP_FETCHES, &[("result", result.label())]),
+                stat_name(MAP_FETCHES, &[(label::RESULT, result.label())]),
             ));
         }
         for result in ReportResult::ALL {
             defs.push((
                 Kind::Counter,
-                stat_name(REPORTS, &[("result", result.label())]),
+                stat_name(REPORTS, &[(label::RESULT, result.label())]),
             ));
         }
         defs.push((Kind::Gauge, MAP_AGE.to_owned()));
@@ -360,7 +353,10 @@ mod tests {
     #[test]
     fn stat_names_carry_istio_style_tag_segments() {
         assert_eq!(
-            stat_name(REQUESTS, &[("backend", "fs"), ("source", "split")]),
+            stat_name(
+                REQUESTS,
+                &[(label::BACKEND, "fs"), (label::SOURCE, "split")]
+            ),
             "backend=.=fs;.;source=.=split;.;kvab_requests_total"
         );
     }
@@ -377,22 +373,24 @@ mod tests {
         for (arm, label) in arms.iter().zip(labels) {
             if let Some(a) = arm {
                 for source in Source::ALL {
-                    let expected =
-                        stat_name(REQUESTS, &[("backend", label), ("source", source.label())]);
+                    let expected = stat_name(
+                        REQUESTS,
+                        &[(label::BACKEND, label), (label::SOURCE, source.label())],
+                    );
                     assert_eq!(name(layout.requests(Some((*a, source)))), expected);
                 }
             }
             for class in CodeClass::ALL {
                 let expected = stat_name(
                     RESPONSES,
-                    &[("backend", label), ("code_class", class.label())],
+                    &[(label::BACKEND, label), (label::CODE_CLASS, class.label())],
                 );
                 assert_eq!(name(layout.responses(*arm, class)), expected);
             }
-            let d = stat_name(REQUEST_DURATION, &[("backend", label)]);
+            let d = stat_name(REQUEST_DURATION, &[(label::BACKEND, label)]);
             assert_eq!(name(layout.request_duration(*arm)), d);
             assert_eq!(defs[layout.request_duration(*arm)].0, Kind::Histogram);
-            let t = stat_name(TIME_TO_FIRST_BYTE, &[("backend", label)]);
+            let t = stat_name(TIME_TO_FIRST_BYTE, &[(label::BACKEND, label)]);
             assert_eq!(name(layout.time_to_first_byte(*arm)), t);
         }
         assert_eq!(
@@ -402,13 +400,13 @@ mod tests {
         for r in Rejection::ALL {
             assert_eq!(
                 name(layout.rejected(r)),
-                stat_name(REJECTED, &[("reason", r.code())])
+                stat_name(REJECTED, &[(label::REASON, r.code())])
             );
         }
         for i in Invalid::ALL {
             assert_eq!(
                 name(layout.invalid_values(i)),
-                stat_name(INVALID_VALUES, &[("reason", i.label())])
+                stat_name(INVALID_VALUES, &[(label::REASON, i.label())])
             );
         }
         for requested in arms {
@@ -421,8 +419,8 @@ mod tests {
                 let expected = stat_name(
                     SERVED,
                     &[
-                        ("requested", plan.arm_label(requested)),
-                        ("served", served.label(&plan)),
+                        (label::REQUESTED, plan.arm_label(requested)),
+                        (label::SERVED, served.label(&plan)),
                     ],
                 );
                 assert_eq!(name(layout.served(requested, served)), expected);
@@ -430,18 +428,18 @@ mod tests {
         }
         assert_eq!(
             name(layout.unavailable(ArmId(1))),
-            stat_name(UNAVAILABLE, &[("backend", "b")])
+            stat_name(UNAVAILABLE, &[(label::BACKEND, "b")])
         );
         for r in FetchResult::ALL {
             assert_eq!(
                 name(layout.map_fetches(r)),
-                stat_name(MAP_FETCHES, &[("result", r.label())])
+                stat_name(MAP_FETCHES, &[(label::RESULT, r.label())])
             );
         }
         for r in ReportResult::ALL {
             assert_eq!(
                 name(layout.reports(r)),
-                stat_name(REPORTS, &[("result", r.label())])
+                stat_name(REPORTS, &[(label::RESULT, r.label())])
             );
         }
         assert_eq!(name(layout.map_age()), MAP_AGE);

@@ -1,6 +1,7 @@
 //! The design, read from how requests chose their arm (`source`), and the sample-ratio check of the
 //! split-assigned requests against the split weights. No I/O here.
 
+use kvab_contract::metrics::label;
 use std::collections::BTreeMap;
 
 use kvab_judge::report::production::{Assignment, Design};
@@ -16,12 +17,12 @@ pub const RANDOMIZED_SHARE: f64 = 0.95;
 pub fn design(requests: &[(Labels, f64)], arms: &[String]) -> Design {
     let mut by_arm: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
     for (l, v) in requests {
-        let arm = label(l, "backend");
+        let arm = label(l, label::BACKEND);
         if arms.iter().any(|a| a == arm) {
             *by_arm
                 .entry(arm.to_string())
                 .or_default()
-                .entry(label(l, "source").to_string())
+                .entry(label(l, label::SOURCE).to_string())
                 .or_default() += v;
         }
     }
@@ -56,7 +57,9 @@ pub fn assignment(
         .map(|arm| {
             let n = requests
                 .iter()
-                .filter(|(l, _)| label(l, "backend") == arm && label(l, "source") == "split")
+                .filter(|(l, _)| {
+                    label(l, label::BACKEND) == arm && label(l, label::SOURCE) == "split"
+                })
                 .map(|(_, v)| v)
                 .sum();
             (arm.clone(), n)

@@ -5,6 +5,7 @@ use super::options::AnalyzeArgs;
 use super::prometheus::Labels;
 use super::series::Samples;
 use super::source::Source;
+use kvab_contract::metrics::{self, label};
 use kvab_judge::report::production::Window;
 
 /// Runs a query, keeping it for the report.
@@ -48,13 +49,13 @@ impl Queries<'_> {
             let by = format!("{}, le", args.vllm_arm_label);
             for (mut labels, value) in self.increase_with(metric, &by, "").await? {
                 let arm = labels.remove(&args.vllm_arm_label).unwrap_or_default();
-                labels.insert("backend".into(), arm);
+                labels.insert(label::BACKEND.into(), arm);
                 samples.push((labels, value));
             }
         } else {
             for (arm, selector) in &args.vllm_selector {
                 for (mut labels, value) in self.increase_with(metric, "le", selector).await? {
-                    labels.insert("backend".into(), arm.clone());
+                    labels.insert(label::BACKEND.into(), arm.clone());
                     samples.push((labels, value));
                 }
             }
@@ -111,19 +112,17 @@ pub async fn fetch(
     };
     let mut answers = Answers {
         duration: q
-            .required("kvab_request_duration_milliseconds_bucket", "backend, le")
+            .required(metrics::REQUEST_DURATION_BUCKET, "backend, le")
             .await?,
         ttfb: q
-            .required("kvab_time_to_first_byte_milliseconds_bucket", "backend, le")
+            .required(metrics::TIME_TO_FIRST_BYTE_BUCKET, "backend, le")
             .await?,
-        requests: q.required("kvab_requests_total", "backend, source").await?,
+        requests: q.required(metrics::REQUESTS, "backend, source").await?,
         responses: q
-            .required("kvab_responses_total", "backend, code_class")
+            .required(metrics::RESPONSES, "backend, code_class")
             .await?,
-        served: q.increase("kvab_served_total", "requested, served").await?,
-        routed: q
-            .increase("kvab_routed_requests_total", "requested")
-            .await?,
+        served: q.increase(metrics::SERVED, "requested, served").await?,
+        routed: q.increase(metrics::ROUTED_REQUESTS, "requested").await?,
         vllm: Vec::new(),
     };
     // vLLM's own latencies per arm (vllm/v1/metrics: these three names on current vLLM), when scraped.

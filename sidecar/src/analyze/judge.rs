@@ -2,6 +2,7 @@
 //! rates, the comparisons (Holm across the metrics) and the verdict, as one `Report`. No I/O here: the
 //! answers come from `fetch`, whatever their source.
 
+use kvab_contract::metrics;
 use std::collections::BTreeMap;
 
 use kvab_judge::stats::{format_p, holm_adjusted, holm_levels, two_proportion};
@@ -40,10 +41,10 @@ pub fn judge(
         routed,
         vllm,
     } = answers;
-    counts("kvab_requests_total", requests)?;
-    counts("kvab_responses_total", responses)?;
-    counts("kvab_served_total", served)?;
-    counts("kvab_routed_requests_total", routed)?;
+    counts(metrics::REQUESTS, requests)?;
+    counts(metrics::RESPONSES, responses)?;
+    counts(metrics::SERVED, served)?;
+    counts(metrics::ROUTED_REQUESTS, routed)?;
 
     let design = design(requests, arms);
     let assignment = assignment(requests, arms, &args.split, args.srm_threshold);
@@ -52,8 +53,11 @@ pub fn judge(
     let routed = (!routed.is_empty()).then(|| {
         routed
             .iter()
-            .filter(|(l, _)| arms.iter().any(|a| a == label(l, "requested")))
-            .map(|(l, v)| (label(l, "requested").to_string(), *v))
+            .filter(|(l, _)| {
+                arms.iter()
+                    .any(|a| a == label(l, metrics::label::REQUESTED))
+            })
+            .map(|(l, v)| (label(l, metrics::label::REQUESTED).to_string(), *v))
             .collect()
     });
 
@@ -61,12 +65,12 @@ pub fn judge(
         (
             "request_duration_ms",
             true,
-            histograms("kvab_request_duration_milliseconds_bucket", duration, arms)?,
+            histograms(metrics::REQUEST_DURATION_BUCKET, duration, arms)?,
         ),
         (
             "time_to_first_byte_ms",
             false,
-            histograms("kvab_time_to_first_byte_milliseconds_bucket", ttfb, arms)?,
+            histograms(metrics::TIME_TO_FIRST_BYTE_BUCKET, ttfb, arms)?,
         ),
     ];
     for (name, metric, samples) in vllm {
@@ -221,8 +225,8 @@ fn rates(
 
 /// A 5xx, or no response status at all (reset, timeout): the arm failed the request.
 fn errors(responses: &[(Labels, f64)], arms: &[String]) -> (BTreeMap<String, Rate>, Option<f64>) {
-    let rates = rates(responses, "backend", arms, |l, _| {
-        matches!(label(l, "code_class"), "5xx" | "none")
+    let rates = rates(responses, metrics::label::BACKEND, arms, |l, _| {
+        matches!(label(l, metrics::label::CODE_CLASS), "5xx" | "none")
     });
     let get = |arm: &String| {
         rates
@@ -235,7 +239,7 @@ fn errors(responses: &[(Labels, f64)], arms: &[String]) -> (BTreeMap<String, Rat
 
 /// Requests tagged for an arm and served by another.
 fn misroutes(served: &[(Labels, f64)], arms: &[String]) -> BTreeMap<String, Rate> {
-    rates(served, "requested", arms, |l, arm| {
-        label(l, "served") != arm
+    rates(served, metrics::label::REQUESTED, arms, |l, arm| {
+        label(l, metrics::label::SERVED) != arm
     })
 }

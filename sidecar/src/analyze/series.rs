@@ -2,6 +2,7 @@
 //! (`stats::count`, `Histogram::from_cumulative`) so that input that is no count or no histogram is an
 //! error naming its series. No I/O here.
 
+use kvab_contract::metrics::label;
 use kvab_judge::stats::count;
 
 use super::prometheus::{printable, Labels};
@@ -52,7 +53,7 @@ pub fn histograms(
         .map(|arm| {
             let buckets: Vec<(&str, f64)> = samples
                 .iter()
-                .filter(|(l, _)| label(l, "backend") == arm)
+                .filter(|(l, _)| label(l, label::BACKEND) == arm)
                 .map(|(l, v)| (label(l, "le"), *v))
                 .collect();
             if buckets.is_empty() {
@@ -61,7 +62,7 @@ pub fn histograms(
             Histogram::from_cumulative(buckets)
                 .map(Some)
                 .map_err(|problem| {
-                    let labels = Labels::from([("backend".to_string(), arm.clone())]);
+                    let labels = Labels::from([(label::BACKEND.to_string(), arm.clone())]);
                     invalid_input(metric, &labels, problem)
                 })
         })

@@ -2,6 +2,7 @@
 //! of the sidecar (`kvab_routed_requests_total`, reported by the filter) and of the filter itself (Envoy's
 //! `kvab_served_total`). Counters are read before and after traffic; the difference is what the traffic did.
 
+use kvab_contract::metrics;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -88,14 +89,14 @@ impl Counters {
         if let Some(url) = sidecar {
             if let Some(samples) = metrics(client, &requests::metrics(url)).await {
                 let mut routed = Routed::new();
-                for s in prom::select(&samples, "kvab_routed_requests_total", &[]) {
+                for s in prom::select(&samples, metrics::ROUTED_REQUESTS, &[]) {
                     let label = |k: &str| s.labels.get(k).cloned().unwrap_or_default();
                     *routed
                         .entry((
-                            label("requested"),
-                            label("served"),
-                            label("pod"),
-                            label("code_class"),
+                            label(metrics::label::REQUESTED),
+                            label(metrics::label::SERVED),
+                            label(metrics::label::POD),
+                            label(metrics::label::CODE_CLASS),
                         ))
                         .or_default() += s.value;
                 }
@@ -105,10 +106,13 @@ impl Counters {
         if let Some(url) = envoy_admin {
             if let Some(samples) = metrics(client, &requests::envoy_stats(url)).await {
                 let mut served = Served::new();
-                for s in prom::select(&samples, "kvab_served_total", &[]) {
+                for s in prom::select(&samples, metrics::SERVED, &[]) {
                     let label = |k: &str| s.labels.get(k).cloned().unwrap_or_default();
                     *served
-                        .entry((label("requested"), label("served")))
+                        .entry((
+                            label(metrics::label::REQUESTED),
+                            label(metrics::label::SERVED),
+                        ))
                         .or_default() += s.value;
                 }
                 counters.served = Some(served);
