@@ -3,8 +3,10 @@
 //! analyze` (the A/B on production traffic) are the module trees of the same names.
 
 mod analyze;
+mod args;
 mod check;
 mod cli;
+mod cluster;
 mod experiment;
 mod output;
 

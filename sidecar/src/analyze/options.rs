@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::ArgGroup;
 
-use crate::check::options::{arm_name, fraction, http_url, seconds};
+use crate::args::{arm_name, fraction, http_url, seconds};
 
 #[derive(Debug, Clone, clap::Args)]
 #[command(
@@ -149,7 +149,7 @@ fn split_of_filter_config(path: &str) -> Result<FilterSplit, String> {
         std::fs::read_to_string(path).map(|t| text = t)
     };
     read.map_err(|e| format!("{path}: {e}"))?;
-    let document = crate::check::parse_document(&text).map_err(|e| format!("{path}: {e}"))?;
+    let document = crate::args::parse_document(&text).map_err(|e| format!("{path}: {e}"))?;
     let config = ["/spec/pluginConfig", "/spec/wasm/pluginConfig"]
         .iter()
         .find_map(|pointer| document.pointer(pointer))

@@ -1,14 +1,14 @@
 //! EPP health: the scheduler's log since the check started must not show the runbook's selection failures.
 
-use super::kube;
 use super::options::Options;
 use super::report::{signals, Check, Outcome};
+use crate::cluster;
 
 /// Reads the log of every pod of `--epp-deployment` since `since_seconds` ago and judges it; local mode has
 /// no EPP.
 pub async fn check(
     options: &Options,
-    cluster: Option<&kube::Cluster>,
+    cluster: Option<&cluster::Cluster>,
     since_seconds: i64,
 ) -> Check {
     let Some(cluster) = cluster else {

@@ -3,14 +3,14 @@
 //! This module only orders the steps and moves data between them. Each step has its own module
 //! (`prerequisites`, `direct`, `wiring`, `header_ab`, `burst`, `epp_health`, `latency`) whose judgement is a
 //! pure, unit-tested function. Where requests go is `targets` (URLs or port-forwards), what is sent is
-//! `requests`, and `plan` prints both for `--dry-run`. Flags are `options`, statistics `stats`, Kubernetes
-//! `kube`, counters `observe`, rendering `report`; HTTP is `kvab_serve::client`.
+//! `requests`, and `plan` prints both for `--dry-run`. Flags are `options` (the value parsers shared with the
+//! other tools are `crate::args`), statistics `kvab_judge::stats`, Kubernetes `crate::cluster`, counters
+//! `observe`, rendering `report`; HTTP is `kvab_serve::client`.
 
 mod burst;
 mod direct;
 mod epp_health;
 mod header_ab;
-pub(crate) mod kube;
 mod latency;
 mod observe;
 pub mod options;
@@ -21,8 +21,8 @@ mod report;
 mod requests;
 mod targets;
 mod wiring;
-pub use wiring::parse_document;
 
+use crate::cluster;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -89,7 +89,7 @@ async fn run(options: &Options) -> Result<Report, String> {
     let endpoint_header = kvab_contract::endpoint_header(&options.header);
     let client = HttpClient::new(options.max_time);
     let cluster = match options.mode {
-        Mode::Cluster => Some(kube::Cluster::connect().await?),
+        Mode::Cluster => Some(cluster::Cluster::connect().await?),
         Mode::Local => None,
     };
     let targets = targets::resolve(options, cluster.as_ref()).await?;
@@ -121,7 +121,7 @@ async fn run(options: &Options) -> Result<Report, String> {
         .unwrap_or_default();
     if let Some(cluster) = &cluster {
         let names = &options.cluster;
-        let unread = |name: &str, e: kube::ReadError| {
+        let unread = |name: &str, e: cluster::ReadError| {
             Check::new(name, "pods listed", e.message, Outcome::Inconclusive).diagnosis(
                 "the Kubernetes API did not answer the read; nothing was learned about the pods",
             )
@@ -130,11 +130,11 @@ async fn run(options: &Options) -> Result<Report, String> {
         let proxies = cluster
             .pods(&names.proxy_namespace, &names.proxy_selector)
             .await
-            .map(|pods| pods.iter().map(kube::pod_state).collect::<Vec<_>>());
+            .map(|pods| pods.iter().map(cluster::pod_state).collect::<Vec<_>>());
         let all = cluster
             .pods(&names.proxy_namespace, "")
             .await
-            .map(|pods| pods.iter().map(kube::pod_state).collect::<Vec<_>>());
+            .map(|pods| pods.iter().map(cluster::pod_state).collect::<Vec<_>>());
         match (&all, &proxies) {
             (Ok(all), Ok(proxies)) => checks.push(prerequisites::judge_pods(
                 all,

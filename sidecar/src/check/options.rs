@@ -4,12 +4,16 @@
 //! default is the runbook's (namespaces, names, labels, burst size).
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
-use kvab_contract::ArmName;
+
+pub use crate::args::ServiceRef;
+use crate::args::{
+    absolute_path, arm_name, fraction, header_name, http_url, local_port, local_url, seconds,
+    service, MODEL,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -29,19 +33,6 @@ pub struct Arm {
     pub decode: Option<String>,
     /// Where Step 1 sends its direct completion; cluster mode without it port-forwards to a proxy pod.
     pub proxy_url: Option<String>,
-}
-
-/// A Service and the port to forward to, from `NAME[:PORT]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceRef {
-    pub name: String,
-    pub port: u16,
-}
-
-impl fmt::Display for ServiceRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.name, self.port)
-    }
 }
 
 /// Names in the cluster, defaulting to the runbook's.
@@ -318,22 +309,8 @@ pub struct Options {
     pub cluster: ClusterNames,
 }
 
-pub const MODEL: &str = "Qwen/Qwen3-Coder-30B-A3B-Instruct";
-
 /// The word that turns a target off (`--sidecar-url none`).
 const NONE: &str = "none";
-
-/// Port of the local stack from its environment variable, else the public default.
-fn local_port(variable: &str, default: u16) -> u16 {
-    std::env::var(variable)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-pub(crate) fn local_url(variable: &str, default: u16) -> String {
-    format!("http://127.0.0.1:{}", local_port(variable, default))
-}
 
 /// The runbook's arms and the pod names their id paths show.
 fn known_arm(name: &str) -> Arm {
@@ -465,15 +442,8 @@ fn arm_mut<'a>(arms: &'a mut [Arm], name: &str, flag: &str) -> Result<&'a mut Ar
         .ok_or_else(|| format!("{flag} names {name:?}, which is not one of the arms (see --arms)"))
 }
 
-// Value parsers: clap names the flag and the value in front of each message.
-
-pub(crate) fn http_url(value: &str) -> Result<String, String> {
-    if value.starts_with("http://") && value.len() > "http://".len() {
-        Ok(value.trim_end_matches('/').to_string())
-    } else {
-        Err("not an http:// URL".into())
-    }
-}
+// Value parsers of check alone (the shared ones are `crate::args`): clap names the flag and the value in
+// front of each message.
 
 fn http_url_or_none(value: &str) -> Result<String, String> {
     if value == NONE {
@@ -483,7 +453,7 @@ fn http_url_or_none(value: &str) -> Result<String, String> {
     }
 }
 
-/// `ARM=VALUE`: the arm must be an [`ArmName`].
+/// `ARM=VALUE`: the arm must be an [`kvab_contract::ArmName`].
 fn pair(value: &str, shape: &str) -> Result<(String, String), String> {
     match value.split_once('=') {
         Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((arm_name(k)?, v.to_string())),
@@ -507,57 +477,12 @@ fn id_path(value: &str) -> Result<(String, String, String), String> {
     }
 }
 
-/// An arm name as the filter and `kvab serve` take it: an [`ArmName`], as written (never lowercased or
-/// trimmed); a bad one is a usage error naming the arm and the rule.
-pub(crate) fn arm_name(value: &str) -> Result<String, String> {
-    ArmName::parse(value)
-        .map(ArmName::into_string)
-        .map_err(|e| e.to_string())
-}
-
 fn arm_weight(value: &str) -> Result<(String, f64), String> {
     let (arm, weight) = pair(value.trim(), "ARM=WEIGHT")?;
     match weight.parse::<f64>() {
         Ok(w) if w > 0.0 && w.is_finite() => Ok((arm, w)),
         _ => Err(format!("the weight of {arm} must be a positive number")),
     }
-}
-
-pub(crate) fn header_name(value: &str) -> Result<String, String> {
-    if !value.is_empty()
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
-    {
-        Ok(value.to_ascii_lowercase())
-    } else {
-        Err("not an HTTP header name (letters, digits, - and _)".into())
-    }
-}
-
-pub(crate) fn absolute_path(value: &str) -> Result<String, String> {
-    if value.starts_with('/') {
-        Ok(value.to_string())
-    } else {
-        Err("must start with /".into())
-    }
-}
-
-pub(crate) fn seconds(value: &str) -> Result<Duration, String> {
-    value
-        .parse::<f64>()
-        .ok()
-        .filter(|s| *s > 0.0 && *s <= 3600.0)
-        .map(Duration::from_secs_f64)
-        .ok_or_else(|| "must be seconds, more than 0 and at most 3600".into())
-}
-
-pub(crate) fn fraction(value: &str) -> Result<f64, String> {
-    value
-        .parse::<f64>()
-        .ok()
-        .filter(|f| (0.0..=1.0).contains(f))
-        .ok_or_else(|| "must be a number from 0 to 1".into())
 }
 
 fn label_selector(value: &str) -> Result<String, String> {
@@ -568,24 +493,6 @@ fn label_selector(value: &str) -> Result<String, String> {
 fn label_key(value: &str) -> Result<String, String> {
     kvab_serve::selector::validate_key(value)?;
     Ok(value.to_string())
-}
-
-/// `NAME` or `NAME:PORT`.
-pub(crate) fn service(value: &str, default_port: u16) -> Result<ServiceRef, String> {
-    let (name, port) = match value.split_once(':') {
-        None => (value, default_port),
-        Some((name, port)) => match port.parse::<u16>() {
-            Ok(port) if port > 0 => (name, port),
-            _ => return Err(format!("port {port:?} is not a number from 1 to 65535")),
-        },
-    };
-    if name.is_empty() {
-        return Err("empty Service name".into());
-    }
-    Ok(ServiceRef {
-        name: name.to_string(),
-        port,
-    })
 }
 
 #[cfg(test)]
@@ -707,7 +614,9 @@ mod tests {
         assert!(error(&["--frobnicate"]).contains("--frobnicate"));
         assert!(error(&["--alpha", "2"]).contains("--alpha"));
         assert!(error(&["--arms", "nvlink,,fs"]).contains("empty arm name"));
-        let rule = ArmName::parse("NVLink").unwrap_err().to_string();
+        let rule = kvab_contract::ArmName::parse("NVLink")
+            .unwrap_err()
+            .to_string();
         for args in [
             &["--arms", "NVLink,fs"][..],
             &["--proxy-url", "NVLink=http://127.0.0.1:1"],

@@ -3,13 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use super::kube::PodState;
 use super::observe::SidecarView;
 use super::options::{Arm, Mode, Options};
 use super::prom::{self, Sample};
 use super::report::{signals, Check, Outcome};
 use super::requests;
 use super::targets::Targets;
+use crate::cluster::PodState;
 use kvab_serve::client::HttpClient;
 
 /// Name prefix of the pods behind an id-path name: `vllm-prefill-p2p:14579` → `vllm-prefill-p2p`.

@@ -2,8 +2,8 @@
 //! gateway's and the sidecar's Services and to a ready proxy pod of each arm. `planned` gives the same
 //! targets for `--dry-run`, with a placeholder for each port-forward it would open.
 
-use super::kube;
 use super::options::{Arm, Mode, Options};
+use crate::cluster;
 
 const NO_PROXY_URL: &str = "no --proxy-url";
 
@@ -15,12 +15,12 @@ pub struct Targets {
     /// Per arm, the proxy URL for Step 1 (or why there is none).
     pub proxies: Vec<(Arm, Result<String, String>)>,
     /// Open port-forwards; they close when dropped at the end of the run.
-    _forwards: Vec<kube::Forward>,
+    _forwards: Vec<cluster::Forward>,
 }
 
 pub async fn resolve(
     options: &Options,
-    cluster: Option<&kube::Cluster>,
+    cluster: Option<&cluster::Cluster>,
 ) -> Result<Targets, String> {
     let envoy_admin = options.envoy_admin_url.clone().filter(|u| !u.is_empty());
     let Some(cluster) = cluster else {
@@ -93,7 +93,7 @@ pub async fn resolve(
             (None, Ok(pods)) => {
                 let pod = pods
                     .iter()
-                    .map(kube::pod_state)
+                    .map(cluster::pod_state)
                     .find(|p| p.ready && p.labels.get(&names.backend_label) == Some(&arm.name));
                 match pod {
                     None => Err(format!(

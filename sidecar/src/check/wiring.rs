@@ -8,15 +8,10 @@
 
 use serde_json::Value;
 
-use super::kube;
 use super::options::Options;
 use super::report::{Check, Outcome};
-
-/// Parses a YAML (or JSON) document into a JSON value.
-pub fn parse_document(text: &str) -> Result<Value, String> {
-    serde_saphyr::from_str::<Value>(text)
-        .map_err(|e| e.to_string().lines().next().unwrap_or("").to_string())
-}
+use crate::args::parse_document;
+use crate::cluster;
 
 /// The HTTPRoute references the InferencePool `pool` in a backendRef.
 pub fn judge_httproute(route: &Value, pool: &str, source: &str) -> Check {
@@ -260,8 +255,8 @@ fn selects_on(plugin: &Value, label: &str) -> bool {
 }
 
 /// Step 2: the HTTPRoute and the EPP configuration, from files or the cluster, judged.
-pub async fn check(options: &Options, cluster: Option<&kube::Cluster>) -> Vec<Check> {
-    use kube::ReadError;
+pub async fn check(options: &Options, cluster: Option<&cluster::Cluster>) -> Vec<Check> {
+    use cluster::ReadError;
     let names = &options.cluster;
     // A file that cannot be read or parsed, or an object that is absent or not YAML, is a finding
     // (fail); an API read that failed (5xx, RBAC, network) teaches nothing (inconclusive).

@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::check::kube;
+use crate::cluster;
 use crate::output;
 use kvab_judge::report::{experiment as report, html};
 use kvab_judge::requests as analysis;
@@ -131,7 +131,7 @@ async fn run(options: &Options) -> Result<(Report, Samples), String> {
     let (_forward, gateway) = match &options.gateway_url {
         Some(url) => (None, url.clone()),
         None => {
-            let cluster = kube::Cluster::connect().await?;
+            let cluster = cluster::Cluster::connect().await?;
             let forward = cluster
                 .forward_service(
                     &options.gateway_namespace,

@@ -9,7 +9,7 @@ use clap::builder::BoolishValueParser;
 
 use super::records::MethodSpec;
 
-use crate::check::options::{
+use crate::args::{
     absolute_path, arm_name, fraction, header_name, http_url, local_url, seconds, service,
     ServiceRef, MODEL,
 };

@@ -1,6 +1,6 @@
-//! Cluster mode's access to Kubernetes (kube-rs): pods, the HTTPRoute, the EPP ConfigMap, the EPP's logs, and
-//! port-forwards that kvab opens itself (to the gateway Service, the sidecar Service, a proxy pod) so that no
-//! `kubectl port-forward` is needed. Credentials: `KUBECONFIG` / `~/.kube/config`, else in-cluster.
+//! The tools' access to Kubernetes (kube-rs; `kvab check` cluster mode, `kvab experiment`): pods, the
+//! HTTPRoute, the EPP ConfigMap, the EPP's logs, and port-forwards that kvab opens itself (to the gateway
+//! Service, the sidecar Service, a proxy pod) so that no `kubectl port-forward` is needed. Credentials: `KUBECONFIG` / `~/.kube/config`, else in-cluster.
 
 use std::collections::BTreeMap;
 
