@@ -19,7 +19,7 @@ mod tests;
 
 use std::process::ExitCode;
 
-use crate::output::emit;
+use crate::output::{self, Failure};
 use kvab_judge::report::production::{Report, Window};
 use kvab_serve::client::HttpClient;
 
@@ -27,7 +27,11 @@ use options::AnalyzeArgs;
 use prometheus::Prometheus;
 use source::{Recording, Source};
 
-pub fn main(mut args: AnalyzeArgs) -> ExitCode {
+pub fn main(args: AnalyzeArgs) -> ExitCode {
+    output::run("analyze", analyze(args))
+}
+
+async fn analyze(mut args: AnalyzeArgs) -> Result<ExitCode, Failure> {
     let split_source = match args.filter_config.take() {
         Some(options::FilterSplit(weights)) => {
             args.split = weights;
@@ -36,39 +40,22 @@ pub fn main(mut args: AnalyzeArgs) -> ExitCode {
         None => "--split",
     };
     if args.arms.len() != 2 || args.arms[0] == args.arms[1] {
-        eprintln!("error: --arms wants two different arms\n\nFor more information, try 'kvab analyze --help'.");
-        return ExitCode::from(3);
+        return Err(Failure::Usage("--arms wants two different arms".into()));
     }
     let selected: Vec<&String> = args.vllm_selector.iter().map(|(arm, _)| arm).collect();
     if !selected.is_empty()
         && (selected.len() != 2 || !args.arms.iter().all(|a| selected.contains(&a)))
     {
-        eprintln!(
-            "error: --vllm-selector wants one ARM=MATCHERS for each of the two arms (see --arms)"
-        );
-        return ExitCode::from(3);
+        return Err(Failure::Usage(
+            "--vllm-selector wants one ARM=MATCHERS for each of the two arms (see --arms)".into(),
+        ));
     }
     if let Some((arm, _)) = args.split.iter().find(|(arm, _)| !args.arms.contains(arm)) {
-        eprintln!("error: {split_source} names {arm:?}, which is not one of the arms (see --arms)");
-        return ExitCode::from(3);
+        return Err(Failure::Usage(format!(
+            "{split_source} names {arm:?}, which is not one of the arms (see --arms)"
+        )));
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("kvab analyze: cannot start the async runtime: {e}");
-            return ExitCode::from(3);
-        }
-    };
-    let report = match runtime.block_on(run(&args)) {
-        Ok(report) => report,
-        Err(message) => {
-            eprintln!("kvab analyze: {message}");
-            return ExitCode::from(3);
-        }
-    };
+    let report = run(&args).await.map_err(Failure::Run)?;
     let html = args.html.as_deref().map(|path| {
         let page = kvab_judge::report::html::page(
             &format!("kvab analyze: {}", report.arms.join(" vs ")),
@@ -78,14 +65,7 @@ pub fn main(mut args: AnalyzeArgs) -> ExitCode {
         );
         (path, page)
     });
-    emit(
-        "analyze",
-        &report,
-        report.verdict,
-        args.json,
-        || report.table(),
-        html,
-    )
+    output::emit(&report, report.verdict, args.json, || report.table(), html)
 }
 
 fn now() -> f64 {

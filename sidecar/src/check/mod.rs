@@ -23,6 +23,7 @@ mod targets;
 mod wiring;
 
 use crate::cluster;
+use crate::output::{self, Failure};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -36,44 +37,25 @@ use report::{Check, Outcome, Report};
 
 /// Entry point of `kvab check`, with its flags as parsed by the command line.
 pub fn main(args: options::CheckArgs) -> ExitCode {
-    let options = match Options::from_args(args) {
-        Ok(options) => options,
-        Err(message) => {
-            eprintln!("error: {message}\n\nFor more information, try 'kvab check --help'.");
-            return ExitCode::from(3);
-        }
-    };
+    output::run("check", check(args))
+}
+
+async fn check(args: options::CheckArgs) -> Result<ExitCode, Failure> {
+    let options = Options::from_args(args).map_err(Failure::Usage)?;
     if options.dry_run {
         print!("{}", plan::render(&options));
-        return ExitCode::SUCCESS;
+        return Ok(ExitCode::SUCCESS);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("kvab check: cannot start the async runtime: {e}");
-            return ExitCode::from(3);
+    let report = run(&options).await.map_err(Failure::Run)?;
+    if options.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(text) => println!("{text}"),
+            Err(e) => eprintln!("kvab check: cannot encode the report: {e}"),
         }
-    };
-    match runtime.block_on(run(&options)) {
-        Ok(report) => {
-            if options.json {
-                match serde_json::to_string_pretty(&report) {
-                    Ok(text) => println!("{text}"),
-                    Err(e) => eprintln!("kvab check: cannot encode the report: {e}"),
-                }
-            } else {
-                print!("{}", report::render_table(&report));
-            }
-            ExitCode::from(report.exit_code)
-        }
-        Err(message) => {
-            eprintln!("kvab check: {message}");
-            ExitCode::from(3)
-        }
+    } else {
+        print!("{}", report::render_table(&report));
     }
+    Ok(ExitCode::from(report.exit_code))
 }
 
 fn mode_name(options: &Options) -> &'static str {

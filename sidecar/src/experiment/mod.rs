@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::cluster;
-use crate::output;
+use crate::output::{self, Failure};
 use kvab_judge::report::{experiment as report, html};
 use kvab_judge::requests as analysis;
 use kvab_judge::Findings;
@@ -45,43 +45,22 @@ const METHOD: &str = "randomized balanced blocks per class; Hodges-Lehmann shift
                       each analysis at alpha/looks (union bound over the planned looks)";
 
 pub fn main(args: ExperimentArgs) -> ExitCode {
-    let plan = match Options::from_args(args) {
-        Ok(plan) => plan,
-        Err(message) => {
-            eprintln!("error: {message}\n\nFor more information, try 'kvab experiment --help'.");
-            return ExitCode::from(3);
-        }
-    };
-    let done = match &plan {
-        Plan::Live(options) => match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(runtime) => runtime.block_on(run(options)),
-            Err(e) => Err(format!("cannot start the async runtime: {e}")),
-        },
-        Plan::Judge(judge) => judge_records(judge),
-    };
+    output::run("experiment", experiment(args))
+}
+
+async fn experiment(args: ExperimentArgs) -> Result<ExitCode, Failure> {
+    let plan = Options::from_args(args).map_err(Failure::Usage)?;
     let (json, html_path) = match &plan {
         Plan::Live(options) => (options.json, options.html.as_deref()),
         Plan::Judge(judge) => (judge.json, judge.html.as_deref()),
     };
-    let (report, samples) = match done {
-        Ok(done) => done,
-        Err(message) => {
-            eprintln!("kvab experiment: {message}");
-            return ExitCode::from(3);
-        }
-    };
+    let (report, samples) = match &plan {
+        Plan::Live(options) => run(options).await,
+        Plan::Judge(judge) => judge_records(judge),
+    }
+    .map_err(Failure::Run)?;
     let html = html_path.map(|path| (path, html::render(&report, &samples)));
-    output::emit(
-        "experiment",
-        &report,
-        report.verdict,
-        json,
-        || report.table(),
-        html,
-    )
+    output::emit(&report, report.verdict, json, || report.table(), html)
 }
 
 /// The records header of a live run: its design and method (the run facts are filled in at the end).
