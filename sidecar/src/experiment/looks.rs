@@ -8,9 +8,17 @@
 //! every outcome received.
 
 use super::measure::Outcome;
-use super::options::Until;
 pub use kvab_judge::requests::look_points;
 use kvab_judge::requests::{self as analysis, Analysis, Design};
+
+/// When the looks stop (`--until`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Until {
+    // One analysis when the request or time budget is spent.
+    Budget,
+    // An analysis at each of --looks points; stop at the first where every primary comparison is decided.
+    Decided,
+}
 
 /// Why the looks ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
 
+pub use super::looks::Until;
 use super::records::MethodSpec;
 
 use crate::args::{
@@ -29,14 +30,6 @@ impl Endpoint {
             Endpoint::Completions => "/v1/completions",
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Until {
-    // One analysis when the request or time budget is spent.
-    Budget,
-    // An analysis at each of --looks points; stop at the first where every primary comparison is decided.
-    Decided,
 }
 
 /// The flags of `kvab experiment`, as typed. `Options::from_args` resolves them.

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::measure::Outcome;
-use super::options::Until;
+use super::looks::Until;
 use kvab_judge::requests::Design;
 
 /// The format version this kvab writes and reads (`kvab_records`).
