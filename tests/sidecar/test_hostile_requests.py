@@ -22,7 +22,7 @@ from test_http import STATIC
 
 # manifests/sidecar.yaml: the liveness and readiness probes' timeoutSeconds.
 PROBE_TIMEOUT_S = 2
-# sidecar/src/server.rs: API.max_connections.
+# serve/src/server.rs: API.max_connections.
 MAX_CONNECTIONS = 1024
 
 

@@ -9,7 +9,7 @@ import time
 
 from test_http import STATIC
 
-# sidecar/src/server.rs: HEADER_READ_TIMEOUT and BODY_READ_TIMEOUT.
+# serve/src/server.rs: HEADER_READ_TIMEOUT and BODY_READ_TIMEOUT.
 HEADER_TIMEOUT_S = 10
 BODY_TIMEOUT_S = 10
 
