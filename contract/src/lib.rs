@@ -14,6 +14,10 @@ pub use arm::{ArmName, ArmNameError, ARM_NAME_PATTERN, ARM_NAME_RULE, MAX_ARM_NA
 
 use serde::{Deserialize, Serialize};
 
+/// The arm header's default name (the filter's `header`, the tools' `--header`): the request header that
+/// names the arm, and the response header that tags the arm that served.
+pub const ARM_HEADER: &str = "x-kv-backend";
+
 /// Path of the endpoint map on the sidecar.
 pub const ENDPOINTS_PATH: &str = "/v1/endpoints";
 

@@ -211,7 +211,7 @@ impl RawChoice {
 }
 
 fn default_header() -> String {
-    "x-kv-backend".to_owned()
+    kvab_contract::ARM_HEADER.to_owned()
 }
 
 fn default_arms() -> Vec<RawArm> {

@@ -187,7 +187,7 @@ pub struct CheckArgs {
           value_delimiter = ' ', help_heading = "Arms")]
     id_path: Vec<(String, String, String)>,
     /// The arm header.
-    #[arg(long, value_name = "NAME", default_value = "x-kv-backend", value_parser = header_name,
+    #[arg(long, value_name = "NAME", default_value = kvab_contract::ARM_HEADER, value_parser = header_name,
           env = "KVAB_CHECK_HEADER", help_heading = "Arms")]
     header: String,
     /// A value the filter must refuse with 400.

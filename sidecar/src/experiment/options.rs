@@ -107,7 +107,7 @@ pub struct ExperimentArgs {
     arms: Vec<String>,
     /// The arm header kvab sets on each request (the filter's `header`; its response tag names the arm that
     /// served).
-    #[arg(long, value_name = "NAME", default_value = "x-kv-backend", value_parser = header_name,
+    #[arg(long, value_name = "NAME", default_value = kvab_contract::ARM_HEADER, value_parser = header_name,
           env = "KVAB_EXPERIMENT_HEADER", help_heading = "Arms")]
     header: String,
 
