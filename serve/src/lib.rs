@@ -22,7 +22,6 @@ mod server;
 mod state;
 mod watch;
 
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,47 +45,57 @@ pub struct Options {
     pub repair_state: bool,
 }
 
-/// Runs `kvab serve` to its end: the exit status.
-pub fn main(options: Options) -> ExitCode {
+/// What `kvab serve` starts with: the configuration read and checked, and the filter module read.
+pub struct Prepared {
+    config: Config,
+    filter_module: Option<filter_wasm::FilterWasm>,
+    repair_state: bool,
+}
+
+/// What the command line asks for, once the configuration is read.
+pub enum Start {
+    /// Serve until a signal.
+    Serve(Box<Prepared>),
+    /// `--check-config`: the configuration is good; its summary line.
+    Checked(String),
+}
+
+/// Reads and checks the configuration (and reads and hashes the filter module it names), before anything is
+/// served; `Err` is the configuration error, naming the key.
+pub fn prepare(options: Options) -> Result<Start, String> {
     // An empty KVAB_CONFIG means "not set", as before clap read it.
     let config_path = options.config.filter(|path| !path.is_empty());
-    let check_only = options.check_config;
-    let repair_state = options.repair_state;
-    let config = match Config::load(config_path.as_deref()) {
-        Ok(config) => config,
-        Err(e) => {
-            log::error!("configuration error: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    let config = Config::load(config_path.as_deref()).map_err(|e| e.to_string())?;
     // Read and hashed once, before anything is served: a missing file stops the start with the key's name.
-    let filter_module = match config
+    let filter_module = config
         .filter_wasm
         .as_deref()
         .map(filter_wasm::FilterWasm::load)
-    {
-        None => None,
-        Some(Ok(module)) => Some(module),
-        Some(Err(e)) => {
-            log::error!("configuration error: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    if check_only {
+        .transpose()
+        .map_err(|e| format!("{e:#}"))?;
+    if options.check_config {
         let mut line = summary(&config);
         if let Some(module) = &filter_module {
             line.push_str(&format!(", filter_wasm sha256 {}", module.sha256));
         }
-        println!("{line}");
-        return ExitCode::SUCCESS;
+        return Ok(Start::Checked(line));
     }
+    Ok(Start::Serve(Box::new(Prepared {
+        config,
+        filter_module,
+        repair_state: options.repair_state,
+    })))
+}
+
+/// Serves until SIGTERM or SIGINT (then drains), or until the source fails for good.
+pub async fn run(prepared: Box<Prepared>) -> anyhow::Result<()> {
     if !fence::unwinds() {
         log::warn!(
             "this kvab was built with panic = \"abort\": a panic while answering one request ends the \
              process; build it with `cargo build --profile sidecar -p kvab` (docs/sidecar.md)"
         );
     }
-    if let Some(module) = &filter_module {
+    if let Some(module) = &prepared.filter_module {
         log::info!(
             "serving {} ({} bytes, sha256 {}) at GET {}",
             module.path,
@@ -95,23 +104,12 @@ pub fn main(options: Options) -> ExitCode {
             filter_wasm::PATH
         );
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            log::error!("cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serve(config, filter_module, repair_state)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("{e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    serve(
+        prepared.config,
+        prepared.filter_module,
+        prepared.repair_state,
+    )
+    .await
 }
 
 fn summary(config: &Config) -> String {

@@ -34,7 +34,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    kvab_serve::main(kvab_serve::Options {
+    output::serve(kvab_serve::Options {
         config: serve_args.config,
         check_config: serve_args.check_config,
         repair_state: serve_args.repair_state,

@@ -1,7 +1,7 @@
 //! What the tools print and write, and the one place where their outcome becomes an exit status: the
 //! report as JSON or as a table, the HTML page, the verdict's status (0 decided, 1 invalid, 2
-//! inconclusive), and 3 for a run that could not be judged (`Failure`). `run` gives every tool the same
-//! async runtime.
+//! inconclusive), and 3 for a run that could not be judged (`Failure`); `kvab serve`'s 0, 1 and 2. `run`
+//! and `serve` give every command the same async runtime.
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -22,20 +22,48 @@ pub enum Failure {
 /// The exit status of a run that could not be judged.
 const FAILED: u8 = 3;
 
-/// Runs `kvab <command>` on the tools' one runtime (multi-threaded, timers and I/O on), and makes its
-/// outcome the process's: the status it gave, or a `Failure` printed on stderr and 3.
-pub fn run(command: &str, tool: impl Future<Output = Result<ExitCode, Failure>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+/// The one runtime of every command: multi-threaded, timers and I/O on.
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(runtime) => runtime,
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+/// Runs `kvab serve`: 2 for a configuration error (logged, naming the key), 0 after `--check-config`
+/// (its summary on stdout) or a clean shutdown, 1 when serving failed (logged).
+pub fn serve(options: kvab_serve::Options) -> ExitCode {
+    let prepared = match kvab_serve::prepare(options) {
         Err(e) => {
-            return failed(
-                command,
-                Failure::Run(format!("cannot start the async runtime: {e}")),
-            )
+            log::error!("configuration error: {e}");
+            return ExitCode::from(2);
         }
+        Ok(kvab_serve::Start::Checked(summary)) => {
+            println!("{summary}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(kvab_serve::Start::Serve(prepared)) => prepared,
+    };
+    let done = runtime().and_then(|runtime| {
+        runtime
+            .block_on(kvab_serve::run(prepared))
+            .map_err(|e| format!("{e:#}"))
+    });
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs `kvab <command>` (a tool) on the one runtime, and makes its outcome the process's: the status it
+/// gave, or a `Failure` printed on stderr and 3.
+pub fn run(command: &str, tool: impl Future<Output = Result<ExitCode, Failure>>) -> ExitCode {
+    let runtime = match runtime() {
+        Ok(runtime) => runtime,
+        Err(e) => return failed(command, Failure::Run(e)),
     };
     match runtime.block_on(tool) {
         Ok(status) => status,

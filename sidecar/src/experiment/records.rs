@@ -14,8 +14,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::measure::Outcome;
 use super::looks::Until;
+use super::measure::Outcome;
 use kvab_judge::requests::Design;
 
 /// The format version this kvab writes and reads (`kvab_records`).
