@@ -98,3 +98,96 @@ pub fn per_arm(counts: &BTreeMap<String, u64>) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::comparison::{of_samples, InFamily, Rule};
+
+    fn arms() -> Vec<String> {
+        vec!["nvlink".into(), "fs".into()]
+    }
+
+    /// A primary comparison of `first` against `second` (as times in ms) at a loose level.
+    fn compared(first: &[f64], second: &[f64], class: &str) -> Comparison {
+        let p = crate::stats::mann_whitney_u(first, second).map(|t| t.p_value);
+        of_samples(
+            "ttft_ms",
+            Some(class.into()),
+            true,
+            &arms(),
+            [first, second],
+            InFamily {
+                p,
+                p_adjusted: p.unwrap_or(1.0),
+                level: 0.05,
+            },
+            Rule {
+                level: 0.05,
+                min_effect: 0.05,
+            },
+        )
+    }
+
+    fn spread(centre: f64, n: usize) -> Vec<f64> {
+        (0..n)
+            .map(|i| centre + (i % 10) as f64 * 0.01 * centre / 10.0)
+            .collect()
+    }
+
+    #[test]
+    fn one_rule_decides_faster_equivalent_and_inconclusive() {
+        let faster = compared(&spread(100.0, 200), &spread(150.0, 200), "short");
+        assert_eq!(
+            (faster.decision, faster.faster.as_deref()),
+            (Decision::Faster, Some("nvlink"))
+        );
+        assert_eq!(faster.reason(), "ttft_ms short: nvlink faster by 50.0%");
+        let same = compared(&spread(100.0, 200), &spread(100.0, 200), "short");
+        assert_eq!(same.decision, Decision::Equivalent);
+        assert_eq!(same.reason(), "ttft_ms short: equivalent");
+        let few = compared(&[100.0, 180.0], &[120.0, 90.0], "short");
+        assert_eq!(few.decision, Decision::Inconclusive);
+        assert_eq!(few.decision_text().split(' ').next(), Some("inconclusive"));
+    }
+
+    #[test]
+    fn the_verdict_orders_its_reasons_and_the_findings_weigh_as_documented() {
+        let decided = compared(&spread(100.0, 200), &spread(150.0, 200), "short");
+        let findings = Findings {
+            invalid: Vec::new(),
+            context: vec!["context".into()],
+            caveats: Vec::new(),
+            notes: vec!["note".into()],
+        };
+        let (judged, reasons) = verdict(findings.clone(), std::slice::from_ref(&decided));
+        assert_eq!(judged, Verdict::Decided);
+        assert_eq!(
+            reasons,
+            ["context", "ttft_ms short: nvlink faster by 50.0%", "note"]
+        );
+        // A caveat keeps a decided comparison from deciding the verdict.
+        let caveat = Findings {
+            caveats: vec!["caveat".into()],
+            ..findings.clone()
+        };
+        let (judged, reasons) = verdict(caveat, std::slice::from_ref(&decided));
+        assert_eq!(judged, Verdict::Inconclusive);
+        assert_eq!(reasons[1], "caveat");
+        // Invalid: why, then the notes, and no comparison.
+        let invalid = Findings {
+            invalid: vec!["mismatch".into()],
+            ..findings.clone()
+        };
+        assert_eq!(
+            verdict(invalid, std::slice::from_ref(&decided)),
+            (Verdict::Invalid, vec!["mismatch".into(), "note".into()])
+        );
+        // No primary comparison decides nothing.
+        let mut secondary = decided;
+        secondary.primary = false;
+        assert_eq!(verdict(findings, &[secondary]).0, Verdict::Inconclusive);
+        assert_eq!(verdict_line(Verdict::Decided, &[]), "decided");
+    }
+}
