@@ -2,4 +2,5 @@
 
 pub mod experiment;
 pub mod html;
+pub mod plots;
 pub mod production;

@@ -9,7 +9,7 @@ use crate::comparison::Comparison;
 use crate::stats::format_p;
 use crate::verdict::{verdict_line, Verdict};
 
-use super::html;
+use super::{html, plots};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -183,7 +183,7 @@ impl Report {
         let mut out = format!("<h2>Comparisons</h2><pre>{}</pre>", escape(&self.table()));
         out.push_str("<h2>Distributions</h2>");
         for c in &self.comparisons {
-            let arms: Vec<html::BinnedCdf> = self
+            let arms: Vec<plots::BinnedCdf> = self
                 .arms
                 .iter()
                 .filter_map(|arm| {
@@ -210,7 +210,7 @@ impl Report {
                 &mut out,
                 c.metric,
                 &caption,
-                html::binned_cdf_plot(c.metric, "ms (log scale)", &arms),
+                plots::binned_cdf_plot(c.metric, "ms (log scale)", &arms),
             );
         }
         out.push_str("<h2>Queries</h2><ul>");

@@ -4,7 +4,6 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::SocketAddr;
-use std::ops::Range;
 use std::time::Duration;
 
 use kvab_contract::report::{is_report_token, MAX_REPORT_TOKEN_LEN, MIN_REPORT_TOKEN_LEN};
@@ -12,10 +11,14 @@ use kvab_contract::ArmName;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::selector;
+mod raw;
+mod sources;
+
+use raw::{Locator, RawConfig};
+use sources::{kubernetes, static_endpoints};
 
 /// Used when neither `--config` nor `KVAB_CONFIG` is given: static endpoints for the local stack.
-pub const EMBEDDED_DEFAULT: &str = include_str!("../config/local.toml");
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/local.toml");
 pub const EMBEDDED_DEFAULT_NAME: &str = "<embedded serve/config/local.toml>";
 
 #[derive(Debug, Clone)]
@@ -123,80 +126,6 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-// ---- raw TOML shape ----
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    listen: Option<Spanned<String>>,
-    health_listen: Option<Spanned<String>>,
-    source: Option<Spanned<String>>,
-    arms: Option<Spanned<Vec<String>>>,
-    #[serde(default)]
-    kubernetes: RawKubernetes,
-    #[serde(default, rename = "static")]
-    static_source: RawStatic,
-    #[serde(default)]
-    probe: RawProbe,
-    #[serde(default)]
-    shutdown: RawShutdown,
-    filter_wasm: Option<Spanned<String>>,
-    #[serde(default)]
-    reports: RawReports,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawReports {
-    state_file: Option<Spanned<String>>,
-    token_file: Option<Spanned<String>>,
-    retire_after_seconds: Option<Spanned<f64>>,
-    max_reporters: Option<Spanned<i64>>,
-    max_entries: Option<Spanned<i64>>,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawKubernetes {
-    namespaces: Option<Vec<Spanned<String>>>,
-    pod_selector: Option<Spanned<String>>,
-    backend_label: Option<Spanned<String>>,
-    endpoint_port: Option<Spanned<EndpointPort>>,
-    unready_after_seconds: Option<Spanned<f64>>,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawStatic {
-    #[serde(default)]
-    endpoints: Vec<RawStaticEndpoint>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawStaticEndpoint {
-    backend: Spanned<String>,
-    address: Spanned<String>,
-    pod: Option<String>,
-    ready: Option<bool>,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawProbe {
-    interval_seconds: Option<Spanned<f64>>,
-    timeout_seconds: Option<Spanned<f64>>,
-    path: Option<Spanned<String>>,
-    concurrency: Option<Spanned<i64>>,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawShutdown {
-    drain_delay_seconds: Option<Spanned<f64>>,
-    grace_seconds: Option<Spanned<f64>>,
-}
-
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:18090";
 pub const DEFAULT_ARMS: [&str; 2] = ["nvlink", "fs"];
 pub const DEFAULT_POD_SELECTOR: &str = "role=proxy";
@@ -218,57 +147,6 @@ pub const DEFAULT_MAX_ENTRIES: usize = 200_000;
 pub const MAX_MAX_ENTRIES: usize = 10_000_000;
 pub const DEFAULT_DRAIN_DELAY_SECONDS: f64 = 0.0;
 pub const DEFAULT_GRACE_SECONDS: f64 = 10.0;
-
-/// Turns spans into `line, column` for one source text.
-struct Locator<'a> {
-    origin: &'a str,
-    text: &'a str,
-}
-
-impl Locator<'_> {
-    fn error(&self, span: Option<Range<usize>>, message: impl Into<String>) -> ConfigError {
-        ConfigError {
-            origin: self.origin.to_string(),
-            position: span.map(|s| line_column(self.text, s.start)),
-            message: message.into(),
-        }
-    }
-
-    fn at<T>(&self, value: &Spanned<T>, message: impl Into<String>) -> ConfigError {
-        self.error(Some(value.span()), message)
-    }
-
-    fn seconds(
-        &self,
-        value: Option<Spanned<f64>>,
-        key: &str,
-        default: f64,
-        allow_zero: bool,
-    ) -> Result<Duration, ConfigError> {
-        let Some(value) = value else {
-            return Ok(Duration::from_secs_f64(default));
-        };
-        let seconds = *value.get_ref();
-        let valid = seconds.is_finite()
-            && seconds <= 86_400.0
-            && (seconds > 0.0 || (allow_zero && seconds == 0.0));
-        if !valid {
-            let range = if allow_zero { ">= 0" } else { "> 0" };
-            return Err(self.at(
-                &value,
-                format!("`{key}` must be a number of seconds {range} and <= 86400, got {seconds}"),
-            ));
-        }
-        Ok(Duration::from_secs_f64(seconds))
-    }
-}
-
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, column)
-}
 
 impl Config {
     /// Reads the file named by `--config` or `KVAB_CONFIG`, or the embedded local default.
@@ -528,128 +406,6 @@ impl Config {
     }
 }
 
-fn kubernetes(loc: &Locator<'_>, raw: RawKubernetes) -> Result<Kubernetes, ConfigError> {
-    let mut namespaces = Vec::new();
-    for ns in raw.namespaces.unwrap_or_default() {
-        if !selector::is_label_value(ns.get_ref()) || ns.get_ref().contains(['_', '.']) {
-            return Err(loc.at(
-                &ns,
-                format!(
-                    "`kubernetes.namespaces`: {:?} is not a namespace name",
-                    ns.get_ref()
-                ),
-            ));
-        }
-        if namespaces.contains(ns.get_ref()) {
-            return Err(loc.at(
-                &ns,
-                format!(
-                    "`kubernetes.namespaces`: {:?} is listed twice",
-                    ns.get_ref()
-                ),
-            ));
-        }
-        namespaces.push(ns.into_inner());
-    }
-    let pod_selector = match raw.pod_selector {
-        None => DEFAULT_POD_SELECTOR.to_string(),
-        Some(selector) => match selector::validate(selector.get_ref()) {
-            Ok(()) => selector.into_inner(),
-            Err(e) => {
-                return Err(loc.at(
-                    &selector,
-                    format!("`kubernetes.pod_selector` is not a label selector: {e}"),
-                ))
-            }
-        },
-    };
-    let backend_label = match raw.backend_label {
-        None => DEFAULT_BACKEND_LABEL.to_string(),
-        Some(label) => match selector::validate_key(label.get_ref()) {
-            Ok(()) => label.into_inner(),
-            Err(e) => {
-                return Err(loc.at(
-                    &label,
-                    format!("`kubernetes.backend_label` must be a label key such as \"llm-d.ai/kv-backend\": {e}"),
-                ))
-            }
-        },
-    };
-    let endpoint_port = match raw.endpoint_port {
-        None => EndpointPort::Number(DEFAULT_ENDPOINT_PORT),
-        Some(port) => match port.get_ref() {
-            EndpointPort::Number(0) => {
-                return Err(loc.at(
-                    &port,
-                    "`kubernetes.endpoint_port` must be 1..=65535 or a container port name",
-                ))
-            }
-            EndpointPort::Name(name) if name.is_empty() || name.len() > 15 => {
-                return Err(loc.at(
-                    &port,
-                    "`kubernetes.endpoint_port`: a container port name has 1 to 15 characters",
-                ))
-            }
-            _ => port.into_inner(),
-        },
-    };
-    Ok(Kubernetes {
-        namespaces,
-        pod_selector,
-        backend_label,
-        endpoint_port,
-        unready_after: loc.seconds(
-            raw.unready_after_seconds,
-            "kubernetes.unready_after_seconds",
-            DEFAULT_UNREADY_AFTER_SECONDS,
-            true,
-        )?,
-    })
-}
-
-fn static_endpoints(
-    loc: &Locator<'_>,
-    raw: RawStatic,
-    arms: &[String],
-) -> Result<Vec<StaticEndpoint>, ConfigError> {
-    let mut endpoints: Vec<StaticEndpoint> = Vec::new();
-    let mut addresses = BTreeSet::new();
-    for raw in raw.endpoints {
-        if !arms.contains(raw.backend.get_ref()) {
-            return Err(loc.at(
-                &raw.backend,
-                format!(
-                    "`static.endpoints.backend`: {:?} is not one of the configured arms {arms:?}",
-                    raw.backend.get_ref()
-                ),
-            ));
-        }
-        let address: SocketAddr = raw.address.get_ref().parse().map_err(|_| {
-            loc.at(
-                &raw.address,
-                format!(
-                    "`static.endpoints.address` must be `ip:port`, got {:?}",
-                    raw.address.get_ref()
-                ),
-            )
-        })?;
-        let address = address.to_string();
-        if !addresses.insert(address.clone()) {
-            return Err(loc.at(
-                &raw.address,
-                format!("`static.endpoints.address`: {address} is listed twice"),
-            ));
-        }
-        endpoints.push(StaticEndpoint {
-            backend: raw.backend.into_inner(),
-            pod: raw.pod.unwrap_or_else(|| address.clone()),
-            address,
-            ready: raw.ready.unwrap_or(true),
-        });
-    }
-    Ok(endpoints)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
@@ -876,11 +632,14 @@ mod tests {
     fn shipped_example_files_parse() {
         for (name, text) in [
             ("local.toml", EMBEDDED_DEFAULT),
-            ("in-cluster.toml", include_str!("../config/in-cluster.toml")),
+            (
+                "in-cluster.toml",
+                include_str!("../../config/in-cluster.toml"),
+            ),
         ] {
             Config::parse(text, name).unwrap();
         }
-        let in_cluster = Config::parse(include_str!("../config/in-cluster.toml"), "c").unwrap();
+        let in_cluster = Config::parse(include_str!("../../config/in-cluster.toml"), "c").unwrap();
         assert_eq!(
             in_cluster.health_listen.map(|a| a.to_string()).as_deref(),
             Some("0.0.0.0:18091")
