@@ -4,7 +4,7 @@
 //!
 //! - a client must send a request's headers within [`Limits::header_read_timeout`], including the
 //!   next request on a kept-alive connection, so idle connections close after that long;
-//! - a report body must arrive within [`BODY_READ_TIMEOUT`] (see `reports.rs`);
+//! - a report body must arrive within [`BODY_READ_TIMEOUT`] (see `reports`);
 //! - at most [`Limits::max_connections`] are served at once. When one more arrives at the cap, the
 //!   connection that has been idle longest (no request in flight: between requests, or still sending
 //!   its headers) is closed to admit it; only when every connection has a request in flight does it

@@ -7,11 +7,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use super::experiment::{per_arm, ArmSamples, Report, Samples, Verdict};
-use super::plots::{ecdf_plot, median_plot, MedianRow};
+use super::plots::{ecdf_plot, finite, median_plot, MedianRow, MEDIAN_ALPHA};
 use crate::stats::{format_p, median_interval, percentile};
-
-/// The level of the median intervals in "TTFT against prompt size".
-pub(super) const MEDIAN_ALPHA: f64 = 0.05;
 
 /// `text` for HTML content or a quoted attribute value.
 pub fn escape(text: &str) -> String {
@@ -31,10 +28,6 @@ pub fn escape(text: &str) -> String {
 
 fn fmt(value: Option<f64>, digits: usize) -> String {
     value.map_or("–".into(), |v| format!("{v:.digits$}"))
-}
-
-pub(super) fn finite(sample: &[f64]) -> Vec<f64> {
-    sample.iter().copied().filter(|v| v.is_finite()).collect()
 }
 
 /// A `<figure class="plot" data-plot=...>` with the drawing (its `<title>` the caption) or, when there

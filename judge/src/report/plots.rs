@@ -3,8 +3,15 @@
 
 use plotters::prelude::*;
 
-use super::html::{finite, MEDIAN_ALPHA};
 use crate::stats::percentile;
+
+/// The level of the median intervals in "TTFT against prompt size".
+pub(super) const MEDIAN_ALPHA: f64 = 0.05;
+
+/// The finite values of a sample (the plots and the interval table leave out what cannot be drawn).
+pub(super) fn finite(sample: &[f64]) -> Vec<f64> {
+    sample.iter().copied().filter(|v| v.is_finite()).collect()
+}
 
 const ARM_COLORS: [RGBColor; 2] = [RGBColor(31, 119, 180), RGBColor(230, 115, 0)];
 /// Most steps drawn of one ECDF: beyond it the steps are taken evenly (the shape is the same).
