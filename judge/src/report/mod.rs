@@ -2,5 +2,6 @@
 
 pub mod experiment;
 pub mod html;
+pub mod latency;
 pub mod plots;
 pub mod production;

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use super::burst::Shot;
 use super::options::Arm;
 use super::report::{Check, Outcome};
-use kvab_judge::stats::percentile;
+use kvab_judge::report::latency::Percentiles;
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ArmSamples {
@@ -34,20 +34,13 @@ pub fn samples_by_arm(shots: &[Shot], header: &str, arms: &[Arm]) -> Vec<(String
         .collect()
 }
 
-fn summary(samples: &[f64]) -> Value {
-    let p = |q| percentile(samples, q).map(|v| (v * 10.0).round() / 10.0);
-    json!({"n": samples.len(), "p50": p(50.0), "p95": p(95.0), "p99": p(99.0)})
-}
-
 fn render(name: &str, s: &ArmSamples) -> String {
-    let p = |v: &[f64], q| percentile(v, q).map_or("-".into(), |x| format!("{x:.1}"));
+    let (total, first_byte) = (Percentiles::of(&s.total), Percentiles::of(&s.first_byte));
+    let ttfb = first_byte.p50.map_or("-".into(), |x| format!("{x:.1}"));
     format!(
-        "{name} n={} p50/p95/p99 {}/{}/{} ms, ttfb p50 {} ms",
-        s.total.len(),
-        p(&s.total, 50.0),
-        p(&s.total, 95.0),
-        p(&s.total, 99.0),
-        p(&s.first_byte, 50.0)
+        "{name} n={} p50/p95/p99 {} ms, ttfb p50 {ttfb} ms",
+        total.n,
+        total.text()
     )
 }
 
@@ -64,7 +57,7 @@ pub fn observe(by_arm: &[(String, ArmSamples)]) -> (Check, Value) {
         .map(|(arm, s)| {
             (
                 arm.clone(),
-                json!({"latency_ms": summary(&s.total), "ttfb_ms": summary(&s.first_byte)}),
+                json!({"latency_ms": Percentiles::of(&s.total), "ttfb_ms": Percentiles::of(&s.first_byte)}),
             )
         })
         .collect();
