@@ -106,7 +106,7 @@ pub static PLANS: LazyLock<Vec<Model>> = LazyLock::new(|| {
             None,
         ),
         model(
-            r#"{"arms":[{"name":"a","aliases":["x"]},{"name":"B"},{"name":"c.d_e-9","aliases":["NVLink"]}],"onUnknown":"passthrough","onMissing":"split","split":{"weights":{"b":1000000,"a":1}}}"#,
+            r#"{"arms":[{"name":"a","aliases":["x"]},{"name":"b"},{"name":"c.d_e-9","aliases":["NVLink"]}],"onUnknown":"passthrough","onMissing":"split","split":{"weights":{"b":1000000,"a":1}}}"#,
             "x-kv-backend",
             &[("a", &["x"]), ("b", &[]), ("c.d_e-9", &["nvlink"])],
             Policy::Split,
