@@ -12,6 +12,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY contract contract
 COPY filter filter
+COPY judge judge
 COPY ledger ledger
 COPY serve serve
 COPY sidecar sidecar
