@@ -1,17 +1,13 @@
 //! The judgement of an experiment from its outcomes, with no I/O (the calibration tests run it on
 //! simulated samples).
 //!
-//! Per class and metric: percentiles per arm; the Hodges–Lehmann shift (second − first) with its
-//! distribution-free interval and the Mann-Whitney p-value; Holm's correction across every comparison.
-//! A comparison is decided `faster` when Holm rejects "no difference", its interval (at the Holm level
-//! that judged it) excludes zero and the shift is at least `min_effect` of the first arm's median;
-//! `equivalent` when the interval lies inside ±`min_effect`; otherwise `inconclusive`. Each analysis
-//! runs at `look_alpha` = alpha / looks (the union bound over the planned looks keeps the family-wise
-//! error at alpha for any stopping rule that stops at a look).
+//! Per class and metric: the Mann-Whitney p-value, Holm's correction across every comparison, and each
+//! comparison made and decided by `comparison::of_samples` (the one rule, `crate::comparison`). Each
+//! analysis runs at `look_alpha` = alpha / looks (the union bound over the planned looks keeps the
+//! family-wise error at alpha for any stopping rule that stops at a look). Also the assignment check and
+//! the error rates per class, which the tool turns into findings for the verdict (`crate::verdict`).
 
 use std::collections::BTreeMap;
-
-use serde::Serialize;
 
 use crate::comparison::{of_samples, Comparison, Decision, InFamily, Rule};
 use crate::report::experiment::{
@@ -61,15 +57,12 @@ impl Outcome {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+/// A per-request metric of an experiment; `name` is how comparisons and reports call it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Metric {
-    #[serde(rename = "ttft_ms")]
     Ttft,
-    #[serde(rename = "itl_ms")]
     Itl,
-    #[serde(rename = "tpot_ms")]
     Tpot,
-    #[serde(rename = "e2e_ms")]
     E2e,
 }
 

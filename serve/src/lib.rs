@@ -8,7 +8,7 @@
 
 mod answer;
 pub mod client;
-pub mod config;
+mod config;
 pub mod fence;
 mod filter_wasm;
 mod http;
