@@ -241,6 +241,10 @@ def usage(prompt: int, completion: int) -> dict:
 
 class ArmServer(ThreadingHTTPServer):
     daemon_threads = True
+    # Envoy opens a connection per concurrent request (each of its workers its own): the default backlog (5)
+    # overflows under a burst, the SYN is retried after 1 s, and the gateway's 1 s connect_timeout answers
+    # 503 (tests/test_loop.py's 4000-request burst at concurrency 32 met it on a busy machine).
+    request_queue_size = 128
 
     def __init__(self, name: str, port: int = 0, prefill: str = None, decode: str = None, delay: float = 0.0,
                  jitter: float = 0.0, metrics_status: int = 200, model: str = MODEL, bandwidth: float = None,
