@@ -44,7 +44,6 @@ def test_no_module_is_over_600_lines_of_code_or_holds_over_300_lines_of_tests():
             if is_test_file(path):
                 continue
             code, tests = split_code_and_tests(path.read_text())
-            # A `#[cfg(test)] mod tests;` line pointing at a file of its own is no inline test module.
             if len(code) > MAX_CODE_LINES:
                 too_big.append(f"{path.relative_to(REPO)}: {len(code)} lines of code")
             if len(tests) > MAX_INLINE_TEST_LINES:

@@ -82,6 +82,13 @@ fn failed(command: &str, failure: Failure) -> ExitCode {
     ExitCode::from(FAILED)
 }
 
+/// Writes `bytes` to `path` through `<path>.tmp` and a rename, so a reader never sees half a file.
+pub fn replace(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    std::fs::write(&temporary, bytes).and_then(|()| std::fs::rename(&temporary, path))
+}
+
 /// The output of `kvab experiment` and `kvab analyze`: the HTML report (through a temporary file, so a
 /// reader never sees half of it), then the JSON or the table on stdout; the exit status is the verdict's.
 pub fn emit<T: Serialize>(
@@ -92,10 +99,7 @@ pub fn emit<T: Serialize>(
     html: Option<(&std::path::Path, String)>,
 ) -> Result<ExitCode, Failure> {
     if let Some((path, page)) = html {
-        let mut temporary = path.as_os_str().to_owned();
-        temporary.push(".tmp");
-        std::fs::write(&temporary, page)
-            .and_then(|()| std::fs::rename(&temporary, path))
+        replace(path, page.as_bytes())
             .map_err(|e| Failure::Run(format!("cannot write --html {}: {e}", path.display())))?;
     }
     if json {

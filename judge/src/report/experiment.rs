@@ -6,9 +6,9 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-pub use crate::comparison::{Comparison, Decision};
-pub use crate::stats::format_p;
-pub use crate::verdict::{per_arm, verdict_line, Verdict};
+use crate::comparison::Comparison;
+use crate::stats::format_p;
+use crate::verdict::{per_arm, verdict_line, Verdict};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {

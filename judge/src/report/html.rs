@@ -6,9 +6,10 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use super::experiment::{per_arm, ArmSamples, Report, Samples, Verdict};
+use super::experiment::{ArmSamples, Report, Samples};
 use super::plots::{ecdf_plot, finite, median_plot, MedianRow, MEDIAN_ALPHA};
 use crate::stats::{format_p, median_interval, percentile};
+use crate::verdict::{per_arm, Verdict};
 
 /// `text` for HTML content or a quoted attribute value.
 pub fn escape(text: &str) -> String {
@@ -374,6 +375,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::comparison::{Comparison, Decision};
     use crate::report::experiment::*;
 
     fn report(label: &str) -> Report {

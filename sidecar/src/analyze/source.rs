@@ -249,9 +249,5 @@ pub fn save(path: &Path, answers: &[Recorded], window: &Window) -> Result<(), St
             text.len()
         ));
     }
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".tmp");
-    std::fs::write(&temporary, text)
-        .and_then(|()| std::fs::rename(&temporary, path))
-        .map_err(|e| format!("--save-answers {name}: {e}"))
+    crate::output::replace(path, &text).map_err(|e| format!("--save-answers {name}: {e}"))
 }

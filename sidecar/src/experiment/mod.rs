@@ -28,7 +28,9 @@ use crate::cluster;
 use crate::output::{self, Failure};
 use kvab_judge::report::{experiment as report, html};
 use kvab_judge::requests as analysis;
-use kvab_judge::Findings;
+use kvab_judge::stats::format_p;
+use kvab_judge::verdict::per_arm;
+use kvab_judge::{Decision, Findings, Verdict};
 use kvab_serve::client::HttpClient;
 
 use analysis::{Analysis, Design};
@@ -36,7 +38,7 @@ use looks::{End, Looks};
 use measure::Outcome;
 use options::{ExperimentArgs, JudgeOptions, Load, Options, Plan, Until};
 use records::{ClassSpec, Header, LoadSpec, MethodSpec, RunFacts};
-use report::{Class, Method, Report, Run, Samples, Verdict};
+use report::{Class, Method, Report, Run, Samples};
 
 /// How the method is described in the report (docs/experiment.md has the full account).
 const METHOD: &str = "randomized balanced blocks per class; Hodges-Lehmann shift with its distribution-free \
@@ -351,9 +353,9 @@ fn verdict(design: &Design, analysis: &Analysis) -> (Verdict, Vec<String>) {
         findings.invalid.push(format!(
             "sample-ratio mismatch: answered {} against planned {} (p={}): the routing does not follow the \
              assignment{untagged}",
-            report::per_arm(&a.answered),
-            report::per_arm(&a.planned),
-            a.srm_p.map_or("-".into(), report::format_p)
+            per_arm(&a.answered),
+            per_arm(&a.planned),
+            a.srm_p.map_or("-".into(), format_p)
         ));
     }
     if a.misrouted > 0 {
@@ -490,7 +492,7 @@ impl Progress {
         let decided = analysis
             .comparisons
             .iter()
-            .filter(|c| c.primary && c.decision != report::Decision::Inconclusive)
+            .filter(|c| c.primary && c.decision != Decision::Inconclusive)
             .count();
         let primary = analysis.comparisons.iter().filter(|c| c.primary).count();
         self.look = format!("; look {look}: {decided}/{primary} decided");
