@@ -202,7 +202,7 @@ pub struct ExperimentArgs {
           env = "KVAB_EXPERIMENT_TAIL_MARGIN", help_heading = "Verdict")]
     tail_margin: f64,
     /// The error guardrail's margin, in error rate (0.02: 2 percentage points): `equivalent` needs the
-    /// arms' error rates shown within it, `faster` the faster arm's not shown worse by it.
+    /// arms' error rates shown within it, `faster` is held back when the faster arm is shown to fail more.
     #[arg(long, value_name = "D", default_value_t = DEFAULT_ERROR_MARGIN, value_parser = open_fraction,
           env = "KVAB_EXPERIMENT_ERROR_MARGIN", help_heading = "Verdict")]
     error_margin: f64,
