@@ -207,11 +207,41 @@ impl Comparison {
         }
     }
 
-    /// `nvlink faster`, `equivalent`, `inconclusive (~N more requests)`.
+    /// `×1.300`: the ratio as tables show it.
+    pub fn ratio_text(&self) -> String {
+        self.ratio.map_or("-".into(), |r| format!("×{r:.3}"))
+    }
+
+    /// `[1.280, 1.320]`, `[2.000, ∞]`: `ratio_ci` as tables show it.
+    pub fn ratio_ci_text(&self) -> String {
+        let end = |v: f64| {
+            if v.is_finite() {
+                format!("{v:.3}")
+            } else {
+                "∞".into()
+            }
+        };
+        self.ratio_ci
+            .map_or("-".into(), |[lo, hi]| format!("[{}, {}]", end(lo), end(hi)))
+    }
+
+    /// `p90 ok, p99 fs worse`: the tails as tables show them.
+    pub fn tails_text(&self) -> String {
+        let tails: Vec<String> = self.tails.iter().map(Tail::short).collect();
+        if tails.is_empty() {
+            "-".into()
+        } else {
+            tails.join(", ")
+        }
+    }
+
+    /// `nvlink faster`, `equivalent`, `inconclusive (~N more requests)`, `inconclusive (held back by a
+    /// guardrail)`.
     pub fn decision_text(&self) -> String {
         match (self.decision, &self.faster) {
             (Decision::Faster, Some(arm)) => format!("{arm} faster"),
             (Decision::Equivalent, _) => "equivalent".into(),
+            _ if !self.blocked.is_empty() => "inconclusive (held back by a guardrail)".into(),
             _ => match self.more_requests {
                 Some(more) => format!("inconclusive (~{more} more requests)"),
                 None => "inconclusive".into(),
@@ -290,14 +320,20 @@ fn tail_sentence(tail: &Tail, arms: &[String]) -> String {
     let first_worse = tail.worse.is_some() && tail.worse.as_ref() == arms.first();
     let (ratio, [lo, hi]) = if first_worse {
         let inv = |v: Option<f64>| v.filter(|v| *v > 0.0).map(|v| 1.0 / v);
-        (inv(tail.ratio), [inv(tail.ratio_ci[1]), inv(tail.ratio_ci[0])])
+        (
+            inv(tail.ratio),
+            [inv(tail.ratio_ci[1]), inv(tail.ratio_ci[0])],
+        )
     } else {
         (tail.ratio, tail.ratio_ci)
     };
     let numbers = format!("×{} [{}, {}]", fmt(ratio), fmt(lo), fmt(hi));
     match (&tail.status, &tail.worse) {
         (Status::Worse, Some(arm)) => format!("{arm}'s {} is worse ({numbers})", tail.quantile),
-        _ => format!("{} not shown within the tail margin ({numbers})", tail.quantile),
+        _ => format!(
+            "{} not shown within the tail margin ({numbers})",
+            tail.quantile
+        ),
     }
 }
 
@@ -306,7 +342,7 @@ fn tail_sentence(tail: &Tail, arms: &[String]) -> String {
 fn error_sentence(guard: &ErrorGuard, arms: &[String]) -> String {
     let first = guard.worse.is_some() && guard.worse.as_ref() == arms.first();
     let (d, [lo, hi]) = match (guard.difference, guard.difference_ci) {
-        (Some(d), Some([lo, hi])) if first => (d * -1.0, [-hi, -lo]),
+        (Some(d), Some([lo, hi])) if first => (-d, [-hi, -lo]),
         (Some(d), Some(ci)) => (d, ci),
         _ => return "error rates not measured".into(),
     };
@@ -374,7 +410,9 @@ pub fn of_samples(
     c.equivalence_ci = shift_interval(&log_first, &log_second, 2.0 * rule.tost_level).map(exp);
     c.tails = TAILS
         .iter()
-        .map(|&q| guardrail::of_samples(q, arms, [first, second], rule.tost_level, rule.tail_margin))
+        .map(|&q| {
+            guardrail::of_samples(q, arms, [first, second], rule.tost_level, rule.tail_margin)
+        })
         .collect();
     c.p = family.p;
     c.p_adjusted = family.p.map(|_| family.p_adjusted);
@@ -391,6 +429,7 @@ pub fn of_samples(
 /// and the decision. An arm with fewer than `min_requests` requests is shown but not tested.
 /// `family.p`: the histograms' `binned::mann_whitney` p-value, which Holm's correction needed first;
 /// `errors`: the window's error guardrail.
+#[allow(clippy::too_many_arguments)]
 pub fn of_histograms(
     metric: &'static str,
     primary: bool,
@@ -458,13 +497,17 @@ pub fn of_histograms(
         // A median in the first bucket has 0 as its lower edge: the ratio is then unbounded above
         // (`null` in JSON), which still lets it show the first arm faster.
         let ratio = (a_hi > 0.0).then(|| {
-            let high = if a_lo > 0.0 { b_hi / a_lo } else { f64::INFINITY };
+            let high = if a_lo > 0.0 {
+                b_hi / a_lo
+            } else {
+                f64::INFINITY
+            };
             [b_lo / a_hi, high]
         });
-        difference
-            .iter()
-            .all(|v| v.is_finite())
-            .then_some((difference, ratio.filter(|[lo, hi]| lo.is_finite() && !hi.is_nan())))
+        difference.iter().all(|v| v.is_finite()).then_some((
+            difference,
+            ratio.filter(|[lo, hi]| lo.is_finite() && !hi.is_nan()),
+        ))
     };
     // The Holm-level intervals: each median at half the level, both hold with probability ≥ 1 − level.
     if let Some((difference, ratio)) = bounds(level / 2.0) {

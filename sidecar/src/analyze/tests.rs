@@ -371,7 +371,10 @@ fn arms_with_the_same_histogram_are_equivalent() {
     assert_eq!(c.ci_ms, Some([-2.0, 2.0]));
     let [rlo, rhi] = c.relative_ci.unwrap();
     assert!(-0.05 < rlo && rhi < 0.05, "{rlo} {rhi}");
-    assert_eq!(report.reasons[1], "request_duration_ms: equivalent (×1.000 [0.980, 1.020])");
+    assert_eq!(
+        report.reasons[1],
+        "request_duration_ms: equivalent (×1.000 [0.980, 1.020])"
+    );
     assert_eq!(report.verdict, Verdict::Decided);
     // The same data with a margin of 1 %: the ±2 % interval is no longer inside it.
     let strict = args_with(&["--split", "nvlink=1,fs=1", "--min-effect", "0.01"]);
