@@ -235,13 +235,13 @@ impl Comparison {
         }
     }
 
-    /// `nvlink faster`, `equivalent`, `inconclusive (~N more requests)`, `inconclusive (held back by a
-    /// guardrail)`.
+    /// `nvlink faster`, `equivalent`, `inconclusive (~N more requests)`, `inconclusive (guardrail)` (held
+    /// back by a guardrail: `blocked` says which).
     pub fn decision_text(&self) -> String {
         match (self.decision, &self.faster) {
             (Decision::Faster, Some(arm)) => format!("{arm} faster"),
             (Decision::Equivalent, _) => "equivalent".into(),
-            _ if !self.blocked.is_empty() => "inconclusive (held back by a guardrail)".into(),
+            _ if !self.blocked.is_empty() => "inconclusive (guardrail)".into(),
             _ => match self.more_requests {
                 Some(more) => format!("inconclusive (~{more} more requests)"),
                 None => "inconclusive".into(),
