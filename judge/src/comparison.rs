@@ -101,7 +101,8 @@ pub struct Comparison {
     pub faster: Option<String>,
     /// For an inconclusive comparison of samples: an estimate of the further measured requests (both
     /// arms) the interval needs to decide; `null` when no estimate can be made (always for histograms,
-    /// whose interval cannot shrink below the buckets' width).
+    /// whose interval cannot shrink below the buckets' width), or when a guardrail held the decision
+    /// back (`blocked`: a narrower interval of the ratio would not clear it).
     pub more_requests: Option<u64>,
     /// Histograms only: the most buckets an arm's histogram has.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -373,14 +374,16 @@ pub struct InFamily {
 /// Two arms' samples of one metric and class, compared: percentiles, the Hodges–Lehmann shift with its
 /// distribution-free interval at the Holm level, the same on log times for the ratio (and its
 /// equivalence interval), the tails, and the decision. `failures`: how many of each arm's values are
-/// failed requests (already in the samples, ranked worst); `errors`: the class's error guardrail.
+/// failed requests, ranked worst: the last ones of its slice. The tails are of the answered requests
+/// (the values before them): failures are the error guardrail's, and a tail of failures ranked at
+/// `--max-time` would say nothing of the arm's times. `errors`: the class's error guardrail.
 #[allow(clippy::too_many_arguments)]
-pub fn of_samples(
+pub fn of_samples<'a>(
     metric: &'static str,
     class: Option<String>,
     primary: bool,
     arms: &[String],
-    [first, second]: [&[f64]; 2],
+    [first, second]: [&'a [f64]; 2],
     failures: Option<[u64; 2]>,
     family: InFamily,
     rule: Rule,
@@ -407,16 +410,26 @@ pub fn of_samples(
     c.ratio = hodges_lehmann(&log_first, &log_second).map(f64::exp);
     c.ratio_ci = shift_interval(&log_first, &log_second, family.level).map(exp);
     c.equivalence_ci = shift_interval(&log_first, &log_second, 2.0 * rule.tost_level).map(exp);
+    let [failed_first, failed_second] = failures.unwrap_or([0, 0]);
+    let answered = |v: &'a [f64], failed: u64| {
+        let n = v
+            .len()
+            .saturating_sub(usize::try_from(failed).unwrap_or(usize::MAX));
+        v.get(..n).unwrap_or(v)
+    };
+    let answered = [
+        answered(first, failed_first),
+        answered(second, failed_second),
+    ];
     c.tails = TAILS
         .iter()
-        .map(|&q| {
-            guardrail::of_samples(q, arms, [first, second], rule.tost_level, rule.tail_margin)
-        })
+        .map(|&q| guardrail::of_samples(q, arms, answered, rule.tost_level, rule.tail_margin))
         .collect();
     c.p = family.p;
     c.p_adjusted = family.p.map(|_| family.p_adjusted);
     c.decide(arms, rule, errors);
-    if c.decision == Decision::Inconclusive {
+    // A guardrail that holds the decision back is not cleared by a narrower interval of the ratio.
+    if c.decision == Decision::Inconclusive && c.blocked.is_empty() {
         let n = (first.len() + second.len()) as u64;
         c.more_requests = more_requests(&c, rule.min_effect, n);
     }

@@ -350,20 +350,20 @@ fn verdict(design: &Design, analysis: &Analysis) -> (Verdict, Vec<String>) {
             .invalid
             .push("no request was answered by its assigned arm without error".into());
     } else if !a.srm_ok {
-        // Requests without response headers have no arm: when there are any, the mismatch may be theirs.
+        // An answer without a known arm's tag did not reach its arm as far as kvab can tell: when there are
+        // any, the mismatch may be theirs.
         let untagged = if a.untagged > 0 {
             format!(
-                "; {} request(s) without a tagged answer (no response headers, or no known arm in the tag) \
-                 are not among the answers",
+                "; {} request(s) without a tagged answer (no response headers, or no known arm in the tag)",
                 a.untagged
             )
         } else {
             String::new()
         };
         findings.invalid.push(format!(
-            "sample-ratio mismatch: answered {} against planned {} (p={}): the routing does not follow the \
+            "sample-ratio mismatch: reached {} of planned {} (p={}): the routing does not follow the \
              assignment{untagged}",
-            per_arm(&a.answered),
+            per_arm(&a.reached),
             per_arm(&a.planned),
             a.srm_p.map_or("-".into(), format_p)
         ));
