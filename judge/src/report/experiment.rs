@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::comparison::Comparison;
+use crate::guardrail::ErrorGuard;
 use crate::stats::format_p;
 use crate::verdict::{per_arm, verdict_line, Verdict};
 
@@ -41,11 +42,14 @@ pub struct Assignment {
     pub planned: BTreeMap<String, u64>,
     /// Responses each arm served, by the response's arm tag.
     pub answered: BTreeMap<String, u64>,
+    /// Per assigned arm: requests that reached it (answered with its tag, failed too) or got no response
+    /// at all; the sample-ratio check compares these with `planned`.
+    pub reached: BTreeMap<String, u64>,
     /// Responses served by another arm than assigned (excluded from the timings).
     pub misrouted: u64,
     /// Requests with no response, or a response without an arm tag.
     pub untagged: u64,
-    /// p-value of answered against planned (exact binomial for two arms, chi-square otherwise).
+    /// p-value of reached against planned (exact binomial for two arms, chi-square otherwise).
     pub srm_p: Option<f64>,
     /// False when `srm_p` is below the sample-ratio threshold: the experiment is invalid.
     pub srm_ok: bool,
@@ -60,6 +64,8 @@ pub struct ErrorRates {
     pub p: Option<f64>,
     /// Error codes seen (`status 503`, `timeout`, ...) and how often, per arm.
     pub codes: BTreeMap<String, BTreeMap<String, u64>>,
+    /// The error-rate guardrail of the class (`crate::guardrail::errors`).
+    pub guardrail: ErrorGuard,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -73,6 +79,12 @@ pub struct ErrorCount {
 pub struct Method {
     pub alpha: f64,
     pub min_effect: f64,
+    /// The tails' relative margin (p90, p99).
+    pub tail_margin: f64,
+    /// The error guardrail's margin, a difference of error rates.
+    pub error_margin: f64,
+    /// `--max-time`: where a failed request is ranked in the times to an answer.
+    pub max_time_s: f64,
     /// `budget` (one analysis at the end) or `decided` (stop when decided).
     pub until: &'static str,
     /// Analyses planned: 1, or the looks of `--until decided`.

@@ -378,6 +378,10 @@ mod tests {
     use crate::comparison::{Comparison, Decision};
     use crate::report::experiment::*;
 
+    fn arms_of() -> Vec<String> {
+        vec!["nvlink".into(), "fs".into()]
+    }
+
     fn report(label: &str) -> Report {
         let arms = vec!["nvlink".to_string(), "fs".to_string()];
         let per_arm =
@@ -396,6 +400,7 @@ mod tests {
             assignment: Assignment {
                 planned: counts(50, 50),
                 answered: counts(50, 50),
+                reached: counts(50, 50),
                 misrouted: 0,
                 untagged: 0,
                 srm_p: Some(1.0),
@@ -413,6 +418,7 @@ mod tests {
                 )]),
                 p: Some(0.3),
                 codes: BTreeMap::from([("fs".into(), BTreeMap::from([("status 503".into(), 1)]))]),
+                guardrail: crate::guardrail::errors(&arms_of(), (0, 50), (1, 50), 0.05, 0.02),
             }],
             comparisons: vec![Comparison {
                 metric: "ttft_ms",
@@ -425,8 +431,21 @@ mod tests {
                 shift_ms: Some(30.0),
                 ci_ms: Some([28.0, 32.0]),
                 ci_level_alpha: 0.025,
+                ratio: Some(1.3),
+                ratio_ci: Some([1.28, 1.32]),
+                equivalence_ci: Some([1.285, 1.315]),
+                tost_alpha: 0.05,
                 relative: Some(0.3),
                 relative_ci: Some([0.28, 0.32]),
+                failures: Some(counts(0, 1)),
+                tails: vec![crate::guardrail::of_samples(
+                    0.9,
+                    &arms_of(),
+                    [&[100.0; 50], &[130.0; 50]],
+                    0.05,
+                    0.25,
+                )],
+                blocked: Vec::new(),
                 p: Some(1e-6),
                 p_adjusted: Some(4e-6),
                 decision: Decision::Faster,
@@ -439,6 +458,9 @@ mod tests {
             method: Method {
                 alpha: 0.05,
                 min_effect: 0.05,
+                tail_margin: 0.25,
+                error_margin: 0.02,
+                max_time_s: 60.0,
                 until: "budget",
                 looks: 1,
                 looks_made: 1,

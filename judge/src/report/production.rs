@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::comparison::Comparison;
+use crate::guardrail::ErrorGuard;
 use crate::stats::format_p;
 use crate::verdict::{verdict_line, Verdict};
 
@@ -21,6 +22,8 @@ pub struct Report {
     pub assignment: Assignment,
     pub errors: BTreeMap<String, Rate>,
     pub errors_p: Option<f64>,
+    /// The error-rate guardrail between the arms (`crate::guardrail::errors`).
+    pub error_guardrail: ErrorGuard,
     pub misroutes: BTreeMap<String, Rate>,
     /// kvab serve's ledger (`kvab_routed_requests_total`) per requested arm, when it is scraped.
     pub routed: Option<BTreeMap<String, f64>>,
@@ -86,6 +89,8 @@ pub struct Rate {
 pub struct Method {
     pub alpha: f64,
     pub min_effect: f64,
+    pub tail_margin: f64,
+    pub error_margin: f64,
     pub min_requests: u64,
     pub srm_threshold: f64,
     pub description: &'static str,

@@ -431,9 +431,12 @@ fn the_comparison_alone_needs_both_arms() {
         },
         Rule {
             level: args.alpha,
+            tost_level: args.alpha,
             min_effect: args.min_effect,
+            tail_margin: args.tail_margin,
         },
         args.min_requests,
+        None,
     );
     assert_eq!(
         (c.n.len(), c.p, c.decision),

@@ -210,9 +210,12 @@ mod tests {
             seed: 7,
             warmup: 4,
             requests,
+            max_time_s: 60.0,
             method: MethodSpec {
                 alpha: 0.05,
                 min_effect: 0.05,
+                tail_margin: 0.25,
+                error_margin: 0.02,
                 until,
                 looks,
                 srm_threshold: 0.001,
