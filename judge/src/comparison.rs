@@ -6,9 +6,9 @@
 //! the medians with an interval from the medians' intervals). A comparison is decided
 //! - `faster` when Holm rejects "no difference" at the analysis's level and the ratio's interval at that
 //!   level lies wholly beyond the margin: at or above `1 + min_effect` (the first arm faster by at least
-//!   the margin) or at or below `1 / (1 + min_effect)` (the second arm faster); and no guardrail holds the
-//!   faster arm back (`crate::guardrail`: its tail shown worse, or its error rate not shown within the
-//!   error margin of the other's);
+//!   the margin) or at or below `1 / (1 + min_effect)` (the second arm faster); and no guardrail shows
+//!   the faster arm worse (`crate::guardrail`: its tail, or its error rate; its failures are already in
+//!   the comparison, ranked worst, so its error rate holds it back only when shown higher);
 //! - `equivalent` when the ratio's `1 − 2·tost_level` interval lies inside `(1/(1+min_effect),
 //!   1+min_effect)` (two one-sided tests at `tost_level`) and every guardrail is `within`;
 //! - otherwise `inconclusive`, with `blocked` naming the guardrails that held a decision back.
@@ -78,6 +78,7 @@ pub struct Comparison {
     /// The second arm's time over the first's (above 1: the first arm is faster).
     pub ratio: Option<f64>,
     /// Its interval at `1 − ci_level_alpha` (Holm's level): `faster` needs it wholly beyond the margin.
+    /// For histograms its upper end is unbounded (`null`) when the first arm's median may be 0.
     pub ratio_ci: Option<[f64; 2]>,
     /// Its interval at `1 − 2·tost_alpha`: `equivalent` needs it inside the margin.
     pub equivalence_ci: Option<[f64; 2]>,
@@ -173,8 +174,8 @@ impl Comparison {
                 .map(|t| tail_sentence(t, arms))
                 .chain(
                     errors
-                        .filter(|g| !g.non_inferior(arms, arm))
-                        .map(|g| error_sentence(g, arms, Some(arm))),
+                        .filter(|g| g.status == Status::Worse && g.worse.as_ref() == Some(arm))
+                        .map(|g| error_sentence(g, arms)),
                 )
                 .collect();
             if held.is_empty() {
@@ -197,7 +198,7 @@ impl Comparison {
                 .chain(
                     errors
                         .filter(|g| g.status != Status::Within)
-                        .map(|g| error_sentence(g, arms, None)),
+                        .map(|g| error_sentence(g, arms)),
                 )
                 .collect();
             if self.blocked.is_empty() {
@@ -206,11 +207,41 @@ impl Comparison {
         }
     }
 
-    /// `nvlink faster`, `equivalent`, `inconclusive (~N more requests)`.
+    /// `×1.300`: the ratio as tables show it.
+    pub fn ratio_text(&self) -> String {
+        self.ratio.map_or("-".into(), |r| format!("×{r:.3}"))
+    }
+
+    /// `[1.280, 1.320]`, `[2.000, ∞]`: `ratio_ci` as tables show it.
+    pub fn ratio_ci_text(&self) -> String {
+        let end = |v: f64| {
+            if v.is_finite() {
+                format!("{v:.3}")
+            } else {
+                "∞".into()
+            }
+        };
+        self.ratio_ci
+            .map_or("-".into(), |[lo, hi]| format!("[{}, {}]", end(lo), end(hi)))
+    }
+
+    /// `p90 ok, p99 fs worse`: the tails as tables show them.
+    pub fn tails_text(&self) -> String {
+        let tails: Vec<String> = self.tails.iter().map(Tail::short).collect();
+        if tails.is_empty() {
+            "-".into()
+        } else {
+            tails.join(", ")
+        }
+    }
+
+    /// `nvlink faster`, `equivalent`, `inconclusive (~N more requests)`, `inconclusive (held back by a
+    /// guardrail)`.
     pub fn decision_text(&self) -> String {
         match (self.decision, &self.faster) {
             (Decision::Faster, Some(arm)) => format!("{arm} faster"),
             (Decision::Equivalent, _) => "equivalent".into(),
+            _ if !self.blocked.is_empty() => "inconclusive (held back by a guardrail)".into(),
             _ => match self.more_requests {
                 Some(more) => format!("inconclusive (~{more} more requests)"),
                 None => "inconclusive".into(),
@@ -221,7 +252,27 @@ impl Comparison {
     /// The comparison as a reason of the verdict: `ttft_ms short: nvlink faster by 12.3% [8.1%, 16.0%]`,
     /// `request_duration_ms: equivalent (×1.004 [0.981, 1.028])`, `ttft_ms 128: inconclusive: fs's p99 is
     /// worse (×6.10 [3.95, 8.20])`.
+    /// When requests failed: ` (fs: 40 of 80 failed, ranked at --max-time)`.
     pub fn reason(&self) -> String {
+        format!("{}{}", self.decision_reason(), self.failures_note())
+    }
+
+    fn failures_note(&self) -> String {
+        let failed: Vec<String> = self
+            .failures
+            .iter()
+            .flatten()
+            .filter(|(_, n)| **n > 0)
+            .map(|(arm, n)| format!("{arm}: {n} of {} failed", self.n.get(arm).unwrap_or(&0)))
+            .collect();
+        if failed.is_empty() {
+            String::new()
+        } else {
+            format!(" ({}, ranked at --max-time)", failed.join(", "))
+        }
+    }
+
+    fn decision_reason(&self) -> String {
         let what = match &self.class {
             Some(class) => format!("{} {class}", self.metric),
             None => self.metric.to_string(),
@@ -234,11 +285,18 @@ impl Comparison {
                 } else {
                     (1.0 / ratio, 1.0 / hi, 1.0 / lo)
                 };
+                let percent = |v: f64| {
+                    if v.is_finite() {
+                        format!("{:.1}%", 100.0 * (v - 1.0))
+                    } else {
+                        "∞".into()
+                    }
+                };
                 format!(
-                    "{what}: {arm} faster by {:.1}% [{:.1}%, {:.1}%]",
-                    100.0 * (r - 1.0),
-                    100.0 * (lo - 1.0),
-                    100.0 * (hi - 1.0)
+                    "{what}: {arm} faster by {} [{}, {}]",
+                    percent(r),
+                    percent(lo),
+                    percent(hi)
                 )
             }
             (Decision::Equivalent, ..) => match (self.ratio, self.equivalence_ci) {
@@ -262,24 +320,29 @@ fn tail_sentence(tail: &Tail, arms: &[String]) -> String {
     let first_worse = tail.worse.is_some() && tail.worse.as_ref() == arms.first();
     let (ratio, [lo, hi]) = if first_worse {
         let inv = |v: Option<f64>| v.filter(|v| *v > 0.0).map(|v| 1.0 / v);
-        (inv(tail.ratio), [inv(tail.ratio_ci[1]), inv(tail.ratio_ci[0])])
+        (
+            inv(tail.ratio),
+            [inv(tail.ratio_ci[1]), inv(tail.ratio_ci[0])],
+        )
     } else {
         (tail.ratio, tail.ratio_ci)
     };
     let numbers = format!("×{} [{}, {}]", fmt(ratio), fmt(lo), fmt(hi));
     match (&tail.status, &tail.worse) {
         (Status::Worse, Some(arm)) => format!("{arm}'s {} is worse ({numbers})", tail.quantile),
-        _ => format!("{} not shown within the tail margin ({numbers})", tail.quantile),
+        _ => format!(
+            "{} not shown within the tail margin ({numbers})",
+            tail.quantile
+        ),
     }
 }
 
-/// `fs fails more (+8.0 pp [+5.1, +11.2])`, `nvlink's error rate not shown within 1.0 pp of the other's
-/// (+0.0 pp [-2.6, +2.6])`: differences as the named arm's error rate minus the other's.
-fn error_sentence(guard: &ErrorGuard, arms: &[String], faster: Option<&String>) -> String {
-    let named = guard.worse.as_ref().or(faster);
-    let first = named.is_some() && named == arms.first();
+/// `fs fails more (+8.0 pp [+5.1, +11.2])` (the worse arm's error rate minus the other's), `error rates
+/// not shown within 2.0 pp (+0.0 pp [-2.6, +2.6])` (the second arm's minus the first's).
+fn error_sentence(guard: &ErrorGuard, arms: &[String]) -> String {
+    let first = guard.worse.is_some() && guard.worse.as_ref() == arms.first();
     let (d, [lo, hi]) = match (guard.difference, guard.difference_ci) {
-        (Some(d), Some([lo, hi])) if first => (d * -1.0, [-hi, -lo]),
+        (Some(d), Some([lo, hi])) if first => (-d, [-hi, -lo]),
         (Some(d), Some(ci)) => (d, ci),
         _ => return "error rates not measured".into(),
     };
@@ -289,12 +352,8 @@ fn error_sentence(guard: &ErrorGuard, arms: &[String], faster: Option<&String>) 
         100.0 * lo,
         100.0 * hi
     );
-    match (guard.status, &guard.worse, faster) {
-        (Status::Worse, Some(arm), _) => format!("{arm} fails more ({numbers})"),
-        (_, _, Some(arm)) => format!(
-            "{arm}'s error rate not shown within {:.1} pp of the other's ({numbers})",
-            100.0 * guard.margin
-        ),
+    match (guard.status, &guard.worse) {
+        (Status::Worse, Some(arm)) => format!("{arm} fails more ({numbers})"),
         _ => format!(
             "error rates not shown within {:.1} pp ({numbers})",
             100.0 * guard.margin
@@ -351,7 +410,9 @@ pub fn of_samples(
     c.equivalence_ci = shift_interval(&log_first, &log_second, 2.0 * rule.tost_level).map(exp);
     c.tails = TAILS
         .iter()
-        .map(|&q| guardrail::of_samples(q, arms, [first, second], rule.tost_level, rule.tail_margin))
+        .map(|&q| {
+            guardrail::of_samples(q, arms, [first, second], rule.tost_level, rule.tail_margin)
+        })
         .collect();
     c.p = family.p;
     c.p_adjusted = family.p.map(|_| family.p_adjusted);
@@ -368,6 +429,7 @@ pub fn of_samples(
 /// and the decision. An arm with fewer than `min_requests` requests is shown but not tested.
 /// `family.p`: the histograms' `binned::mann_whitney` p-value, which Holm's correction needed first;
 /// `errors`: the window's error guardrail.
+#[allow(clippy::too_many_arguments)]
 pub fn of_histograms(
     metric: &'static str,
     primary: bool,
@@ -432,11 +494,20 @@ pub fn of_histograms(
         let (a_lo, a_hi) = a.median_interval(alpha)?;
         let (b_lo, b_hi) = b.median_interval(alpha)?;
         let difference = [b_lo - a_hi, b_hi - a_lo];
-        let ratio = (a_lo > 0.0 && a_hi > 0.0).then(|| [b_lo / a_hi, b_hi / a_lo]);
-        difference
-            .iter()
-            .all(|v| v.is_finite())
-            .then_some((difference, ratio.filter(|r| r.iter().all(|v| v.is_finite()))))
+        // A median in the first bucket has 0 as its lower edge: the ratio is then unbounded above
+        // (`null` in JSON), which still lets it show the first arm faster.
+        let ratio = (a_hi > 0.0).then(|| {
+            let high = if a_lo > 0.0 {
+                b_hi / a_lo
+            } else {
+                f64::INFINITY
+            };
+            [b_lo / a_hi, high]
+        });
+        difference.iter().all(|v| v.is_finite()).then_some((
+            difference,
+            ratio.filter(|[lo, hi]| lo.is_finite() && !hi.is_nan()),
+        ))
     };
     // The Holm-level intervals: each median at half the level, both hold with probability ≥ 1 − level.
     if let Some((difference, ratio)) = bounds(level / 2.0) {

@@ -1,8 +1,8 @@
 //! The guardrails of a comparison: the tails (p90, p99) and the error rates. A guardrail is `within` when
 //! its interval shows the arms alike within its own margin, `worse` (naming the arm) when its interval
-//! shows one arm worse, `unknown` otherwise. `equivalent` needs every guardrail `within`; `faster` is kept
-//! from an arm that a guardrail shows worse, or whose error rate is not shown within the margin
-//! (`crate::comparison` applies this).
+//! shows one arm worse, `unknown` otherwise. `equivalent` needs every guardrail `within` (for the error
+//! rate, non-inferiority both ways at its margin); `faster` is kept from an arm that a guardrail shows
+//! worse (`crate::comparison` applies this).
 //!
 //! Each guardrail is judged on an interval with one-sided coverage `1 − alpha` on each side (a two-sided
 //! `1 − 2·alpha` interval): an intersection–union test (Berger 1982), so `equivalent` — every guardrail
@@ -38,13 +38,21 @@ pub struct Tail {
     pub worse: Option<String>,
 }
 
+impl Tail {
+    /// `p90 ok`, `p99 fs worse`, `p99 ?` (not shown either way): how tables show it.
+    pub fn short(&self) -> String {
+        match (self.status, &self.worse) {
+            (Status::Within, _) => format!("{} ok", self.quantile),
+            (Status::Worse, Some(arm)) => format!("{} {arm} worse", self.quantile),
+            _ => format!("{} ?", self.quantile),
+        }
+    }
+}
+
 /// `0.9` → `p90`, `0.99` → `p99`, `0.999` → `p99.9`.
 pub fn quantile_name(q: f64) -> String {
     let percent = format!("{:.3}", 100.0 * q);
-    format!(
-        "p{}",
-        percent.trim_end_matches('0').trim_end_matches('.')
-    )
+    format!("p{}", percent.trim_end_matches('0').trim_end_matches('.'))
 }
 
 /// The `1 − 2·alpha` interval of the ratio `ξ_second / ξ_first` from each arm's quantile bounds, each
@@ -58,8 +66,12 @@ fn judged(
     margin: f64,
 ) -> Tail {
     let positive = |v: Option<f64>| v.filter(|v| *v > 0.0 && v.is_finite());
-    let low = positive(second_lo).zip(positive(first_hi)).map(|(b, a)| b / a);
-    let high = positive(second_hi).zip(positive(first_lo)).map(|(b, a)| b / a);
+    let low = positive(second_lo)
+        .zip(positive(first_hi))
+        .map(|(b, a)| b / a);
+    let high = positive(second_hi)
+        .zip(positive(first_lo))
+        .map(|(b, a)| b / a);
     let ratio = match values {
         [Some(a), Some(b)] if a > 0.0 => Some(b / a),
         _ => None,
@@ -97,7 +109,9 @@ pub fn of_samples(
         let mut sorted = sample.to_vec();
         sorted.sort_by(f64::total_cmp);
         let (lo, hi) = quantile_ranks(sorted.len() as u64, q, alpha);
-        let at = |rank: Option<u64>| rank.and_then(|r| sorted.get((r as usize).checked_sub(1)?).copied());
+        let at = |rank: Option<u64>| {
+            rank.and_then(|r| sorted.get((r as usize).checked_sub(1)?).copied())
+        };
         (at(lo), at(hi))
     };
     judged(
@@ -142,16 +156,22 @@ pub struct ErrorGuard {
 }
 
 impl ErrorGuard {
-    /// Whether `arm` (the first or second of `arms`) is shown not to fail more than the other by the
-    /// margin: the bound of its excess error rate below the margin.
-    pub fn non_inferior(&self, arms: &[String], arm: &str) -> bool {
-        let Some([lo, hi]) = self.difference_ci else {
-            return false;
+    /// `+8.0 pp [+3.9, +14.9], margin 2.0 pp: fs worse` (the second arm's rate minus the first's).
+    pub fn summary(&self) -> String {
+        let verdict = match (self.status, &self.worse) {
+            (Status::Within, _) => "within".to_string(),
+            (Status::Worse, Some(arm)) => format!("{arm} worse"),
+            _ => "not shown either way".to_string(),
         };
-        if arms.first().is_some_and(|a| a == arm) {
-            -lo < self.margin
-        } else {
-            hi < self.margin
+        match (self.difference, self.difference_ci) {
+            (Some(d), Some([lo, hi])) => format!(
+                "{:+.1} pp [{:+.1}, {:+.1}], margin {:.1} pp: {verdict}",
+                100.0 * d,
+                100.0 * lo,
+                100.0 * hi,
+                100.0 * self.margin
+            ),
+            _ => "no requests to compare".into(),
         }
     }
 }
@@ -230,7 +250,10 @@ mod tests {
             .map(|(i, v)| if i % 10 == 0 { 6.0 * v } else { *v })
             .collect();
         let tail = of_samples(0.99, &arms(), [&base, &stalled], 0.05, 0.25);
-        assert_eq!((tail.status, tail.worse.as_deref()), (Status::Worse, Some("fs")));
+        assert_eq!(
+            (tail.status, tail.worse.as_deref()),
+            (Status::Worse, Some("fs"))
+        );
         assert!(tail.ratio_ci[0].unwrap() > 4.0, "{tail:?}");
         let same = of_samples(0.9, &arms(), [&base, &base], 0.05, 0.25);
         assert_eq!(same.status, Status::Within, "{same:?}");
@@ -246,15 +269,22 @@ mod tests {
         // interval (0.0524, 0.3339) for p1 − p2; here z is one-sided 2.5 %.
         let g = errors(&arms(), (48, 80), (56, 70), 0.025, 0.01);
         let [lo, hi] = g.difference_ci.unwrap();
-        assert!((lo - 0.0524).abs() < 5e-4 && (hi - 0.3339).abs() < 5e-4, "{lo} {hi}");
+        assert!(
+            (lo - 0.0524).abs() < 5e-4 && (hi - 0.3339).abs() < 5e-4,
+            "{lo} {hi}"
+        );
         assert_eq!((g.status, g.worse.as_deref()), (Status::Worse, Some("fs")));
         // No errors on either arm, enough requests: within 1 percentage point.
         let clean = errors(&arms(), (0, 1000), (0, 1000), 0.05, 0.01);
         assert_eq!(clean.status, Status::Within);
-        assert!(clean.non_inferior(&arms(), "nvlink") && clean.non_inferior(&arms(), "fs"));
         // Too few requests to show it.
         let few = errors(&arms(), (0, 100), (0, 100), 0.05, 0.01);
         assert_eq!(few.status, Status::Unknown);
-        assert!(!few.non_inferior(&arms(), "fs"));
+        // nvlink fails less: fs is the worse arm, named.
+        let less = errors(&arms(), (0, 500), (40, 500), 0.05, 0.01);
+        assert_eq!(
+            (less.status, less.worse.as_deref()),
+            (Status::Worse, Some("fs"))
+        );
     }
 }

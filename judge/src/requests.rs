@@ -706,7 +706,12 @@ mod tests {
             .map(|i| {
                 let base = 100.0 + ((i / 2) % 17) as f64 * 0.1;
                 let stalled = i % 2 == 1 && (i / 2) % 10 == 0;
-                outcome(0, i % 2, Some(i % 2), if stalled { 6.0 * base } else { base })
+                outcome(
+                    0,
+                    i % 2,
+                    Some(i % 2),
+                    if stalled { 6.0 * base } else { base },
+                )
             })
             .collect();
         let c = &analyze(&design(), &stalling).comparisons[0];
@@ -721,7 +726,11 @@ mod tests {
         // fs takes 1.10× nvlink's time on every request: the ratio, not the shift over a median.
         let times = |arm: usize, i: usize| {
             let base = 80.0 + ((i / 2) * 7 % 41) as f64;
-            if arm == 1 { 1.1 * base } else { base }
+            if arm == 1 {
+                1.1 * base
+            } else {
+                base
+            }
         };
         let outcomes: Vec<Outcome> = (0..800)
             .map(|i| outcome(0, i % 2, Some(i % 2), times(i % 2, i)))

@@ -152,44 +152,46 @@ impl Report {
         };
         let _ = writeln!(
             out,
-            "{:<8} {:<10} {:>7} {:>10} {:>10} {:>10} {:>22} {:>8} {:>9}  decision",
+            "{:<8} {:<10} {:>7} {:>10} {:>10} {:>8} {:>18} {:>9}  {:<40} tails",
             "metric",
             "class",
             "n",
             format!("p50 {first}"),
             format!("p50 {second}"),
-            "shift",
+            "ratio",
             "interval",
-            "rel",
-            "p adj"
+            "p adj",
+            "decision"
         );
         for c in &self.comparisons {
             let n: u64 = c.n.values().sum();
             let p50 = |arm: &str| c.p50.get(arm).map_or("-".into(), |v| format!("{v:.1}"));
-            let decision = c.decision_text();
+            let decision = format!(
+                "{}{}",
+                c.decision_text(),
+                if c.primary { "" } else { " (secondary)" }
+            );
             let _ = writeln!(
                 out,
-                "{:<8} {:<10} {:>7} {:>10} {:>10} {:>10} {:>22} {:>8} {:>9}  {}{}",
+                "{:<8} {:<10} {:>7} {:>10} {:>10} {:>8} {:>18} {:>9}  {:<40} {}",
                 c.metric.trim_end_matches("_ms"),
                 c.class.as_deref().unwrap_or("-"),
                 n,
                 p50(first),
                 p50(second),
-                c.shift_ms.map_or("-".into(), |v| format!("{v:+.2}")),
-                c.ci_ms
-                    .map_or("-".into(), |[lo, hi]| format!("[{lo:+.2}, {hi:+.2}]")),
-                c.relative
-                    .map_or("-".into(), |v| format!("{:+.1}%", 100.0 * v)),
+                c.ratio_text(),
+                c.ratio_ci_text(),
                 c.p_adjusted.map_or("-".into(), format_p),
                 decision,
-                if c.primary { "" } else { " (secondary)" },
+                c.tails_text(),
             );
         }
         let a = &self.assignment;
         let _ = writeln!(
             out,
-            "\nassignment: planned {}; answered {}; misrouted {}; untagged {}; sample ratio p={} ({})",
+            "\nassignment: planned {}; reached {}; answered {}; misrouted {}; untagged {}; sample ratio p={} ({})",
             per_arm(&a.planned),
+            per_arm(&a.reached),
             per_arm(&a.answered),
             a.misrouted,
             a.untagged,
@@ -206,10 +208,11 @@ impl Report {
                 .collect();
             let _ = writeln!(
                 out,
-                "errors {}: {}; p={}",
+                "errors {}: {}; p={}; guardrail {}",
                 e.class,
                 rates.join(", "),
-                e.p.map_or("-".into(), format_p)
+                e.p.map_or("-".into(), format_p),
+                e.guardrail.summary()
             );
         }
         let _ = writeln!(

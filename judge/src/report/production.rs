@@ -107,37 +107,38 @@ impl Report {
         let (first, second) = (&self.arms[0], &self.arms[1]);
         let _ = writeln!(
             out,
-            "{:<22} {:>9} {:>9} {:>12} {:>12} {:>10} {:>22} {:>8} {:>9}  decision",
+            "{:<22} {:>9} {:>9} {:>12} {:>12} {:>8} {:>18} {:>9}  {:<40} tails",
             "metric",
             format!("n {first}"),
             format!("n {second}"),
             format!("p50 {first}"),
             format!("p50 {second}"),
-            "shift",
+            "ratio",
             "interval",
-            "rel",
-            "p adj"
+            "p adj",
+            "decision"
         );
         for c in &self.comparisons {
             let n = |arm: &str| c.n.get(arm).map_or("-".into(), |v| v.to_string());
             let p50 = |arm: &str| c.p50.get(arm).map_or("-".into(), |v| format!("{v:.1}"));
-            let decision = c.decision_text();
+            let decision = format!(
+                "{}{}",
+                c.decision_text(),
+                if c.primary { "" } else { " (secondary)" }
+            );
             let _ = writeln!(
                 out,
-                "{:<22} {:>9} {:>9} {:>12} {:>12} {:>10} {:>22} {:>8} {:>9}  {}{}",
+                "{:<22} {:>9} {:>9} {:>12} {:>12} {:>8} {:>18} {:>9}  {:<40} {}",
                 c.metric,
                 n(first),
                 n(second),
                 p50(first),
                 p50(second),
-                c.shift_ms.map_or("-".into(), |v| format!("{v:+.2}")),
-                c.ci_ms
-                    .map_or("-".into(), |[lo, hi]| format!("[{lo:+.1}, {hi:+.1}]")),
-                c.relative
-                    .map_or("-".into(), |v| format!("{:+.1}%", 100.0 * v)),
+                c.ratio_text(),
+                c.ratio_ci_text(),
                 c.p_adjusted.map_or("-".into(), format_p),
                 decision,
-                if c.primary { "" } else { " (secondary)" }
+                c.tails_text()
             );
         }
         let _ = writeln!(
@@ -170,8 +171,9 @@ impl Report {
         };
         let _ = writeln!(
             out,
-            "errors (5xx or no status): {}; misrouted: {}",
+            "errors (5xx or no status): {}; guardrail {}; misrouted: {}",
             rates(&self.errors),
+            self.error_guardrail.summary(),
             rates(&self.misroutes)
         );
         let _ = writeln!(

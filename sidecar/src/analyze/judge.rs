@@ -108,7 +108,16 @@ pub fn judge(
                 level,
             };
             let guard = Some(&error_guardrail);
-            of_histograms(metric, *primary, arms, h, family, rule, args.min_requests, guard)
+            of_histograms(
+                metric,
+                *primary,
+                arms,
+                h,
+                family,
+                rule,
+                args.min_requests,
+                guard,
+            )
         })
         .collect();
     // Per primary metric, the arms with fewer requests than --min-requests (Prometheus's counts, before

@@ -84,7 +84,7 @@ pub struct AnalyzeArgs {
     #[arg(long, value_name = "R", default_value = "0.25", value_parser = fraction, env = "KVAB_ANALYZE_TAIL_MARGIN")]
     pub tail_margin: f64,
     /// The error guardrail's margin, in error rate (0.02: 2 percentage points): `equivalent` needs the
-    /// arms' error rates (5xx or no answer) shown within it, `faster` the faster arm's not shown worse by it.
+    /// arms' error rates (5xx or no answer) shown within it, `faster` is held back when the faster arm is shown to fail more.
     #[arg(long, value_name = "D", default_value = "0.02", value_parser = fraction, env = "KVAB_ANALYZE_ERROR_MARGIN")]
     pub error_margin: f64,
     /// Sample-ratio check: invalid when split-assigned requests per arm differ from --split with a p-value

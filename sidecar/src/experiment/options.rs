@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 
 pub use super::looks::Until;
-use super::records::MethodSpec;
+use super::records::{MethodSpec, DEFAULT_ERROR_MARGIN, DEFAULT_TAIL_MARGIN};
 
 use crate::args::{
     absolute_path, arm_name, fraction, header_name, http_url, local_url, seconds, service,
@@ -173,7 +173,8 @@ pub struct ExperimentArgs {
     #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u64).range(0..=100_000),
           env = "KVAB_EXPERIMENT_WARMUP", help_heading = "Load")]
     warmup: u64,
-    /// Limit of one request, seconds.
+    /// Limit of one request, seconds; a failed request is ranked at it.
+    // The default is records::DEFAULT_MAX_TIME_S, what a records file without `max_time_s` is read with.
     #[arg(long, value_name = "S", default_value = "60", value_parser = seconds, env = "KVAB_EXPERIMENT_MAX_TIME",
           help_heading = "Load")]
     max_time: Duration,
@@ -202,7 +203,7 @@ pub struct ExperimentArgs {
           env = "KVAB_EXPERIMENT_TAIL_MARGIN", help_heading = "Verdict")]
     tail_margin: f64,
     /// The error guardrail's margin, in error rate (0.02: 2 percentage points): `equivalent` needs the
-    /// arms' error rates shown within it, `faster` the faster arm's not shown worse by it.
+    /// arms' error rates shown within it, `faster` is held back when the faster arm is shown to fail more.
     #[arg(long, value_name = "D", default_value_t = DEFAULT_ERROR_MARGIN, value_parser = open_fraction,
           env = "KVAB_EXPERIMENT_ERROR_MARGIN", help_heading = "Verdict")]
     error_margin: f64,
@@ -335,11 +336,7 @@ impl JudgeOptions {
 
 /// The default of `--looks`.
 const DEFAULT_LOOKS: u32 = 10;
-/// The defaults of `--tail-margin` and `--error-margin`, and of `--max-time` in seconds: also what a
-/// records file written before these were recorded is judged with.
-pub const DEFAULT_TAIL_MARGIN: f64 = 0.25;
-pub const DEFAULT_ERROR_MARGIN: f64 = 0.02;
-pub const DEFAULT_MAX_TIME_S: f64 = 60.0;
+
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Load {

@@ -21,7 +21,11 @@ use kvab_judge::requests::Design;
 /// The format version this kvab writes and reads (`kvab_records`).
 pub const VERSION: u64 = 1;
 
-use super::options::{DEFAULT_ERROR_MARGIN, DEFAULT_MAX_TIME_S, DEFAULT_TAIL_MARGIN};
+/// The defaults of `--tail-margin` and `--error-margin`, and of `--max-time` in seconds: also what a
+/// records file written before these were recorded is judged with.
+pub const DEFAULT_TAIL_MARGIN: f64 = 0.25;
+pub const DEFAULT_ERROR_MARGIN: f64 = 0.02;
+pub const DEFAULT_MAX_TIME_S: f64 = 60.0;
 /// Largest records file read: 1 GiB.
 pub const MAX_FILE_BYTES: u64 = 1 << 30;
 /// Longest line read (its end not counted): 4 MiB (a request's inter-token gaps at the largest
