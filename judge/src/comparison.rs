@@ -235,13 +235,13 @@ impl Comparison {
         }
     }
 
-    /// `nvlink faster`, `equivalent`, `inconclusive (~N more requests)`, `inconclusive (held back by a
-    /// guardrail)`.
+    /// `nvlink faster`, `equivalent`, `inconclusive (~N more requests)`, `inconclusive (guardrail)` (held
+    /// back by a guardrail: `blocked` says which).
     pub fn decision_text(&self) -> String {
         match (self.decision, &self.faster) {
             (Decision::Faster, Some(arm)) => format!("{arm} faster"),
             (Decision::Equivalent, _) => "equivalent".into(),
-            _ if !self.blocked.is_empty() => "inconclusive (held back by a guardrail)".into(),
+            _ if !self.blocked.is_empty() => "inconclusive (guardrail)".into(),
             _ => match self.more_requests {
                 Some(more) => format!("inconclusive (~{more} more requests)"),
                 None => "inconclusive".into(),
@@ -402,8 +402,7 @@ pub fn of_samples(
     c.failures = failures.map(|f| arms.iter().cloned().zip(f).collect());
     c.shift_ms = hodges_lehmann(first, second);
     c.ci_ms = shift_interval(first, second, family.level).map(|(lo, hi)| [lo, hi]);
-    let log = |v: &[f64]| -> Vec<f64> { v.iter().map(|x| x.max(LOG_FLOOR_MS).ln()).collect() };
-    let (log_first, log_second) = (log(first), log(second));
+    let (log_first, log_second) = (log_times(first), log_times(second));
     let exp = |(lo, hi): (f64, f64)| [lo.exp(), hi.exp()];
     c.ratio = hodges_lehmann(&log_first, &log_second).map(f64::exp);
     c.ratio_ci = shift_interval(&log_first, &log_second, family.level).map(exp);
@@ -422,6 +421,17 @@ pub fn of_samples(
         c.more_requests = more_requests(&c, rule.min_effect, n);
     }
     c
+}
+
+/// Times on the log scale (at least `LOG_FLOOR_MS`).
+fn log_times(times: &[f64]) -> Vec<f64> {
+    times.iter().map(|x| x.max(LOG_FLOOR_MS).ln()).collect()
+}
+
+/// The ratio of two arms' times as comparisons estimate it: the second arm's over the first's, the
+/// exponential of the Hodges–Lehmann shift of log times. `None` when an arm has no time.
+pub fn ratio_of_samples(first: &[f64], second: &[f64]) -> Option<f64> {
+    hodges_lehmann(&log_times(first), &log_times(second)).map(f64::exp)
 }
 
 /// Two arms' histograms of one metric, compared: Prometheus's quantile estimates with the median's

@@ -2,8 +2,9 @@
 
 `make demo`: starts the stack on the public ports (gateway 127.0.0.1:18080, the runbook's
 port-forward port; kvab serve 18090; Envoy admin 18001; arms 18101/18102), runs `kvab check` in
-local mode and then a short `kvab experiment` (prompts of 128 and 8192 tokens; its HTML report goes
-to local/experiment-report.html), prints both reports, stops everything it started and exits with
+local mode and then a `kvab experiment` (prompts of 128 and 8192 tokens, 400 requests per arm and
+class: enough to bound a p99, which the tails guardrail needs; its HTML report goes to
+local/experiment-report.html), prints both reports, stops everything it started and exits with
 the check's code, or the experiment's when it could not run or was invalid.
 
 `make demo-up` (`--up`): starts the same stack and a Prometheus scraping it (with the kvab alert
@@ -80,7 +81,7 @@ def demo() -> int:
         # stderr is inherited, so the burst's progress bar shows on a terminal.
         checked = subprocess.run([kvab_binary(), *command[1:]], stdout=sys.stdout, stderr=sys.stderr, timeout=300).returncode
         command = ["kvab", "experiment", "--gateway-url", stack.urls()["gateway"], "--prompt-tokens", "128,8192",
-                   "--requests", "240", "--warmup", "8", "--max-tokens", "8", "--html", str(REPORT)]
+                   "--requests", "1600", "--warmup", "8", "--max-tokens", "8", "--html", str(REPORT)]
         print(f"\n$ {' '.join(command)}\n", flush=True)
         judged = subprocess.run([kvab_binary(), *command[1:]], stdout=sys.stdout, stderr=sys.stderr, timeout=300).returncode
         print(f"\nHTML report: {REPORT}")

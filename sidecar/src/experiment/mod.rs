@@ -392,7 +392,8 @@ fn verdict(design: &Design, analysis: &Analysis) -> (Verdict, Vec<String>) {
 }
 
 /// The progress line on stderr: answers per arm, rate, and the current estimate of each primary
-/// comparison (the relative Hodges–Lehmann shift, from running samples; the decisions are the looks').
+/// comparison (the ratio of the arms' times as comparisons estimate it, failures ranked at --max-time,
+/// from running samples; the decisions are the looks').
 struct Progress {
     enabled: bool,
     terminal: bool,
@@ -439,9 +440,12 @@ impl Progress {
         } else {
             Some(outcome.e2e_ms)
         };
-        if let (true, Some(value), Some(by_arm)) =
-            (outcome.counts(), value, self.primary.get_mut(outcome.class))
-        {
+        let value = if outcome.counts() {
+            value
+        } else {
+            outcome.failed().then_some(design.max_time_ms)
+        };
+        if let (Some(value), Some(by_arm)) = (value, self.primary.get_mut(outcome.class)) {
             if let Some(values) = by_arm.get_mut(outcome.assigned) {
                 values.push(value);
             }
@@ -465,13 +469,15 @@ impl Progress {
                 .iter()
                 .zip(&self.primary)
                 .filter_map(|(class, [first, second])| {
-                    let shift = kvab_judge::stats::hodges_lehmann(first, second)?;
-                    let base = kvab_judge::stats::percentile(first, 50.0).filter(|b| *b > 0.0)?;
-                    Some(format!("{class} {:+.1}%", 100.0 * shift / base))
+                    let ratio = kvab_judge::comparison::ratio_of_samples(first, second)?;
+                    Some(format!("{class} ×{ratio:.3}"))
                 })
                 .collect();
             if !estimates.is_empty() {
-                self.estimate = format!("; shift {}", estimates.join(", "));
+                // The second arm's time over the first's.
+                let arms: Vec<&str> = self.arms.iter().rev().map(String::as_str).collect();
+                let arms = arms.join("/");
+                self.estimate = format!("; ratio {arms} {}", estimates.join(", "));
             }
         }
         let elapsed = self.started.elapsed().as_secs_f64();
