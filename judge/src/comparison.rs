@@ -114,7 +114,14 @@ pub struct Comparison {
 }
 
 impl Comparison {
-    fn new(metric: &'static str, class: Option<String>, primary: bool, rule: Rule) -> Self {
+    /// `level`: the Holm level this comparison's intervals are made at.
+    fn new(
+        metric: &'static str,
+        class: Option<String>,
+        primary: bool,
+        level: f64,
+        rule: Rule,
+    ) -> Self {
         Comparison {
             metric,
             class,
@@ -126,7 +133,7 @@ impl Comparison {
             p99: BTreeMap::new(),
             shift_ms: None,
             ci_ms: None,
-            ci_level_alpha: rule.level,
+            ci_level_alpha: level,
             ratio: None,
             ratio_ci: None,
             equivalence_ci: None,
@@ -389,11 +396,7 @@ pub fn of_samples<'a>(
     rule: Rule,
     errors: Option<&ErrorGuard>,
 ) -> Comparison {
-    let rule = Rule {
-        level: family.level,
-        ..rule
-    };
-    let mut c = Comparison::new(metric, class, primary, rule);
+    let mut c = Comparison::new(metric, class, primary, family.level, rule);
     for (arm, v) in arms.iter().zip([first, second]) {
         c.n.insert(arm.clone(), v.len() as u64);
         for (q, map) in [(50.0, &mut c.p50), (90.0, &mut c.p90), (99.0, &mut c.p99)] {
@@ -464,8 +467,7 @@ pub fn of_histograms(
     errors: Option<&ErrorGuard>,
 ) -> Comparison {
     let level = family.level;
-    let rule = Rule { level, ..rule };
-    let mut c = Comparison::new(metric, None, primary, rule);
+    let mut c = Comparison::new(metric, None, primary, level, rule);
     c.buckets = Some(
         histograms
             .iter()
