@@ -17,7 +17,6 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-import one_judge
 
 from kvablocal.sidecar import REPO, kvab_binary
 
@@ -70,6 +69,9 @@ def analysis_flags(report: dict) -> list[str]:
     flags = ["--arms", ",".join(report["arms"]), "--alpha", repr(method["alpha"]), "--min-effect",
              repr(method["min_effect"]), "--min-requests", str(method["min_requests"]), "--srm-threshold",
              repr(method["srm_threshold"])]
+    for margin in ("tail_margin", "error_margin"):
+        if margin in method:
+            flags += [f"--{margin.replace('_', '-')}", repr(method[margin])]
     weights = report["assignment"]["weights"]
     if weights:
         flags += ["--split", ",".join(f"{arm}={w!r}" for arm, w in weights.items())]
@@ -89,11 +91,10 @@ def judged(done: subprocess.CompletedProcess) -> dict:
 
 
 def recorded(name: str) -> tuple[Path, dict, dict]:
-    """The answers file, its document and its report, saved before the one judge (#28) and read as the one
-    judge words it (tests/one_judge.py lists every difference)."""
+    """The answers file, its document and its saved report (this judge's, tests/data/rejudge.py writes it)."""
     path = DATA / f"{name}.json"
     saved = json.loads((DATA / f"{name}.report.json").read_text())
-    return path, json.loads(path.read_text()), one_judge.analyze_report(saved)
+    return path, json.loads(path.read_text()), saved
 
 
 def test_the_recordings_have_different_outcomes():
@@ -139,11 +140,17 @@ def test_the_answers_file_gives_the_saved_report_without_prometheus(name):
 
 def test_the_answers_are_judged_again_with_other_flags():
     path, _, saved = recorded("decided")
-    # The same window read with a margin of 90 %: the 28 % difference is inside it, so the arms are equivalent.
+    # The same window read with a margin of 90 %: the medians' 28 % difference is inside it, but the tails hold
+    # the equivalence back: fs's p90 is shown worse, and 200 requests per arm cannot bound a p99.
     report = judged(analyze("--answers", str(path), "--json", "--split", "nvlink=1,fs=1", "--min-requests", "100",
                             "--min-effect", "0.9"))
     primary = next(c for c in report["comparisons"] if c["primary"])
-    assert primary["decision"] == "equivalent" and report["verdict"] == "decided", report["reasons"]
+    low, high = primary["equivalence_ci"]
+    assert 1 / 1.9 < low and high < 1.9, primary["equivalence_ci"]
+    assert primary["decision"] == "inconclusive" and report["verdict"] == "inconclusive", report["reasons"]
+    tails = {t["quantile"]: t for t in primary["tails"]}
+    assert (tails["p90"]["status"], tails["p90"]["worse"], tails["p99"]["status"]) == ("worse", "fs", "unknown")
+    assert "fs's p90 is worse" in report["reasons"][1] and "p99 not shown within" in report["reasons"][1]
     # And with more requests wanted than the window holds: inconclusive.
     report = judged(analyze("--answers", str(path), "--json", "--min-requests", "1000"))
     assert report["verdict"] == "inconclusive" and any("too little traffic" in r for r in report["reasons"])

@@ -9,8 +9,6 @@ import subprocess
 
 import pytest
 
-import one_judge
-
 from browser import open_page
 from kvablocal.sidecar import REPO, kvab_binary
 from kvablocal.stack import Stack
@@ -174,8 +172,8 @@ def test_recorded_fixtures_judge_to_their_saved_reports(name):
     code, judged = judge(RECORDS_FIXTURES / f"{name}.jsonl")
     saved = json.loads((RECORDS_FIXTURES / f"{name}.report.json").read_text())
     assert judged["run"]["judged_from"] == str(RECORDS_FIXTURES / f"{name}.jsonl")
-    # Saved before the one judge (#28): its documented differences applied (tests/one_judge.py).
-    judged, saved = without_judged_fields(judged), without_judged_fields(one_judge.experiment_report(saved))
+    # The saved report: this judge's report of the records (tests/data/rejudge.py writes it).
+    judged, saved = without_judged_fields(judged), without_judged_fields(saved)
     # The parts named first, for a readable failure; then everything else.
     assert judged["verdict"] == saved["verdict"] and code == {"decided": 0, "invalid": 1, "inconclusive": 2}[
         saved["verdict"]]

@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use crate::stats::{count, median_rank, normal_sf, InvalidCount};
+use crate::stats::{count, median_rank, normal_sf, quantile_ranks, InvalidCount};
 
 /// A dip between cumulative buckets up to which it is taken as `increase()`'s noise and clamped: one
 /// request, or 0.1 % of the bucket below when more. `increase()` extrapolates each bucket series to the
@@ -172,6 +172,19 @@ impl Histogram {
         let low = self.lower(self.bucket_of_rank(j as f64)?);
         let high = self.upper[self.bucket_of_rank((n + 1 - j) as f64)?];
         Some((low, high))
+    }
+
+    /// Distribution-free bounds of the `q`-quantile (`stats::quantile_ranks`), widened to bucket edges:
+    /// the lower edge of the bucket holding rank `l`, the upper edge of the one holding rank `u`. A side is
+    /// `None` when the count is too small to bound it, or its rank falls in the `+Inf` bucket.
+    pub fn quantile_interval(&self, q: f64, alpha: f64) -> (Option<f64>, Option<f64>) {
+        let n = self.total().round() as u64;
+        let (l, u) = quantile_ranks(n, q, alpha);
+        let low = l.and_then(|l| Some(self.lower(self.bucket_of_rank(l as f64)?)));
+        let high = u
+            .and_then(|u| self.upper.get(self.bucket_of_rank(u as f64)?).copied())
+            .filter(|h| h.is_finite());
+        (low, high)
     }
 }
 

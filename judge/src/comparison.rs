@@ -1,17 +1,31 @@
 //! One comparison of two arms on one metric (and class), and the one rule that decides it: the same for
 //! `kvab experiment` (per-request samples) and `kvab analyze` (Prometheus histograms).
 //!
-//! A comparison is decided `faster` when Holm rejects "no difference" at the analysis's level, the
-//! interval of the shift excludes zero and the shift is at least `min_effect` of the first arm's median;
-//! `equivalent` when the interval, relative to that median, lies inside ±`min_effect`; otherwise
-//! `inconclusive`.
+//! The effect is a ratio: the second arm's time over the first's (for samples, the exponential of the
+//! Hodges–Lehmann shift of log times, with its distribution-free interval; for histograms, the ratio of
+//! the medians with an interval from the medians' intervals). A comparison is decided
+//! - `faster` when Holm rejects "no difference" at the analysis's level and the ratio's interval at that
+//!   level lies wholly beyond the margin: at or above `1 + min_effect` (the first arm faster by at least
+//!   the margin) or at or below `1 / (1 + min_effect)` (the second arm faster); and no guardrail shows
+//!   the faster arm worse (`crate::guardrail`: its tail, or its error rate; its failures are already in
+//!   the comparison, ranked worst, so its error rate holds it back only when shown higher);
+//! - `equivalent` when the ratio's `1 − 2·tost_level` interval lies inside `(1/(1+min_effect),
+//!   1+min_effect)` (two one-sided tests at `tost_level`) and every guardrail is `within`;
+//! - otherwise `inconclusive`, with `blocked` naming the guardrails that held a decision back.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
 use crate::binned::Histogram;
+use crate::guardrail::{self, ErrorGuard, Status, Tail};
 use crate::stats::{hodges_lehmann, percentile, shift_interval};
+
+/// The tails every comparison guards.
+pub const TAILS: [f64; 2] = [0.9, 0.99];
+
+/// Times at or below this (ms) are taken as it on the log scale: a time of 0 has no logarithm.
+const LOG_FLOOR_MS: f64 = 1e-3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -22,11 +36,18 @@ pub enum Decision {
 }
 
 /// What decides a comparison: the family-wise level of this analysis (`alpha`, or `alpha / looks` for
-/// an experiment that looks several times) and the smallest relative effect that matters.
+/// an experiment that looks several times) for `faster`, the level of the equivalence test and the
+/// guardrails (the same `alpha` or `alpha / looks`, not divided across the family: every part of an
+/// `equivalent` must hold, see `crate::guardrail`), the smallest relative effect that matters and the
+/// guardrails' margins.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rule {
     pub level: f64,
+    pub tost_level: f64,
     pub min_effect: f64,
+    /// The tails' margin, relative: a tail is `within` when its ratio's interval is inside
+    /// `(1/(1+tail_margin), 1+tail_margin)`.
+    pub tail_margin: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -54,10 +75,25 @@ pub struct Comparison {
     /// Its distribution-free interval at `1 − ci_level_alpha` (for histograms widened to bucket edges).
     pub ci_ms: Option<[f64; 2]>,
     pub ci_level_alpha: f64,
-    /// `shift_ms` relative to the first arm's median.
+    /// The second arm's time over the first's (above 1: the first arm is faster).
+    pub ratio: Option<f64>,
+    /// Its interval at `1 − ci_level_alpha` (Holm's level): `faster` needs it wholly beyond the margin.
+    /// For histograms its upper end is unbounded (`null`) when the first arm's median may be 0.
+    pub ratio_ci: Option<[f64; 2]>,
+    /// Its interval at `1 − 2·tost_alpha`: `equivalent` needs it inside the margin.
+    pub equivalence_ci: Option<[f64; 2]>,
+    pub tost_alpha: f64,
+    /// `ratio − 1`: the first arm's advantage as a fraction (negative: the second arm's).
     pub relative: Option<f64>,
-    /// `ci_ms` relative to the first arm's median.
+    /// `ratio_ci − 1`.
     pub relative_ci: Option<[f64; 2]>,
+    /// Samples only: per arm, the failed requests among `n` (ranked worst, at `--max-time`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failures: Option<BTreeMap<String, u64>>,
+    /// The tails guarded (`TAILS`), each with its ratio, interval and status.
+    pub tails: Vec<Tail>,
+    /// What held a decision back, one sentence per guardrail (empty when nothing did).
+    pub blocked: Vec<String>,
     /// Mann-Whitney U two-sided p-value, and after Holm's correction across every comparison.
     pub p: Option<f64>,
     pub p_adjusted: Option<f64>,
@@ -77,7 +113,7 @@ pub struct Comparison {
 }
 
 impl Comparison {
-    fn new(metric: &'static str, class: Option<String>, primary: bool, level: f64) -> Self {
+    fn new(metric: &'static str, class: Option<String>, primary: bool, rule: Rule) -> Self {
         Comparison {
             metric,
             class,
@@ -89,9 +125,16 @@ impl Comparison {
             p99: BTreeMap::new(),
             shift_ms: None,
             ci_ms: None,
-            ci_level_alpha: level,
+            ci_level_alpha: rule.level,
+            ratio: None,
+            ratio_ci: None,
+            equivalence_ci: None,
+            tost_alpha: rule.tost_level,
             relative: None,
             relative_ci: None,
+            failures: None,
+            tails: Vec::new(),
+            blocked: Vec::new(),
             p: None,
             p_adjusted: None,
             decision: Decision::Inconclusive,
@@ -102,38 +145,103 @@ impl Comparison {
         }
     }
 
-    /// The one rule (see the module's documentation). `arms`: the first and second arm.
-    fn decide(&mut self, arms: &[String], rule: Rule) {
+    /// The one rule (see the module's documentation). `arms`: the first and second arm; `errors`: the
+    /// error-rate guardrail of the requests compared, where there is one.
+    fn decide(&mut self, arms: &[String], rule: Rule, errors: Option<&ErrorGuard>) {
         self.decision = Decision::Inconclusive;
         self.faster = None;
-        let (Some(p_adjusted), Some(relative), Some([lo, hi]), Some([rlo, rhi])) =
-            (self.p_adjusted, self.relative, self.ci_ms, self.relative_ci)
-        else {
-            return;
+        self.blocked.clear();
+        self.relative = self.ratio.map(|r| r - 1.0);
+        self.relative_ci = self.ratio_ci.map(|[lo, hi]| [lo - 1.0, hi - 1.0]);
+        let band = 1.0 + rule.min_effect;
+        let faster = match (self.p_adjusted, self.ratio_ci) {
+            (Some(p), Some([lo, hi])) if p <= rule.level => {
+                if lo >= band {
+                    arms.first()
+                } else if hi <= 1.0 / band {
+                    arms.get(1)
+                } else {
+                    None
+                }
+            }
+            _ => None,
         };
-        if p_adjusted <= rule.level && (lo > 0.0 || hi < 0.0) && relative.abs() >= rule.min_effect {
-            // shift = second − first: positive means the first arm is faster.
-            let faster = if relative > 0.0 {
-                arms.first()
-            } else {
-                arms.get(1)
-            };
-            if let Some(arm) = faster {
+        if let Some(arm) = faster {
+            let held: Vec<String> = self
+                .tails
+                .iter()
+                .filter(|t| t.status == Status::Worse && t.worse.as_ref() == Some(arm))
+                .map(|t| tail_sentence(t, arms))
+                .chain(
+                    errors
+                        .filter(|g| g.status == Status::Worse && g.worse.as_ref() == Some(arm))
+                        .map(|g| error_sentence(g, arms)),
+                )
+                .collect();
+            if held.is_empty() {
                 self.decision = Decision::Faster;
                 self.faster = Some(arm.clone());
-                return;
+            } else {
+                self.blocked = held;
             }
+            return;
         }
-        if rlo > -rule.min_effect && rhi < rule.min_effect {
-            self.decision = Decision::Equivalent;
+        let centre_equivalent = self
+            .equivalence_ci
+            .is_some_and(|[lo, hi]| lo > 1.0 / band && hi < band);
+        if centre_equivalent {
+            self.blocked = self
+                .tails
+                .iter()
+                .filter(|t| t.status != Status::Within)
+                .map(|t| tail_sentence(t, arms))
+                .chain(
+                    errors
+                        .filter(|g| g.status != Status::Within)
+                        .map(|g| error_sentence(g, arms)),
+                )
+                .collect();
+            if self.blocked.is_empty() {
+                self.decision = Decision::Equivalent;
+            }
         }
     }
 
-    /// `nvlink faster`, `equivalent`, `inconclusive (~N more requests)`.
+    /// `×1.300`: the ratio as tables show it.
+    pub fn ratio_text(&self) -> String {
+        self.ratio.map_or("-".into(), |r| format!("×{r:.3}"))
+    }
+
+    /// `[1.280, 1.320]`, `[2.000, ∞]`: `ratio_ci` as tables show it.
+    pub fn ratio_ci_text(&self) -> String {
+        let end = |v: f64| {
+            if v.is_finite() {
+                format!("{v:.3}")
+            } else {
+                "∞".into()
+            }
+        };
+        self.ratio_ci
+            .map_or("-".into(), |[lo, hi]| format!("[{}, {}]", end(lo), end(hi)))
+    }
+
+    /// `p90 ok, p99 fs worse`: the tails as tables show them.
+    pub fn tails_text(&self) -> String {
+        let tails: Vec<String> = self.tails.iter().map(Tail::short).collect();
+        if tails.is_empty() {
+            "-".into()
+        } else {
+            tails.join(", ")
+        }
+    }
+
+    /// `nvlink faster`, `equivalent`, `inconclusive (~N more requests)`, `inconclusive (held back by a
+    /// guardrail)`.
     pub fn decision_text(&self) -> String {
         match (self.decision, &self.faster) {
             (Decision::Faster, Some(arm)) => format!("{arm} faster"),
             (Decision::Equivalent, _) => "equivalent".into(),
+            _ if !self.blocked.is_empty() => "inconclusive (held back by a guardrail)".into(),
             _ => match self.more_requests {
                 Some(more) => format!("inconclusive (~{more} more requests)"),
                 None => "inconclusive".into(),
@@ -141,21 +249,115 @@ impl Comparison {
         }
     }
 
-    /// The comparison as a reason of the verdict: `ttft_ms short: nvlink faster by 12.3%`,
-    /// `request_duration_ms: equivalent`.
+    /// The comparison as a reason of the verdict: `ttft_ms short: nvlink faster by 12.3% [8.1%, 16.0%]`,
+    /// `request_duration_ms: equivalent (×1.004 [0.981, 1.028])`, `ttft_ms 128: inconclusive: fs's p99 is
+    /// worse (×6.10 [3.95, 8.20])`.
+    /// When requests failed: ` (fs: 40 of 80 failed, ranked at --max-time)`.
     pub fn reason(&self) -> String {
+        format!("{}{}", self.decision_reason(), self.failures_note())
+    }
+
+    fn failures_note(&self) -> String {
+        let failed: Vec<String> = self
+            .failures
+            .iter()
+            .flatten()
+            .filter(|(_, n)| **n > 0)
+            .map(|(arm, n)| format!("{arm}: {n} of {} failed", self.n.get(arm).unwrap_or(&0)))
+            .collect();
+        if failed.is_empty() {
+            String::new()
+        } else {
+            format!(" ({}, ranked at --max-time)", failed.join(", "))
+        }
+    }
+
+    fn decision_reason(&self) -> String {
         let what = match &self.class {
             Some(class) => format!("{} {class}", self.metric),
             None => self.metric.to_string(),
         };
-        match (self.decision, &self.faster) {
-            (Decision::Faster, Some(arm)) => format!(
-                "{what}: {arm} faster by {:.1}%",
-                100.0 * self.relative.unwrap_or(0.0).abs()
-            ),
-            (Decision::Equivalent, _) => format!("{what}: equivalent"),
+        match (self.decision, &self.faster, self.ratio, self.ratio_ci) {
+            (Decision::Faster, Some(arm), Some(ratio), Some([lo, hi])) => {
+                // As the faster arm's advantage: the slower arm's time over the faster's, minus one.
+                let (r, lo, hi) = if ratio >= 1.0 {
+                    (ratio, lo, hi)
+                } else {
+                    (1.0 / ratio, 1.0 / hi, 1.0 / lo)
+                };
+                let percent = |v: f64| {
+                    if v.is_finite() {
+                        format!("{:.1}%", 100.0 * (v - 1.0))
+                    } else {
+                        "∞".into()
+                    }
+                };
+                format!(
+                    "{what}: {arm} faster by {} [{}, {}]",
+                    percent(r),
+                    percent(lo),
+                    percent(hi)
+                )
+            }
+            (Decision::Equivalent, ..) => match (self.ratio, self.equivalence_ci) {
+                (Some(r), Some([lo, hi])) => {
+                    format!("{what}: equivalent (×{r:.3} [{lo:.3}, {hi:.3}])")
+                }
+                _ => format!("{what}: equivalent"),
+            },
+            _ if !self.blocked.is_empty() => {
+                format!("{what}: inconclusive: {}", self.blocked.join(", "))
+            }
             _ => format!("{what}: inconclusive"),
         }
+    }
+}
+
+/// `fs's p99 is worse (×6.10 [3.95, 8.20])`, `p99 not shown within the tail margin (×1.02 [0.80, -])`:
+/// ratios as the worse arm's tail over the other's.
+fn tail_sentence(tail: &Tail, arms: &[String]) -> String {
+    let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
+    let first_worse = tail.worse.is_some() && tail.worse.as_ref() == arms.first();
+    let (ratio, [lo, hi]) = if first_worse {
+        let inv = |v: Option<f64>| v.filter(|v| *v > 0.0).map(|v| 1.0 / v);
+        (
+            inv(tail.ratio),
+            [inv(tail.ratio_ci[1]), inv(tail.ratio_ci[0])],
+        )
+    } else {
+        (tail.ratio, tail.ratio_ci)
+    };
+    let numbers = format!("×{} [{}, {}]", fmt(ratio), fmt(lo), fmt(hi));
+    match (&tail.status, &tail.worse) {
+        (Status::Worse, Some(arm)) => format!("{arm}'s {} is worse ({numbers})", tail.quantile),
+        _ => format!(
+            "{} not shown within the tail margin ({numbers})",
+            tail.quantile
+        ),
+    }
+}
+
+/// `fs fails more (+8.0 pp [+5.1, +11.2])` (the worse arm's error rate minus the other's), `error rates
+/// not shown within 2.0 pp (+0.0 pp [-2.6, +2.6])` (the second arm's minus the first's).
+fn error_sentence(guard: &ErrorGuard, arms: &[String]) -> String {
+    let first = guard.worse.is_some() && guard.worse.as_ref() == arms.first();
+    let (d, [lo, hi]) = match (guard.difference, guard.difference_ci) {
+        (Some(d), Some([lo, hi])) if first => (-d, [-hi, -lo]),
+        (Some(d), Some(ci)) => (d, ci),
+        _ => return "error rates not measured".into(),
+    };
+    let numbers = format!(
+        "{:+.1} pp [{:+.1}, {:+.1}]",
+        100.0 * d,
+        100.0 * lo,
+        100.0 * hi
+    );
+    match (guard.status, &guard.worse) {
+        (Status::Worse, Some(arm)) => format!("{arm} fails more ({numbers})"),
+        _ => format!(
+            "error rates not shown within {:.1} pp ({numbers})",
+            100.0 * guard.margin
+        ),
     }
 }
 
@@ -169,17 +371,26 @@ pub struct InFamily {
 }
 
 /// Two arms' samples of one metric and class, compared: percentiles, the Hodges–Lehmann shift with its
-/// distribution-free interval at the Holm level, and the decision.
+/// distribution-free interval at the Holm level, the same on log times for the ratio (and its
+/// equivalence interval), the tails, and the decision. `failures`: how many of each arm's values are
+/// failed requests (already in the samples, ranked worst); `errors`: the class's error guardrail.
+#[allow(clippy::too_many_arguments)]
 pub fn of_samples(
     metric: &'static str,
     class: Option<String>,
     primary: bool,
     arms: &[String],
     [first, second]: [&[f64]; 2],
+    failures: Option<[u64; 2]>,
     family: InFamily,
     rule: Rule,
+    errors: Option<&ErrorGuard>,
 ) -> Comparison {
-    let mut c = Comparison::new(metric, class, primary, family.level);
+    let rule = Rule {
+        level: family.level,
+        ..rule
+    };
+    let mut c = Comparison::new(metric, class, primary, rule);
     for (arm, v) in arms.iter().zip([first, second]) {
         c.n.insert(arm.clone(), v.len() as u64);
         for (q, map) in [(50.0, &mut c.p50), (90.0, &mut c.p90), (99.0, &mut c.p99)] {
@@ -188,28 +399,37 @@ pub fn of_samples(
             }
         }
     }
-    let base = percentile(first, 50.0);
-    let ci = shift_interval(first, second, family.level);
+    c.failures = failures.map(|f| arms.iter().cloned().zip(f).collect());
     c.shift_ms = hodges_lehmann(first, second);
-    c.ci_ms = ci.map(|(lo, hi)| [lo, hi]);
-    if let Some(base) = base.filter(|b| *b > 0.0) {
-        c.relative = c.shift_ms.map(|s| s / base);
-        c.relative_ci = c.ci_ms.map(|[lo, hi]| [lo / base, hi / base]);
-    }
+    c.ci_ms = shift_interval(first, second, family.level).map(|(lo, hi)| [lo, hi]);
+    let log = |v: &[f64]| -> Vec<f64> { v.iter().map(|x| x.max(LOG_FLOOR_MS).ln()).collect() };
+    let (log_first, log_second) = (log(first), log(second));
+    let exp = |(lo, hi): (f64, f64)| [lo.exp(), hi.exp()];
+    c.ratio = hodges_lehmann(&log_first, &log_second).map(f64::exp);
+    c.ratio_ci = shift_interval(&log_first, &log_second, family.level).map(exp);
+    c.equivalence_ci = shift_interval(&log_first, &log_second, 2.0 * rule.tost_level).map(exp);
+    c.tails = TAILS
+        .iter()
+        .map(|&q| {
+            guardrail::of_samples(q, arms, [first, second], rule.tost_level, rule.tail_margin)
+        })
+        .collect();
     c.p = family.p;
     c.p_adjusted = family.p.map(|_| family.p_adjusted);
-    c.decide(arms, rule);
+    c.decide(arms, rule, errors);
     if c.decision == Decision::Inconclusive {
         let n = (first.len() + second.len()) as u64;
-        c.more_requests = more_requests(rule.min_effect, n, ci, c.shift_ms, base);
+        c.more_requests = more_requests(&c, rule.min_effect, n);
     }
     c
 }
 
 /// Two arms' histograms of one metric, compared: Prometheus's quantile estimates with the median's
-/// bucket, the difference of the medians with an interval widened to bucket edges, and the decision.
-/// An arm with fewer than `min_requests` requests is shown but not tested. `family.p`: the histograms'
-/// `binned::mann_whitney` p-value, which Holm's correction needed first.
+/// bucket, the difference and the ratio of the medians with intervals widened to bucket edges, the tails,
+/// and the decision. An arm with fewer than `min_requests` requests is shown but not tested.
+/// `family.p`: the histograms' `binned::mann_whitney` p-value, which Holm's correction needed first;
+/// `errors`: the window's error guardrail.
+#[allow(clippy::too_many_arguments)]
 pub fn of_histograms(
     metric: &'static str,
     primary: bool,
@@ -218,9 +438,11 @@ pub fn of_histograms(
     family: InFamily,
     rule: Rule,
     min_requests: u64,
+    errors: Option<&ErrorGuard>,
 ) -> Comparison {
     let level = family.level;
-    let mut c = Comparison::new(metric, None, primary, level);
+    let rule = Rule { level, ..rule };
+    let mut c = Comparison::new(metric, None, primary, rule);
     c.buckets = Some(
         histograms
             .iter()
@@ -254,46 +476,66 @@ pub fn of_histograms(
     }
     c.p = family.p;
     c.p_adjusted = c.p.map(|_| family.p_adjusted);
+    c.tails = TAILS
+        .iter()
+        .map(|&q| guardrail::of_histograms(q, arms, [a, b], rule.tost_level, rule.tail_margin))
+        .collect();
     let (Some((_, _, median_a)), Some((_, _, median_b))) = (a.quantile(0.5), b.quantile(0.5))
     else {
         return c;
     };
     c.shift_ms = Some(median_b - median_a);
-    // Each median's interval at half the level: both hold together with probability ≥ 1 − level.
-    if let (Some((a_lo, a_hi)), Some((b_lo, b_hi))) = (
-        a.median_interval(level / 2.0),
-        b.median_interval(level / 2.0),
-    ) {
-        let (lo, hi) = (b_lo - a_hi, b_hi - a_lo);
-        if lo.is_finite() && hi.is_finite() {
-            c.ci_ms = Some([lo, hi]);
-        }
-    }
     if median_a > 0.0 {
-        c.relative = c.shift_ms.map(|s| s / median_a);
-        c.relative_ci = c.ci_ms.map(|[lo, hi]| [lo / median_a, hi / median_a]);
+        c.ratio = Some(median_b / median_a);
     }
-    c.decide(arms, rule);
+    // Each median's two-sided interval at `alpha`: the difference's and the ratio's ends then each hold
+    // with probability ≥ 1 − alpha (one-sided), together ≥ 1 − 2·alpha.
+    let bounds = |alpha: f64| -> Option<([f64; 2], Option<[f64; 2]>)> {
+        let (a_lo, a_hi) = a.median_interval(alpha)?;
+        let (b_lo, b_hi) = b.median_interval(alpha)?;
+        let difference = [b_lo - a_hi, b_hi - a_lo];
+        // A median in the first bucket has 0 as its lower edge: the ratio is then unbounded above
+        // (`null` in JSON), which still lets it show the first arm faster.
+        let ratio = (a_hi > 0.0).then(|| {
+            let high = if a_lo > 0.0 {
+                b_hi / a_lo
+            } else {
+                f64::INFINITY
+            };
+            [b_lo / a_hi, high]
+        });
+        difference.iter().all(|v| v.is_finite()).then_some((
+            difference,
+            ratio.filter(|[lo, hi]| lo.is_finite() && !hi.is_nan()),
+        ))
+    };
+    // The Holm-level intervals: each median at half the level, both hold with probability ≥ 1 − level.
+    if let Some((difference, ratio)) = bounds(level / 2.0) {
+        c.ci_ms = Some(difference);
+        c.ratio_ci = ratio;
+    }
+    c.equivalence_ci = bounds(rule.tost_level).and_then(|(_, ratio)| ratio);
+    c.decide(arms, rule, errors);
     c
 }
 
-/// Further requests (this class, both arms) until the interval is narrow enough to decide, assuming its
-/// width shrinks as 1/√n: to exclude zero when the shift is at least the margin, else to fit inside it.
-fn more_requests(
-    min_effect: f64,
-    n: u64,
-    ci: Option<(f64, f64)>,
-    shift: Option<f64>,
-    base: Option<f64>,
-) -> Option<u64> {
-    let ((lo, hi), shift, base) = (ci?, shift?, base?);
-    let half = (hi - lo) / 2.0;
-    let margin = min_effect * base;
-    let target = if shift.abs() >= margin {
-        shift.abs()
+/// Further requests (this class, both arms) until the ratio's interval is narrow enough to decide,
+/// assuming its width on the log scale shrinks as 1/√n: to clear the margin when the ratio is beyond
+/// it, else to fit inside it.
+fn more_requests(c: &Comparison, min_effect: f64, n: u64) -> Option<u64> {
+    let ratio = c.ratio.filter(|r| *r > 0.0)?;
+    let band = (1.0 + min_effect).ln();
+    let effect = ratio.ln().abs();
+    let (interval, target) = if effect >= band {
+        (c.ratio_ci?, effect - band)
     } else {
-        margin - shift.abs()
+        (c.equivalence_ci?, band - effect)
     };
+    let [lo, hi] = interval;
+    if !(lo > 0.0 && hi > 0.0) {
+        return None;
+    }
+    let half = (hi.ln() - lo.ln()) / 2.0;
     if !(target > 0.0 && half > 0.0 && n > 0) {
         return None;
     }

@@ -4,7 +4,9 @@
 //!   median intervals, Holm, two proportions) works on samples; `binned` (quantiles, Mann-Whitney and the
 //!   interval of the difference of medians) on Prometheus histograms.
 //! - `comparison`: one `Comparison` of two arms and the one rule that decides it (`faster`,
-//!   `equivalent`, `inconclusive`), from samples or from histograms.
+//!   `equivalent`, `inconclusive`), from samples or from histograms: the ratio of the arms' times with
+//!   its intervals, held by the guardrails.
+//! - `guardrail`: the tails (p90, p99) and the error rates, each with its interval and margin.
 //! - `verdict`: the verdict on a whole report and its reasons, in one wording.
 //! - `requests`: an experiment's per-request outcomes judged (assignment, error rates, comparisons).
 //! - `report`: the reports of `kvab experiment` and `kvab analyze` (their JSON is a public contract) and
@@ -12,6 +14,7 @@
 
 pub mod binned;
 pub mod comparison;
+pub mod guardrail;
 pub mod report;
 pub mod requests;
 pub mod stats;

@@ -1,8 +1,11 @@
 //! The judgement of an experiment from its outcomes, with no I/O (the calibration tests run it on
 //! simulated samples).
 //!
-//! Per class and metric: the Mann-Whitney p-value, Holm's correction across every comparison, and each
-//! comparison made and decided by `comparison::of_samples` (the one rule, `crate::comparison`). Each
+//! Every assigned request counts (intention to treat): a request that failed or timed out enters the
+//! time to first token and the end-to-end time of its assigned arm ranked worst, at `--max-time`; the
+//! per-token metrics (ITL, TPOT) are of answered requests. Per class and metric: the Mann-Whitney
+//! p-value, Holm's correction across every comparison, and each comparison made and decided by
+//! `comparison::of_samples` (the one rule, `crate::comparison`) with the class's error guardrail. Each
 //! analysis runs at `look_alpha` = alpha / looks (the union bound over the planned looks keeps the
 //! family-wise error at alpha for any stopping rule that stops at a look). Also the assignment check and
 //! the error rates per class, which the tool turns into findings for the verdict (`crate::verdict`).
@@ -10,6 +13,7 @@
 use std::collections::BTreeMap;
 
 use crate::comparison::{of_samples, Comparison, Decision, InFamily, Rule};
+use crate::guardrail;
 use crate::report::experiment::{
     ArmSamples, Assignment, ClassSamples, ErrorCount, ErrorRates, Samples,
 };
@@ -39,6 +43,21 @@ impl Outcome {
     /// Answered by its own arm, without error: its timings count.
     pub fn counts(&self) -> bool {
         self.error.is_none() && self.served == Some(self.assigned)
+    }
+
+    /// Failed on its assigned arm: an error with that arm's tag, or with no arm's (no response, or an
+    /// answer the gateway gave untagged). It counts against the assigned arm, ranked worst.
+    pub fn failed(&self) -> bool {
+        self.error.is_some() && self.served.is_none_or(|s| s == self.assigned)
+    }
+
+    /// Reached its assigned arm, or got no response at all (nothing says it went elsewhere): what the
+    /// sample-ratio check counts per assigned arm.
+    fn reached(&self) -> bool {
+        match self.served {
+            Some(served) => served == self.assigned,
+            None => self.status.is_none(),
+        }
     }
 
     /// The request's median inter-token gap: the unit of the ITL comparison (gaps within one request are
@@ -88,6 +107,12 @@ pub struct Design {
     pub look_alpha: f64,
     pub min_effect: f64,
     pub srm_threshold: f64,
+    /// `--max-time` in ms: where a failed request is ranked.
+    pub max_time_ms: f64,
+    /// The tails' relative margin (`Rule::tail_margin`).
+    pub tail_margin: f64,
+    /// The error guardrail's margin: a difference of error rates, as a fraction of requests.
+    pub error_margin: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -132,19 +157,38 @@ fn value(outcome: &Outcome, metric: Metric) -> Option<f64> {
     }
 }
 
-/// The values of a metric for (class, arm), from requests answered by their own arm without error.
-fn values(outcomes: &[Outcome], class: usize, arm: usize, metric: Metric) -> Vec<f64> {
-    outcomes
+/// The values of a metric for (class, arm): requests answered by their own arm without error, and for
+/// the times to an answer (TTFT, end-to-end) every failed request at `max_time_ms`; with how many
+/// failed.
+fn values(
+    outcomes: &[Outcome],
+    class: usize,
+    arm: usize,
+    metric: Metric,
+    max_time_ms: f64,
+) -> (Vec<f64>, u64) {
+    let intention_to_treat = matches!(metric, Metric::Ttft | Metric::E2e);
+    let mut failures = 0;
+    let values = outcomes
         .iter()
-        .filter(|o| o.class == class && o.assigned == arm && o.counts())
-        .filter_map(|o| value(o, metric))
-        .filter(|v| v.is_finite())
-        .collect()
+        .filter(|o| o.class == class && o.assigned == arm)
+        .filter_map(|o| {
+            if o.counts() {
+                value(o, metric).filter(|v| v.is_finite())
+            } else if intention_to_treat && o.failed() {
+                failures += 1;
+                Some(max_time_ms)
+            } else {
+                None
+            }
+        })
+        .collect();
+    (values, failures)
 }
 
 pub fn analyze(design: &Design, outcomes: &[Outcome]) -> Analysis {
     let assignment = assignment(design, outcomes);
-    let errors = (0..design.classes.len())
+    let errors: Vec<ErrorRates> = (0..design.classes.len())
         .map(|c| error_rates(design, outcomes, c))
         .collect();
 
@@ -155,13 +199,14 @@ pub fn analyze(design: &Design, outcomes: &[Outcome]) -> Analysis {
         primary: bool,
         first: Vec<f64>,
         second: Vec<f64>,
+        failures: [u64; 2],
         p: Option<f64>,
     }
     let mut raw = Vec::new();
     for (class, _) in design.classes.iter().enumerate() {
         for (metric, primary) in design.metrics() {
-            let first = values(outcomes, class, 0, metric);
-            let second = values(outcomes, class, 1, metric);
+            let (first, failed_first) = values(outcomes, class, 0, metric, design.max_time_ms);
+            let (second, failed_second) = values(outcomes, class, 1, metric, design.max_time_ms);
             let p = mann_whitney_u(&first, &second).map(|t| t.p_value);
             raw.push(Raw {
                 metric,
@@ -169,6 +214,7 @@ pub fn analyze(design: &Design, outcomes: &[Outcome]) -> Analysis {
                 primary,
                 first,
                 second,
+                failures: [failed_first, failed_second],
                 p,
             });
         }
@@ -180,7 +226,9 @@ pub fn analyze(design: &Design, outcomes: &[Outcome]) -> Analysis {
 
     let rule = Rule {
         level: design.look_alpha,
+        tost_level: design.look_alpha,
         min_effect: design.min_effect,
+        tail_margin: design.tail_margin,
     };
     let comparisons = raw
         .iter()
@@ -192,12 +240,14 @@ pub fn analyze(design: &Design, outcomes: &[Outcome]) -> Analysis {
                 r.primary,
                 &design.arms,
                 [&r.first, &r.second],
+                matches!(r.metric, Metric::Ttft | Metric::E2e).then_some(r.failures),
                 InFamily {
                     p: r.p,
                     p_adjusted,
                     level,
                 },
                 rule,
+                errors.get(r.class).map(|e: &ErrorRates| &e.guardrail),
             )
         })
         .collect();
@@ -227,9 +277,11 @@ pub fn analyze(design: &Design, outcomes: &[Outcome]) -> Analysis {
 fn assignment(design: &Design, outcomes: &[Outcome]) -> Assignment {
     let mut planned = vec![0u64; design.arms.len()];
     let mut answered = vec![0u64; design.arms.len()];
+    let mut reached = vec![0u64; design.arms.len()];
     let (mut misrouted, mut untagged) = (0, 0);
     for o in outcomes {
         planned[o.assigned] += 1;
+        reached[o.assigned] += u64::from(o.reached());
         match o.served {
             Some(served) => {
                 answered[served] += 1;
@@ -238,9 +290,10 @@ fn assignment(design: &Design, outcomes: &[Outcome]) -> Assignment {
             None => untagged += 1,
         }
     }
-    // Balanced blocks: each arm's planned share is equal by design; the check compares answers with it.
-    let weights = vec![1.0; design.arms.len()];
-    let srm_p = split_test(&answered, &weights).map(|t| t.p_value);
+    // Per assigned arm, the requests that reached it against those assigned to it: a failed answer with
+    // the arm's tag reached it; an answer from another arm, or one untagged, did not.
+    let weights: Vec<f64> = planned.iter().map(|&n| n as f64).collect();
+    let srm_p = split_test(&reached, &weights).map(|t| t.p_value);
     let named = |counts: &[u64]| {
         design
             .arms
@@ -252,6 +305,7 @@ fn assignment(design: &Design, outcomes: &[Outcome]) -> Assignment {
     Assignment {
         planned: named(&planned),
         answered: named(&answered),
+        reached: named(&reached),
         misrouted,
         untagged,
         srm_p,
@@ -287,11 +341,19 @@ fn error_rates(design: &Design, outcomes: &[Outcome], class: usize) -> ErrorRate
         counts[1].errors,
         counts[1].requests,
     );
+    let guardrail = guardrail::errors(
+        &design.arms,
+        (counts[0].errors, counts[0].requests),
+        (counts[1].errors, counts[1].requests),
+        design.look_alpha,
+        design.error_margin,
+    );
     ErrorRates {
         class: design.classes[class].clone(),
         arms: design.arms.iter().cloned().zip(counts).collect(),
         p,
         codes,
+        guardrail,
     }
 }
 
@@ -371,6 +433,9 @@ mod calibration {
             look_alpha: ALPHA / f64::from(looks),
             min_effect,
             srm_threshold: 0.001,
+            max_time_ms: 60_000.0,
+            tail_margin: 0.25,
+            error_margin: 0.02,
         }
     }
 
@@ -539,6 +604,9 @@ mod tests {
             look_alpha: 0.05,
             min_effect: 0.05,
             srm_threshold: 0.001,
+            max_time_ms: 60_000.0,
+            tail_margin: 0.25,
+            error_margin: 0.02,
         }
     }
 
@@ -559,7 +627,8 @@ mod tests {
 
     #[test]
     fn a_clear_difference_is_faster_and_a_tiny_one_is_equivalent() {
-        let slow: Vec<Outcome> = (0..200)
+        // 200 requests per arm: enough to show error rates (none here) within the 2 % margin.
+        let slow: Vec<Outcome> = (0..400)
             .map(|i| {
                 outcome(
                     0,
@@ -575,12 +644,22 @@ mod tests {
             (Decision::Faster, Some("nvlink"))
         );
         assert!(c.shift_ms.unwrap() > 9.0 && c.ci_ms.unwrap()[0] > 0.0);
-        let same: Vec<Outcome> = (0..400)
+        // 400 per arm: enough to bound each arm's p99 (368 at the 5 % level).
+        let same: Vec<Outcome> = (0..800)
             .map(|i| outcome(0, i % 2, Some(i % 2), 100.0 + ((i / 2) % 17) as f64 * 0.1))
             .collect();
         let analysis = analyze(&design(), &same);
         assert_eq!(analysis.comparisons[0].decision, Decision::Equivalent);
         assert!(analysis.decided());
+        // With half as many, the p99 cannot be bounded: not equivalent, and the report says why.
+        let analysis = analyze(&design(), &same[..400]);
+        let c = &analysis.comparisons[0];
+        assert_eq!(c.decision, Decision::Inconclusive);
+        assert!(
+            c.reason().contains("p99 not shown within the tail margin"),
+            "{}",
+            c.reason()
+        );
     }
 
     #[test]
@@ -596,5 +675,79 @@ mod tests {
         assert_eq!((e.arms["fs"].errors, e.arms["fs"].requests), (20, 50));
         assert_eq!(e.codes["fs"]["status 503"], 20);
         assert!(e.p.unwrap() < 0.001);
+    }
+
+    #[test]
+    fn every_assigned_request_counts_and_the_guardrails_name_the_worse_arm() {
+        // Arms alike in their typical time; fs answers every 12th request 503 (8 %).
+        let failing: Vec<Outcome> = (0..1600)
+            .map(|i| {
+                let mut o = outcome(0, i % 2, Some(i % 2), 100.0 + ((i / 2) % 17) as f64 * 0.1);
+                if i % 2 == 1 && (i / 2) % 12 == 0 {
+                    o.error = Some("status 503".into());
+                    o.status = Some(503);
+                }
+                o
+            })
+            .collect();
+        let analysis = analyze(&design(), &failing);
+        let c = &analysis.comparisons[0];
+        assert_eq!(c.failures.as_ref().unwrap()["fs"], 67);
+        assert_eq!(c.n["fs"], 800, "failures are among the requests compared");
+        assert_ne!(c.decision, Decision::Equivalent);
+        let guard = &analysis.errors[0].guardrail;
+        assert_eq!(guard.worse.as_deref(), Some("fs"));
+        assert!(c.reason().contains("fs fails more"), "{}", c.reason());
+        // The failed answers carry fs's tag: they reached it, the sample ratio holds.
+        assert!(analysis.assignment.srm_ok);
+
+        // fs stalls every 10th request ×6.
+        let stalling: Vec<Outcome> = (0..1600)
+            .map(|i| {
+                let base = 100.0 + ((i / 2) % 17) as f64 * 0.1;
+                let stalled = i % 2 == 1 && (i / 2) % 10 == 0;
+                outcome(
+                    0,
+                    i % 2,
+                    Some(i % 2),
+                    if stalled { 6.0 * base } else { base },
+                )
+            })
+            .collect();
+        let c = &analyze(&design(), &stalling).comparisons[0];
+        assert_ne!(c.decision, Decision::Equivalent);
+        let p99 = c.tails.iter().find(|t| t.quantile == "p99").unwrap();
+        assert_eq!(p99.worse.as_deref(), Some("fs"), "{p99:?}");
+        assert!(c.reason().contains("fs's p99 is worse"), "{}", c.reason());
+    }
+
+    #[test]
+    fn the_effect_is_a_ratio_with_an_interval_that_must_clear_the_margin() {
+        // fs takes 1.10× nvlink's time on every request: the ratio, not the shift over a median.
+        let times = |arm: usize, i: usize| {
+            let base = 80.0 + ((i / 2) * 7 % 41) as f64;
+            if arm == 1 {
+                1.1 * base
+            } else {
+                base
+            }
+        };
+        let outcomes: Vec<Outcome> = (0..800)
+            .map(|i| outcome(0, i % 2, Some(i % 2), times(i % 2, i)))
+            .collect();
+        let c = &analyze(&design(), &outcomes).comparisons[0];
+        let [lo, hi] = c.ratio_ci.unwrap();
+        assert!(lo <= 1.1 && 1.1 <= hi, "{lo} {hi}");
+        assert!((c.ratio.unwrap() - 1.1).abs() < 0.01);
+        assert_eq!(c.faster.as_deref(), Some("nvlink"));
+        // A true ×1.04 with a 5 % margin is never "faster by at least 5 %".
+        let small: Vec<Outcome> = (0..800)
+            .map(|i| {
+                let t = times(0, i) * if i % 2 == 1 { 1.04 } else { 1.0 };
+                outcome(0, i % 2, Some(i % 2), t)
+            })
+            .collect();
+        let c = &analyze(&design(), &small).comparisons[0];
+        assert_ne!(c.decision, Decision::Faster, "{:?}", c.ratio_ci);
     }
 }

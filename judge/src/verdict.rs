@@ -118,6 +118,7 @@ mod tests {
             true,
             &arms(),
             [first, second],
+            None,
             InFamily {
                 p,
                 p_adjusted: p.unwrap_or(1.0),
@@ -125,8 +126,11 @@ mod tests {
             },
             Rule {
                 level: 0.05,
+                tost_level: 0.05,
                 min_effect: 0.05,
+                tail_margin: 0.25,
             },
+            None,
         )
     }
 
@@ -143,10 +147,17 @@ mod tests {
             (faster.decision, faster.faster.as_deref()),
             (Decision::Faster, Some("nvlink"))
         );
-        assert_eq!(faster.reason(), "ttft_ms short: nvlink faster by 50.0%");
-        let same = compared(&spread(100.0, 200), &spread(100.0, 200), "short");
+        assert_eq!(
+            faster.reason(),
+            "ttft_ms short: nvlink faster by 50.0% [49.9%, 50.1%]"
+        );
+        // Enough requests to bound each arm's p99 (368 at the 5 % level).
+        let same = compared(&spread(100.0, 400), &spread(100.0, 400), "short");
         assert_eq!(same.decision, Decision::Equivalent);
-        assert_eq!(same.reason(), "ttft_ms short: equivalent");
+        assert_eq!(
+            same.reason(),
+            "ttft_ms short: equivalent (×1.000 [1.000, 1.000])"
+        );
         let few = compared(&[100.0, 180.0], &[120.0, 90.0], "short");
         assert_eq!(few.decision, Decision::Inconclusive);
         assert_eq!(few.decision_text().split(' ').next(), Some("inconclusive"));
@@ -165,7 +176,11 @@ mod tests {
         assert_eq!(judged, Verdict::Decided);
         assert_eq!(
             reasons,
-            ["context", "ttft_ms short: nvlink faster by 50.0%", "note"]
+            [
+                "context",
+                "ttft_ms short: nvlink faster by 50.0% [49.9%, 50.1%]",
+                "note"
+            ]
         );
         // A caveat keeps a decided comparison from deciding the verdict.
         let caveat = Findings {

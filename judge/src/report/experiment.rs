@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::comparison::Comparison;
+use crate::guardrail::ErrorGuard;
 use crate::stats::format_p;
 use crate::verdict::{per_arm, verdict_line, Verdict};
 
@@ -41,11 +42,14 @@ pub struct Assignment {
     pub planned: BTreeMap<String, u64>,
     /// Responses each arm served, by the response's arm tag.
     pub answered: BTreeMap<String, u64>,
+    /// Per assigned arm: requests that reached it (answered with its tag, failed too) or got no response
+    /// at all; the sample-ratio check compares these with `planned`.
+    pub reached: BTreeMap<String, u64>,
     /// Responses served by another arm than assigned (excluded from the timings).
     pub misrouted: u64,
     /// Requests with no response, or a response without an arm tag.
     pub untagged: u64,
-    /// p-value of answered against planned (exact binomial for two arms, chi-square otherwise).
+    /// p-value of reached against planned (exact binomial for two arms, chi-square otherwise).
     pub srm_p: Option<f64>,
     /// False when `srm_p` is below the sample-ratio threshold: the experiment is invalid.
     pub srm_ok: bool,
@@ -60,6 +64,8 @@ pub struct ErrorRates {
     pub p: Option<f64>,
     /// Error codes seen (`status 503`, `timeout`, ...) and how often, per arm.
     pub codes: BTreeMap<String, BTreeMap<String, u64>>,
+    /// The error-rate guardrail of the class (`crate::guardrail::errors`).
+    pub guardrail: ErrorGuard,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -73,6 +79,12 @@ pub struct ErrorCount {
 pub struct Method {
     pub alpha: f64,
     pub min_effect: f64,
+    /// The tails' relative margin (p90, p99).
+    pub tail_margin: f64,
+    /// The error guardrail's margin, a difference of error rates.
+    pub error_margin: f64,
+    /// `--max-time`: where a failed request is ranked in the times to an answer.
+    pub max_time_s: f64,
     /// `budget` (one analysis at the end) or `decided` (stop when decided).
     pub until: &'static str,
     /// Analyses planned: 1, or the looks of `--until decided`.
@@ -140,44 +152,46 @@ impl Report {
         };
         let _ = writeln!(
             out,
-            "{:<8} {:<10} {:>7} {:>10} {:>10} {:>10} {:>22} {:>8} {:>9}  decision",
+            "{:<8} {:<10} {:>7} {:>10} {:>10} {:>8} {:>18} {:>9}  {:<40} tails",
             "metric",
             "class",
             "n",
             format!("p50 {first}"),
             format!("p50 {second}"),
-            "shift",
+            "ratio",
             "interval",
-            "rel",
-            "p adj"
+            "p adj",
+            "decision"
         );
         for c in &self.comparisons {
             let n: u64 = c.n.values().sum();
             let p50 = |arm: &str| c.p50.get(arm).map_or("-".into(), |v| format!("{v:.1}"));
-            let decision = c.decision_text();
+            let decision = format!(
+                "{}{}",
+                c.decision_text(),
+                if c.primary { "" } else { " (secondary)" }
+            );
             let _ = writeln!(
                 out,
-                "{:<8} {:<10} {:>7} {:>10} {:>10} {:>10} {:>22} {:>8} {:>9}  {}{}",
+                "{:<8} {:<10} {:>7} {:>10} {:>10} {:>8} {:>18} {:>9}  {:<40} {}",
                 c.metric.trim_end_matches("_ms"),
                 c.class.as_deref().unwrap_or("-"),
                 n,
                 p50(first),
                 p50(second),
-                c.shift_ms.map_or("-".into(), |v| format!("{v:+.2}")),
-                c.ci_ms
-                    .map_or("-".into(), |[lo, hi]| format!("[{lo:+.2}, {hi:+.2}]")),
-                c.relative
-                    .map_or("-".into(), |v| format!("{:+.1}%", 100.0 * v)),
+                c.ratio_text(),
+                c.ratio_ci_text(),
                 c.p_adjusted.map_or("-".into(), format_p),
                 decision,
-                if c.primary { "" } else { " (secondary)" },
+                c.tails_text(),
             );
         }
         let a = &self.assignment;
         let _ = writeln!(
             out,
-            "\nassignment: planned {}; answered {}; misrouted {}; untagged {}; sample ratio p={} ({})",
+            "\nassignment: planned {}; reached {}; answered {}; misrouted {}; untagged {}; sample ratio p={} ({})",
             per_arm(&a.planned),
+            per_arm(&a.reached),
             per_arm(&a.answered),
             a.misrouted,
             a.untagged,
@@ -194,10 +208,11 @@ impl Report {
                 .collect();
             let _ = writeln!(
                 out,
-                "errors {}: {}; p={}",
+                "errors {}: {}; p={}; guardrail {}",
                 e.class,
                 rates.join(", "),
-                e.p.map_or("-".into(), format_p)
+                e.p.map_or("-".into(), format_p),
+                e.guardrail.summary()
             );
         }
         let _ = writeln!(

@@ -152,10 +152,11 @@ fn assignment(out: &mut String, report: &Report) {
     let a = &report.assignment;
     let _ = write!(
         out,
-        "<h2>Assignment</h2><p class=\"{}\">planned {}; answered {}; misrouted {}; untagged {}; \
-         sample ratio p = {} ({}, threshold {})</p>",
+        "<h2>Assignment</h2><p class=\"{}\">planned {}; reached {}; answered {}; misrouted {}; \
+         untagged {}; sample ratio p = {} ({}, threshold {})</p>",
         if a.srm_ok { "ok" } else { "warn" },
         escape(&per_arm(&a.planned)),
+        escape(&per_arm(&a.reached)),
         escape(&per_arm(&a.answered)),
         a.misrouted,
         a.untagged,
@@ -174,7 +175,14 @@ fn errors(out: &mut String, report: &Report) {
     for arm in &report.arms {
         let _ = write!(out, "<th>{}</th>", escape(arm));
     }
-    out.push_str("<th>p</th><th class=\"l\">codes</th></tr>");
+    let _ = write!(
+        out,
+        "<th>p</th><th class=\"l\">guardrail <small>({} − {}, error margin {:.1} pp)</small></th>\
+         <th class=\"l\">codes</th></tr>",
+        escape(report.arms.get(1).map_or("", String::as_str)),
+        escape(report.arms.first().map_or("", String::as_str)),
+        100.0 * report.method.error_margin
+    );
     for e in &report.errors {
         let _ = write!(out, "<tr><td class=\"l\">{}</td>", escape(&e.class));
         for arm in &report.arms {
@@ -198,8 +206,14 @@ fn errors(out: &mut String, report: &Report) {
             .collect();
         let _ = write!(
             out,
-            "<td>{}</td><td class=\"l\">{}</td></tr>",
+            "<td>{}</td><td class=\"l{}\">{}</td><td class=\"l\">{}</td></tr>",
             e.p.map_or("–".into(), format_p),
+            if e.guardrail.worse.is_some() {
+                " warn"
+            } else {
+                ""
+            },
+            escape(&e.guardrail.summary()),
             escape(&codes.join("; "))
         );
     }
@@ -221,11 +235,16 @@ fn comparisons(out: &mut String, report: &Report) {
             escape(arm)
         );
     }
+    let ratio = match report.arms.as_slice() {
+        [first, second, ..] => format!("ratio {second} / {first}"),
+        _ => "ratio".into(),
+    };
     let _ = write!(
         out,
-        "<th>{}</th><th>interval</th><th>relative</th><th>p</th><th>p adjusted</th>\
-         <th class=\"l\">decision</th></tr>",
-        escape(&shift)
+        "<th>{}</th><th>interval</th><th>{}</th><th>equivalence interval</th><th>tails</th>\
+         <th>p</th><th>p adjusted</th><th class=\"l\">decision</th></tr>",
+        escape(&shift),
+        escape(&ratio)
     );
     for c in &report.comparisons {
         let _ = write!(
@@ -253,20 +272,36 @@ fn comparisons(out: &mut String, report: &Report) {
                 100.0 * (1.0 - c.ci_level_alpha)
             )
         });
-        let relative = c.relative.map_or("–".into(), |r| {
-            let ci = c.relative_ci.map_or(String::new(), |[lo, hi]| {
-                format!(" <small>[{:+.1}, {:+.1}]</small>", 100.0 * lo, 100.0 * hi)
-            });
-            format!("{:+.1} %{ci}", 100.0 * r)
+        let equivalence = c.equivalence_ci.map_or("–".into(), |[lo, hi]| {
+            format!(
+                "[{lo:.3}, {hi:.3}] <small>{:.0} %</small>",
+                100.0 * (1.0 - 2.0 * c.tost_alpha)
+            )
         });
+        let failed = c
+            .failures
+            .iter()
+            .flatten()
+            .filter(|(_, n)| **n > 0)
+            .map(|(arm, n)| format!("{arm}: {n} failed, ranked worst"))
+            .collect::<Vec<_>>();
+        let notes: Vec<String> = c.blocked.iter().cloned().chain(failed).collect();
         let _ = write!(
             out,
-            "<td>{}</td><td>{interval}</td><td>{relative}</td><td>{}</td><td>{}</td>\
-             <td class=\"l\">{}</td></tr>",
+            "<td>{}</td><td>{interval}</td><td>{} <small>{}</small></td><td>{equivalence}</td>\
+             <td class=\"l\">{}</td><td>{}</td><td>{}</td><td class=\"l\">{}{}</td></tr>",
             fmt(c.shift_ms, 2),
+            escape(&c.ratio_text()),
+            escape(&c.ratio_ci_text()),
+            escape(&c.tails_text()),
             c.p.map_or("–".into(), format_p),
             c.p_adjusted.map_or("–".into(), format_p),
-            escape(&c.decision_text())
+            escape(&c.decision_text()),
+            if notes.is_empty() {
+                String::new()
+            } else {
+                format!("<br><small>{}</small>", escape(&notes.join("; ")))
+            }
         );
     }
     out.push_str("</table>");
@@ -378,6 +413,10 @@ mod tests {
     use crate::comparison::{Comparison, Decision};
     use crate::report::experiment::*;
 
+    fn arms_of() -> Vec<String> {
+        vec!["nvlink".into(), "fs".into()]
+    }
+
     fn report(label: &str) -> Report {
         let arms = vec!["nvlink".to_string(), "fs".to_string()];
         let per_arm =
@@ -396,6 +435,7 @@ mod tests {
             assignment: Assignment {
                 planned: counts(50, 50),
                 answered: counts(50, 50),
+                reached: counts(50, 50),
                 misrouted: 0,
                 untagged: 0,
                 srm_p: Some(1.0),
@@ -413,6 +453,7 @@ mod tests {
                 )]),
                 p: Some(0.3),
                 codes: BTreeMap::from([("fs".into(), BTreeMap::from([("status 503".into(), 1)]))]),
+                guardrail: crate::guardrail::errors(&arms_of(), (0, 50), (1, 50), 0.05, 0.02),
             }],
             comparisons: vec![Comparison {
                 metric: "ttft_ms",
@@ -425,8 +466,21 @@ mod tests {
                 shift_ms: Some(30.0),
                 ci_ms: Some([28.0, 32.0]),
                 ci_level_alpha: 0.025,
+                ratio: Some(1.3),
+                ratio_ci: Some([1.28, 1.32]),
+                equivalence_ci: Some([1.285, 1.315]),
+                tost_alpha: 0.05,
                 relative: Some(0.3),
                 relative_ci: Some([0.28, 0.32]),
+                failures: Some(counts(0, 1)),
+                tails: vec![crate::guardrail::of_samples(
+                    0.9,
+                    &arms_of(),
+                    [&[100.0; 50], &[130.0; 50]],
+                    0.05,
+                    0.25,
+                )],
+                blocked: Vec::new(),
                 p: Some(1e-6),
                 p_adjusted: Some(4e-6),
                 decision: Decision::Faster,
@@ -439,6 +493,9 @@ mod tests {
             method: Method {
                 alpha: 0.05,
                 min_effect: 0.05,
+                tail_margin: 0.25,
+                error_margin: 0.02,
+                max_time_s: 60.0,
                 until: "budget",
                 looks: 1,
                 looks_made: 1,
@@ -518,11 +575,17 @@ mod tests {
             }
         }
         assert_eq!(html.matches("<svg").count(), 4);
-        assert!(html.contains("<td class=\"l\">nvlink faster</td>"));
+        assert!(html.contains(
+            "<td class=\"l\">nvlink faster<br><small>fs: 1 failed, ranked worst</small></td>"
+        ));
+        assert!(html.contains("<th>ratio fs / nvlink</th>"));
+        assert!(html.contains("<td>×1.300 <small>[1.280, 1.320]</small></td>"));
+        assert!(html.contains("<td>[1.285, 1.315] <small>90 %</small></td>"));
+        assert!(html.contains("<td class=\"l\">p90 fs worse</td>"));
+        assert!(html.contains("margin 2.0 pp: not shown either way"));
         assert!(html.contains("<tr class=\"primary\"><td class=\"l\">ttft_ms (primary)</td>"));
         assert!(html.contains("shift ms (fs − nvlink)"));
         assert!(html.contains("[28.00, 32.00] <small>97.50 %</small>"));
-        assert!(html.contains("+30.0 % <small>[+28.0, +32.0]</small>"));
         assert!(html.contains("fs: status 503 ×1") && html.contains("1/50 (2.0 %)"));
         assert!(html.contains("<td>128</td><td>131.5</td><td>100</td>"));
         assert!(html.contains("<p class=\"ok\">planned fs 50, nvlink 50;"));

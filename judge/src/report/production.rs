@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::comparison::Comparison;
+use crate::guardrail::ErrorGuard;
 use crate::stats::format_p;
 use crate::verdict::{verdict_line, Verdict};
 
@@ -21,6 +22,8 @@ pub struct Report {
     pub assignment: Assignment,
     pub errors: BTreeMap<String, Rate>,
     pub errors_p: Option<f64>,
+    /// The error-rate guardrail between the arms (`crate::guardrail::errors`).
+    pub error_guardrail: ErrorGuard,
     pub misroutes: BTreeMap<String, Rate>,
     /// kvab serve's ledger (`kvab_routed_requests_total`) per requested arm, when it is scraped.
     pub routed: Option<BTreeMap<String, f64>>,
@@ -86,6 +89,8 @@ pub struct Rate {
 pub struct Method {
     pub alpha: f64,
     pub min_effect: f64,
+    pub tail_margin: f64,
+    pub error_margin: f64,
     pub min_requests: u64,
     pub srm_threshold: f64,
     pub description: &'static str,
@@ -102,37 +107,38 @@ impl Report {
         let (first, second) = (&self.arms[0], &self.arms[1]);
         let _ = writeln!(
             out,
-            "{:<22} {:>9} {:>9} {:>12} {:>12} {:>10} {:>22} {:>8} {:>9}  decision",
+            "{:<22} {:>9} {:>9} {:>12} {:>12} {:>8} {:>18} {:>9}  {:<40} tails",
             "metric",
             format!("n {first}"),
             format!("n {second}"),
             format!("p50 {first}"),
             format!("p50 {second}"),
-            "shift",
+            "ratio",
             "interval",
-            "rel",
-            "p adj"
+            "p adj",
+            "decision"
         );
         for c in &self.comparisons {
             let n = |arm: &str| c.n.get(arm).map_or("-".into(), |v| v.to_string());
             let p50 = |arm: &str| c.p50.get(arm).map_or("-".into(), |v| format!("{v:.1}"));
-            let decision = c.decision_text();
+            let decision = format!(
+                "{}{}",
+                c.decision_text(),
+                if c.primary { "" } else { " (secondary)" }
+            );
             let _ = writeln!(
                 out,
-                "{:<22} {:>9} {:>9} {:>12} {:>12} {:>10} {:>22} {:>8} {:>9}  {}{}",
+                "{:<22} {:>9} {:>9} {:>12} {:>12} {:>8} {:>18} {:>9}  {:<40} {}",
                 c.metric,
                 n(first),
                 n(second),
                 p50(first),
                 p50(second),
-                c.shift_ms.map_or("-".into(), |v| format!("{v:+.2}")),
-                c.ci_ms
-                    .map_or("-".into(), |[lo, hi]| format!("[{lo:+.1}, {hi:+.1}]")),
-                c.relative
-                    .map_or("-".into(), |v| format!("{:+.1}%", 100.0 * v)),
+                c.ratio_text(),
+                c.ratio_ci_text(),
                 c.p_adjusted.map_or("-".into(), format_p),
                 decision,
-                if c.primary { "" } else { " (secondary)" }
+                c.tails_text()
             );
         }
         let _ = writeln!(
@@ -165,8 +171,9 @@ impl Report {
         };
         let _ = writeln!(
             out,
-            "errors (5xx or no status): {}; misrouted: {}",
+            "errors (5xx or no status): {}; guardrail {}; misrouted: {}",
             rates(&self.errors),
+            self.error_guardrail.summary(),
             rates(&self.misroutes)
         );
         let _ = writeln!(

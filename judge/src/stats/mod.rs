@@ -288,6 +288,28 @@ pub fn median_rank(n: u64, alpha: f64) -> Option<u64> {
     }
 }
 
+/// The ranks `(l, u)` of the distribution-free interval `[x_(l), x_(u)]` of the `q`-quantile of `n`
+/// values (the order-statistic interval: Conover, *Practical Nonparametric Statistics*, 3rd ed., §3.2):
+/// `l` the largest rank with `P(Binomial(n, q) ≤ l − 1) ≤ alpha/2`, so `P(x_(l) > ξ_q) ≤ alpha/2`; `u` the
+/// smallest with `P(Binomial(n, q) ≤ u − 1) ≥ 1 − alpha/2`, so `P(x_(u) < ξ_q) ≤ alpha/2` (exact for
+/// continuous data, conservative with ties). Each side `None` when `n` is too small to bound it (a p99's
+/// upper side needs `n ≥ 368` at `alpha` = 0.05). Bisection, as `median_rank`.
+pub fn quantile_ranks(n: u64, q: f64, alpha: f64) -> (Option<u64>, Option<u64>) {
+    if n == 0 || !(alpha > 0.0 && alpha < 1.0) || !(q > 0.0 && q < 1.0) {
+        return (None, None);
+    }
+    let Some(at_most) = binomial_cdf(n, q) else {
+        return (None, None);
+    };
+    let lower = match first_where(1, n, |l| at_most(l - 1) > alpha / 2.0) {
+        Some(1) => None,
+        Some(l) => Some(l - 1),
+        None => Some(n),
+    };
+    let upper = first_where(1, n, |u| at_most(u - 1) >= 1.0 - alpha / 2.0);
+    (lower, upper)
+}
+
 /// Largest trial count whose binomial probabilities are computed exactly (statrs's regularized incomplete
 /// beta and log-gamma). Beyond it they lose precision: at 10^11 trials statrs's `P(X ≤ x)` at the 2.5 %
 /// point is off by 2e-5 and at 10^15 it exceeds 1, while the normal approximation with a continuity

@@ -14,14 +14,17 @@ use super::prometheus::Labels;
 use super::series::{counts, histograms, label};
 use kvab_judge::binned::mann_whitney;
 use kvab_judge::comparison::{of_histograms, Comparison, InFamily, Rule};
+use kvab_judge::guardrail::{self, ErrorGuard};
 use kvab_judge::report::production::{Method, Rate, Report, Window};
 use kvab_judge::verdict::{verdict, Findings, Verdict};
 
 pub const METHOD: &str = "increase() of the filter's histograms and counters over the window; Mann-Whitney with \
-                      each bucket a group of ties; the difference of medians with distribution-free median \
-                      intervals widened to bucket edges (each at half the level); Holm across the metrics; \
-                      faster needs the interval to exclude 0 and a difference of at least min_effect; \
-                      equivalent needs the interval inside ±min_effect";
+                      each bucket a group of ties; the ratio of medians with distribution-free median intervals \
+                      widened to bucket edges; Holm across the metrics; faster needs the ratio's interval at the \
+                      Holm level beyond 1+min_effect; equivalent needs its 1-2*alpha interval inside the margin \
+                      and every guardrail within; guardrails: p90 and p99 (order-statistic intervals on the \
+                      buckets, tail_margin) and the error rate (5xx or no answer, Newcombe's score interval, \
+                      error_margin)";
 
 /// The report on the answers: every value checked first (`stats::count`, `Histogram::from_cumulative`),
 /// so input that is no count or no histogram is an error naming its series, never a verdict.
@@ -48,7 +51,7 @@ pub fn judge(
 
     let design = design(requests, arms);
     let assignment = assignment(requests, arms, &args.split, args.srm_threshold);
-    let (errors, errors_p) = errors(responses, arms);
+    let (errors, errors_p, error_guardrail) = errors(responses, arms, args);
     let misroutes = misroutes(served, arms);
     let routed = (!routed.is_empty()).then(|| {
         routed
@@ -91,7 +94,9 @@ pub fn judge(
     let levels = holm_levels(&family, args.alpha);
     let rule = Rule {
         level: args.alpha,
+        tost_level: args.alpha,
         min_effect: args.min_effect,
+        tail_margin: args.tail_margin,
     };
     let comparisons: Vec<Comparison> = metrics
         .iter()
@@ -102,7 +107,17 @@ pub fn judge(
                 p_adjusted,
                 level,
             };
-            of_histograms(metric, *primary, arms, h, family, rule, args.min_requests)
+            let guard = Some(&error_guardrail);
+            of_histograms(
+                metric,
+                *primary,
+                arms,
+                h,
+                family,
+                rule,
+                args.min_requests,
+                guard,
+            )
         })
         .collect();
     // Per primary metric, the arms with fewer requests than --min-requests (Prometheus's counts, before
@@ -128,12 +143,15 @@ pub fn judge(
         assignment,
         errors,
         errors_p,
+        error_guardrail,
         misroutes,
         routed,
         comparisons,
         method: Method {
             alpha: args.alpha,
             min_effect: args.min_effect,
+            tail_margin: args.tail_margin,
+            error_margin: args.error_margin,
             min_requests: args.min_requests,
             srm_threshold: args.srm_threshold,
             description: METHOD,
@@ -223,8 +241,13 @@ fn rates(
         .collect()
 }
 
-/// A 5xx, or no response status at all (reset, timeout): the arm failed the request.
-fn errors(responses: &[(Labels, f64)], arms: &[String]) -> (BTreeMap<String, Rate>, Option<f64>) {
+/// A 5xx, or no response status at all (reset, timeout): the arm failed the request. The rates, their
+/// two-proportion p-value and the error guardrail.
+fn errors(
+    responses: &[(Labels, f64)],
+    arms: &[String],
+    args: &AnalyzeArgs,
+) -> (BTreeMap<String, Rate>, Option<f64>, ErrorGuard) {
     let rates = rates(responses, metrics::label::BACKEND, arms, |l, _| {
         matches!(label(l, metrics::label::CODE_CLASS), "5xx" | "none")
     });
@@ -234,7 +257,8 @@ fn errors(responses: &[(Labels, f64)], arms: &[String]) -> (BTreeMap<String, Rat
             .map_or((0, 0), |r| (r.count.round() as u64, r.of.round() as u64))
     };
     let ((x1, n1), (x2, n2)) = (get(&arms[0]), get(&arms[1]));
-    (rates, two_proportion(x1, n1, x2, n2))
+    let guard = guardrail::errors(arms, (x1, n1), (x2, n2), args.alpha, args.error_margin);
+    (rates, two_proportion(x1, n1, x2, n2), guard)
 }
 
 /// Requests tagged for an arm and served by another.

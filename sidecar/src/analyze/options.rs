@@ -79,6 +79,14 @@ pub struct AnalyzeArgs {
     /// Smallest relative difference of the medians that counts; inside it the arms are equivalent.
     #[arg(long, value_name = "R", default_value = "0.05", value_parser = fraction, env = "KVAB_ANALYZE_MIN_EFFECT")]
     pub min_effect: f64,
+    /// The tails' margin: p90 and p99 of the arms are alike when the interval of their ratio lies inside
+    /// ±R (between 1/(1+R) and 1+R); `equivalent` needs both alike.
+    #[arg(long, value_name = "R", default_value = "0.25", value_parser = fraction, env = "KVAB_ANALYZE_TAIL_MARGIN")]
+    pub tail_margin: f64,
+    /// The error guardrail's margin, in error rate (0.02: 2 percentage points): `equivalent` needs the
+    /// arms' error rates (5xx or no answer) shown within it, `faster` is held back when the faster arm is shown to fail more.
+    #[arg(long, value_name = "D", default_value = "0.02", value_parser = fraction, env = "KVAB_ANALYZE_ERROR_MARGIN")]
+    pub error_margin: f64,
     /// Sample-ratio check: invalid when split-assigned requests per arm differ from --split with a p-value
     /// below this.
     #[arg(long, value_name = "P", default_value = "0.001", value_parser = fraction,

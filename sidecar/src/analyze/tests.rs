@@ -338,7 +338,7 @@ fn an_arm_clearly_faster_is_decided_with_its_interval_and_effect() {
         report.reasons,
         [
             "randomized: 100 % of tagged requests were assigned by the filter's split",
-            "request_duration_ms: nvlink faster by 440.0%"
+            "request_duration_ms: nvlink faster by 440.0% [100.0%, ∞]"
         ]
     );
     assert_eq!(report.verdict, Verdict::Decided);
@@ -371,7 +371,10 @@ fn arms_with_the_same_histogram_are_equivalent() {
     assert_eq!(c.ci_ms, Some([-2.0, 2.0]));
     let [rlo, rhi] = c.relative_ci.unwrap();
     assert!(-0.05 < rlo && rhi < 0.05, "{rlo} {rhi}");
-    assert_eq!(report.reasons[1], "request_duration_ms: equivalent");
+    assert_eq!(
+        report.reasons[1],
+        "request_duration_ms: equivalent (×1.000 [0.980, 1.020])"
+    );
     assert_eq!(report.verdict, Verdict::Decided);
     // The same data with a margin of 1 %: the ±2 % interval is no longer inside it.
     let strict = args_with(&["--split", "nvlink=1,fs=1", "--min-effect", "0.01"]);
@@ -431,9 +434,12 @@ fn the_comparison_alone_needs_both_arms() {
         },
         Rule {
             level: args.alpha,
+            tost_level: args.alpha,
             min_effect: args.min_effect,
+            tail_margin: args.tail_margin,
         },
         args.min_requests,
+        None,
     );
     assert_eq!(
         (c.n.len(), c.p, c.decision),
@@ -527,6 +533,11 @@ fn flags_of(saved: &Value) -> Vec<String> {
         "--srm-threshold".into(),
         method["srm_threshold"].to_string(),
     ];
+    for margin in ["tail_margin", "error_margin"] {
+        if let Some(value) = method.get(margin) {
+            flags.extend([format!("--{}", margin.replace('_', "-")), value.to_string()]);
+        }
+    }
     if let Some(weights) = saved["assignment"]["weights"].as_object() {
         let split: Vec<String> = weights
             .iter()

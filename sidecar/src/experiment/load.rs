@@ -376,6 +376,9 @@ mod tests {
             look_alpha: 0.05,
             min_effect: 0.05,
             srm_threshold: 0.001,
+            max_time_ms: 5_000.0,
+            tail_margin: 0.25,
+            error_margin: 0.02,
         };
         let analysis = analyze(&design, &outcomes);
         let a = &analysis.assignment;

@@ -41,10 +41,14 @@ use records::{ClassSpec, Header, LoadSpec, MethodSpec, RunFacts};
 use report::{Class, Method, Report, Run, Samples};
 
 /// How the method is described in the report (docs/experiment.md has the full account).
-const METHOD: &str = "randomized balanced blocks per class; Hodges-Lehmann shift with its distribution-free \
-                      (Mann-Whitney) interval; Holm across all comparisons; faster needs the interval to exclude 0 \
-                      and a shift of at least min_effect; equivalent needs the interval inside ±min_effect; \
-                      each analysis at alpha/looks (union bound over the planned looks)";
+const METHOD: &str = "randomized balanced blocks per class; every assigned request counts (a failure ranked \
+                      worst, at max_time); the ratio of the arms' times from the Hodges-Lehmann shift of log \
+                      times with its distribution-free (Mann-Whitney) interval; Holm across all comparisons; \
+                      faster needs the interval at the Holm level beyond 1+min_effect; equivalent needs the \
+                      1-2*alpha interval inside the margin (two one-sided tests) and every guardrail within; \
+                      guardrails: p90 and p99 (order-statistic intervals, tail_margin) and the error rate \
+                      (Newcombe's score interval, error_margin); each analysis at alpha/looks (union bound over \
+                      the planned looks)";
 
 pub fn main(args: ExperimentArgs) -> ExitCode {
     output::run("experiment", experiment(args))
@@ -85,9 +89,12 @@ fn header(options: &Options, classes: &[workload::Class]) -> Header {
         seed: options.seed,
         warmup: options.warmup,
         requests: options.requests,
+        max_time_s: options.max_time.as_secs_f64(),
         method: MethodSpec {
             alpha: options.alpha,
             min_effect: options.min_effect,
+            tail_margin: options.tail_margin,
+            error_margin: options.error_margin,
             until: options.until,
             looks: options.looks,
             srm_threshold: options.srm_threshold,
@@ -283,6 +290,9 @@ fn assemble(
         method: Method {
             alpha: method.alpha,
             min_effect: method.min_effect,
+            tail_margin: method.tail_margin,
+            error_margin: method.error_margin,
+            max_time_s: header.max_time_s,
             until: match method.until {
                 Until::Budget => "budget",
                 Until::Decided => "decided",

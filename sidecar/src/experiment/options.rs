@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 
 pub use super::looks::Until;
-use super::records::MethodSpec;
+use super::records::{MethodSpec, DEFAULT_ERROR_MARGIN, DEFAULT_TAIL_MARGIN};
 
 use crate::args::{
     absolute_path, arm_name, fraction, header_name, http_url, local_url, seconds, service,
@@ -173,7 +173,8 @@ pub struct ExperimentArgs {
     #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u64).range(0..=100_000),
           env = "KVAB_EXPERIMENT_WARMUP", help_heading = "Load")]
     warmup: u64,
-    /// Limit of one request, seconds.
+    /// Limit of one request, seconds; a failed request is ranked at it.
+    // The default is records::DEFAULT_MAX_TIME_S, what a records file without `max_time_s` is read with.
     #[arg(long, value_name = "S", default_value = "60", value_parser = seconds, env = "KVAB_EXPERIMENT_MAX_TIME",
           help_heading = "Load")]
     max_time: Duration,
@@ -196,6 +197,16 @@ pub struct ExperimentArgs {
     #[arg(long, value_name = "R", default_value = "0.05", value_parser = open_fraction,
           env = "KVAB_EXPERIMENT_MIN_EFFECT", help_heading = "Verdict")]
     min_effect: f64,
+    /// The tails' margin: p90 and p99 of the arms are alike when the interval of their ratio lies inside
+    /// ±R (as a ratio: between 1/(1+R) and 1+R); `equivalent` needs both alike.
+    #[arg(long, value_name = "R", default_value_t = DEFAULT_TAIL_MARGIN, value_parser = open_fraction,
+          env = "KVAB_EXPERIMENT_TAIL_MARGIN", help_heading = "Verdict")]
+    tail_margin: f64,
+    /// The error guardrail's margin, in error rate (0.02: 2 percentage points): `equivalent` needs the
+    /// arms' error rates shown within it, `faster` is held back when the faster arm is shown to fail more.
+    #[arg(long, value_name = "D", default_value_t = DEFAULT_ERROR_MARGIN, value_parser = open_fraction,
+          env = "KVAB_EXPERIMENT_ERROR_MARGIN", help_heading = "Verdict")]
+    error_margin: f64,
     /// When to stop: when the budget is spent, or as soon as every primary comparison is decided.
     #[arg(
         long,
@@ -243,6 +254,8 @@ const JUDGE_FLAGS: &[&str] = &[
     "judge_records",
     "alpha",
     "min_effect",
+    "tail_margin",
+    "error_margin",
     "until",
     "looks",
     "srm_threshold",
@@ -290,6 +303,8 @@ pub struct JudgeOptions {
     pub html: Option<PathBuf>,
     pub alpha: Option<f64>,
     pub min_effect: Option<f64>,
+    pub tail_margin: Option<f64>,
+    pub error_margin: Option<f64>,
     pub until: Option<Until>,
     pub looks: Option<u32>,
     pub srm_threshold: Option<f64>,
@@ -310,6 +325,8 @@ impl JudgeOptions {
         MethodSpec {
             alpha: self.alpha.unwrap_or(recorded.alpha),
             min_effect: self.min_effect.unwrap_or(recorded.min_effect),
+            tail_margin: self.tail_margin.unwrap_or(recorded.tail_margin),
+            error_margin: self.error_margin.unwrap_or(recorded.error_margin),
             until,
             looks,
             srm_threshold: self.srm_threshold.unwrap_or(recorded.srm_threshold),
@@ -319,6 +336,7 @@ impl JudgeOptions {
 
 /// The default of `--looks`.
 const DEFAULT_LOOKS: u32 = 10;
+
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Load {
@@ -359,6 +377,8 @@ pub struct Options {
     pub seed: u64,
     pub alpha: f64,
     pub min_effect: f64,
+    pub tail_margin: f64,
+    pub error_margin: f64,
     pub until: Until,
     pub looks: u32,
     pub srm_threshold: f64,
@@ -384,7 +404,8 @@ impl Options {
         if !refused.is_empty() {
             return Err(format!(
                 "--judge-records sends no traffic: {} only apply to a live run (the judgement takes the \
-                 output flags and --alpha, --min-effect, --until, --looks, --srm-threshold)",
+                 output flags and --alpha, --min-effect, --tail-margin, --error-margin, --until, --looks, \
+                 --srm-threshold)",
                 refused.join(", ")
             ));
         }
@@ -395,6 +416,8 @@ impl Options {
             html: args.html.clone(),
             alpha: given("alpha").then_some(args.alpha),
             min_effect: given("min_effect").then_some(args.min_effect),
+            tail_margin: given("tail_margin").then_some(args.tail_margin),
+            error_margin: given("error_margin").then_some(args.error_margin),
             until: given("until").then_some(args.until),
             looks: given("looks").then_some(args.looks),
             srm_threshold: given("srm_threshold").then_some(args.srm_threshold),
@@ -466,6 +489,8 @@ impl Options {
             seed: args.seed.unwrap_or_else(random_seed),
             alpha: args.alpha,
             min_effect: args.min_effect,
+            tail_margin: args.tail_margin,
+            error_margin: args.error_margin,
             until: args.until,
             looks,
             srm_threshold: args.srm_threshold,
@@ -561,6 +586,8 @@ mod tests {
         let recorded = MethodSpec {
             alpha: 0.1,
             min_effect: 0.02,
+            tail_margin: 0.25,
+            error_margin: 0.02,
             until: Until::Decided,
             looks: 5,
             srm_threshold: 0.01,

@@ -20,6 +20,12 @@ use kvab_judge::requests::Design;
 
 /// The format version this kvab writes and reads (`kvab_records`).
 pub const VERSION: u64 = 1;
+
+/// The defaults of `--tail-margin` and `--error-margin`, and of `--max-time` in seconds: also what a
+/// records file written before these were recorded is judged with.
+pub const DEFAULT_TAIL_MARGIN: f64 = 0.25;
+pub const DEFAULT_ERROR_MARGIN: f64 = 0.02;
+pub const DEFAULT_MAX_TIME_S: f64 = 60.0;
 /// Largest records file read: 1 GiB.
 pub const MAX_FILE_BYTES: u64 = 1 << 30;
 /// Longest line read (its end not counted): 4 MiB (a request's inter-token gaps at the largest
@@ -48,6 +54,8 @@ pub enum LoadSpec {
 pub struct MethodSpec {
     pub alpha: f64,
     pub min_effect: f64,
+    pub tail_margin: f64,
+    pub error_margin: f64,
     pub until: Until,
     /// Planned analyses: 1 with `--until budget`.
     pub looks: u32,
@@ -78,6 +86,8 @@ pub struct Header {
     pub seed: u64,
     pub warmup: u64,
     pub requests: u64,
+    /// `--max-time` in seconds: where a failed request is ranked.
+    pub max_time_s: f64,
     pub method: MethodSpec,
     pub run: RunFacts,
 }
@@ -93,6 +103,9 @@ impl Header {
             look_alpha: self.method.alpha / f64::from(self.method.looks),
             min_effect: self.method.min_effect,
             srm_threshold: self.method.srm_threshold,
+            max_time_ms: 1000.0 * self.max_time_s,
+            tail_margin: self.method.tail_margin,
+            error_margin: self.method.error_margin,
         }
     }
 }
@@ -118,10 +131,13 @@ struct HeaderLine<'a> {
     seed: u64,
     warmup: u64,
     requests: u64,
+    max_time_s: f64,
     looks: u32,
     until: &'static str,
     alpha: f64,
     min_effect: f64,
+    tail_margin: f64,
+    error_margin: f64,
     srm_threshold: f64,
     run: &'a RunFacts,
 }
@@ -168,10 +184,13 @@ pub fn write_to(
         seed: header.seed,
         warmup: header.warmup,
         requests: header.requests,
+        max_time_s: header.max_time_s,
         looks: header.method.looks,
         until: until_word(header.method.until),
         alpha: header.method.alpha,
         min_effect: header.method.min_effect,
+        tail_margin: header.method.tail_margin,
+        error_margin: header.method.error_margin,
         srm_threshold: header.method.srm_threshold,
         run: &header.run,
     };
@@ -458,6 +477,24 @@ fn read_header(fields: &mut Fields) -> Result<Header, String> {
     };
     let alpha = open_fraction(fields, "alpha")?;
     let min_effect = open_fraction(fields, "min_effect")?;
+    // Written since the guardrails came; a file from before has the defaults of the flags it ran with.
+    let max_time_s = match fields.object.contains_key("max_time_s") {
+        true => fields.take::<f64>("max_time_s")?,
+        false => DEFAULT_MAX_TIME_S,
+    };
+    check(
+        max_time_s > 0.0 && max_time_s <= 86_400.0,
+        "max_time_s",
+        "must be more than 0 and at most 86400",
+    )?;
+    let tail_margin = match fields.object.contains_key("tail_margin") {
+        true => open_fraction(fields, "tail_margin")?,
+        false => DEFAULT_TAIL_MARGIN,
+    };
+    let error_margin = match fields.object.contains_key("error_margin") {
+        true => open_fraction(fields, "error_margin")?,
+        false => DEFAULT_ERROR_MARGIN,
+    };
     let srm_threshold = open_fraction(fields, "srm_threshold")?;
     let run: RunFacts = fields.take("run")?;
     check(
@@ -480,9 +517,12 @@ fn read_header(fields: &mut Fields) -> Result<Header, String> {
         seed,
         warmup,
         requests,
+        max_time_s,
         method: MethodSpec {
             alpha,
             min_effect,
+            tail_margin,
+            error_margin,
             until,
             looks: if until == Until::Budget { 1 } else { looks },
             srm_threshold,
