@@ -6,13 +6,16 @@ use kvab_judge::Decision;
 use rand::rngs::ChaCha8Rng;
 use rand::SeedableRng;
 
-use crate::sim::{simulate, Arm, Drift, World};
+use crate::sim::{simulate, Arm, Drift, World, MAX_TIME_MS};
 
 pub const ALPHA: f64 = 0.05;
 pub const ARMS: [&str; 2] = ["a", "b"];
 /// A margin of about zero: the test alone guards against a false `faster` (the hardest case for it).
 pub const NO_MARGIN: f64 = 1e-9;
 pub const MARGIN: f64 = 0.05;
+/// `kvab experiment`'s default `--tail-margin` and `--error-margin`.
+pub const TAIL_MARGIN: f64 = 0.25;
+pub const ERROR_MARGIN: f64 = 0.02;
 
 /// What a scenario counts as a false claim in the analysis an experiment ends with.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -98,14 +101,15 @@ pub fn design(scenario: &Scenario) -> Design {
         look_alpha: ALPHA / f64::from(scenario.looks),
         min_effect: scenario.min_effect,
         srm_threshold: 0.001,
+        max_time_ms: MAX_TIME_MS,
+        tail_margin: TAIL_MARGIN,
+        error_margin: ERROR_MARGIN,
     }
 }
 
 /// The ratio interval of the first primary comparison (class `c0`).
 fn ratio_interval(analysis: &Analysis) -> Option<[f64; 2]> {
-    let c = analysis.comparisons.iter().find(|c| c.primary)?;
-    // Today's judge: the relative interval (shift ÷ the first arm's median) + 1.
-    c.relative_ci.map(|[lo, hi]| [1.0 + lo, 1.0 + hi])
+    analysis.comparisons.iter().find(|c| c.primary)?.ratio_ci
 }
 
 /// One experiment: analysed at each look point, stopped at the first decided look (the last otherwise);
@@ -221,7 +225,7 @@ fn plain(requests: usize) -> World {
 
 const DRIFT: Drift = Drift { phi: 0.99, sd: 0.3 };
 
-/// Every scenario of the suite; `scale` multiplies the request counts (1.0 for the suite).
+/// Every scenario of the suite.
 pub fn scenarios() -> Vec<Scenario> {
     let stalls = Arm {
         stall: 0.10,
@@ -280,6 +284,20 @@ pub fn scenarios() -> Vec<Scenario> {
             None,
         );
     }
+    // Enough requests for the tails' intervals to fit their margin: the equivalence test itself decides.
+    let world = World {
+        arms: [Arm::PLAIN, Arm::scaled(1.0 + MARGIN)],
+        ..plain(10_000)
+    };
+    add(
+        "b ×1.05 (at the margin), 10,000 requests",
+        world,
+        MARGIN,
+        1,
+        vec![Equivalent, FasterFor(1)],
+        Some(1.0 + MARGIN),
+        None,
+    );
     for looks in [1, 10] {
         let world = World {
             arms: [Arm::PLAIN, Arm::scaled(1.10)],
@@ -405,5 +423,20 @@ pub fn scenarios() -> Vec<Scenario> {
             None,
         );
     }
+    let world = World {
+        stream: true,
+        classes: 3,
+        arms: [Arm::PLAIN, Arm::scaled(1.10)],
+        ..plain(3000)
+    };
+    add(
+        "stream, 3 classes × 4 metrics, b ×1.10",
+        world,
+        MARGIN,
+        1,
+        vec![Equivalent, FasterFor(1)],
+        Some(1.10),
+        Some(Right::Faster(0)),
+    );
     out
 }
