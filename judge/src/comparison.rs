@@ -101,7 +101,8 @@ pub struct Comparison {
     pub faster: Option<String>,
     /// For an inconclusive comparison of samples: an estimate of the further measured requests (both
     /// arms) the interval needs to decide; `null` when no estimate can be made (always for histograms,
-    /// whose interval cannot shrink below the buckets' width).
+    /// whose interval cannot shrink below the buckets' width), or when a guardrail held the decision
+    /// back (`blocked`: a narrower interval of the ratio would not clear it).
     pub more_requests: Option<u64>,
     /// Histograms only: the most buckets an arm's histogram has.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -235,13 +236,13 @@ impl Comparison {
         }
     }
 
-    /// `nvlink faster`, `equivalent`, `inconclusive (~N more requests)`, `inconclusive (held back by a
-    /// guardrail)`.
+    /// `nvlink faster`, `equivalent`, `inconclusive (~N more requests)`, `inconclusive (guardrail)` (held
+    /// back by a guardrail: `blocked` says which).
     pub fn decision_text(&self) -> String {
         match (self.decision, &self.faster) {
             (Decision::Faster, Some(arm)) => format!("{arm} faster"),
             (Decision::Equivalent, _) => "equivalent".into(),
-            _ if !self.blocked.is_empty() => "inconclusive (held back by a guardrail)".into(),
+            _ if !self.blocked.is_empty() => "inconclusive (guardrail)".into(),
             _ => match self.more_requests {
                 Some(more) => format!("inconclusive (~{more} more requests)"),
                 None => "inconclusive".into(),
@@ -373,14 +374,16 @@ pub struct InFamily {
 /// Two arms' samples of one metric and class, compared: percentiles, the Hodges–Lehmann shift with its
 /// distribution-free interval at the Holm level, the same on log times for the ratio (and its
 /// equivalence interval), the tails, and the decision. `failures`: how many of each arm's values are
-/// failed requests (already in the samples, ranked worst); `errors`: the class's error guardrail.
+/// failed requests, ranked worst: the last ones of its slice. The tails are of the answered requests
+/// (the values before them): failures are the error guardrail's, and a tail of failures ranked at
+/// `--max-time` would say nothing of the arm's times. `errors`: the class's error guardrail.
 #[allow(clippy::too_many_arguments)]
-pub fn of_samples(
+pub fn of_samples<'a>(
     metric: &'static str,
     class: Option<String>,
     primary: bool,
     arms: &[String],
-    [first, second]: [&[f64]; 2],
+    [first, second]: [&'a [f64]; 2],
     failures: Option<[u64; 2]>,
     family: InFamily,
     rule: Rule,
@@ -402,26 +405,46 @@ pub fn of_samples(
     c.failures = failures.map(|f| arms.iter().cloned().zip(f).collect());
     c.shift_ms = hodges_lehmann(first, second);
     c.ci_ms = shift_interval(first, second, family.level).map(|(lo, hi)| [lo, hi]);
-    let log = |v: &[f64]| -> Vec<f64> { v.iter().map(|x| x.max(LOG_FLOOR_MS).ln()).collect() };
-    let (log_first, log_second) = (log(first), log(second));
+    let (log_first, log_second) = (log_times(first), log_times(second));
     let exp = |(lo, hi): (f64, f64)| [lo.exp(), hi.exp()];
     c.ratio = hodges_lehmann(&log_first, &log_second).map(f64::exp);
     c.ratio_ci = shift_interval(&log_first, &log_second, family.level).map(exp);
     c.equivalence_ci = shift_interval(&log_first, &log_second, 2.0 * rule.tost_level).map(exp);
+    let [failed_first, failed_second] = failures.unwrap_or([0, 0]);
+    let answered = |v: &'a [f64], failed: u64| {
+        let n = v
+            .len()
+            .saturating_sub(usize::try_from(failed).unwrap_or(usize::MAX));
+        v.get(..n).unwrap_or(v)
+    };
+    let answered = [
+        answered(first, failed_first),
+        answered(second, failed_second),
+    ];
     c.tails = TAILS
         .iter()
-        .map(|&q| {
-            guardrail::of_samples(q, arms, [first, second], rule.tost_level, rule.tail_margin)
-        })
+        .map(|&q| guardrail::of_samples(q, arms, answered, rule.tost_level, rule.tail_margin))
         .collect();
     c.p = family.p;
     c.p_adjusted = family.p.map(|_| family.p_adjusted);
     c.decide(arms, rule, errors);
-    if c.decision == Decision::Inconclusive {
+    // A guardrail that holds the decision back is not cleared by a narrower interval of the ratio.
+    if c.decision == Decision::Inconclusive && c.blocked.is_empty() {
         let n = (first.len() + second.len()) as u64;
         c.more_requests = more_requests(&c, rule.min_effect, n);
     }
     c
+}
+
+/// Times on the log scale (at least `LOG_FLOOR_MS`).
+fn log_times(times: &[f64]) -> Vec<f64> {
+    times.iter().map(|x| x.max(LOG_FLOOR_MS).ln()).collect()
+}
+
+/// The ratio of two arms' times as comparisons estimate it: the second arm's over the first's, the
+/// exponential of the Hodges–Lehmann shift of log times. `None` when an arm has no time.
+pub fn ratio_of_samples(first: &[f64], second: &[f64]) -> Option<f64> {
+    hodges_lehmann(&log_times(first), &log_times(second)).map(f64::exp)
 }
 
 /// Two arms' histograms of one metric, compared: Prometheus's quantile estimates with the median's

@@ -157,9 +157,9 @@ fn value(outcome: &Outcome, metric: Metric) -> Option<f64> {
     }
 }
 
-/// The values of a metric for (class, arm): requests answered by their own arm without error, and for
-/// the times to an answer (TTFT, end-to-end) every failed request at `max_time_ms`; with how many
-/// failed.
+/// The values of a metric for (class, arm): requests answered by their own arm without error, then, for
+/// the times to an answer (TTFT, end-to-end), every failed request at `max_time_ms`; with how many
+/// failed (the last values).
 fn values(
     outcomes: &[Outcome],
     class: usize,
@@ -167,23 +167,23 @@ fn values(
     metric: Metric,
     max_time_ms: f64,
 ) -> (Vec<f64>, u64) {
-    let intention_to_treat = matches!(metric, Metric::Ttft | Metric::E2e);
-    let mut failures = 0;
-    let values = outcomes
-        .iter()
-        .filter(|o| o.class == class && o.assigned == arm)
-        .filter_map(|o| {
-            if o.counts() {
-                value(o, metric).filter(|v| v.is_finite())
-            } else if intention_to_treat && o.failed() {
-                failures += 1;
-                Some(max_time_ms)
-            } else {
-                None
-            }
-        })
+    let mine = || {
+        outcomes
+            .iter()
+            .filter(move |o| o.class == class && o.assigned == arm)
+    };
+    let mut values: Vec<f64> = mine()
+        .filter(|o| o.counts())
+        .filter_map(|o| value(o, metric))
+        .filter(|v| v.is_finite())
         .collect();
-    (values, failures)
+    let failures = if matches!(metric, Metric::Ttft | Metric::E2e) {
+        mine().filter(|o| o.failed()).count()
+    } else {
+        0
+    };
+    values.extend(std::iter::repeat_n(max_time_ms, failures));
+    (values, failures as u64)
 }
 
 pub fn analyze(design: &Design, outcomes: &[Outcome]) -> Analysis {
@@ -525,6 +525,14 @@ mod tests {
         let guard = &analysis.errors[0].guardrail;
         assert_eq!(guard.worse.as_deref(), Some("fs"));
         assert!(c.reason().contains("fs fails more"), "{}", c.reason());
+        // The tails are of the answered requests: failures are the error guardrail's, not a tail.
+        assert!(
+            c.tails
+                .iter()
+                .all(|t| t.status == guardrail::Status::Within),
+            "{:?}",
+            c.tails
+        );
         // The failed answers carry fs's tag: they reached it, the sample ratio holds.
         assert!(analysis.assignment.srm_ok);
 

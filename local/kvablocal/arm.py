@@ -13,6 +13,13 @@ API the runbook uses.
   stream at an inter-token latency with jitter and a heavy-ish tail. With the defaults the arms are
   alike at short prompts (128 tokens: ~2 % apart) and differ at long ones (8192 tokens: ~30 %), so an
   A/B experiment has something real to find, and only where the KV transfer matters.
+- Faults, as a troubled backend behind the gateway shows them: `fail_fraction` of the completions are
+  answered `503` at once (vLLM's error JSON, `x-served-by` as every answer, so the gateway tags it with
+  the arm like any other response), and `stall_fraction` of the others have their time to first token
+  (the whole modelled delay above) multiplied by `stall_factor` (a slow filesystem, a congested link).
+  Which requests fail or stall is drawn from the arm's own generator, seeded by `seed` and the arm's
+  name: two draws per completion in the order they arrive, so the same seed and the same number of
+  requests give the same failures and stalls (`failed` and `stalled` count them).
 - Prompt tokens are counted as whitespace-separated words (the prompt, or every message's text), and
   reported in `usage`; a streamed request with `stream_options.include_usage` gets vLLM's last chunk
   (`"choices": []` and `usage`) before `data: [DONE]`.
@@ -154,13 +161,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(status, f"inference error: {code} - dropped by flow control".encode(), "text/plain",
                        extra=[("x-llm-d-request-dropped-reason", reason)])
             return
+        fail, stall = self.server.draw_faults()
+        if fail:
+            self._json(503, {"object": "error", "message": "the KV-cache transfer failed", "type": "ServiceUnavailableError",
+                             "param": None, "code": 503})
+            return
         chat = self.path == "/v1/chat/completions"
         tokens = max(1, min(int(body.get("max_tokens") or 16), MAX_ANSWER_TOKENS))
         prompt = prompt_tokens(body)
         started = time.monotonic()
         with self.server.running():
-            # Prefill, then the KV-cache transfer to the decode pod.
-            time.sleep(self.server.first_token_delay(prompt))
+            # Prefill, then the KV-cache transfer to the decode pod (a stall multiplies both).
+            time.sleep(self.server.first_token_delay(prompt) * (self.server.stall_factor if stall else 1.0))
             ttft = time.monotonic() - started
             words = [random.choice(WORDS) for _ in range(tokens)]
             gaps = [self.server.model_timing.gap() for _ in range(tokens - 1)]
@@ -248,7 +260,13 @@ class ArmServer(ThreadingHTTPServer):
 
     def __init__(self, name: str, port: int = 0, prefill: str = None, decode: str = None, delay: float = 0.0,
                  jitter: float = 0.0, metrics_status: int = 200, model: str = MODEL, bandwidth: float = None,
-                 pd_model: dict = None, drop: tuple = None):
+                 pd_model: dict = None, drop: tuple = None, fail_fraction: float = 0.0, stall_fraction: float = 0.0,
+                 stall_factor: float = 1.0, seed: int = 0):
+        for knob, value in (("fail_fraction", fail_fraction), ("stall_fraction", stall_fraction)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{knob} is a fraction in [0, 1], not {value}")
+        if stall_factor < 0:
+            raise ValueError(f"stall_factor is a factor of 0 or more, not {stall_factor}")
         super().__init__(("127.0.0.1", port), _Handler)
         self.arm_name = name
         # (status, reason): every completion is answered as llm-d-router's EPP answers a request its flow
@@ -263,6 +281,13 @@ class ArmServer(ThreadingHTTPServer):
         self.model_timing = PdModel(bandwidth or BANDWIDTH.get(name, DEFAULT_BANDWIDTH), **(pd_model or {}))
         self.metrics_status = metrics_status
         self.model = model
+        self.fail_fraction = fail_fraction
+        self.stall_fraction = stall_fraction
+        self.stall_factor = stall_factor
+        # A string seed is hashed with SHA-512 by `random`, the same in every process and Python version.
+        self._faults = random.Random(f"{name}:{seed}")
+        self.failed = 0
+        self.stalled = 0
         self._lock = threading.Lock()
         self.requests = 0
         self.active = 0
@@ -283,6 +308,15 @@ class ArmServer(ThreadingHTTPServer):
     def count_request(self, method, path):
         with self._lock:
             self.requests += 1
+
+    def draw_faults(self) -> tuple:
+        """(fail, stall) of the next completion: two draws of the arm's seeded generator, always both."""
+        with self._lock:
+            fail = self._faults.random() < self.fail_fraction
+            stall = self._faults.random() < self.stall_fraction and not fail
+            self.failed += fail
+            self.stalled += stall
+        return fail, stall
 
     def running(self):
         """Context manager counting a request as running (the active-request-scorer's input)."""
@@ -372,10 +406,16 @@ def main():
     ap.add_argument("--bandwidth-gbps", type=float, default=None,
                     help="KV-transfer bandwidth, GB/s (default: 200 for nvlink, 20 for fs)")
     ap.add_argument("--metrics-status", type=int, default=200)
+    ap.add_argument("--fail-fraction", type=float, default=0.0, help="fraction of completions answered 503")
+    ap.add_argument("--stall-fraction", type=float, default=0.0,
+                    help="fraction of completions whose time to first token is multiplied by --stall-factor")
+    ap.add_argument("--stall-factor", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of which completions fail or stall")
     args = ap.parse_args()
     bandwidth = args.bandwidth_gbps * 1e9 if args.bandwidth_gbps else None
     server = ArmServer(args.name, args.port, delay=args.delay_ms / 1000, metrics_status=args.metrics_status,
-                       bandwidth=bandwidth)
+                       bandwidth=bandwidth, fail_fraction=args.fail_fraction, stall_fraction=args.stall_fraction,
+                       stall_factor=args.stall_factor, seed=args.seed)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -2,8 +2,9 @@
 
 `make demo`: starts the stack on the public ports (gateway 127.0.0.1:18080, the runbook's
 port-forward port; kvab serve 18090; Envoy admin 18001; arms 18101/18102), runs `kvab check` in
-local mode and then a short `kvab experiment` (prompts of 128 and 8192 tokens; its HTML report goes
-to local/experiment-report.html), prints both reports, stops everything it started and exits with
+local mode and then a `kvab experiment` (prompts of 128 and 8192 tokens, 400 requests per arm and
+class: enough to bound a p99, which the tails guardrail needs; its HTML report goes to
+local/experiment-report.html), prints both reports, stops everything it started and exits with
 the check's code, or the experiment's when it could not run or was invalid.
 
 `make demo-up` (`--up`): starts the same stack and a Prometheus scraping it (with the kvab alert
@@ -14,6 +15,9 @@ The arms follow the P/D model of `kvablocal.arm`: the FS arm moves the KV cache 
 KVAB_FS_BANDWIDTH_GBPS (default 20 GB/s), the NVLink arm at KVAB_NVLINK_BANDWIDTH_GBPS (default 200),
 so they are alike at short prompts and apart at long ones: the experiment should find that.
 KVAB_NVLINK_DELAY_MS and KVAB_FS_DELAY_MS (default 0) add a fixed time before each arm's first token.
+KVAB_<ARM>_FAIL_FRACTION (default 0) answers that fraction of the arm's completions 503;
+KVAB_<ARM>_STALL_FRACTION (default 0) multiplies that fraction's time to first token by
+KVAB_<ARM>_STALL_FACTOR (default 6); KVAB_ARM_SEED (default 0) seeds which ones (ARM: NVLINK or FS).
 """
 
 import argparse
@@ -35,6 +39,11 @@ def env_float(name: str, default: float) -> float:
     return float(os.environ.get(name, default))
 
 
+def per_arm(knob: str, default: float) -> dict:
+    """{arm: KVAB_<ARM>_<knob>} of both arms."""
+    return {arm: env_float(f"KVAB_{arm.upper()}_{knob}", default) for arm in ("nvlink", "fs")}
+
+
 def start() -> Stack:
     stack = Stack(
         ports=public_ports(),
@@ -42,6 +51,10 @@ def start() -> Stack:
         fs_delay=env_float("KVAB_FS_DELAY_MS", 0) / 1000,
         nvlink_bandwidth=env_float("KVAB_NVLINK_BANDWIDTH_GBPS", 200) * 1e9,
         fs_bandwidth=env_float("KVAB_FS_BANDWIDTH_GBPS", 20) * 1e9,
+        fail_fraction=per_arm("FAIL_FRACTION", 0),
+        stall_fraction=per_arm("STALL_FRACTION", 0),
+        stall_factor=per_arm("STALL_FACTOR", 6),
+        seed=int(os.environ.get("KVAB_ARM_SEED", 0)),
     )
     return stack.start()
 
@@ -68,7 +81,7 @@ def demo() -> int:
         # stderr is inherited, so the burst's progress bar shows on a terminal.
         checked = subprocess.run([kvab_binary(), *command[1:]], stdout=sys.stdout, stderr=sys.stderr, timeout=300).returncode
         command = ["kvab", "experiment", "--gateway-url", stack.urls()["gateway"], "--prompt-tokens", "128,8192",
-                   "--requests", "240", "--warmup", "8", "--max-tokens", "8", "--html", str(REPORT)]
+                   "--requests", "1600", "--warmup", "8", "--max-tokens", "8", "--html", str(REPORT)]
         print(f"\n$ {' '.join(command)}\n", flush=True)
         judged = subprocess.run([kvab_binary(), *command[1:]], stdout=sys.stdout, stderr=sys.stderr, timeout=300).returncode
         print(f"\nHTML report: {REPORT}")

@@ -50,24 +50,35 @@ class Stack:
     configuration, e.g. a split; the sidecar link is added unless `link_sidecar` is False), `link_sidecar`
     (False: the filter runs without the sidecar, so no counters move), `sidecar_config`/`sidecar_env`
     (e.g. a Kubernetes-sourced sidecar instead of the static one), `drop` ({arm: (status, reason)}: that
-    arm answers every completion as the EPP answers a request its flow control dropped).
+    arm answers every completion as the EPP answers a request its flow control dropped), `fail_fraction`
+    ({arm: fraction}: that fraction of the arm's completions are answered 503), `stall_fraction` and
+    `stall_factor` ({arm: fraction}, {arm: factor}: that fraction of the arm's completions have their time
+    to first token multiplied by the factor), `seed` (of which completions fail or stall; each arm draws
+    from its own generator, seeded by `seed` and its name).
     """
 
     def __init__(self, ports=None, nvlink_delay=0.010, fs_delay=0.050, jitter=0.003, metrics_status=None,
                  swap_routes=False, routes=None, link_sidecar=True, sidecar_config=None, sidecar_env=None, workdir=None,
-                 nvlink_bandwidth=None, fs_bandwidth=None, pd_model=None, filter_config=None, drop=None):
+                 nvlink_bandwidth=None, fs_bandwidth=None, pd_model=None, filter_config=None, drop=None,
+                 fail_fraction=None, stall_fraction=None, stall_factor=None, seed=0):
         ports = ports or {}
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kvab-stack-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         metrics_status = metrics_status or {}
         drop = drop or {}
+        fail_fraction, stall_fraction, stall_factor = fail_fraction or {}, stall_fraction or {}, stall_factor or {}
+
+        def faults(arm: str) -> dict:
+            return {"fail_fraction": fail_fraction.get(arm, 0.0), "stall_fraction": stall_fraction.get(arm, 0.0),
+                    "stall_factor": stall_factor.get(arm, 1.0), "seed": seed}
+
         self.arms = {
             "nvlink": ArmServer("nvlink", ports.get("nvlink", 0), delay=nvlink_delay, jitter=jitter,
                                 metrics_status=metrics_status.get("nvlink", 200), bandwidth=nvlink_bandwidth,
-                                pd_model=pd_model, drop=drop.get("nvlink")),
+                                pd_model=pd_model, drop=drop.get("nvlink"), **faults("nvlink")),
             "fs": ArmServer("fs", ports.get("fs", 0), delay=fs_delay, jitter=jitter,
                             metrics_status=metrics_status.get("fs", 200), bandwidth=fs_bandwidth, pd_model=pd_model,
-                            drop=drop.get("fs")),
+                            drop=drop.get("fs"), **faults("fs")),
         }
         endpoints = [(arm, f"127.0.0.1:{server.port}", PODS[arm]) for arm, server in self.arms.items()]
         self.sidecar = Sidecar(

@@ -107,7 +107,7 @@ impl Report {
         let (first, second) = (&self.arms[0], &self.arms[1]);
         let _ = writeln!(
             out,
-            "{:<22} {:>9} {:>9} {:>12} {:>12} {:>8} {:>18} {:>9}  {:<40} tails",
+            "{:<22} {:>9} {:>9} {:>12} {:>12} {:>8} {:>18} {:>9}  {:<36} tails",
             "metric",
             format!("n {first}"),
             format!("n {second}"),
@@ -128,7 +128,7 @@ impl Report {
             );
             let _ = writeln!(
                 out,
-                "{:<22} {:>9} {:>9} {:>12} {:>12} {:>8} {:>18} {:>9}  {:<40} {}",
+                "{:<22} {:>9} {:>9} {:>12} {:>12} {:>8} {:>18} {:>9}  {:<36} {}",
                 c.metric,
                 n(first),
                 n(second),

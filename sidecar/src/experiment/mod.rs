@@ -350,20 +350,20 @@ fn verdict(design: &Design, analysis: &Analysis) -> (Verdict, Vec<String>) {
             .invalid
             .push("no request was answered by its assigned arm without error".into());
     } else if !a.srm_ok {
-        // Requests without response headers have no arm: when there are any, the mismatch may be theirs.
+        // An answer without a known arm's tag did not reach its arm as far as kvab can tell: when there are
+        // any, the mismatch may be theirs.
         let untagged = if a.untagged > 0 {
             format!(
-                "; {} request(s) without a tagged answer (no response headers, or no known arm in the tag) \
-                 are not among the answers",
+                "; {} request(s) without a tagged answer (no response headers, or no known arm in the tag)",
                 a.untagged
             )
         } else {
             String::new()
         };
         findings.invalid.push(format!(
-            "sample-ratio mismatch: answered {} against planned {} (p={}): the routing does not follow the \
+            "sample-ratio mismatch: reached {} of planned {} (p={}): the routing does not follow the \
              assignment{untagged}",
-            per_arm(&a.answered),
+            per_arm(&a.reached),
             per_arm(&a.planned),
             a.srm_p.map_or("-".into(), format_p)
         ));
@@ -392,7 +392,8 @@ fn verdict(design: &Design, analysis: &Analysis) -> (Verdict, Vec<String>) {
 }
 
 /// The progress line on stderr: answers per arm, rate, and the current estimate of each primary
-/// comparison (the relative Hodges–Lehmann shift, from running samples; the decisions are the looks').
+/// comparison (the ratio of the arms' times as comparisons estimate it, failures ranked at --max-time,
+/// from running samples; the decisions are the looks').
 struct Progress {
     enabled: bool,
     terminal: bool,
@@ -439,9 +440,12 @@ impl Progress {
         } else {
             Some(outcome.e2e_ms)
         };
-        if let (true, Some(value), Some(by_arm)) =
-            (outcome.counts(), value, self.primary.get_mut(outcome.class))
-        {
+        let value = if outcome.counts() {
+            value
+        } else {
+            outcome.failed().then_some(design.max_time_ms)
+        };
+        if let (Some(value), Some(by_arm)) = (value, self.primary.get_mut(outcome.class)) {
             if let Some(values) = by_arm.get_mut(outcome.assigned) {
                 values.push(value);
             }
@@ -465,13 +469,15 @@ impl Progress {
                 .iter()
                 .zip(&self.primary)
                 .filter_map(|(class, [first, second])| {
-                    let shift = kvab_judge::stats::hodges_lehmann(first, second)?;
-                    let base = kvab_judge::stats::percentile(first, 50.0).filter(|b| *b > 0.0)?;
-                    Some(format!("{class} {:+.1}%", 100.0 * shift / base))
+                    let ratio = kvab_judge::comparison::ratio_of_samples(first, second)?;
+                    Some(format!("{class} ×{ratio:.3}"))
                 })
                 .collect();
             if !estimates.is_empty() {
-                self.estimate = format!("; shift {}", estimates.join(", "));
+                // The second arm's time over the first's.
+                let arms: Vec<&str> = self.arms.iter().rev().map(String::as_str).collect();
+                let arms = arms.join("/");
+                self.estimate = format!("; ratio {arms} {}", estimates.join(", "));
             }
         }
         let elapsed = self.started.elapsed().as_secs_f64();

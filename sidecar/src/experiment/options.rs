@@ -337,7 +337,6 @@ impl JudgeOptions {
 /// The default of `--looks`.
 const DEFAULT_LOOKS: u32 = 10;
 
-
 #[derive(Debug, Clone, PartialEq)]
 pub enum Load {
     Closed { concurrency: u32 },
