@@ -95,7 +95,7 @@ unit:
 # (i.i.d., stalls, a failing arm, tail-only differences, shared-load drift, the metric × class family,
 # 1 and 10 looks); prints the table of false-claim rates with their Clopper–Pearson upper bounds, the
 # ratio interval's coverage and the power, and fails when a bound exceeds alpha + 0.01. Release build,
-# both cores, about 10 minutes. CALIBRATION_TRIALS (default 5000) experiments per scenario;
+# both cores, 11 to 17 minutes. CALIBRATION_TRIALS (default 5000) experiments per scenario;
 # CALIBRATION_ONLY keeps the scenarios whose name contains it. A fast subset runs in `make unit`.
 CALIBRATION_TRIALS ?= 5000
 CALIBRATION_ONLY ?=
