@@ -51,7 +51,7 @@ pub fn levels(alpha: f64, fractions: &[f64]) -> Vec<f64> {
     for &t in fractions {
         let t = t.clamp(f64::MIN_POSITIVE, 1.0);
         let target = (spent(alpha, t) - previous_spent).max(0.0);
-        if !(t > previous_t) || target <= 0.0 {
+        if t <= previous_t || target <= 0.0 {
             out.push(0.0);
             continue;
         }
