@@ -83,7 +83,8 @@ def test_until_decided_stops_early_and_bad_input_is_one_line(stack, tmp_path):
                               "--looks", "5")
     assert report["verdict"] == "decided" and code == 0, report["reasons"]
     assert report["run"]["stopped_by"] == "decided" and report["method"]["looks_made"] < 5
-    assert report["method"]["look_alpha"] == pytest.approx(0.01)
+    # The deciding look's share of α (O'Brien-Fleming-type spending): below α, more than nothing.
+    assert 0 < report["method"]["look_alpha"] < 0.05, report["method"]
     assert primary(report)["8192"]["faster"] == "nvlink"
 
     # A time budget stops the run (those in flight finish), and what was answered is analysed.

@@ -17,6 +17,7 @@ pub mod comparison;
 pub mod guardrail;
 pub mod report;
 pub mod requests;
+pub mod sequential;
 pub mod stats;
 pub mod verdict;
 

@@ -6,8 +6,8 @@
 //! per-token metrics (ITL, TPOT) are of answered requests. Per class and metric: the Mann-Whitney
 //! p-value, Holm's correction across every comparison, and each comparison made and decided by
 //! `comparison::of_samples` (the one rule, `crate::comparison`) with the class's error guardrail. Each
-//! analysis runs at `look_alpha` = alpha / looks (the union bound over the planned looks keeps the
-//! family-wise error at alpha for any stopping rule that stops at a look). Also the assignment check and
+//! analysis runs at `look_alpha`: alpha for one analysis, its look's share of alpha when the run looks
+//! several times (`crate::sequential`). Also the assignment check and
 //! the error rates per class, which the tool turns into findings for the verdict (`crate::verdict`).
 
 use std::collections::BTreeMap;
@@ -104,6 +104,7 @@ pub struct Design {
     /// Nominal prompt size per class, when synthetic.
     pub prompt_tokens: Vec<Option<u32>>,
     pub stream: bool,
+    /// The level of this analysis: alpha, or its look's share of it (`crate::sequential`).
     pub look_alpha: f64,
     pub min_effect: f64,
     pub srm_threshold: f64,

@@ -91,7 +91,8 @@ pub struct Method {
     pub looks: u32,
     /// The analyses made before stopping.
     pub looks_made: u32,
-    /// The family-wise level of each analysis: `alpha / looks`.
+    /// The family-wise level of the analysis reported (its look's share of `alpha`:
+    /// `crate::sequential`; `alpha` with one analysis).
     pub look_alpha: f64,
     pub srm_threshold: f64,
     pub description: &'static str,

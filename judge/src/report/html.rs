@@ -109,7 +109,7 @@ fn run_facts(out: &mut String, report: &Report) {
             run.seed
         ),
         format!(
-            "α = {}, min effect {:.1} %, until {}: {} of {} look(s), each at α = {:.4}",
+            "α = {}, min effect {:.1} %, until {}: {} of {} look(s), the last at α = {:.4}",
             m.alpha,
             100.0 * m.min_effect,
             m.until,

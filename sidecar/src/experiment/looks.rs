@@ -10,6 +10,7 @@
 use super::measure::Outcome;
 pub use kvab_judge::requests::look_points;
 use kvab_judge::requests::{self as analysis, Analysis, Design};
+use kvab_judge::sequential;
 
 /// When the looks stop (`--until`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -41,6 +42,8 @@ pub struct Ended {
     pub analyzed: Vec<Outcome>,
     /// The analyses made (the final analysis counts as a look when the run ended before its last one).
     pub looks_made: u32,
+    /// The level the analysis was made at (`kvab_judge::sequential`: α spent up to its look).
+    pub level: f64,
     pub end: End,
 }
 
@@ -48,9 +51,13 @@ pub struct Ended {
 #[derive(Debug, Clone)]
 pub struct Looks {
     design: Design,
+    /// The experiment's α, spent over the looks.
+    alpha: f64,
     total: usize,
     until: Until,
     points: Vec<u64>,
+    /// The level of the look at each point.
+    levels: Vec<f64>,
     /// Outcomes by measured number; they grow with the answers (a large --requests reserves nothing).
     slots: Vec<Option<Outcome>>,
     complete_prefix: usize,
@@ -61,14 +68,18 @@ pub struct Looks {
 }
 
 impl Looks {
-    /// `looks` is the planned number of analyses of `--until decided` (ignored with `--until budget`).
+    /// `looks` is the planned number of analyses of `--until decided` (ignored with `--until budget`);
+    /// `design.look_alpha` is the experiment's α, which the looks spend (`kvab_judge::sequential`).
     pub fn new(design: Design, requests: u64, until: Until, looks: u32) -> Self {
         let points = match until {
             Until::Decided => look_points(requests, looks),
             Until::Budget => Vec::new(),
         };
+        let alpha = design.look_alpha;
         Looks {
+            levels: sequential::look_levels(alpha, requests, &points),
             design,
+            alpha,
             total: usize::try_from(requests).unwrap_or(usize::MAX),
             until,
             points,
@@ -128,6 +139,7 @@ impl Looks {
             if (self.complete_prefix as u64) < point {
                 break;
             }
+            self.design.look_alpha = self.levels.get(self.next_point).copied().unwrap_or(0.0);
             self.next_point += 1;
             self.looks_made += 1;
             let prefix: Vec<Outcome> = self.slots[..point as usize]
@@ -145,6 +157,23 @@ impl Looks {
         false
     }
 
+    /// The level of a final analysis of `n` outcomes that no look decided: α with one analysis; the last
+    /// look's when every look was made (the final analysis is that look's); otherwise a look at `n`
+    /// spending what is left at its fraction.
+    fn final_level(&self, n: usize) -> f64 {
+        if self.until == Until::Budget {
+            return self.alpha;
+        }
+        let made = self.points.get(..self.next_point).unwrap_or(&[]);
+        if made.len() == self.points.len() {
+            return self.levels.last().copied().unwrap_or(self.alpha);
+        }
+        let mut points = made.to_vec();
+        points.push(n as u64);
+        let levels = sequential::look_levels(self.alpha, self.total as u64, &points);
+        levels.last().copied().unwrap_or(0.0)
+    }
+
     /// The analysis of the run: the deciding look's, or a final one of every outcome received.
     pub fn finish(&self) -> Ended {
         match &self.decided {
@@ -156,6 +185,7 @@ impl Looks {
                     .cloned()
                     .collect(),
                 looks_made: self.looks_made.max(1),
+                level: self.design.look_alpha,
                 end: End::Decided,
             },
             None => {
@@ -169,10 +199,15 @@ impl Looks {
                 } else {
                     End::Short
                 };
+                let design = Design {
+                    look_alpha: self.final_level(outcomes.len()),
+                    ..self.design.clone()
+                };
                 Ended {
-                    analysis: analysis::analyze(&self.design, &outcomes),
+                    analysis: analysis::analyze(&design, &outcomes),
                     analyzed: outcomes,
                     looks_made: looks_made.max(1),
+                    level: design.look_alpha,
                     end,
                 }
             }
@@ -267,14 +302,19 @@ mod tests {
             .collect()
     }
 
-    /// The looks by hand: the first planned point whose prefix decides with the sample ratio ok.
+    /// The looks by hand: the first planned point whose prefix decides, at its level, with the sample
+    /// ratio ok.
     fn first_deciding_point(header: &Header, outcomes: &[Outcome]) -> Option<u64> {
-        look_points(header.requests, header.method.looks)
-            .into_iter()
-            .find(|&p| {
-                let a = analysis::analyze(&header.design(), &outcomes[..p as usize]);
-                a.decided() && a.assignment.srm_ok
-            })
+        let points = look_points(header.requests, header.method.looks);
+        let levels = sequential::look_levels(header.method.alpha, header.requests, &points);
+        points.into_iter().zip(levels).find_map(|(p, level)| {
+            let design = Design {
+                look_alpha: level,
+                ..header.design()
+            };
+            let a = analysis::analyze(&design, &outcomes[..p as usize]);
+            (a.decided() && a.assignment.srm_ok).then_some(p)
+        })
     }
 
     fn report_json(

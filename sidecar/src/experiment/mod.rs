@@ -47,8 +47,8 @@ const METHOD: &str = "randomized balanced blocks per class; every assigned reque
                       faster needs the interval at the Holm level beyond 1+min_effect; equivalent needs the \
                       1-2*alpha interval inside the margin (two one-sided tests) and every guardrail within; \
                       guardrails: p90 and p99 (order-statistic intervals, tail_margin) and the error rate \
-                      (Newcombe's score interval, error_margin); each analysis at alpha/looks (union bound over \
-                      the planned looks)";
+                      (Newcombe's score interval, error_margin); alpha spent over the looks by the Lan-DeMets \
+                      O'Brien-Fleming-type function, each look at its boundary's level";
 
 pub fn main(args: ExperimentArgs) -> ExitCode {
     output::run("experiment", experiment(args))
@@ -253,6 +253,11 @@ fn assemble(
     stopped_by: &str,
     judged_from: Option<String>,
 ) -> Report {
+    // The analysis was made at its look's level.
+    let design = &Design {
+        look_alpha: ended.level,
+        ..design.clone()
+    };
     let analysis = ended.analysis;
     let facts = &header.run;
     let measured = ended.analyzed.len() as u64;

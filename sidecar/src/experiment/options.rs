@@ -216,8 +216,8 @@ pub struct ExperimentArgs {
         help_heading = "Verdict"
     )]
     until: Until,
-    /// With --until decided: analyses at this many evenly spaced points of the request budget, each at
-    /// alpha/looks (1-100).
+    /// With --until decided: analyses at this many evenly spaced points of the request budget (1-100),
+    /// spending alpha over them (O'Brien-Fleming type: early looks strict, the last near alpha).
     #[arg(long, value_name = "K", default_value_t = DEFAULT_LOOKS, value_parser = clap::value_parser!(u32).range(1..=100),
           env = "KVAB_EXPERIMENT_LOOKS", help_heading = "Verdict")]
     looks: u32,

@@ -100,7 +100,8 @@ impl Header {
             classes: self.classes.iter().map(|c| c.label.clone()).collect(),
             prompt_tokens: self.classes.iter().map(|c| c.prompt_tokens).collect(),
             stream: self.stream,
-            look_alpha: self.method.alpha / f64::from(self.method.looks),
+            // The experiment's α: the looks spend it (`looks::Looks`).
+            look_alpha: self.method.alpha,
             min_effect: self.method.min_effect,
             srm_threshold: self.method.srm_threshold,
             max_time_ms: 1000.0 * self.max_time_s,
