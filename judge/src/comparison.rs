@@ -35,9 +35,9 @@ pub enum Decision {
     Inconclusive,
 }
 
-/// What decides a comparison: the family-wise level of this analysis (`alpha`, or `alpha / looks` for
-/// an experiment that looks several times) for `faster`, the level of the equivalence test and the
-/// guardrails (the same `alpha` or `alpha / looks`, not divided across the family: every part of an
+/// What decides a comparison: the family-wise level of this analysis (`alpha`, or its look's share of
+/// alpha for an experiment that looks several times, `crate::sequential`) for `faster`, the level of the
+/// equivalence test and the guardrails (the same level, not divided across the family: every part of an
 /// `equivalent` must hold, see `crate::guardrail`), the smallest relative effect that matters and the
 /// guardrails' margins.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -2,6 +2,7 @@
 //! decided, as `kvab experiment --until decided` does) and the Clopper–Pearson bounds.
 
 use kvab_judge::requests::{analyze, look_points, Analysis, Design};
+use kvab_judge::sequential::look_levels;
 use kvab_judge::Decision;
 use rand::rngs::ChaCha8Rng;
 use rand::SeedableRng;
@@ -98,7 +99,8 @@ pub fn design(scenario: &Scenario) -> Design {
         classes: (0..classes).map(|c| format!("c{c}")).collect(),
         prompt_tokens: vec![None; classes],
         stream: scenario.world.stream,
-        look_alpha: ALPHA / f64::from(scenario.looks),
+        // The experiment's α; each look's share of it is set by `experiment`.
+        look_alpha: ALPHA,
         min_effect: scenario.min_effect,
         srm_threshold: 0.001,
         max_time_ms: MAX_TIME_MS,
@@ -117,9 +119,15 @@ fn ratio_interval(analysis: &Analysis) -> Option<[f64; 2]> {
 fn experiment(scenario: &Scenario, design: &Design, rng: &mut ChaCha8Rng) -> Analysis {
     let outcomes = simulate(&scenario.world, rng);
     let points = look_points(outcomes.len() as u64, scenario.looks);
+    // α spent over the looks as `kvab experiment` spends it.
+    let levels = look_levels(design.look_alpha, outcomes.len() as u64, &points);
     let mut last = None;
-    for point in points {
-        let analysis = analyze(design, &outcomes[..(point as usize).min(outcomes.len())]);
+    for (point, level) in points.into_iter().zip(levels) {
+        let design = Design {
+            look_alpha: level,
+            ..design.clone()
+        };
+        let analysis = analyze(&design, &outcomes[..(point as usize).min(outcomes.len())]);
         let decided = analysis.decided();
         last = Some(analysis);
         if decided {

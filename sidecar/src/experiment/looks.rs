@@ -382,7 +382,7 @@ mod tests {
             }
             let mut written = Vec::new();
             records::write_to(&mut written, &header, live.slots()).unwrap();
-            let parsed = records::parse(written.as_slice(), "test").unwrap();
+            let parsed = records::read::parse(written.as_slice(), "test").unwrap();
             assert_eq!(parsed.header, header);
             assert_eq!(parsed.outcomes.len(), live.received());
             for (number, outcome) in &parsed.outcomes {

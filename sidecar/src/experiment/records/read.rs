@@ -1,0 +1,365 @@
+//! Reading a records file back (`--judge-records`): every line checked, bad input refused with one line
+//! naming the file, the line and the field.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use super::{
+    ClassSpec, Header, LoadSpec, MethodSpec, RunFacts, DEFAULT_ERROR_MARGIN, DEFAULT_MAX_TIME_S,
+    DEFAULT_TAIL_MARGIN, MAX_CLASSES, MAX_FILE_BYTES, MAX_LINE_BYTES, VERSION,
+};
+use crate::experiment::looks::Until;
+use crate::experiment::measure::Outcome;
+
+/// A records file read back: the header, and each measured request's outcome with its number, in file
+/// order.
+#[derive(Debug, Clone)]
+pub struct Records {
+    pub header: Header,
+    pub outcomes: Vec<(u64, Outcome)>,
+}
+
+/// Reads and checks a records file (`--judge-records`).
+pub fn read(path: &Path) -> Result<Records, String> {
+    let name = format!("--judge-records {}", path.display());
+    let file = std::fs::File::open(path).map_err(|e| format!("{name}: {e}"))?;
+    let size = file.metadata().map_err(|e| format!("{name}: {e}"))?.len();
+    if size > MAX_FILE_BYTES {
+        return Err(format!(
+            "{name}: {size} bytes, more than the {MAX_FILE_BYTES} a records file may have"
+        ));
+    }
+    parse(BufReader::new(file), &name)
+}
+
+/// Reads records from `reader`; errors name `name` and the line.
+pub fn parse(reader: impl BufRead, name: &str) -> Result<Records, String> {
+    let mut reader = reader.take(MAX_FILE_BYTES + 1);
+    let mut line = Vec::new();
+    let mut number = 0usize;
+    let mut total = 0u64;
+    let mut header: Option<Header> = None;
+    let mut outcomes = Vec::new();
+    // Measured numbers seen, one flag each (at most `requests`, 10,000,000).
+    let mut seen: Vec<bool> = Vec::new();
+    loop {
+        line.clear();
+        let read = (&mut reader)
+            .take(MAX_LINE_BYTES as u64 + 2)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| format!("{name}: {e}"))?;
+        if read == 0 {
+            break;
+        }
+        number += 1;
+        total += read as u64;
+        if total > MAX_FILE_BYTES {
+            return Err(format!(
+                "{name}: more than the {MAX_FILE_BYTES} bytes a records file may have"
+            ));
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+        }
+        if line.len() > MAX_LINE_BYTES {
+            return Err(format!(
+                "{name} line {number}: longer than {MAX_LINE_BYTES} bytes"
+            ));
+        }
+        let at = |what: String| format!("{name} line {number}: {what}");
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let object: Map<String, Value> =
+            serde_json::from_slice(&line).map_err(|e| at(format!("not a JSON object: {e}")))?;
+        let mut fields = Fields { object };
+        match &header {
+            None => header = Some(read_header(&mut fields).map_err(at)?),
+            Some(header) => {
+                let (n, outcome) = read_record(&mut fields, header).map_err(at)?;
+                // `n` < requests ≤ 10,000,000 (read_record): the flags stay small.
+                let index = n as usize;
+                if seen.len() <= index {
+                    seen.resize(index + 1, false);
+                }
+                if std::mem::replace(&mut seen[index], true) {
+                    return Err(at(format!(
+                        "field `number`: measured request {n} is recorded twice"
+                    )));
+                }
+                outcomes.push((n, outcome));
+            }
+        }
+    }
+    let Some(header) = header else {
+        return Err(format!("{name}: empty (no header line)"));
+    };
+    Ok(Records { header, outcomes })
+}
+
+/// The fields of one line, taken one by one; those left over are unknown.
+struct Fields {
+    object: Map<String, Value>,
+}
+
+impl Fields {
+    fn take<T: DeserializeOwned>(&mut self, field: &str) -> Result<T, String> {
+        let value = self
+            .object
+            .remove(field)
+            .ok_or_else(|| format!("field `{field}` is missing"))?;
+        serde_json::from_value(value).map_err(|e| format!("field `{field}`: {e}"))
+    }
+
+    /// A field written since a later kvab: `default` when the line does not have it.
+    fn take_or<T: DeserializeOwned>(&mut self, field: &str, default: T) -> Result<T, String> {
+        match self.object.contains_key(field) {
+            true => self.take(field),
+            false => Ok(default),
+        }
+    }
+
+    fn finish(&self) -> Result<(), String> {
+        match self.object.keys().next() {
+            Some(field) => Err(format!("field `{field}` is not known")),
+            None => Ok(()),
+        }
+    }
+}
+
+fn check(ok: bool, field: &str, what: &str) -> Result<(), String> {
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("field `{field}`: {what}"))
+    }
+}
+
+fn open_fraction(fields: &mut Fields, field: &str) -> Result<f64, String> {
+    let value: f64 = fields.take(field)?;
+    check(
+        value > 0.0 && value < 1.0,
+        field,
+        "must be more than 0 and less than 1",
+    )?;
+    Ok(value)
+}
+
+fn read_header(fields: &mut Fields) -> Result<Header, String> {
+    let Some(version) = fields.object.remove("kvab_records") else {
+        return Err(
+            "not a kvab experiment records header (no \"kvab_records\" field; the first line is the header)"
+                .into(),
+        );
+    };
+    if version.as_u64() != Some(VERSION) {
+        return Err(format!(
+            "field `kvab_records`: version {version} is not one this kvab reads (it reads {VERSION})"
+        ));
+    }
+    let arms: Vec<String> = fields.take("arms")?;
+    check(arms.len() == 2, "arms", "wants exactly two arms")?;
+    check(
+        arms.iter().all(|a| !a.is_empty() && a.trim() == a),
+        "arms",
+        "an arm name is empty or has spaces around it",
+    )?;
+    check(arms[0] != arms[1], "arms", "names one arm twice")?;
+    let classes: Vec<ClassSpec> = fields.take("classes")?;
+    check(
+        (1..=MAX_CLASSES).contains(&classes.len()),
+        "classes",
+        "wants 1 to 64 classes",
+    )?;
+    let mut labels = HashSet::new();
+    for class in &classes {
+        check(
+            !class.label.is_empty() && class.label.chars().count() <= 64,
+            "classes",
+            "a label must have 1 to 64 characters",
+        )?;
+        check(
+            labels.insert(class.label.as_str()),
+            "classes",
+            &format!("the label {:?} is there twice", class.label),
+        )?;
+    }
+    let stream: bool = fields.take("stream")?;
+    let endpoint: String = fields.take("endpoint")?;
+    check(endpoint.starts_with('/'), "endpoint", "must be a path")?;
+    let load: String = fields.take("load")?;
+    let concurrency: Option<u32> = fields.take("concurrency")?;
+    let rate: Option<f64> = fields.take("rate")?;
+    let load = match (load.as_str(), concurrency, rate) {
+        ("closed", Some(concurrency), None) => {
+            check(
+                (1..=4096).contains(&concurrency),
+                "concurrency",
+                "must be 1 to 4096",
+            )?;
+            LoadSpec::Closed { concurrency }
+        }
+        ("open", None, Some(rate)) => {
+            check(
+                rate > 0.0 && rate <= 100_000.0,
+                "rate",
+                "must be more than 0 and at most 100000",
+            )?;
+            LoadSpec::Open { rate }
+        }
+        _ => {
+            return Err(
+                "field `load`: `closed` with a `concurrency` and a null `rate`, or `open` with a `rate` \
+                 and a null `concurrency`"
+                    .into(),
+            )
+        }
+    };
+    let seed: u64 = fields.take("seed")?;
+    let warmup: u64 = fields.take("warmup")?;
+    check(warmup <= 100_000, "warmup", "must be at most 100000")?;
+    let requests: u64 = fields.take("requests")?;
+    check(
+        (2..=10_000_000).contains(&requests),
+        "requests",
+        "must be 2 to 10000000",
+    )?;
+    let looks: u32 = fields.take("looks")?;
+    check((1..=100).contains(&looks), "looks", "must be 1 to 100")?;
+    let until = match fields.take::<String>("until")?.as_str() {
+        "budget" => Until::Budget,
+        "decided" => Until::Decided,
+        _ => return Err("field `until`: must be \"budget\" or \"decided\"".into()),
+    };
+    let alpha = open_fraction(fields, "alpha")?;
+    let min_effect = open_fraction(fields, "min_effect")?;
+    // Written since the guardrails came; a file from before has the defaults of the flags it ran with.
+    let max_time_s = fields.take_or("max_time_s", DEFAULT_MAX_TIME_S)?;
+    let in_range = max_time_s > 0.0 && max_time_s <= 86_400.0;
+    check(
+        in_range,
+        "max_time_s",
+        "must be more than 0 and at most 86400",
+    )?;
+    let tail_margin = fields.take_or("tail_margin", DEFAULT_TAIL_MARGIN)?;
+    let error_margin = fields.take_or("error_margin", DEFAULT_ERROR_MARGIN)?;
+    for (field, value) in [("tail_margin", tail_margin), ("error_margin", error_margin)] {
+        check(
+            value > 0.0 && value < 1.0,
+            field,
+            "must be more than 0 and less than 1",
+        )?;
+    }
+    let srm_threshold = open_fraction(fields, "srm_threshold")?;
+    let run: RunFacts = fields.take("run")?;
+    check(
+        run.duration_s.is_finite() && run.duration_s >= 0.0,
+        "run",
+        "duration_s must be a number of seconds, 0 or more",
+    )?;
+    check(
+        matches!(run.stopped_by.as_str(), "requests" | "duration" | "decided"),
+        "run",
+        "stopped_by must be \"requests\", \"duration\" or \"decided\"",
+    )?;
+    fields.finish()?;
+    Ok(Header {
+        arms,
+        classes,
+        stream,
+        endpoint,
+        load,
+        seed,
+        warmup,
+        requests,
+        max_time_s,
+        method: MethodSpec {
+            alpha,
+            min_effect,
+            tail_margin,
+            error_margin,
+            until,
+            looks: if until == Until::Budget { 1 } else { looks },
+            srm_threshold,
+        },
+        run,
+    })
+}
+
+fn milliseconds(value: f64) -> bool {
+    value.is_finite() && value >= 0.0
+}
+
+fn read_record(fields: &mut Fields, header: &Header) -> Result<(u64, Outcome), String> {
+    let number: u64 = fields.take("number")?;
+    check(
+        number < header.requests,
+        "number",
+        &format!(
+            "measured request {number} is beyond the header's {} requests",
+            header.requests
+        ),
+    )?;
+    let arm =
+        |field: &str, name: &str| {
+            header.arms.iter().position(|a| a == name).ok_or_else(|| {
+                format!("field `{field}`: arm {name:?} is not one of the header's arms")
+            })
+        };
+    let class: String = fields.take("class")?;
+    let class = header
+        .classes
+        .iter()
+        .position(|c| c.label == class)
+        .ok_or_else(|| format!("field `class`: {class:?} is not one of the header's classes"))?;
+    let assigned = arm("assigned", &fields.take::<String>("assigned")?)?;
+    let served = match fields.take::<Option<String>>("served")? {
+        Some(name) => Some(arm("served", &name)?),
+        None => None,
+    };
+    let status: Option<u16> = fields.take("status")?;
+    let error: Option<String> = fields.take("error")?;
+    let ttft_ms: Option<f64> = fields.take("ttft_ms")?;
+    check(
+        ttft_ms.is_none_or(milliseconds),
+        "ttft_ms",
+        "must be milliseconds, 0 or more",
+    )?;
+    let itl_ms: Vec<f64> = fields.take("itl_ms")?;
+    check(
+        itl_ms.iter().copied().all(milliseconds),
+        "itl_ms",
+        "must be milliseconds, 0 or more",
+    )?;
+    let e2e_ms: f64 = fields.take("e2e_ms")?;
+    check(
+        milliseconds(e2e_ms),
+        "e2e_ms",
+        "must be milliseconds, 0 or more",
+    )?;
+    let prompt_tokens: Option<u64> = fields.take("prompt_tokens")?;
+    let output_tokens: Option<u64> = fields.take("output_tokens")?;
+    fields.finish()?;
+    Ok((
+        number,
+        Outcome {
+            class,
+            assigned,
+            served,
+            status,
+            error,
+            ttft_ms,
+            itl_ms,
+            e2e_ms,
+            prompt_tokens,
+            output_tokens,
+        },
+    ))
+}
