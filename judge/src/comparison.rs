@@ -424,10 +424,7 @@ pub fn of_samples<'a>(
         answered(first, failed_first),
         answered(second, failed_second),
     ];
-    c.tails = TAILS
-        .iter()
-        .map(|&q| guardrail::of_samples(q, arms, answered, rule.tost_level, rule.tail_margin))
-        .collect();
+    c.tails = guardrail::of_samples(&TAILS, arms, answered, rule.tost_level, rule.tail_margin);
     c.p = family.p;
     c.p_adjusted = family.p.map(|_| family.p_adjusted);
     c.decide(arms, rule, errors);

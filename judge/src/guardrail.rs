@@ -12,7 +12,7 @@ use serde::Serialize;
 use statrs::distribution::{ContinuousCDF, Normal};
 
 use crate::binned::Histogram;
-use crate::stats::{percentile, quantile_ranks};
+use crate::stats::{percentile_of_sorted, quantile_ranks, sorted};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -97,30 +97,35 @@ fn judged(
     }
 }
 
-/// The `q`-quantile tail of two arms' samples (values in any order).
+/// The tails at `quantiles` of two arms' samples (values in any order; each arm sorted once).
 pub fn of_samples(
-    q: f64,
+    quantiles: &[f64],
     arms: &[String],
     [first, second]: [&[f64]; 2],
     alpha: f64,
     margin: f64,
-) -> Tail {
-    let bounds = |sample: &[f64]| {
-        let mut sorted = sample.to_vec();
-        sorted.sort_by(f64::total_cmp);
+) -> Vec<Tail> {
+    let (first, second) = (sorted(first), sorted(second));
+    let bounds = |sorted: &[f64], q: f64| {
         let (lo, hi) = quantile_ranks(sorted.len() as u64, q, alpha);
         let at = |rank: Option<u64>| {
             rank.and_then(|r| sorted.get((r as usize).checked_sub(1)?).copied())
         };
         (at(lo), at(hi))
     };
-    judged(
-        q,
-        arms,
-        [percentile(first, 100.0 * q), percentile(second, 100.0 * q)],
-        [bounds(first), bounds(second)],
-        margin,
-    )
+    quantiles
+        .iter()
+        .map(|&q| {
+            let estimate = |sorted: &[f64]| percentile_of_sorted(sorted, 100.0 * q);
+            judged(
+                q,
+                arms,
+                [estimate(&first), estimate(&second)],
+                [bounds(&first, q), bounds(&second, q)],
+                margin,
+            )
+        })
+        .collect()
 }
 
 /// The `q`-quantile tail of two arms' histograms: each arm's quantile bounded by bucket edges.
@@ -249,16 +254,22 @@ mod tests {
             .enumerate()
             .map(|(i, v)| if i % 10 == 0 { 6.0 * v } else { *v })
             .collect();
-        let tail = of_samples(0.99, &arms(), [&base, &stalled], 0.05, 0.25);
+        let [tail] = of_samples(&[0.99], &arms(), [&base, &stalled], 0.05, 0.25)
+            .try_into()
+            .unwrap();
         assert_eq!(
             (tail.status, tail.worse.as_deref()),
             (Status::Worse, Some("fs"))
         );
         assert!(tail.ratio_ci[0].unwrap() > 4.0, "{tail:?}");
-        let same = of_samples(0.9, &arms(), [&base, &base], 0.05, 0.25);
+        let [same] = of_samples(&[0.9], &arms(), [&base, &base], 0.05, 0.25)
+            .try_into()
+            .unwrap();
         assert_eq!(same.status, Status::Within, "{same:?}");
         // Too few values to bound a p99: unknown, with the unbounded end null.
-        let few = of_samples(0.99, &arms(), [&base[..50], &base[..50]], 0.05, 0.25);
+        let [few] = of_samples(&[0.99], &arms(), [&base[..50], &base[..50]], 0.05, 0.25)
+            .try_into()
+            .unwrap();
         assert_eq!(few.status, Status::Unknown);
         assert_eq!(few.ratio_ci[1], None);
     }

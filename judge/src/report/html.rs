@@ -473,13 +473,13 @@ mod tests {
                 relative: Some(0.3),
                 relative_ci: Some([0.28, 0.32]),
                 failures: Some(counts(0, 1)),
-                tails: vec![crate::guardrail::of_samples(
-                    0.9,
+                tails: crate::guardrail::of_samples(
+                    &[0.9],
                     &arms_of(),
                     [&[100.0; 50], &[130.0; 50]],
                     0.05,
                     0.25,
-                )],
+                ),
                 blocked: Vec::new(),
                 p: Some(1e-6),
                 p_adjusted: Some(4e-6),

@@ -56,11 +56,14 @@ pub fn count(value: f64) -> Result<f64, InvalidCount> {
 /// Linear-interpolation percentile of a sample, `q` in `0..=100` (Hyndman–Fan type 7: NumPy's default
 /// `np.percentile`, also R's `quantile`). `None` for an empty sample.
 pub fn percentile(sample: &[f64], q: f64) -> Option<f64> {
-    if sample.is_empty() || !(0.0..=100.0).contains(&q) {
+    percentile_of_sorted(&sorted(sample), q)
+}
+
+/// `percentile` of a sample already sorted ascending.
+pub fn percentile_of_sorted(sorted: &[f64], q: f64) -> Option<f64> {
+    if sorted.is_empty() || !(0.0..=100.0).contains(&q) {
         return None;
     }
-    let mut sorted = sample.to_vec();
-    sorted.sort_by(f64::total_cmp);
     let position = q / 100.0 * (sorted.len() - 1) as f64;
     let below = position.floor() as usize;
     let above = position.ceil() as usize;
@@ -133,7 +136,7 @@ pub fn mann_whitney_u(first: &[f64], second: &[f64]) -> Option<MannWhitney> {
     })
 }
 
-fn sorted(sample: &[f64]) -> Vec<f64> {
+pub fn sorted(sample: &[f64]) -> Vec<f64> {
     let mut sorted = sample.to_vec();
     sorted.sort_by(f64::total_cmp);
     sorted
@@ -293,9 +296,10 @@ pub fn median_rank(n: u64, alpha: f64) -> Option<u64> {
 /// `l` the largest rank with `P(Binomial(n, q) ≤ l − 1) ≤ alpha/2`, so `P(x_(l) > ξ_q) ≤ alpha/2`; `u` the
 /// smallest with `P(Binomial(n, q) ≤ u − 1) ≥ 1 − alpha/2`, so `P(x_(u) < ξ_q) ≤ alpha/2` (exact for
 /// continuous data, conservative with ties). Each side `None` when `n` is too small to bound it (a p99's
-/// upper side needs `n ≥ 368` at `alpha` = 0.05). Bisection, as `median_rank`.
+/// upper side needs `n ≥ 368` at `alpha` = 0.05). Bisection, as `median_rank`. Counts beyond `MAX_COUNT`
+/// (no sample or histogram holds them) have no ranks: the bisection's range would overflow at `u64::MAX`.
 pub fn quantile_ranks(n: u64, q: f64, alpha: f64) -> (Option<u64>, Option<u64>) {
-    if n == 0 || !(alpha > 0.0 && alpha < 1.0) || !(q > 0.0 && q < 1.0) {
+    if n == 0 || n as f64 > MAX_COUNT || !(alpha > 0.0 && alpha < 1.0) || !(q > 0.0 && q < 1.0) {
         return (None, None);
     }
     let Some(at_most) = binomial_cdf(n, q) else {

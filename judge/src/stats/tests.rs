@@ -337,3 +337,10 @@ fn two_proportions_match_the_pooled_z_test() {
     assert_eq!(two_proportion(0, 10, 0, 20), Some(1.0));
     assert_eq!(two_proportion(1, 0, 0, 20), None);
 }
+
+#[test]
+fn quantile_ranks_refuse_counts_no_data_holds() {
+    // At u64::MAX the bisection's range would overflow and read as "no rank fits".
+    assert_eq!(quantile_ranks(u64::MAX, 0.99, 0.05), (None, None));
+    assert!(quantile_ranks(1 << 53, 0.99, 0.05).1.is_some());
+}
