@@ -9,7 +9,10 @@ use crate::endpoints::Served;
 use crate::plan::{ArmId, Invalid, Plan, Rejection, Source};
 
 // The names and label keys are the contract's: `kvab analyze` and `kvab check` read them by the same names.
-use kvab_contract::metrics::label;
+use kvab_contract::metrics::{
+    label,
+    source::{self as source_label, NONE as SOURCE_NONE},
+};
 pub use kvab_contract::metrics::{
     FILTER_TAGS as TAGS, INVALID_VALUES, MAP_AGE, MAP_FETCHES, REJECTED, REPORTS, REQUESTS,
     REQUEST_DURATION, RESPONSES, SERVED, TIME_TO_FIRST_BYTE, UNAVAILABLE,
@@ -68,9 +71,6 @@ impl ReportResult {
     }
 }
 
-/// Label of a request that carries no arm.
-const SOURCE_NONE: &str = "none";
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Counter,
@@ -124,6 +124,12 @@ impl CodeClass {
     fn index(self) -> usize {
         self as usize
     }
+
+    /// An answer: any status but a 5xx, and a status at all (the contract's `FAILED_CODE_CLASSES` are the
+    /// others). Only answered requests are timed.
+    pub fn answered(self) -> bool {
+        !matches!(self, CodeClass::C5xx | CodeClass::None)
+    }
 }
 
 /// Stat name with tag segments, e.g. `backend=.=fs;.;source=.=split;.;kvab_requests_total`.
@@ -147,6 +153,8 @@ pub struct MetricLayout {
 }
 
 const SOURCES: usize = Source::ALL.len();
+/// The latency histograms' `source` values: the split's draw, or any other way (contract `source::OTHER`).
+const TIMING_SOURCES: [&str; 2] = [source_label::SPLIT, source_label::OTHER];
 const CLASSES: usize = CodeClass::ALL.len();
 
 impl MetricLayout {
@@ -165,14 +173,26 @@ impl MetricLayout {
         arm.map_or(self.arms, |a| a.0.min(self.arms))
     }
 
+    /// Tags are (arm, source) for every arm and source, then the untagged (`none`, `none`).
+    fn tags(&self) -> usize {
+        self.arms * SOURCES + 1
+    }
+
+    fn tag_index(&self, tagged: Option<(ArmId, Source)>) -> usize {
+        match tagged {
+            Some((arm, source)) if arm.0 < self.arms => arm.0 * SOURCES + source as usize,
+            _ => self.arms * SOURCES,
+        }
+    }
+
     fn requests_base(&self) -> usize {
         0
     }
     fn responses_base(&self) -> usize {
-        self.requests_base() + self.arms * SOURCES + 1
+        self.requests_base() + self.tags()
     }
     fn rejected_base(&self) -> usize {
-        self.responses_base() + self.backends() * CLASSES
+        self.responses_base() + self.tags() * CLASSES
     }
     fn invalid_base(&self) -> usize {
         self.rejected_base() + Rejection::ALL.len()
@@ -181,11 +201,25 @@ impl MetricLayout {
         self.invalid_base() + Invalid::ALL.len()
     }
     fn ttfb_base(&self) -> usize {
-        self.duration_base() + self.backends()
+        self.duration_base() + self.timings()
+    }
+
+    /// The latency histograms' tags: (arm, `split`) and (arm, `other`) for every arm, then the untagged.
+    fn timings(&self) -> usize {
+        self.arms * TIMING_SOURCES.len() + 1
+    }
+
+    fn timing_index(&self, tagged: Option<(ArmId, Source)>) -> usize {
+        match tagged {
+            Some((arm, source)) if arm.0 < self.arms => {
+                arm.0 * TIMING_SOURCES.len() + usize::from(source != Source::Split)
+            }
+            _ => self.arms * TIMING_SOURCES.len(),
+        }
     }
 
     fn served_base(&self) -> usize {
-        self.ttfb_base() + self.backends()
+        self.ttfb_base() + self.timings()
     }
     fn unavailable_base(&self) -> usize {
         self.served_base() + self.backends() * (self.arms + 2)
@@ -236,16 +270,12 @@ impl MetricLayout {
 
     /// `kvab_requests_total{backend,source}`; untagged requests are `{none,none}`.
     pub fn requests(&self, tagged: Option<(ArmId, Source)>) -> usize {
-        match tagged {
-            Some((arm, source)) if arm.0 < self.arms => {
-                self.requests_base() + arm.0 * SOURCES + source as usize
-            }
-            _ => self.requests_base() + self.arms * SOURCES,
-        }
+        self.requests_base() + self.tag_index(tagged)
     }
 
-    pub fn responses(&self, arm: Option<ArmId>, class: CodeClass) -> usize {
-        self.responses_base() + self.backend_index(arm) * CLASSES + class.index()
+    /// `kvab_responses_total{backend,source,code_class}`.
+    pub fn responses(&self, tagged: Option<(ArmId, Source)>, class: CodeClass) -> usize {
+        self.responses_base() + self.tag_index(tagged) * CLASSES + class.index()
     }
 
     pub fn rejected(&self, rejection: Rejection) -> usize {
@@ -256,38 +286,41 @@ impl MetricLayout {
         self.invalid_base() + why as usize
     }
 
-    pub fn request_duration(&self, arm: Option<ArmId>) -> usize {
-        self.duration_base() + self.backend_index(arm)
+    /// `kvab_request_duration_milliseconds{backend,source}`, `source` being `split` or `other`.
+    pub fn request_duration(&self, tagged: Option<(ArmId, Source)>) -> usize {
+        self.duration_base() + self.timing_index(tagged)
     }
 
-    pub fn time_to_first_byte(&self, arm: Option<ArmId>) -> usize {
-        self.ttfb_base() + self.backend_index(arm)
+    /// `kvab_time_to_first_byte_milliseconds{backend,source}`, as `request_duration`.
+    pub fn time_to_first_byte(&self, tagged: Option<(ArmId, Source)>) -> usize {
+        self.ttfb_base() + self.timing_index(tagged)
     }
 
     /// Every metric `(kind, stat name)`, in table order.
     pub fn definitions(&self, plan: &Plan) -> Vec<(Kind, String)> {
         let mut defs = Vec::with_capacity(self.len());
         let backend = |i: usize| plan.arm_label(Some(ArmId(i)).filter(|a| a.0 < self.arms));
-        for arm in 0..self.arms {
-            for source in Source::ALL {
-                let tags = [
-                    (label::BACKEND, backend(arm)),
-                    (label::SOURCE, source.label()),
-                ];
-                defs.push((Kind::Counter, stat_name(REQUESTS, &tags)));
-            }
+        // Every (backend, source) tag in `tag_index` order.
+        let tags: Vec<[(&str, &str); 2]> = (0..self.arms)
+            .flat_map(|arm| {
+                Source::ALL.map(|source| {
+                    [
+                        (label::BACKEND, backend(arm)),
+                        (label::SOURCE, source.label()),
+                    ]
+                })
+            })
+            .chain([[
+                (label::BACKEND, backend(self.arms)),
+                (label::SOURCE, SOURCE_NONE),
+            ]])
+            .collect();
+        for tag in &tags {
+            defs.push((Kind::Counter, stat_name(REQUESTS, tag)));
         }
-        let none = [
-            (label::BACKEND, backend(self.arms)),
-            (label::SOURCE, SOURCE_NONE),
-        ];
-        defs.push((Kind::Counter, stat_name(REQUESTS, &none)));
-        for b in 0..self.backends() {
+        for tag in &tags {
             for class in CodeClass::ALL {
-                let tags = [
-                    (label::BACKEND, backend(b)),
-                    (label::CODE_CLASS, class.label()),
-                ];
+                let tags = [tag[0], tag[1], (label::CODE_CLASS, class.label())];
                 defs.push((Kind::Counter, stat_name(RESPONSES, &tags)));
             }
         }
@@ -299,12 +332,19 @@ impl MetricLayout {
             let tags = [(label::REASON, why.label())];
             defs.push((Kind::Counter, stat_name(INVALID_VALUES, &tags)));
         }
+        // Every (backend, split|other) tag in `timing_index` order.
+        let timings: Vec<[(&str, &str); 2]> = (0..self.arms)
+            .flat_map(|arm| {
+                TIMING_SOURCES.map(|source| [(label::BACKEND, backend(arm)), (label::SOURCE, source)])
+            })
+            .chain([[
+                (label::BACKEND, backend(self.arms)),
+                (label::SOURCE, SOURCE_NONE),
+            ]])
+            .collect();
         for metric in [REQUEST_DURATION, TIME_TO_FIRST_BYTE] {
-            for b in 0..self.backends() {
-                defs.push((
-                    Kind::Histogram,
-                    stat_name(metric, &[(label::BACKEND, backend(b))]),
-                ));
+            for tag in &timings {
+                defs.push((Kind::Histogram, stat_name(metric, tag)));
             }
         }
         let served_kinds: Vec<Served> = (0..self.arms)
@@ -371,27 +411,35 @@ mod tests {
         let arms = [Some(ArmId(0)), Some(ArmId(1)), Some(ArmId(2)), None];
         let labels = ["a", "b", "c", "none"];
         for (arm, label) in arms.iter().zip(labels) {
-            if let Some(a) = arm {
-                for source in Source::ALL {
+            let sources: Vec<(Option<(ArmId, Source)>, &str)> = match arm {
+                Some(a) => Source::ALL
+                    .iter()
+                    .map(|s| (Some((*a, *s)), s.label()))
+                    .collect(),
+                None => vec![(None, "none")],
+            };
+            for (tagged, source) in sources {
+                let tags = [(label::BACKEND, label), (label::SOURCE, source)];
+                assert_eq!(name(layout.requests(tagged)), stat_name(REQUESTS, &tags));
+                for class in CodeClass::ALL {
                     let expected = stat_name(
-                        REQUESTS,
-                        &[(label::BACKEND, label), (label::SOURCE, source.label())],
+                        RESPONSES,
+                        &[tags[0], tags[1], (label::CODE_CLASS, class.label())],
                     );
-                    assert_eq!(name(layout.requests(Some((*a, source)))), expected);
+                    assert_eq!(name(layout.responses(tagged, class)), expected);
                 }
+                // The histograms tell the split's draw from the rest, and no more.
+                let timing = match source {
+                    "split" | "none" => source,
+                    _ => "other",
+                };
+                let timing_tags = [(label::BACKEND, label), (label::SOURCE, timing)];
+                let d = stat_name(REQUEST_DURATION, &timing_tags);
+                assert_eq!(name(layout.request_duration(tagged)), d);
+                assert_eq!(defs[layout.request_duration(tagged)].0, Kind::Histogram);
+                let t = stat_name(TIME_TO_FIRST_BYTE, &timing_tags);
+                assert_eq!(name(layout.time_to_first_byte(tagged)), t);
             }
-            for class in CodeClass::ALL {
-                let expected = stat_name(
-                    RESPONSES,
-                    &[(label::BACKEND, label), (label::CODE_CLASS, class.label())],
-                );
-                assert_eq!(name(layout.responses(*arm, class)), expected);
-            }
-            let d = stat_name(REQUEST_DURATION, &[(label::BACKEND, label)]);
-            assert_eq!(name(layout.request_duration(*arm)), d);
-            assert_eq!(defs[layout.request_duration(*arm)].0, Kind::Histogram);
-            let t = stat_name(TIME_TO_FIRST_BYTE, &[(label::BACKEND, label)]);
-            assert_eq!(name(layout.time_to_first_byte(*arm)), t);
         }
         assert_eq!(
             name(layout.requests(None)),
@@ -460,5 +508,13 @@ mod tests {
         assert_eq!(CodeClass::of(302).label(), "3xx");
         assert_eq!(CodeClass::of(0).label(), "none");
         assert_eq!(CodeClass::of(600).label(), "none");
+    }
+
+    #[test]
+    fn failures_are_the_contracts_failed_classes() {
+        for class in CodeClass::ALL {
+            let failed = kvab_contract::metrics::FAILED_CODE_CLASSES.contains(&class.label());
+            assert_eq!(class.answered(), !failed, "{}", class.label());
+        }
     }
 }

@@ -8,6 +8,7 @@ use crate::field::trim_ows;
 pub use crate::reply::Rejection;
 use crate::sidecar::Sidecar;
 use kvab_contract::report::NO_ARM;
+use kvab_contract::metrics::source;
 
 /// What to do when the request carries no arm header (or only an empty value). `Arm` is the
 /// default arm: `()` as configured (`onMissing: "default"`), an `ArmId` once `defaultArm` is resolved.
@@ -43,24 +44,30 @@ pub enum Unavailable {
 pub enum Source {
     Header,
     Alias,
+    /// The split, by a random draw.
     Split,
+    /// The split, by the key header's value: the key is the unit of randomization.
+    Key,
     Default,
 }
 
 impl Source {
-    pub const ALL: [Source; 4] = [
+    pub const ALL: [Source; 5] = [
         Source::Header,
         Source::Alias,
         Source::Split,
+        Source::Key,
         Source::Default,
     ];
 
+    /// The `source` label and source header value (the contract's `metrics::source`).
     pub fn label(self) -> &'static str {
         match self {
-            Source::Header => "header",
-            Source::Alias => "alias",
-            Source::Split => "split",
-            Source::Default => "default",
+            Source::Header => source::HEADER,
+            Source::Alias => source::ALIAS,
+            Source::Split => source::SPLIT,
+            Source::Key => source::KEY,
+            Source::Default => source::DEFAULT,
         }
     }
 }
@@ -459,13 +466,15 @@ impl Plan {
                 source: Source::Default,
             },
             (Missing::Split, Some(split)) => {
-                let arm = match split_key.map(trim_ows).filter(|k| !k.is_empty()) {
-                    Some(key) => split.pick_for_key(key),
-                    None => split.pick(draw()),
-                };
-                Decision::Tag {
-                    arm,
-                    source: Source::Split,
+                match split_key.map(trim_ows).filter(|k| !k.is_empty()) {
+                    Some(key) => Decision::Tag {
+                        arm: split.pick_for_key(key),
+                        source: Source::Key,
+                    },
+                    None => Decision::Tag {
+                        arm: split.pick(draw()),
+                        source: Source::Split,
+                    },
                 }
             }
             // Configuration guarantees a split exists for Missing::Split.
@@ -650,6 +659,11 @@ mod tests {
         // With a key, the draw is not consulted and the result is stable.
         let keyed = p.decide(&reading, Some(b"user-1"), || panic!("no draw with a key"));
         assert_eq!(keyed, p.decide(&reading, Some(b"user-1"), || 0));
+        // A key-assigned request says so: its key, not the request, is the unit of randomization.
+        assert!(
+            matches!(keyed.decision, Decision::Tag { source: Source::Key, .. }),
+            "{keyed:?}"
+        );
         // An explicit header still wins over split.
         assert_eq!(decide(&p, &[b"fs"]), tag(FS, Source::Header));
     }
@@ -726,7 +740,7 @@ mod tests {
         assert_eq!(p.arm_label(Some(ArmId(9))), "none");
         assert_eq!(
             Source::ALL.map(Source::label),
-            ["header", "alias", "split", "default"]
+            ["header", "alias", "split", "key", "default"]
         );
         assert_eq!(Rejection::UnknownBackend.code(), "unknown_kv_backend");
         assert_eq!(Rejection::AmbiguousBackend.code(), "ambiguous_kv_backend");

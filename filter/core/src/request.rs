@@ -7,7 +7,7 @@
 use crate::endpoints::{ArmMap, Served};
 use crate::headers::scan_request_headers;
 use crate::metrics::{CodeClass, MetricLayout};
-use crate::plan::{Admission, ArmId, Decision, Plan, Rejection};
+use crate::plan::{Admission, ArmId, Decision, Plan, Rejection, Source};
 
 /// What the request path may ask the host, each only when the answer decides something.
 pub trait RequestInputs {
@@ -42,8 +42,8 @@ pub struct RequestEffects<'p> {
     counts: [Option<usize>; MAX_COUNTS],
     /// Answer the request locally with this rejection (its body: `Plan::rejection_body`).
     pub reply: Option<(Rejection, Option<ArmId>)>,
-    /// The arm the request goes on with; `None` when untagged or answered locally.
-    pub arm: Option<ArmId>,
+    /// The arm the request goes on with and how it was chosen; `None` when untagged or answered locally.
+    pub tag: Option<(ArmId, Source)>,
 }
 
 impl<'p> RequestEffects<'p> {
@@ -52,7 +52,7 @@ impl<'p> RequestEffects<'p> {
             edits: [None; MAX_EDITS],
             counts: [None; MAX_COUNTS],
             reply: None,
-            arm: None,
+            tag: None,
         }
     }
 
@@ -74,6 +74,11 @@ impl<'p> RequestEffects<'p> {
 
     pub fn counts(&self) -> impl Iterator<Item = usize> + '_ {
         self.counts.iter().flatten().copied()
+    }
+
+    /// The arm the request goes on with.
+    pub fn arm(&self) -> Option<ArmId> {
+        self.tag.map(|(arm, _)| arm)
     }
 }
 
@@ -120,7 +125,7 @@ pub fn on_request_headers<'p>(
                     source.label().as_bytes(),
                 ));
                 effects.count(layout.requests(Some((arm, source))));
-                effects.arm = Some(arm);
+                effects.tag = Some((arm, source));
             }
         },
         Decision::Untagged => {
@@ -195,25 +200,34 @@ pub fn on_response_headers<'a>(
 }
 
 /// What the end of a request counts: its response status class, the response counter and the
-/// served counter (indexes into the plan's `MetricLayout`).
+/// served counter (indexes into the plan's `MetricLayout`), and, for an answered request, the
+/// histograms its timings go to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamEnd {
     pub class: CodeClass,
     pub counts: [usize; 2],
+    /// `[request duration, time to first byte]` of an answered request (`CodeClass::answered`): a
+    /// failure is counted by its class, never timed, so an arm that fails fast does not look fast.
+    pub timed: Option<[usize; 2]>,
 }
 
-/// The end of a request that reached the filter (admitted or answered by it). `status` is the
+/// The end of a request that reached the filter (admitted or answered by it). `tag` is the
+/// request's arm and how it was chosen (`None`: untagged or answered by the filter), `status` the
 /// response code, 0 when there was none.
 pub fn on_stream_end(
     layout: &MetricLayout,
-    arm: Option<ArmId>,
+    tag: Option<(ArmId, Source)>,
     served: Served,
     status: u64,
 ) -> StreamEnd {
     let class = CodeClass::of(status);
+    let arm = tag.map(|(arm, _)| arm);
     StreamEnd {
         class,
-        counts: [layout.responses(arm, class), layout.served(arm, served)],
+        counts: [layout.responses(tag, class), layout.served(arm, served)],
+        timed: class
+            .answered()
+            .then(|| [layout.request_duration(tag), layout.time_to_first_byte(tag)]),
     }
 }
 
@@ -267,7 +281,7 @@ mod tests {
         let mut host = Host::default();
         let (effects, layout) = run(&plan, &[(b"x-kv-backend", b" P2P ")], &mut host);
         let nvlink = plan.arm_by_name("nvlink").unwrap();
-        assert_eq!(effects.arm, Some(nvlink));
+        assert_eq!(effects.arm(), Some(nvlink));
         assert_eq!(effects.reply, None);
         assert_eq!(
             effects.edits().collect::<Vec<_>>(),
@@ -309,7 +323,7 @@ mod tests {
             &mut Host::default(),
         );
         assert_eq!(effects.reply, Some((Rejection::UnknownBackend, None)));
-        assert_eq!(effects.arm, None);
+        assert_eq!(effects.arm(), None);
         assert_eq!(
             effects.edits().collect::<Vec<_>>(),
             [HeaderEdit::Remove("x-kv-backend-endpoint")]
@@ -331,7 +345,7 @@ mod tests {
             &[(b"x-kv-backend", b" "), (b"x-kv-backend-source", b"split")],
             &mut Host::default(),
         );
-        assert_eq!((effects.arm, effects.reply), (None, None));
+        assert_eq!((effects.arm(), effects.reply), (None, None));
         assert_eq!(
             effects.edits().collect::<Vec<_>>(),
             [
@@ -367,7 +381,7 @@ mod tests {
 
         let pass = parse(br#"{"onUnavailable":"passthrough"}"#).unwrap();
         let (effects, layout) = run(&pass, &[(b"x-kv-backend", b"fs")], &mut host);
-        assert_eq!((effects.arm, effects.reply), (Some(fs), None));
+        assert_eq!((effects.arm(), effects.reply), (Some(fs), None));
         assert_eq!(
             effects.counts().collect::<Vec<_>>(),
             [
@@ -382,11 +396,11 @@ mod tests {
         let plan = parse(br#"{"onMissing":"split","split":{"weights":{"nvlink":1,"fs":1},"keyHeader":"x-session"}}"#).unwrap();
         let mut host = Host::default();
         let (effects, _) = run(&plan, &[], &mut host);
-        assert!(effects.arm.is_some() && host.asked_draw == 1);
+        assert!(effects.arm().is_some() && host.asked_draw == 1);
         let (keyed, _) = run(&plan, &[(b"x-session", b"abc")], &mut host);
         let (again, _) = run(&plan, &[(b"x-session", b" abc\t")], &mut host);
         assert_eq!(host.asked_draw, 1, "a key decides without a draw");
-        assert_eq!(keyed.arm, again.arm, "the key's arm is sticky");
+        assert_eq!(keyed.arm(), again.arm(), "the key's arm is sticky");
         run(&plan, &[(b"x-kv-backend", b"fs")], &mut host);
         assert_eq!(host.asked_draw, 1);
     }
@@ -400,13 +414,13 @@ mod tests {
         };
         let (allowed, _) = run(&plan, &[(b"x-kv-backend", b"fs")], &mut host);
         assert_eq!(host.asked_source, 1);
-        assert_eq!(allowed.arm, plan.arm_by_name("fs"));
+        assert_eq!(allowed.arm(), plan.arm_by_name("fs"));
         run(&plan, &[], &mut host);
         assert_eq!(host.asked_source, 1, "no arm asked for: nothing to allow");
 
         host.source = Some(b"192.0.2.1:5555");
         let (refused, layout) = run(&plan, &[(b"x-kv-backend", b"fs")], &mut host);
-        assert_eq!((refused.arm, refused.reply), (None, None));
+        assert_eq!((refused.arm(), refused.reply), (None, None));
         assert_eq!(
             refused.counts().collect::<Vec<_>>(),
             [
@@ -439,7 +453,7 @@ mod tests {
             effects.counts().collect::<Vec<_>>(),
             [layout.requests(None)]
         );
-        assert_eq!((effects.arm, effects.reply), (None, None));
+        assert_eq!((effects.arm(), effects.reply), (None, None));
     }
 
     #[test]
@@ -497,12 +511,13 @@ mod tests {
         let plan = parse(b"{}").unwrap();
         let layout = MetricLayout::new(&plan);
         let fs = plan.arm_by_name("fs");
-        let end = on_stream_end(&layout, fs, Served::Unknown, 503);
+        let tag = fs.map(|arm| (arm, Source::Split));
+        let end = on_stream_end(&layout, tag, Served::Unknown, 503);
         assert_eq!(end.class, CodeClass::C5xx);
         assert_eq!(
             end.counts,
             [
-                layout.responses(fs, CodeClass::C5xx),
+                layout.responses(tag, CodeClass::C5xx),
                 layout.served(fs, Served::Unknown)
             ]
         );
@@ -510,5 +525,27 @@ mod tests {
             on_stream_end(&layout, None, Served::None, 0).class,
             CodeClass::None
         );
+    }
+
+    /// Only answers are timed, in the histograms of their arm and source: a failure (5xx, or no status)
+    /// is counted by its class alone, so an arm that fails fast does not look fast.
+    #[test]
+    fn only_answered_requests_are_timed_by_arm_and_source() {
+        let plan = parse(b"{}").unwrap();
+        let layout = MetricLayout::new(&plan);
+        let fs = plan.arm_by_name("fs").unwrap();
+        for (status, answered) in [(200, true), (404, true), (101, true), (503, false), (0, false)] {
+            for source in Source::ALL {
+                let tag = Some((fs, source));
+                let end = on_stream_end(&layout, tag, Served::Arm(fs), status);
+                let expected = answered
+                    .then(|| [layout.request_duration(tag), layout.time_to_first_byte(tag)]);
+                assert_eq!(end.timed, expected, "{status} {source:?}");
+            }
+        }
+        let split = layout.request_duration(Some((fs, Source::Split)));
+        let other = layout.request_duration(Some((fs, Source::Header)));
+        assert_ne!(split, other);
+        assert_eq!(other, layout.request_duration(Some((fs, Source::Key))));
     }
 }

@@ -10,6 +10,7 @@ use kvab_filter_core::request::{
     on_reply_refused, on_request_headers, on_response_headers, on_stream_end, HeaderEdit,
     RequestEffects, RequestInputs,
 };
+use kvab_filter_core::plan::Source;
 use kvab_filter_core::ArmId;
 
 use crate::abi::{self, Headers, Level};
@@ -41,7 +42,8 @@ enum Stage {
 pub struct RequestContext {
     worker: Option<Rc<Worker>>,
     stage: Stage,
-    arm: Option<ArmId>,
+    /// The request's arm and how it was chosen (`None`: untagged).
+    tag: Option<(ArmId, Source)>,
     start_nanos: u64,
     /// Upstream `ip:port` that answered, and the arm it belongs to per the endpoint map.
     upstream: Option<Box<[u8]>>,
@@ -49,6 +51,9 @@ pub struct RequestContext {
     /// Response headers passed without the end of the stream: the time to first byte waits for
     /// the first body byte.
     first_byte_pending: bool,
+    /// Milliseconds to the first body byte, recorded when the stream ends if the request was
+    /// answered (its status is read once, then).
+    first_byte_ms: Option<u64>,
     /// When the response's end of stream passed (with its headers or a body chunk): the request's
     /// end for its duration, so `on_log` reads no clock of its own.
     end_nanos: Option<u64>,
@@ -59,24 +64,23 @@ impl RequestContext {
         RequestContext {
             worker,
             stage: Stage::Idle,
-            arm: None,
+            tag: None,
             start_nanos: 0,
             upstream: None,
             served: Served::None,
             first_byte_pending: false,
+            first_byte_ms: None,
             end_nanos: None,
         }
     }
 
-    fn record_first_byte(&mut self, now: u64) {
+    fn arm(&self) -> Option<ArmId> {
+        self.tag.map(|(arm, _)| arm)
+    }
+
+    fn note_first_byte(&mut self, now: u64) {
         self.first_byte_pending = false;
-        if let Some(worker) = self.worker.as_deref() {
-            let metrics = &worker.metrics;
-            metrics.record(
-                metrics.layout.time_to_first_byte(self.arm),
-                now.saturating_sub(self.start_nanos) / 1_000_000,
-            );
-        }
+        self.first_byte_ms = Some(now.saturating_sub(self.start_nanos) / 1_000_000);
     }
 
     /// Applies what the core decided: header edits and counts, then the local reply if any.
@@ -85,7 +89,7 @@ impl RequestContext {
         for index in effects.counts() {
             worker.metrics.count(index);
         }
-        self.arm = effects.arm;
+        self.tag = effects.tag;
         let Some((rejection, arm)) = effects.reply else {
             self.stage = Stage::Admitted;
             return Action::Continue;
@@ -180,7 +184,7 @@ impl RequestContext {
         // has no later moment.
         match now {
             Some(now) if end_of_stream => {
-                self.record_first_byte(now);
+                self.note_first_byte(now);
                 self.end_nanos = Some(now);
             }
             _ => self.first_byte_pending = true,
@@ -193,7 +197,7 @@ impl RequestContext {
             (Some(link), Some(now)) => link.fresh_map(now),
             _ => None,
         };
-        let effects = on_response_headers(plan, self.arm, self.upstream.as_deref(), map.as_deref());
+        let effects = on_response_headers(plan, self.arm(), self.upstream.as_deref(), map.as_deref());
         apply_edits(Headers::Response, effects.edits());
         self.served = effects.served;
         Action::Continue
@@ -207,7 +211,7 @@ impl RequestContext {
         if first_byte || end {
             let now = abi::now_nanos();
             if first_byte {
-                self.record_first_byte(now);
+                self.note_first_byte(now);
             }
             if end {
                 self.end_nanos = Some(now);
@@ -222,7 +226,7 @@ impl RequestContext {
             (self.stage == Stage::Admitted).then(|| self.end_nanos.unwrap_or_else(abi::now_nanos));
         if let (true, Some(end_nanos)) = (self.first_byte_pending, end_nanos) {
             // The body never carried a byte (it ended with trailers, or the stream was reset).
-            self.record_first_byte(end_nanos);
+            self.note_first_byte(end_nanos);
         }
         let Some(worker) = self.worker.as_deref() else {
             return;
@@ -238,23 +242,24 @@ impl RequestContext {
                 .map_or(0, u64::from_le_bytes),
             _ => 0,
         };
-        let end = on_stream_end(&metrics.layout, self.arm, self.served, status);
+        let end = on_stream_end(&metrics.layout, self.tag, self.served, status);
         for index in end.counts {
             metrics.count(index);
         }
         if let Some(link) = &worker.link {
             link.record(
-                self.arm,
+                self.arm(),
                 self.served,
                 self.upstream.as_deref().unwrap_or_default(),
                 end.class,
             );
         }
-        if let Some(end_nanos) = end_nanos {
-            metrics.record(
-                metrics.layout.request_duration(self.arm),
-                end_nanos.saturating_sub(self.start_nanos) / 1_000_000,
-            );
+        // An answered, admitted request: its duration, and its first byte when one came.
+        if let (Some([duration, first_byte]), Some(end_nanos)) = (end.timed, end_nanos) {
+            metrics.record(duration, end_nanos.saturating_sub(self.start_nanos) / 1_000_000);
+            if let Some(ms) = self.first_byte_ms {
+                metrics.record(first_byte, ms);
+            }
         }
     }
 }

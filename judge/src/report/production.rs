@@ -35,13 +35,21 @@ pub struct Report {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Design {
-    /// `randomized` (at least 95 % of tagged requests assigned by the split), `observational` (most chose
-    /// their arm by header), `mixed`, or `none` (no tagged request).
+    /// `randomized` (requests assigned by the split's random draw: those alone are compared), `sticky`
+    /// (some assigned by their key: no randomized verdict, the key is the unit), `observational` (every
+    /// tagged request chose its arm by header or default), or `none` (no tagged request).
     pub kind: &'static str,
-    /// Tagged requests per arm and `source` (`header`, `split`, `default`).
+    /// Which requests the comparisons and error rates count: `split` (split-assigned alone, in a
+    /// randomized window) or `all` (every tagged request of the arms, a description, never a verdict).
+    pub compared: &'static str,
+    /// Tagged requests per arm and `source` (`header`, `alias`, `split`, `key`, `default`).
     pub requests: BTreeMap<String, BTreeMap<String, f64>>,
     pub split_share: Option<f64>,
     pub header_share: Option<f64>,
+    pub key_share: Option<f64>,
+    /// Requests in the window that were not split-assigned, untagged and other arms' included: what vLLM's
+    /// own histograms hold besides the split's requests.
+    pub other_requests: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -141,16 +149,15 @@ impl Report {
                 c.tails_text()
             );
         }
+        let share = |s: Option<f64>| s.map_or("-".into(), |s| format!("{:.0}%", 100.0 * s));
         let _ = writeln!(
             out,
-            "\ndesign: {} (split {}, header {}); split-assigned {}; sample ratio {}",
+            "\ndesign: {} (split {}, key {}, header {}; compared: {}); split-assigned {}; sample ratio {}",
             self.design.kind,
-            self.design
-                .split_share
-                .map_or("-".into(), |s| format!("{:.0}%", 100.0 * s)),
-            self.design
-                .header_share
-                .map_or("-".into(), |s| format!("{:.0}%", 100.0 * s)),
+            share(self.design.split_share),
+            share(self.design.key_share),
+            share(self.design.header_share),
+            self.design.compared,
             self.assignment
                 .split
                 .iter()

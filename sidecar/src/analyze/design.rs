@@ -1,7 +1,7 @@
 //! The design, read from how requests chose their arm (`source`), and the sample-ratio check of the
 //! split-assigned requests against the split weights. No I/O here.
 
-use kvab_contract::metrics::label;
+use kvab_contract::metrics::{label, source};
 use std::collections::BTreeMap;
 
 use kvab_judge::report::production::{Assignment, Design};
@@ -10,13 +10,17 @@ use kvab_judge::stats::split_test;
 use super::prometheus::Labels;
 use super::series::label;
 
-/// Split-assigned share at or above which the comparison counts as randomized.
-pub const RANDOMIZED_SHARE: f64 = 0.95;
-
-/// The design of the window from `kvab_requests_total` by (backend, source).
+/// The design of the window from `kvab_requests_total` by (backend, source):
+/// - `sticky` when any request of the two arms was assigned by its key (`split.keyHeader`): a key's requests
+///   share an arm, so the key is the unit of randomization, and Prometheus holds no per-key data;
+/// - `randomized` when some were assigned by the split's random draw: those alone are compared;
+/// - `observational` when tagged requests all chose their arm otherwise (header, alias, default);
+/// - `none` without a tagged request.
 pub fn design(requests: &[(Labels, f64)], arms: &[String]) -> Design {
     let mut by_arm: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
+    let mut all = 0.0;
     for (l, v) in requests {
+        all += v;
         let arm = label(l, label::BACKEND);
         if arms.iter().any(|a| a == arm) {
             *by_arm
@@ -27,21 +31,37 @@ pub fn design(requests: &[(Labels, f64)], arms: &[String]) -> Design {
         }
     }
     let total: f64 = by_arm.values().flat_map(|s| s.values()).sum();
-    let share = |source: &str| {
-        (total > 0.0).then(|| by_arm.values().filter_map(|s| s.get(source)).sum::<f64>() / total)
+    let of = |source: &str| by_arm.values().filter_map(|s| s.get(source)).sum::<f64>();
+    let share = |source: &str| (total > 0.0).then(|| of(source) / total);
+    let (split_share, header_share, key_share) = (
+        share(source::SPLIT),
+        share(source::HEADER),
+        share(source::KEY),
+    );
+    let kind = if total <= 0.0 {
+        "none"
+    } else if of(source::KEY) > 0.0 {
+        "sticky"
+    } else if of(source::SPLIT) > 0.0 {
+        "randomized"
+    } else {
+        "observational"
     };
-    let (split_share, header_share) = (share("split"), share("header"));
-    let kind = match (split_share, header_share) {
-        (None, _) => "none",
-        (Some(s), _) if s >= RANDOMIZED_SHARE => "randomized",
-        (_, Some(h)) if h > 0.5 => "observational",
-        _ => "mixed",
+    let compared = if kind == "randomized" {
+        source::SPLIT
+    } else {
+        "all"
     };
+    // Every request in the window, untagged and other arms' too: what vLLM's pods may have served.
+    let other = (all - of(source::SPLIT)).max(0.0);
     Design {
         kind,
+        compared,
         requests: by_arm,
         split_share,
         header_share,
+        key_share,
+        other_requests: other,
     }
 }
 
@@ -58,7 +78,7 @@ pub fn assignment(
             let n = requests
                 .iter()
                 .filter(|(l, _)| {
-                    label(l, label::BACKEND) == arm && label(l, label::SOURCE) == "split"
+                    label(l, label::BACKEND) == arm && label(l, label::SOURCE) == source::SPLIT
                 })
                 .map(|(_, v)| v)
                 .sum();

@@ -112,14 +112,14 @@ pub async fn fetch(
     };
     let mut answers = Answers {
         duration: q
-            .required(metrics::REQUEST_DURATION_BUCKET, "backend, le")
+            .required(metrics::REQUEST_DURATION_BUCKET, "backend, source, le")
             .await?,
         ttfb: q
-            .required(metrics::TIME_TO_FIRST_BYTE_BUCKET, "backend, le")
+            .required(metrics::TIME_TO_FIRST_BYTE_BUCKET, "backend, source, le")
             .await?,
         requests: q.required(metrics::REQUESTS, "backend, source").await?,
         responses: q
-            .required(metrics::RESPONSES, "backend, code_class")
+            .required(metrics::RESPONSES, "backend, source, code_class")
             .await?,
         served: q.increase(metrics::SERVED, "requested, served").await?,
         routed: q.increase(metrics::ROUTED_REQUESTS, "requested").await?,

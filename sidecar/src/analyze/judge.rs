@@ -2,7 +2,7 @@
 //! rates, the comparisons (Holm across the metrics) and the verdict, as one `Report`. No I/O here: the
 //! answers come from `fetch`, whatever their source.
 
-use kvab_contract::metrics;
+use kvab_contract::metrics::{self, source};
 use std::collections::BTreeMap;
 
 use kvab_judge::stats::{format_p, holm_adjusted, holm_levels, two_proportion};
@@ -11,7 +11,7 @@ use super::design::{assignment, design};
 use super::fetch::Answers;
 use super::options::AnalyzeArgs;
 use super::prometheus::Labels;
-use super::series::{counts, histograms, label};
+use super::series::{counts, histograms, label, without_source, ALL};
 use kvab_judge::binned::mann_whitney;
 use kvab_judge::comparison::{of_histograms, Comparison, InFamily, Rule};
 use kvab_judge::guardrail::{self, ErrorGuard};
@@ -50,8 +50,9 @@ pub fn judge(
     counts(metrics::ROUTED_REQUESTS, routed)?;
 
     let design = design(requests, arms);
+    let compared = design.compared;
     let assignment = assignment(requests, arms, &args.split, args.srm_threshold);
-    let (errors, errors_p, error_guardrail) = errors(responses, arms, args);
+    let (errors, errors_p, error_guardrail) = errors(responses, arms, compared, args);
     let misroutes = misroutes(served, arms);
     let routed = (!routed.is_empty()).then(|| {
         routed
@@ -68,20 +69,29 @@ pub fn judge(
         (
             "request_duration_ms",
             true,
-            histograms(metrics::REQUEST_DURATION_BUCKET, duration, arms)?,
+            histograms(metrics::REQUEST_DURATION_BUCKET, duration, arms, compared)?,
         ),
         (
             "time_to_first_byte_ms",
             false,
-            histograms(metrics::TIME_TO_FIRST_BYTE_BUCKET, ttfb, arms)?,
+            histograms(metrics::TIME_TO_FIRST_BYTE_BUCKET, ttfb, arms, compared)?,
         ),
     ];
+    // vLLM's histograms count every request its pods served: in a randomized window they join the
+    // comparisons only when every request in it was split-assigned.
+    let vllm_mixed = compared == source::SPLIT && design.other_requests > 0.0;
+    let mut vllm_left_out = Vec::new();
     for (name, metric, samples) in vllm {
-        let found = histograms(metric, samples, arms)?;
+        let found = histograms(metric, samples, arms, ALL)?;
         if found.iter().any(Option::is_some) {
-            metrics.push((*name, false, found));
+            if vllm_mixed {
+                vllm_left_out.push(*name);
+            } else {
+                metrics.push((*name, false, found));
+            }
         }
     }
+    let unlabelled = without_source(duration, arms) || without_source(ttfb, arms);
     let p_values: Vec<Option<f64>> = metrics
         .iter()
         .map(|(_, _, h)| match (&h[0], &h[1]) {
@@ -158,7 +168,23 @@ pub fn judge(
         },
         queries,
     };
-    (report.verdict, report.reasons) = verdict(findings(&report, &few, args), &report.comparisons);
+    let mut findings = findings(&report, &few, args);
+    if unlabelled && compared == source::SPLIT {
+        findings.caveats.push(
+            "the latency histograms carry no source label (a kvab filter that did not tell split-assigned \
+             requests apart): the split's requests cannot be compared alone, so no randomized verdict"
+                .into(),
+        );
+    }
+    if !vllm_left_out.is_empty() {
+        findings.notes.push(format!(
+            "{} left out: vLLM's histograms count every request its pods served, and {:.0} request(s) in the \
+             window were not split-assigned",
+            vllm_left_out.join(", "),
+            report.design.other_requests
+        ));
+    }
+    (report.verdict, report.reasons) = verdict(findings, &report.comparisons);
     Ok(report)
 }
 
@@ -182,18 +208,35 @@ fn findings(report: &Report, few: &[Vec<(String, f64)>], args: &AnalyzeArgs) -> 
             report.assignment.srm_p.map_or("-".into(), format_p)
         ));
     }
-    match report.design.kind {
-        "randomized" => f.context.push(format!(
-            "randomized: {:.0} % of tagged requests were assigned by the filter's split",
-            100.0 * report.design.split_share.unwrap_or(0.0)
+    let design = &report.design;
+    let percent = |share: Option<f64>| 100.0 * share.unwrap_or(0.0);
+    match design.kind {
+        "randomized" => {
+            let left_out = 100.0 - percent(design.split_share);
+            f.context.push(if left_out >= 0.5 {
+                format!(
+                    "randomized: the {:.0} % of tagged requests assigned by the split's random draw are \
+                     compared alone; the other {left_out:.0} % (header-chosen, default) are left out",
+                    percent(design.split_share)
+                )
+            } else {
+                "randomized: every tagged request was assigned by the split's random draw".into()
+            })
+        }
+        "sticky" => f.caveats.push(format!(
+            "sticky: {:.0} % of tagged requests were assigned by their key (split.keyHeader), so every \
+             request of a key went to one arm: the key is the unit of randomization, and Prometheus holds no \
+             per-key data, so requests judged one by one would claim far more certainty than the keys give; \
+             no randomized verdict (randomize requests, or run kvab experiment)",
+            percent(design.key_share)
         )),
         "none" => f.caveats.push("no tagged request in the window".into()),
         kind => f.caveats.push(format!(
-            "{kind}: {:.0} % of tagged requests chose their arm by header (clients chose), only {:.0} % by the \
-             split; the arms saw different clients, prompts and moments, so a difference may come from who \
-             sends to which arm and is no verdict (use onMissing: split, or kvab experiment)",
-            100.0 * report.design.header_share.unwrap_or(0.0),
-            100.0 * report.design.split_share.unwrap_or(0.0)
+            "{kind}: no request was assigned by the split; {:.0} % of tagged requests chose their arm by \
+             header (clients chose): the arms saw different clients, prompts and moments, so a difference \
+             may come from who sends to which arm and is no verdict (use onMissing: split, or kvab \
+             experiment)",
+            percent(design.header_share)
         )),
     }
     for arms in few.iter().filter(|arms| !arms.is_empty()) {
@@ -241,15 +284,21 @@ fn rates(
         .collect()
 }
 
-/// A 5xx, or no response status at all (reset, timeout): the arm failed the request. The rates, their
-/// two-proportion p-value and the error guardrail.
+/// A 5xx, or no response status at all (reset, timeout): the arm failed the request. The rates (of the
+/// `compared` requests), their two-proportion p-value and the error guardrail.
 fn errors(
     responses: &[(Labels, f64)],
     arms: &[String],
+    compared: &str,
     args: &AnalyzeArgs,
 ) -> (BTreeMap<String, Rate>, Option<f64>, ErrorGuard) {
-    let rates = rates(responses, metrics::label::BACKEND, arms, |l, _| {
-        matches!(label(l, metrics::label::CODE_CLASS), "5xx" | "none")
+    let responses: Vec<(Labels, f64)> = responses
+        .iter()
+        .filter(|(l, _)| compared == ALL || label(l, metrics::label::SOURCE) == compared)
+        .cloned()
+        .collect();
+    let rates = rates(&responses, metrics::label::BACKEND, arms, |l, _| {
+        metrics::FAILED_CODE_CLASSES.contains(&label(l, metrics::label::CODE_CLASS))
     });
     let get = |arm: &String| {
         rates

@@ -42,29 +42,75 @@ pub fn counts(metric: &str, samples: &[(Labels, f64)]) -> Result<(), String> {
     Ok(())
 }
 
-/// Per arm, the histogram of its buckets; `None` for an arm without any; an error naming the arm's series
-/// when its buckets are no histogram (`Histogram::from_cumulative`).
+/// Per arm, the histogram of its buckets, of the series whose `source` is `compared` (`all`: every
+/// source's, summed bound by bound); `None` for an arm without any. Each source's buckets are checked on
+/// their own first (`Histogram::from_cumulative`), so buckets that are no histogram are an error naming
+/// their series (arm and source), never hidden in a sum.
 pub fn histograms(
     metric: &str,
     samples: &[(Labels, f64)],
     arms: &[String],
+    compared: &str,
 ) -> Result<Vec<Option<Histogram>>, String> {
     arms.iter()
         .map(|arm| {
-            let buckets: Vec<(&str, f64)> = samples
-                .iter()
-                .filter(|(l, _)| label(l, label::BACKEND) == arm)
-                .map(|(l, v)| (label(l, "le"), *v))
-                .collect();
-            if buckets.is_empty() {
-                return Ok(None);
+            // Per source (in the order first met), its buckets.
+            let mut sources: Vec<(&str, Vec<(&str, f64)>)> = Vec::new();
+            for (l, v) in samples.iter().filter(|(l, _)| {
+                label(l, label::BACKEND) == arm
+                    && (compared == ALL || label(l, label::SOURCE) == compared)
+            }) {
+                let source = label(l, label::SOURCE);
+                let bucket = (label(l, "le"), *v);
+                match sources.iter_mut().find(|(s, _)| *s == source) {
+                    Some((_, buckets)) => buckets.push(bucket),
+                    None => sources.push((source, vec![bucket])),
+                }
             }
-            Histogram::from_cumulative(buckets)
-                .map(Some)
-                .map_err(|problem| {
-                    let labels = Labels::from([(label::BACKEND.to_string(), arm.clone())]);
+            let mut found = None;
+            for (source, buckets) in &sources {
+                let histogram = Histogram::from_cumulative(buckets.iter().copied()).map_err(|problem| {
+                    let mut labels = Labels::from([(label::BACKEND.to_string(), arm.clone())]);
+                    if !source.is_empty() {
+                        labels.insert(label::SOURCE.to_string(), source.to_string());
+                    }
                     invalid_input(metric, &labels, problem)
-                })
+                })?;
+                found = Some(match found {
+                    None => histogram,
+                    Some(sum) => sum_of(metric, arm, sum, &histogram)?,
+                });
+            }
+            Ok(found)
         })
         .collect()
+}
+
+/// Two histograms of one arm added bucket by bucket; sources that do not share their bounds are an error
+/// naming the arm (the filter gives every source the same bounds).
+fn sum_of(metric: &str, arm: &str, a: Histogram, b: &Histogram) -> Result<Histogram, String> {
+    if a.upper != b.upper {
+        let labels = Labels::from([(label::BACKEND.to_string(), arm.to_string())]);
+        return Err(invalid_input(
+            metric,
+            &labels,
+            "its sources' buckets have different bounds, so they cannot be added",
+        ));
+    }
+    let counts = a.counts.iter().zip(&b.counts).map(|(x, y)| x + y).collect();
+    Ok(Histogram {
+        upper: a.upper,
+        counts,
+    })
+}
+
+/// `compared` for every source's series together.
+pub const ALL: &str = "all";
+
+/// Whether some of the arms' series carry no `source` label: histograms of a filter that did not tell
+/// split-assigned requests apart.
+pub fn without_source(samples: &[(Labels, f64)], arms: &[String]) -> bool {
+    samples.iter().any(|(l, _)| {
+        arms.iter().any(|a| a == label(l, label::BACKEND)) && label(l, label::SOURCE).is_empty()
+    })
 }

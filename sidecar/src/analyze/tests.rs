@@ -46,27 +46,26 @@ fn sample(labels: Value, value: &str) -> Value {
     json!({"metric": labels, "value": [1_796_252_038.6, value]})
 }
 
-/// One arm's cumulative buckets, as `sum by (backend, le)` returns them.
+/// One arm's cumulative buckets of split-assigned requests, as `sum by (backend, source, le)` returns them.
 fn buckets(arm: &str, cumulative: &[(&str, &str)]) -> Vec<Value> {
+    buckets_of(arm, "split", cumulative)
+}
+
+/// One arm's cumulative buckets of one source.
+fn buckets_of(arm: &str, source: &str, cumulative: &[(&str, &str)]) -> Vec<Value> {
     cumulative
         .iter()
-        .map(|(le, v)| sample(json!({"backend": arm, "le": le}), v))
+        .map(|(le, v)| sample(json!({"backend": arm, "source": source, "le": le}), v))
         .collect()
 }
 
 /// A randomized window, 1000 requests per arm, nvlink's durations clearly shorter.
 fn answers(nvlink_duration: &[(&str, &str)], nvlink_split: &str) -> Answers {
-    let fs = [
-        ("50", "0"),
-        ("100", "100"),
-        ("200", "900"),
-        ("+Inf", "1000"),
-    ];
-    let duration = answer(&[buckets("nvlink", nvlink_duration), buckets("fs", &fs)].concat());
+    let duration = answer(&[buckets("nvlink", nvlink_duration), buckets("fs", &FS)].concat());
     let per_arm = |name: &str, other: Value, nvlink: &str| {
         answer(&[
-            sample(json!({"backend": "nvlink", name: other}), nvlink),
-            sample(json!({"backend": "fs", name: other}), "1000"),
+            sample(json!({"backend": "nvlink", "source": "split", name: other}), nvlink),
+            sample(json!({"backend": "fs", "source": "split", name: other}), "1000"),
         ])
     };
     Answers {
@@ -82,6 +81,13 @@ fn answers(nvlink_duration: &[(&str, &str)], nvlink_split: &str) -> Answers {
         vllm: Vec::new(),
     }
 }
+
+const FS: [(&str, &str); 4] = [
+    ("50", "0"),
+    ("100", "100"),
+    ("200", "900"),
+    ("+Inf", "1000"),
+];
 
 const NVLINK: [(&str, &str); 4] = [
     ("50", "900"),
@@ -139,7 +145,8 @@ fn a_sound_window_is_judged() {
 
 #[test]
 fn input_that_is_no_histogram_is_refused_naming_its_series() {
-    let series = "invalid input: kvab_request_duration_milliseconds_bucket{backend=\"nvlink\"}";
+    let series =
+        "invalid input: kvab_request_duration_milliseconds_bucket{backend=\"nvlink\", source=\"split\"}";
     for (buckets, problem) in [
         // Was NaN cast to 0: "decided: nvlink faster by 242.9 %".
         (
@@ -224,16 +231,34 @@ fn a_balanced_split_is_a_randomized_design_that_passes_the_sample_ratio_check() 
     let p = checked.srm_p.unwrap();
     assert!((0.55..0.65).contains(&p), "{p}");
     assert_eq!(checked.srm_ok, Some(true));
-    // A few header-tagged requests (under 5 %) leave it randomized; the split counts alone are checked.
+    // Header-tagged requests leave it randomized: the split-assigned ones are compared and checked alone.
     let some_headers = requests(&[
         ("nvlink", "split", "1000"),
         ("fs", "split", "1000"),
         ("fs", "header", "40"),
     ]);
-    assert_eq!(design(&some_headers, &arms()).kind, "randomized");
+    let found = design(&some_headers, &arms());
+    assert_eq!((found.kind, found.compared), ("randomized", "split"));
+    assert_eq!(found.other_requests, 40.0);
     let checked = assignment(&some_headers, &arms(), &args().split, 0.001);
     assert_eq!(checked.split["fs"], 1000.0);
     assert_eq!(checked.srm_p, Some(1.0));
+    // Untagged requests are no arm's, but vLLM's pods served them too.
+    let untagged = requests(&[
+        ("nvlink", "split", "1000"),
+        ("fs", "split", "1000"),
+        ("none", "none", "7"),
+    ]);
+    let found = design(&untagged, &arms());
+    assert_eq!((found.kind, found.other_requests), ("randomized", 7.0));
+    // One key-assigned request makes the window sticky: all tagged requests are described, none judged.
+    let keyed = requests(&[
+        ("nvlink", "split", "1000"),
+        ("fs", "split", "1000"),
+        ("fs", "key", "1"),
+    ]);
+    let found = design(&keyed, &arms());
+    assert_eq!((found.kind, found.compared), ("sticky", "all"));
     // Without --split the ratio is not checked.
     let unchecked = assignment(&split, &arms(), &[], 0.001);
     assert_eq!(
@@ -274,36 +299,23 @@ fn a_sample_ratio_mismatch_makes_the_analysis_invalid_whatever_the_comparison() 
 #[test]
 fn arms_chosen_by_header_are_no_verdict_however_clear_the_difference() {
     let mut chosen = answers(&NVLINK, "1000");
-    // 80 % chose by header: observational.
-    chosen.requests = requests(&[
-        ("nvlink", "header", "900"),
-        ("fs", "header", "700"),
-        ("nvlink", "split", "200"),
-        ("fs", "split", "200"),
-    ]);
+    // Every tagged request chose by header: observational.
+    chosen.requests = requests(&[("nvlink", "header", "900"), ("fs", "header", "700")]);
+    chosen.duration = answer(&[buckets_of("nvlink", "other", &NVLINK), buckets_of("fs", "other", &FS)].concat());
+    chosen.ttfb = chosen.duration.clone();
     let report = judged(&chosen).unwrap();
-    assert_eq!(report.design.kind, "observational");
-    assert_eq!(report.design.header_share, Some(0.8));
+    assert_eq!((report.design.kind, report.design.compared), ("observational", "all"));
+    assert_eq!(report.design.header_share, Some(1.0));
     // The comparison is made and shown, but it is no verdict.
     assert_eq!(primary(&report).decision, Decision::Faster);
     assert_eq!(report.verdict, Verdict::Inconclusive);
     assert!(
         report.reasons[0].starts_with(
-            "observational: 80 % of tagged requests chose their arm by header (clients chose), only 20 % by the split"
+            "observational: no request was assigned by the split; 100 % of tagged requests chose their arm by \
+             header (clients chose)"
         ),
         "{}",
         report.reasons[0]
-    );
-    // 90 % by the split, 10 % by header: below the 95 % of a randomized design, and no header majority.
-    chosen.requests = requests(&[
-        ("nvlink", "split", "900"),
-        ("fs", "split", "900"),
-        ("fs", "header", "200"),
-    ]);
-    let report = judged(&chosen).unwrap();
-    assert_eq!(
-        (report.design.kind, report.verdict),
-        ("mixed", Verdict::Inconclusive)
     );
     // No tagged request at all.
     chosen.requests = requests(&[("nvlink", "split", "0"), ("fs", "split", "0")]);
@@ -337,7 +349,7 @@ fn an_arm_clearly_faster_is_decided_with_its_interval_and_effect() {
     assert_eq!(
         report.reasons,
         [
-            "randomized: 100 % of tagged requests were assigned by the filter's split",
+            "randomized: every tagged request was assigned by the split's random draw",
             "request_duration_ms: nvlink faster by 440.0% [100.0%, ∞]"
         ]
     );
@@ -457,8 +469,8 @@ fn negative_and_non_monotone_buckets_are_refused_naming_the_series() {
     ];
     assert_eq!(
         judged(&answers(&negative, "1000")).unwrap_err(),
-        "invalid input: kvab_request_duration_milliseconds_bucket{backend=\"nvlink\"}: bucket le=\"50\": \
-         the count -3 is negative"
+        "invalid input: kvab_request_duration_milliseconds_bucket{backend=\"nvlink\", source=\"split\"}: \
+         bucket le=\"50\": the count -3 is negative"
     );
     // On the secondary metric (time to first byte) too, named as such.
     let mut bad = answers(&NVLINK, "1000");
@@ -472,7 +484,8 @@ fn negative_and_non_monotone_buckets_are_refused_naming_the_series() {
     let message = judged(&bad).unwrap_err();
     assert!(
         message.starts_with(
-            "invalid input: kvab_time_to_first_byte_milliseconds_bucket{backend=\"fs\"}: bucket le=\"200\" counts 500"
+            "invalid input: kvab_time_to_first_byte_milliseconds_bucket{backend=\"fs\", source=\"split\"}: bucket \
+             le=\"200\" counts 500"
         ),
         "{message}"
     );
@@ -481,7 +494,10 @@ fn negative_and_non_monotone_buckets_are_refused_naming_the_series() {
     bad.vllm = vec![(
         "vllm_ttft_ms",
         "vllm:time_to_first_token_seconds_bucket",
-        answer(&buckets("fs", &[("soon", "1"), ("+Inf", "2")])),
+        answer(&[
+            sample(json!({"backend": "fs", "le": "soon"}), "1"),
+            sample(json!({"backend": "fs", "le": "+Inf"}), "2"),
+        ]),
     )];
     let message = judged(&bad).unwrap_err();
     assert!(
@@ -621,7 +637,7 @@ async fn a_query_the_file_does_not_hold_is_an_error_naming_it() {
         .unwrap_err();
     assert_eq!(
         error,
-        "query sum by (backend, le) (increase(kvab_request_duration_milliseconds_bucket{job=\"other\"}[9s])): \
+        "query sum by (backend, source, le) (increase(kvab_request_duration_milliseconds_bucket{job=\"other\"}[9s])): \
          not in --answers recorded.json (--selector, --vllm-selector and --vllm-arm-label shape the queries: \
          are they as when it was recorded?)"
     );
@@ -649,7 +665,7 @@ fn a_file_of_answers_is_refused_naming_the_field() {
         "window.start: wants a time, Unix seconds"
     );
     assert_eq!(
-        refused(&|d| d["window"]["start"] = json!(1_796_619_300.0)),
+        refused(&|d| d["window"]["start"] = d["window"]["end"].clone()),
         "window: start is not before end"
     );
     assert_eq!(
@@ -736,4 +752,119 @@ async fn a_live_source_keeps_what_it_was_answered_and_saves_it_to_be_read_back()
         "{error}"
     );
     std::fs::remove_dir_all(&directory).unwrap();
+}
+
+// Production at the unit of randomization: the split's requests compared alone.
+
+/// A randomized window where header-chosen requests, far slower on nvlink, join the split's: left out,
+/// the verdict is the split's (nvlink faster), never pulled by who chose what.
+#[test]
+fn header_chosen_requests_are_left_out_of_a_randomized_comparison() {
+    let mut mixed = answers(&NVLINK, "1000");
+    // 100 header-chosen requests per arm; nvlink's all beyond 200 ms, fs's all under 50 ms.
+    let slow = [("50", "0"), ("100", "0"), ("200", "0"), ("+Inf", "100")];
+    let quick = [("50", "100"), ("100", "100"), ("200", "100"), ("+Inf", "100")];
+    let header = [buckets_of("nvlink", "other", &slow), buckets_of("fs", "other", &quick)].concat();
+    let split: Vec<Value> = [buckets("nvlink", &NVLINK), buckets("fs", &FS)].concat();
+    mixed.duration = answer(&[split.clone(), header.clone()].concat());
+    mixed.ttfb = mixed.duration.clone();
+    mixed.requests = requests(&[
+        ("nvlink", "split", "1000"),
+        ("fs", "split", "1000"),
+        ("nvlink", "header", "100"),
+        ("fs", "header", "100"),
+    ]);
+    // The header-chosen requests failed on fs: not the split's error rate.
+    mixed.responses = answer(&[
+        sample(json!({"backend": "nvlink", "source": "split", "code_class": "2xx"}), "1000"),
+        sample(json!({"backend": "fs", "source": "split", "code_class": "2xx"}), "1000"),
+        sample(json!({"backend": "fs", "source": "header", "code_class": "5xx"}), "100"),
+    ]);
+    let report = judged(&mixed).unwrap();
+    assert_eq!(report.verdict, Verdict::Decided, "{:?}", report.reasons);
+    assert_eq!((report.design.kind, report.design.compared), ("randomized", "split"));
+    let c = primary(&report);
+    assert_eq!((c.n["nvlink"], c.n["fs"]), (1000, 1000));
+    assert_eq!(c.faster.as_deref(), Some("nvlink"));
+    assert_eq!(report.errors["fs"].count, 0.0);
+    assert_eq!(report.errors["fs"].of, 1000.0);
+    assert!(
+        report.reasons[0].starts_with(
+            "randomized: the 91 % of tagged requests assigned by the split's random draw are compared alone; \
+             the other 9 % (header-chosen, default) are left out"
+        ),
+        "{:?}",
+        report.reasons
+    );
+    // Described as a whole, the same window is no verdict: every tagged request is summed bound by bound.
+    mixed.requests = requests(&[("nvlink", "header", "1100"), ("fs", "header", "1100")]);
+    let all = judged(&mixed).unwrap();
+    assert_eq!((all.design.compared, all.verdict), ("all", Verdict::Inconclusive));
+    assert_eq!(primary(&all).n["nvlink"], 1100);
+}
+
+/// A window with key-assigned requests: no randomized verdict, with the reason, however clear the
+/// difference.
+#[test]
+fn a_sticky_split_is_refused_with_the_reason() {
+    let mut sticky = answers(&NVLINK, "1000");
+    sticky.duration = answer(&[buckets_of("nvlink", "other", &NVLINK), buckets_of("fs", "other", &FS)].concat());
+    sticky.ttfb = sticky.duration.clone();
+    sticky.requests = requests(&[("nvlink", "key", "1000"), ("fs", "key", "1000")]);
+    let report = judged(&sticky).unwrap();
+    assert_eq!(report.design.kind, "sticky");
+    assert_eq!(report.design.key_share, Some(1.0));
+    assert_eq!(primary(&report).decision, Decision::Faster);
+    assert_eq!(report.verdict, Verdict::Inconclusive);
+    assert!(
+        report.reasons[0].starts_with(
+            "sticky: 100 % of tagged requests were assigned by their key (split.keyHeader)"
+        ) && report.reasons[0].contains("Prometheus holds no per-key data"),
+        "{:?}",
+        report.reasons
+    );
+    // No split-assigned request: nothing for the sample-ratio check, never a false alarm.
+    assert_eq!(report.assignment.srm_p, None);
+}
+
+/// Histograms without a `source` label (a filter that did not tell the split's requests apart) are no
+/// randomized verdict, and vLLM's histograms leave a randomized comparison when other requests share the pods.
+#[test]
+fn unlabelled_histograms_and_vllms_mixed_histograms_are_no_randomized_evidence() {
+    let mut old = answers(&NVLINK, "1000");
+    let unlabelled = |arm: &str, cumulative: &[(&str, &str)]| -> Vec<Value> {
+        cumulative
+            .iter()
+            .map(|(le, v)| sample(json!({"backend": arm, "le": le}), v))
+            .collect()
+    };
+    old.duration = answer(&[unlabelled("nvlink", &NVLINK), unlabelled("fs", &FS)].concat());
+    let report = judged(&old).unwrap();
+    assert_eq!(report.verdict, Verdict::Inconclusive);
+    assert!(
+        report.reasons.iter().any(|r| r.starts_with("the latency histograms carry no source label")),
+        "{:?}",
+        report.reasons
+    );
+
+    let mut shared = answers(&NVLINK, "1000");
+    shared.vllm = vec![(
+        "vllm_ttft_ms",
+        "vllm:time_to_first_token_seconds_bucket",
+        answer(&[unlabelled("nvlink", &NVLINK), unlabelled("fs", &FS)].concat()),
+    )];
+    assert_eq!(judged(&shared).unwrap().comparisons.len(), 3, "every request split-assigned: vLLM's joins");
+    shared.requests = requests(&[
+        ("nvlink", "split", "1000"),
+        ("fs", "split", "1000"),
+        ("nvlink", "header", "50"),
+    ]);
+    let report = judged(&shared).unwrap();
+    assert_eq!(report.comparisons.len(), 2);
+    assert_eq!(report.verdict, Verdict::Decided, "{:?}", report.reasons);
+    assert!(
+        report.reasons.iter().any(|r| r.starts_with("vllm_ttft_ms left out: vLLM's histograms count every request")),
+        "{:?}",
+        report.reasons
+    );
 }
