@@ -335,7 +335,8 @@ impl MetricLayout {
         // Every (backend, split|other) tag in `timing_index` order.
         let timings: Vec<[(&str, &str); 2]> = (0..self.arms)
             .flat_map(|arm| {
-                TIMING_SOURCES.map(|source| [(label::BACKEND, backend(arm)), (label::SOURCE, source)])
+                TIMING_SOURCES
+                    .map(|source| [(label::BACKEND, backend(arm)), (label::SOURCE, source)])
             })
             .chain([[
                 (label::BACKEND, backend(self.arms)),

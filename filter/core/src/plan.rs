@@ -7,8 +7,8 @@ use crate::choice::ChoicePolicy;
 use crate::field::trim_ows;
 pub use crate::reply::Rejection;
 use crate::sidecar::Sidecar;
-use kvab_contract::report::NO_ARM;
 use kvab_contract::metrics::source;
+use kvab_contract::report::NO_ARM;
 
 /// What to do when the request carries no arm header (or only an empty value). `Arm` is the
 /// default arm: `()` as configured (`onMissing: "default"`), an `ArmId` once `defaultArm` is resolved.
@@ -661,7 +661,13 @@ mod tests {
         assert_eq!(keyed, p.decide(&reading, Some(b"user-1"), || 0));
         // A key-assigned request says so: its key, not the request, is the unit of randomization.
         assert!(
-            matches!(keyed.decision, Decision::Tag { source: Source::Key, .. }),
+            matches!(
+                keyed.decision,
+                Decision::Tag {
+                    source: Source::Key,
+                    ..
+                }
+            ),
             "{keyed:?}"
         );
         // An explicit header still wins over split.

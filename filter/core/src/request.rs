@@ -534,7 +534,13 @@ mod tests {
         let plan = parse(b"{}").unwrap();
         let layout = MetricLayout::new(&plan);
         let fs = plan.arm_by_name("fs").unwrap();
-        for (status, answered) in [(200, true), (404, true), (101, true), (503, false), (0, false)] {
+        for (status, answered) in [
+            (200, true),
+            (404, true),
+            (101, true),
+            (503, false),
+            (0, false),
+        ] {
             for source in Source::ALL {
                 let tag = Some((fs, source));
                 let end = on_stream_end(&layout, tag, Served::Arm(fs), status);

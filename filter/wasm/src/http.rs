@@ -6,11 +6,11 @@
 use std::rc::Rc;
 
 use kvab_filter_core::endpoints::Served;
+use kvab_filter_core::plan::Source;
 use kvab_filter_core::request::{
     on_reply_refused, on_request_headers, on_response_headers, on_stream_end, HeaderEdit,
     RequestEffects, RequestInputs,
 };
-use kvab_filter_core::plan::Source;
 use kvab_filter_core::ArmId;
 
 use crate::abi::{self, Headers, Level};
@@ -197,7 +197,8 @@ impl RequestContext {
             (Some(link), Some(now)) => link.fresh_map(now),
             _ => None,
         };
-        let effects = on_response_headers(plan, self.arm(), self.upstream.as_deref(), map.as_deref());
+        let effects =
+            on_response_headers(plan, self.arm(), self.upstream.as_deref(), map.as_deref());
         apply_edits(Headers::Response, effects.edits());
         self.served = effects.served;
         Action::Continue
@@ -256,7 +257,10 @@ impl RequestContext {
         }
         // An answered, admitted request: its duration, and its first byte when one came.
         if let (Some([duration, first_byte]), Some(end_nanos)) = (end.timed, end_nanos) {
-            metrics.record(duration, end_nanos.saturating_sub(self.start_nanos) / 1_000_000);
+            metrics.record(
+                duration,
+                end_nanos.saturating_sub(self.start_nanos) / 1_000_000,
+            );
             if let Some(ms) = self.first_byte_ms {
                 metrics.record(first_byte, ms);
             }

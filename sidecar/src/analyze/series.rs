@@ -69,13 +69,14 @@ pub fn histograms(
             }
             let mut found = None;
             for (source, buckets) in &sources {
-                let histogram = Histogram::from_cumulative(buckets.iter().copied()).map_err(|problem| {
-                    let mut labels = Labels::from([(label::BACKEND.to_string(), arm.clone())]);
-                    if !source.is_empty() {
-                        labels.insert(label::SOURCE.to_string(), source.to_string());
-                    }
-                    invalid_input(metric, &labels, problem)
-                })?;
+                let histogram =
+                    Histogram::from_cumulative(buckets.iter().copied()).map_err(|problem| {
+                        let mut labels = Labels::from([(label::BACKEND.to_string(), arm.clone())]);
+                        if !source.is_empty() {
+                            labels.insert(label::SOURCE.to_string(), source.to_string());
+                        }
+                        invalid_input(metric, &labels, problem)
+                    })?;
                 found = Some(match found {
                     None => histogram,
                     Some(sum) => sum_of(metric, arm, sum, &histogram)?,

@@ -64,8 +64,14 @@ fn answers(nvlink_duration: &[(&str, &str)], nvlink_split: &str) -> Answers {
     let duration = answer(&[buckets("nvlink", nvlink_duration), buckets("fs", &FS)].concat());
     let per_arm = |name: &str, other: Value, nvlink: &str| {
         answer(&[
-            sample(json!({"backend": "nvlink", "source": "split", name: other}), nvlink),
-            sample(json!({"backend": "fs", "source": "split", name: other}), "1000"),
+            sample(
+                json!({"backend": "nvlink", "source": "split", name: other}),
+                nvlink,
+            ),
+            sample(
+                json!({"backend": "fs", "source": "split", name: other}),
+                "1000",
+            ),
         ])
     };
     Answers {
@@ -301,10 +307,19 @@ fn arms_chosen_by_header_are_no_verdict_however_clear_the_difference() {
     let mut chosen = answers(&NVLINK, "1000");
     // Every tagged request chose by header: observational.
     chosen.requests = requests(&[("nvlink", "header", "900"), ("fs", "header", "700")]);
-    chosen.duration = answer(&[buckets_of("nvlink", "other", &NVLINK), buckets_of("fs", "other", &FS)].concat());
+    chosen.duration = answer(
+        &[
+            buckets_of("nvlink", "other", &NVLINK),
+            buckets_of("fs", "other", &FS),
+        ]
+        .concat(),
+    );
     chosen.ttfb = chosen.duration.clone();
     let report = judged(&chosen).unwrap();
-    assert_eq!((report.design.kind, report.design.compared), ("observational", "all"));
+    assert_eq!(
+        (report.design.kind, report.design.compared),
+        ("observational", "all")
+    );
     assert_eq!(report.design.header_share, Some(1.0));
     // The comparison is made and shown, but it is no verdict.
     assert_eq!(primary(&report).decision, Decision::Faster);
@@ -763,8 +778,17 @@ fn header_chosen_requests_are_left_out_of_a_randomized_comparison() {
     let mut mixed = answers(&NVLINK, "1000");
     // 100 header-chosen requests per arm; nvlink's all beyond 200 ms, fs's all under 50 ms.
     let slow = [("50", "0"), ("100", "0"), ("200", "0"), ("+Inf", "100")];
-    let quick = [("50", "100"), ("100", "100"), ("200", "100"), ("+Inf", "100")];
-    let header = [buckets_of("nvlink", "other", &slow), buckets_of("fs", "other", &quick)].concat();
+    let quick = [
+        ("50", "100"),
+        ("100", "100"),
+        ("200", "100"),
+        ("+Inf", "100"),
+    ];
+    let header = [
+        buckets_of("nvlink", "other", &slow),
+        buckets_of("fs", "other", &quick),
+    ]
+    .concat();
     let split: Vec<Value> = [buckets("nvlink", &NVLINK), buckets("fs", &FS)].concat();
     mixed.duration = answer(&[split.clone(), header.clone()].concat());
     mixed.ttfb = mixed.duration.clone();
@@ -776,13 +800,25 @@ fn header_chosen_requests_are_left_out_of_a_randomized_comparison() {
     ]);
     // The header-chosen requests failed on fs: not the split's error rate.
     mixed.responses = answer(&[
-        sample(json!({"backend": "nvlink", "source": "split", "code_class": "2xx"}), "1000"),
-        sample(json!({"backend": "fs", "source": "split", "code_class": "2xx"}), "1000"),
-        sample(json!({"backend": "fs", "source": "header", "code_class": "5xx"}), "100"),
+        sample(
+            json!({"backend": "nvlink", "source": "split", "code_class": "2xx"}),
+            "1000",
+        ),
+        sample(
+            json!({"backend": "fs", "source": "split", "code_class": "2xx"}),
+            "1000",
+        ),
+        sample(
+            json!({"backend": "fs", "source": "header", "code_class": "5xx"}),
+            "100",
+        ),
     ]);
     let report = judged(&mixed).unwrap();
     assert_eq!(report.verdict, Verdict::Decided, "{:?}", report.reasons);
-    assert_eq!((report.design.kind, report.design.compared), ("randomized", "split"));
+    assert_eq!(
+        (report.design.kind, report.design.compared),
+        ("randomized", "split")
+    );
     let c = primary(&report);
     assert_eq!((c.n["nvlink"], c.n["fs"]), (1000, 1000));
     assert_eq!(c.faster.as_deref(), Some("nvlink"));
@@ -799,7 +835,10 @@ fn header_chosen_requests_are_left_out_of_a_randomized_comparison() {
     // Described as a whole, the same window is no verdict: every tagged request is summed bound by bound.
     mixed.requests = requests(&[("nvlink", "header", "1100"), ("fs", "header", "1100")]);
     let all = judged(&mixed).unwrap();
-    assert_eq!((all.design.compared, all.verdict), ("all", Verdict::Inconclusive));
+    assert_eq!(
+        (all.design.compared, all.verdict),
+        ("all", Verdict::Inconclusive)
+    );
     assert_eq!(primary(&all).n["nvlink"], 1100);
 }
 
@@ -808,7 +847,13 @@ fn header_chosen_requests_are_left_out_of_a_randomized_comparison() {
 #[test]
 fn a_sticky_split_is_refused_with_the_reason() {
     let mut sticky = answers(&NVLINK, "1000");
-    sticky.duration = answer(&[buckets_of("nvlink", "other", &NVLINK), buckets_of("fs", "other", &FS)].concat());
+    sticky.duration = answer(
+        &[
+            buckets_of("nvlink", "other", &NVLINK),
+            buckets_of("fs", "other", &FS),
+        ]
+        .concat(),
+    );
     sticky.ttfb = sticky.duration.clone();
     sticky.requests = requests(&[("nvlink", "key", "1000"), ("fs", "key", "1000")]);
     let report = judged(&sticky).unwrap();
@@ -842,7 +887,10 @@ fn unlabelled_histograms_and_vllms_mixed_histograms_are_no_randomized_evidence()
     let report = judged(&old).unwrap();
     assert_eq!(report.verdict, Verdict::Inconclusive);
     assert!(
-        report.reasons.iter().any(|r| r.starts_with("the latency histograms carry no source label")),
+        report
+            .reasons
+            .iter()
+            .any(|r| r.starts_with("the latency histograms carry no source label")),
         "{:?}",
         report.reasons
     );
@@ -853,7 +901,11 @@ fn unlabelled_histograms_and_vllms_mixed_histograms_are_no_randomized_evidence()
         "vllm:time_to_first_token_seconds_bucket",
         answer(&[unlabelled("nvlink", &NVLINK), unlabelled("fs", &FS)].concat()),
     )];
-    assert_eq!(judged(&shared).unwrap().comparisons.len(), 3, "every request split-assigned: vLLM's joins");
+    assert_eq!(
+        judged(&shared).unwrap().comparisons.len(),
+        3,
+        "every request split-assigned: vLLM's joins"
+    );
     shared.requests = requests(&[
         ("nvlink", "split", "1000"),
         ("fs", "split", "1000"),
@@ -863,7 +915,10 @@ fn unlabelled_histograms_and_vllms_mixed_histograms_are_no_randomized_evidence()
     assert_eq!(report.comparisons.len(), 2);
     assert_eq!(report.verdict, Verdict::Decided, "{:?}", report.reasons);
     assert!(
-        report.reasons.iter().any(|r| r.starts_with("vllm_ttft_ms left out: vLLM's histograms count every request")),
+        report
+            .reasons
+            .iter()
+            .any(|r| r.starts_with("vllm_ttft_ms left out: vLLM's histograms count every request")),
         "{:?}",
         report.reasons
     );
