@@ -334,7 +334,7 @@ fn check_effects(
         Decision::Reject(r) => {
             counts.push(layout.rejected(r));
             assert_eq!(effects.reply, Some((r, None)));
-            assert_eq!(effects.arm, None);
+            assert_eq!(effects.tag, None);
         }
         Decision::Tag { arm, source } => {
             let canonical = plan.arm_label(Some(arm));
@@ -350,7 +350,7 @@ fn check_effects(
                 source.label().as_bytes(),
             ));
             counts.push(layout.requests(Some((arm, source))));
-            assert_eq!((effects.reply, effects.arm), (None, Some(arm)));
+            assert_eq!((effects.reply, effects.tag), (None, Some((arm, source))));
         }
         Decision::Untagged => {
             if present {
@@ -360,7 +360,7 @@ fn check_effects(
                 edits.push(HeaderEdit::Remove(plan.source_header()));
             }
             counts.push(layout.requests(None));
-            assert_eq!((effects.reply, effects.arm), (None, None));
+            assert_eq!((effects.reply, effects.tag), (None, None));
         }
     }
     assert_eq!(
@@ -374,7 +374,7 @@ fn check_effects(
         "counts for {verdict:?}"
     );
     if effects.reply.is_none() {
-        check_response(m, &layout, effects.arm, draw);
+        check_response(m, &layout, effects.tag, draw);
     }
 }
 
@@ -382,9 +382,11 @@ fn check_effects(
 /// answered by an upstream the draw picks (none, one the endpoint map lists, one it does not), with
 /// or without a map: the arm tag shows the served arm when the map knows it, else the request's;
 /// the endpoint tag is the upstream's address only when there is one and the tag is on; the end
-/// counts the status class and who served it.
-fn check_response(m: &Model, layout: &MetricLayout, arm: Option<ArmId>, draw: u64) {
+/// counts the status class and who served it, and times an answered request (any status but a 5xx, and a
+/// status at all) by its arm and source, never a failed one.
+fn check_response(m: &Model, layout: &MetricLayout, tag: Option<(ArmId, Source)>, draw: u64) {
     let plan = &m.plan;
+    let arm = tag.map(|(arm, _)| arm);
     let listed = plan
         .arm_names()
         .get((draw >> 8) as usize % plan.arm_names().len())
@@ -428,11 +430,17 @@ fn check_response(m: &Model, layout: &MetricLayout, arm: Option<ArmId>, draw: u6
     assert_eq!(effects.edits().collect::<Vec<_>>(), edits);
 
     let status = (draw >> 16) % 700;
-    let end = on_stream_end(layout, arm, served, status);
+    let end = on_stream_end(layout, tag, served, status);
     assert_eq!(end.class, CodeClass::of(status));
     assert_eq!(
         end.counts,
-        [layout.responses(arm, end.class), layout.served(arm, served)]
+        [layout.responses(tag, end.class), layout.served(arm, served)]
+    );
+    let answered = (100..500).contains(&status);
+    assert_eq!(
+        end.timed,
+        answered.then(|| [layout.request_duration(tag), layout.time_to_first_byte(tag)]),
+        "timed at status {status}"
     );
 }
 
@@ -582,13 +590,14 @@ fn expected_verdict(m: &Model, pairs: &[(&[u8], &[u8])], draw: u64) -> Verdict {
                         .find(|(name, _)| *name == k.as_bytes())
                         .map(|(_, v)| trim_blanks(v))
                 });
-                let point = match key.filter(|k| !k.is_empty()) {
-                    Some(key) => documented_key_hash(key),
-                    None => draw,
+                // A key pins the arm and says so (`key`); without one, the draw (`split`).
+                let (point, source) = match key.filter(|k| !k.is_empty()) {
+                    Some(key) => (documented_key_hash(key), Source::Key),
+                    None => (draw, Source::Split),
                 };
                 Decision::Tag {
                     arm: split_arm(m, point),
-                    source: Source::Split,
+                    source,
                 }
             }
             Policy::Reject => unreachable!("not a missing policy"),
