@@ -166,7 +166,7 @@ def one_line_error(done: subprocess.CompletedProcess) -> str:
 def test_a_query_not_in_the_file_is_one_line_naming_it():
     path, _, _ = recorded("decided")
     line = one_line_error(analyze("--answers", str(path), "--selector", 'namespace="other"'))
-    assert line.startswith('kvab analyze: query sum by (backend, le) (increase(kvab_request_duration_milliseconds_bucket'
+    assert line.startswith('kvab analyze: query sum by (backend, source, le) (increase(kvab_request_duration_milliseconds_bucket'
                            '{namespace="other"}[9s])): not in --answers '), line
 
 
@@ -178,7 +178,7 @@ def test_a_file_that_is_no_file_of_answers_is_one_line_naming_the_field(tmp_path
         (lambda r: r.update(version=2), "version: this kvab reads version 1, found 2"),
         (lambda r: r["window"].pop("end"), "window.end: wants a time"),
         (lambda r: r["answers"][3].update(query=7), "answers[3].query: wants a string"),
-        (lambda r: r["answers"].append(r["answers"][0]), "answers[9]: a second answer to query sum by (backend, le)"),
+        (lambda r: r["answers"].append(r["answers"][0]), "answers[9]: a second answer to query sum by (backend, source, le)"),
     ]:
         document = json.loads(json.dumps(recording))
         mutate(document)

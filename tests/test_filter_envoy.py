@@ -200,10 +200,12 @@ def test_every_counter_is_exact(gateways):
         ("kvab_requests_total", labels(backend="fs", source="header")): 4,
         ("kvab_requests_total", labels(backend="fs", source="alias")): 1,
         ("kvab_requests_total", labels(backend="none", source="none")): 3,
-        ("kvab_responses_total", labels(backend="nvlink", code_class="2xx")): 7,
-        ("kvab_responses_total", labels(backend="fs", code_class="2xx")): 5,
-        ("kvab_responses_total", labels(backend="none", code_class="2xx")): 3,
-        ("kvab_responses_total", labels(backend="none", code_class="4xx")): 3,
+        ("kvab_responses_total", labels(backend="nvlink", source="header", code_class="2xx")): 5,
+        ("kvab_responses_total", labels(backend="nvlink", source="alias", code_class="2xx")): 2,
+        ("kvab_responses_total", labels(backend="fs", source="header", code_class="2xx")): 4,
+        ("kvab_responses_total", labels(backend="fs", source="alias", code_class="2xx")): 1,
+        ("kvab_responses_total", labels(backend="none", source="none", code_class="2xx")): 3,
+        ("kvab_responses_total", labels(backend="none", source="none", code_class="4xx")): 3,
         ("kvab_rejected_total", labels(reason="unknown_kv_backend")): 2,
         ("kvab_rejected_total", labels(reason="ambiguous_kv_backend")): 1,
         ("kvab_invalid_values_total", labels(reason="unknown")): 2,
@@ -224,22 +226,30 @@ def test_every_counter_is_exact(gateways):
     names = {(n, dict(ls).get("backend"), dict(ls).get("source"), dict(ls).get("code_class")) for n, ls in counters}
     assert ("kvab_requests_total", "fs", "split", None) in names
     assert ("kvab_requests_total", "nvlink", "default", None) in names
-    assert ("kvab_responses_total", "fs", None, "5xx") in names
-    assert len([k for k in counters if k[0] == "kvab_requests_total"]) == 2 * 4 + 1
-    assert len([k for k in counters if k[0] == "kvab_responses_total"]) == 3 * 6
+    assert ("kvab_requests_total", "fs", "key", None) in names
+    assert ("kvab_responses_total", "fs", "split", "5xx") in names
+    # Per gateway pod: 5 sources per arm plus the untagged; the responses by status class of each.
+    assert len([k for k in counters if k[0] == "kvab_requests_total"]) == 2 * 5 + 1
+    assert len([k for k in counters if k[0] == "kvab_responses_total"]) == (2 * 5 + 1) * 6
 
-    # Latency histograms: one sample per admitted request, per backend (flushed every second).
+    # Latency histograms: one sample per answered admitted request, per backend and split|other (flushed every
+    # second). Header and alias requests are `other`; the filter's own 400s are never timed.
     def histograms_flushed():
         s = g.stats()
-        counts = {
-            b: prom.value(s, "kvab_request_duration_milliseconds_count", backend=b) for b in ("nvlink", "fs", "none")
-        }
-        ttfb = {b: prom.value(s, "kvab_time_to_first_byte_milliseconds_count", backend=b) for b in ("nvlink", "fs", "none")}
-        return counts == {"nvlink": 7, "fs": 5, "none": 3} and ttfb == counts and s
+        tags = (("nvlink", "other"), ("fs", "other"), ("none", "none"), ("nvlink", "split"), ("fs", "split"))
+        counts = {t: prom.value(s, "kvab_request_duration_milliseconds_count", backend=t[0], source=t[1]) for t in tags}
+        ttfb = {t: prom.value(s, "kvab_time_to_first_byte_milliseconds_count", backend=t[0], source=t[1]) for t in tags}
+        expected = {("nvlink", "other"): 7, ("fs", "other"): 5, ("none", "none"): 3, ("nvlink", "split"): 0,
+                    ("fs", "split"): 0}
+        return counts == expected and ttfb == counts and s
 
     s = wait_until(histograms_flushed, 10, what="histogram counts 7/5/3")
-    buckets = prom.select(s, "kvab_request_duration_milliseconds_bucket", backend="nvlink")
+    buckets = prom.select(s, "kvab_request_duration_milliseconds_bucket", backend="nvlink", source="other")
     assert any(dict(ls).get("le") == "+Inf" and v == 7 for ls, v in buckets.items())
+    # 2 arms × (split, other) + the untagged: 5 histograms per metric, every one there from the start.
+    histograms = {dict(ls).get("backend") + "/" + dict(ls).get("source")
+                  for (n, ls) in s if n == "kvab_request_duration_milliseconds_count"}
+    assert histograms == {"nvlink/split", "nvlink/other", "fs/split", "fs/other", "none/none"}, histograms
 
 
 def test_bodies_pass_through_whole_and_unbuffered(gateways, arms):
@@ -268,8 +278,8 @@ def test_bodies_pass_through_whole_and_unbuffered(gateways, arms):
         return c == {
             ("kvab_requests_total", (("backend", "fs"), ("source", "header"))): 1,
             ("kvab_requests_total", (("backend", "nvlink"), ("source", "alias"))): 1,
-            ("kvab_responses_total", (("backend", "fs"), ("code_class", "2xx"))): 1,
-            ("kvab_responses_total", (("backend", "nvlink"), ("code_class", "2xx"))): 1,
+            ("kvab_responses_total", (("backend", "fs"), ("code_class", "2xx"), ("source", "header"))): 1,
+            ("kvab_responses_total", (("backend", "nvlink"), ("code_class", "2xx"), ("source", "alias"))): 1,
         } and c
 
     wait_until(counted, 5, what="one request and one 2xx response per arm")

@@ -83,8 +83,18 @@ def exchange(port: int, request: bytes) -> bytes:
 
 
 def buckets(samples: dict, name: str, backend: str) -> list:
-    """(upper bound, cumulative count) of the filter's histogram for an arm, in order."""
-    return sorted((float(dict(k)["le"]), v) for k, v in prom.select(samples, name + "_bucket", backend=backend).items())
+    """(upper bound, cumulative count) of the filter's histogram for an arm, in order: its sources' series
+    (`split`, `other`) summed bound by bound."""
+    summed = {}
+    for k, v in prom.select(samples, name + "_bucket", backend=backend).items():
+        le = float(dict(k)["le"])
+        summed[le] = summed.get(le, 0.0) + v
+    return sorted(summed.items())
+
+
+def count(samples: dict, name: str, backend: str) -> float:
+    """Samples in the filter's histogram for an arm, every source."""
+    return sum(prom.select(samples, name + "_count", backend=backend).values())
 
 
 def recorded(after: dict, before: dict, name: str, backend: str) -> list:
@@ -124,8 +134,7 @@ def settled(gateway: Gateway, before: dict, sent: int) -> dict:
 
     def flushed():
         s = gateway.stats()
-        more.update({(n, arm): prom.value(s, n + "_count", backend=arm) - prom.value(before, n + "_count", backend=arm)
-                     for n in (TTFB, DURATION) for arm in SERVERS})
+        more.update({(n, arm): count(s, n, arm) - count(before, n, arm) for n in (TTFB, DURATION) for arm in SERVERS})
         return set(more.values()) == {sent} and s
     try:
         return wait_until(flushed, 10, what=f"{sent} more samples per arm")

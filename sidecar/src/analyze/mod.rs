@@ -7,6 +7,8 @@
 //! `fetch` (the queries) -> `judge` (`series`, `design`; the comparisons, the verdict and the report are
 //! `kvab_judge`'s; no I/O) -> `crate::output` (table, JSON, HTML).
 
+#[cfg(test)]
+mod calibration;
 mod design;
 mod fetch;
 mod judge;
