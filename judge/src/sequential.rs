@@ -56,7 +56,9 @@ pub fn levels(alpha: f64, fractions: &[f64]) -> Vec<f64> {
             continue;
         }
         let boundary = match &density {
-            None => Normal::standard().inverse_cdf(1.0 - target / 2.0),
+            // From the lower tail, by symmetry: `1 − target/2` rounds to 1 (an infinite boundary) once
+            // `target` is below f64's resolution there, as an early look of many spends (1e-85 at 1/100).
+            None => (-Normal::standard().inverse_cdf(target / 2.0)).min(MAX_BOUNDARY),
             Some(grid) => grid.boundary(previous_t, t, target),
         };
         out.push((2.0 * normal_sf(boundary)).min(1.0));
@@ -70,6 +72,10 @@ pub fn levels(alpha: f64, fractions: &[f64]) -> Vec<f64> {
     out
 }
 
+/// The largest boundary, in standard deviations: no path crosses it (its two-sided level is 1e-349, below
+/// f64's smallest number), and it bounds the grids and the bisection.
+const MAX_BOUNDARY: f64 = 40.0;
+
 /// A density on a Simpson grid over `(−c, c)`.
 struct Grid {
     z: Vec<f64>,
@@ -80,6 +86,7 @@ struct Grid {
 impl Grid {
     /// Odd point count covering `(−c, c)`.
     fn points(c: f64) -> Vec<f64> {
+        let c = c.clamp(0.0, MAX_BOUNDARY);
         let half = ((c * POINTS_PER_UNIT).ceil() as usize).max(8);
         let n = 2 * half + 1;
         (0..n)
@@ -129,7 +136,7 @@ impl Grid {
 
     /// The `c` whose crossing probability at `t` is `target` (bisection: it falls as `c` grows).
     fn boundary(&self, s: f64, t: f64, target: f64) -> f64 {
-        let (mut low, mut high) = (0.0, 40.0);
+        let (mut low, mut high) = (0.0, MAX_BOUNDARY);
         for _ in 0..200 {
             let middle = (low + high) / 2.0;
             if self.crossing(s, t, middle) > target {
@@ -193,6 +200,28 @@ mod tests {
         let levels = levels(0.05, &ten);
         assert!(levels[9] > 0.035 && levels[0] < 1e-8, "{levels:?}");
         assert!(levels.windows(2).all(|w| w[0] < w[1]), "{levels:?}");
+    }
+
+    /// Many looks: the first ones spend less than f64 can tell from 1 − share (1e-85 at 1/100), which once
+    /// made an infinite boundary and a grid of `usize::MAX` points (an overflow: a panic, or an abort in a
+    /// release build). Each look's level is now finite, rising, and the last near alpha.
+    #[test]
+    fn a_hundred_looks_have_finite_rising_levels() {
+        for looks in [24u32, 100] {
+            let fractions: Vec<f64> = (1..=looks)
+                .map(|k| f64::from(k) / f64::from(looks))
+                .collect();
+            let levels = levels(0.05, &fractions);
+            assert_eq!(levels.len(), looks as usize);
+            assert!(
+                levels
+                    .iter()
+                    .all(|l| l.is_finite() && (0.0..0.05).contains(l)),
+                "{levels:?}"
+            );
+            assert!(levels.windows(2).all(|w| w[0] <= w[1]), "{levels:?}");
+            assert!(levels[looks as usize - 1] > 0.025, "{levels:?}");
+        }
     }
 
     #[test]

@@ -96,6 +96,12 @@ pub struct Rate {
 #[derive(Debug, Clone, Serialize)]
 pub struct Method {
     pub alpha: f64,
+    /// `--looks`: the looks planned at one window growing from `--start` (1: one analysis).
+    pub looks: u32,
+    /// The look this run is (1 to `looks`).
+    pub look: u32,
+    /// The level of this look: alpha, or the share spent by this look (`crate::sequential`).
+    pub look_alpha: f64,
     pub min_effect: f64,
     pub tail_margin: f64,
     pub error_margin: f64,

@@ -24,7 +24,7 @@ use rand::rngs::ChaCha8Rng;
 use rand::{RngExt, SeedableRng};
 
 use super::fetch::Answers;
-use super::judge::judge;
+use super::judge::{judge, judge_at, Look};
 use super::options::AnalyzeArgs;
 use super::prometheus::Labels;
 use kvab_contract::metrics::source;
@@ -231,7 +231,7 @@ fn sticky_window(rng: &mut ChaCha8Rng) -> Simulated {
     w
 }
 
-fn args() -> AnalyzeArgs {
+fn args_with(more: &[&str]) -> AnalyzeArgs {
     #[derive(Parser)]
     struct Cli {
         #[command(flatten)]
@@ -246,7 +246,13 @@ fn args() -> AnalyzeArgs {
         "--alpha",
         "0.05",
     ];
-    Cli::try_parse_from(command).unwrap().args
+    Cli::try_parse_from(command.iter().chain(more))
+        .unwrap()
+        .args
+}
+
+fn args() -> AnalyzeArgs {
+    args_with(&[])
 }
 
 fn judged(answers: &Answers) -> Report {
@@ -257,6 +263,69 @@ fn judged(answers: &Answers) -> Report {
         Vec::new(),
     )
     .unwrap()
+}
+
+/// Hourly peeking over a day: what one run a day would claim, re-run every hour without a plan (each run at
+/// alpha), and re-run as `--looks 24 --look-every 1h` (alpha spent over the looks); A/A, so any `faster` at
+/// any hour is a false claim, and "p < alpha at some hour" is what a reader of each run's p-value would see.
+#[derive(Debug, Default, Clone, Copy)]
+struct Peeking {
+    days: u64,
+    unplanned_claims: u64,
+    unplanned_p: u64,
+    planned_claims: u64,
+    /// Days whose p-value fell below its look's level at some hour.
+    planned_p: u64,
+}
+
+const HOURS: u32 = 24;
+/// Split requests per hour (both arms).
+const PER_HOUR: usize = 200;
+
+fn peeking(days: u64, seed: u64) -> Peeking {
+    let bounds = shipped_bounds();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let (unplanned, planned) = (args(), args_with(&["--looks", "24", "--look-every", "1h"]));
+    // Each hour's look, as `judge::look` finds it, computed once for every day.
+    let fractions: Vec<f64> = (1..=HOURS)
+        .map(|h| f64::from(h) / f64::from(HOURS))
+        .collect();
+    let levels = kvab_judge::sequential::levels(ALPHA, &fractions);
+    let mut t = Peeking::default();
+    for _ in 0..days {
+        let mut day = Simulated::default();
+        let (mut claim, mut p_low, mut planned_claim, mut planned_p) = (false, false, false, false);
+        for hour in 1..=HOURS {
+            for _ in 0..PER_HOUR {
+                let arm = arm_at_random(&mut rng);
+                day.push(arm, source::SPLIT, lognormal(&mut rng, MEDIAN_MS, SIGMA));
+            }
+            let answers = day.answers(&bounds, false);
+            let window = Window::new(0.0, f64::from(hour) * 3600.0).unwrap();
+            let once = judge(&answers, &unplanned, window.clone(), Vec::new()).unwrap();
+            claim |= false_claim(&once) && once.verdict == kvab_judge::Verdict::Decided;
+            p_low |= once
+                .comparisons
+                .iter()
+                .any(|c| c.primary && c.p.is_some_and(|p| p < ALPHA));
+            let at = Look {
+                look: hour,
+                level: levels[hour as usize - 1],
+            };
+            let look = judge_at(&answers, &planned, window, at, Vec::new()).unwrap();
+            planned_claim |= false_claim(&look) && look.verdict == kvab_judge::Verdict::Decided;
+            planned_p |= look
+                .comparisons
+                .iter()
+                .any(|c| c.primary && c.p.is_some_and(|p| p < at.level));
+        }
+        t.days += 1;
+        t.unplanned_claims += u64::from(claim);
+        t.unplanned_p += u64::from(p_low);
+        t.planned_claims += u64::from(planned_claim);
+        t.planned_p += u64::from(planned_p);
+    }
+    t
 }
 
 /// A false claim in an A/A window: the primary comparison says `faster`.
@@ -379,6 +448,41 @@ fn sticky_requests_judged_one_by_one_would_claim_far_too_much() {
     assert!(t.contrast_false_claims > 20, "{t:?}");
 }
 
+/// The looks the peeking precomputes are those a run finds from its window.
+#[test]
+fn the_precomputed_looks_are_the_runs() {
+    let planned = args_with(&["--looks", "24", "--look-every", "1h"]);
+    let fractions: Vec<f64> = (1..=HOURS)
+        .map(|h| f64::from(h) / f64::from(HOURS))
+        .collect();
+    let levels = kvab_judge::sequential::levels(ALPHA, &fractions);
+    for hour in [1u32, 7, 24] {
+        let window = Window::new(0.0, f64::from(hour) * 3600.0).unwrap();
+        let found = super::judge::look(&planned, &window);
+        assert_eq!((found.look, found.level), (hour, levels[hour as usize - 1]));
+    }
+    // Part of an hour is the next look; past the last, the last.
+    let found = super::judge::look(&planned, &Window::new(0.0, 3601.0).unwrap());
+    assert_eq!(found.look, 2);
+    let found = super::judge::look(&planned, &Window::new(0.0, 30.0 * 3600.0).unwrap());
+    assert_eq!((found.look, found.level), (24, levels[23]));
+    assert_eq!(
+        super::judge::look(&args(), &Window::new(0.0, 10.0).unwrap()).level,
+        ALPHA
+    );
+}
+
+/// Hourly re-runs over a day: with `--looks 24 --look-every 1h` the days with a false claim stay within
+/// alpha; without a plan, p < alpha comes at some hour far more often than below the looks' levels (the
+/// peeking the looks correct).
+#[test]
+fn hourly_peeking_is_corrected_by_looks() {
+    let t = peeking(60, 4);
+    println!("{t:?}");
+    assert!(upper(t.planned_claims, t.days) <= ALPHA + 0.06, "{t:?}");
+    assert!(t.unplanned_p >= 2 * t.planned_p.max(3), "{t:?}");
+}
+
 #[test]
 #[ignore = "the whole run: cargo test -p kvab analyze::calibration -- --ignored --nocapture"]
 fn the_whole_run() {
@@ -389,5 +493,20 @@ fn the_whole_run() {
     println!("| scenario | windows | false claims | 95 % CP upper | sample-ratio alarms | judged one by one: false claims | sample-ratio alarms |");
     println!("|---|---|---|---|---|---|---|");
     let (_, over) = measure(trials, 0.01);
+    let days = trials / 5;
+    let t = peeking(days, 4);
+    println!(
+        "\nhourly peeking, {} days of {HOURS} looks: days with a false claim re-run unplanned {} (p < alpha at \
+         some hour {}), with --looks {HOURS} --look-every 1h {} (95 % CP upper {:.4}; p < the look's level at \
+         some hour {}, upper {:.4})",
+        t.days,
+        t.unplanned_claims,
+        t.unplanned_p,
+        t.planned_claims,
+        upper(t.planned_claims, t.days),
+        t.planned_p,
+        upper(t.planned_p, t.days)
+    );
     assert!(over.is_empty(), "over the bound:\n{}", over.join("\n"));
+    assert!(upper(t.planned_claims, t.days) <= ALPHA + 0.01, "{t:?}");
 }

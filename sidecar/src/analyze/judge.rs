@@ -5,6 +5,7 @@
 use kvab_contract::metrics::{self, source};
 use std::collections::BTreeMap;
 
+use kvab_judge::sequential;
 use kvab_judge::stats::{format_p, holm_adjusted, holm_levels, two_proportion};
 
 use super::design::{assignment, design};
@@ -26,12 +27,53 @@ pub const METHOD: &str = "increase() of the filter's histograms and counters ove
                       buckets, tail_margin) and the error rate (5xx or no answer, Newcombe's score interval, \
                       error_margin)";
 
+/// Which of `--looks` looks a run over `window` is, and its level: the look its window's end reaches from
+/// the start, one every `--look-every` (the last once past it), alpha spent over the looks at their planned
+/// fractions (`sequential::levels`). One look: alpha.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Look {
+    pub look: u32,
+    pub level: f64,
+}
+
+pub fn look(args: &AnalyzeArgs, window: &Window) -> Look {
+    let (looks, alpha) = (args.looks.max(1), args.alpha);
+    let Some(every) = args.look_every.filter(|_| looks > 1) else {
+        return Look {
+            look: 1,
+            level: alpha,
+        };
+    };
+    let reached = ((window.end - window.start) / every.as_secs_f64()).ceil();
+    let look = (reached.max(1.0) as u32).min(looks);
+    let fractions: Vec<f64> = (1..=look)
+        .map(|j| f64::from(j) / f64::from(looks))
+        .collect();
+    let level = sequential::levels(alpha, &fractions)
+        .last()
+        .copied()
+        .unwrap_or(0.0);
+    Look { look, level }
+}
+
 /// The report on the answers: every value checked first (`stats::count`, `Histogram::from_cumulative`),
 /// so input that is no count or no histogram is an error naming its series, never a verdict.
 pub fn judge(
     answers: &Answers,
     args: &AnalyzeArgs,
     window: Window,
+    queries: Vec<String>,
+) -> Result<Report, String> {
+    let at = look(args, &window);
+    judge_at(answers, args, window, at, queries)
+}
+
+/// As `judge`, at a look already found (`look`: the levels of many looks are computed once).
+pub fn judge_at(
+    answers: &Answers,
+    args: &AnalyzeArgs,
+    window: Window,
+    at: Look,
     queries: Vec<String>,
 ) -> Result<Report, String> {
     let arms = &args.arms;
@@ -49,10 +91,11 @@ pub fn judge(
     counts(metrics::SERVED, served)?;
     counts(metrics::ROUTED_REQUESTS, routed)?;
 
+    let Look { look, level } = at;
     let design = design(requests, arms);
     let compared = design.compared;
     let assignment = assignment(requests, arms, &args.split, args.srm_threshold);
-    let (errors, errors_p, error_guardrail) = errors(responses, arms, compared, args);
+    let (errors, errors_p, error_guardrail) = errors(responses, arms, compared, level, args);
     let misroutes = misroutes(served, arms);
     let routed = (!routed.is_empty()).then(|| {
         routed
@@ -101,10 +144,10 @@ pub fn judge(
         .collect();
     let family: Vec<f64> = p_values.iter().map(|p| p.unwrap_or(1.0)).collect();
     let adjusted = holm_adjusted(&family);
-    let levels = holm_levels(&family, args.alpha);
+    let levels = holm_levels(&family, level);
     let rule = Rule {
-        level: args.alpha,
-        tost_level: args.alpha,
+        level,
+        tost_level: level,
         min_effect: args.min_effect,
         tail_margin: args.tail_margin,
     };
@@ -159,6 +202,9 @@ pub fn judge(
         comparisons,
         method: Method {
             alpha: args.alpha,
+            looks: args.looks.max(1),
+            look,
+            look_alpha: level,
             min_effect: args.min_effect,
             tail_margin: args.tail_margin,
             error_margin: args.error_margin,
@@ -169,6 +215,16 @@ pub fn judge(
         queries,
     };
     let mut findings = findings(&report, &few, args);
+    if report.method.looks > 1 {
+        findings.context.push(format!(
+            "look {} of {}, one every {} s from the window's start: level {} of alpha {}",
+            look,
+            report.method.looks,
+            args.look_every.map_or(0, |d| d.as_secs()),
+            format_p(level),
+            args.alpha
+        ));
+    }
     if unlabelled && compared == source::SPLIT {
         findings.caveats.push(
             "the latency histograms carry no source label (a kvab filter that did not tell split-assigned \
@@ -290,6 +346,7 @@ fn errors(
     responses: &[(Labels, f64)],
     arms: &[String],
     compared: &str,
+    level: f64,
     args: &AnalyzeArgs,
 ) -> (BTreeMap<String, Rate>, Option<f64>, ErrorGuard) {
     let responses: Vec<(Labels, f64)> = responses
@@ -306,7 +363,7 @@ fn errors(
             .map_or((0, 0), |r| (r.count.round() as u64, r.of.round() as u64))
     };
     let ((x1, n1), (x2, n2)) = (get(&arms[0]), get(&arms[1]));
-    let guard = guardrail::errors(arms, (x1, n1), (x2, n2), args.alpha, args.error_margin);
+    let guard = guardrail::errors(arms, (x1, n1), (x2, n2), level, args.error_margin);
     (rates, two_proportion(x1, n1, x2, n2), guard)
 }
 

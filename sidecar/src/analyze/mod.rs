@@ -57,6 +57,11 @@ async fn analyze(mut args: AnalyzeArgs) -> Result<ExitCode, Failure> {
             "{split_source} names {arm:?}, which is not one of the arms (see --arms)"
         )));
     }
+    if args.looks > 1 && args.start.is_none() && args.answers.is_none() {
+        return Err(Failure::Usage(
+            "--looks wants --start: the looks judge one window growing from one start".into(),
+        ));
+    }
     let report = run(&args).await.map_err(Failure::Run)?;
     let html = args.html.as_deref().map(|path| {
         let page = kvab_judge::report::html::page(

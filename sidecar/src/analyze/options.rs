@@ -76,6 +76,16 @@ pub struct AnalyzeArgs {
     /// Family-wise error rate of the claims.
     #[arg(long, value_name = "P", default_value = "0.05", value_parser = fraction, env = "KVAB_ANALYZE_ALPHA")]
     pub alpha: f64,
+    /// Repeated analyses of one growing window: this run is one of K looks planned one every --look-every
+    /// from --start (1-100); alpha is spent over them (O'Brien-Fleming type), so re-running at each look
+    /// makes no more false claims than one analysis.
+    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100),
+          requires = "look_every", env = "KVAB_ANALYZE_LOOKS")]
+    pub looks: u32,
+    /// With --looks: the time between looks (90s, 30m, 1h, 2d); the look of a run is the one its window's
+    /// end reaches from --start.
+    #[arg(long, value_name = "DURATION", value_parser = window, requires = "looks", env = "KVAB_ANALYZE_LOOK_EVERY")]
+    pub look_every: Option<Duration>,
     /// Smallest relative difference of the medians that counts; inside it the arms are equivalent.
     #[arg(long, value_name = "R", default_value = "0.05", value_parser = fraction, env = "KVAB_ANALYZE_MIN_EFFECT")]
     pub min_effect: f64,
