@@ -145,3 +145,40 @@ def test_a_sticky_window_is_refused_with_the_reason(live):
     assert "Prometheus holds no per-key data" in report["reasons"][0]
     # The sample-ratio check counts the split's draws only: none here, so no false alarm from heavy keys.
     assert report["assignment"]["srm_p"] is None, report["assignment"]
+
+
+@pytest.fixture(scope="module")
+def ten_percent(tmp_path_factory):
+    """A stack whose fs arm takes 10 % longer: about 306 against 336 ms a short completion."""
+    work = tmp_path_factory.mktemp("analyze-ten")
+    stack = Stack(workdir=work / "stack", nvlink_delay=0.270, fs_delay=0.300, jitter=0.003,
+                  filter_config={"onMissing": "split", "split": {"weights": {"nvlink": 1, "fs": 1}}})
+    prometheus = Prometheus(scrape_interval="500ms", workdir=work / "prometheus")
+    try:
+        stack.start()
+        prometheus.start([gateway_target(stack.gateway.admin_port), sidecar_target(stack.sidecar.port)])
+        prometheus.wait_scraped()
+        yield stack, prometheus
+    finally:
+        prometheus.stop()
+        stack.stop()
+
+
+def test_a_split_window_with_a_ten_percent_effect_is_decided(ten_percent):
+    stack, prometheus = ten_percent
+    port = stack.gateway.port
+
+    def send():
+        with ThreadPoolExecutor(8) as pool:
+            return list(pool.map(lambda _: completion(port, SHORT), range(400)))
+
+    statuses, span = window(prometheus, send, 'sum(kvab_requests_total{source="split"})', 400)
+    assert statuses.count(200) == 400, statuses
+    code, report = analyze(prometheus, *span, "--split", "nvlink=1,fs=1", "--min-requests", "100")
+    c = primary(report)
+    assert (report["design"]["kind"], report["design"]["compared"]) == ("randomized", "split"), report["design"]
+    assert c["decision"] == "faster" and c["faster"] == "nvlink", (c["decision"], c["ratio"], c["ratio_ci"],
+                                                                   c["p50_bucket"], report["reasons"])
+    # The ratio of the medians near the arms' 1.10, its interval beyond the 5 % margin.
+    assert 1.05 < c["ratio_ci"][0] and 1.05 < c["ratio"] < 1.2, (c["ratio"], c["ratio_ci"])
+    assert report["verdict"] == "decided" and code == 0, report["reasons"]
