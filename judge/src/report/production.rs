@@ -96,6 +96,32 @@ pub struct Method {
     pub description: &'static str,
 }
 
+/// `resolution request_duration_ms: median's bucket 6.7 % (nvlink), 10.0 % (fs); equivalent needs
+/// --min-effect above 8.3 %`, and when `--min-effect` is not above it, why `equivalent` is refused.
+fn resolution_line(c: &Comparison) -> Option<String> {
+    let r = c.resolution.as_ref()?;
+    let percent = |v: &Option<f64>| v.map_or("unbounded".into(), |v| format!("{:.1} %", 100.0 * v));
+    let arms: Vec<String> = r
+        .median
+        .iter()
+        .map(|(arm, v)| format!("{} ({arm})", percent(v)))
+        .collect();
+    let margin = r
+        .smallest_margin
+        .map_or("equivalent cannot be shown".into(), |m| {
+            format!("equivalent needs --min-effect above {:.1} %", 100.0 * m)
+        });
+    let refused = r
+        .refused
+        .as_ref()
+        .map_or(String::new(), |why| format!(": {why}"));
+    Some(format!(
+        "resolution {}: median's bucket {}; {margin}{refused}",
+        c.metric,
+        arms.join(", ")
+    ))
+}
+
 impl Report {
     pub fn verdict_line(&self) -> String {
         verdict_line(self.verdict, &self.reasons)
@@ -107,7 +133,7 @@ impl Report {
         let (first, second) = (&self.arms[0], &self.arms[1]);
         let _ = writeln!(
             out,
-            "{:<22} {:>9} {:>9} {:>12} {:>12} {:>8} {:>18} {:>9}  {:<36} tails",
+            "{:<22} {:>9} {:>9} {:>12} {:>12} {:>8} {:>18} {:>9}  {:<36} {:>10}  tails",
             "metric",
             format!("n {first}"),
             format!("n {second}"),
@@ -116,7 +142,8 @@ impl Report {
             "ratio",
             "interval",
             "p adj",
-            "decision"
+            "decision",
+            "detectable"
         );
         for c in &self.comparisons {
             let n = |arm: &str| c.n.get(arm).map_or("-".into(), |v| v.to_string());
@@ -128,7 +155,7 @@ impl Report {
             );
             let _ = writeln!(
                 out,
-                "{:<22} {:>9} {:>9} {:>12} {:>12} {:>8} {:>18} {:>9}  {:<36} {}",
+                "{:<22} {:>9} {:>9} {:>12} {:>12} {:>8} {:>18} {:>9}  {:<36} {:>10}  {}",
                 c.metric,
                 n(first),
                 n(second),
@@ -138,8 +165,14 @@ impl Report {
                 c.ratio_ci_text(),
                 c.p_adjusted.map_or("-".into(), format_p),
                 decision,
+                c.detectable_text(),
                 c.tails_text()
             );
+        }
+        for c in &self.comparisons {
+            if let Some(line) = resolution_line(c) {
+                let _ = writeln!(out, "{line}");
+            }
         }
         let _ = writeln!(
             out,

@@ -414,7 +414,14 @@ fn too_little_traffic_or_a_wide_interval_is_inconclusive() {
     let [lo, hi] = c.ci_ms.unwrap();
     assert!(lo < 0.0 && hi > 0.0, "{lo} {hi}");
     assert_eq!(c.decision, Decision::Inconclusive);
-    assert_eq!(report.reasons[1], "request_duration_ms: inconclusive");
+    // The reason says what the window could have found, and that (100, 1000] buckets allow no
+    // equivalence within 5 %.
+    assert_eq!(
+        report.reasons[1],
+        "request_duration_ms: inconclusive (80 % power from ×24.927); equivalent within 5.0 % cannot be \
+         shown at this resolution: the medians' buckets are 900.0 % (nvlink) and 900.0 % (fs) wide, \
+         allowing no margin below 900.0 %"
+    );
     assert_eq!(report.verdict, Verdict::Inconclusive);
 }
 
@@ -439,6 +446,7 @@ fn the_comparison_alone_needs_both_arms() {
             tail_margin: args.tail_margin,
         },
         args.min_requests,
+        kvab_judge::resolution::Keeping::Envoy,
         None,
     );
     assert_eq!(
