@@ -8,16 +8,21 @@
 //!   (envoyproxy/envoy source/common/stats/thread_local_store.cc), and `int_scale_to_hist_bucket`
 //!   (openhistogram/libcircllhist src/circllhist.c) divides the value by 10 until it is below 100: 150
 //!   to 159 ms share one cell, 1,500 to 1,599 ms another;
-//! - each Prometheus bucket `le=X` is `hist_approx_count_below(h, X)` (envoy
-//!   source/common/stats/histogram_impl.cc, `HistogramStatisticsImpl`): the requests in the cells whose
-//!   upper edge, computed in floating point as `val/10.0 · 10^exp + 10^exp/10.0`, is at most `X`, the
-//!   walk stopping at the first cell over it. A bound inside a cell counts as the cell's lower edge (a
-//!   bound at 105 counts what 100 counts), and a few edges computed a hair above their decimal value
-//!   (120, 230, 450, 500, 840, 890, ... on x86-64 doubles) count as the edge one cell below.
+//! - each Prometheus bucket `le=X` counts the cells in order while a cell's lower edge, computed in
+//!   floating point as `val/10.0 · 10^exp` (`hist_bucket_to_double`), is at most `X`: libcircllhist's
+//!   `hist_approx_count_below_inclusive` (openhistogram/libcircllhist src/circllhist.c at 4281902 and
+//!   cae4d7a, 2022-12), which Envoy 1.40.0 (the Envoy `local/` runs) follows: measured with upstream
+//!   times of 101 to 114 ms, `le="100"` counted the cell [100, 110), `le="110"` did not count
+//!   [110, 120) and `le="111"` did. So a bound counts up to the end of the cell it falls in (`le="150"`
+//!   holds the times below 160 ms, `le="105"` those below 110), and the edges whose lower edge is
+//!   computed a hair above itself (110, 220, 440, 490, 830, 880, 930, 980 ms on x86-64 doubles) count
+//!   only up to themselves: `le="110"` counts what `le="100"` counts.
 //!
 //! `Keeping::Envoy` takes all this into account: a bucket `(lo, hi]` holds, in true times, `[T(lo),
-//! T(hi))` where `T(X)` is where Envoy's count at `X` really ends. `Keeping::Exact` is for histograms
-//! that bin the values themselves (vLLM's `prometheus_client` histograms).
+//! T(hi))` where `T(X)` is where Envoy's count at `X` really ends (`envoy_edge`). `Keeping::Exact` is
+//! for histograms that bin the values themselves (vLLM's `prometheus_client` histograms). The judge's
+//! quantiles and intervals read the bounds as Prometheus does (at most `X`); the resolution here reads
+//! them as Envoy fills them.
 
 use std::collections::BTreeMap;
 
@@ -54,15 +59,15 @@ fn envoy_cell(r: u64) -> (u64, i32, f64, f64) {
     (val, exp, low, low + step as f64)
 }
 
-/// `hist_approx_count_below`'s upper edge of a cell, in its floating point: `val/10.0 · 10^exp` (the
-/// cell's `hist_bucket_to_double`) plus `10^exp/10.0` (its width); the zero cell's is 0.
-fn computed_upper(val: u64, exp: i32) -> f64 {
+/// A cell's lower edge as libcircllhist computes it (`hist_bucket_to_double`): `val/10.0 · 10^exp`, 0
+/// for the zero cell.
+fn computed_lower(val: u64, exp: i32) -> f64 {
     if val == 0 {
         return 0.0;
     }
     // libcircllhist's power_of_ten table: exact doubles (10^exp is an integer below 2^53 here).
     let power = (0..exp).fold(1.0, |p, _| p * 10.0);
-    (val as f64 / 10.0) * power + power / 10.0
+    (val as f64 / 10.0) * power
 }
 
 /// The next recorded value after `r`'s cell.
@@ -81,13 +86,13 @@ pub fn envoy_edge(bound: f64) -> Option<f64> {
     if bound < 0.0 {
         return Some(0.0);
     }
-    // The walk of hist_approx_count_below: cells in order, stopping at the first over the bound. A
-    // bound at most 10^15 ms leaves at most ~1,300 cells to walk.
+    // The walk of hist_approx_count_below_inclusive: cells in order, stopping at the first whose lower
+    // edge is over the bound. A bound at most 10^15 ms leaves at most ~1,300 cells to walk.
     let mut r = 0u64;
     let mut edge = 0.0;
     loop {
         let (val, exp, _, high) = envoy_cell(r);
-        if computed_upper(val, exp) > bound {
+        if computed_lower(val, exp) > bound {
             return Some(edge);
         }
         edge = high;
@@ -95,10 +100,14 @@ pub fn envoy_edge(bound: f64) -> Option<f64> {
     }
 }
 
-/// Whether Envoy's count at `bound` ends exactly there (in whole milliseconds: the bound is an edge of
-/// Envoy's cells and computed as itself).
-pub fn envoy_honours(bound: f64) -> bool {
-    envoy_edge(bound) == Some(bound)
+/// The bounds of an ascending list whose Envoy count is always the one of the bound before it (both
+/// end at the same cell edge, `envoy_edge`): their buckets stay empty.
+pub fn envoy_redundant(bounds: &[f64]) -> Vec<f64> {
+    bounds
+        .windows(2)
+        .filter(|pair| envoy_edge(pair[0]) == envoy_edge(pair[1]))
+        .map(|pair| pair[1])
+        .collect()
 }
 
 /// The width of Envoy's cell holding the true time `ms`.
@@ -202,6 +211,7 @@ pub fn resolution(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::comparison::{of_histograms, Decision, InFamily, Rule};
 
     fn histogram(upper: &[f64], counts: &[f64]) -> Histogram {
         Histogram {
@@ -222,43 +232,62 @@ mod tests {
     }
 
     #[test]
-    fn a_bound_counts_up_to_where_envoys_cells_end() {
-        // Edges of cells count as themselves; a bound inside a cell as the cell's lower edge.
-        for bound in [
-            1.0, 7.0, 50.0, 99.0, 100.0, 150.0, 1_000.0, 1_500.0, 60_000.0,
+    fn a_bound_counts_to_the_end_of_its_cell() {
+        // As Envoy 1.40.0 was measured to count: le="100" holds [100, 110), le="110" not [110, 120).
+        for (bound, edge) in [
+            (1.0, 2.0),
+            (49.0, 50.0),
+            (50.0, 51.0),
+            (99.0, 100.0),
+            (100.0, 110.0),
+            (105.0, 110.0),
+            (111.0, 120.0),
+            (120.0, 130.0),
+            (150.0, 160.0),
+            (159.0, 160.0),
+            (225.0, 230.0),
+            (441.0, 450.0),
+            (500.0, 510.0),
+            (1_000.0, 1_100.0),
+            (1_499.0, 1_500.0),
+            (60_000.0, 61_000.0),
         ] {
-            assert_eq!(envoy_edge(bound), Some(bound), "{bound}");
-            assert!(envoy_honours(bound));
+            assert_eq!(envoy_edge(bound), Some(edge), "{bound}");
         }
-        assert_eq!(envoy_edge(105.0), Some(100.0));
-        assert_eq!(envoy_edge(225.0), Some(220.0));
-        assert_eq!(envoy_edge(1_250.0), Some(1_200.0));
         // Below 10 ms a cell is 0.1 wide in Envoy's units and a whole millisecond in true time: 2.5
-        // counts the recorded 2, i.e. the times below 3 ms.
+        // counts the recorded 2, the times below 3 ms. le="0" counts the recorded zeros.
         assert_eq!(envoy_edge(2.5), Some(3.0));
-        // le="0" counts the recorded zeros: below 1 ms.
         assert_eq!(envoy_edge(0.0), Some(1.0));
+        assert_eq!(envoy_edge(-1.0), Some(0.0));
         assert_eq!(envoy_edge(f64::INFINITY), None);
-        // 1.1 · 100 + 10 is 120.00000000000001 in doubles: le="120" stops before the cell [110, 120).
-        assert_eq!(envoy_edge(120.0), Some(110.0));
-        assert_eq!(envoy_edge(500.0), Some(490.0));
-        assert!(!envoy_honours(120.0) && !envoy_honours(105.0) && envoy_honours(130.0));
+        // 11/10.0 · 100 is 110.00000000000001 in doubles: le="110" stops before the cell [110, 120).
+        for quirk in [110.0, 220.0, 440.0, 490.0, 830.0, 880.0, 930.0, 980.0] {
+            assert_eq!(envoy_edge(quirk), Some(quirk), "{quirk}");
+        }
+        assert_eq!(
+            envoy_redundant(&[90.0, 100.0, 105.0, 110.0, 115.0, 120.0]),
+            vec![105.0, 110.0]
+        );
     }
 
     #[test]
     fn the_median_bucket_is_never_finer_than_envoys_cells() {
-        // Bounds every 10 ms, the median in (150, 160]: 10/150.
-        let h = histogram(&[140.0, 150.0, 160.0, f64::INFINITY], &[1.0, 3.0, 5.0, 1.0]);
+        // Bounds every 10 ms, the median in the bucket (140, 150], which Envoy fills with [150, 160):
+        // 10/150 (binned as they were: 10/140).
+        let h = histogram(&[130.0, 140.0, 150.0, f64::INFINITY], &[1.0, 3.0, 5.0, 1.0]);
         let r = median_resolution(&h, Keeping::Envoy).unwrap();
         assert!((r - 10.0 / 150.0).abs() < 1e-12, "{r}");
-        assert_eq!(median_resolution(&h, Keeping::Exact), Some(r));
-        // A bound at 105 does not make (100, 110] finer: the median bucket (105, 110] holds [100, 110).
-        let h = histogram(&[100.0, 105.0, 110.0, f64::INFINITY], &[4.0, 0.0, 5.0, 1.0]);
-        assert!((median_resolution(&h, Keeping::Envoy).unwrap() - 0.1).abs() < 1e-12);
-        assert!((median_resolution(&h, Keeping::Exact).unwrap() - 5.0 / 105.0).abs() < 1e-12);
-        // Nor does (100, 105] alone, which Envoy leaves empty: taken as the cell [100, 110).
+        let exact = median_resolution(&h, Keeping::Exact).unwrap();
+        assert!((exact - 10.0 / 140.0).abs() < 1e-12, "{exact}");
+        // A bound at 105 does not make (100, 110] finer: Envoy fills (100, 105] with nothing and
+        // (105, 115] with [110, 120): a median there is known to 10/110.
+        let h = histogram(&[100.0, 105.0, 115.0, f64::INFINITY], &[4.0, 0.0, 5.0, 1.0]);
+        assert!((median_resolution(&h, Keeping::Envoy).unwrap() - 10.0 / 110.0).abs() < 1e-12);
+        assert!((median_resolution(&h, Keeping::Exact).unwrap() - 10.0 / 105.0).abs() < 1e-12);
+        // A bucket Envoy leaves empty, (100, 105], holding the median of other data: taken as the
+        // cell [110, 120).
         let h = histogram(&[100.0, 105.0, f64::INFINITY], &[4.0, 5.0, 1.0]);
-        assert!((median_resolution(&h, Keeping::Envoy).unwrap() - 0.1).abs() < 1e-12);
+        assert!((median_resolution(&h, Keeping::Envoy).unwrap() - 10.0 / 110.0).abs() < 1e-12);
         // Unbounded: the first bucket (from 0) and the last.
         let h = histogram(&[100.0, f64::INFINITY], &[9.0, 1.0]);
         assert_eq!(median_resolution(&h, Keeping::Envoy), None);
@@ -277,16 +306,17 @@ mod tests {
     #[test]
     fn a_margin_at_or_below_the_resolution_is_refused_with_its_numbers() {
         let arms = ["nvlink".to_string(), "fs".to_string()];
-        let a = histogram(&[140.0, 150.0, 160.0, f64::INFINITY], &[1.0, 3.0, 5.0, 1.0]);
-        let b = histogram(&[100.0, 110.0, f64::INFINITY], &[4.0, 5.0, 1.0]);
+        // Medians in (140, 150] (Envoy: [150, 160)) and (89, 99] (Envoy: [90, 100)).
+        let a = histogram(&[130.0, 140.0, 150.0, f64::INFINITY], &[1.0, 3.0, 5.0, 1.0]);
+        let b = histogram(&[89.0, 99.0, f64::INFINITY], &[4.0, 5.0, 1.0]);
         let r = resolution(&arms, [&a, &b], Keeping::Envoy, 0.05);
         assert_eq!(r.median["nvlink"].map(|v| (v * 1000.0).round()), Some(67.0));
-        assert_eq!(r.median["fs"].map(|v| (v * 1000.0).round()), Some(100.0));
+        assert_eq!(r.median["fs"].map(|v| (v * 1000.0).round()), Some(111.0));
         assert_eq!(
             r.refused.as_deref(),
             Some(
-                "equivalent within 5.0 % cannot be shown at this resolution: the medians' buckets are 6.7 % \
-                 (nvlink) and 10.0 % (fs) wide, allowing no margin below 8.3 %"
+                "equivalent within 5.0 % cannot be shown at this resolution: the medians' buckets are \
+                 6.7 % (nvlink) and 11.1 % (fs) wide, allowing no margin below 8.9 %"
             )
         );
         assert_eq!(
@@ -305,11 +335,10 @@ mod tests {
 
     #[test]
     fn of_histograms_refuses_equivalent_that_envoys_cells_cannot_show() {
-        use crate::comparison::{of_histograms, Decision, InFamily, Rule};
-        // Bounds at 109 and 110: Envoy counts [100, 110) in (109, 110], so the medians' interval reads
+        // Bounds at 99 and 100: Envoy counts [100, 110) in (99, 100], so the medians' interval reads
         // 1 % wide where the data know them to 10 %.
         let h = histogram(
-            &[100.0, 109.0, 110.0, 120.0, f64::INFINITY],
+            &[90.0, 99.0, 100.0, 120.0, f64::INFINITY],
             &[10.0, 0.0, 1000.0, 10.0, 0.0],
         );
         let arms = ["nvlink".to_string(), "fs".to_string()];

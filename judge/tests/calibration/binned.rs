@@ -1,10 +1,11 @@
 //! Calibration of `kvab analyze`'s judge on bucketed data at Envoy's resolution: each simulated window's
 //! times are rounded down to whole milliseconds (as the filter records them), kept at two significant
-//! digits (as Envoy's libcircllhist keeps them), counted in Prometheus buckets as Envoy's
-//! `hist_approx_count_below` counts them (a cell counted when its upper edge, computed in doubles, is at
-//! most the bound), binned by the bounds the project ships, and judged by `of_histograms` as analyze
+//! digits (as Envoy's libcircllhist keeps them), counted in Prometheus buckets as Envoy 1.40 counts them
+//! (libcircllhist's `hist_approx_count_below_inclusive`: the cells in order while a cell's lower edge,
+//! computed in doubles, is at most the bound), binned by the bounds the project ships, and judged by `of_histograms` as analyze
 //! judges them. The Envoy side is written here again from libcircllhist's source, not borrowed from the
-//! judge, so that a mistake in `kvab_judge::resolution` would show.
+//! judge, so that a mistake in `kvab_judge::resolution` would show. A test here keeps the shipped bounds
+//! one list in both files, every bound one Envoy honours.
 
 use std::collections::BTreeMap;
 
@@ -61,13 +62,13 @@ fn cell(r: u64) -> (u64, i32) {
     (val, exp)
 }
 
-/// `hist_approx_count_below`'s upper edge of a cell: `val/10.0 · 10^exp + 10^exp/10.0`, 0 for zero.
-fn upper(val: u64, exp: i32) -> f64 {
+/// A cell's lower edge as libcircllhist computes it: `val/10.0 · 10^exp`, 0 for zero.
+fn lower(val: u64, exp: i32) -> f64 {
     if val == 0 {
         return 0.0;
     }
     let power = (0..exp).fold(1.0, |p, _| p * 10.0);
-    (val as f64 / 10.0) * power + power / 10.0
+    (val as f64 / 10.0) * power
 }
 
 /// The histogram Envoy exports for `times` (ms) under `bounds`.
@@ -88,7 +89,7 @@ pub fn envoy_histogram(times: &[f64], bounds: &[f64]) -> Option<Histogram> {
                 let edge = if exp == i32::MIN {
                     0.0
                 } else {
-                    upper(val, exp)
+                    lower(val, exp)
                 };
                 if edge > bound {
                     break;
@@ -281,8 +282,8 @@ pub fn scenarios() -> Vec<Scenario> {
         None,
     );
     add(
-        "binned at Envoy's resolution, 600 ms, A/A",
-        (600.0, 2000),
+        "binned at Envoy's resolution, 610 ms, 20,000 an arm, A/A",
+        (610.0, 20_000),
         1.0,
         Bounds::Shipped,
         MARGIN,
@@ -290,8 +291,8 @@ pub fn scenarios() -> Vec<Scenario> {
         Some(Right::Equivalent),
     );
     add(
-        "binned at Envoy's resolution, 600 ms, b ×1.05 (at the margin)",
-        (600.0, 2000),
+        "binned at Envoy's resolution, 610 ms, 20,000 an arm, b ×1.05 (at the margin)",
+        (610.0, 20_000),
         1.0 + MARGIN,
         Bounds::Shipped,
         MARGIN,
@@ -308,7 +309,7 @@ pub fn scenarios() -> Vec<Scenario> {
         None,
     );
     // Bounds finer than Envoy keeps: the buckets' edges promise 0.6 % where the cells are 6 to 7 % wide.
-    // Both medians (151.5 and 159.1 ms) lie in the cell [150, 160), counted in the bucket (159, 160],
+    // Both medians (151.5 and 159.1 ms) lie in the cell [150, 160), counted in the bucket (149, 150],
     // and 20,000 requests an arm keep their intervals inside it: only the resolution's refusal stands
     // between this and a false `equivalent`.
     add(
@@ -321,8 +322,8 @@ pub fn scenarios() -> Vec<Scenario> {
         None,
     );
     add(
-        "binned at Envoy's resolution, 150 ms, b ×1.10",
-        (150.0, 2000),
+        "binned at Envoy's resolution, 155 ms, 20,000 an arm, b ×1.10",
+        (155.0, 20_000),
         1.10,
         Bounds::Shipped,
         MARGIN,
@@ -333,15 +334,36 @@ pub fn scenarios() -> Vec<Scenario> {
 }
 
 #[test]
-fn the_envoy_side_counts_cells_as_libcircllhist_does() {
-    // 150 to 159 ms are one cell, counted at le="160" and not at le="155"; 115 ms is in [110, 120),
-    // whose upper edge is 120.00000000000001 in doubles: not counted at le="120".
+fn the_envoy_side_counts_cells_as_envoy_does() {
+    // 150 to 159 ms are one cell, counted from le="150" on (its lower edge); 115 ms is in [110, 120),
+    // whose lower edge is 110.00000000000001 in doubles: not counted at le="110", counted at "111";
+    // 99.5 ms is the recorded 99, in [99, 100), counted from le="99".
     let h = envoy_histogram(
         &[150.2, 159.9, 115.0, 99.5],
-        &[100.0, 120.0, 130.0, 155.0, 160.0],
+        &[98.0, 99.0, 110.0, 111.0, 149.0, 150.0],
     );
     assert_eq!(
         h.map(|h| h.counts),
-        Some(vec![1.0, 0.0, 1.0, 0.0, 2.0, 0.0])
+        Some(vec![0.0, 1.0, 0.0, 1.0, 0.0, 2.0, 0.0])
+    );
+}
+
+#[test]
+fn the_shipped_bounds_are_one_list_in_which_envoy_counts_every_bucket() {
+    let local = shipped_bounds();
+    let istio = bounds_in(
+        include_str!("../../../manifests/patches/gateway-stats.yaml"),
+        "{\"wasmcustom\":[",
+        ']',
+    );
+    assert_eq!(
+        local, istio,
+        "local/envoy-gateway.yaml and manifests/patches/gateway-stats.yaml"
+    );
+    assert!(local.windows(2).all(|w| w[0] < w[1]), "{local:?}");
+    let redundant = kvab_judge::resolution::envoy_redundant(&local);
+    assert!(
+        redundant.is_empty(),
+        "bounds whose bucket Envoy leaves empty: {redundant:?}"
     );
 }
