@@ -11,8 +11,8 @@ pub const POWER: f64 = 0.8;
 /// width `w` on the log scale is taken as `z_{1−level/2}` standard errors (`se = w / z_{1−level/2}`)
 /// and the log ratio as normal: `faster` needs the interval's near end beyond `1 + min_effect`, which a
 /// true ratio of `(1 + min_effect) · exp((z_{1−level/2} + z_{POWER}) · se)` clears with probability
-/// `POWER`. For histograms part of the width is the buckets', which more data would not shrink: there
-/// the figure is a floor, not a promise. `None` without a bounded interval.
+/// `POWER`. For histograms part of the width is the buckets', which more data would not shrink and
+/// which this scales as if it were noise: there the figure errs high. `None` without a bounded interval.
 pub fn detectable_ratio(ratio_ci: Option<[f64; 2]>, level: f64, min_effect: f64) -> Option<f64> {
     let [lo, hi] = ratio_ci?;
     if !(lo > 0.0 && hi.is_finite() && hi >= lo && level > 0.0 && level < 1.0) {
