@@ -11,7 +11,10 @@
 //!   the comparison, ranked worst, so its error rate holds it back only when shown higher);
 //! - `equivalent` when the ratio's `1 − 2·tost_level` interval lies inside `(1/(1+min_effect),
 //!   1+min_effect)` (two one-sided tests at `tost_level`) and every guardrail is `within`;
-//! - otherwise `inconclusive`, with `blocked` naming the guardrails that held a decision back.
+//!   For histograms `equivalent` also needs `min_effect` above the smallest margin the buckets around
+//!   the medians allow (`crate::resolution`);
+//! - otherwise `inconclusive`, with `blocked` naming the guardrails that held a decision back, and the
+//!   smallest effect its window would have found (`crate::power`).
 
 use std::collections::BTreeMap;
 
@@ -19,6 +22,8 @@ use serde::Serialize;
 
 use crate::binned::Histogram;
 use crate::guardrail::{self, ErrorGuard, Status, Tail};
+use crate::power::{detectable_ratio, more_requests};
+use crate::resolution::{resolution, Keeping, Resolution};
 use crate::stats::{hodges_lehmann, percentile, shift_interval};
 
 /// The tails every comparison guards.
@@ -104,6 +109,13 @@ pub struct Comparison {
     /// whose interval cannot shrink below the buckets' width), or when a guardrail held the decision
     /// back (`blocked`: a narrower interval of the ratio would not clear it).
     pub more_requests: Option<u64>,
+    /// For an inconclusive comparison: the smallest ratio, either way, its window would have decided
+    /// `faster` with 80 % power (`crate::power::detectable_ratio`); `null` when decided or unbounded.
+    pub detectable_ratio: Option<f64>,
+    /// Histograms only: how finely the buckets know each median and the smallest margin of
+    /// equivalence that allows (`crate::resolution`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<Resolution>,
     /// Histograms only: the most buckets an arm's histogram has.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub buckets: Option<usize>,
@@ -148,6 +160,8 @@ impl Comparison {
             decision: Decision::Inconclusive,
             faster: None,
             more_requests: None,
+            detectable_ratio: None,
+            resolution: None,
             buckets: None,
             cdf: None,
         }
@@ -220,6 +234,17 @@ impl Comparison {
         self.ratio.map_or("-".into(), |r| format!("×{r:.3}"))
     }
 
+    /// `×1.083`: `detectable_ratio` as tables show it, `-` without one.
+    pub fn detectable_text(&self) -> String {
+        self.detectable_ratio
+            .map_or("-".into(), |r| format!("×{r:.3}"))
+    }
+
+    /// Why the resolution refuses `equivalent`, when it does.
+    fn refused(&self) -> Option<&str> {
+        self.resolution.as_ref()?.refused.as_deref()
+    }
+
     /// `[1.280, 1.320]`, `[2.000, ∞]`: `ratio_ci` as tables show it.
     pub fn ratio_ci_text(&self) -> String {
         let end = |v: f64| {
@@ -250,9 +275,10 @@ impl Comparison {
             (Decision::Faster, Some(arm)) => format!("{arm} faster"),
             (Decision::Equivalent, _) => "equivalent".into(),
             _ if !self.blocked.is_empty() => "inconclusive (guardrail)".into(),
-            _ => match self.more_requests {
-                Some(more) => format!("inconclusive (~{more} more requests)"),
-                None => "inconclusive".into(),
+            _ => match (self.more_requests, self.refused()) {
+                (Some(more), _) => format!("inconclusive (~{more} more requests)"),
+                (None, Some(_)) => "inconclusive (resolution)".into(),
+                (None, None) => "inconclusive".into(),
             },
         }
     }
@@ -316,7 +342,15 @@ impl Comparison {
             _ if !self.blocked.is_empty() => {
                 format!("{what}: inconclusive: {}", self.blocked.join(", "))
             }
-            _ => format!("{what}: inconclusive"),
+            _ => {
+                let detectable = self
+                    .detectable_ratio
+                    .map_or(String::new(), |r| format!(" (80 % power from ×{r:.3})"));
+                let refused = self
+                    .refused()
+                    .map_or(String::new(), |why| format!("; {why}"));
+                format!("{what}: inconclusive{detectable}{refused}")
+            }
         }
     }
 }
@@ -431,9 +465,18 @@ pub fn of_samples<'a>(
     // A guardrail that holds the decision back is not cleared by a narrower interval of the ratio.
     if c.decision == Decision::Inconclusive && c.blocked.is_empty() {
         let n = (first.len() + second.len()) as u64;
-        c.more_requests = more_requests(&c, rule.min_effect, n);
+        let intervals = [c.ratio_ci, c.equivalence_ci];
+        c.more_requests = more_requests(c.ratio, intervals, rule.min_effect, n);
     }
+    c.detectable_ratio = detectable(&c, rule);
     c
+}
+
+/// `detectable_ratio` of an inconclusive comparison.
+fn detectable(c: &Comparison, rule: Rule) -> Option<f64> {
+    (c.decision == Decision::Inconclusive)
+        .then(|| detectable_ratio(c.ratio_ci, c.ci_level_alpha, rule.min_effect))
+        .flatten()
 }
 
 /// Times on the log scale (at least `LOG_FLOOR_MS`).
@@ -451,6 +494,8 @@ pub fn ratio_of_samples(first: &[f64], second: &[f64]) -> Option<f64> {
 /// bucket, the difference and the ratio of the medians with intervals widened to bucket edges, the tails,
 /// and the decision. An arm with fewer than `min_requests` requests is shown but not tested.
 /// `family.p`: the histograms' `binned::mann_whitney` p-value, which Holm's correction needed first;
+/// `keeping`: how the values were kept before they were binned; `equivalent` is refused where the
+/// buckets around the medians allow no margin as small as `min_effect` (`crate::resolution`);
 /// `errors`: the window's error guardrail.
 #[allow(clippy::too_many_arguments)]
 pub fn of_histograms(
@@ -461,6 +506,7 @@ pub fn of_histograms(
     family: InFamily,
     rule: Rule,
     min_requests: u64,
+    keeping: Keeping,
     errors: Option<&ErrorGuard>,
 ) -> Comparison {
     let level = family.level;
@@ -538,30 +584,11 @@ pub fn of_histograms(
     }
     c.equivalence_ci = bounds(rule.tost_level).and_then(|(_, ratio)| ratio);
     c.decide(arms, rule, errors);
+    let resolution = resolution(arms, [a, b], keeping, rule.min_effect);
+    if resolution.refused.is_some() && c.decision == Decision::Equivalent {
+        c.decision = Decision::Inconclusive;
+    }
+    c.resolution = Some(resolution);
+    c.detectable_ratio = detectable(&c, rule);
     c
-}
-
-/// Further requests (this class, both arms) until the ratio's interval is narrow enough to decide,
-/// assuming its width on the log scale shrinks as 1/√n: to clear the margin when the ratio is beyond
-/// it, else to fit inside it.
-fn more_requests(c: &Comparison, min_effect: f64, n: u64) -> Option<u64> {
-    let ratio = c.ratio.filter(|r| *r > 0.0)?;
-    let band = (1.0 + min_effect).ln();
-    let effect = ratio.ln().abs();
-    let (interval, target) = if effect >= band {
-        (c.ratio_ci?, effect - band)
-    } else {
-        (c.equivalence_ci?, band - effect)
-    };
-    let [lo, hi] = interval;
-    if !(lo > 0.0 && hi > 0.0) {
-        return None;
-    }
-    let half = (hi.ln() - lo.ln()) / 2.0;
-    if !(target > 0.0 && half > 0.0 && n > 0) {
-        return None;
-    }
-    let factor = (half / target).powi(2);
-    let more = (n as f64 * (factor - 1.0)).ceil();
-    (more.is_finite() && more < 1e12).then(|| more.max(1.0) as u64)
 }

@@ -15,8 +15,10 @@
 pub mod binned;
 pub mod comparison;
 pub mod guardrail;
+pub mod power;
 pub mod report;
 pub mod requests;
+pub mod resolution;
 pub mod sequential;
 pub mod stats;
 pub mod verdict;

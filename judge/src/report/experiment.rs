@@ -153,7 +153,7 @@ impl Report {
         };
         let _ = writeln!(
             out,
-            "{:<8} {:<10} {:>7} {:>10} {:>10} {:>8} {:>18} {:>9}  {:<36} tails",
+            "{:<8} {:<10} {:>7} {:>10} {:>10} {:>8} {:>18} {:>9}  {:<36} {:>10}  tails",
             "metric",
             "class",
             "n",
@@ -162,7 +162,8 @@ impl Report {
             "ratio",
             "interval",
             "p adj",
-            "decision"
+            "decision",
+            "detectable"
         );
         for c in &self.comparisons {
             let n: u64 = c.n.values().sum();
@@ -174,7 +175,7 @@ impl Report {
             );
             let _ = writeln!(
                 out,
-                "{:<8} {:<10} {:>7} {:>10} {:>10} {:>8} {:>18} {:>9}  {:<36} {}",
+                "{:<8} {:<10} {:>7} {:>10} {:>10} {:>8} {:>18} {:>9}  {:<36} {:>10}  {}",
                 c.metric.trim_end_matches("_ms"),
                 c.class.as_deref().unwrap_or("-"),
                 n,
@@ -184,6 +185,7 @@ impl Report {
                 c.ratio_ci_text(),
                 c.p_adjusted.map_or("-".into(), format_p),
                 decision,
+                c.detectable_text(),
                 c.tails_text(),
             );
         }

@@ -242,7 +242,8 @@ fn comparisons(out: &mut String, report: &Report) {
     let _ = write!(
         out,
         "<th>{}</th><th>interval</th><th>{}</th><th>equivalence interval</th><th>tails</th>\
-         <th>p</th><th>p adjusted</th><th class=\"l\">decision</th></tr>",
+         <th>p</th><th>p adjusted</th><th class=\"l\">decision</th>\
+         <th>detectable <small>(80 % power)</small></th></tr>",
         escape(&shift),
         escape(&ratio)
     );
@@ -289,7 +290,7 @@ fn comparisons(out: &mut String, report: &Report) {
         let _ = write!(
             out,
             "<td>{}</td><td>{interval}</td><td>{} <small>{}</small></td><td>{equivalence}</td>\
-             <td class=\"l\">{}</td><td>{}</td><td>{}</td><td class=\"l\">{}{}</td></tr>",
+             <td class=\"l\">{}</td><td>{}</td><td>{}</td><td class=\"l\">{}{}</td><td>{}</td></tr>",
             fmt(c.shift_ms, 2),
             escape(&c.ratio_text()),
             escape(&c.ratio_ci_text()),
@@ -301,7 +302,8 @@ fn comparisons(out: &mut String, report: &Report) {
                 String::new()
             } else {
                 format!("<br><small>{}</small>", escape(&notes.join("; ")))
-            }
+            },
+            escape(&c.detectable_text())
         );
     }
     out.push_str("</table>");
@@ -486,6 +488,8 @@ mod tests {
                 decision: Decision::Faster,
                 faster: Some("nvlink".into()),
                 more_requests: None,
+                detectable_ratio: None,
+                resolution: None,
                 p50_bucket: None,
                 buckets: None,
                 cdf: None,

@@ -110,6 +110,32 @@ pub struct Method {
     pub description: &'static str,
 }
 
+/// `resolution request_duration_ms: median's bucket 6.7 % (nvlink), 7.1 % (fs); equivalent needs
+/// --min-effect above 6.9 %`, or, when `--min-effect` is not above it, why `equivalent` is refused.
+fn resolution_line(c: &Comparison, arms: &[String]) -> Option<String> {
+    let r = c.resolution.as_ref()?;
+    if let Some(why) = &r.refused {
+        return Some(format!("resolution {}: {why}", c.metric));
+    }
+    let percent = |v: Option<&Option<f64>>| {
+        v.copied()
+            .flatten()
+            .map_or("unbounded".into(), |v| format!("{:.1} %", 100.0 * v))
+    };
+    let per_arm: Vec<String> = arms
+        .iter()
+        .map(|arm| format!("{} ({arm})", percent(r.median.get(arm))))
+        .collect();
+    let margin = r
+        .smallest_margin
+        .map_or("-".into(), |m| format!("{:.1} %", 100.0 * m));
+    Some(format!(
+        "resolution {}: median's bucket {}; equivalent needs --min-effect above {margin}",
+        c.metric,
+        per_arm.join(", ")
+    ))
+}
+
 impl Report {
     pub fn verdict_line(&self) -> String {
         verdict_line(self.verdict, &self.reasons)
@@ -121,7 +147,7 @@ impl Report {
         let (first, second) = (&self.arms[0], &self.arms[1]);
         let _ = writeln!(
             out,
-            "{:<22} {:>9} {:>9} {:>12} {:>12} {:>8} {:>18} {:>9}  {:<36} tails",
+            "{:<22} {:>9} {:>9} {:>12} {:>12} {:>8} {:>18} {:>9}  {:<36} {:>10}  tails",
             "metric",
             format!("n {first}"),
             format!("n {second}"),
@@ -130,7 +156,8 @@ impl Report {
             "ratio",
             "interval",
             "p adj",
-            "decision"
+            "decision",
+            "detectable"
         );
         for c in &self.comparisons {
             let n = |arm: &str| c.n.get(arm).map_or("-".into(), |v| v.to_string());
@@ -142,7 +169,7 @@ impl Report {
             );
             let _ = writeln!(
                 out,
-                "{:<22} {:>9} {:>9} {:>12} {:>12} {:>8} {:>18} {:>9}  {:<36} {}",
+                "{:<22} {:>9} {:>9} {:>12} {:>12} {:>8} {:>18} {:>9}  {:<36} {:>10}  {}",
                 c.metric,
                 n(first),
                 n(second),
@@ -152,8 +179,14 @@ impl Report {
                 c.ratio_ci_text(),
                 c.p_adjusted.map_or("-".into(), format_p),
                 decision,
+                c.detectable_text(),
                 c.tails_text()
             );
+        }
+        for c in &self.comparisons {
+            if let Some(line) = resolution_line(c, &self.arms) {
+                let _ = writeln!(out, "{line}");
+            }
         }
         let share = |s: Option<f64>| s.map_or("-".into(), |s| format!("{:.0}%", 100.0 * s));
         let _ = writeln!(

@@ -7,7 +7,11 @@
 //!   α + 0.01.
 //! - The fast subset (in `cargo test --workspace`): some scenarios at 100 to 1,000 trials, bound α +
 //!   `FAST_SLACK`.
+//! - `binned`: windows of `kvab analyze` at Envoy's resolution (whole milliseconds, two significant
+//!   digits, the shipped bucket bounds), judged by `of_histograms`; in the suite's table after the
+//!   experiments' scenarios.
 
+mod binned;
 mod sim;
 mod suite;
 
@@ -87,6 +91,26 @@ fn measure(scenarios: &[Scenario], trials: u64, slack: f64) -> Vec<String> {
     over
 }
 
+/// Runs binned `scenarios` at `trials` each, prints their rows, returns the rows over the bound.
+fn measure_binned(scenarios: &[binned::Scenario], trials: u64, slack: f64) -> Vec<String> {
+    let mut over = Vec::new();
+    for s in scenarios {
+        let started = Instant::now();
+        let t = binned::run(s, trials);
+        let line = binned::row(s, &t);
+        println!("{line}");
+        eprintln!("  ({:.1} s)", started.elapsed().as_secs_f64());
+        let (_, upper) = clopper_pearson(t.false_claims, t.trials);
+        if upper > ALPHA + slack {
+            over.push(format!(
+                "{line}: upper bound {upper:.4} > {:.2}",
+                ALPHA + slack
+            ));
+        }
+    }
+    over
+}
+
 #[test]
 #[ignore = "the whole suite: make calibrate (release build, minutes)"]
 fn the_whole_suite_keeps_every_false_claim_rate_within_alpha() {
@@ -101,7 +125,12 @@ fn the_whole_suite_keeps_every_false_claim_rate_within_alpha() {
         .filter(|s| s.name.contains(only.as_str()))
         .collect();
     let started = Instant::now();
-    let over = measure(&chosen, trials, SLACK);
+    let mut over = measure(&chosen, trials, SLACK);
+    let binned: Vec<binned::Scenario> = binned::scenarios()
+        .into_iter()
+        .filter(|s| s.name.contains(only.as_str()))
+        .collect();
+    over.extend(measure_binned(&binned, trials, SLACK));
     eprintln!("suite: {:.0} s", started.elapsed().as_secs_f64());
     assert!(over.is_empty(), "over the bound:\n{}", over.join("\n"));
 }
@@ -138,6 +167,34 @@ fn fast_subset_an_effect_at_the_margin_or_a_worse_tail_is_not_equivalent() {
             ("stream, 3 classes × 4 metrics, A/A, margin 0", 1),
             ("tail only: b's top 2 % ×3", 1),
         ],
+        100,
+    );
+}
+
+/// The named binned scenarios at `trials` each: measured, and over the fast bound?
+fn fast_binned(names: &[&str], trials: u64) {
+    let chosen: Vec<binned::Scenario> = binned::scenarios()
+        .into_iter()
+        .filter(|s| names.contains(&s.name))
+        .collect();
+    assert_eq!(
+        chosen.len(),
+        names.len(),
+        "a fast binned scenario is missing"
+    );
+    let over = measure_binned(&chosen, trials, FAST_SLACK);
+    assert!(over.is_empty(), "over the bound:\n{}", over.join("\n"));
+}
+
+#[test]
+fn fast_subset_binned_windows_are_rarely_called_faster_or_falsely_equivalent() {
+    fast_binned(
+        &["binned at Envoy's resolution, 150 ms, A/A, margin 0"],
+        400,
+    );
+    // Where only the resolution's refusal stands between the data and a false `equivalent`.
+    fast_binned(
+        &["binned at Envoy's resolution, 151.5 ms, bounds every 1 ms, 20,000 an arm, b ×1.05 (at the margin)"],
         100,
     );
 }

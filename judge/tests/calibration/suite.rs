@@ -147,7 +147,7 @@ pub struct Tally {
 }
 
 impl Tally {
-    fn add(&mut self, other: &Tally) {
+    pub fn add(&mut self, other: &Tally) {
         self.trials += other.trials;
         self.false_claims += other.false_claims;
         self.covered += other.covered;

@@ -17,6 +17,7 @@ use kvab_judge::binned::mann_whitney;
 use kvab_judge::comparison::{of_histograms, Comparison, InFamily, Rule};
 use kvab_judge::guardrail::{self, ErrorGuard};
 use kvab_judge::report::production::{Method, Rate, Report, Window};
+use kvab_judge::resolution::Keeping;
 use kvab_judge::verdict::{verdict, Findings, Verdict};
 
 pub const METHOD: &str = "increase() of the filter's histograms and counters over the window; Mann-Whitney with \
@@ -108,16 +109,20 @@ pub fn judge_at(
             .collect()
     });
 
+    // The filter's histograms are Envoy's (whole milliseconds, two significant digits); vLLM's bin
+    // the values themselves.
     let mut metrics = vec![
         (
             "request_duration_ms",
             true,
             histograms(metrics::REQUEST_DURATION_BUCKET, duration, arms, compared)?,
+            Keeping::Envoy,
         ),
         (
             "time_to_first_byte_ms",
             false,
             histograms(metrics::TIME_TO_FIRST_BYTE_BUCKET, ttfb, arms, compared)?,
+            Keeping::Envoy,
         ),
     ];
     // vLLM's histograms count every request its pods served: in a randomized window they join the
@@ -130,14 +135,14 @@ pub fn judge_at(
             if vllm_mixed {
                 vllm_left_out.push(*name);
             } else {
-                metrics.push((*name, false, found));
+                metrics.push((*name, false, found, Keeping::Exact));
             }
         }
     }
     let unlabelled = without_source(duration, arms) || without_source(ttfb, arms);
     let p_values: Vec<Option<f64>> = metrics
         .iter()
-        .map(|(_, _, h)| match (&h[0], &h[1]) {
+        .map(|(_, _, h, _)| match (&h[0], &h[1]) {
             (Some(a), Some(b)) => mann_whitney(a, b),
             _ => None,
         })
@@ -154,31 +159,34 @@ pub fn judge_at(
     let comparisons: Vec<Comparison> = metrics
         .iter()
         .zip(p_values.iter().zip(adjusted.iter().zip(&levels)))
-        .map(|((metric, primary, h), (&p, (&p_adjusted, &level)))| {
-            let family = InFamily {
-                p,
-                p_adjusted,
-                level,
-            };
-            let guard = Some(&error_guardrail);
-            of_histograms(
-                metric,
-                *primary,
-                arms,
-                h,
-                family,
-                rule,
-                args.min_requests,
-                guard,
-            )
-        })
+        .map(
+            |((metric, primary, h, keeping), (&p, (&p_adjusted, &level)))| {
+                let family = InFamily {
+                    p,
+                    p_adjusted,
+                    level,
+                };
+                let guard = Some(&error_guardrail);
+                of_histograms(
+                    metric,
+                    *primary,
+                    arms,
+                    h,
+                    family,
+                    rule,
+                    args.min_requests,
+                    *keeping,
+                    guard,
+                )
+            },
+        )
         .collect();
     // Per primary metric, the arms with fewer requests than --min-requests (Prometheus's counts, before
     // they are rounded for the report).
     let few: Vec<Vec<(String, f64)>> = metrics
         .iter()
-        .filter(|(_, primary, _)| *primary)
-        .map(|(_, _, h)| {
+        .filter(|(_, primary, _, _)| *primary)
+        .map(|(_, _, h, _)| {
             arms.iter()
                 .zip(h)
                 .map(|(arm, h)| (arm.clone(), h.as_ref().map_or(0.0, |h| h.total())))

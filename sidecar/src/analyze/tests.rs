@@ -379,10 +379,11 @@ fn an_arm_clearly_faster_is_decided_with_its_interval_and_effect() {
 
 #[test]
 fn arms_with_the_same_histogram_are_equivalent() {
-    // 1000 requests an arm, 50 in each 1 ms bucket from 90 to 110 ms: the medians' intervals span two
-    // buckets, so the difference is within ±2 ms, ±2 % of the median, inside --min-effect's 5 %.
-    let cumulative: Vec<(String, String)> = (90..=110)
-        .map(|le| (le.to_string(), ((le - 90) * 50).to_string()))
+    // 1000 requests an arm, 50 in each 1 ms bucket from 70 to 90 ms (below 100 ms Envoy keeps every
+    // millisecond): the medians' intervals span two buckets, so the difference is within ±2 ms, ±2.5 %
+    // of the median, inside --min-effect's 5 %.
+    let cumulative: Vec<(String, String)> = (70..=90)
+        .map(|le| (le.to_string(), ((le - 70) * 50).to_string()))
         .chain([("+Inf".to_string(), "1000".to_string())])
         .collect();
     let fine: Vec<(&str, &str)> = cumulative
@@ -400,10 +401,28 @@ fn arms_with_the_same_histogram_are_equivalent() {
     assert!(-0.05 < rlo && rhi < 0.05, "{rlo} {rhi}");
     assert_eq!(
         report.reasons[1],
-        "request_duration_ms: equivalent (×1.000 [0.980, 1.020])"
+        "request_duration_ms: equivalent (×1.000 [0.975, 1.025])"
     );
     assert_eq!(report.verdict, Verdict::Decided);
-    // The same data with a margin of 1 %: the ±2 % interval is no longer inside it.
+    // The same buckets from 90 to 110 ms: above 100 ms Envoy keeps 10 ms cells whatever the bounds, so
+    // the buckets (100, 109] promise what the data cannot hold, and equivalent is refused.
+    let above: Vec<(String, String)> = (90..=110)
+        .map(|le| (le.to_string(), ((le - 90) * 50).to_string()))
+        .chain([("+Inf".to_string(), "1000".to_string())])
+        .collect();
+    let above: Vec<(&str, &str)> = above
+        .iter()
+        .map(|(le, n)| (le.as_str(), n.as_str()))
+        .collect();
+    let mut coarse = answers(&NVLINK, "1000");
+    coarse.duration = answer(&[buckets("nvlink", &above), buckets("fs", &above)].concat());
+    let refused = primary(&judged(&coarse).unwrap()).clone();
+    assert_eq!(refused.decision_text(), "inconclusive (resolution)");
+    assert!(refused
+        .resolution
+        .and_then(|r| r.smallest_margin)
+        .is_some_and(|m| (m - 0.1).abs() < 1e-9));
+    // The same data with a margin of 1 %: the ±2.5 % interval is no longer inside it.
     let strict = args_with(&["--split", "nvlink=1,fs=1", "--min-effect", "0.01"]);
     let report = judged_with(&same, &strict).unwrap();
     assert_eq!(primary(&report).decision, Decision::Inconclusive);
@@ -441,7 +460,14 @@ fn too_little_traffic_or_a_wide_interval_is_inconclusive() {
     let [lo, hi] = c.ci_ms.unwrap();
     assert!(lo < 0.0 && hi > 0.0, "{lo} {hi}");
     assert_eq!(c.decision, Decision::Inconclusive);
-    assert_eq!(report.reasons[1], "request_duration_ms: inconclusive");
+    // The reason says what the window could have found, and that (100, 1000] buckets allow no
+    // equivalence within 5 %.
+    assert_eq!(
+        report.reasons[1],
+        "request_duration_ms: inconclusive (80 % power from ×24.927); equivalent within 5.0 % cannot be \
+         shown at this resolution: the medians' buckets are 900.0 % (nvlink) and 900.0 % (fs) wide, \
+         allowing no margin below 900.0 %"
+    );
     assert_eq!(report.verdict, Verdict::Inconclusive);
 }
 
@@ -466,6 +492,7 @@ fn the_comparison_alone_needs_both_arms() {
             tail_margin: args.tail_margin,
         },
         args.min_requests,
+        kvab_judge::resolution::Keeping::Envoy,
         None,
     );
     assert_eq!(
