@@ -165,9 +165,11 @@ def one_line_error(done: subprocess.CompletedProcess) -> str:
 
 def test_a_query_not_in_the_file_is_one_line_naming_it():
     path, _, _ = recorded("decided")
+    window = json.loads(path.read_text())["window"]
+    seconds = max(1, round(window["end"] - window["start"]))  # the window's whole seconds, as the queries say
     line = one_line_error(analyze("--answers", str(path), "--selector", 'namespace="other"'))
     assert line.startswith('kvab analyze: query sum by (backend, source, le) (increase(kvab_request_duration_milliseconds_bucket'
-                           '{namespace="other"}[9s])): not in --answers '), line
+                           f'{{namespace="other"}}[{seconds}s])): not in --answers '), line
 
 
 def test_a_file_that_is_no_file_of_answers_is_one_line_naming_the_field(tmp_path):

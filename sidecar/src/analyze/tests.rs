@@ -677,11 +677,20 @@ async fn a_query_the_file_does_not_hold_is_an_error_naming_it() {
     let error = judged_recording(&document, &["--selector".into(), "job=\"other\"".into()])
         .await
         .unwrap_err();
+    // The recorded window's length, in whole seconds, as the queries write it.
+    let seconds = Window::new(
+        document["window"]["start"].as_f64().unwrap(),
+        document["window"]["end"].as_f64().unwrap(),
+    )
+    .unwrap()
+    .seconds;
     assert_eq!(
         error,
-        "query sum by (backend, source, le) (increase(kvab_request_duration_milliseconds_bucket{job=\"other\"}[9s])): \
-         not in --answers recorded.json (--selector, --vllm-selector and --vllm-arm-label shape the queries: \
-         are they as when it was recorded?)"
+        format!(
+            "query sum by (backend, source, le) (increase(kvab_request_duration_milliseconds_bucket{{job=\"other\"}}\
+             [{seconds}s])): not in --answers recorded.json (--selector, --vllm-selector and --vllm-arm-label shape \
+             the queries: are they as when it was recorded?)"
+        )
     );
 }
 
