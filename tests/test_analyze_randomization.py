@@ -41,11 +41,9 @@ def total(prometheus, expr: str) -> float:
     return answer[0][1] if answer else 0.0
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    work = tmp_path_factory.mktemp("analyze-unit")
-    stack = Stack(workdir=work / "stack", nvlink_delay=0.0, fs_delay=0.0, filter_config=SPLIT,
-                  fail_fraction={"fs": FS_FAILS}, seed=7)
+def scraped(work, **stack_args):
+    """A stack and a Prometheus scraping its gateway and kvab serve every 500 ms, stopped after use."""
+    stack = Stack(workdir=work / "stack", **stack_args)
     prometheus = Prometheus(scrape_interval="500ms", workdir=work / "prometheus")
     try:
         stack.start()
@@ -55,6 +53,12 @@ def live(tmp_path_factory):
     finally:
         prometheus.stop()
         stack.stop()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    yield from scraped(tmp_path_factory.mktemp("analyze-unit"), nvlink_delay=0.0, fs_delay=0.0, filter_config=SPLIT,
+                       fail_fraction={"fs": FS_FAILS}, seed=7)
 
 
 def window(prometheus, send, counted: str, at_least: float):
@@ -150,18 +154,8 @@ def test_a_sticky_window_is_refused_with_the_reason(live):
 @pytest.fixture(scope="module")
 def ten_percent(tmp_path_factory):
     """A stack whose fs arm takes 10 % longer: about 306 against 336 ms a short completion."""
-    work = tmp_path_factory.mktemp("analyze-ten")
-    stack = Stack(workdir=work / "stack", nvlink_delay=0.270, fs_delay=0.300, jitter=0.003,
-                  filter_config={"onMissing": "split", "split": {"weights": {"nvlink": 1, "fs": 1}}})
-    prometheus = Prometheus(scrape_interval="500ms", workdir=work / "prometheus")
-    try:
-        stack.start()
-        prometheus.start([gateway_target(stack.gateway.admin_port), sidecar_target(stack.sidecar.port)])
-        prometheus.wait_scraped()
-        yield stack, prometheus
-    finally:
-        prometheus.stop()
-        stack.stop()
+    yield from scraped(tmp_path_factory.mktemp("analyze-ten"), nvlink_delay=0.270, fs_delay=0.300, jitter=0.003,
+                       filter_config={"onMissing": "split", "split": {"weights": {"nvlink": 1, "fs": 1}}})
 
 
 def test_a_split_window_with_a_ten_percent_effect_is_decided(ten_percent):
