@@ -19,6 +19,7 @@ use serde::Serialize;
 
 use crate::binned::Histogram;
 use crate::guardrail::{self, ErrorGuard, Status, Tail};
+use crate::stats::stratified::Strata;
 use crate::stats::{hodges_lehmann, percentile, shift_interval};
 
 /// The tails every comparison guards.
@@ -391,6 +392,7 @@ pub fn of_samples<'a>(
     primary: bool,
     arms: &[String],
     [first, second]: [&'a [f64]; 2],
+    strata: Option<[&[usize]; 2]>,
     failures: Option<[u64; 2]>,
     family: InFamily,
     rule: Rule,
@@ -406,13 +408,37 @@ pub fn of_samples<'a>(
         }
     }
     c.failures = failures.map(|f| arms.iter().cloned().zip(f).collect());
-    c.shift_ms = hodges_lehmann(first, second);
-    c.ci_ms = shift_interval(first, second, family.level).map(|(lo, hi)| [lo, hi]);
     let (log_first, log_second) = (log_times(first), log_times(second));
     let exp = |(lo, hi): (f64, f64)| [lo.exp(), hi.exp()];
-    c.ratio = hodges_lehmann(&log_first, &log_second).map(f64::exp);
-    c.ratio_ci = shift_interval(&log_first, &log_second, family.level).map(exp);
-    c.equivalence_ci = shift_interval(&log_first, &log_second, 2.0 * rule.tost_level).map(exp);
+    match strata {
+        // Within strata: each stratum's pairs alone (`crate::stats::stratified`).
+        Some(strata) if strata.iter().flat_map(|s| s.iter()).any(|&s| s > 0) => {
+            let times = Strata::new([first, second], strata);
+            let logs = Strata::new([&log_first, &log_second], strata);
+            c.shift_ms = times.as_ref().and_then(Strata::shift);
+            c.ci_ms = times
+                .as_ref()
+                .and_then(|t| t.interval(family.level))
+                .map(|(lo, hi)| [lo, hi]);
+            c.ratio = logs.as_ref().and_then(Strata::shift).map(f64::exp);
+            c.ratio_ci = logs
+                .as_ref()
+                .and_then(|l| l.interval(family.level))
+                .map(exp);
+            c.equivalence_ci = logs
+                .as_ref()
+                .and_then(|l| l.interval(2.0 * rule.tost_level))
+                .map(exp);
+        }
+        _ => {
+            c.shift_ms = hodges_lehmann(first, second);
+            c.ci_ms = shift_interval(first, second, family.level).map(|(lo, hi)| [lo, hi]);
+            c.ratio = hodges_lehmann(&log_first, &log_second).map(f64::exp);
+            c.ratio_ci = shift_interval(&log_first, &log_second, family.level).map(exp);
+            c.equivalence_ci =
+                shift_interval(&log_first, &log_second, 2.0 * rule.tost_level).map(exp);
+        }
+    }
     let [failed_first, failed_second] = failures.unwrap_or([0, 0]);
     let answered = |v: &'a [f64], failed: u64| {
         let n = v
