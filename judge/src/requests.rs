@@ -609,6 +609,54 @@ mod tests {
     }
 
     #[test]
+    fn strata_are_consecutive_requests_of_a_class_and_take_a_drift_out() {
+        // Two classes interleaved: each class's requests are numbered on their own.
+        let two: Vec<Outcome> = (0..8).map(|i| outcome(i % 2, 0, Some(0), 1.0)).collect();
+        assert_eq!(strata(&two, 2, 2), [0, 0, 0, 0, 1, 1, 1, 1]);
+        assert_eq!(strata(&two, 2, 0), [0; 8]);
+        // fs is 1.06× nvlink; the load steps ×2 every 64 requests, shared by both arms (balanced
+        // blocks of 4). Unstratified, the steps widen the ratio's interval (pairs across a step are far
+        // from the ratio); within strata of 16 no pair crosses a step.
+        let times = |i: usize| {
+            let load = if (i / 64) % 2 == 1 { 2.0 } else { 1.0 };
+            let arm = if i % 4 == 1 || i % 4 == 2 { 1.06 } else { 1.0 };
+            let mut z = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z ^= z >> 31;
+            let spread = (z >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+            load * arm * 100.0 * (0.6 * spread).exp()
+        };
+        let drifting: Vec<Outcome> = (0..1600)
+            .map(|i| {
+                let assigned = usize::from(i % 4 == 1 || i % 4 == 2);
+                outcome(0, assigned, Some(assigned), times(i))
+            })
+            .collect();
+        let stratified = &analyze(&design(), &drifting).comparisons[0];
+        let unstratified = &analyze(
+            &Design {
+                stratum: 0,
+                ..design()
+            },
+            &drifting,
+        )
+        .comparisons[0];
+        let width = |c: &Comparison| {
+            let [lo, hi] = c.ratio_ci.unwrap();
+            hi / lo
+        };
+        assert!(
+            width(stratified).ln() < 0.6 * width(unstratified).ln(),
+            "{:?} against {:?}",
+            stratified.ratio_ci,
+            unstratified.ratio_ci
+        );
+        let [lo, hi] = stratified.ratio_ci.unwrap();
+        assert!(lo <= 1.06 && 1.06 <= hi, "{lo} {hi}");
+        assert!(stratified.p.unwrap() < unstratified.p.unwrap());
+    }
+
+    #[test]
     fn the_effect_is_a_ratio_with_an_interval_that_must_clear_the_margin() {
         // fs takes 1.10× nvlink's time on every request: the ratio, not the shift over a median.
         let times = |arm: usize, i: usize| {
