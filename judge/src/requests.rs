@@ -247,9 +247,8 @@ pub fn analyze(design: &Design, outcomes: &[Outcome]) -> Analysis {
     let mut raw = Vec::new();
     for (class, _) in design.classes.iter().enumerate() {
         for (metric, primary) in design.metrics() {
-            let [first, second] = [0, 1].map(|arm| {
-                values(outcomes, &strata, class, arm, metric, design.max_time_ms)
-            });
+            let [first, second] =
+                [0, 1].map(|arm| values(outcomes, &strata, class, arm, metric, design.max_time_ms));
             // van Elteren's test within the strata (Mann-Whitney's with one).
             let p = Strata::new(
                 [&first.values, &second.values],

@@ -227,7 +227,9 @@ impl Strata {
         self.strata
             .iter()
             .filter_map(|s| smallest_difference_above(&s.first, &s.second, low))
-            .fold(None, |acc: Option<f64>, d| Some(acc.map_or(d, |x| x.min(d))))
+            .fold(None, |acc: Option<f64>, d| {
+                Some(acc.map_or(d, |x| x.min(d)))
+            })
             .or(Some(high))
     }
 }
@@ -296,7 +298,11 @@ mod tests {
             assert!((test.z - mw.z).abs() < 1e-9, "{test:?} {mw:?}");
             assert_eq!(strata.shift(), hodges_lehmann(&a, &b));
             for alpha in [0.05, 0.01, 0.2] {
-                assert_eq!(strata.interval(alpha), shift_interval(&a, &b, alpha), "{m} {n}");
+                assert_eq!(
+                    strata.interval(alpha),
+                    shift_interval(&a, &b, alpha),
+                    "{m} {n}"
+                );
             }
         }
     }
@@ -315,13 +321,25 @@ mod tests {
             }
         }
         let strata = Strata::new([&a, &b], [&sa, &sb]).unwrap();
-        let flat: Vec<f64> = a.iter().zip(&sa).map(|(v, s)| v - 10.0 * *s as f64).collect();
-        let flat_b: Vec<f64> = b.iter().zip(&sb).map(|(v, s)| v - 10.0 * *s as f64).collect();
+        let flat: Vec<f64> = a
+            .iter()
+            .zip(&sa)
+            .map(|(v, s)| v - 10.0 * *s as f64)
+            .collect();
+        let flat_b: Vec<f64> = b
+            .iter()
+            .zip(&sb)
+            .map(|(v, s)| v - 10.0 * *s as f64)
+            .collect();
         let undrifted = Strata::new([&flat, &flat_b], [&sa, &sb]).unwrap();
         assert_eq!(strata.test(), undrifted.test());
         assert_eq!(strata.interval(0.05), undrifted.interval(0.05));
         let (lo, hi) = strata.interval(0.05).unwrap();
-        assert!(lo > 0.0 && lo < 1.0 && hi > 1.0, "{lo} {hi} {:?}", strata.shift());
+        assert!(
+            lo > 0.0 && lo < 1.0 && hi > 1.0,
+            "{lo} {hi} {:?}",
+            strata.shift()
+        );
         // Unstratified, the drift swamps the shift: its interval is many times as wide.
         let (ulo, uhi) = shift_interval(&a, &b, 0.05).unwrap();
         assert!(uhi - ulo > 5.0 * (hi - lo), "{ulo} {uhi} against {lo} {hi}");
