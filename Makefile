@@ -92,10 +92,12 @@ unit:
 	cargo test --workspace
 
 # The judge's calibration suite (docs/experiment.md, "Calibration"): simulated experiments per scenario
-# (i.i.d., stalls, a failing arm, tail-only differences, shared-load drift, the metric × class family,
-# 1 and 10 looks); prints the table of false-claim rates with their Clopper–Pearson upper bounds, the
-# ratio interval's coverage and the power, and fails when a bound exceeds alpha + 0.01. Release build,
-# both cores, 11 to 17 minutes. CALIBRATION_TRIALS (default 5000) experiments per scenario;
+# (i.i.d., stalls, a failing arm, tail-only differences, shared-load drift with and without strata, the
+# metric × class family, 1 and 10 looks); prints the table of false-claim rates with their
+# Clopper–Pearson upper bounds, the ratio interval's coverage and the power, then the requests to a
+# decision of --until decided against the fixed-horizon test (CALIBRATION_ONLY=power alone), and fails
+# when a bound exceeds alpha + 0.01. Release build,
+# both cores, about 20 minutes. CALIBRATION_TRIALS (default 5000) experiments per scenario;
 # CALIBRATION_ONLY keeps the scenarios whose name contains it. A fast subset runs in `make unit`.
 CALIBRATION_TRIALS ?= 5000
 CALIBRATION_ONLY ?=

@@ -24,6 +24,7 @@ use crate::binned::Histogram;
 use crate::guardrail::{self, ErrorGuard, Status, Tail};
 use crate::power::{detectable_ratio, more_requests};
 use crate::resolution::{resolution, Keeping, Resolution};
+use crate::stats::stratified::Strata;
 use crate::stats::{hodges_lehmann, percentile, shift_interval};
 
 /// The tails every comparison guards.
@@ -193,11 +194,11 @@ impl Comparison {
                 .tails
                 .iter()
                 .filter(|t| t.status == Status::Worse && t.worse.as_ref() == Some(arm))
-                .map(|t| tail_sentence(t, arms))
+                .map(|t| t.sentence(arms))
                 .chain(
                     errors
                         .filter(|g| g.status == Status::Worse && g.worse.as_ref() == Some(arm))
-                        .map(|g| error_sentence(g, arms)),
+                        .map(|g| g.sentence(arms)),
                 )
                 .collect();
             if held.is_empty() {
@@ -216,11 +217,11 @@ impl Comparison {
                 .tails
                 .iter()
                 .filter(|t| t.status != Status::Within)
-                .map(|t| tail_sentence(t, arms))
+                .map(|t| t.sentence(arms))
                 .chain(
                     errors
                         .filter(|g| g.status != Status::Within)
-                        .map(|g| error_sentence(g, arms)),
+                        .map(|g| g.sentence(arms)),
                 )
                 .collect();
             if self.blocked.is_empty() {
@@ -355,54 +356,6 @@ impl Comparison {
     }
 }
 
-/// `fs's p99 is worse (×6.10 [3.95, 8.20])`, `p99 not shown within the tail margin (×1.02 [0.80, -])`:
-/// ratios as the worse arm's tail over the other's.
-fn tail_sentence(tail: &Tail, arms: &[String]) -> String {
-    let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
-    let first_worse = tail.worse.is_some() && tail.worse.as_ref() == arms.first();
-    let (ratio, [lo, hi]) = if first_worse {
-        let inv = |v: Option<f64>| v.filter(|v| *v > 0.0).map(|v| 1.0 / v);
-        (
-            inv(tail.ratio),
-            [inv(tail.ratio_ci[1]), inv(tail.ratio_ci[0])],
-        )
-    } else {
-        (tail.ratio, tail.ratio_ci)
-    };
-    let numbers = format!("×{} [{}, {}]", fmt(ratio), fmt(lo), fmt(hi));
-    match (&tail.status, &tail.worse) {
-        (Status::Worse, Some(arm)) => format!("{arm}'s {} is worse ({numbers})", tail.quantile),
-        _ => format!(
-            "{} not shown within the tail margin ({numbers})",
-            tail.quantile
-        ),
-    }
-}
-
-/// `fs fails more (+8.0 pp [+5.1, +11.2])` (the worse arm's error rate minus the other's), `error rates
-/// not shown within 2.0 pp (+0.0 pp [-2.6, +2.6])` (the second arm's minus the first's).
-fn error_sentence(guard: &ErrorGuard, arms: &[String]) -> String {
-    let first = guard.worse.is_some() && guard.worse.as_ref() == arms.first();
-    let (d, [lo, hi]) = match (guard.difference, guard.difference_ci) {
-        (Some(d), Some([lo, hi])) if first => (-d, [-hi, -lo]),
-        (Some(d), Some(ci)) => (d, ci),
-        _ => return "error rates not measured".into(),
-    };
-    let numbers = format!(
-        "{:+.1} pp [{:+.1}, {:+.1}]",
-        100.0 * d,
-        100.0 * lo,
-        100.0 * hi
-    );
-    match (guard.status, &guard.worse) {
-        (Status::Worse, Some(arm)) => format!("{arm} fails more ({numbers})"),
-        _ => format!(
-            "error rates not shown within {:.1} pp ({numbers})",
-            100.0 * guard.margin
-        ),
-    }
-}
-
 /// Where a comparison sits in its family: its Mann-Whitney p-value, that p-value after Holm's
 /// correction, and the Holm level it is judged at.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -425,6 +378,7 @@ pub fn of_samples<'a>(
     primary: bool,
     arms: &[String],
     [first, second]: [&'a [f64]; 2],
+    strata: Option<[&[usize]; 2]>,
     failures: Option<[u64; 2]>,
     family: InFamily,
     rule: Rule,
@@ -440,13 +394,37 @@ pub fn of_samples<'a>(
         }
     }
     c.failures = failures.map(|f| arms.iter().cloned().zip(f).collect());
-    c.shift_ms = hodges_lehmann(first, second);
-    c.ci_ms = shift_interval(first, second, family.level).map(|(lo, hi)| [lo, hi]);
     let (log_first, log_second) = (log_times(first), log_times(second));
     let exp = |(lo, hi): (f64, f64)| [lo.exp(), hi.exp()];
-    c.ratio = hodges_lehmann(&log_first, &log_second).map(f64::exp);
-    c.ratio_ci = shift_interval(&log_first, &log_second, family.level).map(exp);
-    c.equivalence_ci = shift_interval(&log_first, &log_second, 2.0 * rule.tost_level).map(exp);
+    match strata {
+        // Within strata: each stratum's pairs alone (`crate::stats::stratified`).
+        Some(strata) if strata.iter().flat_map(|s| s.iter()).any(|&s| s > 0) => {
+            let times = Strata::new([first, second], strata);
+            let logs = Strata::new([&log_first, &log_second], strata);
+            c.shift_ms = times.as_ref().and_then(Strata::shift);
+            c.ci_ms = times
+                .as_ref()
+                .and_then(|t| t.interval(family.level))
+                .map(|(lo, hi)| [lo, hi]);
+            c.ratio = logs.as_ref().and_then(Strata::shift).map(f64::exp);
+            c.ratio_ci = logs
+                .as_ref()
+                .and_then(|l| l.interval(family.level))
+                .map(exp);
+            c.equivalence_ci = logs
+                .as_ref()
+                .and_then(|l| l.interval(2.0 * rule.tost_level))
+                .map(exp);
+        }
+        _ => {
+            c.shift_ms = hodges_lehmann(first, second);
+            c.ci_ms = shift_interval(first, second, family.level).map(|(lo, hi)| [lo, hi]);
+            c.ratio = hodges_lehmann(&log_first, &log_second).map(f64::exp);
+            c.ratio_ci = shift_interval(&log_first, &log_second, family.level).map(exp);
+            c.equivalence_ci =
+                shift_interval(&log_first, &log_second, 2.0 * rule.tost_level).map(exp);
+        }
+    }
     let [failed_first, failed_second] = failures.unwrap_or([0, 0]);
     let answered = |v: &'a [f64], failed: u64| {
         let n = v

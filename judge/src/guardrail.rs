@@ -39,6 +39,31 @@ pub struct Tail {
 }
 
 impl Tail {
+    /// `fs's p99 is worse (×6.10 [3.95, 8.20])`, `p99 not shown within the tail margin (×1.02 [0.80, -])`:
+    /// ratios as the worse arm's tail over the other's.
+    pub fn sentence(&self, arms: &[String]) -> String {
+        let tail = self;
+        let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
+        let first_worse = tail.worse.is_some() && tail.worse.as_ref() == arms.first();
+        let (ratio, [lo, hi]) = if first_worse {
+            let inv = |v: Option<f64>| v.filter(|v| *v > 0.0).map(|v| 1.0 / v);
+            (
+                inv(tail.ratio),
+                [inv(tail.ratio_ci[1]), inv(tail.ratio_ci[0])],
+            )
+        } else {
+            (tail.ratio, tail.ratio_ci)
+        };
+        let numbers = format!("×{} [{}, {}]", fmt(ratio), fmt(lo), fmt(hi));
+        match (&tail.status, &tail.worse) {
+            (Status::Worse, Some(arm)) => format!("{arm}'s {} is worse ({numbers})", tail.quantile),
+            _ => format!(
+                "{} not shown within the tail margin ({numbers})",
+                tail.quantile
+            ),
+        }
+    }
+
     /// `p90 ok`, `p99 fs worse`, `p99 ?` (not shown either way): how tables show it.
     pub fn short(&self) -> String {
         match (self.status, &self.worse) {
@@ -161,6 +186,31 @@ pub struct ErrorGuard {
 }
 
 impl ErrorGuard {
+    /// `fs fails more (+8.0 pp [+5.1, +11.2])` (the worse arm's error rate minus the other's), `error rates
+    /// not shown within 2.0 pp (+0.0 pp [-2.6, +2.6])` (the second arm's minus the first's).
+    pub fn sentence(&self, arms: &[String]) -> String {
+        let guard = self;
+        let first = guard.worse.is_some() && guard.worse.as_ref() == arms.first();
+        let (d, [lo, hi]) = match (guard.difference, guard.difference_ci) {
+            (Some(d), Some([lo, hi])) if first => (-d, [-hi, -lo]),
+            (Some(d), Some(ci)) => (d, ci),
+            _ => return "error rates not measured".into(),
+        };
+        let numbers = format!(
+            "{:+.1} pp [{:+.1}, {:+.1}]",
+            100.0 * d,
+            100.0 * lo,
+            100.0 * hi
+        );
+        match (guard.status, &guard.worse) {
+            (Status::Worse, Some(arm)) => format!("{arm} fails more ({numbers})"),
+            _ => format!(
+                "error rates not shown within {:.1} pp ({numbers})",
+                100.0 * guard.margin
+            ),
+        }
+    }
+
     /// `+8.0 pp [+3.9, +14.9], margin 2.0 pp: fs worse` (the second arm's rate minus the first's).
     pub fn summary(&self) -> String {
         let verdict = match (self.status, &self.worse) {

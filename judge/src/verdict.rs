@@ -119,6 +119,7 @@ mod tests {
             &arms(),
             [first, second],
             None,
+            None,
             InFamily {
                 p,
                 p_adjusted: p.unwrap_or(1.0),

@@ -94,6 +94,9 @@ pub struct Method {
     /// The family-wise level of the analysis reported (its look's share of `alpha`:
     /// `crate::sequential`; `alpha` with one analysis).
     pub look_alpha: f64,
+    /// The requests of a class per stratum of the tests and intervals (consecutive in measured order;
+    /// `kvab_judge::requests::STRATUM`).
+    pub stratum: usize,
     pub srm_threshold: f64,
     pub description: &'static str,
 }

@@ -504,6 +504,7 @@ mod tests {
                 looks: 1,
                 looks_made: 1,
                 look_alpha: 0.05,
+                stratum: 16,
                 srm_threshold: 0.001,
                 description: "the method",
             },

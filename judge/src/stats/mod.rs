@@ -9,6 +9,8 @@
 
 use statrs::distribution::{Binomial, ChiSquared, ContinuousCDF, Discrete, DiscreteCDF, Normal};
 
+pub mod stratified;
+
 /// The largest count taken as input: 2^53, up to which f64 (Prometheus's values) holds every integer. An
 /// increase over a window beyond it is 9·10^15 requests, 285 years at a million a second: a broken series,
 /// not traffic, and counts beyond it are no longer exact.

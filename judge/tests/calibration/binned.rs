@@ -18,7 +18,7 @@ use rand::SeedableRng;
 
 use crate::sim::normal;
 use crate::suite::{
-    clopper_pearson, Claim, Right, Tally, ALPHA, ARMS, MARGIN, NO_MARGIN, TAIL_MARGIN,
+    clopper_pearson, parallel, Claim, Right, Tally, ALPHA, ARMS, MARGIN, NO_MARGIN, TAIL_MARGIN,
 };
 
 /// `kvab analyze`'s default `--min-requests`.
@@ -191,7 +191,6 @@ pub fn run(s: &Scenario, trials: u64) -> Tally {
         Bounds::Shipped => shipped_bounds(),
         Bounds::EveryMs => (1..=2000).map(f64::from).collect(),
     };
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
     let one = |i: u64| {
         let mut rng = ChaCha8Rng::seed_from_u64(s.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i);
         let mut t = Tally {
@@ -209,26 +208,9 @@ pub fn run(s: &Scenario, trials: u64) -> Tally {
         t
     };
     let mut total = Tally::default();
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers)
-            .map(|w| {
-                scope.spawn(move || {
-                    let mut tally = Tally::default();
-                    let mut i = w;
-                    while i < trials {
-                        tally.add(&one(i));
-                        i += workers;
-                    }
-                    tally
-                })
-            })
-            .collect();
-        for h in handles {
-            if let Ok(t) = h.join() {
-                total.add(&t);
-            }
-        }
-    });
+    for t in parallel(trials, one) {
+        total.add(&t);
+    }
     total
 }
 

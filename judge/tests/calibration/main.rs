@@ -12,6 +12,7 @@
 //!   experiments' scenarios.
 
 mod binned;
+mod power;
 mod sim;
 mod suite;
 
@@ -131,8 +132,43 @@ fn the_whole_suite_keeps_every_false_claim_rate_within_alpha() {
         .filter(|s| s.name.contains(only.as_str()))
         .collect();
     over.extend(measure_binned(&binned, trials, SLACK));
+    let studies: Vec<power::Study> = power::studies()
+        .into_iter()
+        .filter(|s| s.name.contains(only.as_str()))
+        .collect();
+    over.extend(requests_to_a_decision(&studies, trials, SLACK));
     eprintln!("suite: {:.0} s", started.elapsed().as_secs_f64());
     assert!(over.is_empty(), "over the bound:\n{}", over.join("\n"));
+}
+
+/// Each study's `n_fixed`, then each of `power::DESIGNS` on it, at `trials` each: prints the table,
+/// returns the rows whose false-claim rate is over the bound.
+fn requests_to_a_decision(studies: &[power::Study], trials: u64, slack: f64) -> Vec<String> {
+    if studies.is_empty() {
+        return Vec::new();
+    }
+    println!("\n{}", power::header());
+    let mut over = Vec::new();
+    for study in studies {
+        let started = Instant::now();
+        let (n_fixed, _) = power::fixed_horizon(study, trials);
+        eprintln!(
+            "  {}: n_fixed {n_fixed} ({:.1} s)",
+            study.name,
+            started.elapsed().as_secs_f64()
+        );
+        for (looks, factor) in power::DESIGNS {
+            let planned = ((n_fixed as f64 * factor) / 2.0).ceil() as usize * 2;
+            let stops = power::stops(study, planned, looks, trials);
+            let line = power::row(study, looks, planned, n_fixed, &stops);
+            println!("{line}");
+            let (_, upper) = clopper_pearson(stops.false_claims, stops.trials);
+            if upper > ALPHA + slack {
+                over.push(line);
+            }
+        }
+    }
+    over
 }
 
 /// The named scenarios (name, looks) of the suite, at `trials` each: measured, and over the fast bound?

@@ -1,7 +1,7 @@
 //! The scenarios, what is a false claim in each, the runner (whole experiments, looks and the stop when
 //! decided, as `kvab experiment --until decided` does) and the Clopper–Pearson bounds.
 
-use kvab_judge::requests::{analyze, look_points, Analysis, Design};
+use kvab_judge::requests::{analyze, look_points, Analysis, Design, STRATUM};
 use kvab_judge::sequential::look_levels;
 use kvab_judge::Decision;
 use rand::rngs::ChaCha8Rng;
@@ -30,7 +30,7 @@ pub enum Claim {
 }
 
 impl Claim {
-    fn made(self, analysis: &Analysis) -> bool {
+    pub fn made(self, analysis: &Analysis) -> bool {
         analysis.comparisons.iter().any(|c| match self {
             Claim::AnyFaster => c.decision == Decision::Faster,
             Claim::FasterFor(arm) => {
@@ -59,7 +59,7 @@ pub enum Right {
 }
 
 impl Right {
-    fn made(self, analysis: &Analysis) -> bool {
+    pub fn made(self, analysis: &Analysis) -> bool {
         let mut primary = analysis.comparisons.iter().filter(|c| c.primary).peekable();
         primary.peek().is_some()
             && primary.all(|c| match self {
@@ -90,22 +90,33 @@ pub struct Scenario {
     pub true_ratio: Option<f64>,
     pub right: Option<Right>,
     pub seed: u64,
+    /// The requests of a class per stratum of the analysis (`Design::stratum`; 0: unstratified).
+    pub stratum: usize,
 }
 
 pub fn design(scenario: &Scenario) -> Design {
-    let classes = scenario.world.classes;
+    Design {
+        stratum: scenario.stratum,
+        ..design_of(&scenario.world, scenario.min_effect)
+    }
+}
+
+/// The design of an experiment in `world` with margin `min_effect`.
+pub fn design_of(world: &World, min_effect: f64) -> Design {
+    let classes = world.classes;
     Design {
         arms: ARMS.map(String::from).to_vec(),
         classes: (0..classes).map(|c| format!("c{c}")).collect(),
         prompt_tokens: vec![None; classes],
-        stream: scenario.world.stream,
+        stream: world.stream,
         // The experiment's α; each look's share of it is set by `experiment`.
         look_alpha: ALPHA,
-        min_effect: scenario.min_effect,
+        min_effect,
         srm_threshold: 0.001,
         max_time_ms: MAX_TIME_MS,
         tail_margin: TAIL_MARGIN,
         error_margin: ERROR_MARGIN,
+        stratum: STRATUM,
     }
 }
 
@@ -115,10 +126,15 @@ fn ratio_interval(analysis: &Analysis) -> Option<[f64; 2]> {
 }
 
 /// One experiment: analysed at each look point, stopped at the first decided look (the last otherwise);
-/// its final analysis is what the tool reports.
-fn experiment(scenario: &Scenario, design: &Design, rng: &mut ChaCha8Rng) -> Analysis {
-    let outcomes = simulate(&scenario.world, rng);
-    let points = look_points(outcomes.len() as u64, scenario.looks);
+/// its final analysis is what the tool reports, with the measured requests it analysed.
+pub fn experiment(
+    world: &World,
+    looks: u32,
+    design: &Design,
+    rng: &mut ChaCha8Rng,
+) -> (Analysis, u64) {
+    let outcomes = simulate(world, rng);
+    let points = look_points(outcomes.len() as u64, looks);
     // α spent over the looks as `kvab experiment` spends it.
     let levels = look_levels(design.look_alpha, outcomes.len() as u64, &points);
     let mut last = None;
@@ -127,14 +143,15 @@ fn experiment(scenario: &Scenario, design: &Design, rng: &mut ChaCha8Rng) -> Ana
             look_alpha: level,
             ..design.clone()
         };
-        let analysis = analyze(&design, &outcomes[..(point as usize).min(outcomes.len())]);
+        let n = (point as usize).min(outcomes.len());
+        let analysis = analyze(&design, &outcomes[..n]);
         let decided = analysis.decided();
-        last = Some(analysis);
+        last = Some((analysis, n as u64));
         if decided {
             break;
         }
     }
-    last.unwrap_or_else(|| analyze(design, &outcomes))
+    last.unwrap_or_else(|| (analyze(design, &outcomes), outcomes.len() as u64))
 }
 
 #[derive(Debug, Clone, Default)]
@@ -160,11 +177,10 @@ impl Tally {
 /// tally does not depend on the number of threads.
 pub fn run(scenario: &Scenario, trials: u64) -> Tally {
     let design = design(scenario);
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
     let one = |i: u64| {
         let mut rng =
             ChaCha8Rng::seed_from_u64(scenario.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i);
-        let analysis = experiment(scenario, &design, &mut rng);
+        let (analysis, _) = experiment(&scenario.world, scenario.looks, &design, &mut rng);
         let mut t = Tally {
             trials: 1,
             ..Tally::default()
@@ -178,27 +194,37 @@ pub fn run(scenario: &Scenario, trials: u64) -> Tally {
         t
     };
     let mut total = Tally::default();
-    std::thread::scope(|s| {
+    for t in parallel(trials, one) {
+        total.add(&t);
+    }
+    total
+}
+
+/// `one(i)` for every trial `i` in `0..trials`, over the machine's cores, in trial order.
+pub fn parallel<T: Send>(trials: u64, one: impl Fn(u64) -> T + Sync) -> Vec<T> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let one = &one;
+    let mut out: Vec<(u64, T)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)
             .map(|w| {
                 s.spawn(move || {
-                    let mut tally = Tally::default();
+                    let mut done = Vec::new();
                     let mut i = w;
                     while i < trials {
-                        tally.add(&one(i));
+                        done.push((i, one(i)));
                         i += workers;
                     }
-                    tally
+                    done
                 })
             })
             .collect();
-        for h in handles {
-            if let Ok(t) = h.join() {
-                total.add(&t);
-            }
-        }
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
     });
-    total
+    out.sort_by_key(|(i, _)| *i);
+    out.into_iter().map(|(_, t)| t).collect()
 }
 
 /// The two-sided 95 % Clopper–Pearson interval of `k` successes in `n` trials, from the beta quantiles.
@@ -221,7 +247,7 @@ pub fn clopper_pearson(k: u64, n: u64) -> (f64, f64) {
     (lo, hi)
 }
 
-fn plain(requests: usize) -> World {
+pub fn plain(requests: usize) -> World {
     World {
         stream: false,
         classes: 1,
@@ -231,7 +257,7 @@ fn plain(requests: usize) -> World {
     }
 }
 
-const DRIFT: Drift = Drift { phi: 0.99, sd: 0.3 };
+pub const DRIFT: Drift = Drift { phi: 0.99, sd: 0.3 };
 
 /// Every scenario of the suite.
 pub fn scenarios() -> Vec<Scenario> {
@@ -252,6 +278,7 @@ pub fn scenarios() -> Vec<Scenario> {
             true_ratio,
             right,
             seed,
+            stratum: STRATUM,
         });
     };
     use Claim::*;
@@ -446,5 +473,38 @@ pub fn scenarios() -> Vec<Scenario> {
         Some(1.10),
         Some(Right::Faster(0)),
     );
+    let world = World {
+        drift: Some(DRIFT),
+        arms: [Arm::PLAIN, Arm::scaled(1.10)],
+        ..plain(1000)
+    };
+    add(
+        "drift AR(1), b ×1.10",
+        world,
+        MARGIN,
+        1,
+        vec![Equivalent, FasterFor(1)],
+        Some(1.10),
+        Some(Right::Faster(0)),
+    );
+    // The same experiments (same seeds) judged without strata: what the strata change.
+    for (original, name) in [
+        ("A/A, margin 0", "A/A, margin 0, unstratified"),
+        ("b ×1.10", "b ×1.10, unstratified"),
+        (
+            "drift AR(1), A/A, margin 0",
+            "drift AR(1), A/A, margin 0, unstratified",
+        ),
+        ("drift AR(1), b ×1.10", "drift AR(1), b ×1.10, unstratified"),
+    ] {
+        let found = out.iter().find(|s| s.name == original && s.looks == 1);
+        if let Some(s) = found.cloned() {
+            out.push(Scenario {
+                name,
+                stratum: 0,
+                ..s
+            });
+        }
+    }
     out
 }

@@ -379,6 +379,7 @@ mod tests {
             max_time_ms: 5_000.0,
             tail_margin: 0.25,
             error_margin: 0.02,
+            stratum: kvab_judge::requests::STRATUM,
         };
         let analysis = analyze(&design, &outcomes);
         let a = &analysis.assignment;

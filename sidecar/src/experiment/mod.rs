@@ -42,8 +42,10 @@ use report::{Class, Method, Report, Run, Samples};
 
 /// How the method is described in the report (docs/experiment.md has the full account).
 const METHOD: &str = "randomized balanced blocks per class; every assigned request counts (a failure ranked \
-                      worst, at max_time); the ratio of the arms' times from the Hodges-Lehmann shift of log \
-                      times with its distribution-free (Mann-Whitney) interval; Holm across all comparisons; \
+                      worst, at max_time); strata of consecutive requests per class (stratum) shared by both \
+                      arms; the ratio of the arms' times from the stratified Hodges-Lehmann shift of log \
+                      times with its distribution-free interval (van Elteren's stratified Mann-Whitney); \
+                      Holm across all comparisons; \
                       faster needs the interval at the Holm level beyond 1+min_effect; equivalent needs the \
                       1-2*alpha interval inside the margin (two one-sided tests) and every guardrail within; \
                       guardrails: p90 and p99 (order-statistic intervals, tail_margin) and the error rate \
@@ -305,6 +307,7 @@ fn assemble(
             looks: method.looks,
             looks_made: ended.looks_made,
             look_alpha: design.look_alpha,
+            stratum: design.stratum,
             srm_threshold: method.srm_threshold,
             description: METHOD,
         },

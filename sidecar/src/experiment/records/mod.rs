@@ -107,6 +107,7 @@ impl Header {
             max_time_ms: 1000.0 * self.max_time_s,
             tail_margin: self.method.tail_margin,
             error_margin: self.method.error_margin,
+            stratum: kvab_judge::requests::STRATUM,
         }
     }
 }
