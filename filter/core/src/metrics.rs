@@ -296,25 +296,29 @@ impl MetricLayout {
         self.ttfb_base() + self.timing_index(tagged)
     }
 
+    /// `(backend, source)` label pairs: every arm with each of `sources` in turn, then the untagged
+    /// (`none`, `none`): the order of `tag_index` and `timing_index`.
+    fn tag_list<'p>(&self, plan: &'p Plan, sources: &[&'p str]) -> Vec<[(&'p str, &'p str); 2]> {
+        (0..self.arms)
+            .flat_map(|arm| {
+                let backend = plan.arm_label(Some(ArmId(arm)));
+                sources
+                    .iter()
+                    .map(move |source| [(label::BACKEND, backend), (label::SOURCE, *source)])
+            })
+            .chain([[
+                (label::BACKEND, plan.arm_label(None)),
+                (label::SOURCE, SOURCE_NONE),
+            ]])
+            .collect()
+    }
+
     /// Every metric `(kind, stat name)`, in table order.
     pub fn definitions(&self, plan: &Plan) -> Vec<(Kind, String)> {
         let mut defs = Vec::with_capacity(self.len());
         let backend = |i: usize| plan.arm_label(Some(ArmId(i)).filter(|a| a.0 < self.arms));
         // Every (backend, source) tag in `tag_index` order.
-        let tags: Vec<[(&str, &str); 2]> = (0..self.arms)
-            .flat_map(|arm| {
-                Source::ALL.map(|source| {
-                    [
-                        (label::BACKEND, backend(arm)),
-                        (label::SOURCE, source.label()),
-                    ]
-                })
-            })
-            .chain([[
-                (label::BACKEND, backend(self.arms)),
-                (label::SOURCE, SOURCE_NONE),
-            ]])
-            .collect();
+        let tags = self.tag_list(plan, &Source::ALL.map(Source::label));
         for tag in &tags {
             defs.push((Kind::Counter, stat_name(REQUESTS, tag)));
         }
@@ -333,16 +337,7 @@ impl MetricLayout {
             defs.push((Kind::Counter, stat_name(INVALID_VALUES, &tags)));
         }
         // Every (backend, split|other) tag in `timing_index` order.
-        let timings: Vec<[(&str, &str); 2]> = (0..self.arms)
-            .flat_map(|arm| {
-                TIMING_SOURCES
-                    .map(|source| [(label::BACKEND, backend(arm)), (label::SOURCE, source)])
-            })
-            .chain([[
-                (label::BACKEND, backend(self.arms)),
-                (label::SOURCE, SOURCE_NONE),
-            ]])
-            .collect();
+        let timings = self.tag_list(plan, &TIMING_SOURCES);
         for metric in [REQUEST_DURATION, TIME_TO_FIRST_BYTE] {
             for tag in &timings {
                 defs.push((Kind::Histogram, stat_name(metric, tag)));

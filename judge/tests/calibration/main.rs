@@ -74,31 +74,28 @@ fn row(s: &Scenario, t: &Tally) -> String {
 /// Runs `scenarios` at `trials` each, prints the table, returns the rows over the bound.
 fn measure(scenarios: &[Scenario], trials: u64, slack: f64) -> Vec<String> {
     println!("{}", header());
+    measure_rows(scenarios, trials, slack, run, row)
+}
+
+/// Runs binned `scenarios` at `trials` each, prints their rows, returns the rows over the bound.
+fn measure_binned(scenarios: &[binned::Scenario], trials: u64, slack: f64) -> Vec<String> {
+    measure_rows(scenarios, trials, slack, binned::run, binned::row)
+}
+
+/// Each scenario run (`run`) and printed (`row`); the rows whose false-claim rate's upper bound is over
+/// α + `slack`.
+fn measure_rows<S>(
+    scenarios: &[S],
+    trials: u64,
+    slack: f64,
+    run: impl Fn(&S, u64) -> Tally,
+    row: impl Fn(&S, &Tally) -> String,
+) -> Vec<String> {
     let mut over = Vec::new();
     for s in scenarios {
         let started = Instant::now();
         let t = run(s, trials);
         let line = row(s, &t);
-        println!("{line}");
-        eprintln!("  ({:.1} s)", started.elapsed().as_secs_f64());
-        let (_, upper) = clopper_pearson(t.false_claims, t.trials);
-        if upper > ALPHA + slack {
-            over.push(format!(
-                "{line}: upper bound {upper:.4} > {:.2}",
-                ALPHA + slack
-            ));
-        }
-    }
-    over
-}
-
-/// Runs binned `scenarios` at `trials` each, prints their rows, returns the rows over the bound.
-fn measure_binned(scenarios: &[binned::Scenario], trials: u64, slack: f64) -> Vec<String> {
-    let mut over = Vec::new();
-    for s in scenarios {
-        let started = Instant::now();
-        let t = binned::run(s, trials);
-        let line = binned::row(s, &t);
         println!("{line}");
         eprintln!("  ({:.1} s)", started.elapsed().as_secs_f64());
         let (_, upper) = clopper_pearson(t.false_claims, t.trials);

@@ -8,7 +8,7 @@ use kvab_judge::report::production::{Assignment, Design};
 use kvab_judge::stats::split_test;
 
 use super::prometheus::Labels;
-use super::series::label;
+use super::series::{label, ALL};
 
 /// The design of the window from `kvab_requests_total` by (backend, source):
 /// - `sticky` when any request of the two arms was assigned by its key (`split.keyHeader`): a key's requests
@@ -50,7 +50,7 @@ pub fn design(requests: &[(Labels, f64)], arms: &[String]) -> Design {
     let compared = if kind == "randomized" {
         source::SPLIT
     } else {
-        "all"
+        ALL
     };
     // Every request in the window, untagged and other arms' too: what vLLM's pods may have served.
     let other = (all - of(source::SPLIT)).max(0.0);

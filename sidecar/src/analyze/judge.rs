@@ -12,7 +12,7 @@ use super::design::{assignment, design};
 use super::fetch::Answers;
 use super::options::AnalyzeArgs;
 use super::prometheus::Labels;
-use super::series::{counts, histograms, label, without_source, ALL};
+use super::series::{counts, histograms, is_compared, label, without_source, ALL};
 use kvab_judge::binned::mann_whitney;
 use kvab_judge::comparison::{of_histograms, Comparison, InFamily, Rule};
 use kvab_judge::guardrail::{self, ErrorGuard};
@@ -359,7 +359,7 @@ fn errors(
 ) -> (BTreeMap<String, Rate>, Option<f64>, ErrorGuard) {
     let responses: Vec<(Labels, f64)> = responses
         .iter()
-        .filter(|(l, _)| compared == ALL || label(l, metrics::label::SOURCE) == compared)
+        .filter(|(l, _)| is_compared(l, compared))
         .cloned()
         .collect();
     let rates = rates(&responses, metrics::label::BACKEND, arms, |l, _| {

@@ -56,10 +56,10 @@ pub fn histograms(
         .map(|arm| {
             // Per source (in the order first met), its buckets.
             let mut sources: Vec<(&str, Vec<(&str, f64)>)> = Vec::new();
-            for (l, v) in samples.iter().filter(|(l, _)| {
-                label(l, label::BACKEND) == arm
-                    && (compared == ALL || label(l, label::SOURCE) == compared)
-            }) {
+            for (l, v) in samples
+                .iter()
+                .filter(|(l, _)| label(l, label::BACKEND) == arm && is_compared(l, compared))
+            {
                 let source = label(l, label::SOURCE);
                 let bucket = (label(l, "le"), *v);
                 match sources.iter_mut().find(|(s, _)| *s == source) {
@@ -107,6 +107,11 @@ fn sum_of(metric: &str, arm: &str, a: Histogram, b: &Histogram) -> Result<Histog
 
 /// `compared` for every source's series together.
 pub const ALL: &str = "all";
+
+/// Whether a series counts requests of `compared`: its `source` is it, or `compared` is `ALL`.
+pub fn is_compared(labels: &Labels, compared: &str) -> bool {
+    compared == ALL || label(labels, label::SOURCE) == compared
+}
 
 /// Whether some of the arms' series carry no `source` label: histograms of a filter that did not tell
 /// split-assigned requests apart.
