@@ -5,7 +5,9 @@ direction, never call the short-prompt class faster, and catch a gateway that mi
 is opened in a real browser."""
 
 import json
+import math
 import subprocess
+from statistics import NormalDist
 
 import pytest
 
@@ -22,6 +24,18 @@ def experiment(s: Stack, *args, timeout=240):
         capture_output=True, text=True, timeout=timeout)
     assert done.stdout, done.stderr
     return done.returncode, json.loads(done.stdout)
+
+
+def always_valid_level(alpha: float, t: float) -> float:
+    """The normal-mixture sequence's two-sided level at fraction `t` of the plan, written again from its
+    formula (docs/experiment.md): rho solves 1/rho = 2 ln(1/alpha) + ln(1 + 1/rho)."""
+    two_l = 2 * math.log(1 / alpha)
+    inverse = two_l
+    for _ in range(50):
+        inverse = two_l + math.log(1 + inverse)
+    rho = 1 / inverse
+    z = math.sqrt((1 + rho / t) * (math.log(1 + t / rho) + two_l))
+    return 2 * NormalDist().cdf(-z)
 
 
 def primary(report: dict) -> dict:
@@ -85,6 +99,18 @@ def test_until_decided_stops_early_and_bad_input_is_one_line(stack, tmp_path):
     assert report["run"]["stopped_by"] == "decided" and report["method"]["looks_made"] < 5
     # The deciding look's share of α (O'Brien-Fleming-type spending): below α, more than nothing.
     assert 0 < report["method"]["look_alpha"] < 0.05, report["method"]
+    assert primary(report)["8192"]["faster"] == "nvlink"
+
+    # The always-valid sequence: the deciding look is made at the sequence's level at its fraction of the
+    # plan (judge/src/sequential.rs), whatever the number of looks.
+    code, report = experiment(s, "--prompt-tokens", "8192", "--requests", "400", "--warmup", "4",
+                              "--concurrency", "8", "--max-tokens", "4", "--seed", "9", "--until", "decided",
+                              "--looks", "40", "--boundary", "always-valid")
+    assert report["verdict"] == "decided" and code == 0, report["reasons"]
+    assert report["method"]["boundary"] == "always-valid" and report["run"]["stopped_by"] == "decided"
+    analysed = sum(c["requests"] for c in report["classes"])
+    assert analysed % 10 == 0 and analysed < 400, analysed  # a look point of 40 over 400 requests
+    assert math.isclose(report["method"]["look_alpha"], always_valid_level(0.05, analysed / 400), rel_tol=1e-6)
     assert primary(report)["8192"]["faster"] == "nvlink"
 
     # A time budget stops the run (those in flight finish), and what was answered is analysed.

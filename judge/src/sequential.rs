@@ -1,56 +1,140 @@
-//! The levels of a run's looks: α spent over the looks by the Lan–DeMets O'Brien–Fleming-type spending
-//! function (Lan & DeMets, *Biometrika* 70, 1983), so that a run that looks `K` times and stops at the
-//! first look that decides makes a false claim with probability at most α, while keeping almost all of
-//! α for the last look (where Bonferroni's α/K throws most of it away).
+//! The levels of a run's looks, by one of three boundaries (`Boundary`, `--boundary`), each keeping the
+//! chance of a false claim over all the looks at most α:
 //!
-//! The spending function (`spent`: each side `α₁(t) = 2 − 2Φ(z_{1−α₁/2} / √t)` of `α₁ = α/2`) gives the
-//! share of α that may be spent by the information fraction `t` (here: the requests analysed over the
-//! planned budget). The boundary of each
-//! look is the `c_k` with `P(|Z_k| ≥ c_k, |Z_j| < c_j for j < k) = α(t_k) − α(t_{k−1})` under no
-//! difference, where `Z_1, Z_2, ...` are the statistics of a Brownian motion observed at `t_1, t_2, ...`
-//! (independent increments, `corr(Z_j, Z_k) = √(t_j / t_k)`): the canonical joint distribution of
-//! group-sequential statistics (Jennison & Turnbull, *Group Sequential Methods*, 2000, §3.1), found by
-//! the recursive numerical integration of Armitage, McPherson and Rowe (1969). The look's level is the
-//! two-sided `2(1 − Φ(c_k))`: every test and interval of that look is made at it.
+//! - **α spent** over the planned looks (Lan & DeMets, *Biometrika* 70, 1983) by the O'Brien–Fleming-type
+//!   function (`ObrienFleming`: strict early looks, almost all of α kept for the last) or the Pocock-type
+//!   one (`Pocock`: nearly equal levels, so a real effect is found earlier, for a larger planned maximum).
+//!   The spending function gives the share of α that may be spent by the information fraction `t` (here:
+//!   the requests analysed over the planned budget). The boundary of each look is the `c_k` with
+//!   `P(|Z_k| ≥ c_k, |Z_j| < c_j for j < k) = α(t_k) − α(t_{k−1})` under no difference, where
+//!   `Z_1, Z_2, ...` are the statistics of a Brownian motion observed at `t_1, t_2, ...` (independent
+//!   increments, `corr(Z_j, Z_k) = √(t_j / t_k)`): the canonical joint distribution of group-sequential
+//!   statistics (Jennison & Turnbull, *Group Sequential Methods*, 2000, §3.1), found by the recursive
+//!   numerical integration of Armitage, McPherson and Rowe (1969).
+//! - **Always valid** (`AlwaysValid`): the normal-mixture confidence sequence (Robbins 1970; the mixture
+//!   sequential probability ratio test of Johari, Pekelis & Walsh, "Always valid inference", 2017). For a
+//!   Brownian motion `S(t)` with `Var S(t) = t`, the mixture martingale over a drift drawn from
+//!   `N(0, 1/ρ)` is `√(ρ/(t+ρ)) · exp(S(t)² / (2(t+ρ)))`, so by Ville's inequality
+//!   `|S(t)| ≥ √((t+ρ)(ln(1 + t/ρ) + 2 ln(1/α)))` at *any* `t` has probability at most α: a run may look
+//!   as often as it likes, stop when it likes and go on past its plan. In `Z(t) = S(t)/√t` that is the
+//!   boundary `always_valid_boundary`. The clock `t` is the requests analysed over the planned requests
+//!   (information grows with them, for every comparison alike), and `ρ` is fixed in advance so that the
+//!   sequence is tightest at the plan (`RHO`).
+//!
+//! A look's level is the two-sided `2(1 − Φ(c_k))`: every test and interval of that look is made at it.
 
 use statrs::distribution::{Continuous, ContinuousCDF, Normal};
 
 use crate::stats::normal_sf;
 
+/// How the looks' levels are set (`--boundary`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Boundary {
+    /// α spent by the Lan–DeMets O'Brien–Fleming-type function.
+    #[default]
+    ObrienFleming,
+    /// α spent by the Lan–DeMets Pocock-type function.
+    Pocock,
+    /// The normal-mixture confidence sequence: any number of looks, at any time.
+    AlwaysValid,
+}
+
+impl Boundary {
+    pub const ALL: [Boundary; 3] = [
+        Boundary::ObrienFleming,
+        Boundary::Pocock,
+        Boundary::AlwaysValid,
+    ];
+
+    /// The name in flags, records and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Boundary::ObrienFleming => "obrien-fleming",
+            Boundary::Pocock => "pocock",
+            Boundary::AlwaysValid => "always-valid",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Boundary> {
+        Boundary::ALL.into_iter().find(|b| b.name() == name)
+    }
+}
+
 /// The level of each look at measured-request counts `points` of a budget of `requests`.
-pub fn look_levels(alpha: f64, requests: u64, points: &[u64]) -> Vec<f64> {
+pub fn look_levels(boundary: Boundary, alpha: f64, requests: u64, points: &[u64]) -> Vec<f64> {
     let fractions: Vec<f64> = points
         .iter()
         .map(|&p| p as f64 / requests.max(1) as f64)
         .collect();
-    levels(alpha, &fractions)
+    levels(boundary, alpha, &fractions)
 }
 
 /// Grid points per unit of z in the numerical integration (Simpson's rule).
 const POINTS_PER_UNIT: f64 = 40.0;
 
-/// The share of the two-sided `alpha` spent by the information fraction `t`: each side spends
-/// `α₁(t) = 2 − 2Φ(z_{1−α₁/2} / √t)` of its `α₁ = alpha / 2` (O'Brien–Fleming type, as R's gsDesign
-/// `sfLDOF` for a symmetric two-sided design).
-pub fn spent(alpha: f64, t: f64) -> f64 {
+/// The share of the two-sided `alpha` spent by the information fraction `t` (in `[0, 1]`; beyond 1,
+/// all of it), symmetric two-sided:
+/// - O'Brien–Fleming type: each side spends `α₁(t) = 2 − 2Φ(z_{1−α₁/2} / √t)` of its `α₁ = alpha / 2`
+///   (as R's gsDesign `sfLDOF`);
+/// - Pocock type: `alpha · ln(1 + (e − 1)·t)` (as gsDesign's `sfLDPocock`).
+///
+/// The always-valid boundary spends nothing: it has no budget to spend (`levels`).
+pub fn spent(boundary: Boundary, alpha: f64, t: f64) -> f64 {
     if t <= 0.0 {
         return 0.0;
     }
-    let z = Normal::standard().inverse_cdf(1.0 - alpha / 4.0);
-    (4.0 * normal_sf(z / t.min(1.0).sqrt())).min(alpha)
+    let t = t.min(1.0);
+    match boundary {
+        Boundary::ObrienFleming => {
+            let z = Normal::standard().inverse_cdf(1.0 - alpha / 4.0);
+            (4.0 * normal_sf(z / t.sqrt())).min(alpha)
+        }
+        Boundary::Pocock => (alpha * (1.0 + (std::f64::consts::E - 1.0) * t).ln()).min(alpha),
+        Boundary::AlwaysValid => 0.0,
+    }
+}
+
+/// The mixture's `ρ` (in planned requests): the one that makes the confidence sequence narrowest at the
+/// plan (`t = 1`). The width there is `√((1+ρ)(ln(1 + 1/ρ) + 2L))` with `L = ln(1/α)`; its derivative in
+/// `ρ` vanishes where `1/ρ = 2L + ln(1 + 1/ρ)`, found by fixed-point iteration (it contracts: the
+/// derivative of the right side is below 1/8 there).
+pub fn rho(alpha: f64) -> f64 {
+    let two_l = 2.0 * (1.0 / alpha).ln();
+    let mut inverse = two_l;
+    for _ in 0..50 {
+        inverse = two_l + (1.0 + inverse).ln();
+    }
+    1.0 / inverse
+}
+
+/// The always-valid boundary at `t` (requests analysed over planned, any positive value), in standard
+/// deviations of `Z(t)`: `√((1 + ρ/t)(ln(1 + t/ρ) + 2 ln(1/α)))`.
+pub fn always_valid_boundary(alpha: f64, t: f64) -> f64 {
+    let rho = rho(alpha);
+    let t = t.max(f64::MIN_POSITIVE);
+    ((1.0 + rho / t) * ((1.0 + t / rho).ln() + 2.0 * (1.0 / alpha).ln()))
+        .sqrt()
+        .min(MAX_BOUNDARY)
 }
 
 /// The two-sided level of each look at the information fractions `fractions` (increasing, in
-/// `(0, 1]`), spending `alpha` by `spent`. A look that may spend nothing more (its share rounds to 0)
-/// gets level 0: it cannot decide.
-pub fn levels(alpha: f64, fractions: &[f64]) -> Vec<f64> {
+/// `(0, 1]`; the always-valid boundary takes any positive fraction, in any order). α spent by `spent`:
+/// a look that may spend nothing more (its share rounds to 0) gets level 0: it cannot decide.
+pub fn levels(boundary: Boundary, alpha: f64, fractions: &[f64]) -> Vec<f64> {
+    if boundary == Boundary::AlwaysValid {
+        return fractions
+            .iter()
+            .map(|&t| (2.0 * normal_sf(always_valid_boundary(alpha, t))).min(1.0))
+            .collect();
+    }
     let mut out = Vec::with_capacity(fractions.len());
     // The density of Z at the last look on the paths that have not crossed, on a grid over (−c, c).
     let mut density: Option<Grid> = None;
     let (mut previous_t, mut previous_spent) = (0.0, 0.0);
     for &t in fractions {
         let t = t.clamp(f64::MIN_POSITIVE, 1.0);
-        let target = (spent(alpha, t) - previous_spent).max(0.0);
+        let target = (spent(boundary, alpha, t) - previous_spent).max(0.0);
         if t <= previous_t || target <= 0.0 {
             out.push(0.0);
             continue;
@@ -173,31 +257,40 @@ mod tests {
         Normal::standard().inverse_cdf(1.0 - level / 2.0)
     }
 
-    #[test]
-    fn five_equal_looks_give_the_published_boundaries() {
-        // Lan–DeMets O'Brien–Fleming-type spending, five equally spaced looks, symmetric two-sided 0.05
-        // (0.025 a side): the boundaries 4.8769, 3.3569, 2.6803, 2.2898, 2.0310 (R's ldbounds,
-        // `bounds(1:5/5, iuse = 1, alpha = 0.025)`, and gsDesign's `sfLDOF`).
-        let expected = [4.8769, 3.3569, 2.6803, 2.2898, 2.0310];
-        let levels = levels(0.05, &[0.2, 0.4, 0.6, 0.8, 1.0]);
+    /// Five equally spaced looks at symmetric two-sided 0.05 (0.025 a side) give `expected`.
+    fn five_equal_looks_give(spending: Boundary, expected: [f64; 5]) {
+        let levels = levels(spending, 0.05, &[0.2, 0.4, 0.6, 0.8, 1.0]);
         for (level, want) in levels.iter().zip(expected) {
             assert!(
                 (boundary(*level) - want).abs() < 2e-3,
-                "{} against {want}",
+                "{spending:?}: {} against {want}",
                 boundary(*level)
             );
         }
     }
 
     #[test]
+    fn five_equal_looks_give_the_published_boundaries() {
+        // Lan–DeMets O'Brien–Fleming type: R's ldbounds, `bounds(1:5/5, iuse = 1, alpha = 0.025)`, and
+        // gsDesign's `sfLDOF`.
+        five_equal_looks_give(
+            Boundary::ObrienFleming,
+            [4.8769, 3.3569, 2.6803, 2.2898, 2.0310],
+        );
+        // Lan–DeMets Pocock type: gsDesign's `sfLDPocock`.
+        five_equal_looks_give(Boundary::Pocock, [2.4380, 2.4268, 2.4101, 2.3966, 2.3859]);
+        assert!((spent(Boundary::Pocock, 0.05, 1.0) - 0.05).abs() < 1e-12);
+    }
+
+    #[test]
     fn one_look_is_the_fixed_horizon_test_and_the_spending_ends_at_alpha() {
-        let one = levels(0.05, &[1.0]);
+        let one = levels(Boundary::ObrienFleming, 0.05, &[1.0]);
         assert!(one.len() == 1 && (one[0] - 0.05).abs() < 1e-9, "{one:?}");
-        assert!((spent(0.05, 1.0) - 0.05).abs() < 1e-9);
-        assert!(spent(0.05, 0.1) < 1e-8);
+        assert!((spent(Boundary::ObrienFleming, 0.05, 1.0) - 0.05).abs() < 1e-9);
+        assert!(spent(Boundary::ObrienFleming, 0.05, 0.1) < 1e-8);
         // Ten looks: the last keeps most of alpha (Bonferroni would give each 0.005).
         let ten: Vec<f64> = (1..=10).map(|k| f64::from(k) / 10.0).collect();
-        let levels = levels(0.05, &ten);
+        let levels = levels(Boundary::ObrienFleming, 0.05, &ten);
         assert!(levels[9] > 0.035 && levels[0] < 1e-8, "{levels:?}");
         assert!(levels.windows(2).all(|w| w[0] < w[1]), "{levels:?}");
     }
@@ -211,7 +304,7 @@ mod tests {
             let fractions: Vec<f64> = (1..=looks)
                 .map(|k| f64::from(k) / f64::from(looks))
                 .collect();
-            let levels = levels(0.05, &fractions);
+            let levels = levels(Boundary::ObrienFleming, 0.05, &fractions);
             assert_eq!(levels.len(), looks as usize);
             assert!(
                 levels
@@ -227,8 +320,65 @@ mod tests {
     #[test]
     fn an_unplanned_last_look_spends_what_is_left_at_its_fraction() {
         // Looks at 0.25 and 0.5, then the run ends at 0.6: the third look spends alpha(0.6) − alpha(0.5).
-        let levels = levels(0.05, &[0.25, 0.5, 0.6]);
+        let levels = levels(Boundary::ObrienFleming, 0.05, &[0.25, 0.5, 0.6]);
         assert_eq!(levels.len(), 3);
         assert!(levels[2] > levels[1] && levels[2] < 0.05, "{levels:?}");
+    }
+
+    #[test]
+    fn the_mixture_is_narrowest_at_the_plan() {
+        let alpha = 0.05;
+        let rho = rho(alpha);
+        let l2 = 2.0 * (1.0 / alpha).ln();
+        assert!(
+            (1.0 / rho - l2 - (1.0 + 1.0 / rho).ln()).abs() < 1e-9,
+            "{rho}"
+        );
+        let width = |r: f64| ((1.0 + r) * ((1.0 + 1.0 / r).ln() + l2)).sqrt();
+        assert!((width(rho) - always_valid_boundary(alpha, 1.0)).abs() < 1e-12);
+        assert!(width(rho) < width(0.9 * rho) && width(rho) < width(1.1 * rho));
+        // Its level at the plan, and a level that depends on the look alone (not on the others).
+        let at_plan = levels(Boundary::AlwaysValid, alpha, &[1.0])[0];
+        assert!((0.001..0.005).contains(&at_plan), "{at_plan}");
+        let many = levels(Boundary::AlwaysValid, alpha, &[0.1, 0.5, 1.0, 2.0]);
+        assert!((many[2] - at_plan).abs() < 1e-15, "{many:?}");
+        assert!(
+            many[3] < many[2],
+            "past the plan it tightens again slowly: {many:?}"
+        );
+    }
+
+    /// Ville's inequality, seen: Brownian paths with no drift, looked at 100 times up to twice the plan,
+    /// cross the always-valid boundary at some look in at most α of 20,000 paths (the continuous-time
+    /// bound; discrete looks cross less often).
+    #[test]
+    fn a_hundred_looks_at_the_always_valid_boundary_cross_in_at_most_alpha() {
+        use rand::rngs::ChaCha8Rng;
+        use rand::{RngExt, SeedableRng};
+        let (alpha, looks, paths) = (0.05, 100u32, 20_000u32);
+        let fractions: Vec<f64> = (1..=looks)
+            .map(|k| 2.0 * f64::from(k) / f64::from(looks))
+            .collect();
+        let bounds: Vec<f64> = fractions
+            .iter()
+            .map(|&t| always_valid_boundary(alpha, t))
+            .collect();
+        let normal = Normal::standard();
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut crossed = 0u32;
+        for _ in 0..paths {
+            let (mut s, mut previous) = (0.0, 0.0);
+            for (&t, &c) in fractions.iter().zip(&bounds) {
+                let u: f64 = rng.random::<f64>().max(1e-300);
+                s += normal.inverse_cdf(u) * (t - previous).sqrt();
+                previous = t;
+                if (s / t.sqrt()).abs() >= c {
+                    crossed += 1;
+                    break;
+                }
+            }
+        }
+        let rate = f64::from(crossed) / f64::from(paths);
+        assert!(rate < alpha && rate > 0.002, "{rate}");
     }
 }

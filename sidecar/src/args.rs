@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use kvab_contract::ArmName;
+use kvab_judge::sequential::Boundary;
 use serde_json::Value;
 
 /// A Service and the port to forward to, from `NAME[:PORT]`.
@@ -77,6 +78,14 @@ pub fn seconds(value: &str) -> Result<Duration, String> {
         .filter(|s| *s > 0.0 && *s <= 3600.0)
         .map(Duration::from_secs_f64)
         .ok_or_else(|| "must be seconds, more than 0 and at most 3600".into())
+}
+
+/// A boundary of the looks (`kvab_judge::sequential::Boundary`) by its name.
+pub fn boundary(value: &str) -> Result<Boundary, String> {
+    Boundary::parse(value).ok_or_else(|| {
+        let names: Vec<&str> = Boundary::ALL.iter().map(|b| b.name()).collect();
+        format!("must be one of {}", names.join(", "))
+    })
 }
 
 pub fn fraction(value: &str) -> Result<f64, String> {

@@ -121,6 +121,22 @@ def test_experiment_usage_errors_exit_3_and_name_the_flag_or_variable(kvab_bin):
     assert both.returncode == 3 and "--concurrency" in both.stderr, both.stderr
     odd_block = run(kvab_bin, "experiment", "--block", "3")
     assert odd_block.returncode == 3 and "--block 3 is not a multiple" in odd_block.stderr, odd_block.stderr
+    boundary = run(kvab_bin, "experiment", "--boundary", "bonferroni")
+    assert boundary.returncode == 3 and "'--boundary <NAME>'" in boundary.stderr, boundary.stderr
+    assert "must be one of obrien-fleming, pocock, always-valid" in boundary.stderr, boundary.stderr
+
+
+def test_analyze_always_valid_needs_its_plan_and_a_fixed_start(kvab_bin):
+    common = ("analyze", "--prometheus", "http://127.0.0.1:1", "--split", "nvlink=1,fs=1")
+    without_plan = run(kvab_bin, *common, "--start", "2026-12-07T08:00:00Z", "--boundary", "always-valid")
+    assert without_plan.returncode == 3 and "--plan-requests go together" in without_plan.stderr, without_plan.stderr
+    plan_alone = run(kvab_bin, *common, "--start", "2026-12-07T08:00:00Z", "--plan-requests", "1000")
+    assert plan_alone.returncode == 3 and "--plan-requests go together" in plan_alone.stderr, plan_alone.stderr
+    no_start = run(kvab_bin, *common, "--boundary", "always-valid", "--plan-requests", "1000")
+    assert no_start.returncode == 3 and "wants --start" in no_start.stderr, no_start.stderr
+    with_looks = run(kvab_bin, *common, "--start", "2026-12-07T08:00:00Z", "--boundary", "always-valid",
+                     "--plan-requests", "1000", "--looks", "4", "--look-every", "1h")
+    assert with_looks.returncode == 3 and "--looks" in with_looks.stderr, with_looks.stderr
 
 
 def test_an_arm_name_outside_the_contract_grammar_is_a_usage_error_naming_the_arm_and_the_rule(kvab_bin):

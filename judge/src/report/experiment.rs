@@ -89,6 +89,8 @@ pub struct Method {
     pub until: &'static str,
     /// Analyses planned: 1, or the looks of `--until decided`.
     pub looks: u32,
+    /// The looks' levels (`--boundary`): `obrien-fleming`, `pocock` or `always-valid`.
+    pub boundary: crate::sequential::Boundary,
     /// The analyses made before stopping.
     pub looks_made: u32,
     /// The family-wise level of the analysis reported (its look's share of `alpha`:
@@ -223,7 +225,7 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "run: {} {} requests ({} warm-up) in {:.1} s, {:.1}/s, stopped by {}; {} look(s) of {}",
+            "run: {} {} requests ({} warm-up) in {:.1} s, {:.1}/s, stopped by {}; {} look(s) of {} ({})",
             self.run.sent,
             self.run.endpoint,
             self.run.warmup,
@@ -231,7 +233,8 @@ impl Report {
             self.run.achieved_rate,
             self.run.stopped_by,
             self.method.looks_made,
-            self.method.looks
+            self.method.looks,
+            self.method.boundary.name()
         );
         if let Some(file) = &self.run.judged_from {
             let _ = writeln!(out, "judged from the records in {file} (no traffic sent)");

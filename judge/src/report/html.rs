@@ -109,12 +109,13 @@ fn run_facts(out: &mut String, report: &Report) {
             run.seed
         ),
         format!(
-            "α = {}, min effect {:.1} %, until {}: {} of {} look(s), the last at α = {:.4}",
+            "α = {}, min effect {:.1} %, until {}: {} of {} look(s) ({}), the last at α = {:.4}",
             m.alpha,
             100.0 * m.min_effect,
             m.until,
             m.looks_made,
             m.looks,
+            m.boundary.name(),
             m.look_alpha
         ),
         format!("method: {}", m.description),
@@ -502,6 +503,7 @@ mod tests {
                 max_time_s: 60.0,
                 until: "budget",
                 looks: 1,
+                boundary: crate::sequential::Boundary::ObrienFleming,
                 looks_made: 1,
                 look_alpha: 0.05,
                 stratum: 16,

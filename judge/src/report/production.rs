@@ -100,8 +100,13 @@ pub struct Method {
     pub looks: u32,
     /// The look this run is (1 to `looks`).
     pub look: u32,
-    /// The level of this look: alpha, or the share spent by this look (`crate::sequential`).
+    /// The level of this look: alpha, the share spent by this look, or the always-valid level at the
+    /// window's split-assigned requests (`crate::sequential`).
     pub look_alpha: f64,
+    /// `--boundary`: `obrien-fleming`, `pocock` or `always-valid`.
+    pub boundary: crate::sequential::Boundary,
+    /// `--plan-requests` (with `always-valid`; null otherwise).
+    pub plan_requests: Option<u64>,
     pub min_effect: f64,
     pub tail_margin: f64,
     pub error_margin: f64,

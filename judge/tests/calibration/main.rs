@@ -60,7 +60,7 @@ fn row(s: &Scenario, t: &Tally) -> String {
     format!(
         "| {} | {} | {} | {} | {} | {:.4} | {:.4} | {} | {} |",
         s.name,
-        s.looks,
+        suite::looks_text(s.looks, s.boundary),
         claims.join(" or "),
         t.trials,
         t.false_claims,
@@ -116,11 +116,15 @@ fn the_whole_suite_keeps_every_false_claim_rate_within_alpha() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(TRIALS);
-    // KVAB_CALIBRATION_ONLY: the scenarios whose name contains it.
+    // KVAB_CALIBRATION_ONLY: the scenarios whose name, or whose looks as the table shows them (`pocock`,
+    // `always-valid`), contains it.
     let only = std::env::var("KVAB_CALIBRATION_ONLY").unwrap_or_default();
     let chosen: Vec<Scenario> = scenarios()
         .into_iter()
-        .filter(|s| s.name.contains(only.as_str()))
+        .filter(|s| {
+            s.name.contains(only.as_str())
+                || suite::looks_text(s.looks, s.boundary).contains(only.as_str())
+        })
         .collect();
     let started = Instant::now();
     let mut over = measure(&chosen, trials, SLACK);
@@ -131,16 +135,27 @@ fn the_whole_suite_keeps_every_false_claim_rate_within_alpha() {
     over.extend(measure_binned(&binned, trials, SLACK));
     let studies: Vec<power::Study> = power::studies()
         .into_iter()
-        .filter(|s| s.name.contains(only.as_str()))
+        .filter(|s| {
+            s.name.contains(only.as_str())
+                || power::DESIGNS
+                    .iter()
+                    .any(|&(k, b, _)| suite::looks_text(k, b).contains(only.as_str()))
+        })
         .collect();
-    over.extend(requests_to_a_decision(&studies, trials, SLACK));
+    over.extend(requests_to_a_decision(&studies, trials, SLACK, &only));
     eprintln!("suite: {:.0} s", started.elapsed().as_secs_f64());
     assert!(over.is_empty(), "over the bound:\n{}", over.join("\n"));
 }
 
 /// Each study's `n_fixed`, then each of `power::DESIGNS` on it, at `trials` each: prints the table,
 /// returns the rows whose false-claim rate is over the bound.
-fn requests_to_a_decision(studies: &[power::Study], trials: u64, slack: f64) -> Vec<String> {
+/// With `only`, the designs whose looks contain it, unless the study's name does.
+fn requests_to_a_decision(
+    studies: &[power::Study],
+    trials: u64,
+    slack: f64,
+    only: &str,
+) -> Vec<String> {
     if studies.is_empty() {
         return Vec::new();
     }
@@ -154,10 +169,13 @@ fn requests_to_a_decision(studies: &[power::Study], trials: u64, slack: f64) -> 
             study.name,
             started.elapsed().as_secs_f64()
         );
-        for (looks, factor) in power::DESIGNS {
+        let designs = power::DESIGNS.into_iter().filter(|&(k, b, _)| {
+            study.name.contains(only) || suite::looks_text(k, b).contains(only)
+        });
+        for (looks, boundary, factor) in designs {
             let planned = ((n_fixed as f64 * factor) / 2.0).ceil() as usize * 2;
-            let stops = power::stops(study, planned, looks, trials);
-            let line = power::row(study, looks, planned, n_fixed, &stops);
+            let stops = power::stops(study, planned, looks, boundary, trials);
+            let line = power::row(study, looks, boundary, planned, n_fixed, &stops);
             println!("{line}");
             let (_, upper) = clopper_pearson(stops.false_claims, stops.trials);
             if upper > ALPHA + slack {
@@ -168,7 +186,8 @@ fn requests_to_a_decision(studies: &[power::Study], trials: u64, slack: f64) -> 
     over
 }
 
-/// The named scenarios (name, looks) of the suite, at `trials` each: measured, and over the fast bound?
+/// The named scenarios (name, looks) of the suite, O'Brien–Fleming's or the only one of its name with
+/// that many looks, at `trials` each: measured, and over the fast bound?
 fn fast(names: &[(&str, u32)], trials: u64) {
     let chosen: Vec<Scenario> = scenarios()
         .into_iter()
@@ -190,6 +209,15 @@ fn fast_subset_identical_arms_are_rarely_called_faster() {
     );
     fast(&[("drift AR(1), A/A, margin 0", 1)], 400);
     fast(&[("A/A, margin 0", 10)], 200);
+}
+
+/// Pocock's 4 looks and the always-valid sequence's 100 (`suite::BOUNDARIES`).
+#[test]
+fn fast_subset_the_other_boundaries_rarely_call_identical_arms_faster() {
+    // Pocock's rate is near α by design (its spending ends at α): 1,000 trials; the always-valid
+    // sequence's is far below it, and its 100 looks are the slow part: 200.
+    fast(&[("A/A, margin 0", 4)], 1000);
+    fast(&[("A/A, margin 0", 100)], 200);
 }
 
 #[test]

@@ -7,7 +7,8 @@ use rand::rngs::ChaCha8Rng;
 use rand::SeedableRng;
 
 use crate::sim::World;
-use crate::suite::{clopper_pearson, design_of, experiment, parallel, Claim, Right};
+use crate::suite::{clopper_pearson, design_of, experiment, looks_text, parallel, Claim, Right};
+use kvab_judge::sequential::Boundary;
 
 /// The power the fixed-horizon test is sized for.
 pub const POWER: f64 = 0.80;
@@ -49,6 +50,16 @@ impl Stops {
         (lo + hi) as f64 / 2.0
     }
 
+    /// The share of the experiments that had stopped (decided) by `requests`.
+    pub fn stopped_by(&self, requests: f64) -> f64 {
+        let early = self
+            .requests
+            .iter()
+            .filter(|&&r| r as f64 <= requests)
+            .count();
+        early as f64 / self.requests.len().max(1) as f64
+    }
+
     pub fn mean(&self) -> f64 {
         self.requests.iter().sum::<u64>() as f64 / self.requests.len().max(1) as f64
     }
@@ -56,12 +67,12 @@ impl Stops {
 
 /// `trials` experiments of `study` with `requests` planned and `looks` looks; trial `i` has a seed of its
 /// own (the same for every request count and design: common random numbers).
-pub fn stops(study: &Study, requests: usize, looks: u32, trials: u64) -> Stops {
+pub fn stops(study: &Study, requests: usize, looks: u32, boundary: Boundary, trials: u64) -> Stops {
     let world = (study.world)(requests);
     let design = design_of(&world, study.min_effect);
     let results = parallel(trials, |i| {
         let mut rng = ChaCha8Rng::seed_from_u64(study.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i);
-        let (analysis, analysed) = experiment(&world, looks, &design, &mut rng);
+        let (analysis, analysed) = experiment(&world, looks, boundary, &design, &mut rng);
         (
             study.right.made(&analysis),
             study.false_claims.iter().any(|c| c.made(&analysis)),
@@ -85,7 +96,7 @@ pub fn stops(study: &Study, requests: usize, looks: u32, trials: u64) -> Stops {
 /// at α makes the right decision in at least `POWER` of `trials` experiments, by bisection on the
 /// request count (power grows with it), with that count's `Stops`.
 pub fn fixed_horizon(study: &Study, trials: u64) -> (usize, Stops) {
-    let at = |n: usize| stops(study, n, 1, trials);
+    let at = |n: usize| stops(study, n, 1, Boundary::ObrienFleming, trials);
     let mut high = 25 * STEP;
     let mut high_stops = at(high);
     while high_stops.power() < POWER {
@@ -107,17 +118,25 @@ pub fn fixed_horizon(study: &Study, trials: u64) -> (usize, Stops) {
 
 pub fn header() -> String {
     "| study | looks | planned requests | trials | right decision (power) | false claims | 95 % CP upper | \
-     requests to a decision: median | mean | median ÷ n_fixed | mean ÷ n_fixed |\n\
-     |---|---|---|---|---|---|---|---|---|---|---|"
+     requests to a decision: median | mean | median ÷ n_fixed | mean ÷ n_fixed | decided by 0.7 × n_fixed |\n\
+     |---|---|---|---|---|---|---|---|---|---|---|---|"
         .into()
 }
 
-pub fn row(study: &Study, looks: u32, planned: usize, n_fixed: usize, s: &Stops) -> String {
+pub fn row(
+    study: &Study,
+    looks: u32,
+    boundary: Boundary,
+    planned: usize,
+    n_fixed: usize,
+    s: &Stops,
+) -> String {
     let (_, upper) = clopper_pearson(s.false_claims, s.trials);
     let fixed = n_fixed as f64;
     format!(
-        "| {} | {looks} | {planned} ({:.2} × n_fixed) | {} | {} {:.1} % | {} | {upper:.4} | {:.0} | {:.0} | {:.3} | {:.3} |",
+        "| {} | {} | {planned} ({:.2} × n_fixed) | {} | {} {:.1} % | {} | {upper:.4} | {:.0} | {:.0} | {:.3} | {:.3} | {:.1} % |",
         study.name,
+        looks_text(looks, boundary),
         planned as f64 / fixed,
         s.trials,
         study.right.text(),
@@ -127,11 +146,25 @@ pub fn row(study: &Study, looks: u32, planned: usize, n_fixed: usize, s: &Stops)
         s.mean(),
         s.median() / fixed,
         s.mean() / fixed,
+        100.0 * s.stopped_by(0.7 * fixed),
     )
 }
 
-/// The designs measured against `n_fixed`: (looks, planned requests ÷ n_fixed).
-pub const DESIGNS: [(u32, f64); 4] = [(1, 1.0), (10, 1.0), (10, 1.05), (10, 1.10)];
+/// The designs measured against `n_fixed`: (looks, boundary, planned requests ÷ n_fixed).
+pub const DESIGNS: [(u32, Boundary, f64); 10] = [
+    (1, Boundary::ObrienFleming, 1.0),
+    (10, Boundary::ObrienFleming, 1.0),
+    (10, Boundary::ObrienFleming, 1.05),
+    (10, Boundary::ObrienFleming, 1.10),
+    (2, Boundary::Pocock, 1.2),
+    (2, Boundary::Pocock, 1.3),
+    (2, Boundary::Pocock, 1.4),
+    (4, Boundary::Pocock, 1.35),
+    // The always-valid sequence's power hardly depends on how often it looks: 20 looks here (its false
+    // claims at 100 looks are the suite's).
+    (20, Boundary::AlwaysValid, 1.0),
+    (20, Boundary::AlwaysValid, 2.0),
+];
 
 /// The studies: a true ×1.10 with a 5 % margin (twice the margin).
 pub fn studies() -> Vec<Study> {

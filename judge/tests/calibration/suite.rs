@@ -2,7 +2,7 @@
 //! decided, as `kvab experiment --until decided` does) and the Clopper–Pearson bounds.
 
 use kvab_judge::requests::{analyze, look_points, Analysis, Design, STRATUM};
-use kvab_judge::sequential::look_levels;
+use kvab_judge::sequential::{look_levels, Boundary};
 use kvab_judge::Decision;
 use rand::rngs::ChaCha8Rng;
 use rand::SeedableRng;
@@ -84,6 +84,8 @@ pub struct Scenario {
     pub world: World,
     pub min_effect: f64,
     pub looks: u32,
+    /// The looks' levels (`kvab experiment --boundary`).
+    pub boundary: Boundary,
     /// False claims: the experiment makes one when its final analysis makes any of these.
     pub false_claims: Vec<Claim>,
     /// The true ratio (second arm's time ÷ first's) where it is known: the ratio interval should cover it.
@@ -130,13 +132,14 @@ fn ratio_interval(analysis: &Analysis) -> Option<[f64; 2]> {
 pub fn experiment(
     world: &World,
     looks: u32,
+    boundary: Boundary,
     design: &Design,
     rng: &mut ChaCha8Rng,
 ) -> (Analysis, u64) {
     let outcomes = simulate(world, rng);
     let points = look_points(outcomes.len() as u64, looks);
-    // α spent over the looks as `kvab experiment` spends it.
-    let levels = look_levels(design.look_alpha, outcomes.len() as u64, &points);
+    // The looks' levels as `kvab experiment` sets them.
+    let levels = look_levels(boundary, design.look_alpha, outcomes.len() as u64, &points);
     let mut last = None;
     for (point, level) in points.into_iter().zip(levels) {
         let design = Design {
@@ -180,7 +183,13 @@ pub fn run(scenario: &Scenario, trials: u64) -> Tally {
     let one = |i: u64| {
         let mut rng =
             ChaCha8Rng::seed_from_u64(scenario.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i);
-        let (analysis, _) = experiment(&scenario.world, scenario.looks, &design, &mut rng);
+        let (analysis, _) = experiment(
+            &scenario.world,
+            scenario.looks,
+            scenario.boundary,
+            &design,
+            &mut rng,
+        );
         let mut t = Tally {
             trials: 1,
             ..Tally::default()
@@ -274,6 +283,7 @@ pub fn scenarios() -> Vec<Scenario> {
             world,
             min_effect,
             looks,
+            boundary: Boundary::ObrienFleming,
             false_claims,
             true_ratio,
             right,
@@ -506,5 +516,31 @@ pub fn scenarios() -> Vec<Scenario> {
             });
         }
     }
+    // The same experiments (same seeds) looked at by the other boundaries: Pocock's spending over 4
+    // looks, and the always-valid sequence looked at 100 times (open-ended: its levels do not depend on
+    // how many looks there are).
+    for original in ["A/A, margin 0", "A/A", "b ×1.05 (at the margin)", "b ×1.10"] {
+        for (looks, boundary) in BOUNDARIES {
+            let found = out.iter().find(|s| s.name == original && s.looks == 1);
+            if let Some(s) = found.cloned() {
+                out.push(Scenario {
+                    looks,
+                    boundary,
+                    ..s
+                });
+            }
+        }
+    }
     out
+}
+
+/// The boundaries beside O'Brien–Fleming's in the suite, with their looks.
+pub const BOUNDARIES: [(u32, Boundary); 2] = [(4, Boundary::Pocock), (100, Boundary::AlwaysValid)];
+
+/// A scenario's looks as the tables show them: the count, and the boundary unless O'Brien–Fleming's.
+pub fn looks_text(looks: u32, boundary: Boundary) -> String {
+    match boundary {
+        Boundary::ObrienFleming => looks.to_string(),
+        other => format!("{looks} {}", other.name()),
+    }
 }

@@ -266,8 +266,9 @@ fn judged(answers: &Answers) -> Report {
 }
 
 /// Hourly peeking over a day: what one run a day would claim, re-run every hour without a plan (each run at
-/// alpha), and re-run as `--looks 24 --look-every 1h` (alpha spent over the looks); A/A, so any `faster` at
-/// any hour is a false claim, and "p < alpha at some hour" is what a reader of each run's p-value would see.
+/// alpha), re-run as `--looks 24 --look-every 1h` (alpha spent over the looks), and re-run as `--boundary
+/// always-valid --plan-requests` the day's requests (the confidence sequence); A/A, so any `faster` at any
+/// hour is a false claim, and "p < alpha at some hour" is what a reader of each run's p-value would see.
 #[derive(Debug, Default, Clone, Copy)]
 struct Peeking {
     days: u64,
@@ -276,6 +277,9 @@ struct Peeking {
     planned_claims: u64,
     /// Days whose p-value fell below its look's level at some hour.
     planned_p: u64,
+    always_valid_claims: u64,
+    /// Days whose p-value fell below the always-valid level at some hour.
+    always_valid_p: u64,
 }
 
 const HOURS: u32 = 24;
@@ -286,15 +290,32 @@ fn peeking(days: u64, seed: u64) -> Peeking {
     let bounds = shipped_bounds();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let (unplanned, planned) = (args(), args_with(&["--looks", "24", "--look-every", "1h"]));
+    let day_requests = (HOURS as usize * PER_HOUR).to_string();
+    let always_valid = args_with(&[
+        "--boundary",
+        "always-valid",
+        "--plan-requests",
+        &day_requests,
+    ]);
     // Each hour's look, as `judge::look` finds it, computed once for every day.
     let fractions: Vec<f64> = (1..=HOURS)
         .map(|h| f64::from(h) / f64::from(HOURS))
         .collect();
-    let levels = kvab_judge::sequential::levels(ALPHA, &fractions);
+    let levels = kvab_judge::sequential::levels(
+        kvab_judge::sequential::Boundary::ObrienFleming,
+        ALPHA,
+        &fractions,
+    );
+    let av_levels = kvab_judge::sequential::levels(
+        kvab_judge::sequential::Boundary::AlwaysValid,
+        ALPHA,
+        &fractions,
+    );
     let mut t = Peeking::default();
     for _ in 0..days {
         let mut day = Simulated::default();
         let (mut claim, mut p_low, mut planned_claim, mut planned_p) = (false, false, false, false);
+        let (mut av_claim, mut av_p) = (false, false);
         for hour in 1..=HOURS {
             for _ in 0..PER_HOUR {
                 let arm = arm_at_random(&mut rng);
@@ -312,18 +333,28 @@ fn peeking(days: u64, seed: u64) -> Peeking {
                 look: hour,
                 level: levels[hour as usize - 1],
             };
-            let look = judge_at(&answers, &planned, window, at, Vec::new()).unwrap();
+            let look = judge_at(&answers, &planned, window.clone(), at, Vec::new()).unwrap();
             planned_claim |= false_claim(&look) && look.verdict == kvab_judge::Verdict::Decided;
             planned_p |= look
                 .comparisons
                 .iter()
                 .any(|c| c.primary && c.p.is_some_and(|p| p < at.level));
+            let av = judge(&answers, &always_valid, window, Vec::new()).unwrap();
+            // Its level is the sequence's at the window's split requests over the plan.
+            assert_eq!(av.method.look_alpha, av_levels[hour as usize - 1]);
+            av_claim |= false_claim(&av) && av.verdict == kvab_judge::Verdict::Decided;
+            av_p |= av
+                .comparisons
+                .iter()
+                .any(|c| c.primary && c.p.is_some_and(|p| p < av.method.look_alpha));
         }
         t.days += 1;
         t.unplanned_claims += u64::from(claim);
         t.unplanned_p += u64::from(p_low);
         t.planned_claims += u64::from(planned_claim);
         t.planned_p += u64::from(planned_p);
+        t.always_valid_claims += u64::from(av_claim);
+        t.always_valid_p += u64::from(av_p);
     }
     t
 }
@@ -455,7 +486,11 @@ fn the_precomputed_looks_are_the_runs() {
     let fractions: Vec<f64> = (1..=HOURS)
         .map(|h| f64::from(h) / f64::from(HOURS))
         .collect();
-    let levels = kvab_judge::sequential::levels(ALPHA, &fractions);
+    let levels = kvab_judge::sequential::levels(
+        kvab_judge::sequential::Boundary::ObrienFleming,
+        ALPHA,
+        &fractions,
+    );
     for hour in [1u32, 7, 24] {
         let window = Window::new(0.0, f64::from(hour) * 3600.0).unwrap();
         let found = super::judge::look(&planned, &window);
@@ -470,6 +505,20 @@ fn the_precomputed_looks_are_the_runs() {
         super::judge::look(&args(), &Window::new(0.0, 10.0).unwrap()).level,
         ALPHA
     );
+    // Pocock's spending, when asked for: its own levels at the same looks.
+    let pocock = args_with(&[
+        "--looks",
+        "24",
+        "--look-every",
+        "1h",
+        "--boundary",
+        "pocock",
+    ]);
+    let levels =
+        kvab_judge::sequential::levels(kvab_judge::sequential::Boundary::Pocock, ALPHA, &fractions);
+    let found = super::judge::look(&pocock, &Window::new(0.0, 7.0 * 3600.0).unwrap());
+    assert_eq!((found.look, found.level), (7, levels[6]));
+    assert!(levels[6] > 0.005, "{levels:?}");
 }
 
 /// Hourly re-runs over a day: with `--looks 24 --look-every 1h` the days with a false claim stay within
@@ -480,7 +529,12 @@ fn hourly_peeking_is_corrected_by_looks() {
     let t = peeking(60, 4);
     println!("{t:?}");
     assert!(upper(t.planned_claims, t.days) <= ALPHA + 0.06, "{t:?}");
+    assert!(
+        upper(t.always_valid_claims, t.days) <= ALPHA + 0.06,
+        "{t:?}"
+    );
     assert!(t.unplanned_p >= 2 * t.planned_p.max(3), "{t:?}");
+    assert!(t.unplanned_p >= 2 * t.always_valid_p.max(3), "{t:?}");
 }
 
 #[test]
@@ -498,15 +552,25 @@ fn the_whole_run() {
     println!(
         "\nhourly peeking, {} days of {HOURS} looks: days with a false claim re-run unplanned {} (p < alpha at \
          some hour {}), with --looks {HOURS} --look-every 1h {} (95 % CP upper {:.4}; p < the look's level at \
-         some hour {}, upper {:.4})",
+         some hour {}, upper {:.4}), with --boundary always-valid --plan-requests {} {} (upper {:.4}; p < \
+         its level at some hour {}, upper {:.4})",
         t.days,
         t.unplanned_claims,
         t.unplanned_p,
         t.planned_claims,
         upper(t.planned_claims, t.days),
         t.planned_p,
-        upper(t.planned_p, t.days)
+        upper(t.planned_p, t.days),
+        HOURS as usize * PER_HOUR,
+        t.always_valid_claims,
+        upper(t.always_valid_claims, t.days),
+        t.always_valid_p,
+        upper(t.always_valid_p, t.days)
     );
     assert!(over.is_empty(), "over the bound:\n{}", over.join("\n"));
     assert!(upper(t.planned_claims, t.days) <= ALPHA + 0.01, "{t:?}");
+    assert!(
+        upper(t.always_valid_claims, t.days) <= ALPHA + 0.01,
+        "{t:?}"
+    );
 }

@@ -5,7 +5,7 @@
 use kvab_contract::metrics::{self, source};
 use std::collections::BTreeMap;
 
-use kvab_judge::sequential;
+use kvab_judge::sequential::{self, Boundary};
 use kvab_judge::stats::{format_p, holm_adjusted, holm_levels, two_proportion};
 
 use super::design::{assignment, design};
@@ -30,7 +30,8 @@ pub const METHOD: &str = "increase() of the filter's histograms and counters ove
 
 /// Which of `--looks` looks a run over `window` is, and its level: the look its window's end reaches from
 /// the start, one every `--look-every` (the last once past it), alpha spent over the looks at their planned
-/// fractions (`sequential::levels`). One look: alpha.
+/// fractions by `--boundary` (`sequential::levels`). One look, or `--boundary always-valid` (whose level
+/// comes from the window's requests: `always_valid_level`): alpha.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Look {
     pub look: u32,
@@ -50,11 +51,22 @@ pub fn look(args: &AnalyzeArgs, window: &Window) -> Look {
     let fractions: Vec<f64> = (1..=look)
         .map(|j| f64::from(j) / f64::from(looks))
         .collect();
-    let level = sequential::levels(alpha, &fractions)
+    let level = sequential::levels(args.boundary, alpha, &fractions)
         .last()
         .copied()
         .unwrap_or(0.0);
     Look { look, level }
+}
+
+/// With `--boundary always-valid`: the level of the confidence sequence at the window's `split`-assigned
+/// requests over `--plan-requests` (its clock: the information of every comparison grows with them).
+fn always_valid_level(args: &AnalyzeArgs, split: f64) -> Option<f64> {
+    let plan = args
+        .plan_requests
+        .filter(|_| args.boundary == Boundary::AlwaysValid)?;
+    sequential::levels(Boundary::AlwaysValid, args.alpha, &[split / plan as f64])
+        .first()
+        .copied()
 }
 
 /// The report on the answers: every value checked first (`stats::count`, `Histogram::from_cumulative`),
@@ -96,6 +108,8 @@ pub fn judge_at(
     let design = design(requests, arms);
     let compared = design.compared;
     let assignment = assignment(requests, arms, &args.split, args.srm_threshold);
+    let split: f64 = assignment.split.values().sum();
+    let level = always_valid_level(args, split).unwrap_or(level);
     let (errors, errors_p, error_guardrail) = errors(responses, arms, compared, level, args);
     let misroutes = misroutes(served, arms);
     let routed = (!routed.is_empty()).then(|| {
@@ -213,6 +227,8 @@ pub fn judge_at(
             looks: args.looks.max(1),
             look,
             look_alpha: level,
+            boundary: args.boundary,
+            plan_requests: args.plan_requests,
             min_effect: args.min_effect,
             tail_margin: args.tail_margin,
             error_margin: args.error_margin,
@@ -223,6 +239,14 @@ pub fn judge_at(
         queries,
     };
     let mut findings = findings(&report, &few, args);
+    if let Some(plan) = report.method.plan_requests {
+        findings.context.push(format!(
+            "always-valid: {split:.0} split-assigned requests of the {plan} planned, level {} of alpha {} \
+             (re-runs over this window make no more false claims)",
+            format_p(level),
+            args.alpha
+        ));
+    }
     if report.method.looks > 1 {
         findings.context.push(format!(
             "look {} of {}, one every {} s from the window's start: level {} of alpha {}",

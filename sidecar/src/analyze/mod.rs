@@ -23,6 +23,7 @@ use std::process::ExitCode;
 
 use crate::output::{self, Failure};
 use kvab_judge::report::production::{Report, Window};
+use kvab_judge::sequential::Boundary;
 use kvab_serve::client::HttpClient;
 
 use options::AnalyzeArgs;
@@ -60,6 +61,20 @@ async fn analyze(mut args: AnalyzeArgs) -> Result<ExitCode, Failure> {
     if args.looks > 1 && args.start.is_none() && args.answers.is_none() {
         return Err(Failure::Usage(
             "--looks wants --start: the looks judge one window growing from one start".into(),
+        ));
+    }
+    let always_valid = args.boundary == Boundary::AlwaysValid;
+    if always_valid != args.plan_requests.is_some() {
+        return Err(Failure::Usage(
+            "--boundary always-valid and --plan-requests go together: the sequence is tightest at the \
+             planned requests"
+                .into(),
+        ));
+    }
+    if always_valid && args.start.is_none() && args.answers.is_none() {
+        return Err(Failure::Usage(
+            "--boundary always-valid wants --start: the runs judge one window growing from one start"
+                .into(),
         ));
     }
     let report = run(&args).await.map_err(Failure::Run)?;

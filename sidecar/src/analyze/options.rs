@@ -7,7 +7,8 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::ArgGroup;
 
-use crate::args::{arm_name, fraction, http_url, seconds};
+use crate::args::{arm_name, boundary, fraction, http_url, seconds};
+use kvab_judge::sequential::Boundary;
 
 #[derive(Debug, Clone, clap::Args)]
 #[command(
@@ -86,6 +87,17 @@ pub struct AnalyzeArgs {
     /// end reaches from --start.
     #[arg(long, value_name = "DURATION", value_parser = window, requires = "looks", env = "KVAB_ANALYZE_LOOK_EVERY")]
     pub look_every: Option<Duration>,
+    /// How repeated runs over one growing window are judged: obrien-fleming or pocock (alpha spent over
+    /// the planned looks of --looks), or always-valid (a confidence sequence, valid however often it is
+    /// re-run; it needs --plan-requests).
+    #[arg(long, value_name = "NAME", default_value = "obrien-fleming", value_parser = boundary,
+          env = "KVAB_ANALYZE_BOUNDARY")]
+    pub boundary: Boundary,
+    /// With --boundary always-valid: the split-assigned requests (both arms) the window is expected to
+    /// reach; the sequence is tightest there and valid before and after it.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..=1_000_000_000),
+          conflicts_with = "looks", env = "KVAB_ANALYZE_PLAN_REQUESTS")]
+    pub plan_requests: Option<u64>,
     /// Smallest relative difference of the medians that counts; inside it the arms are equivalent.
     #[arg(long, value_name = "R", default_value = "0.05", value_parser = fraction, env = "KVAB_ANALYZE_MIN_EFFECT")]
     pub min_effect: f64,

@@ -10,7 +10,7 @@
 use super::measure::Outcome;
 pub use kvab_judge::requests::look_points;
 use kvab_judge::requests::{self as analysis, Analysis, Design};
-use kvab_judge::sequential;
+use kvab_judge::sequential::{self, Boundary};
 
 /// When the looks stop (`--until`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -53,6 +53,8 @@ pub struct Looks {
     design: Design,
     /// The experiment's α, spent over the looks.
     alpha: f64,
+    /// How the looks' levels are set.
+    boundary: Boundary,
     total: usize,
     until: Until,
     points: Vec<u64>,
@@ -68,18 +70,25 @@ pub struct Looks {
 }
 
 impl Looks {
-    /// `looks` is the planned number of analyses of `--until decided` (ignored with `--until budget`);
-    /// `design.look_alpha` is the experiment's α, which the looks spend (`kvab_judge::sequential`).
-    pub fn new(design: Design, requests: u64, until: Until, looks: u32) -> Self {
+    /// `looks` is the planned number of analyses of `--until decided` (ignored with `--until budget`), at
+    /// the levels of `boundary`; `design.look_alpha` is the experiment's α (`kvab_judge::sequential`).
+    pub fn new(
+        design: Design,
+        requests: u64,
+        until: Until,
+        looks: u32,
+        boundary: Boundary,
+    ) -> Self {
         let points = match until {
             Until::Decided => look_points(requests, looks),
             Until::Budget => Vec::new(),
         };
         let alpha = design.look_alpha;
         Looks {
-            levels: sequential::look_levels(alpha, requests, &points),
+            levels: sequential::look_levels(boundary, alpha, requests, &points),
             design,
             alpha,
+            boundary,
             total: usize::try_from(requests).unwrap_or(usize::MAX),
             until,
             points,
@@ -170,7 +179,7 @@ impl Looks {
         }
         let mut points = made.to_vec();
         points.push(n as u64);
-        let levels = sequential::look_levels(self.alpha, self.total as u64, &points);
+        let levels = sequential::look_levels(self.boundary, self.alpha, self.total as u64, &points);
         levels.last().copied().unwrap_or(0.0)
     }
 
@@ -253,6 +262,7 @@ mod tests {
                 error_margin: 0.02,
                 until,
                 looks,
+                boundary: Boundary::ObrienFleming,
                 srm_threshold: 0.001,
             },
             run: RunFacts {
@@ -306,7 +316,12 @@ mod tests {
     /// ratio ok.
     fn first_deciding_point(header: &Header, outcomes: &[Outcome]) -> Option<u64> {
         let points = look_points(header.requests, header.method.looks);
-        let levels = sequential::look_levels(header.method.alpha, header.requests, &points);
+        let levels = sequential::look_levels(
+            header.method.boundary,
+            header.method.alpha,
+            header.requests,
+            &points,
+        );
         points.into_iter().zip(levels).find_map(|(p, level)| {
             let design = Design {
                 look_alpha: level,
@@ -340,12 +355,15 @@ mod tests {
     #[test]
     fn the_live_order_and_the_replay_of_the_written_records_give_the_same_report() {
         let mut decided_early = 0;
-        for (until, looks, seed) in [
-            (Until::Decided, 10, 1),
-            (Until::Decided, 3, 2),
-            (Until::Budget, 1, 3),
+        for (until, looks, seed, boundary) in [
+            (Until::Decided, 10, 1, Boundary::ObrienFleming),
+            (Until::Decided, 3, 2, Boundary::ObrienFleming),
+            (Until::Budget, 1, 3, Boundary::ObrienFleming),
+            (Until::Decided, 4, 4, Boundary::Pocock),
+            (Until::Decided, 20, 5, Boundary::AlwaysValid),
         ] {
-            let header = header(until, looks, 400);
+            let mut header = header(until, looks, 400);
+            header.method.boundary = boundary;
             let all = outcomes(400, seed);
             // The live run: answers arrive out of order (up to 8 in flight), and it stops taking them once
             // a look decides; those already in stay in the records.
@@ -353,7 +371,7 @@ mod tests {
             for chunk in arrival.chunks_mut(8) {
                 chunk.shuffle(&mut ChaCha8Rng::seed_from_u64(seed + 100));
             }
-            let mut live = Looks::new(header.design(), header.requests, until, looks);
+            let mut live = Looks::new(header.design(), header.requests, until, looks, boundary);
             let mut seen_looks = Vec::new();
             for &i in &arrival {
                 if live.receive(i as u64, all[i].clone(), |k, _| seen_looks.push(k)) {
@@ -397,7 +415,7 @@ mod tests {
                 report_json(&header, live_ended, None)
             );
         }
-        assert!(decided_early >= 1, "a script that stops at a look");
+        assert!(decided_early >= 2, "scripts that stop at a look");
     }
 
     #[test]
@@ -407,7 +425,13 @@ mod tests {
         let all = outcomes(150, 4)
             .into_iter()
             .map(|o| Outcome { served: None, ..o });
-        let mut looks = Looks::new(header.design(), 400, Until::Decided, 4);
+        let mut looks = Looks::new(
+            header.design(),
+            400,
+            Until::Decided,
+            4,
+            Boundary::ObrienFleming,
+        );
         let mut made = Vec::new();
         for (i, o) in all.enumerate() {
             assert!(!looks.receive(i as u64, o, |k, _| made.push(k)));

@@ -99,6 +99,7 @@ fn header(options: &Options, classes: &[workload::Class]) -> Header {
             error_margin: options.error_margin,
             until: options.until,
             looks: options.looks,
+            boundary: options.boundary,
             srm_threshold: options.srm_threshold,
         },
         run: RunFacts {
@@ -152,6 +153,7 @@ async fn run(options: &Options) -> Result<(Report, Samples), String> {
         options.requests,
         options.until,
         options.looks,
+        options.boundary,
     );
     let mut progress = Progress::new(options, &design, started);
     while let Some((number, outcome)) = receiver.recv().await {
@@ -239,6 +241,7 @@ pub fn replay(header: &Header, mut outcomes: Vec<(u64, Outcome)>) -> looks::Ende
         header.requests,
         header.method.until,
         header.method.looks,
+        header.method.boundary,
     );
     for (number, outcome) in outcomes {
         if looks.receive(number, outcome, |_, _| {}) {
@@ -305,6 +308,7 @@ fn assemble(
                 Until::Decided => "decided",
             },
             looks: method.looks,
+            boundary: method.boundary,
             looks_made: ended.looks_made,
             look_alpha: design.look_alpha,
             stratum: design.stratum,

@@ -9,10 +9,11 @@ use clap::builder::BoolishValueParser;
 
 pub use super::looks::Until;
 use super::records::{MethodSpec, DEFAULT_ERROR_MARGIN, DEFAULT_TAIL_MARGIN};
+use kvab_judge::sequential::Boundary;
 
 use crate::args::{
-    absolute_path, arm_name, fraction, header_name, http_url, local_url, seconds, service,
-    ServiceRef, MODEL,
+    absolute_path, arm_name, boundary, fraction, header_name, http_url, local_url, seconds,
+    service, ServiceRef, MODEL,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -217,10 +218,17 @@ pub struct ExperimentArgs {
     )]
     until: Until,
     /// With --until decided: analyses at this many evenly spaced points of the request budget (1-100),
-    /// spending alpha over them (O'Brien-Fleming type: early looks strict, the last near alpha).
+    /// at the levels of --boundary.
     #[arg(long, value_name = "K", default_value_t = DEFAULT_LOOKS, value_parser = clap::value_parser!(u32).range(1..=100),
           env = "KVAB_EXPERIMENT_LOOKS", help_heading = "Verdict")]
     looks: u32,
+    /// With --until decided, the levels of the looks: alpha spent over them, obrien-fleming (early looks
+    /// strict, the last near alpha) or pocock (nearly equal levels: an effect found earlier, for a larger
+    /// --requests); or always-valid (a confidence sequence: any number of looks, a run stopped or judged at
+    /// any point, tightest at --requests).
+    #[arg(long, value_name = "NAME", default_value = "obrien-fleming", value_parser = boundary,
+          env = "KVAB_EXPERIMENT_BOUNDARY", help_heading = "Verdict")]
+    boundary: Boundary,
     /// Sample-ratio check: the experiment is invalid when answers per arm differ from the assignment with a
     /// p-value below this.
     #[arg(long, value_name = "P", default_value = "0.001", value_parser = open_fraction,
@@ -258,6 +266,7 @@ const JUDGE_FLAGS: &[&str] = &[
     "error_margin",
     "until",
     "looks",
+    "boundary",
     "srm_threshold",
 ];
 
@@ -307,6 +316,7 @@ pub struct JudgeOptions {
     pub error_margin: Option<f64>,
     pub until: Option<Until>,
     pub looks: Option<u32>,
+    pub boundary: Option<Boundary>,
     pub srm_threshold: Option<f64>,
 }
 
@@ -329,6 +339,7 @@ impl JudgeOptions {
             error_margin: self.error_margin.unwrap_or(recorded.error_margin),
             until,
             looks,
+            boundary: self.boundary.unwrap_or(recorded.boundary),
             srm_threshold: self.srm_threshold.unwrap_or(recorded.srm_threshold),
         }
     }
@@ -380,6 +391,7 @@ pub struct Options {
     pub error_margin: f64,
     pub until: Until,
     pub looks: u32,
+    pub boundary: Boundary,
     pub srm_threshold: f64,
     pub block: u32,
     /// `--records`: write the per-request records here.
@@ -404,7 +416,7 @@ impl Options {
             return Err(format!(
                 "--judge-records sends no traffic: {} only apply to a live run (the judgement takes the \
                  output flags and --alpha, --min-effect, --tail-margin, --error-margin, --until, --looks, \
-                 --srm-threshold)",
+                 --boundary, --srm-threshold)",
                 refused.join(", ")
             ));
         }
@@ -419,6 +431,7 @@ impl Options {
             error_margin: given("error_margin").then_some(args.error_margin),
             until: given("until").then_some(args.until),
             looks: given("looks").then_some(args.looks),
+            boundary: given("boundary").then_some(args.boundary),
             srm_threshold: given("srm_threshold").then_some(args.srm_threshold),
         }))
     }
@@ -492,6 +505,7 @@ impl Options {
             error_margin: args.error_margin,
             until: args.until,
             looks,
+            boundary: args.boundary,
             srm_threshold: args.srm_threshold,
             block: args.block,
             records: args.records,
@@ -589,6 +603,7 @@ mod tests {
             error_margin: 0.02,
             until: Until::Decided,
             looks: 5,
+            boundary: Boundary::Pocock,
             srm_threshold: 0.01,
         };
         let kept = judge(&["--judge-records", "r.jsonl", "--json"]);
@@ -607,6 +622,14 @@ mod tests {
             MethodSpec {
                 min_effect: 0.2,
                 alpha: 0.05,
+                ..recorded
+            }
+        );
+        let always = judge(&["--judge-records", "r.jsonl", "--boundary", "always-valid"]);
+        assert_eq!(
+            always.method(recorded),
+            MethodSpec {
+                boundary: Boundary::AlwaysValid,
                 ..recorded
             }
         );

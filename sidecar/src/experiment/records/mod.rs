@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::looks::Until;
 use super::measure::Outcome;
 use kvab_judge::requests::Design;
+use kvab_judge::sequential::Boundary;
 
 pub mod read;
 pub use read::read;
@@ -59,6 +60,8 @@ pub struct MethodSpec {
     pub until: Until,
     /// Planned analyses: 1 with `--until budget`.
     pub looks: u32,
+    /// The looks' levels (`--boundary`).
+    pub boundary: Boundary,
     pub srm_threshold: f64,
 }
 
@@ -136,6 +139,7 @@ struct HeaderLine<'a> {
     max_time_s: f64,
     looks: u32,
     until: &'static str,
+    boundary: Boundary,
     alpha: f64,
     min_effect: f64,
     tail_margin: f64,
@@ -189,6 +193,7 @@ pub fn write_to(
         max_time_s: header.max_time_s,
         looks: header.method.looks,
         until: until_word(header.method.until),
+        boundary: header.method.boundary,
         alpha: header.method.alpha,
         min_effect: header.method.min_effect,
         tail_margin: header.method.tail_margin,
@@ -297,6 +302,8 @@ mod tests {
         assert_eq!(h.classes[1].prompt_tokens, None);
         assert_eq!(h.load, LoadSpec::Closed { concurrency: 8 });
         assert_eq!((h.method.until, h.method.looks), (Until::Decided, 5));
+        // A file from before the boundaries spent alpha by O'Brien-Fleming.
+        assert_eq!(h.method.boundary, Boundary::ObrienFleming);
         assert_eq!(h.run.stopped_by, "requests");
         let (n, o) = &records.outcomes[0];
         assert_eq!(*n, 0);
@@ -334,6 +341,10 @@ mod tests {
             (
                 &[&HEADER.replace("\"seed\":3", "\"seed\":3,\"colour\":1")],
                 "f line 1: field `colour` is not known",
+            ),
+            (
+                &[&HEADER.replace("\"looks\":5", "\"looks\":5,\"boundary\":\"bonferroni\"")],
+                "f line 1: field `boundary`: must be one of obrien-fleming, pocock, always-valid",
             ),
             (
                 &[&HEADER.replace("\"nvlink\",\"fs\"", "\"fs\",\"fs\"")],

@@ -14,6 +14,7 @@ use super::{
 };
 use crate::experiment::looks::Until;
 use crate::experiment::measure::Outcome;
+use kvab_judge::sequential::Boundary;
 
 /// A records file read back: the header, and each measured request's outcome with its number, in file
 /// order.
@@ -238,6 +239,10 @@ fn read_header(fields: &mut Fields) -> Result<Header, String> {
         "decided" => Until::Decided,
         _ => return Err("field `until`: must be \"budget\" or \"decided\"".into()),
     };
+    // Written since the boundaries came; a file from before spent alpha by O'Brien-Fleming.
+    let boundary: String = fields.take_or("boundary", Boundary::ObrienFleming.name().into())?;
+    let boundary =
+        crate::args::boundary(&boundary).map_err(|e| format!("field `boundary`: {e}"))?;
     let alpha = open_fraction(fields, "alpha")?;
     let min_effect = open_fraction(fields, "min_effect")?;
     // Written since the guardrails came; a file from before has the defaults of the flags it ran with.
@@ -287,6 +292,7 @@ fn read_header(fields: &mut Fields) -> Result<Header, String> {
             error_margin,
             until,
             looks: if until == Until::Budget { 1 } else { looks },
+            boundary,
             srm_threshold,
         },
         run,
