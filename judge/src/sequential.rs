@@ -16,7 +16,10 @@
 //!   Brownian motion `S(t)` with `Var S(t) = t`, the mixture martingale over a drift drawn from
 //!   `N(0, 1/ρ)` is `√(ρ/(t+ρ)) · exp(S(t)² / (2(t+ρ)))`, so by Ville's inequality
 //!   `|S(t)| ≥ √((t+ρ)(ln(1 + t/ρ) + 2 ln(1/α)))` at *any* `t` has probability at most α: a run may look
-//!   as often as it likes, stop when it likes and go on past its plan. In `Z(t) = S(t)/√t` that is the
+//!   as often as it likes and stop when it likes, and the bound holds past the plan too (an analysed
+//!   window may grow beyond `--plan-requests`; an experiment stops at its `--requests`). Applied to a
+//!   family, Holm's levels are taken from the sequence's level, which is not itself a sequence at α/m:
+//!   the guarantee there is the calibration's, not Ville's. In `Z(t) = S(t)/√t` that is the
 //!   boundary `always_valid_boundary`. The clock `t` is the requests analysed over the planned requests
 //!   (information grows with them, for every comparison alike), and `ρ` is fixed in advance so that the
 //!   sequence is tightest at the plan (`RHO`).
@@ -79,7 +82,8 @@ const POINTS_PER_UNIT: f64 = 40.0;
 ///   (as R's gsDesign `sfLDOF`);
 /// - Pocock type: `alpha · ln(1 + (e − 1)·t)` (as gsDesign's `sfLDPocock`).
 ///
-/// The always-valid boundary spends nothing: it has no budget to spend (`levels`).
+/// The always-valid boundary has no budget to spend: `levels` sets its levels apart, and here it spends
+/// nothing.
 pub fn spent(boundary: Boundary, alpha: f64, t: f64) -> f64 {
     if t <= 0.0 {
         return 0.0;

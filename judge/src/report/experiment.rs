@@ -89,7 +89,8 @@ pub struct Method {
     pub until: &'static str,
     /// Analyses planned: 1, or the looks of `--until decided`.
     pub looks: u32,
-    /// The looks' levels (`--boundary`): `obrien-fleming`, `pocock` or `always-valid`.
+    /// The looks' levels (`--boundary`): `obrien-fleming`, `pocock` or `always-valid` (with one
+    /// analysis, `until` `budget`, it sets nothing).
     pub boundary: crate::sequential::Boundary,
     /// The analyses made before stopping.
     pub looks_made: u32,
@@ -101,6 +102,16 @@ pub struct Method {
     pub stratum: usize,
     pub srm_threshold: f64,
     pub description: &'static str,
+}
+
+impl Method {
+    /// ` (pocock)`: the boundary of the looks, where there are looks to set (`until` `decided`).
+    pub fn boundary_note(&self) -> String {
+        match self.until {
+            "decided" => format!(" ({})", self.boundary.name()),
+            _ => String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -225,7 +236,7 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "run: {} {} requests ({} warm-up) in {:.1} s, {:.1}/s, stopped by {}; {} look(s) of {} ({})",
+            "run: {} {} requests ({} warm-up) in {:.1} s, {:.1}/s, stopped by {}; {} look(s) of {}{}",
             self.run.sent,
             self.run.endpoint,
             self.run.warmup,
@@ -234,7 +245,7 @@ impl Report {
             self.run.stopped_by,
             self.method.looks_made,
             self.method.looks,
-            self.method.boundary.name()
+            self.method.boundary_note()
         );
         if let Some(file) = &self.run.judged_from {
             let _ = writeln!(out, "judged from the records in {file} (no traffic sent)");

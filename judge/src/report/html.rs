@@ -109,13 +109,13 @@ fn run_facts(out: &mut String, report: &Report) {
             run.seed
         ),
         format!(
-            "α = {}, min effect {:.1} %, until {}: {} of {} look(s) ({}), the last at α = {:.4}",
+            "α = {}, min effect {:.1} %, until {}: {} of {} look(s){}, the last at α = {:.4}",
             m.alpha,
             100.0 * m.min_effect,
             m.until,
             m.looks_made,
             m.looks,
-            m.boundary.name(),
+            m.boundary_note(),
             m.look_alpha
         ),
         format!("method: {}", m.description),

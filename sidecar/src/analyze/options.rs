@@ -78,8 +78,8 @@ pub struct AnalyzeArgs {
     #[arg(long, value_name = "P", default_value = "0.05", value_parser = fraction, env = "KVAB_ANALYZE_ALPHA")]
     pub alpha: f64,
     /// Repeated analyses of one growing window: this run is one of K looks planned one every --look-every
-    /// from --start (1-100); alpha is spent over them (O'Brien-Fleming type), so re-running at each look
-    /// makes no more false claims than one analysis.
+    /// from --start (1-100); alpha is spent over them (by --boundary), so re-running at each look makes
+    /// no more false claims than one analysis.
     #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100),
           requires = "look_every", env = "KVAB_ANALYZE_LOOKS")]
     pub looks: u32,

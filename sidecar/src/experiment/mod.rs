@@ -49,8 +49,9 @@ const METHOD: &str = "randomized balanced blocks per class; every assigned reque
                       faster needs the interval at the Holm level beyond 1+min_effect; equivalent needs the \
                       1-2*alpha interval inside the margin (two one-sided tests) and every guardrail within; \
                       guardrails: p90 and p99 (order-statistic intervals, tail_margin) and the error rate \
-                      (Newcombe's score interval, error_margin); alpha spent over the looks by the Lan-DeMets \
-                      O'Brien-Fleming-type function, each look at its boundary's level";
+                      (Newcombe's score interval, error_margin); each look at the level of its boundary \
+                      (method.boundary): alpha spent over the looks by the Lan-DeMets O'Brien-Fleming-type \
+                      or Pocock-type function, or the always-valid normal-mixture confidence sequence";
 
 pub fn main(args: ExperimentArgs) -> ExitCode {
     output::run("experiment", experiment(args))
