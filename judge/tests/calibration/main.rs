@@ -18,6 +18,7 @@ mod suite;
 
 use std::time::Instant;
 
+use kvab_judge::sequential::Boundary;
 use suite::{clopper_pearson, run, scenarios, Scenario, Tally, ALPHA};
 
 /// Experiments per scenario in the suite.
@@ -116,15 +117,11 @@ fn the_whole_suite_keeps_every_false_claim_rate_within_alpha() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(TRIALS);
-    // KVAB_CALIBRATION_ONLY: the scenarios whose name, or whose looks as the table shows them (`pocock`,
-    // `always-valid`), contains it.
+    // KVAB_CALIBRATION_ONLY: the rows it keeps (`kept_by`).
     let only = std::env::var("KVAB_CALIBRATION_ONLY").unwrap_or_default();
     let chosen: Vec<Scenario> = scenarios()
         .into_iter()
-        .filter(|s| {
-            s.name.contains(only.as_str())
-                || suite::looks_text(s.looks, s.boundary).contains(only.as_str())
-        })
+        .filter(|s| kept_by(&only, s.name, s.looks, s.boundary))
         .collect();
     let started = Instant::now();
     let mut over = measure(&chosen, trials, SLACK);
@@ -136,15 +133,20 @@ fn the_whole_suite_keeps_every_false_claim_rate_within_alpha() {
     let studies: Vec<power::Study> = power::studies()
         .into_iter()
         .filter(|s| {
-            s.name.contains(only.as_str())
-                || power::DESIGNS
-                    .iter()
-                    .any(|&(k, b, _)| suite::looks_text(k, b).contains(only.as_str()))
+            power::DESIGNS
+                .iter()
+                .any(|&(looks, boundary, _)| kept_by(&only, s.name, looks, boundary))
         })
         .collect();
     over.extend(requests_to_a_decision(&studies, trials, SLACK, &only));
     eprintln!("suite: {:.0} s", started.elapsed().as_secs_f64());
     assert!(over.is_empty(), "over the bound:\n{}", over.join("\n"));
+}
+
+/// Whether `KVAB_CALIBRATION_ONLY` (`only`) keeps a row: its name, or its looks as the tables show them
+/// (`4 pocock`, `always-valid`), contains it.
+fn kept_by(only: &str, name: &str, looks: u32, boundary: Boundary) -> bool {
+    name.contains(only) || suite::looks_text(looks, boundary).contains(only)
 }
 
 /// Each study's `n_fixed`, then each of `power::DESIGNS` on it, at `trials` each: prints the table,
@@ -169,9 +171,9 @@ fn requests_to_a_decision(
             study.name,
             started.elapsed().as_secs_f64()
         );
-        let designs = power::DESIGNS.into_iter().filter(|&(k, b, _)| {
-            study.name.contains(only) || suite::looks_text(k, b).contains(only)
-        });
+        let designs = power::DESIGNS
+            .into_iter()
+            .filter(|&(looks, boundary, _)| kept_by(only, study.name, looks, boundary));
         for (looks, boundary, factor) in designs {
             let planned = ((n_fixed as f64 * factor) / 2.0).ceil() as usize * 2;
             let stops = power::stops(study, planned, looks, boundary, trials);

@@ -507,8 +507,7 @@ pub fn scenarios() -> Vec<Scenario> {
         ),
         ("drift AR(1), b ×1.10", "drift AR(1), b ×1.10, unstratified"),
     ] {
-        let found = out.iter().find(|s| s.name == original && s.looks == 1);
-        if let Some(s) = found.cloned() {
+        if let Some(s) = one_look(&out, original) {
             out.push(Scenario {
                 name,
                 stratum: 0,
@@ -518,8 +517,8 @@ pub fn scenarios() -> Vec<Scenario> {
     }
     // The same experiments (same seeds) looked at by the other boundaries: Pocock's spending over 4
     // looks, and the always-valid sequence looked at 100 times (open-ended: its levels do not depend on
-    // how many looks there are).
-    // The stream family's A/A: Holm's levels taken from the sequence's level (no theorem covers that).
+    // how many looks there are); with the stream family's A/A, where Holm's levels are taken from the
+    // sequence's level (no theorem covers that).
     for original in [
         "A/A, margin 0",
         "A/A",
@@ -528,8 +527,7 @@ pub fn scenarios() -> Vec<Scenario> {
         "stream, 3 classes × 4 metrics, A/A, margin 0",
     ] {
         for (looks, boundary) in BOUNDARIES {
-            let found = out.iter().find(|s| s.name == original && s.looks == 1);
-            if let Some(s) = found.cloned() {
+            if let Some(s) = one_look(&out, original) {
                 out.push(Scenario {
                     looks,
                     boundary,
@@ -539,6 +537,15 @@ pub fn scenarios() -> Vec<Scenario> {
         }
     }
     out
+}
+
+/// The scenario named `name` with one look: the original that a twin (unstratified, another boundary)
+/// runs again on the same seeds.
+fn one_look(scenarios: &[Scenario], name: &str) -> Option<Scenario> {
+    scenarios
+        .iter()
+        .find(|s| s.name == name && s.looks == 1)
+        .cloned()
 }
 
 /// The boundaries beside O'Brien–Fleming's in the suite, with their looks.

@@ -314,8 +314,8 @@ fn peeking(days: u64, seed: u64) -> Peeking {
     let mut t = Peeking::default();
     for _ in 0..days {
         let mut day = Simulated::default();
-        let (mut claim, mut p_low, mut planned_claim, mut planned_p) = (false, false, false, false);
-        let (mut av_claim, mut av_p) = (false, false);
+        // Unplanned, planned looks, always-valid: (a false claim, p below the level) at some hour.
+        let mut seen = [(false, false); 3];
         for hour in 1..=HOURS {
             for _ in 0..PER_HOUR {
                 let arm = arm_at_random(&mut rng);
@@ -324,42 +324,42 @@ fn peeking(days: u64, seed: u64) -> Peeking {
             let answers = day.answers(&bounds, false);
             let window = Window::new(0.0, f64::from(hour) * 3600.0).unwrap();
             let once = judge(&answers, &unplanned, window.clone(), Vec::new()).unwrap();
-            claim |= false_claim(&once) && once.verdict == kvab_judge::Verdict::Decided;
-            p_low |= once
-                .comparisons
-                .iter()
-                .any(|c| c.primary && c.p.is_some_and(|p| p < ALPHA));
             let at = Look {
                 look: hour,
                 level: levels[hour as usize - 1],
             };
             let look = judge_at(&answers, &planned, window.clone(), at, Vec::new()).unwrap();
-            planned_claim |= false_claim(&look) && look.verdict == kvab_judge::Verdict::Decided;
-            planned_p |= look
-                .comparisons
-                .iter()
-                .any(|c| c.primary && c.p.is_some_and(|p| p < at.level));
             let av = judge(&answers, &always_valid, window, Vec::new()).unwrap();
             // Its level is the sequence's at the window's split requests over the plan.
             assert_eq!(av.method.look_alpha, av_levels[hour as usize - 1]);
-            av_claim |= false_claim(&av) && av.verdict == kvab_judge::Verdict::Decided;
-            av_p |= av
-                .comparisons
-                .iter()
-                .any(|c| c.primary && c.p.is_some_and(|p| p < av.method.look_alpha));
+            for (seen, report) in seen.iter_mut().zip([&once, &look, &av]) {
+                seen.0 |= false_claim(report) && report.verdict == kvab_judge::Verdict::Decided;
+                seen.1 |= p_below_level(report);
+            }
         }
+        let [unplanned_day, planned_day, always_valid_day] =
+            seen.map(|(c, p)| (u64::from(c), u64::from(p)));
         t.days += 1;
-        t.unplanned_claims += u64::from(claim);
-        t.unplanned_p += u64::from(p_low);
-        t.planned_claims += u64::from(planned_claim);
-        t.planned_p += u64::from(planned_p);
-        t.always_valid_claims += u64::from(av_claim);
-        t.always_valid_p += u64::from(av_p);
+        t.unplanned_claims += unplanned_day.0;
+        t.unplanned_p += unplanned_day.1;
+        t.planned_claims += planned_day.0;
+        t.planned_p += planned_day.1;
+        t.always_valid_claims += always_valid_day.0;
+        t.always_valid_p += always_valid_day.1;
     }
     t
 }
 
 /// A false claim in an A/A window: the primary comparison says `faster`.
+/// A primary comparison's p-value below the level the run was made at (`method.look_alpha`: alpha for
+/// one analysis, its look's or the sequence's level otherwise).
+fn p_below_level(report: &Report) -> bool {
+    report
+        .comparisons
+        .iter()
+        .any(|c| c.primary && c.p.is_some_and(|p| p < report.method.look_alpha))
+}
+
 fn false_claim(report: &Report) -> bool {
     report
         .comparisons
