@@ -9,6 +9,8 @@
 //! - `guardrail`: the tails (p90, p99) and the error rates, each with its interval and margin.
 //! - `verdict`: the verdict on a whole report and its reasons, in one wording.
 //! - `requests`: an experiment's per-request outcomes judged (assignment, error rates, comparisons).
+//! - `sweep`: a load sweep's levels, and per arm the latency-versus-load curve, its knee and its goodput
+//!   under the SLO.
 //! - `report`: the reports of `kvab experiment` and `kvab analyze` (their JSON is a public contract) and
 //!   their renderings: the table, the HTML page and its plots.
 
@@ -21,6 +23,7 @@ pub mod requests;
 pub mod resolution;
 pub mod sequential;
 pub mod stats;
+pub mod sweep;
 pub mod verdict;
 
 pub use comparison::{Comparison, Decision, Rule};

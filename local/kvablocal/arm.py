@@ -13,10 +13,20 @@ API the runbook uses.
   stream at an inter-token latency with jitter and a heavy-ish tail. With the defaults the arms are
   alike at short prompts (128 tokens: ~2 % apart) and differ at long ones (8192 tokens: ~30 %), so an
   A/B experiment has something real to find, and only where the KV transfer matters.
+- Under load, as the backends: each arm has one transfer link (`Link`) whose bandwidth the transfers in
+  progress share equally, so n concurrent transfers each take n times as long; prefill, the overhead and
+  the extra delay are plain waits that do not queue. The knee of the FS arm comes from its link: at
+  8192 tokens a transfer holds 20 GB/s for 40 ms, so the link saturates at ~25 transfers/s (NVLink's
+  at ~250/s), and past it the FS arm's first tokens grow with the load while NVLink's barely move.
+  `kvablocal.loadmodel.predict_ttft` computes each arm's mean time to first token at a concurrency.
+  The waits are sleeps and the link's waiters wait on conditions, so the arm spends CPU only on the HTTP
+  (2-3 ms a completion of 8192 words): its means stayed within 7 % of the model up to 256 requests in
+  flight (measured, the FS link saturated, ~12 % of a core).
 - Faults, as a troubled backend behind the gateway shows them: `fail_fraction` of the completions are
   answered `503` at once (vLLM's error JSON, `x-served-by` as every answer, so the gateway tags it with
-  the arm like any other response), and `stall_fraction` of the others have their time to first token
-  (the whole modelled delay above) multiplied by `stall_factor` (a slow filesystem, a congested link).
+  the arm like any other response), and `stall_fraction` of the others have the waits before their
+  first token (prefill, the transfer overhead, `delay` and `jitter`: all but the link's transfer)
+  multiplied by `stall_factor` (a slow filesystem, a congested link).
   Which requests fail or stall is drawn from the arm's own generator, seeded by `seed` and the arm's
   name: two draws per completion in the order they arrive, so the same seed and the same number of
   requests give the same failures and stalls (`failed` and `stalled` count them).
@@ -59,9 +69,87 @@ BANDWIDTH = {"nvlink": 200e9, "fs": 20e9}
 DEFAULT_BANDWIDTH = 200e9
 
 
+class Link:
+    """A transfer link of `bandwidth` bytes/s, shared equally by the transfers in progress (processor
+    sharing): with n in progress each moves at bandwidth / n, so one alone takes bytes / bandwidth and two
+    equal ones started together both take twice that. Thread-safe; `transfer` blocks its caller.
+
+    One lock guards the remaining bytes of every transfer in progress and the time they were last
+    advanced. Whoever holds it advances them to now, event by event (a transfer that finished stops
+    taking its share at its own finish time, not when its thread wakes), so the waiters' wake-up latency
+    never slows the others. A waiter then waits on its own condition (of that lock) until its finish at
+    the current share, and loops. An arrival wakes nobody: it only makes the others later, and a waiter
+    that wakes early recomputes and waits again. A finish raises the others' shares, but as all move at
+    the same rate they finish in the order of their remaining bytes: it wakes only the next to finish
+    (and any that finished with it). Waking them all instead (one condition, `notify_all`) costs O(n²)
+    per finish under the lock and the GIL: at 256 requests in flight on the FS link that held up the
+    NVLink arm's first tokens by 50 % (measured).
+    """
+
+    def __init__(self, bandwidth: float):
+        if not bandwidth > 0:
+            raise ValueError(f"bandwidth is bytes/s above 0, not {bandwidth}")
+        self.bandwidth = float(bandwidth)
+        self._lock = threading.Lock()
+        # transfer -> [bytes still to move (0: finished, its thread not yet back), its condition]
+        self._transfers = {}
+        self._advanced = time.monotonic()
+        self.transfers = 0  # finished
+        self.peak = 0  # most transfers in progress at once
+
+    @property
+    def active(self) -> int:
+        with self._lock:
+            return self._moving()
+
+    def _moving(self) -> int:
+        return sum(1 for left, _ in self._transfers.values() if left > 0)
+
+    def _advance(self, now: float):
+        """Moves every transfer in progress on to `now` (the lock held)."""
+        elapsed, self._advanced = now - self._advanced, now
+        while elapsed > 0:
+            moving = [entry for entry in self._transfers.values() if entry[0] > 0]
+            if not moving:
+                return
+            share = self.bandwidth / len(moving)
+            step = min(elapsed, min(entry[0] for entry in moving) / share)
+            for entry in moving:
+                left = entry[0] - step * share
+                # Rounding: what is left of a finished transfer is within 0.1 µs of the link's bytes.
+                entry[0] = left if left > self.bandwidth * 1e-7 else 0.0
+            elapsed -= step
+
+    def transfer(self, nbytes: float) -> float:
+        """Blocks until `nbytes` are through the link; returns the seconds it took."""
+        started = time.monotonic()
+        if nbytes <= 0:
+            return 0.0
+        key, mine = object(), [float(nbytes), threading.Condition(self._lock)]
+        with self._lock:
+            self._advance(time.monotonic())
+            self._transfers[key] = mine
+            self.peak = max(self.peak, self._moving())
+            while True:
+                self._advance(time.monotonic())
+                if mine[0] <= 0:
+                    del self._transfers[key]
+                    self.transfers += 1
+                    moving = [entry for entry in self._transfers.values() if entry[0] > 0]
+                    for entry in self._transfers.values():
+                        if entry[0] <= 0:
+                            entry[1].notify()
+                    if moving:
+                        min(moving, key=lambda entry: entry[0])[1].notify()
+                    return time.monotonic() - started
+                mine[1].wait(mine[0] * self._moving() / self.bandwidth)
+
+
 class PdModel:
     """The time of a disaggregated request, in seconds. Defaults: 30 ms + 0.01 ms per prompt token of
-    prefill, 2 ms transfer overhead, 2 ms between tokens (±25 %), and 2 % of the gaps 5-10 times longer."""
+    prefill, 2 ms transfer overhead, 2 ms between tokens (±25 %), and 2 % of the gaps 5-10 times longer.
+    `first_token` is the unloaded time (the transfer alone on the link); an arm waits `prefill` plus
+    `transfer_overhead`, then moves `kv_bytes` through its shared `Link`."""
 
     def __init__(self, bandwidth: float, prefill_base: float = 0.030, prefill_per_token: float = 0.00001,
                  transfer_overhead: float = 0.002, itl: float = 0.002, itl_jitter: float = 0.25,
@@ -75,10 +163,17 @@ class PdModel:
         self.tail_probability = tail_probability
         self.tail_factor = tail_factor
 
+    def prefill(self, prompt_tokens: int) -> float:
+        return self.prefill_base + self.prefill_per_token * prompt_tokens
+
+    @staticmethod
+    def kv_bytes(prompt_tokens: int) -> int:
+        return KV_BYTES_PER_TOKEN * prompt_tokens
+
     def first_token(self, prompt_tokens: int) -> float:
-        prefill = self.prefill_base + self.prefill_per_token * prompt_tokens
-        transfer = self.transfer_overhead + KV_BYTES_PER_TOKEN * prompt_tokens / self.bandwidth
-        return prefill + transfer
+        """Unloaded: prefill, the transfer overhead and the KV bytes at the whole bandwidth."""
+        transfer = self.transfer_overhead + self.kv_bytes(prompt_tokens) / self.bandwidth
+        return self.prefill(prompt_tokens) + transfer
 
     def gap(self) -> float:
         gap = self.itl * random.uniform(1 - self.itl_jitter, 1 + self.itl_jitter)
@@ -171,8 +266,11 @@ class _Handler(BaseHTTPRequestHandler):
         prompt = prompt_tokens(body)
         started = time.monotonic()
         with self.server.running():
-            # Prefill, then the KV-cache transfer to the decode pod (a stall multiplies both).
-            time.sleep(self.server.first_token_delay(prompt) * (self.server.stall_factor if stall else 1.0))
+            # Prefill (and the overhead, the extra delay), then the KV-cache transfer to the decode pod
+            # through the arm's link, shared with the transfers in progress. A stall multiplies the wait only.
+            wait, kv_bytes = self.server.first_token_parts(prompt)
+            time.sleep(wait * (self.server.stall_factor if stall else 1.0))
+            self.server.transfer(kv_bytes)
             ttft = time.monotonic() - started
             words = [random.choice(WORDS) for _ in range(tokens)]
             gaps = [self.server.model_timing.gap() for _ in range(tokens - 1)]
@@ -261,7 +359,7 @@ class ArmServer(ThreadingHTTPServer):
     def __init__(self, name: str, port: int = 0, prefill: str = None, decode: str = None, delay: float = 0.0,
                  jitter: float = 0.0, metrics_status: int = 200, model: str = MODEL, bandwidth: float = None,
                  pd_model: dict = None, drop: tuple = None, fail_fraction: float = 0.0, stall_fraction: float = 0.0,
-                 stall_factor: float = 1.0, seed: int = 0):
+                 stall_factor: float = 1.0, seed: int = 0, shared_link: bool = True):
         for knob, value in (("fail_fraction", fail_fraction), ("stall_fraction", stall_fraction)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{knob} is a fraction in [0, 1], not {value}")
@@ -279,6 +377,9 @@ class ArmServer(ThreadingHTTPServer):
         self.delay = delay
         self.jitter = jitter
         self.model_timing = PdModel(bandwidth or BANDWIDTH.get(name, DEFAULT_BANDWIDTH), **(pd_model or {}))
+        # The KV-transfer link the arm's transfers share; without it (shared_link=False) every transfer
+        # has the whole bandwidth, the unloaded model at any load.
+        self.link = Link(self.model_timing.bandwidth) if shared_link else None
         self.metrics_status = metrics_status
         self.model = model
         self.fail_fraction = fail_fraction
@@ -335,8 +436,24 @@ class ArmServer(ThreadingHTTPServer):
         return _Running()
 
     def first_token_delay(self, prompt_tokens: int) -> float:
+        """The unloaded time to first token: the model's, `delay` and a draw of `jitter`."""
         extra = self.delay + random.uniform(-self.jitter, self.jitter)
         return max(0.0, self.model_timing.first_token(prompt_tokens) + extra)
+
+    def first_token_parts(self, prompt_tokens: int) -> tuple:
+        """(seconds to wait, KV bytes to transfer) before the first token: the wait is prefill, the
+        transfer overhead, `delay` and a draw of `jitter`."""
+        model = self.model_timing
+        extra = self.delay + random.uniform(-self.jitter, self.jitter)
+        wait = model.prefill(prompt_tokens) + model.transfer_overhead + extra
+        return max(0.0, wait), model.kv_bytes(prompt_tokens)
+
+    def transfer(self, nbytes: float):
+        """Moves `nbytes` of KV cache through the arm's link (or sleeps their unloaded time)."""
+        if self.link is not None:
+            self.link.transfer(nbytes)
+        else:
+            time.sleep(nbytes / self.model_timing.bandwidth)
 
     def completion_id(self, chat: bool) -> str:
         prefix = "chatcmpl" if chat else "cmpl"

@@ -80,8 +80,11 @@ def demo() -> int:
         print(f"\n$ {' '.join(command)}\n", flush=True)
         # stderr is inherited, so the burst's progress bar shows on a terminal.
         checked = subprocess.run([kvab_binary(), *command[1:]], stdout=sys.stdout, stderr=sys.stderr, timeout=300).returncode
+        # A load sweep: the arms alike at short prompts, the NVLink arm faster at long ones, and the FS arm's
+        # link saturating first (its knee), cell by cell in one family.
         command = ["kvab", "experiment", "--gateway-url", stack.urls()["gateway"], "--prompt-tokens", "128,8192",
-                   "--requests", "1600", "--warmup", "8", "--max-tokens", "8", "--html", str(REPORT)]
+                   "--concurrency", "2,16,64", "--requests", "1200", "--warmup", "8", "--max-tokens", "8",
+                   "--slo", "ttft=500ms", "--html", str(REPORT)]
         print(f"\n$ {' '.join(command)}\n", flush=True)
         judged = subprocess.run([kvab_binary(), *command[1:]], stdout=sys.stdout, stderr=sys.stderr, timeout=300).returncode
         print(f"\nHTML report: {REPORT}")

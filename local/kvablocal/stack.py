@@ -54,13 +54,15 @@ class Stack:
     ({arm: fraction}: that fraction of the arm's completions are answered 503), `stall_fraction` and
     `stall_factor` ({arm: fraction}, {arm: factor}: that fraction of the arm's completions have their time
     to first token multiplied by the factor), `seed` (of which completions fail or stall; each arm draws
-    from its own generator, seeded by `seed` and its name).
+    from its own generator, seeded by `seed` and its name), `shared_link` (True: each arm's KV transfers
+    share its link's bandwidth, so an arm's first tokens grow with its load; False: each transfer has the
+    whole link, the unloaded model at any load).
     """
 
     def __init__(self, ports=None, nvlink_delay=0.010, fs_delay=0.050, jitter=0.003, metrics_status=None,
                  swap_routes=False, routes=None, link_sidecar=True, sidecar_config=None, sidecar_env=None, workdir=None,
                  nvlink_bandwidth=None, fs_bandwidth=None, pd_model=None, filter_config=None, drop=None,
-                 fail_fraction=None, stall_fraction=None, stall_factor=None, seed=0):
+                 fail_fraction=None, stall_fraction=None, stall_factor=None, seed=0, shared_link=True):
         ports = ports or {}
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kvab-stack-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +72,7 @@ class Stack:
 
         def faults(arm: str) -> dict:
             return {"fail_fraction": fail_fraction.get(arm, 0.0), "stall_fraction": stall_fraction.get(arm, 0.0),
-                    "stall_factor": stall_factor.get(arm, 1.0), "seed": seed}
+                    "stall_factor": stall_factor.get(arm, 1.0), "seed": seed, "shared_link": shared_link}
 
         self.arms = {
             "nvlink": ArmServer("nvlink", ports.get("nvlink", 0), delay=nvlink_delay, jitter=jitter,

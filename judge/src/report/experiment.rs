@@ -23,11 +23,21 @@ pub struct Report {
     pub comparisons: Vec<Comparison>,
     pub method: Method,
     pub run: Run,
+    /// A load sweep (`--concurrency` or `--rate` with several levels): the levels and the arms' curves.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<crate::sweep::Sweep>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Class {
+    /// The cell's name, as comparisons and error rates name it: the workload class, and in a load sweep
+    /// its level (`8192 @ c=16`).
     pub label: String,
+    /// In a load sweep: the workload class and the level's index (`sweep.levels`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub level: Option<usize>,
     /// The size asked for (`--prompt-tokens`); `null` for prompts from a file.
     pub prompt_tokens: Option<u32>,
     /// Mean `usage.prompt_tokens` the server reported, when it did.
@@ -247,6 +257,7 @@ impl Report {
             self.method.looks,
             self.method.boundary_note()
         );
+        out.push_str(&super::grid::text(self));
         if let Some(file) = &self.run.judged_from {
             let _ = writeln!(out, "judged from the records in {file} (no traffic sent)");
         }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use super::experiment::{ArmSamples, Report, Samples};
-use super::plots::{ecdf_plot, finite, median_plot, MedianRow, MEDIAN_ALPHA};
+use super::plots::{ecdf_plot, finite, median_plot, MedianRow, MEDIAN_ALPHA, PROMPT_AXIS};
 use crate::stats::{format_p, median_interval, percentile};
 use crate::verdict::{per_arm, Verdict};
 
@@ -61,7 +61,7 @@ pub fn figure(out: &mut String, plot: &str, caption: &str, drawing: Result<Strin
 const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}\
 h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em}\
 .verdict{padding:.6em 1em;border-radius:6px;font-weight:600}\
-.decided{background:#e6f4ea}.inconclusive{background:#fff4e0}.invalid{background:#fde7e9}\
+.decided{background:#e6f4ea}.inconclusive{background:#fff4e0}.equivalent{background:#e8f0fe}.invalid{background:#fde7e9}\
 table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}\
 th{background:#f3f3f3}td.l,th.l{text-align:left}tr.primary td{font-weight:600}small{color:#666}\
 .warn{color:#b00020;font-weight:600;background:#fde7e9;padding:.3em .6em;border-radius:4px}\
@@ -82,9 +82,10 @@ pub fn page(title: &str, verdict_line: &str, verdict: Verdict, body: &str) -> St
 
 fn run_facts(out: &mut String, report: &Report) {
     let run = &report.run;
-    let load = match (run.concurrency, run.rate) {
-        (Some(c), _) => format!("closed loop, {c} in flight"),
-        (_, Some(r)) => format!("open loop, Poisson arrivals at {r}/s"),
+    let load = match (run.concurrency, run.rate, &report.sweep) {
+        (_, _, Some(sweep)) => super::grid::levels_text(sweep),
+        (Some(c), _, _) => format!("closed loop, {c} in flight"),
+        (_, Some(r), _) => format!("open loop, Poisson arrivals at {r}/s"),
         _ => run.load.to_string(),
     };
     let m = &report.method;
@@ -313,6 +314,8 @@ fn comparisons(out: &mut String, report: &Report) {
 pub fn render(report: &Report, samples: &Samples) -> String {
     let mut out = String::with_capacity(64 * 1024);
     run_facts(&mut out, report);
+    // A load sweep's answer first: where each arm is faster.
+    super::grid::html(&mut out, report, samples);
     classes(&mut out, report);
     assignment(&mut out, report);
     errors(&mut out, report);
@@ -352,9 +355,19 @@ pub fn render(report: &Report, samples: &Samples) -> String {
             ecdf_plot(&caption, &format!("{metric} ms"), &arms),
         );
     }
+    // In a load sweep, against prompt size at the lightest level (the load curves show the rest).
+    let lightest = |i: usize| {
+        report
+            .classes
+            .get(i)
+            .is_none_or(|c| c.level.unwrap_or(0) == 0)
+    };
     let rows: Vec<MedianRow> = samples
         .classes
         .iter()
+        .enumerate()
+        .filter(|(i, _)| lightest(*i))
+        .map(|(_, class)| class)
         .filter_map(|class| {
             let x = class.prompt_tokens.filter(|x| x.is_finite() && *x > 0.0)?;
             let per_arm = class
@@ -377,7 +390,7 @@ pub fn render(report: &Report, samples: &Samples) -> String {
             "{metric} median with its {:.0} % distribution-free interval against prompt size, per arm",
             100.0 * (1.0 - MEDIAN_ALPHA)
         ),
-        median_plot(metric, &report.arms, &rows),
+        median_plot(metric, &report.arms, &rows, &PROMPT_AXIS),
     );
 
     out.push_str("<h2>Inter-token latency</h2>");
@@ -431,6 +444,8 @@ mod tests {
             arms,
             classes: vec![Class {
                 label: label.into(),
+                class: None,
+                level: None,
                 prompt_tokens: Some(128),
                 measured_prompt_tokens: Some(131.5),
                 requests: 100,
@@ -524,6 +539,7 @@ mod tests {
                 stopped_by: "requests",
                 judged_from: None,
             },
+            sweep: None,
         }
     }
 

@@ -215,10 +215,36 @@ type MedianWithInterval = (f64, f64, f64);
 pub(super) type MedianRow = (f64, Vec<Option<MedianWithInterval>>);
 
 /// The median with its distribution-free interval against prompt size, per arm (log x axis).
+/// The x axis of a median plot: its description, the plot title's "by ...", and what is said when no row
+/// has a value on it.
+pub(super) struct XAxis {
+    pub desc: &'static str,
+    pub by: &'static str,
+    pub missing: &'static str,
+}
+
+pub(super) const PROMPT_AXIS: XAxis = XAxis {
+    desc: "prompt tokens (log scale)",
+    by: "prompt size",
+    missing: "no class with a prompt size",
+};
+pub(super) const CONCURRENCY_AXIS: XAxis = XAxis {
+    desc: "requests in flight (log scale)",
+    by: "load",
+    missing: "no load level",
+};
+pub(super) const RATE_AXIS: XAxis = XAxis {
+    desc: "requests per second (log scale)",
+    by: "load",
+    missing: "no load level",
+};
+
+/// The median with its distribution-free interval against the x axis (log scale), per arm.
 pub(super) fn median_plot(
     metric: &str,
     arms: &[String],
     rows: &[MedianRow],
+    axis: &XAxis,
 ) -> Result<String, String> {
     let sizes: Vec<f64> = rows.iter().map(|(x, _)| *x).collect();
     let values: Vec<f64> = rows
@@ -226,7 +252,7 @@ pub(super) fn median_plot(
         .flat_map(|(_, per_arm)| per_arm.iter().flatten().flat_map(|&(_, lo, hi)| [lo, hi]))
         .collect();
     let (Some(x_min), Some(x_max)) = (percentile(&sizes, 0.0), percentile(&sizes, 100.0)) else {
-        return Err("no class with a prompt size".into());
+        return Err(axis.missing.into());
     };
     let (Some(y_min), Some(y_max)) = (percentile(&values, 0.0), percentile(&values, 100.0)) else {
         return Err("no samples (or too few for a median interval)".into());
@@ -235,9 +261,11 @@ pub(super) fn median_plot(
     let pad = ((y_max - y_min) * 0.1).max(1.0);
     let (y_low, y_high) = ((y_min - pad).max(0.0), y_max + pad);
     let title = format!(
-        "{metric} median and {:.0} % interval by prompt size",
-        100.0 * (1.0 - MEDIAN_ALPHA)
+        "{metric} median and {:.0} % interval by {}",
+        100.0 * (1.0 - MEDIAN_ALPHA),
+        axis.by
     );
+    let x_label = axis.desc;
     let y_label = format!("{metric} ms");
     let arms = arms.to_vec();
     let rows = rows.to_vec();
@@ -256,7 +284,7 @@ pub(super) fn median_plot(
             .label_style(("sans-serif", 12))
             .axis_desc_style(("sans-serif", 13))
             .x_label_formatter(&|x| format!("{x:.0}"))
-            .x_desc("prompt tokens (log scale)")
+            .x_desc(x_label)
             .y_desc(y_label)
             .draw()
             .map_err(|e| e.to_string())?;

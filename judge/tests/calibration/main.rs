@@ -234,6 +234,18 @@ fn fast_subset_an_effect_at_the_margin_or_a_worse_tail_is_not_equivalent() {
     );
 }
 
+/// A load sweep's grid, 9 cells × 4 metrics, is one family.
+#[test]
+fn fast_subset_a_load_sweeps_grid_rarely_calls_identical_arms_faster() {
+    fast(
+        &[(
+            "load sweep, 3 levels × 3 classes × 4 metrics, A/A, margin 0",
+            1,
+        )],
+        400,
+    );
+}
+
 /// The named binned scenarios at `trials` each: measured, and over the fast bound?
 fn fast_binned(names: &[&str], trials: u64) {
     let chosen: Vec<binned::Scenario> = binned::scenarios()

@@ -67,6 +67,17 @@ pub struct World {
     pub requests: usize,
     pub arms: [Arm; 2],
     pub drift: Option<Drift>,
+    /// Load levels, run one after the other (a load sweep): `classes` cells at each, `requests` each.
+    pub levels: usize,
+}
+
+/// A load sweep's levels: the time of both arms scaled, and a queueing wait (exponential, this mean in
+/// ms × the class scale) added, more at each level.
+const LOAD_SCALE: [f64; 3] = [1.0, 1.3, 2.0];
+const QUEUE_MS: [f64; 3] = [0.0, 10.0, 60.0];
+
+fn exponential(rng: &mut ChaCha8Rng) -> f64 {
+    -(1.0 - rng.random::<f64>()).ln()
 }
 
 pub fn normal(rng: &mut ChaCha8Rng) -> f64 {
@@ -108,8 +119,25 @@ fn assignments(rng: &mut ChaCha8Rng, classes: usize, requests: usize) -> Vec<(us
     out
 }
 
-/// One simulated experiment's outcomes, in sending order.
+/// One simulated experiment's outcomes, in sending order: the levels one after the other, the cells of
+/// level `l` after the classes of the earlier levels.
 pub fn simulate(world: &World, rng: &mut ChaCha8Rng) -> Vec<Outcome> {
+    let mut out = Vec::new();
+    for level in 0..world.levels.max(1) {
+        let offset = level * world.classes;
+        out.extend(simulate_level(world, level, rng).into_iter().map(|mut o| {
+            o.class += offset;
+            o
+        }));
+    }
+    out
+}
+
+fn simulate_level(world: &World, level: usize, rng: &mut ChaCha8Rng) -> Vec<Outcome> {
+    let (load, queue) = (
+        LOAD_SCALE[level % LOAD_SCALE.len()],
+        QUEUE_MS[level % QUEUE_MS.len()],
+    );
     let plan = assignments(rng, world.classes, world.requests);
     let tail_z = world.arms.map(|a| normal_quantile(a.tail_from));
     let (mut g, innovation) = match world.drift {
@@ -127,9 +155,13 @@ pub fn simulate(world: &World, rng: &mut ChaCha8Rng) -> Vec<Outcome> {
             }
             let arm = world.arms[assigned];
             // Shared by both arms: the class, the load of the moment.
-            let common = CLASS_SCALE[class % CLASS_SCALE.len()] * g.exp() * arm.scale;
+            let class_scale = CLASS_SCALE[class % CLASS_SCALE.len()];
+            let common = class_scale * g.exp() * arm.scale * load;
             let z = normal(rng);
             let mut first = base_ms(z) * common;
+            if queue > 0.0 {
+                first += queue * class_scale * arm.scale * exponential(rng);
+            }
             if z > tail_z[assigned] {
                 first *= arm.tail_factor;
             }

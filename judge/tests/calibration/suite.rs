@@ -105,7 +105,8 @@ pub fn design(scenario: &Scenario) -> Design {
 
 /// The design of an experiment in `world` with margin `min_effect`.
 pub fn design_of(world: &World, min_effect: f64) -> Design {
-    let classes = world.classes;
+    // A load sweep's cells are the analysis' classes.
+    let classes = world.classes * world.levels.max(1);
     Design {
         arms: ARMS.map(String::from).to_vec(),
         classes: (0..classes).map(|c| format!("c{c}")).collect(),
@@ -263,6 +264,7 @@ pub fn plain(requests: usize) -> World {
         requests,
         arms: [Arm::PLAIN; 2],
         drift: None,
+        levels: 1,
     }
 }
 
@@ -495,6 +497,34 @@ pub fn scenarios() -> Vec<Scenario> {
         1,
         vec![Equivalent, FasterFor(1)],
         Some(1.10),
+        Some(Right::Faster(0)),
+    );
+    // A load sweep: 3 classes at 3 load levels, 9 cells × 4 metrics in one family (Holm across all).
+    let sweep = World {
+        stream: true,
+        classes: 3,
+        levels: 3,
+        ..plain(1200)
+    };
+    add(
+        "load sweep, 3 levels × 3 classes × 4 metrics, A/A, margin 0",
+        sweep.clone(),
+        NO_MARGIN,
+        1,
+        vec![AnyFaster],
+        Some(1.0),
+        None,
+    );
+    add(
+        "load sweep, 3 levels × 3 classes × 4 metrics, b ×1.25",
+        World {
+            arms: [Arm::PLAIN, Arm::scaled(1.25)],
+            ..sweep
+        },
+        MARGIN,
+        1,
+        vec![Equivalent, FasterFor(1)],
+        Some(1.25),
         Some(Right::Faster(0)),
     );
     // The same experiments (same seeds) judged without strata: what the strata change.

@@ -3,7 +3,7 @@
 //! request number; every loop here is bounded by the request budget, the deadline or the stop flag.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use rand::rngs::ChaCha8Rng;
@@ -25,19 +25,23 @@ const MAX_KEPT_BODY: usize = 1 << 20;
 
 /// One request to send.
 pub struct Job {
-    /// 0-based, in assignment order; the first `warmup` are warm-up.
+    /// 0-based, in assignment order within its load level; the first `warmup` are warm-up.
     pub number: u64,
+    /// The cell: the class, after those of the earlier load levels.
     pub class: usize,
     pub arm: usize,
     pub request: Request,
 }
 
-/// Makes the jobs in order: assignment, prompt, body. Shared by the senders behind a mutex.
+/// Makes the jobs of one load level in order: assignment, prompt, body. Shared by the senders behind a
+/// mutex.
 pub struct Generator {
     assigner: Assigner,
     rng: ChaCha8Rng,
     next: u64,
     total: u64,
+    /// The load level's index: its cells come after the earlier levels' and its prompts differ from theirs.
+    level: u64,
     /// Per class, the next file prompt.
     cursor: Vec<usize>,
     classes: Vec<Class>,
@@ -46,18 +50,22 @@ pub struct Generator {
 }
 
 impl Generator {
-    pub fn new(options: &Options, classes: Vec<Class>, gateway: &str) -> Self {
+    /// The generator of load level `level` (0 for a run of one level: its sequence is the seed's alone).
+    pub fn new(options: &Options, classes: Vec<Class>, gateway: &str, level: u64) -> Self {
+        // Each level draws its own assignment and prompts from the seed and its index.
+        let seed = options.seed ^ level.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         Generator {
             assigner: Assigner::new(
-                options.seed,
+                seed,
                 classes.len(),
                 options.arms.len(),
                 options.block as usize,
             ),
             // Prompts draw from their own stream, so the assignment is the seed's whatever the prompts are.
-            rng: ChaCha8Rng::seed_from_u64(options.seed ^ 0x6b76_6162_7072_6f6d),
+            rng: ChaCha8Rng::seed_from_u64(seed ^ 0x6b76_6162_7072_6f6d),
             next: 0,
             total: options.warmup + options.requests,
+            level,
             cursor: vec![0; classes.len()],
             classes,
             url: format!("{gateway}{}", options.path),
@@ -74,9 +82,14 @@ impl Generator {
         let (class, arm) = self.assigner.next();
         let spec = self.classes.get(class)?;
         let prompt = match spec.prompt_tokens {
-            // The seed in the prompt's first word keeps two runs' prompts apart too.
+            // The seed in the prompt's first word keeps two runs' prompts apart too, the number (counted
+            // over the levels) two requests of one run.
             Some(tokens) => Value::String(workload::synthetic_prompt(
-                &format!("{:x}-{number}", self.options.seed),
+                &format!(
+                    "{:x}-{}",
+                    self.options.seed,
+                    self.level * self.total + number
+                ),
                 tokens,
                 &mut self.rng,
             )),
@@ -96,7 +109,7 @@ impl Generator {
             Request::post_json(self.url.clone(), &body).with_header(&self.options.header, arm_name);
         Some(Job {
             number,
-            class,
+            class: self.level as usize * self.classes.len() + class,
             arm,
             request,
         })
@@ -188,10 +201,18 @@ pub struct Run {
     /// Open loop: arrivals skipped because --max-in-flight requests were in flight.
     pub skipped: AtomicU64,
     in_flight: AtomicUsize,
+    /// When the first measured request (the first after the warm-up) was taken.
+    pub measuring_since: OnceLock<Instant>,
+    warmup: u64,
 }
 
 impl Run {
-    pub fn new(generator: Generator, client: HttpClient, deadline: Instant) -> Arc<Self> {
+    pub fn new(
+        generator: Generator,
+        client: HttpClient,
+        deadline: Instant,
+        warmup: u64,
+    ) -> Arc<Self> {
         Arc::new(Run {
             generator: Mutex::new(generator),
             client,
@@ -200,6 +221,8 @@ impl Run {
             sent: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            measuring_since: OnceLock::new(),
+            warmup,
         })
     }
 
@@ -209,6 +232,9 @@ impl Run {
         }
         let job = self.generator.lock().ok()?.next_job()?;
         self.sent.fetch_add(1, Ordering::Relaxed);
+        if job.number == self.warmup {
+            let _ = self.measuring_since.set(Instant::now());
+        }
         Some(job)
     }
 }
@@ -218,12 +244,13 @@ impl Run {
 pub fn start(
     run: Arc<Run>,
     options: &Options,
+    load: &Load,
     outcomes: mpsc::UnboundedSender<(u64, Outcome)>,
 ) -> JoinSet<()> {
     let mut tasks = JoinSet::new();
     let arms: Arc<[String]> = options.arms.clone().into();
     let (header, stream) = (Arc::<str>::from(options.header.as_str()), options.stream);
-    match options.load {
+    match *load {
         Load::Closed { concurrency } => {
             for _ in 0..concurrency {
                 let (run, outcomes, arms, header) =

@@ -242,10 +242,12 @@ mod tests {
                 ClassSpec {
                     label: "128".into(),
                     prompt_tokens: Some(128),
+                    level: None,
                 },
                 ClassSpec {
                     label: "2048".into(),
                     prompt_tokens: Some(2048),
+                    level: None,
                 },
             ],
             stream: true,
@@ -271,6 +273,8 @@ mod tests {
                 duration_s: 3.217_654_321,
                 stopped_by: "requests".into(),
             },
+            levels: Vec::new(),
+            slo: None,
         }
     }
 

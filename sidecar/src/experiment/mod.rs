@@ -13,13 +13,12 @@ pub mod load;
 pub mod looks;
 pub mod measure;
 pub mod options;
+mod progress;
 pub mod records;
 pub mod workload;
 
-use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -29,15 +28,17 @@ use crate::output::{self, Failure};
 use kvab_judge::report::{experiment as report, html};
 use kvab_judge::requests as analysis;
 use kvab_judge::stats::format_p;
+use kvab_judge::sweep::Cell;
 use kvab_judge::verdict::per_arm;
-use kvab_judge::{Decision, Findings, Verdict};
+use kvab_judge::{Findings, Verdict};
 use kvab_serve::client::HttpClient;
 
 use analysis::{Analysis, Design};
 use looks::{End, Looks};
 use measure::Outcome;
 use options::{ExperimentArgs, JudgeOptions, Load, Options, Plan, Until};
-use records::{ClassSpec, Header, LoadSpec, MethodSpec, RunFacts};
+use progress::Progress;
+use records::{ClassSpec, Header, LevelSpec, LoadSpec, MethodSpec, RunFacts};
 use report::{Class, Method, Report, Run, Samples};
 
 /// How the method is described in the report (docs/experiment.md has the full account).
@@ -73,22 +74,35 @@ async fn experiment(args: ExperimentArgs) -> Result<ExitCode, Failure> {
 }
 
 /// The records header of a live run: its design and method (the run facts are filled in at the end).
+/// In a load sweep each class is a cell at each level, the levels in the order they run.
 fn header(options: &Options, classes: &[workload::Class]) -> Header {
+    let sweep = options.levels.len() > 1;
+    let levels: Vec<Option<usize>> = match sweep {
+        true => (0..options.levels.len()).map(Some).collect(),
+        false => vec![None],
+    };
+    let load_spec = |load: &Load| match *load {
+        Load::Closed { concurrency } => LoadSpec::Closed { concurrency },
+        Load::Open { rate, .. } => LoadSpec::Open { rate },
+    };
     Header {
         arms: options.arms.clone(),
-        classes: classes
+        classes: levels
             .iter()
-            .map(|c| ClassSpec {
-                label: c.label.clone(),
-                prompt_tokens: c.prompt_tokens,
+            .flat_map(|&level| {
+                classes.iter().map(move |c| ClassSpec {
+                    label: c.label.clone(),
+                    prompt_tokens: c.prompt_tokens,
+                    level,
+                })
             })
             .collect(),
         stream: options.stream,
         endpoint: options.path.clone(),
-        load: match options.load {
-            Load::Closed { concurrency } => LoadSpec::Closed { concurrency },
-            Load::Open { rate, .. } => LoadSpec::Open { rate },
-        },
+        load: options
+            .levels
+            .first()
+            .map_or(LoadSpec::Closed { concurrency: 1 }, load_spec),
         seed: options.seed,
         warmup: options.warmup,
         requests: options.requests,
@@ -109,6 +123,27 @@ fn header(options: &Options, classes: &[workload::Class]) -> Header {
             duration_s: 0.0,
             stopped_by: String::new(),
         },
+        levels: match sweep {
+            true => options
+                .levels
+                .iter()
+                .map(|load| {
+                    let (concurrency, rate) = match load_spec(load) {
+                        LoadSpec::Closed { concurrency } => (Some(concurrency), None),
+                        LoadSpec::Open { rate } => (None, Some(rate)),
+                    };
+                    LevelSpec {
+                        concurrency,
+                        rate,
+                        sent: 0,
+                        skipped: 0,
+                        measured_s: 0.0,
+                    }
+                })
+                .collect(),
+            false => Vec::new(),
+        },
+        slo: options.slo,
     }
 }
 
@@ -136,52 +171,83 @@ async fn run(options: &Options) -> Result<(Report, Samples), String> {
         }
     };
     let mut header = header(options, &classes);
+    if header.classes.len() > records::MAX_CELLS {
+        return Err(format!(
+            "{} classes at {} load levels: a sweep has at most {} cells",
+            classes.len(),
+            options.levels.len(),
+            records::MAX_CELLS
+        ));
+    }
     let design = header.design();
     let started = Instant::now();
-    let generator = load::Generator::new(options, classes.clone(), &gateway);
-    let shared = load::Run::new(
-        generator,
-        HttpClient::new(options.max_time),
-        started + options.duration,
-    );
-    let (sender, mut receiver) = mpsc::unbounded_channel::<(u64, Outcome)>();
-    let mut senders = load::start(shared.clone(), options, sender);
-
-    // The looks (looks.rs) take each answer by its measured number (request number − warm-up), in the
-    // order the answers come; `--judge-records` replays the same procedure over the records.
+    // The looks (looks.rs) take each answer by its measured number (the level's offset + request number −
+    // warm-up), in the order the answers come; `--judge-records` replays the same procedure over the
+    // records.
     let mut looks = Looks::new(
         design.clone(),
-        options.requests,
+        header.planned(),
         options.until,
         options.looks,
         options.boundary,
     );
-    let mut progress = Progress::new(options, &design, started);
-    while let Some((number, outcome)) = receiver.recv().await {
-        let Some(index) = number.checked_sub(options.warmup) else {
-            continue;
-        };
-        if index >= options.requests {
-            continue;
+    let mut progress = Progress::new(options, &design, started, header.planned());
+    let (mut sent, mut skipped, mut decided) = (0, 0, false);
+    for (level, load) in options.levels.iter().enumerate() {
+        let generator = load::Generator::new(options, classes.clone(), &gateway, level as u64);
+        let shared = load::Run::new(
+            generator,
+            HttpClient::new(options.max_time),
+            Instant::now() + options.duration,
+            options.warmup,
+        );
+        let (sender, mut receiver) = mpsc::unbounded_channel::<(u64, Outcome)>();
+        let mut senders = load::start(shared.clone(), options, load, sender);
+        let offset = level as u64 * options.requests;
+        let mut last_answer = None;
+        while let Some((number, outcome)) = receiver.recv().await {
+            let Some(index) = number.checked_sub(options.warmup) else {
+                continue;
+            };
+            if index >= options.requests {
+                continue;
+            }
+            last_answer = Some(Instant::now());
+            progress.observe(&outcome, &design);
+            decided = looks.receive(offset + index, outcome, |look, analysis| {
+                progress.look(look, analysis)
+            });
+            progress.update(looks.received());
+            if decided {
+                shared.stop.store(true, Ordering::Relaxed);
+                senders.abort_all();
+                break;
+            }
         }
-        progress.observe(&outcome, &design);
-        let decided = looks.receive(index, outcome, |look, analysis| {
-            progress.look(look, analysis)
-        });
-        progress.update(looks.received());
+        while senders.join_next().await.is_some() {}
+        let (level_sent, level_skipped) = (
+            shared.sent.load(Ordering::Relaxed),
+            shared.skipped.load(Ordering::Relaxed),
+        );
+        (sent, skipped) = (sent + level_sent, skipped + level_skipped);
+        if let Some(facts) = header.levels.get_mut(level) {
+            facts.sent = level_sent;
+            facts.skipped = level_skipped;
+            facts.measured_s = match (shared.measuring_since.get(), last_answer) {
+                (Some(&since), Some(last)) => last.saturating_duration_since(since).as_secs_f64(),
+                _ => 0.0,
+            };
+        }
         if decided {
-            shared.stop.store(true, Ordering::Relaxed);
-            senders.abort_all();
             break;
         }
     }
-    while senders.join_next().await.is_some() {}
     progress.finish();
     let elapsed = started.elapsed().as_secs_f64();
     let ended = looks.finish();
     header.run = RunFacts {
-        sent: shared.sent.load(Ordering::Relaxed),
-        skipped: shared.skipped.load(Ordering::Relaxed),
+        sent,
+        skipped,
         duration_s: elapsed,
         stopped_by: match ended.end {
             End::Decided => "decided",
@@ -205,6 +271,19 @@ fn judge_records(judge: &JudgeOptions) -> Result<(Report, Samples), String> {
     let mut header = records.header;
     let recorded = header.method;
     header.method = judge.method(recorded);
+    if !header.levels.is_empty() && header.method.until == Until::Decided {
+        return Err(
+            "these records are a load sweep, which runs every level to its budget: judge them \
+                    with --until budget"
+                .into(),
+        );
+    }
+    if judge.slo.is_some() {
+        if header.levels.is_empty() {
+            return Err("--slo applies to a load sweep; these records have one load level".into());
+        }
+        header.slo = judge.slo;
+    }
     let design = header.design();
     let ended = replay(&header, records.outcomes);
     let stopped_by = match ended.end {
@@ -239,7 +318,7 @@ pub fn replay(header: &Header, mut outcomes: Vec<(u64, Outcome)>) -> looks::Ende
     outcomes.sort_by_key(|(number, _)| *number);
     let mut looks = Looks::new(
         header.design(),
-        header.requests,
+        header.planned(),
         header.method.until,
         header.method.looks,
         header.method.boundary,
@@ -275,11 +354,33 @@ fn assemble(
             facts.skipped
         ));
     }
-    let (concurrency, rate, load) = match header.load {
-        LoadSpec::Closed { concurrency } => (Some(concurrency), None, "closed"),
-        LoadSpec::Open { rate } => (None, Some(rate), "open"),
+    let (concurrency, rate, load) = match (header.load, header.levels.is_empty()) {
+        // A load sweep's levels are the sweep's.
+        (LoadSpec::Closed { .. }, false) => (None, None, "closed"),
+        (LoadSpec::Open { .. }, false) => (None, None, "open"),
+        (LoadSpec::Closed { concurrency }, true) => (Some(concurrency), None, "closed"),
+        (LoadSpec::Open { rate }, true) => (None, Some(rate), "open"),
     };
     let method = header.method;
+    let cell_labels = header.cell_labels();
+    let sweep = (!header.levels.is_empty()).then(|| {
+        let cells: Vec<Cell> = header
+            .classes
+            .iter()
+            .map(|c| Cell {
+                class: c.label.clone(),
+                level: c.level.unwrap_or(usize::MAX),
+            })
+            .collect();
+        kvab_judge::sweep::sweep(
+            header.levels.iter().map(LevelSpec::level).collect(),
+            &cells,
+            &header.arms,
+            &ended.analyzed,
+            header.slo,
+            header.stream,
+        )
+    });
     Report {
         verdict,
         reasons,
@@ -289,7 +390,9 @@ fn assemble(
             .iter()
             .enumerate()
             .map(|(i, c)| Class {
-                label: c.label.clone(),
+                label: cell_labels.get(i).cloned().unwrap_or_default(),
+                class: c.level.map(|_| c.label.clone()),
+                level: c.level,
                 prompt_tokens: c.prompt_tokens,
                 measured_prompt_tokens: analysis.measured_prompt_tokens.get(i).copied().flatten(),
                 requests: analysis.requests_per_class.get(i).copied().unwrap_or(0),
@@ -334,6 +437,7 @@ fn assemble(
             stopped_by: stopped_word(stopped_by),
             judged_from,
         },
+        sweep,
     }
 }
 
@@ -402,134 +506,4 @@ fn verdict(design: &Design, analysis: &Analysis) -> (Verdict, Vec<String>) {
         }
     }
     kvab_judge::verdict::verdict(findings, &analysis.comparisons)
-}
-
-/// The progress line on stderr: answers per arm, rate, and the current estimate of each primary
-/// comparison (the ratio of the arms' times as comparisons estimate it, failures ranked at --max-time,
-/// from running samples; the decisions are the looks').
-struct Progress {
-    enabled: bool,
-    terminal: bool,
-    started: Instant,
-    last: Instant,
-    last_estimate: Instant,
-    total: u64,
-    arms: Vec<String>,
-    classes: Vec<String>,
-    per_arm: Vec<u64>,
-    /// Per class and arm, the primary metric of every request that counts.
-    primary: Vec<[Vec<f64>; 2]>,
-    estimate: String,
-    look: String,
-}
-
-impl Progress {
-    fn new(options: &Options, design: &Design, started: Instant) -> Self {
-        Progress {
-            enabled: !options.quiet,
-            terminal: std::io::stderr().is_terminal(),
-            started,
-            last: started,
-            last_estimate: started,
-            total: options.requests,
-            arms: options.arms.clone(),
-            classes: design.classes.clone(),
-            per_arm: vec![0; options.arms.len()],
-            primary: vec![[Vec::new(), Vec::new()]; design.classes.len()],
-            estimate: String::new(),
-            look: String::new(),
-        }
-    }
-
-    fn observe(&mut self, outcome: &Outcome, design: &Design) {
-        if !self.enabled {
-            return;
-        }
-        if let Some(n) = self.per_arm.get_mut(outcome.assigned) {
-            *n += 1;
-        }
-        let value = if design.stream {
-            outcome.ttft_ms
-        } else {
-            Some(outcome.e2e_ms)
-        };
-        let value = if outcome.counts() {
-            value
-        } else {
-            outcome.failed().then_some(design.max_time_ms)
-        };
-        if let (Some(value), Some(by_arm)) = (value, self.primary.get_mut(outcome.class)) {
-            if let Some(values) = by_arm.get_mut(outcome.assigned) {
-                values.push(value);
-            }
-        }
-    }
-
-    fn update(&mut self, received: usize) {
-        let every = if self.terminal {
-            Duration::from_millis(250)
-        } else {
-            Duration::from_secs(5)
-        };
-        if !self.enabled || self.last.elapsed() < every {
-            return;
-        }
-        self.last = Instant::now();
-        if self.last_estimate.elapsed() >= Duration::from_secs(2) {
-            self.last_estimate = Instant::now();
-            let estimates: Vec<String> = self
-                .classes
-                .iter()
-                .zip(&self.primary)
-                .filter_map(|(class, [first, second])| {
-                    let ratio = kvab_judge::comparison::ratio_of_samples(first, second)?;
-                    Some(format!("{class} ×{ratio:.3}"))
-                })
-                .collect();
-            if !estimates.is_empty() {
-                // The second arm's time over the first's.
-                let arms: Vec<&str> = self.arms.iter().rev().map(String::as_str).collect();
-                let arms = arms.join("/");
-                self.estimate = format!("; ratio {arms} {}", estimates.join(", "));
-            }
-        }
-        let elapsed = self.started.elapsed().as_secs_f64();
-        let arms: Vec<String> = self
-            .arms
-            .iter()
-            .zip(&self.per_arm)
-            .map(|(a, n)| format!("{a} {n}"))
-            .collect();
-        let line = format!(
-            "kvab experiment: {received}/{} measured ({}), {:.1}/s{}{}",
-            self.total,
-            arms.join(", "),
-            received as f64 / elapsed.max(1e-9),
-            self.estimate,
-            self.look
-        );
-        let mut stderr = std::io::stderr().lock();
-        let _ = if self.terminal {
-            write!(stderr, "\r\x1b[2K{line}")
-        } else {
-            writeln!(stderr, "{line}")
-        };
-        let _ = stderr.flush();
-    }
-
-    fn look(&mut self, look: u32, analysis: &Analysis) {
-        let decided = analysis
-            .comparisons
-            .iter()
-            .filter(|c| c.primary && c.decision != Decision::Inconclusive)
-            .count();
-        let primary = analysis.comparisons.iter().filter(|c| c.primary).count();
-        self.look = format!("; look {look}: {decided}/{primary} decided");
-    }
-
-    fn finish(&self) {
-        if self.enabled && self.terminal {
-            eprintln!();
-        }
-    }
 }

@@ -10,6 +10,7 @@ use clap::builder::BoolishValueParser;
 pub use super::looks::Until;
 use super::records::{MethodSpec, DEFAULT_ERROR_MARGIN, DEFAULT_TAIL_MARGIN};
 use kvab_judge::sequential::Boundary;
+use kvab_judge::sweep::{Slo, MAX_LEVELS};
 
 use crate::args::{
     absolute_path, arm_name, boundary, fraction, header_name, http_url, local_url, seconds,
@@ -151,26 +152,30 @@ pub struct ExperimentArgs {
     #[arg(long, value_name = "M", default_value = MODEL, env = "KVAB_EXPERIMENT_MODEL", help_heading = "Workload")]
     model: String,
 
-    /// Closed loop: this many requests in flight (1-4096).
-    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=4096),
-          conflicts_with = "rate", env = "KVAB_EXPERIMENT_CONCURRENCY", help_heading = "Load")]
-    concurrency: u32,
-    /// Open loop instead: Poisson arrivals at this many requests per second (at most 100000).
-    #[arg(long, value_name = "R", value_parser = rate, env = "KVAB_EXPERIMENT_RATE", help_heading = "Load")]
-    rate: Option<f64>,
+    /// Closed loop: this many requests in flight (1-4096); several levels (1,8,32) make a load sweep, the
+    /// levels run one after the other, each with its own warm-up and --requests.
+    #[arg(long, value_name = "N,...", value_delimiter = ',', default_value = "8",
+          value_parser = clap::value_parser!(u32).range(1..=4096), conflicts_with = "rate",
+          env = "KVAB_EXPERIMENT_CONCURRENCY", help_heading = "Load")]
+    concurrency: Vec<u32>,
+    /// Open loop instead: Poisson arrivals at this many requests per second (at most 100000); several
+    /// levels make a load sweep.
+    #[arg(long, value_name = "R,...", value_delimiter = ',', value_parser = rate,
+          env = "KVAB_EXPERIMENT_RATE", help_heading = "Load")]
+    rate: Vec<f64>,
     /// Open loop: most requests in flight; an arrival beyond it is skipped and counted (1-65536).
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65_536),
           env = "KVAB_EXPERIMENT_MAX_IN_FLIGHT", help_heading = "Load")]
     max_in_flight: u32,
-    /// Measured requests, warm-up not included (2-10000000).
+    /// Measured requests, warm-up not included, of each load level (2-10000000).
     #[arg(long, value_name = "N", default_value_t = 600, value_parser = clap::value_parser!(u64).range(2..=10_000_000),
           env = "KVAB_EXPERIMENT_REQUESTS", help_heading = "Load")]
     requests: u64,
-    /// Longest run, seconds (warm-up included).
+    /// Longest run of each load level, seconds (warm-up included).
     #[arg(long, value_name = "S", default_value = "600", value_parser = long_seconds,
           env = "KVAB_EXPERIMENT_DURATION", help_heading = "Load")]
     duration: Duration,
-    /// Requests sent first and left out of every figure (0-100000).
+    /// Requests sent first at each load level and left out of every figure (0-100000).
     #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u64).range(0..=100_000),
           env = "KVAB_EXPERIMENT_WARMUP", help_heading = "Load")]
     warmup: u64,
@@ -179,6 +184,11 @@ pub struct ExperimentArgs {
     #[arg(long, value_name = "S", default_value = "60", value_parser = seconds, env = "KVAB_EXPERIMENT_MAX_TIME",
           help_heading = "Load")]
     max_time: Duration,
+    /// The service-level objective of a load sweep: per-request targets (ttft, itl: the mean time per output
+    /// token, e2e), e.g. ttft=500ms,itl=50ms; each arm's goodput (requests within every target per second)
+    /// and its knee (the lowest level whose p90 passes the primary metric's target) follow.
+    #[arg(long, value_name = "NAME=T,...", value_parser = slo, env = "KVAB_EXPERIMENT_SLO", help_heading = "Load")]
+    slo: Option<Slo>,
     /// Seed of the assignment, the class order, the prompts and the arrivals [a random seed, printed in the
     /// report].
     #[arg(
@@ -268,6 +278,7 @@ const JUDGE_FLAGS: &[&str] = &[
     "looks",
     "boundary",
     "srm_threshold",
+    "slo",
 ];
 
 impl ExperimentArgs {
@@ -318,6 +329,8 @@ pub struct JudgeOptions {
     pub looks: Option<u32>,
     pub boundary: Option<Boundary>,
     pub srm_threshold: Option<f64>,
+    /// A load sweep's SLO instead of the recorded one.
+    pub slo: Option<Slo>,
 }
 
 impl JudgeOptions {
@@ -379,7 +392,9 @@ pub struct Options {
     pub endpoint: Endpoint,
     pub stream: bool,
     pub model: String,
-    pub load: Load,
+    /// The load levels, in the order they run: one, or a load sweep.
+    pub levels: Vec<Load>,
+    pub slo: Option<Slo>,
     pub requests: u64,
     pub duration: Duration,
     pub warmup: u64,
@@ -416,7 +431,7 @@ impl Options {
             return Err(format!(
                 "--judge-records sends no traffic: {} only apply to a live run (the judgement takes the \
                  output flags and --alpha, --min-effect, --tail-margin, --error-margin, --until, --looks, \
-                 --boundary, --srm-threshold)",
+                 --boundary, --srm-threshold, --slo)",
                 refused.join(", ")
             ));
         }
@@ -433,6 +448,7 @@ impl Options {
             looks: given("looks").then_some(args.looks),
             boundary: given("boundary").then_some(args.boundary),
             srm_threshold: given("srm_threshold").then_some(args.srm_threshold),
+            slo: args.slo,
         }))
     }
 
@@ -463,15 +479,38 @@ impl Options {
             Some(file) => Workload::File(file),
             None => Workload::Synthetic(sizes),
         };
-        let load = match args.rate {
-            Some(rate) => Load::Open {
+        let levels: Vec<Load> = if args.rate.is_empty() {
+            let concurrency = args.concurrency.iter();
+            concurrency
+                .map(|&concurrency| Load::Closed { concurrency })
+                .collect()
+        } else {
+            let max_in_flight = args.max_in_flight;
+            let rate = args.rate.iter();
+            rate.map(|&rate| Load::Open {
                 rate,
-                max_in_flight: args.max_in_flight,
-            },
-            None => Load::Closed {
-                concurrency: args.concurrency,
-            },
+                max_in_flight,
+            })
+            .collect()
         };
+        if levels.len() > MAX_LEVELS {
+            return Err(format!(
+                "{} load levels: a sweep has at most {MAX_LEVELS}",
+                levels.len()
+            ));
+        }
+        if levels.len() > 1 && args.until == Until::Decided {
+            return Err(
+                "--until decided stops one run when it is decided; a load sweep runs every level to its \
+                 budget (use --until budget)"
+                    .into(),
+            );
+        }
+        if args.slo.is_some() && levels.len() < 2 {
+            return Err(
+                "--slo applies to a load sweep: give several --concurrency or --rate levels".into(),
+            );
+        }
         let looks = match args.until {
             Until::Budget => 1,
             Until::Decided => args.looks,
@@ -493,7 +532,8 @@ impl Options {
             endpoint: args.endpoint,
             stream: !args.no_stream,
             model: args.model,
-            load,
+            levels,
+            slo: args.slo,
             requests: args.requests,
             duration: args.duration,
             warmup: args.warmup,
@@ -519,6 +559,10 @@ fn random_seed() -> u64 {
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u8(0);
     hasher.finish()
+}
+
+fn slo(value: &str) -> Result<Slo, String> {
+    Slo::parse(value)
 }
 
 fn rate(value: &str) -> Result<f64, String> {
@@ -592,6 +636,30 @@ mod tests {
         assert!(
             matches!(plan(&["--records", "s.jsonl"]), Ok(Plan::Live(o)) if o.records.is_some())
         );
+    }
+
+    #[test]
+    fn several_levels_make_a_sweep_run_to_its_budget_and_the_slo_needs_one() {
+        let Ok(Plan::Live(sweep)) = plan(&["--concurrency", "1,8,32", "--slo", "ttft=500ms"])
+        else {
+            panic!("a sweep is a live run");
+        };
+        let concurrency: Vec<Load> = [1, 8, 32]
+            .map(|concurrency| Load::Closed { concurrency })
+            .to_vec();
+        assert_eq!(sweep.levels, concurrency);
+        assert_eq!(sweep.slo.and_then(|s| s.ttft_ms), Some(500.0));
+        let Ok(Plan::Live(open)) = plan(&["--rate", "5,20"]) else {
+            panic!("an open-loop sweep is a live run");
+        };
+        assert!(matches!(open.levels[1], Load::Open { rate, .. } if rate == 20.0));
+        let decided = plan(&["--concurrency", "1,8", "--until", "decided"]).unwrap_err();
+        assert!(decided.contains("--until budget"), "{decided}");
+        let lone = plan(&["--slo", "ttft=500ms"]).unwrap_err();
+        assert!(lone.starts_with("--slo applies to a load sweep"), "{lone}");
+        let many: Vec<String> = (1..=17).map(|c| c.to_string()).collect();
+        let too_many = plan(&["--concurrency", &many.join(",")]).unwrap_err();
+        assert!(too_many.starts_with("17 load levels"), "{too_many}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use super::looks::Until;
 use super::measure::Outcome;
 use kvab_judge::requests::Design;
 use kvab_judge::sequential::Boundary;
+use kvab_judge::sweep::{Level, Slo};
 
 pub mod read;
 pub use read::read;
@@ -34,6 +35,8 @@ pub const MAX_FILE_BYTES: u64 = 1 << 30;
 pub const MAX_LINE_BYTES: usize = 4 << 20;
 /// Most classes (as `--prompts`).
 const MAX_CLASSES: usize = 64;
+/// Most cells (class × load level) of a load sweep.
+pub const MAX_CELLS: usize = 256;
 
 /// A class of the design, as recorded.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,6 +45,41 @@ pub struct ClassSpec {
     pub label: String,
     /// The size asked for (`--prompt-tokens`); `null` for prompts from a file.
     pub prompt_tokens: Option<u32>,
+    /// In a load sweep: the cell's level, an index into the header's `levels`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<usize>,
+}
+
+/// A load sweep's level, as recorded: its load and what the run did at it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LevelSpec {
+    pub concurrency: Option<u32>,
+    pub rate: Option<f64>,
+    /// Requests sent at this level, warm-up included.
+    pub sent: u64,
+    /// Open loop: arrivals skipped at --max-in-flight.
+    pub skipped: u64,
+    /// From the first measured request sent to the last answer received.
+    pub measured_s: f64,
+}
+
+impl LevelSpec {
+    /// The judge's form of the level.
+    pub fn level(&self) -> Level {
+        Level {
+            load: if self.rate.is_some() {
+                "open"
+            } else {
+                "closed"
+            },
+            concurrency: self.concurrency,
+            rate: self.rate,
+            measured_s: self.measured_s,
+            sent: self.sent,
+            skipped: self.skipped,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -93,14 +131,36 @@ pub struct Header {
     pub max_time_s: f64,
     pub method: MethodSpec,
     pub run: RunFacts,
+    /// A load sweep's levels in the order they ran (empty: one level, `load`); `requests` and `warmup`
+    /// are each level's.
+    pub levels: Vec<LevelSpec>,
+    /// A load sweep's `--slo`.
+    pub slo: Option<Slo>,
 }
 
 impl Header {
+    /// The cells' names, in class order: the class label, and in a load sweep its level (`8192 @ c=16`).
+    pub fn cell_labels(&self) -> Vec<String> {
+        let level = |c: &ClassSpec| c.level.and_then(|l| self.levels.get(l));
+        self.classes
+            .iter()
+            .map(|c| match level(c) {
+                Some(level) => format!("{} @ {}", c.label, level.level().label()),
+                None => c.label.clone(),
+            })
+            .collect()
+    }
+
+    /// Measured requests planned: `requests` at each level.
+    pub fn planned(&self) -> u64 {
+        self.requests * self.levels.len().max(1) as u64
+    }
+
     /// What the analysis needs of it.
     pub fn design(&self) -> Design {
         Design {
             arms: self.arms.clone(),
-            classes: self.classes.iter().map(|c| c.label.clone()).collect(),
+            classes: self.cell_labels(),
             prompt_tokens: self.classes.iter().map(|c| c.prompt_tokens).collect(),
             stream: self.stream,
             // The experiment's α: the looks spend it (`looks::Looks`).
@@ -146,6 +206,10 @@ struct HeaderLine<'a> {
     error_margin: f64,
     srm_threshold: f64,
     run: &'a RunFacts,
+    #[serde(skip_serializing_if = "<[LevelSpec]>::is_empty")]
+    levels: &'a [LevelSpec],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slo: Option<Slo>,
 }
 
 /// One measured request, as written.
@@ -200,10 +264,12 @@ pub fn write_to(
         error_margin: header.method.error_margin,
         srm_threshold: header.method.srm_threshold,
         run: &header.run,
+        levels: &header.levels,
+        slo: header.slo,
     };
     serde_json::to_writer(&mut *out, &line)?;
     out.write_all(b"\n")?;
-    let labels: Vec<String> = header.classes.iter().map(|c| c.label.clone()).collect();
+    let labels = header.cell_labels();
     for (number, outcome) in slots.iter().enumerate() {
         let Some(o) = outcome else { continue };
         let record = RecordLine {
@@ -407,6 +473,73 @@ mod tests {
             let message = error(lines);
             assert!(message.starts_with(expected), "{message:?} for {lines:?}");
         }
+    }
+
+    #[test]
+    fn a_load_sweep_reads_by_cell_round_trips_and_refuses_bad_levels() {
+        let sweep = HEADER
+            .replace(
+                r#"{"label":"file","prompt_tokens":null}"#,
+                r#"{"label":"128","prompt_tokens":128,"level":1}"#,
+            )
+            .replace(
+                r#"{"label":"128","prompt_tokens":128},"#,
+                r#"{"label":"128","prompt_tokens":128,"level":0},"#,
+            )
+            .replace(r#""until":"decided""#, r#""until":"budget""#)
+            .replace(
+                r#""run":"#,
+                r#""levels":[{"concurrency":1,"rate":null,"sent":18,"skipped":0,"measured_s":2.5},{"concurrency":8,"rate":null,"sent":18,"skipped":0,"measured_s":0.5}],"slo":{"ttft_ms":500.0},"run":"#,
+            );
+        let record = RECORD
+            .replace("\"number\":0", "\"number\":15")
+            .replace("\"class\":\"128\"", "\"class\":\"128 @ c=8\"");
+        let records = parsed(&[&sweep, &record]).unwrap();
+        let header = &records.header;
+        assert_eq!(header.cell_labels(), ["128 @ c=1", "128 @ c=8"]);
+        assert_eq!((header.planned(), header.levels[1].measured_s), (20, 0.5));
+        assert_eq!(header.slo.and_then(|s| s.ttft_ms), Some(500.0));
+        assert_eq!(
+            (records.outcomes[0].0, records.outcomes[0].1.class),
+            (15, 1)
+        );
+        let mut out = Vec::new();
+        write_to(&mut out, header, &[]).unwrap();
+        assert_eq!(&parse(out.as_slice(), "f").unwrap().header, header);
+        let cases = [
+            (
+                sweep.replace(r#""level":1"#, r#""level":2"#),
+                "field `classes`: at most 64",
+            ),
+            (
+                sweep.replace(r#""level":1"#, r#""level":0"#),
+                "field `classes`: the class \"128 @ c=1\" is there twice",
+            ),
+            (
+                sweep.replace(
+                    r#"{"concurrency":8,"rate":null,"sent""#,
+                    r#"{"concurrency":8,"rate":2.0,"sent""#,
+                ),
+                "field `levels`: each level",
+            ),
+            (
+                sweep.replace(r#""ttft_ms":500.0"#, r#""ttft_ms":-1.0"#),
+                "field `slo`: wants one or more",
+            ),
+            (
+                sweep.replace(r#","level":0"#, ""),
+                "field `classes`: at most 64",
+            ),
+        ];
+        for (header, expected) in cases {
+            let message = error(&[&header]);
+            assert!(
+                message.starts_with(&format!("f line 1: {expected}")),
+                "{message}"
+            );
+        }
+        let beyond = record.replace("\"number\":15", "\"number\":20");
+        assert!(error(&[&sweep, &beyond]).contains("beyond the header's 20 requests"));
     }
 
     #[test]

@@ -9,12 +9,14 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use super::{
-    ClassSpec, Header, LoadSpec, MethodSpec, RunFacts, DEFAULT_ERROR_MARGIN, DEFAULT_MAX_TIME_S,
-    DEFAULT_TAIL_MARGIN, MAX_CLASSES, MAX_FILE_BYTES, MAX_LINE_BYTES, VERSION,
+    ClassSpec, Header, LevelSpec, LoadSpec, MethodSpec, RunFacts, DEFAULT_ERROR_MARGIN,
+    DEFAULT_MAX_TIME_S, DEFAULT_TAIL_MARGIN, MAX_CELLS, MAX_CLASSES, MAX_FILE_BYTES,
+    MAX_LINE_BYTES, VERSION,
 };
 use crate::experiment::looks::Until;
 use crate::experiment::measure::Outcome;
 use kvab_judge::sequential::Boundary;
+use kvab_judge::sweep::{Slo, MAX_LEVELS};
 
 /// A records file read back: the header, and each measured request's outcome with its number, in file
 /// order.
@@ -174,22 +176,12 @@ fn read_header(fields: &mut Fields) -> Result<Header, String> {
     )?;
     check(arms[0] != arms[1], "arms", "names one arm twice")?;
     let classes: Vec<ClassSpec> = fields.take("classes")?;
-    check(
-        (1..=MAX_CLASSES).contains(&classes.len()),
-        "classes",
-        "wants 1 to 64 classes",
-    )?;
-    let mut labels = HashSet::new();
+    check(!classes.is_empty(), "classes", "wants 1 to 64 classes")?;
     for class in &classes {
         check(
             !class.label.is_empty() && class.label.chars().count() <= 64,
             "classes",
             "a label must have 1 to 64 characters",
-        )?;
-        check(
-            labels.insert(class.label.as_str()),
-            "classes",
-            &format!("the label {:?} is there twice", class.label),
         )?;
     }
     let stream: bool = fields.take("stream")?;
@@ -274,8 +266,59 @@ fn read_header(fields: &mut Fields) -> Result<Header, String> {
         "run",
         "stopped_by must be \"requests\", \"duration\" or \"decided\"",
     )?;
+    // Written by a load sweep.
+    let levels: Vec<LevelSpec> = fields.take_or("levels", Vec::new())?;
+    check(
+        levels.len() <= MAX_LEVELS,
+        "levels",
+        "a sweep has at most 16 levels",
+    )?;
+    for level in &levels {
+        let load_ok = match (level.concurrency, level.rate) {
+            (Some(c), None) => (1..=4096).contains(&c),
+            (None, Some(rate)) => rate > 0.0 && rate <= 100_000.0,
+            _ => false,
+        };
+        check(
+            load_ok,
+            "levels",
+            "each level has a concurrency of 1 to 4096 or a rate over 0 and at most 100000, not both",
+        )?;
+        check(
+            level.measured_s.is_finite() && level.measured_s >= 0.0,
+            "levels",
+            "measured_s must be a number of seconds, 0 or more",
+        )?;
+    }
+    let cells_ok = if levels.is_empty() {
+        classes.len() <= MAX_CLASSES && classes.iter().all(|c| c.level.is_none())
+    } else {
+        classes.len() <= MAX_CELLS
+            && classes
+                .iter()
+                .all(|c| c.level.is_some_and(|l| l < levels.len()))
+    };
+    check(
+        cells_ok,
+        "classes",
+        "at most 64 classes, or in a load sweep 256 cells, each with the index of one of the `levels`",
+    )?;
+    let slo: Option<Slo> = fields.take_or("slo", None)?;
+    let slo_ok = slo.is_none_or(|s| {
+        let targets = [s.ttft_ms, s.itl_ms, s.e2e_ms];
+        targets.iter().any(Option::is_some)
+            && targets
+                .iter()
+                .flatten()
+                .all(|ms| *ms > 0.0 && ms.is_finite())
+    });
+    check(
+        slo_ok,
+        "slo",
+        "wants one or more targets, each a number of milliseconds over 0",
+    )?;
     fields.finish()?;
-    Ok(Header {
+    let header = Header {
         arms,
         classes,
         stream,
@@ -296,7 +339,18 @@ fn read_header(fields: &mut Fields) -> Result<Header, String> {
             srm_threshold,
         },
         run,
-    })
+        levels,
+        slo,
+    };
+    let mut cells = HashSet::new();
+    for label in header.cell_labels() {
+        if !cells.insert(label.clone()) {
+            return Err(format!(
+                "field `classes`: the class {label:?} is there twice"
+            ));
+        }
+    }
+    Ok(header)
 }
 
 fn milliseconds(value: f64) -> bool {
@@ -306,11 +360,11 @@ fn milliseconds(value: f64) -> bool {
 fn read_record(fields: &mut Fields, header: &Header) -> Result<(u64, Outcome), String> {
     let number: u64 = fields.take("number")?;
     check(
-        number < header.requests,
+        number < header.planned(),
         "number",
         &format!(
             "measured request {number} is beyond the header's {} requests",
-            header.requests
+            header.planned()
         ),
     )?;
     let arm =
@@ -321,9 +375,9 @@ fn read_record(fields: &mut Fields, header: &Header) -> Result<(u64, Outcome), S
         };
     let class: String = fields.take("class")?;
     let class = header
-        .classes
+        .cell_labels()
         .iter()
-        .position(|c| c.label == class)
+        .position(|c| *c == class)
         .ok_or_else(|| format!("field `class`: {class:?} is not one of the header's classes"))?;
     let assigned = arm("assigned", &fields.take::<String>("assigned")?)?;
     let served = match fields.take::<Option<String>>("served")? {
