@@ -508,7 +508,7 @@ pub fn scenarios() -> Vec<Scenario> {
     };
     add(
         "load sweep, 3 levels × 3 classes × 4 metrics, A/A, margin 0",
-        sweep.clone(),
+        sweep,
         NO_MARGIN,
         1,
         vec![AnyFaster],
