@@ -8,6 +8,7 @@
 //!   its intervals, held by the guardrails.
 //! - `guardrail`: the tails (p90, p99) and the error rates, each with its interval and margin.
 //! - `verdict`: the verdict on a whole report and its reasons, in one wording.
+//! - `outcome`: what one request of an experiment measured.
 //! - `requests`: an experiment's per-request outcomes judged (assignment, error rates, comparisons).
 //! - `sweep`: a load sweep's levels, and per arm the latency-versus-load curve, its knee and its goodput
 //!   under the SLO.
@@ -17,6 +18,7 @@
 pub mod binned;
 pub mod comparison;
 pub mod guardrail;
+pub mod outcome;
 pub mod power;
 pub mod report;
 pub mod requests;

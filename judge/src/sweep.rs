@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::requests::Outcome;
+use crate::outcome::Outcome;
 use crate::stats::percentile;
 
 /// Without an SLO, the knee is where an arm's median reaches this multiple of its median at the lightest
@@ -117,6 +117,29 @@ impl Level {
             (Some(c), _) => format!("c={c}"),
             (None, Some(rate)) => format!("{rate}/s"),
             (None, None) => "-".into(),
+        }
+    }
+}
+
+impl Sweep {
+    /// `load sweep, closed loop: c=1, c=8, c=32 (each level with its own warm-up and requests)`.
+    pub fn levels_text(&self) -> String {
+        let kind = match self.levels.first().map(|l| l.load) {
+            Some("open") => "open loop (Poisson arrivals)",
+            _ => "closed loop",
+        };
+        let labels: Vec<String> = self.levels.iter().map(Level::label).collect();
+        format!(
+            "load sweep, {kind}: {} (each level with its own warm-up and requests)",
+            labels.join(", ")
+        )
+    }
+
+    /// `at c=32`, or `not reached`.
+    pub fn knee_text(&self, knee: Option<usize>) -> String {
+        match knee.and_then(|k| self.levels.get(k)) {
+            Some(level) => format!("at {}", level.label()),
+            None => "not reached".into(),
         }
     }
 }

@@ -257,7 +257,7 @@ impl Report {
             self.method.looks,
             self.method.boundary_note()
         );
-        out.push_str(&super::grid::text(self));
+        out.push_str(&self.sweep_text());
         if let Some(file) = &self.run.judged_from {
             let _ = writeln!(out, "judged from the records in {file} (no traffic sent)");
         }
@@ -265,7 +265,106 @@ impl Report {
         out
     }
 
+    /// A load sweep's grid: its rows, the workload classes in report order, and per row the index in
+    /// `classes` of each level's cell.
+    pub fn grid_rows(&self) -> Vec<(String, Vec<Option<usize>>)> {
+        let levels = self.sweep.as_ref().map_or(0, |s| s.levels.len());
+        let mut rows: Vec<(String, Vec<Option<usize>>)> = Vec::new();
+        for (index, class) in self.classes.iter().enumerate() {
+            let (Some(name), Some(level)) = (&class.class, class.level) else {
+                continue;
+            };
+            let row = match rows.iter().position(|(n, _)| n == name) {
+                Some(row) => row,
+                None => {
+                    rows.push((name.clone(), vec![None; levels]));
+                    rows.len() - 1
+                }
+            };
+            if let Some(cell) = rows
+                .get_mut(row)
+                .and_then(|(_, cells)| cells.get_mut(level))
+            {
+                *cell = Some(index);
+            }
+        }
+        rows
+    }
+
+    /// The primary comparison of the class (a cell in a load sweep) labelled `label`.
+    pub fn primary_of(&self, label: &str) -> Option<&Comparison> {
+        self.comparisons
+            .iter()
+            .find(|c| c.primary && c.class.as_deref() == Some(label))
+    }
+
+    /// A load sweep's lines of the table: its levels, the grid and the load curves.
+    fn sweep_text(&self) -> String {
+        let mut out = String::new();
+        let (Some(sweep), [first, second, ..]) = (&self.sweep, self.arms.as_slice()) else {
+            return out;
+        };
+        let _ = writeln!(
+            out,
+            "{}\nwhere ({second}/{first}, primary metric, ratio [interval] decision):",
+            sweep.levels_text()
+        );
+        for (name, cells) in self.grid_rows() {
+            for (level, cell) in sweep.levels.iter().zip(cells) {
+                let label = cell
+                    .and_then(|i| self.classes.get(i))
+                    .map(|c| c.label.as_str());
+                let shown = label
+                    .and_then(|l| self.primary_of(l))
+                    .map_or("-".into(), |c| {
+                        format!(
+                            "{} {} {}",
+                            c.ratio_text(),
+                            c.ratio_ci_text(),
+                            c.decision_text()
+                        )
+                    });
+                let _ = writeln!(out, "  {name:<10} {:<8} {shown}", level.label());
+            }
+        }
+        let _ = writeln!(out, "load curves (knee: {}):", sweep.knee_rule);
+        for curve in &sweep.curves {
+            let class = curve
+                .class
+                .as_deref()
+                .map_or(String::new(), |c| format!(", class {c}"));
+            let _ = writeln!(
+                out,
+                "  {}{class}: knee {}",
+                curve.arm,
+                sweep.knee_text(curve.knee)
+            );
+            for (level, p) in sweep.levels.iter().zip(&curve.points) {
+                let goodput = p
+                    .goodput
+                    .map_or(String::new(), |g| format!(", goodput {g:.2}/s"));
+                let _ = writeln!(
+                    out,
+                    "    {:<8} p50 {} ms, p90 {} ms, {:.2}/s, {:.1} in flight, {}/{} answered{goodput}",
+                    level.label(),
+                    ms_text(p.p50_ms),
+                    ms_text(p.p90_ms),
+                    p.throughput,
+                    p.in_flight,
+                    p.answered,
+                    p.requests
+                );
+            }
+        }
+        out
+    }
+
     pub fn verdict_line(&self) -> String {
         verdict_line(self.verdict, &self.reasons)
     }
+}
+
+/// `12.3` milliseconds as the tables show them, `-` without a value.
+pub fn ms_text(value: Option<f64>) -> String {
+    value.map_or("-".into(), |v| format!("{v:.1}"))
 }

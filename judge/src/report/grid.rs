@@ -1,139 +1,15 @@
-//! A load sweep's "where" in the experiment's report: the grid of decisions (class × load level, each
-//! cell's effect and its interval) and per arm the latency-versus-load curve with its knee and goodput, as
-//! table text and as HTML (with one median-against-load plot per class).
+//! A load sweep's "where" in the experiment's HTML report: the grid of decisions (class × load level, each
+//! cell's effect and its interval) and per arm the latency-versus-load curve with its knee and goodput,
+//! with one median-against-load plot per class (the table's text of them: `Report::sweep_text`).
 
 use std::fmt::Write as _;
 
+use super::experiment::ms_text;
 use super::experiment::{Report, Samples};
-use super::html::{escape, figure};
+use super::page::{escape, figure};
 use super::plots::{finite, median_plot, MedianRow, CONCURRENCY_AXIS, MEDIAN_ALPHA, RATE_AXIS};
-use crate::comparison::{Comparison, Decision};
+use crate::comparison::Decision;
 use crate::stats::{median_interval, percentile};
-use crate::sweep::Sweep;
-
-/// The workload classes of the grid's rows, in report order, and per row the index of each level's cell
-/// (`report.classes`).
-fn rows(report: &Report, levels: usize) -> Vec<(String, Vec<Option<usize>>)> {
-    let mut rows: Vec<(String, Vec<Option<usize>>)> = Vec::new();
-    for (index, class) in report.classes.iter().enumerate() {
-        let (Some(name), Some(level)) = (&class.class, class.level) else {
-            continue;
-        };
-        let row = match rows.iter().position(|(n, _)| n == name) {
-            Some(row) => row,
-            None => {
-                rows.push((name.clone(), vec![None; levels]));
-                rows.len() - 1
-            }
-        };
-        if let Some(cell) = rows
-            .get_mut(row)
-            .and_then(|(_, cells)| cells.get_mut(level))
-        {
-            *cell = Some(index);
-        }
-    }
-    rows
-}
-
-/// The primary comparison of the cell `class` (its label).
-fn primary<'a>(report: &'a Report, label: &str) -> Option<&'a Comparison> {
-    report
-        .comparisons
-        .iter()
-        .find(|c| c.primary && c.class.as_deref() == Some(label))
-}
-
-/// `×1.318 [1.280, 1.360] fs faster`: one cell as the text grid shows it.
-fn cell_text(c: &Comparison) -> String {
-    format!(
-        "{} {} {}",
-        c.ratio_text(),
-        c.ratio_ci_text(),
-        c.decision_text()
-    )
-}
-
-fn knee_text(sweep: &Sweep, knee: Option<usize>) -> String {
-    match knee.and_then(|k| sweep.levels.get(k)) {
-        Some(level) => format!("at {}", level.label()),
-        None => "not reached".into(),
-    }
-}
-
-/// `load sweep, closed loop: c=1, c=8, c=32 (each with its warm-up and requests)`.
-pub fn levels_text(sweep: &Sweep) -> String {
-    let kind = match sweep.levels.first().map(|l| l.load) {
-        Some("open") => "open loop (Poisson arrivals)",
-        _ => "closed loop",
-    };
-    let labels: Vec<String> = sweep.levels.iter().map(|l| l.label()).collect();
-    format!(
-        "load sweep, {kind}: {} (each level with its own warm-up and requests)",
-        labels.join(", ")
-    )
-}
-
-fn ms(value: Option<f64>) -> String {
-    value.map_or("-".into(), |v| format!("{v:.1}"))
-}
-
-/// The sweep's lines of the table printed without `--json`.
-pub fn text(report: &Report) -> String {
-    let mut out = String::new();
-    let Some(sweep) = &report.sweep else {
-        return out;
-    };
-    let [first, second, ..] = report.arms.as_slice() else {
-        return out;
-    };
-    let _ = writeln!(
-        out,
-        "{}\nwhere ({second}/{first}, primary metric, ratio [interval] decision):",
-        levels_text(sweep)
-    );
-    for (name, cells) in rows(report, sweep.levels.len()) {
-        for (level, cell) in sweep.levels.iter().zip(cells) {
-            let label = cell
-                .and_then(|i| report.classes.get(i))
-                .map(|c| c.label.as_str());
-            let shown = label
-                .and_then(|l| primary(report, l))
-                .map_or("-".into(), cell_text);
-            let _ = writeln!(out, "  {name:<10} {:<8} {shown}", level.label());
-        }
-    }
-    let _ = writeln!(out, "load curves (knee: {}):", sweep.knee_rule);
-    for curve in &sweep.curves {
-        let class = curve
-            .class
-            .as_deref()
-            .map_or(String::new(), |c| format!(", class {c}"));
-        let _ = writeln!(
-            out,
-            "  {}{class}: knee {}",
-            curve.arm,
-            knee_text(sweep, curve.knee)
-        );
-        for (level, p) in sweep.levels.iter().zip(&curve.points) {
-            let goodput = p
-                .goodput
-                .map_or(String::new(), |g| format!(", goodput {g:.2}/s"));
-            let _ = writeln!(
-                out,
-                "    {:<8} p50 {} ms, p90 {} ms, {:.2}/s, {:.1} in flight, {}/{} answered{goodput}",
-                level.label(),
-                ms(p.p50_ms),
-                ms(p.p90_ms),
-                p.throughput,
-                p.in_flight,
-                p.answered,
-                p.requests
-            );
-        }
-    }
-    out
-}
 
 /// The sweep's section of the HTML report: the grid, the curves' table and a plot per class.
 pub fn html(out: &mut String, report: &Report, samples: &Samples) {
@@ -154,14 +30,14 @@ pub fn html(out: &mut String, report: &Report, samples: &Samples) {
         let _ = write!(out, "<th>{}</th>", escape(&level.label()));
     }
     out.push_str("</tr>");
-    let rows = rows(report, sweep.levels.len());
+    let rows = report.grid_rows();
     for (name, cells) in &rows {
         let _ = write!(out, "<tr><td class=\"l\">{}</td>", escape(name));
         for cell in cells {
             let label = cell
                 .and_then(|i| report.classes.get(i))
                 .map(|c| c.label.as_str());
-            match label.and_then(|l| primary(report, l)) {
+            match label.and_then(|l| report.primary_of(l)) {
                 Some(c) => {
                     let tone = match c.decision {
                         Decision::Faster => "decided",
@@ -207,8 +83,8 @@ pub fn html(out: &mut String, report: &Report, samples: &Samples) {
                 p.answered,
                 p.throughput,
                 p.in_flight,
-                ms(p.p50_ms),
-                ms(p.p90_ms)
+                ms_text(p.p50_ms),
+                ms_text(p.p90_ms)
             );
             if let (Some(met), Some(goodput)) = (p.slo_met, p.goodput) {
                 let _ = write!(out, "<td>{met}</td><td>{goodput:.2}</td>");

@@ -4,5 +4,6 @@ pub mod experiment;
 pub mod grid;
 pub mod html;
 pub mod latency;
+pub mod page;
 pub mod plots;
 pub mod production;
