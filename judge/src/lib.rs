@@ -10,6 +10,7 @@
 //! - `verdict`: the verdict on a whole report and its reasons, in one wording.
 //! - `outcome`: what one request of an experiment measured.
 //! - `requests`: an experiment's per-request outcomes judged (assignment, error rates, comparisons).
+//! - `reuse`: the workload's shape (`--workload`) and the prefix reuse each arm was sent, by construction.
 //! - `sweep`: a load sweep's levels, and per arm the latency-versus-load curve, its knee and its goodput
 //!   under the SLO.
 //! - `report`: the reports of `kvab experiment` and `kvab analyze` (their JSON is a public contract) and
@@ -23,6 +24,7 @@ pub mod power;
 pub mod report;
 pub mod requests;
 pub mod resolution;
+pub mod reuse;
 pub mod sequential;
 pub mod stats;
 pub mod sweep;

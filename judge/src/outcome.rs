@@ -18,6 +18,8 @@ pub struct Outcome {
     pub e2e_ms: f64,
     pub prompt_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
+    /// A shared-prefix workload's group of the request's prompt (`reuse::Shape`).
+    pub group: Option<u32>,
 }
 
 impl Outcome {

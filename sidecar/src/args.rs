@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use kvab_contract::ArmName;
 use kvab_judge::sequential::Boundary;
+use kvab_judge::sweep::Slo;
 use serde_json::Value;
 
 /// A Service and the port to forward to, from `NAME[:PORT]`.
@@ -118,4 +119,43 @@ pub fn service(value: &str, default_port: u16) -> Result<ServiceRef, String> {
 pub fn parse_document(text: &str) -> Result<Value, String> {
     serde_saphyr::from_str::<Value>(text)
         .map_err(|e| e.to_string().lines().next().unwrap_or("").to_string())
+}
+
+pub fn zipf(value: &str) -> Result<f64, String> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|s| (0.0..=4.0).contains(s))
+        .ok_or_else(|| "must be a number from 0 to 4".into())
+}
+
+pub fn slo(value: &str) -> Result<Slo, String> {
+    Slo::parse(value)
+}
+
+pub fn rate(value: &str) -> Result<f64, String> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|r| *r > 0.0 && *r <= 100_000.0)
+        .ok_or_else(|| "must be requests per second, more than 0 and at most 100000".into())
+}
+
+pub fn open_fraction(value: &str) -> Result<f64, String> {
+    fraction(value).and_then(|f| {
+        if f > 0.0 && f < 1.0 {
+            Ok(f)
+        } else {
+            Err("must be more than 0 and less than 1".into())
+        }
+    })
+}
+
+pub fn long_seconds(value: &str) -> Result<Duration, String> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|s| *s > 0.0 && *s <= 7.0 * 86_400.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| "must be seconds, more than 0 and at most 604800 (a week)".into())
 }

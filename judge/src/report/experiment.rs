@@ -23,6 +23,8 @@ pub struct Report {
     pub comparisons: Vec<Comparison>,
     pub method: Method,
     pub run: Run,
+    /// The prompts' shape and, for a shared-prefix workload, the reuse each arm was sent.
+    pub workload: crate::reuse::Workload,
     /// A load sweep (`--concurrency` or `--rate` with several levels): the levels and the arms' curves.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sweep: Option<crate::sweep::Sweep>,
@@ -257,6 +259,10 @@ impl Report {
             self.method.looks,
             self.method.boundary_note()
         );
+        let _ = writeln!(out, "workload: {}", self.workload.text());
+        for line in self.workload.reuse_lines() {
+            let _ = writeln!(out, "  reuse by construction, {line}");
+        }
         out.push_str(&self.sweep_text());
         if let Some(file) = &self.run.judged_from {
             let _ = writeln!(out, "judged from the records in {file} (no traffic sent)");

@@ -56,13 +56,19 @@ fn run_facts(out: &mut String, report: &Report) {
             m.look_alpha
         ),
         format!("method: {}", m.description),
+        format!("workload: {}", report.workload.text()),
     ];
     let judged = run
         .judged_from
         .as_ref()
         .map(|file| format!("judged from the records in {file} (no traffic sent)"));
+    let reuse = report.workload.reuse_lines().into_iter();
     out.push_str("<ul>");
-    for item in items.into_iter().chain(judged) {
+    for item in items
+        .into_iter()
+        .chain(reuse.map(|line| format!("reuse by construction, {line}")))
+        .chain(judged)
+    {
         let _ = write!(out, "<li>{}</li>", escape(&item));
     }
     out.push_str("</ul>");
@@ -477,6 +483,10 @@ mod tests {
                 judged_from: None,
             },
             sweep: None,
+            workload: crate::reuse::Workload {
+                shape: crate::reuse::Shape::Unique,
+                reuse: Vec::new(),
+            },
         }
     }
 

@@ -18,7 +18,8 @@ use kvab_serve::client::{Head, HttpClient, Request};
 use super::assign::Assigner;
 use super::measure::{ms, status_error, usage_of, EventStream, Outcome};
 use super::options::{Load, Options};
-use super::workload::{self, Class};
+use super::workload::{self, Class, SharedPrefix};
+use kvab_judge::reuse::Shape;
 
 /// Most body bytes kept of a non-streamed answer or an error answer.
 const MAX_KEPT_BODY: usize = 1 << 20;
@@ -30,6 +31,8 @@ pub struct Job {
     /// The cell: the class, after those of the earlier load levels.
     pub class: usize,
     pub arm: usize,
+    /// A shared-prefix workload's group.
+    pub group: Option<u32>,
     pub request: Request,
 }
 
@@ -42,6 +45,8 @@ pub struct Generator {
     total: u64,
     /// The load level's index: its cells come after the earlier levels' and its prompts differ from theirs.
     level: u64,
+    /// A shared-prefix workload's prompts, and the generator of its groups.
+    shared: Option<(SharedPrefix, ChaCha8Rng)>,
     /// Per class, the next file prompt.
     cursor: Vec<usize>,
     classes: Vec<Class>,
@@ -66,6 +71,17 @@ impl Generator {
             next: 0,
             total: options.warmup + options.requests,
             level,
+            shared: match options.shape {
+                Shape::Unique => None,
+                Shape::SharedPrefix {
+                    groups,
+                    suffix_tokens,
+                    zipf,
+                } => Some((
+                    SharedPrefix::new(options.seed, groups, suffix_tokens, zipf),
+                    ChaCha8Rng::seed_from_u64(seed ^ 0x6b76_6162_6772_6f75),
+                )),
+            },
             cursor: vec![0; classes.len()],
             classes,
             url: format!("{gateway}{}", options.path),
@@ -81,18 +97,25 @@ impl Generator {
         self.next += 1;
         let (class, arm) = self.assigner.next();
         let spec = self.classes.get(class)?;
+        let mut group = None;
         let prompt = match spec.prompt_tokens {
-            // The seed in the prompt's first word keeps two runs' prompts apart too, the number (counted
-            // over the levels) two requests of one run.
-            Some(tokens) => Value::String(workload::synthetic_prompt(
-                &format!(
+            // The seed in the prompt's first unique word keeps two runs' prompts apart too, the number
+            // (counted over the levels) two requests of one run.
+            Some(tokens) => {
+                let unique = format!(
                     "{:x}-{}",
                     self.options.seed,
                     self.level * self.total + number
-                ),
-                tokens,
-                &mut self.rng,
-            )),
+                );
+                Value::String(match &mut self.shared {
+                    None => workload::synthetic_prompt(&unique, tokens, &mut self.rng),
+                    Some((shared, groups)) => {
+                        let drawn = shared.group(groups);
+                        group = Some(drawn);
+                        shared.prompt(class, drawn, tokens, &unique, &mut self.rng)
+                    }
+                })
+            }
             None => {
                 let cursor = self.cursor.get_mut(class)?;
                 let prompt = spec
@@ -111,6 +134,7 @@ impl Generator {
             number,
             class: self.level as usize * self.classes.len() + class,
             arm,
+            group,
             request,
         })
     }
@@ -138,6 +162,7 @@ pub async fn execute(
     let mut outcome = Outcome {
         class: job.class,
         assigned: job.arm,
+        group: job.group,
         ..Outcome::default()
     };
     let response = match result {
@@ -329,6 +354,7 @@ mod tests {
             number: 0,
             class: 0,
             arm,
+            group: None,
             request: Request::get(url).with_header("x-kv-backend", ARMS[arm]),
         };
         let arms = ARMS.map(String::from);

@@ -275,6 +275,7 @@ mod tests {
             },
             levels: Vec::new(),
             slo: None,
+            shape: kvab_judge::reuse::Shape::Unique,
         }
     }
 
@@ -311,6 +312,7 @@ mod tests {
                     e2e_ms: ttft + 10.0 * rng.random::<f64>(),
                     prompt_tokens: Some(if class == 0 { 130 } else { 2050 }),
                     output_tokens: Some(4),
+                    group: None,
                 }
             })
             .collect()

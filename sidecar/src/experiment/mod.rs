@@ -27,6 +27,7 @@ use crate::cluster;
 use crate::output::{self, Failure};
 use kvab_judge::report::{experiment as report, html};
 use kvab_judge::requests as analysis;
+use kvab_judge::reuse::{self, Workload};
 use kvab_judge::stats::format_p;
 use kvab_judge::sweep::Cell;
 use kvab_judge::verdict::per_arm;
@@ -144,6 +145,7 @@ fn header(options: &Options, classes: &[workload::Class]) -> Header {
             false => Vec::new(),
         },
         slo: options.slo,
+        shape: options.shape,
     }
 }
 
@@ -363,6 +365,16 @@ fn assemble(
     };
     let method = header.method;
     let cell_labels = header.cell_labels();
+    let reuse_cells: Vec<reuse::Cell> = header
+        .classes
+        .iter()
+        .zip(&cell_labels)
+        .map(|(c, label)| reuse::Cell {
+            label: label.clone(),
+            class: c.label.clone(),
+            prompt_tokens: c.prompt_tokens,
+        })
+        .collect();
     let sweep = (!header.levels.is_empty()).then(|| {
         let cells: Vec<Cell> = header
             .classes
@@ -438,6 +450,10 @@ fn assemble(
             judged_from,
         },
         sweep,
+        workload: Workload {
+            shape: header.shape,
+            reuse: reuse::reuse(header.shape, &reuse_cells, &header.arms, &ended.analyzed),
+        },
     }
 }
 

@@ -8,13 +8,15 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 
 pub use super::looks::Until;
-use super::records::{MethodSpec, DEFAULT_ERROR_MARGIN, DEFAULT_TAIL_MARGIN};
+pub use super::records::JudgeOptions;
+use super::records::{DEFAULT_ERROR_MARGIN, DEFAULT_LOOKS, DEFAULT_TAIL_MARGIN};
+use kvab_judge::reuse::Shape;
 use kvab_judge::sequential::Boundary;
 use kvab_judge::sweep::{Slo, MAX_LEVELS};
 
 use crate::args::{
-    absolute_path, arm_name, boundary, fraction, header_name, http_url, local_url, seconds,
-    service, ServiceRef, MODEL,
+    absolute_path, arm_name, boundary, header_name, http_url, local_url, long_seconds,
+    open_fraction, rate, seconds, service, slo, zipf, ServiceRef, MODEL,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -127,6 +129,31 @@ pub struct ExperimentArgs {
         help_heading = "Workload"
     )]
     prompts: Option<PathBuf>,
+    /// The shape of the synthetic prompts: unique (no prefix shared: every request moves its whole KV
+    /// cache), or shared-prefix (each prompt a group's prefix and a unique suffix of --suffix-tokens; the
+    /// groups of a class drawn by Zipf popularity, --prefix-groups and --zipf).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "unique",
+        env = "KVAB_EXPERIMENT_WORKLOAD",
+        help_heading = "Workload"
+    )]
+    workload: WorkloadKind,
+    /// shared-prefix: prefix groups per class (1-100000).
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=100_000),
+          env = "KVAB_EXPERIMENT_PREFIX_GROUPS", help_heading = "Workload")]
+    prefix_groups: u32,
+    /// shared-prefix: each prompt's unique suffix in tokens, fewer than the smallest --prompt-tokens
+    /// (1-131071).
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=131_071),
+          env = "KVAB_EXPERIMENT_SUFFIX_TOKENS", help_heading = "Workload")]
+    suffix_tokens: u32,
+    /// shared-prefix: the Zipf exponent of the groups' popularity (group i drawn ∝ 1/i^S; 0: uniform;
+    /// at most 4).
+    #[arg(long, value_name = "S", default_value = "1", value_parser = zipf,
+          env = "KVAB_EXPERIMENT_ZIPF", help_heading = "Workload")]
+    zipf: f64,
     /// max_tokens of every request (1-65536).
     #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=65_536),
           env = "KVAB_EXPERIMENT_MAX_TOKENS", help_heading = "Workload")]
@@ -315,51 +342,12 @@ pub enum Plan {
     Judge(JudgeOptions),
 }
 
-/// `--judge-records`: the file, the output, and the method flags given (`None`: the recorded value).
-#[derive(Debug, Clone)]
-pub struct JudgeOptions {
-    pub file: PathBuf,
-    pub json: bool,
-    pub html: Option<PathBuf>,
-    pub alpha: Option<f64>,
-    pub min_effect: Option<f64>,
-    pub tail_margin: Option<f64>,
-    pub error_margin: Option<f64>,
-    pub until: Option<Until>,
-    pub looks: Option<u32>,
-    pub boundary: Option<Boundary>,
-    pub srm_threshold: Option<f64>,
-    /// A load sweep's SLO instead of the recorded one.
-    pub slo: Option<Slo>,
+/// `--workload`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkloadKind {
+    Unique,
+    SharedPrefix,
 }
-
-impl JudgeOptions {
-    /// The method of the judgement: each flag given replaces the recorded value. `--looks` not given keeps
-    /// the recorded looks when the recorded run looked at its results as it went (`--until decided`), and
-    /// is 10 (its default) otherwise; with `--until budget` there is one analysis.
-    pub fn method(&self, recorded: MethodSpec) -> MethodSpec {
-        let until = self.until.unwrap_or(recorded.until);
-        let looks = match (until, self.looks, recorded.until) {
-            (Until::Budget, _, _) => 1,
-            (Until::Decided, Some(looks), _) => looks,
-            (Until::Decided, None, Until::Decided) => recorded.looks,
-            (Until::Decided, None, Until::Budget) => DEFAULT_LOOKS,
-        };
-        MethodSpec {
-            alpha: self.alpha.unwrap_or(recorded.alpha),
-            min_effect: self.min_effect.unwrap_or(recorded.min_effect),
-            tail_margin: self.tail_margin.unwrap_or(recorded.tail_margin),
-            error_margin: self.error_margin.unwrap_or(recorded.error_margin),
-            until,
-            looks,
-            boundary: self.boundary.unwrap_or(recorded.boundary),
-            srm_threshold: self.srm_threshold.unwrap_or(recorded.srm_threshold),
-        }
-    }
-}
-
-/// The default of `--looks`.
-const DEFAULT_LOOKS: u32 = 10;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Load {
@@ -387,6 +375,8 @@ pub struct Options {
     pub arms: Vec<String>,
     pub header: String,
     pub workload: Workload,
+    /// The synthetic prompts' shape (`--workload`).
+    pub shape: Shape,
     pub max_tokens: u32,
     pub path: String,
     pub endpoint: Endpoint,
@@ -479,6 +469,21 @@ impl Options {
             Some(file) => Workload::File(file),
             None => Workload::Synthetic(sizes),
         };
+        let shape = match args.workload {
+            WorkloadKind::Unique => Shape::Unique,
+            WorkloadKind::SharedPrefix => Shape::SharedPrefix {
+                groups: args.prefix_groups,
+                suffix_tokens: args.suffix_tokens,
+                zipf: args.zipf,
+            },
+        };
+        let synthetic = match &workload {
+            Workload::Synthetic(sizes) => Some(sizes.as_slice()),
+            Workload::File(_) => None,
+        };
+        shape
+            .check(synthetic)
+            .map_err(|e| format!("--workload: {e}"))?;
         let levels: Vec<Load> = if args.rate.is_empty() {
             let concurrency = args.concurrency.iter();
             concurrency
@@ -525,6 +530,7 @@ impl Options {
             arms,
             header: args.header,
             workload,
+            shape,
             max_tokens: args.max_tokens,
             path: args
                 .path
@@ -561,40 +567,10 @@ fn random_seed() -> u64 {
     hasher.finish()
 }
 
-fn slo(value: &str) -> Result<Slo, String> {
-    Slo::parse(value)
-}
-
-fn rate(value: &str) -> Result<f64, String> {
-    value
-        .parse::<f64>()
-        .ok()
-        .filter(|r| *r > 0.0 && *r <= 100_000.0)
-        .ok_or_else(|| "must be requests per second, more than 0 and at most 100000".into())
-}
-
-fn open_fraction(value: &str) -> Result<f64, String> {
-    fraction(value).and_then(|f| {
-        if f > 0.0 && f < 1.0 {
-            Ok(f)
-        } else {
-            Err("must be more than 0 and less than 1".into())
-        }
-    })
-}
-
-fn long_seconds(value: &str) -> Result<Duration, String> {
-    value
-        .parse::<f64>()
-        .ok()
-        .filter(|s| *s > 0.0 && *s <= 7.0 * 86_400.0)
-        .map(Duration::from_secs_f64)
-        .ok_or_else(|| "must be seconds, more than 0 and at most 604800 (a week)".into())
-}
-
 #[cfg(test)]
 #[allow(clippy::panic, clippy::unwrap_used)]
 mod tests {
+    use super::super::records::MethodSpec;
     use super::*;
 
     fn plan(args: &[&str]) -> Result<Plan, String> {
@@ -660,6 +636,41 @@ mod tests {
         let many: Vec<String> = (1..=17).map(|c| c.to_string()).collect();
         let too_many = plan(&["--concurrency", &many.join(",")]).unwrap_err();
         assert!(too_many.starts_with("17 load levels"), "{too_many}");
+    }
+
+    #[test]
+    fn a_shared_prefix_workload_needs_synthetic_prompts_longer_than_its_suffix() {
+        let Ok(Plan::Live(shared)) = plan(&[
+            "--workload",
+            "shared-prefix",
+            "--prompt-tokens",
+            "8192,512",
+            "--prefix-groups",
+            "32",
+            "--suffix-tokens",
+            "256",
+            "--zipf",
+            "0.8",
+        ]) else {
+            panic!("a live run");
+        };
+        let expected = Shape::SharedPrefix {
+            groups: 32,
+            suffix_tokens: 256,
+            zipf: 0.8,
+        };
+        assert_eq!(shared.shape, expected);
+        let short = plan(&["--workload", "shared-prefix", "--prompt-tokens", "64"]).unwrap_err();
+        assert!(
+            short.contains("--suffix-tokens 64 leaves no prefix"),
+            "{short}"
+        );
+        let file = plan(&["--workload", "shared-prefix", "--prompts", "p.jsonl"]).unwrap_err();
+        assert!(
+            file.contains("prompts from a file have their own"),
+            "{file}"
+        );
+        assert!(matches!(plan(&[]), Ok(Plan::Live(o)) if o.shape == Shape::Unique));
     }
 
     #[test]

@@ -8,7 +8,8 @@
 
 use std::path::Path;
 
-use rand::{Rng, RngExt};
+use rand::rngs::ChaCha8Rng;
+use rand::{Rng, RngExt, SeedableRng};
 use serde_json::{json, Value};
 
 use super::options::{Endpoint, Options, Workload};
@@ -126,6 +127,66 @@ pub fn synthetic_prompt(first: &str, tokens: u32, rng: &mut impl Rng) -> String 
     prompt
 }
 
+/// The prompts of a shared-prefix workload (`--workload shared-prefix`): a group's prefix, the same words
+/// for every request of that class and group (in every arm and at every level of a sweep), then a suffix
+/// unique to the request. The groups are drawn with Zipf popularity.
+pub struct SharedPrefix {
+    seed: u64,
+    suffix_tokens: u32,
+    /// The groups' cumulative popularity (group i ∝ 1/(i+1)^s), for drawing one.
+    cumulative: Vec<f64>,
+}
+
+impl SharedPrefix {
+    pub fn new(seed: u64, groups: u32, suffix_tokens: u32, zipf: f64) -> Self {
+        let mut total = 0.0;
+        let cumulative = (1..=groups)
+            .map(|rank| {
+                total += f64::from(rank).powf(-zipf);
+                total
+            })
+            .collect();
+        SharedPrefix {
+            seed,
+            suffix_tokens,
+            cumulative,
+        }
+    }
+
+    /// A group, drawn by its popularity.
+    pub fn group(&self, rng: &mut impl Rng) -> u32 {
+        let total = self.cumulative.last().copied().unwrap_or(0.0);
+        let point = rng.random::<f64>() * total;
+        let index = self.cumulative.partition_point(|&c| c <= point);
+        index.min(self.cumulative.len().saturating_sub(1)) as u32
+    }
+
+    /// The prompt of `tokens` words of class `class`'s group `group`: its prefix (`tokens` less the suffix,
+    /// from the group's own generator), then `unique` and the suffix's other words from `rng`.
+    pub fn prompt(
+        &self,
+        class: usize,
+        group: u32,
+        tokens: u32,
+        unique: &str,
+        rng: &mut impl Rng,
+    ) -> String {
+        let prefix_tokens = tokens.saturating_sub(self.suffix_tokens).max(1);
+        let mixed = self.seed
+            ^ ((class as u64) << 40)
+            ^ u64::from(group).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut words = ChaCha8Rng::seed_from_u64(mixed);
+        let mut prompt = synthetic_prompt(
+            &format!("{:x}-g{class}-{group}", self.seed),
+            prefix_tokens,
+            &mut words,
+        );
+        prompt.push(' ');
+        prompt.push_str(&synthetic_prompt(unique, tokens - prefix_tokens, rng));
+        prompt
+    }
+}
+
 /// The request body: streamed with usage in the last event unless `--no-stream`. `ignore_eos` (vLLM's
 /// sampling parameter) makes every answer `max_tokens` long, so the arms decode the same lengths.
 pub fn body(options: &Options, prompt: Value) -> Value {
@@ -151,9 +212,6 @@ pub fn body(options: &Options, prompt: Value) -> Value {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use rand::rngs::ChaCha8Rng;
-    use rand::SeedableRng;
-
     use super::*;
 
     #[test]
@@ -165,6 +223,43 @@ mod tests {
         let b = synthetic_prompt("ab-8", 128, &mut rng);
         assert_ne!(a.split_whitespace().next(), b.split_whitespace().next());
         assert_eq!(synthetic_prompt("ab-1", 1, &mut rng), "ab-1");
+    }
+
+    #[test]
+    fn shared_prefix_prompts_share_their_groups_prefix_and_differ_after_it() {
+        let shared = SharedPrefix::new(9, 4, 8, 1.0);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let a = shared.prompt(0, 2, 64, "9-1", &mut rng);
+        let b = shared.prompt(0, 2, 64, "9-2", &mut rng);
+        let words = |p: &str| p.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        let (a, b) = (words(&a), words(&b));
+        assert_eq!((a.len(), b.len()), (64, 64));
+        assert_eq!(a[..56], b[..56], "the group's 56-word prefix");
+        assert_eq!((a[56].as_str(), b[56].as_str()), ("9-1", "9-2"));
+        let other = words(&shared.prompt(0, 3, 64, "9-3", &mut rng));
+        assert_ne!(
+            a[0], other[0],
+            "another group, another prefix from its first word"
+        );
+        let other_class = words(&shared.prompt(1, 2, 64, "9-4", &mut rng));
+        assert_ne!(a[0], other_class[0]);
+        // Zipf 1 over 4 groups: popularity 12/25, 6/25, 4/25, 3/25.
+        let mut counts = [0u32; 4];
+        for _ in 0..25_000 {
+            counts[shared.group(&mut rng) as usize] += 1;
+        }
+        for (count, expected) in counts.iter().zip([12_000.0, 6_000.0, 4_000.0, 3_000.0]) {
+            assert!((f64::from(*count) - expected).abs() < 400.0, "{counts:?}");
+        }
+        let uniform = SharedPrefix::new(9, 3, 8, 0.0);
+        let mut counts = [0u32; 3];
+        for _ in 0..30_000 {
+            counts[uniform.group(&mut rng) as usize] += 1;
+        }
+        assert!(
+            counts.iter().all(|c| (9_500..10_500).contains(c)),
+            "{counts:?}"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use super::{
 };
 use crate::experiment::looks::Until;
 use crate::experiment::measure::Outcome;
+use kvab_judge::reuse::Shape;
 use kvab_judge::sequential::Boundary;
 use kvab_judge::sweep::{Slo, MAX_LEVELS};
 
@@ -303,6 +304,12 @@ fn read_header(fields: &mut Fields) -> Result<Header, String> {
         "classes",
         "at most 64 classes, or in a load sweep 256 cells, each with the index of one of the `levels`",
     )?;
+    // Written since the workloads came; a file from before had unique prompts.
+    let shape: Shape = fields.take_or("workload", Shape::Unique)?;
+    let sizes: Option<Vec<u32>> = classes.iter().map(|c| c.prompt_tokens).collect();
+    shape
+        .check(sizes.as_deref())
+        .map_err(|e| format!("field `workload`: {e}"))?;
     let slo: Option<Slo> = fields.take_or("slo", None)?;
     let slo_ok = slo.is_none_or(|s| {
         let targets = [s.ttft_ms, s.itl_ms, s.e2e_ms];
@@ -341,6 +348,7 @@ fn read_header(fields: &mut Fields) -> Result<Header, String> {
         run,
         levels,
         slo,
+        shape,
     };
     let mut cells = HashSet::new();
     for label in header.cell_labels() {
@@ -406,6 +414,17 @@ fn read_record(fields: &mut Fields, header: &Header) -> Result<(u64, Outcome), S
     )?;
     let prompt_tokens: Option<u64> = fields.take("prompt_tokens")?;
     let output_tokens: Option<u64> = fields.take("output_tokens")?;
+    // Written for a shared-prefix workload.
+    let group: Option<u32> = fields.take_or("group", None)?;
+    let groups = match header.shape {
+        Shape::SharedPrefix { groups, .. } => groups,
+        Shape::Unique => 0,
+    };
+    check(
+        group.is_none_or(|g| g < groups),
+        "group",
+        "wants a group of the header's shared-prefix workload",
+    )?;
     fields.finish()?;
     Ok((
         number,
@@ -420,6 +439,7 @@ fn read_record(fields: &mut Fields, header: &Header) -> Result<(u64, Outcome), S
             e2e_ms,
             prompt_tokens,
             output_tokens,
+            group,
         },
     ))
 }

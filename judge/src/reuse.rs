@@ -1,0 +1,230 @@
+//! The workload's prefix reuse: how many prompt tokens each arm was sent again, by construction. A
+//! shared-prefix workload gives each request a group's prefix; a request whose group the same arm was
+//! sent before (in this run, in measured order) repeats that prefix, which a prefix cache large enough
+//! can serve. Pure: the cells and the outcomes in, the figures out.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::outcome::Outcome;
+
+/// The shape of the synthetic prompts (`kvab experiment --workload`).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Shape {
+    /// Every prompt unique from its first word: no prefix cache can serve one from another.
+    #[default]
+    Unique,
+    /// Each prompt a group's prefix and a unique suffix of `suffix_tokens`; the groups of a class drawn
+    /// with Zipf popularity (`zipf` the exponent, 0: uniform).
+    SharedPrefix {
+        groups: u32,
+        suffix_tokens: u32,
+        zipf: f64,
+    },
+}
+
+impl Shape {
+    /// Whether the shape fits synthetic prompts of these sizes (`None`: prompts from a file); why not.
+    pub fn check(&self, sizes: Option<&[u32]>) -> Result<(), String> {
+        let Shape::SharedPrefix {
+            groups,
+            suffix_tokens,
+            zipf,
+        } = *self
+        else {
+            return Ok(());
+        };
+        let Some(sizes) = sizes else {
+            return Err(
+                "shared-prefix builds synthetic prompts; prompts from a file have their own".into(),
+            );
+        };
+        let smallest = sizes.iter().min().copied().unwrap_or(0);
+        if suffix_tokens >= smallest {
+            return Err(format!(
+                "a suffix of {suffix_tokens} tokens leaves no prefix in the class of {smallest} tokens: it \
+                 must be shorter than every class"
+            ));
+        }
+        if !(1..=100_000).contains(&groups) || !(0.0..=4.0).contains(&zipf) {
+            return Err(
+                "shared-prefix wants 1 to 100000 groups and a Zipf exponent from 0 to 4".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The report's `workload`: the shape, and for a shared-prefix workload each cell's reuse.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Workload {
+    #[serde(flatten)]
+    pub shape: Shape,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reuse: Vec<Reuse>,
+}
+
+impl Workload {
+    /// `shared-prefix: 16 groups per class (Zipf 1), unique suffix of 64 tokens`, or `unique prompts`.
+    pub fn text(&self) -> String {
+        match self.shape {
+            Shape::Unique => "unique prompts (no prefix shared)".into(),
+            Shape::SharedPrefix {
+                groups,
+                suffix_tokens,
+                zipf,
+            } => format!(
+                "shared-prefix: {groups} groups per class (Zipf {zipf}), unique suffix of {suffix_tokens} tokens"
+            ),
+        }
+    }
+
+    /// Per cell, `8192: nvlink 90/100 repeated (88.6 % of tokens), fs ...`: the reuse by construction.
+    pub fn reuse_lines(&self) -> Vec<String> {
+        self.reuse
+            .iter()
+            .map(|r| {
+                let arms: Vec<String> = r
+                    .arms
+                    .iter()
+                    .map(|(arm, a)| {
+                        format!(
+                            "{arm} {}/{} repeated ({:.1} % of tokens)",
+                            a.repeated,
+                            a.requests,
+                            100.0 * a.shared_fraction
+                        )
+                    })
+                    .collect();
+                format!(
+                    "{} (prefix {} tokens): {}",
+                    r.class,
+                    r.prefix_tokens,
+                    arms.join(", ")
+                )
+            })
+            .collect()
+    }
+}
+
+/// One cell's reuse.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Reuse {
+    /// The cell's label (as the report's classes).
+    pub class: String,
+    /// The shared prefix's tokens by construction (the class's size less the suffix).
+    pub prefix_tokens: u32,
+    pub arms: BTreeMap<String, ArmReuse>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ArmReuse {
+    /// Measured requests with a group.
+    pub requests: u64,
+    /// Of them, those whose group the arm was sent before.
+    pub repeated: u64,
+    /// `repeated` × the prefix's tokens.
+    pub shared_tokens: u64,
+    /// `shared_tokens` over the requests' prompt tokens as built.
+    pub shared_fraction: f64,
+}
+
+/// A cell of the run: its label, its workload class (the same at every level of a sweep) and the size
+/// asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cell {
+    pub label: String,
+    pub class: String,
+    pub prompt_tokens: Option<u32>,
+}
+
+/// Per cell, the reuse of a shared-prefix workload; empty for another shape. `outcomes` in measured
+/// order (a sweep's levels one after the other: an arm's cache carries over).
+pub fn reuse(shape: Shape, cells: &[Cell], arms: &[String], outcomes: &[Outcome]) -> Vec<Reuse> {
+    let Shape::SharedPrefix { suffix_tokens, .. } = shape else {
+        return Vec::new();
+    };
+    let prefix = |cell: &Cell| {
+        cell.prompt_tokens
+            .unwrap_or(0)
+            .saturating_sub(suffix_tokens)
+    };
+    let mut out: Vec<Reuse> = cells
+        .iter()
+        .map(|cell| Reuse {
+            class: cell.label.clone(),
+            prefix_tokens: prefix(cell),
+            arms: arms
+                .iter()
+                .map(|arm| (arm.clone(), ArmReuse::default()))
+                .collect(),
+        })
+        .collect();
+    let mut seen: HashSet<(usize, &str, u32)> = HashSet::new();
+    for o in outcomes {
+        let (Some(group), Some(cell), Some(arm)) =
+            (o.group, cells.get(o.class), arms.get(o.assigned))
+        else {
+            continue;
+        };
+        let repeated = !seen.insert((o.assigned, cell.class.as_str(), group));
+        let Some(counts) = out.get_mut(o.class).and_then(|r| r.arms.get_mut(arm)) else {
+            continue;
+        };
+        counts.requests += 1;
+        counts.repeated += u64::from(repeated);
+    }
+    for (reuse, cell) in out.iter_mut().zip(cells) {
+        let size = u64::from(cell.prompt_tokens.unwrap_or(0));
+        for counts in reuse.arms.values_mut() {
+            counts.shared_tokens = counts.repeated * u64::from(reuse.prefix_tokens);
+            let sent = counts.requests * size;
+            counts.shared_fraction = if sent > 0 {
+                counts.shared_tokens as f64 / sent as f64
+            } else {
+                0.0
+            };
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_sent_again_to_the_same_arm_repeats_its_prefix_across_levels() {
+        let shape = Shape::SharedPrefix {
+            groups: 4,
+            suffix_tokens: 24,
+            zipf: 1.0,
+        };
+        let cell = |label: &str| Cell {
+            label: label.into(),
+            class: "1024".into(),
+            prompt_tokens: Some(1024),
+        };
+        let cells = [cell("1024 @ c=1"), cell("1024 @ c=8")];
+        let arms = ["nvlink".to_string(), "fs".to_string()];
+        let sent = |class, assigned, group| Outcome {
+            class,
+            assigned,
+            group: Some(group),
+            ..Outcome::default()
+        };
+        // Group 1 to nvlink twice (once per level), to fs once; group 2 to fs once.
+        let outcomes = [sent(0, 0, 1), sent(0, 1, 1), sent(1, 0, 1), sent(1, 1, 2)];
+        let reuse = reuse(shape, &cells, &arms, &outcomes);
+        assert_eq!(reuse[0].prefix_tokens, 1000);
+        assert_eq!(reuse[0].arms["nvlink"].repeated, 0);
+        assert_eq!(reuse[1].arms["nvlink"].repeated, 1);
+        assert_eq!(reuse[1].arms["nvlink"].shared_tokens, 1000);
+        assert!((reuse[1].arms["nvlink"].shared_fraction - 1000.0 / 1024.0).abs() < 1e-12);
+        assert_eq!(reuse[1].arms["fs"].repeated, 0);
+        assert!(super::reuse(Shape::Unique, &cells, &arms, &outcomes).is_empty());
+    }
+}
