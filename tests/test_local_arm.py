@@ -1,8 +1,14 @@
 """The local arms' P/D model, without Envoy: prompt tokens counted into usage, time to first token
 growing with the prompt at the arm's KV bandwidth, vLLM's usage chunk last before [DONE]; the link the
-transfers share, and the arms under load following the model's prediction (not this machine's CPU)."""
+transfers share, and the arms under load following the model's prediction (not this machine's CPU); the
+prefix cache (vLLM's blocks, chained keys and LRU), a repeated prompt skipping the prefill of its cached
+blocks but not their transfer, and Che's approximation of the cache's hit ratio against a simulation.
+
+Every prompt here begins with a word of its own (`unique`) unless it is meant to hit the prefix cache, as
+the experiment's synthetic prompts do."""
 
 import http.client
+import itertools
 import json
 import random
 import statistics
@@ -11,8 +17,17 @@ import time
 
 import pytest
 
-from kvablocal.arm import KV_BYTES_PER_TOKEN, ArmServer, Link, PdModel
-from kvablocal.loadmodel import predict_ttft
+from kvablocal import prom
+from kvablocal.arm import KV_BYTES_PER_TOKEN, MODEL, ArmServer, Link, PdModel, PrefixCache
+from kvablocal.loadmodel import lru_hit_ratio, predict_ttft, zipf
+from kvablocal.stack import Stack
+
+_PROMPTS = itertools.count()
+
+
+def unique() -> str:
+    """A word no other prompt of this process begins with: its first block, and so every block, misses."""
+    return f"prompt{next(_PROMPTS)}"
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +53,10 @@ def post(port, path, body):
     return ttfb, response.status, json.loads(raw)
 
 
-def chat(words, stream=True, max_tokens=2):
-    body = {"model": "m", "messages": [{"role": "user", "content": " ".join(["word"] * words)}], "max_tokens": max_tokens,
-            "stream": stream}
+def chat(words, stream=True, max_tokens=2, content=None):
+    """A chat completion of `words` words (a unique one, then "word"s), or of `content`."""
+    content = content if content is not None else " ".join([unique()] + ["word"] * (words - 1))
+    body = {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "stream": stream}
     if stream:
         body["stream_options"] = {"include_usage": True}
     return body
@@ -192,14 +208,14 @@ def test_a_late_arrival_slows_the_transfer_in_progress_by_its_own_bytes():
     assert second_end < first_end
 
 
-PROMPT = " ".join(["word"] * 8192)
+PROMPT = " ".join(["word"] * 8191)
 
 
 def closed_loop(ports, concurrency, requests, seed):
     """[(arm, seconds to the first token)] of `requests` streamed completions of an 8192-word prompt
-    (8 tokens each) in the order they were sent, `concurrency` always in flight (each slot sends its next
-    as its last ends), each to an arm drawn at random; each slot keeps a connection to each arm."""
-    body = json.dumps({"model": "m", "prompt": PROMPT, "max_tokens": 8, "stream": True})
+    (8 tokens each; a unique first word, so no prefix-cache hits) in the order they were sent,
+    `concurrency` always in flight (each slot sends its next as its last ends), each to an arm drawn at
+    random; each slot keeps a connection to each arm."""
     draw, lock, results, sent = random.Random(seed), threading.Lock(), [None] * requests, [0]
 
     def slot():
@@ -210,6 +226,7 @@ def closed_loop(ports, concurrency, requests, seed):
                     break
                 i, arm = sent[0], draw.choice(sorted(ports))
                 sent[0] += 1
+            body = json.dumps({"model": "m", "prompt": f"{unique()} {PROMPT}", "max_tokens": 8, "stream": True})
             started = time.monotonic()
             connections[arm].request("POST", "/v1/completions", body, {"content-type": "application/json"})
             response = connections[arm].getresponse()
@@ -261,3 +278,155 @@ def test_under_load_the_arms_follow_the_models_prediction_and_the_fs_link_satura
     # (NVLink's ~1.0).
     growth = {arm: measured[16][arm] / measured[1][arm] for arm in ("nvlink", "fs")}
     assert growth["fs"] > growth["nvlink"], (growth, measured)
+    assert arms["fs"].cache_hits == 0 and arms["fs"].cache_queries > 0, (arms["fs"].cache_hits, arms["fs"].cache_queries)
+
+
+def words(prefix: str, count: int) -> list:
+    return [f"{prefix}{i}" for i in range(count)]
+
+
+def test_the_prefix_cache_finds_only_the_same_leading_blocks_and_evicts_the_least_recently_used():
+    cache = PrefixCache(1024)
+    a = words("a", 100)  # 6 full blocks (96 words) and 4 words that are never cached
+    assert cache.query(a) == 0 and len(cache) == 6
+    # The same prompt: its 6 full blocks.
+    assert cache.query(a) == 96
+    # The same first 40 words, then others: the 2 blocks (32 words) wholly before the difference.
+    assert cache.query(a[:40] + words("b", 60)) == 32
+    # The partial last block was never cached: a prompt that extends into it hits no more than 6 blocks.
+    assert cache.query(a + words("c", 28)) == 96  # 128 words: 8 blocks, the 7th differs from a's 97-100
+    # A block is keyed by the whole prefix before it: a's second block after another first block misses,
+    # and a's blocks in another place too.
+    assert cache.query(words("d", 16) + a[16:96] + ["end"]) == 0
+    assert cache.query(["x"] * 16 + a[:80] + ["end"]) == 0
+    # A prompt of whole blocks recomputes its last token, so its last block (as vLLM).
+    assert cache.query(a[:96]) == 80
+    # Counted in tokens: every query's prompt tokens, and the cached ones.
+    assert cache.queries == 100 + 100 + 100 + 128 + 97 + 97 + 96 and cache.hits == 96 + 32 + 96 + 80
+
+    # LRU at capacity: 4 blocks (64 tokens; a partial block of capacity holds nothing).
+    lru = PrefixCache(64 + 15)
+    p, q, r = (words(name, 32) + ["end"] for name in "pqr")  # 2 blocks each
+    assert [lru.query(x) for x in (p, q)] == [0, 0] and len(lru) == 4
+    assert lru.query(p) == 32  # p used last: q is the least recently used
+    assert lru.query(r) == 0 and len(lru) == 4  # r's blocks evict q's
+    assert lru.query(q) == 0 and lru.query(r) == 32
+    # A prompt longer than the cache keeps its head: its tail blocks are evicted first (vLLM frees a
+    # request's blocks in reverse order), so the same prompt again hits its first 4 blocks.
+    long = words("l", 160)  # 10 blocks
+    assert lru.query(long) == 0 and lru.query(long) == 64
+
+    # Capacity 0: nothing cached, nothing counted (vLLM without prefix caching).
+    off = PrefixCache(0)
+    assert off.query(a) == 0 and off.query(a) == 0 and len(off) == 0 and (off.queries, off.hits) == (0, 0)
+    with pytest.raises(ValueError):
+        PrefixCache(-1)
+
+
+def test_each_arm_has_its_cache_capacity_and_the_knobs_set_it(tmp_path):
+    defaults = {name: ArmServer(name) for name in ("nvlink", "fs", "other")}
+    try:
+        # NVLink: the prefill GPU's memory (~12.9 GB of KV); FS: the shared storage (~412 GB).
+        capacity = {name: arm.prefix_cache.capacity_tokens for name, arm in defaults.items()}
+        assert capacity == {"nvlink": 131_072, "fs": 4_194_304, "other": 131_072}, capacity
+        assert round(131_072 * KV_BYTES_PER_TOKEN / 1e9, 1) == 12.9 and round(4_194_304 * KV_BYTES_PER_TOKEN / 1e9) == 412
+    finally:
+        for arm in defaults.values():
+            arm.server_close()
+    with pytest.raises(ValueError):
+        ArmServer("fs", prefix_cache_tokens=-16)
+    stack = Stack(workdir=tmp_path, nvlink_cache_tokens=4096, fs_cache_tokens=0)
+    try:
+        assert {name: arm.prefix_cache.capacity_tokens for name, arm in stack.arms.items()} == {"nvlink": 4096, "fs": 0}
+    finally:
+        for arm in stack.arms.values():
+            arm.server_close()
+
+
+def streamed_ttft(port, content) -> float:
+    """Seconds to the first body byte of a streamed chat completion of `content` (max_tokens 4)."""
+    ttfb, status, events = post(port, "/v1/chat/completions", chat(0, max_tokens=4, content=content))
+    assert status == 200 and events[-1] == "[DONE]", (status, events[-3:])
+    return ttfb
+
+
+def test_a_repeated_prompt_skips_the_prefill_of_its_cached_blocks_but_not_their_transfer():
+    server = ArmServer("fs").start()
+    try:
+        prompt = words("t", 8192)
+        first = streamed_ttft(server.port, " ".join(prompt))
+        second = streamed_ttft(server.port, " ".join(prompt))
+        # Half the prompt the same, then other words: its first 256 blocks are cached.
+        half = streamed_ttft(server.port, " ".join(prompt[:4096] + words("h", 4096)))
+        # Unloaded, the model's times: 30 + 81.92 ms of prefill, 2 ms, 40.3 ms of transfer = 154 ms; the
+        # second prompt's 511 blocks cached (its last token computed, so its last block): 8176 tokens' prefill
+        # skipped, 81.76 ms; the half's 4096, 40.96 ms. Sleeps only overrun: each at least its model's time.
+        fs = PdModel(20e9)
+        model = {"first": fs.first_token(8192), "second": fs.first_token(8192, 8176), "half": fs.first_token(8192, 4096)}
+        measured = {"first": first, "second": second, "half": half}
+        assert all(measured[k] >= model[k] for k in model), (measured, model)
+        assert 0.065 <= first - second <= 0.1, (measured, model)
+        assert 0.025 <= first - half <= 0.06 and half - second >= 0.025, (measured, model)
+        # The transfer is not skipped: the whole prompt's KV (40 ms at 20 GB/s) is still in the second.
+        assert second >= 0.030 + 0.002 + 8192 * KV_BYTES_PER_TOKEN / 20e9, measured
+        # Counted as vLLM counts them, in tokens: every prompt token looked up, the cached ones hit.
+        assert (server.cache_queries, server.cache_hits) == (3 * 8192, 8176 + 4096)
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        connection.request("GET", "/metrics")
+        response = connection.getresponse()
+        text = response.read().decode()
+        connection.close()
+        assert "# TYPE vllm:prefix_cache_queries_total counter" in text and "# TYPE vllm:prefix_cache_hits_total counter" in text
+        samples = prom.parse(text)
+        assert prom.value(samples, "vllm:prefix_cache_queries_total", model_name=MODEL) == 3 * 8192
+        assert prom.value(samples, "vllm:prefix_cache_hits_total", model_name=MODEL) == 8176 + 4096
+    finally:
+        server.stop()
+    # Without a cache the same prompt twice takes the whole prefill twice, and nothing is counted.
+    off = ArmServer("fs", prefix_cache_tokens=0).start()
+    try:
+        times = [streamed_ttft(off.port, " ".join(prompt)) for _ in range(2)]
+        assert min(times) >= fs.first_token(8192) and (off.cache_queries, off.cache_hits) == (0, 0), times
+    finally:
+        off.stop()
+    # The load model: a request's cached tokens shorten its prefill, never its transfer.
+    alone = predict_ttft(8192, 1, hit_tokens={"fs": 8176, "nvlink": {8192: 4096}})["ttft"]
+    assert alone["fs"] == pytest.approx(fs.first_token(8192, 8176))
+    assert alone["nvlink"] == pytest.approx(PdModel(200e9).first_token(8192, 4096))
+    with pytest.raises(ValueError):
+        predict_ttft(128, 1, hit_tokens={"fs": 200})
+
+
+def simulated_hit_ratio(popularity, capacity_blocks, doc_blocks, unique_blocks, requests, seed):
+    """The hit ratio of an arm's PrefixCache of `capacity_blocks` under `requests` prompts, each a document
+    of `doc_blocks` blocks drawn by `popularity`, then `unique_blocks` blocks of its own and a last word;
+    the first fifth (the cache filling) left out."""
+    cache = PrefixCache(16 * capacity_blocks)
+    docs = [words(f"d{i}.", 16 * doc_blocks) for i in range(len(popularity))]
+    draws = random.Random(seed).choices(range(len(popularity)), weights=popularity, k=requests)
+    warm = requests // 5
+    for n, doc in enumerate(draws):
+        if n == warm:
+            hits = cache.hits
+        cache.query(docs[doc] + words(f"u{n}.", 16 * unique_blocks) + ["end"])
+    return (cache.hits - hits) / ((requests - warm) * 16 * doc_blocks)
+
+
+@pytest.mark.parametrize("items,s,capacity_blocks,doc_blocks,unique_blocks", [
+    (1000, 0.8, 100, 1, 0),
+    (1000, 1.2, 50, 1, 0),
+    (1000, 0.8, 200, 1, 1),
+    (500, 1.0, 400, 8, 2),
+])
+def test_ches_approximation_matches_a_simulated_lru_cache_under_zipf_requests(items, s, capacity_blocks, doc_blocks,
+                                                                            unique_blocks):
+    popularity = zipf(items, s)
+    assert sum(popularity) == pytest.approx(1.0) and popularity[0] / popularity[9] == pytest.approx(10 ** s)
+    predicted = lru_hit_ratio(popularity, 16 * capacity_blocks, item_size=16 * doc_blocks,
+                              unique_per_request=16 * unique_blocks)
+    simulated = simulated_hit_ratio(popularity, capacity_blocks, doc_blocks, unique_blocks, 40_000, seed=items + capacity_blocks)
+    # Within 0.6 % here (1.1 % with documents of 8 blocks, partly evicted tail first); 40,000 draws leave
+    # the simulation ±0.5 % (2 sd).
+    assert simulated == pytest.approx(predicted, rel=0.03), (simulated, predicted)
+    # The limits: no room, no hits; room for every item, every request a hit once the cache is warm.
+    assert lru_hit_ratio(popularity, 0) == 0.0 and lru_hit_ratio(popularity, items) == 1.0

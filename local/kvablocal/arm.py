@@ -30,6 +30,20 @@ API the runbook uses.
   Which requests fail or stall is drawn from the arm's own generator, seeded by `seed` and the arm's
   name: two draws per completion in the order they arrive, so the same seed and the same number of
   requests give the same failures and stalls (`failed` and `stalled` count them).
+- A prefix cache per arm (`PrefixCache`), as vLLM's automatic prefix caching: the prompt's words cut into
+  blocks of 16 (vLLM's default block size; a last partial block is never cached), each block known by a
+  hash chained on its parent's, so that a block matches only after the same whole prefix. A request's
+  cached prefix is its longest run of leading blocks in the cache (short of its last token, which vLLM
+  always computes); then all its full blocks go in, the least recently used evicted past
+  `prefix_cache_tokens` (a prompt's tail blocks before its head, as vLLM frees them). The prefill skips the
+  cached tokens; the transfer does not: the decode side gets the whole prompt's KV through the link. That
+  is the FS arm's case: its cache is the shared storage, large (4,194,304 tokens, ~412 GB of KV), the
+  decode reads every block from it (its loads pay its bandwidth), but the prefill is saved. The NVLink
+  arm's cache is the prefill GPU's memory, small (131,072 tokens, ~12.9 GB: what a 30B bf16 model leaves
+  of an 80 GB GPU, roughly), and its transfer is cheap anyway. `prefix_cache_tokens=0` turns it off.
+  A request looks up and fills the cache when it arrives (a real one fills it as its prefill ends), and a
+  failed one (503) touches nothing. `/metrics` counts vLLM's `vllm:prefix_cache_queries_total` and
+  `vllm:prefix_cache_hits_total` (tokens); `cache_queries` and `cache_hits` are the same counts.
 - Prompt tokens are counted as whitespace-separated words (the prompt, or every message's text), and
   reported in `usage`; a streamed request with `stream_options.include_usage` gets vLLM's last chunk
   (`"choices": []` and `usage`) before `data: [DONE]`.
@@ -44,6 +58,7 @@ import random
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MODEL = "Qwen/Qwen3-Coder-30B-A3B-Instruct"
@@ -67,6 +82,83 @@ KV_BYTES_PER_TOKEN = 2 * 48 * 4 * 128 * 2
 # node; a filesystem connector goes through page cache and NVMe at a few to tens of GB/s.
 BANDWIDTH = {"nvlink": 200e9, "fs": 20e9}
 DEFAULT_BANDWIDTH = 200e9
+
+# vLLM's default KV-cache block size, tokens: the unit its prefix cache hashes, matches and evicts.
+BLOCK_TOKENS = 16
+# Prefix-cache capacity per arm, tokens. NVLink: the prefill GPU's free KV memory, ~12.9 GB at 98,304
+# bytes a token (an 80 GB GPU less a 30B bf16 model's weights and the runtime, roughly); FS: the shared
+# storage the connector writes every block to, ~412 GB.
+PREFIX_CACHE_TOKENS = {"nvlink": 131_072, "fs": 4_194_304}
+DEFAULT_PREFIX_CACHE_TOKENS = 131_072
+
+
+class PrefixCache:
+    """An LRU cache of KV blocks keyed as vLLM's automatic prefix caching keys them (vllm/v1/core:
+    kv_cache_utils.py's chained block hashes, kv_cache_manager.py's get_computed_blocks and free). The
+    capacity is in tokens (whole blocks of `block_tokens`); 0 turns the cache off: nothing is looked up,
+    cached or counted, as vLLM without prefix caching. Thread-safe (one lock, O(blocks) a query).
+
+    A block's key is Python's built-in hash of (its parent's key, its words): fast, the same within the
+    process (the only one that reads it) but not across processes (string hashing is salted per process);
+    64 bits, so a false match is as unlikely as vLLM's own (it hashes with SHA-256 or the built-in hash).
+    """
+
+    def __init__(self, capacity_tokens: int, block_tokens: int = BLOCK_TOKENS):
+        if not capacity_tokens >= 0:
+            raise ValueError(f"prefix_cache_tokens is 0 or more, not {capacity_tokens}")
+        if block_tokens < 1:
+            raise ValueError(f"block_tokens is 1 or more, not {block_tokens}")
+        self.capacity_tokens = int(capacity_tokens)
+        self.block_tokens = int(block_tokens)
+        self.capacity_blocks = self.capacity_tokens // self.block_tokens
+        self._blocks = OrderedDict()  # block key -> None, least recently used first
+        self._lock = threading.Lock()
+        self.queries = 0  # prompt tokens looked up (vllm:prefix_cache_queries)
+        self.hits = 0  # of them found cached (vllm:prefix_cache_hits)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._blocks)
+
+    def counts(self) -> tuple:
+        """(queries, hits), tokens, read together."""
+        with self._lock:
+            return self.queries, self.hits
+
+    def block_keys(self, words: list) -> list:
+        """The keys of the full blocks of `words`, in order, each chained on the one before."""
+        keys, parent, size = [], None, self.block_tokens
+        for start in range(0, len(words) - size + 1, size):
+            parent = hash((parent, tuple(words[start:start + size])))
+            keys.append(parent)
+        return keys
+
+    def query(self, words: list, tokens: int = None) -> int:
+        """The cached tokens of a prompt of `words` (counted as `tokens`, default their number), then
+        caches its full blocks. The hit is the longest run of leading blocks in the cache, short of the
+        prompt's last token (vLLM computes it for the logits: max_cache_hit_length = num_tokens - 1). The
+        prompt's blocks are then used most recently, its first block last (vLLM frees a request's blocks
+        in reverse order, "so that the tail blocks are evicted first"), and the least recently used blocks
+        go while over capacity."""
+        tokens = len(words) if tokens is None else tokens
+        if self.capacity_tokens == 0:
+            return 0
+        keys = self.block_keys(words)
+        limit = max(0, tokens - 1) // self.block_tokens
+        with self._lock:
+            blocks, hit = self._blocks, 0
+            for key in keys[:limit]:
+                if key not in blocks:
+                    break
+                hit += 1
+            for key in reversed(keys):
+                blocks[key] = None
+                blocks.move_to_end(key)
+            while len(blocks) > self.capacity_blocks:
+                blocks.popitem(last=False)
+            self.queries += tokens
+            self.hits += hit * self.block_tokens
+        return hit * self.block_tokens
 
 
 class Link:
@@ -147,9 +239,10 @@ class Link:
 
 class PdModel:
     """The time of a disaggregated request, in seconds. Defaults: 30 ms + 0.01 ms per prompt token of
-    prefill, 2 ms transfer overhead, 2 ms between tokens (±25 %), and 2 % of the gaps 5-10 times longer.
-    `first_token` is the unloaded time (the transfer alone on the link); an arm waits `prefill` plus
-    `transfer_overhead`, then moves `kv_bytes` through its shared `Link`."""
+    prefill (per token not in the prefix cache), 2 ms transfer overhead, 2 ms between tokens (±25 %), and
+    2 % of the gaps 5-10 times longer. `first_token` is the unloaded time (the transfer alone on the link);
+    an arm waits `prefill` plus `transfer_overhead`, then moves `kv_bytes` (all the prompt's) through its
+    shared `Link`."""
 
     def __init__(self, bandwidth: float, prefill_base: float = 0.030, prefill_per_token: float = 0.00001,
                  transfer_overhead: float = 0.002, itl: float = 0.002, itl_jitter: float = 0.25,
@@ -163,17 +256,17 @@ class PdModel:
         self.tail_probability = tail_probability
         self.tail_factor = tail_factor
 
-    def prefill(self, prompt_tokens: int) -> float:
-        return self.prefill_base + self.prefill_per_token * prompt_tokens
+    def prefill(self, prompt_tokens: int, cached_tokens: float = 0) -> float:
+        return self.prefill_base + self.prefill_per_token * (prompt_tokens - cached_tokens)
 
     @staticmethod
     def kv_bytes(prompt_tokens: int) -> int:
         return KV_BYTES_PER_TOKEN * prompt_tokens
 
-    def first_token(self, prompt_tokens: int) -> float:
+    def first_token(self, prompt_tokens: int, cached_tokens: float = 0) -> float:
         """Unloaded: prefill, the transfer overhead and the KV bytes at the whole bandwidth."""
         transfer = self.transfer_overhead + self.kv_bytes(prompt_tokens) / self.bandwidth
-        return self.prefill(prompt_tokens) + transfer
+        return self.prefill(prompt_tokens, cached_tokens) + transfer
 
     def gap(self) -> float:
         gap = self.itl * random.uniform(1 - self.itl_jitter, 1 + self.itl_jitter)
@@ -182,20 +275,23 @@ class PdModel:
         return gap
 
 
-def prompt_tokens(body: dict) -> int:
-    """Whitespace-separated words of the prompt (string or list) or of every message's text."""
-    def words(value) -> int:
+def prompt_words(body: dict) -> list:
+    """The whitespace-separated words of the prompt (string or list) or of every message's text, in order."""
+    def words(value) -> list:
         if isinstance(value, str):
-            return len(value.split())
+            return value.split()
         if isinstance(value, list):
-            return sum(words(part.get("text") if isinstance(part, dict) else part) for part in value)
-        return 0
+            return [w for part in value for w in words(part.get("text") if isinstance(part, dict) else part)]
+        return []
 
     if "messages" in body and isinstance(body["messages"], list):
-        count = sum(words(m.get("content")) for m in body["messages"] if isinstance(m, dict))
-    else:
-        count = words(body.get("prompt"))
-    return max(1, count)
+        return [w for m in body["messages"] if isinstance(m, dict) for w in words(m.get("content"))]
+    return words(body.get("prompt"))
+
+
+def prompt_tokens(body: dict) -> int:
+    """The prompt's words (`prompt_words`), counted; at least 1."""
+    return max(1, len(prompt_words(body)))
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -263,12 +359,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         chat = self.path == "/v1/chat/completions"
         tokens = max(1, min(int(body.get("max_tokens") or 16), MAX_ANSWER_TOKENS))
-        prompt = prompt_tokens(body)
+        words = prompt_words(body)
+        prompt = max(1, len(words))
+        cached = self.server.prefix_cache.query(words, prompt)
         started = time.monotonic()
         with self.server.running():
-            # Prefill (and the overhead, the extra delay), then the KV-cache transfer to the decode pod
-            # through the arm's link, shared with the transfers in progress. A stall multiplies the wait only.
-            wait, kv_bytes = self.server.first_token_parts(prompt)
+            # Prefill of the tokens not cached (and the overhead, the extra delay), then the KV-cache
+            # transfer of the whole prompt to the decode pod through the arm's link, shared with the
+            # transfers in progress. A stall multiplies the wait only.
+            wait, kv_bytes = self.server.first_token_parts(prompt, cached)
             time.sleep(wait * (self.server.stall_factor if stall else 1.0))
             self.server.transfer(kv_bytes)
             ttft = time.monotonic() - started
@@ -359,12 +458,16 @@ class ArmServer(ThreadingHTTPServer):
     def __init__(self, name: str, port: int = 0, prefill: str = None, decode: str = None, delay: float = 0.0,
                  jitter: float = 0.0, metrics_status: int = 200, model: str = MODEL, bandwidth: float = None,
                  pd_model: dict = None, drop: tuple = None, fail_fraction: float = 0.0, stall_fraction: float = 0.0,
-                 stall_factor: float = 1.0, seed: int = 0, shared_link: bool = True):
+                 stall_factor: float = 1.0, seed: int = 0, shared_link: bool = True, prefix_cache_tokens: int = None):
         for knob, value in (("fail_fraction", fail_fraction), ("stall_fraction", stall_fraction)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{knob} is a fraction in [0, 1], not {value}")
         if stall_factor < 0:
             raise ValueError(f"stall_factor is a factor of 0 or more, not {stall_factor}")
+        # None: the arm's default by its name (PREFIX_CACHE_TOKENS); 0: no prefix cache.
+        if prefix_cache_tokens is None:
+            prefix_cache_tokens = PREFIX_CACHE_TOKENS.get(name, DEFAULT_PREFIX_CACHE_TOKENS)
+        self.prefix_cache = PrefixCache(prefix_cache_tokens)
         super().__init__(("127.0.0.1", port), _Handler)
         self.arm_name = name
         # (status, reason): every completion is answered as llm-d-router's EPP answers a request its flow
@@ -398,6 +501,16 @@ class ArmServer(ThreadingHTTPServer):
             Histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS),
             Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", E2E_BUCKETS),
         )
+
+    @property
+    def cache_queries(self) -> int:
+        """Prompt tokens looked up in the prefix cache."""
+        return self.prefix_cache.queries
+
+    @property
+    def cache_hits(self) -> int:
+        """Prompt tokens found in the prefix cache (their prefill skipped)."""
+        return self.prefix_cache.hits
 
     def handle_error(self, request, client_address):
         # A client (Envoy) closing a kept-alive connection is routine, not an error to print.
@@ -440,12 +553,13 @@ class ArmServer(ThreadingHTTPServer):
         extra = self.delay + random.uniform(-self.jitter, self.jitter)
         return max(0.0, self.model_timing.first_token(prompt_tokens) + extra)
 
-    def first_token_parts(self, prompt_tokens: int) -> tuple:
-        """(seconds to wait, KV bytes to transfer) before the first token: the wait is prefill, the
-        transfer overhead, `delay` and a draw of `jitter`."""
+    def first_token_parts(self, prompt_tokens: int, cached_tokens: int = 0) -> tuple:
+        """(seconds to wait, KV bytes to transfer) before the first token: the wait is the prefill of the
+        tokens not cached, the transfer overhead, `delay` and a draw of `jitter`; the bytes are every
+        prompt token's."""
         model = self.model_timing
         extra = self.delay + random.uniform(-self.jitter, self.jitter)
-        wait = model.prefill(prompt_tokens) + model.transfer_overhead + extra
+        wait = model.prefill(prompt_tokens, cached_tokens) + model.transfer_overhead + extra
         return max(0.0, wait), model.kv_bytes(prompt_tokens)
 
     def transfer(self, nbytes: float):
@@ -487,6 +601,7 @@ class ArmServer(ThreadingHTTPServer):
         with self._lock:
             running, succeeded = self.active, self.succeeded
             histograms = "".join(h.text(labels) for h in self.histograms)
+        queries, hits = self.prefix_cache.counts()
         return histograms + (
             "# HELP vllm:num_requests_running Number of requests currently running.\n"
             "# TYPE vllm:num_requests_running gauge\n"
@@ -500,6 +615,18 @@ class ArmServer(ThreadingHTTPServer):
             "# HELP vllm:request_success_total Count of successfully processed requests.\n"
             "# TYPE vllm:request_success_total counter\n"
             f'vllm:request_success_total{{{labels},finished_reason="length"}} {succeeded}\n'
+            # vLLM v1's prefix-cache counters, in tokens: vllm-project/vllm, vllm/v1/metrics/loggers.py
+            # (PrometheusStatLogger; commit 005a810bc40faa25b8870fbc8559c3462581eee3; the names since
+            # 0.9, which renamed vllm:gpu_prefix_cache_*). prometheus_client Counters named
+            # vllm:prefix_cache_queries / vllm:prefix_cache_hits, exposed with _total; labels model_name
+            # and engine (left out here, as on the arm's other series); increments as
+            # vllm/v1/core/kv_cache_manager.py counts them: a request's prompt tokens, its cached tokens.
+            "# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.\n"
+            "# TYPE vllm:prefix_cache_queries_total counter\n"
+            f"vllm:prefix_cache_queries_total{{{labels}}} {queries}\n"
+            "# HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of cached tokens.\n"
+            "# TYPE vllm:prefix_cache_hits_total counter\n"
+            f"vllm:prefix_cache_hits_total{{{labels}}} {hits}\n"
         )
 
     @property
@@ -528,11 +655,13 @@ def main():
                     help="fraction of completions whose time to first token is multiplied by --stall-factor")
     ap.add_argument("--stall-factor", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0, help="seed of which completions fail or stall")
+    ap.add_argument("--prefix-cache-tokens", type=int, default=None,
+                    help="prefix-cache capacity, tokens (default: 131072 for nvlink, 4194304 for fs; 0: none)")
     args = ap.parse_args()
     bandwidth = args.bandwidth_gbps * 1e9 if args.bandwidth_gbps else None
     server = ArmServer(args.name, args.port, delay=args.delay_ms / 1000, metrics_status=args.metrics_status,
                        bandwidth=bandwidth, fail_fraction=args.fail_fraction, stall_fraction=args.stall_fraction,
-                       stall_factor=args.stall_factor, seed=args.seed)
+                       stall_factor=args.stall_factor, seed=args.seed, prefix_cache_tokens=args.prefix_cache_tokens)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

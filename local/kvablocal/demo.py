@@ -15,6 +15,10 @@ The arms follow the P/D model of `kvablocal.arm`: the FS arm moves the KV cache 
 KVAB_FS_BANDWIDTH_GBPS (default 20 GB/s), the NVLink arm at KVAB_NVLINK_BANDWIDTH_GBPS (default 200),
 so they are alike at short prompts and apart at long ones: the experiment should find that.
 KVAB_NVLINK_DELAY_MS and KVAB_FS_DELAY_MS (default 0) add a fixed time before each arm's first token.
+Each arm has a prefix cache: KVAB_NVLINK_CACHE_TOKENS (default 131072, the prefill GPU's memory) and
+KVAB_FS_CACHE_TOKENS (default 4194304, the shared storage) tokens; 0 turns it off. A hit skips the
+prefill of the cached tokens, not their transfer (the experiment's synthetic prompts each begin with a
+unique word: no hits).
 KVAB_<ARM>_FAIL_FRACTION (default 0) answers that fraction of the arm's completions 503;
 KVAB_<ARM>_STALL_FRACTION (default 0) multiplies that fraction's time to first token by
 KVAB_<ARM>_STALL_FACTOR (default 6); KVAB_ARM_SEED (default 0) seeds which ones (ARM: NVLINK or FS).
@@ -55,6 +59,8 @@ def start() -> Stack:
         stall_fraction=per_arm("STALL_FRACTION", 0),
         stall_factor=per_arm("STALL_FACTOR", 6),
         seed=int(os.environ.get("KVAB_ARM_SEED", 0)),
+        nvlink_cache_tokens=int(os.environ.get("KVAB_NVLINK_CACHE_TOKENS", 131_072)),
+        fs_cache_tokens=int(os.environ.get("KVAB_FS_CACHE_TOKENS", 4_194_304)),
     )
     return stack.start()
 

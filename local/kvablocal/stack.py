@@ -56,23 +56,28 @@ class Stack:
     to first token multiplied by the factor), `seed` (of which completions fail or stall; each arm draws
     from its own generator, seeded by `seed` and its name), `shared_link` (True: each arm's KV transfers
     share its link's bandwidth, so an arm's first tokens grow with its load; False: each transfer has the
-    whole link, the unloaded model at any load).
+    whole link, the unloaded model at any load), `nvlink_cache_tokens`/`fs_cache_tokens` (each arm's prefix-
+    cache capacity, tokens; default 131,072 and 4,194,304; 0: no cache; a hit skips the prefill of the
+    cached tokens, never their transfer).
     """
 
     def __init__(self, ports=None, nvlink_delay=0.010, fs_delay=0.050, jitter=0.003, metrics_status=None,
                  swap_routes=False, routes=None, link_sidecar=True, sidecar_config=None, sidecar_env=None, workdir=None,
                  nvlink_bandwidth=None, fs_bandwidth=None, pd_model=None, filter_config=None, drop=None,
-                 fail_fraction=None, stall_fraction=None, stall_factor=None, seed=0, shared_link=True):
+                 fail_fraction=None, stall_fraction=None, stall_factor=None, seed=0, shared_link=True,
+                 nvlink_cache_tokens=None, fs_cache_tokens=None):
         ports = ports or {}
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kvab-stack-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         metrics_status = metrics_status or {}
         drop = drop or {}
         fail_fraction, stall_fraction, stall_factor = fail_fraction or {}, stall_fraction or {}, stall_factor or {}
+        cache_tokens = {"nvlink": nvlink_cache_tokens, "fs": fs_cache_tokens}
 
         def faults(arm: str) -> dict:
             return {"fail_fraction": fail_fraction.get(arm, 0.0), "stall_fraction": stall_fraction.get(arm, 0.0),
-                    "stall_factor": stall_factor.get(arm, 1.0), "seed": seed, "shared_link": shared_link}
+                    "stall_factor": stall_factor.get(arm, 1.0), "seed": seed, "shared_link": shared_link,
+                    "prefix_cache_tokens": cache_tokens[arm]}
 
         self.arms = {
             "nvlink": ArmServer("nvlink", ports.get("nvlink", 0), delay=nvlink_delay, jitter=jitter,

@@ -483,7 +483,7 @@ impl Options {
         };
         shape
             .check(synthetic)
-            .map_err(|e| format!("--workload: {e}"))?;
+            .map_err(|e| format!("--workload shared-prefix: {e}"))?;
         let levels: Vec<Load> = if args.rate.is_empty() {
             let concurrency = args.concurrency.iter();
             concurrency
