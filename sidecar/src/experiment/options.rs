@@ -662,7 +662,7 @@ mod tests {
         assert_eq!(shared.shape, expected);
         let short = plan(&["--workload", "shared-prefix", "--prompt-tokens", "64"]).unwrap_err();
         assert!(
-            short.contains("--suffix-tokens 64 leaves no prefix"),
+            short.contains("a suffix of 64 tokens leaves no prefix"),
             "{short}"
         );
         let file = plan(&["--workload", "shared-prefix", "--prompts", "p.jsonl"]).unwrap_err();
