@@ -63,6 +63,10 @@ pub struct Design {
     /// The requests of a class per stratum of the analysis (consecutive in measured order: `STRATUM`),
     /// 0 for one stratum (the unstratified analysis).
     pub stratum: usize,
+    /// Per class, whether each of its requests is a unit of randomization of its own, or the first of one:
+    /// false for a conversation's later turns (the conversation was assigned, not its turns). The
+    /// assignment check counts units. Empty: every class's requests are units.
+    pub unit_start: Vec<bool>,
 }
 
 /// The requests of a class per stratum: 4 of `kvab experiment`'s assignment blocks of 4 (its default
@@ -275,11 +279,14 @@ fn assignment(design: &Design, outcomes: &[Outcome]) -> Assignment {
     let mut reached = vec![0u64; design.arms.len()];
     let (mut misrouted, mut untagged) = (0, 0);
     for o in outcomes {
-        planned[o.assigned] += 1;
-        reached[o.assigned] += u64::from(o.reached());
+        let unit = design.unit_start.get(o.class).copied().unwrap_or(true);
+        if unit {
+            planned[o.assigned] += 1;
+            reached[o.assigned] += u64::from(o.reached());
+        }
         match o.served {
             Some(served) => {
-                answered[served] += 1;
+                answered[served] += u64::from(unit);
                 misrouted += u64::from(served != o.assigned);
             }
             None => untagged += 1,
@@ -430,6 +437,7 @@ mod tests {
             tail_margin: 0.25,
             error_margin: 0.02,
             stratum: STRATUM,
+            unit_start: Vec::new(),
         }
     }
 

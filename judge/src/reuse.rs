@@ -23,11 +23,41 @@ pub enum Shape {
         suffix_tokens: u32,
         zipf: f64,
     },
+    /// Conversations of `turns` turns, each conversation on one arm: turn k sends a new user message of the
+    /// class's size with the conversation so far (the earlier messages and the server's answers), after
+    /// `think_time_s` seconds.
+    MultiTurn { turns: u32, think_time_s: f64 },
 }
 
 impl Shape {
+    /// Requests per unit of randomization: a conversation's turns, else 1.
+    pub fn turns(&self) -> u32 {
+        match *self {
+            Shape::MultiTurn { turns, .. } => turns,
+            _ => 1,
+        }
+    }
+
     /// Whether the shape fits synthetic prompts of these sizes (`None`: prompts from a file); why not.
     pub fn check(&self, sizes: Option<&[u32]>) -> Result<(), String> {
+        if let Shape::MultiTurn {
+            turns,
+            think_time_s,
+        } = *self
+        {
+            if sizes.is_none() {
+                return Err(
+                    "multi-turn builds synthetic conversations; prompts from a file have their own"
+                        .into(),
+                );
+            }
+            if !(2..=64).contains(&turns) || !(0.0..=3600.0).contains(&think_time_s) {
+                return Err(
+                    "multi-turn wants 2 to 64 turns and a think time of 0 to 3600 s".into(),
+                );
+            }
+            return Ok(());
+        }
         let Shape::SharedPrefix {
             groups,
             suffix_tokens,
@@ -78,6 +108,13 @@ impl Workload {
             } => format!(
                 "shared-prefix: {groups} groups per class (Zipf {zipf}), unique suffix of {suffix_tokens} tokens"
             ),
+            Shape::MultiTurn {
+                turns,
+                think_time_s,
+            } => format!(
+                "multi-turn: conversations of {turns} turns, {think_time_s} s between them, each on one arm \
+                 (the unit of randomization), each turn a cell"
+            ),
         }
     }
 
@@ -114,7 +151,8 @@ impl Workload {
 pub struct Reuse {
     /// The cell's label (as the report's classes).
     pub class: String,
-    /// The shared prefix's tokens by construction (the class's size less the suffix).
+    /// The shared prefix's tokens by construction (the class's size less the suffix); 0 for a conversation's
+    /// turns, whose shared part is the conversation so far.
     pub prefix_tokens: u32,
     pub arms: BTreeMap<String, ArmReuse>,
 }
@@ -138,13 +176,17 @@ pub struct Cell {
     pub label: String,
     pub class: String,
     pub prompt_tokens: Option<u32>,
+    /// A multi-turn conversation's turn (1-based).
+    pub turn: Option<u32>,
 }
 
-/// Per cell, the reuse of a shared-prefix workload; empty for another shape. `outcomes` in measured
-/// order (a sweep's levels one after the other: an arm's cache carries over).
+/// Per cell, the reuse of a shared-prefix or multi-turn workload; empty for unique prompts. `outcomes` in
+/// measured order (a sweep's levels one after the other: an arm's cache carries over).
 pub fn reuse(shape: Shape, cells: &[Cell], arms: &[String], outcomes: &[Outcome]) -> Vec<Reuse> {
-    let Shape::SharedPrefix { suffix_tokens, .. } = shape else {
-        return Vec::new();
+    let suffix_tokens = match shape {
+        Shape::Unique => return Vec::new(),
+        Shape::MultiTurn { .. } => return conversation_reuse(cells, arms, outcomes),
+        Shape::SharedPrefix { suffix_tokens, .. } => suffix_tokens,
     };
     let prefix = |cell: &Cell| {
         cell.prompt_tokens
@@ -191,6 +233,53 @@ pub fn reuse(shape: Shape, cells: &[Cell], arms: &[String], outcomes: &[Outcome]
     out
 }
 
+/// A multi-turn workload's reuse: every turn after the first sends the conversation so far again, its
+/// prompt tokens beyond the new message (by the server's count, where it reported one).
+fn conversation_reuse(cells: &[Cell], arms: &[String], outcomes: &[Outcome]) -> Vec<Reuse> {
+    let mut out: Vec<Reuse> = cells
+        .iter()
+        .map(|cell| Reuse {
+            class: cell.label.clone(),
+            prefix_tokens: 0,
+            arms: arms
+                .iter()
+                .map(|arm| (arm.clone(), ArmReuse::default()))
+                .collect(),
+        })
+        .collect();
+    // Per cell and arm, the prompt tokens the server counted.
+    let mut sent: BTreeMap<(usize, &str), u64> = BTreeMap::new();
+    for o in outcomes {
+        let (Some(cell), Some(arm)) = (cells.get(o.class), arms.get(o.assigned)) else {
+            continue;
+        };
+        let Some(counts) = out.get_mut(o.class).and_then(|r| r.arms.get_mut(arm)) else {
+            continue;
+        };
+        counts.requests += 1;
+        let later = cell.turn.is_some_and(|t| t > 1);
+        counts.repeated += u64::from(later);
+        if let Some(prompt) = o.prompt_tokens {
+            *sent.entry((o.class, arm.as_str())).or_default() += prompt;
+            if later {
+                let size = u64::from(cell.prompt_tokens.unwrap_or(0));
+                counts.shared_tokens += prompt.saturating_sub(size);
+            }
+        }
+    }
+    for (class, reuse) in out.iter_mut().enumerate() {
+        for (arm, counts) in reuse.arms.iter_mut() {
+            let total = sent.get(&(class, arm.as_str())).copied().unwrap_or(0);
+            counts.shared_fraction = if total > 0 {
+                counts.shared_tokens as f64 / total as f64
+            } else {
+                0.0
+            };
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -207,6 +296,7 @@ mod tests {
             label: label.into(),
             class: "1024".into(),
             prompt_tokens: Some(1024),
+            turn: None,
         };
         let cells = [cell("1024 @ c=1"), cell("1024 @ c=8")];
         let arms = ["nvlink".to_string(), "fs".to_string()];

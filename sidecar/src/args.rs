@@ -159,3 +159,12 @@ pub fn long_seconds(value: &str) -> Result<Duration, String> {
         .map(Duration::from_secs_f64)
         .ok_or_else(|| "must be seconds, more than 0 and at most 604800 (a week)".into())
 }
+
+/// Seconds from 0 to 3600.
+pub fn think_time(value: &str) -> Result<f64, String> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|s| (0.0..=3600.0).contains(s))
+        .ok_or_else(|| "must be seconds, from 0 to 3600".into())
+}

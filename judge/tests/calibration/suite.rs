@@ -120,6 +120,7 @@ pub fn design_of(world: &World, min_effect: f64) -> Design {
         tail_margin: TAIL_MARGIN,
         error_margin: ERROR_MARGIN,
         stratum: STRATUM,
+        unit_start: Vec::new(),
     }
 }
 

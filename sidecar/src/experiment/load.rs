@@ -13,27 +13,31 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use kvab_serve::client::{Head, HttpClient, Request};
+use kvab_serve::client::{HttpClient, Request};
 
 use super::assign::Assigner;
-use super::measure::{ms, status_error, usage_of, EventStream, Outcome};
+use super::conversation::{self, Conversation};
+use super::measure::{execute, Exchange, Outcome};
 use super::options::{Load, Options};
 use super::workload::{self, Class, SharedPrefix};
 use kvab_judge::reuse::Shape;
 
-/// Most body bytes kept of a non-streamed answer or an error answer.
-const MAX_KEPT_BODY: usize = 1 << 20;
-
-/// One request to send.
+/// One unit of randomization to send: a request, or a multi-turn conversation.
 pub struct Job {
     /// 0-based, in assignment order within its load level; the first `warmup` are warm-up.
     pub number: u64,
-    /// The cell: the class, after those of the earlier load levels.
+    /// The cell of its (first) request: the class, after those of the earlier load levels (and a
+    /// conversation's later turns are the cells after it).
     pub class: usize,
     pub arm: usize,
     /// A shared-prefix workload's group.
     pub group: Option<u32>,
-    pub request: Request,
+    pub work: Work,
+}
+
+pub enum Work {
+    Request(Request),
+    Conversation(Conversation),
 }
 
 /// Makes the jobs of one load level in order: assignment, prompt, body. Shared by the senders behind a
@@ -47,6 +51,9 @@ pub struct Generator {
     level: u64,
     /// A shared-prefix workload's prompts, and the generator of its groups.
     shared: Option<(SharedPrefix, ChaCha8Rng)>,
+    /// Requests per unit (a conversation's turns, else 1) and, for conversations, the think time.
+    turns: usize,
+    think: Option<Duration>,
     /// Per class, the next file prompt.
     cursor: Vec<usize>,
     classes: Vec<Class>,
@@ -71,8 +78,15 @@ impl Generator {
             next: 0,
             total: options.warmup + options.requests,
             level,
+            turns: options.shape.turns() as usize,
+            think: match options.shape {
+                Shape::MultiTurn { think_time_s, .. } => {
+                    Some(Duration::from_secs_f64(think_time_s))
+                }
+                _ => None,
+            },
             shared: match options.shape {
-                Shape::Unique => None,
+                Shape::Unique | Shape::MultiTurn { .. } => None,
                 Shape::SharedPrefix {
                     groups,
                     suffix_tokens,
@@ -98,24 +112,48 @@ impl Generator {
         let (class, arm) = self.assigner.next();
         let spec = self.classes.get(class)?;
         let mut group = None;
+        let unique = format!(
+            "{:x}-{}",
+            self.options.seed,
+            self.level * self.total + number
+        );
+        let arm_name = self.options.arms.get(arm)?;
+        let cell = self.level as usize * self.classes.len() * self.turns + class * self.turns;
+        let job = |work, group| Job {
+            number,
+            class: cell,
+            arm,
+            group,
+            work,
+        };
+        if let (Some(tokens), Some(think)) = (spec.prompt_tokens, self.think) {
+            // Each turn's message unique from its first word; the conversation so far is its prefix.
+            let users = (0..self.turns)
+                .map(|turn| {
+                    let first = format!("{unique}-t{}", turn + 1);
+                    workload::synthetic_prompt(&first, tokens, &mut self.rng)
+                })
+                .collect();
+            let conversation = Conversation {
+                users,
+                template: workload::body(&self.options, Value::Array(Vec::new())),
+                url: self.url.clone(),
+                arm: arm_name.clone(),
+                think,
+            };
+            return Some(job(Work::Conversation(conversation), None));
+        }
         let prompt = match spec.prompt_tokens {
             // The seed in the prompt's first unique word keeps two runs' prompts apart too, the number
             // (counted over the levels) two requests of one run.
-            Some(tokens) => {
-                let unique = format!(
-                    "{:x}-{}",
-                    self.options.seed,
-                    self.level * self.total + number
-                );
-                Value::String(match &mut self.shared {
-                    None => workload::synthetic_prompt(&unique, tokens, &mut self.rng),
-                    Some((shared, groups)) => {
-                        let drawn = shared.group(groups);
-                        group = Some(drawn);
-                        shared.prompt(class, drawn, tokens, &unique, &mut self.rng)
-                    }
-                })
-            }
+            Some(tokens) => Value::String(match &mut self.shared {
+                None => workload::synthetic_prompt(&unique, tokens, &mut self.rng),
+                Some((shared, groups)) => {
+                    let drawn = shared.group(groups);
+                    group = Some(drawn);
+                    shared.prompt(class, drawn, tokens, &unique, &mut self.rng)
+                }
+            }),
             None => {
                 let cursor = self.cursor.get_mut(class)?;
                 let prompt = spec
@@ -127,93 +165,47 @@ impl Generator {
             }
         };
         let body = workload::body(&self.options, prompt);
-        let arm_name = self.options.arms.get(arm)?;
         let request =
             Request::post_json(self.url.clone(), &body).with_header(&self.options.header, arm_name);
-        Some(Job {
-            number,
-            class: self.level as usize * self.classes.len() + class,
-            arm,
-            group,
-            request,
-        })
+        Some(job(Work::Request(request), group))
     }
 }
 
-/// Sends one job and measures it.
-pub async fn execute(
-    client: &HttpClient,
+/// Sends the job: its request, or its conversation's turns one after the other; each outcome goes to
+/// `outcomes` with its measured number (a conversation's turn k: the job's number × turns + k). False once
+/// the collector is gone.
+async fn perform(
+    run: &Run,
     job: &Job,
-    arms: &[String],
-    header: &str,
-    stream: bool,
-) -> Outcome {
-    let mut events = EventStream::default();
-    let mut kept: Vec<u8> = Vec::new();
-    let result = client
-        .stream(&job.request, |data, at| {
-            if stream {
-                events.feed(data, at);
-            }
-            let room = MAX_KEPT_BODY.saturating_sub(kept.len());
-            kept.extend_from_slice(&data[..data.len().min(room)]);
-        })
-        .await;
-    let mut outcome = Outcome {
-        class: job.class,
-        assigned: job.arm,
-        group: job.group,
-        ..Outcome::default()
+    exchange: &Exchange,
+    outcomes: &mpsc::UnboundedSender<(u64, Outcome)>,
+) -> bool {
+    let emit = |turn: u64, outcome| {
+        outcomes
+            .send((job.number * exchange.turns + turn, outcome))
+            .is_ok()
     };
-    let response = match result {
-        Ok(response) => response,
-        Err(failure) => {
-            // Headers that arrived name the arm that answered, whatever became of the body: the failure
-            // is that arm's error. Without them the request stays untagged.
-            if let Some(head) = &failure.head {
-                outcome.status = Some(head.status);
-                outcome.served = served_arm(head, arms, header);
-            }
-            outcome.error = Some(match outcome.status {
-                Some(status) if !(200..300).contains(&status) => status_error(status, &kept),
-                _ if failure.timed_out => "timeout".into(),
-                _ => "transport".into(),
-            });
-            return outcome;
+    match &job.work {
+        Work::Request(request) => {
+            let unmeasured = Outcome {
+                class: job.class,
+                assigned: job.arm,
+                group: job.group,
+                ..Outcome::default()
+            };
+            let (outcome, _) = execute(&run.client, request, unmeasured, exchange, false).await;
+            emit(0, outcome)
         }
-    };
-    let head = &response.head;
-    outcome.status = Some(head.status);
-    outcome.e2e_ms = ms(response.total);
-    outcome.served = served_arm(head, arms, header);
-    if !(200..300).contains(&head.status) {
-        outcome.error = Some(status_error(head.status, &kept));
-        return outcome;
-    }
-    if !stream {
-        (outcome.prompt_tokens, outcome.output_tokens) = usage_of(&kept);
-        return outcome;
-    }
-    outcome.ttft_ms = events.ttft_ms();
-    outcome.prompt_tokens = events.prompt_tokens;
-    outcome.output_tokens = events.completion_tokens;
-    outcome.error = events.error.clone().or_else(|| {
-        if !events.done {
-            Some("incomplete stream".into())
-        } else if outcome.ttft_ms.is_none() {
-            Some("no content".into())
-        } else {
-            None
+        Work::Conversation(conversation) => {
+            let first = (job.class, job.arm);
+            let sent =
+                conversation::converse(&run.client, first, conversation, exchange, emit).await;
+            // `take_job` counted the conversation's first request.
+            let later = sent.map_or(0, |n| n.saturating_sub(1));
+            run.sent.fetch_add(later, Ordering::Relaxed);
+            sent.is_some()
         }
-    });
-    outcome.itl_ms = std::mem::take(&mut events.gaps_ms);
-    outcome
-}
-
-/// The arm named by the response's arm tag, if it names one.
-fn served_arm(head: &Head, arms: &[String], header: &str) -> Option<usize> {
-    head.header(header)
-        .and_then(|tag| arms.iter().position(|a| a == tag))
+    }
 }
 
 /// What the senders share.
@@ -273,17 +265,19 @@ pub fn start(
     outcomes: mpsc::UnboundedSender<(u64, Outcome)>,
 ) -> JoinSet<()> {
     let mut tasks = JoinSet::new();
-    let arms: Arc<[String]> = options.arms.clone().into();
-    let (header, stream) = (Arc::<str>::from(options.header.as_str()), options.stream);
+    let exchange = Exchange {
+        arms: options.arms.clone().into(),
+        header: options.header.as_str().into(),
+        stream: options.stream,
+        turns: u64::from(options.shape.turns()),
+    };
     match *load {
         Load::Closed { concurrency } => {
             for _ in 0..concurrency {
-                let (run, outcomes, arms, header) =
-                    (run.clone(), outcomes.clone(), arms.clone(), header.clone());
+                let (run, outcomes, exchange) = (run.clone(), outcomes.clone(), exchange.clone());
                 tasks.spawn(async move {
                     while let Some(job) = run.take_job() {
-                        let outcome = execute(&run.client, &job, &arms, &header, stream).await;
-                        if outcomes.send((job.number, outcome)).is_err() {
+                        if !perform(&run, &job, &exchange, &outcomes).await {
                             return;
                         }
                     }
@@ -315,12 +309,11 @@ pub fn start(
                     }
                     let Some(job) = run.take_job() else { break };
                     run.in_flight.fetch_add(1, Ordering::Relaxed);
-                    let (run, outcomes, arms, header) =
-                        (run.clone(), outcomes.clone(), arms.clone(), header.clone());
+                    let (run, outcomes, exchange) =
+                        (run.clone(), outcomes.clone(), exchange.clone());
                     senders.spawn(async move {
-                        let outcome = execute(&run.client, &job, &arms, &header, stream).await;
+                        perform(&run, &job, &exchange, &outcomes).await;
                         run.in_flight.fetch_sub(1, Ordering::Relaxed);
-                        let _ = outcomes.send((job.number, outcome));
                     });
                 }
                 while senders.join_next().await.is_some() {}
@@ -350,22 +343,21 @@ mod tests {
 
     async fn outcome_for(arm: usize, then: Then, max_time: Duration) -> Outcome {
         let url = serve_once(then).await;
-        let job = Job {
-            number: 0,
-            class: 0,
-            arm,
-            group: None,
-            request: Request::get(url).with_header("x-kv-backend", ARMS[arm]),
+        let request = Request::get(url).with_header("x-kv-backend", ARMS[arm]);
+        let unmeasured = Outcome {
+            assigned: arm,
+            ..Outcome::default()
         };
-        let arms = ARMS.map(String::from);
-        execute(
-            &HttpClient::new(max_time),
-            &job,
-            &arms,
-            "x-kv-backend",
-            true,
-        )
-        .await
+        let exchange = Exchange {
+            arms: ARMS.map(String::from).into(),
+            header: "x-kv-backend".into(),
+            stream: true,
+            turns: 1,
+        };
+        let client = HttpClient::new(max_time);
+        execute(&client, &request, unmeasured, &exchange, false)
+            .await
+            .0
     }
 
     #[tokio::test]
@@ -433,6 +425,7 @@ mod tests {
             tail_margin: 0.25,
             error_margin: 0.02,
             stratum: kvab_judge::requests::STRATUM,
+            unit_start: Vec::new(),
         };
         let analysis = analyze(&design, &outcomes);
         let a = &analysis.assignment;

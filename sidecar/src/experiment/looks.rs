@@ -243,11 +243,13 @@ mod tests {
                     label: "128".into(),
                     prompt_tokens: Some(128),
                     level: None,
+                    turn: None,
                 },
                 ClassSpec {
                     label: "2048".into(),
                     prompt_tokens: Some(2048),
                     level: None,
+                    turn: None,
                 },
             ],
             stream: true,

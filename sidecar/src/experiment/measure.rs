@@ -1,13 +1,16 @@
-//! One request's measurement: the timings read from its server-sent events as they arrive.
+//! One request's measurement (`execute`): the timings read from its server-sent events as they arrive.
 //!
 //! Time to first token is the arrival of the first event carrying generated content (`delta.content` or
 //! `delta.reasoning_content` of a chat chunk, `text` of a completion chunk): the headers and role-only
 //! events come earlier and say nothing of the KV transfer. The gaps between content events are the
 //! inter-token latencies; the usage event (`stream_options.include_usage`) gives the token counts.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use kvab_serve::client::{Head, HttpClient, Request};
 
 pub use kvab_judge::requests::Outcome;
 
@@ -23,6 +26,8 @@ struct Chunk {
 struct Choice {
     delta: Option<Delta>,
     text: Option<String>,
+    /// A non-streamed chat answer's.
+    message: Option<Delta>,
 }
 
 #[derive(Deserialize)]
@@ -40,6 +45,8 @@ struct Usage {
 /// Most bytes of one event held while waiting for its end (its data so far and its current line): a
 /// larger event fails the request (`event too large`) instead of growing without bound.
 const MAX_EVENT_BYTES: usize = 1 << 20;
+/// Most bytes of an answer's text kept (`EventStream::text`, a multi-turn conversation's next context).
+pub const MAX_ANSWER_BYTES: usize = 1 << 20;
 
 /// Reads a `text/event-stream` body incrementally and keeps the timings.
 ///
@@ -67,6 +74,10 @@ pub struct EventStream {
     pub completion_tokens: Option<u64>,
     pub done: bool,
     pub error: Option<String>,
+    /// Keep the answer's text (`text`): a multi-turn conversation sends it back in its next turn.
+    pub keep_text: bool,
+    /// The content of the answer, up to `MAX_ANSWER_BYTES`, when `keep_text`.
+    pub text: String,
 }
 
 impl EventStream {
@@ -162,6 +173,17 @@ impl EventStream {
             .flatten()
             .any(|t| !t.is_empty())
         });
+        if content && self.keep_text {
+            for choice in &chunk.choices {
+                let piece = choice
+                    .delta
+                    .as_ref()
+                    .and_then(|d| d.content.as_deref())
+                    .or(choice.text.as_deref())
+                    .unwrap_or_default();
+                keep(&mut self.text, piece);
+            }
+        }
         if content {
             if let Some(last) = self.last_content {
                 self.gaps_ms.push(ms(at.saturating_sub(last)));
@@ -176,8 +198,127 @@ impl EventStream {
     }
 }
 
+/// Most body bytes kept of a non-streamed answer or an error answer.
+const MAX_KEPT_BODY: usize = 1 << 20;
+
+/// What every sender needs to measure an answer.
+#[derive(Clone)]
+pub struct Exchange {
+    pub arms: Arc<[String]>,
+    /// The arm header.
+    pub header: Arc<str>,
+    pub stream: bool,
+    /// Requests per unit: a conversation's turns, else 1.
+    pub turns: u64,
+}
+
+/// Sends one request and measures it into `outcome` (its class, arm and group already set); with
+/// `keep_text`, also returns the answer's text.
+pub async fn execute(
+    client: &HttpClient,
+    request: &Request,
+    mut outcome: Outcome,
+    exchange: &Exchange,
+    keep_text: bool,
+) -> (Outcome, String) {
+    let (arms, header, stream) = (&exchange.arms, &*exchange.header, exchange.stream);
+    let mut events = EventStream {
+        keep_text,
+        ..EventStream::default()
+    };
+    let mut kept: Vec<u8> = Vec::new();
+    let result = client
+        .stream(request, |data, at| {
+            if stream {
+                events.feed(data, at);
+            }
+            let room = MAX_KEPT_BODY.saturating_sub(kept.len());
+            kept.extend_from_slice(&data[..data.len().min(room)]);
+        })
+        .await;
+    let response = match result {
+        Ok(response) => response,
+        Err(failure) => {
+            // Headers that arrived name the arm that answered, whatever became of the body: the failure
+            // is that arm's error. Without them the request stays untagged.
+            if let Some(head) = &failure.head {
+                outcome.status = Some(head.status);
+                outcome.served = served_arm(head, arms, header);
+            }
+            outcome.error = Some(match outcome.status {
+                Some(status) if !(200..300).contains(&status) => status_error(status, &kept),
+                _ if failure.timed_out => "timeout".into(),
+                _ => "transport".into(),
+            });
+            return (outcome, String::new());
+        }
+    };
+    let head = &response.head;
+    outcome.status = Some(head.status);
+    outcome.e2e_ms = ms(response.total);
+    outcome.served = served_arm(head, arms, header);
+    if !(200..300).contains(&head.status) {
+        outcome.error = Some(status_error(head.status, &kept));
+        return (outcome, String::new());
+    }
+    if !stream {
+        (outcome.prompt_tokens, outcome.output_tokens) = usage_of(&kept);
+        let text = if keep_text {
+            answer_of(&kept)
+        } else {
+            String::new()
+        };
+        return (outcome, text);
+    }
+    outcome.ttft_ms = events.ttft_ms();
+    outcome.prompt_tokens = events.prompt_tokens;
+    outcome.output_tokens = events.completion_tokens;
+    outcome.error = events.error.clone().or_else(|| {
+        if !events.done {
+            Some("incomplete stream".into())
+        } else if outcome.ttft_ms.is_none() {
+            Some("no content".into())
+        } else {
+            None
+        }
+    });
+    outcome.itl_ms = std::mem::take(&mut events.gaps_ms);
+    (outcome, events.text)
+}
+
+/// The arm named by the response's arm tag, if it names one.
+fn served_arm(head: &Head, arms: &[String], header: &str) -> Option<usize> {
+    head.header(header)
+        .and_then(|tag| arms.iter().position(|a| a == tag))
+}
+
 pub fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
+}
+
+/// Appends `piece` to `text` as far as `MAX_ANSWER_BYTES` allows, at a character boundary.
+fn keep(text: &mut String, piece: &str) {
+    let room = MAX_ANSWER_BYTES.saturating_sub(text.len());
+    let mut end = piece.len().min(room);
+    while !piece.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.push_str(piece.get(..end).unwrap_or_default());
+}
+
+/// A non-streamed answer's text (its first choice's message or text), up to `MAX_ANSWER_BYTES`.
+pub fn answer_of(body: &[u8]) -> String {
+    let mut text = String::new();
+    if let Ok(chunk) = serde_json::from_slice::<Chunk>(body) {
+        if let Some(choice) = chunk.choices.first() {
+            let content = choice.message.as_ref().and_then(|m| m.content.as_deref());
+            keep(
+                &mut text,
+                content.or(choice.text.as_deref()).unwrap_or_default(),
+            );
+        }
+    }
+    text
 }
 
 /// A non-streamed answer's usage.

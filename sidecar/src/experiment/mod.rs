@@ -9,6 +9,7 @@
 //! the judgement of a records file, the progress line and the exit status.
 
 pub mod assign;
+mod conversation;
 pub mod load;
 pub mod looks;
 pub mod measure;
@@ -82,19 +83,31 @@ fn header(options: &Options, classes: &[workload::Class]) -> Header {
         true => (0..options.levels.len()).map(Some).collect(),
         false => vec![None],
     };
+    let turns: Vec<Option<u32>> = match options.shape.turns() {
+        1 => vec![None],
+        turns => (1..=turns).map(Some).collect(),
+    };
+    let turns = &turns;
     let load_spec = |load: &Load| match *load {
         Load::Closed { concurrency } => LoadSpec::Closed { concurrency },
         Load::Open { rate, .. } => LoadSpec::Open { rate },
     };
     Header {
         arms: options.arms.clone(),
+        // Each class at each level, and in a multi-turn workload at each turn.
         classes: levels
             .iter()
             .flat_map(|&level| {
-                classes.iter().map(move |c| ClassSpec {
-                    label: c.label.clone(),
-                    prompt_tokens: c.prompt_tokens,
-                    level,
+                classes.iter().flat_map(move |c| {
+                    turns.iter().map(move |&turn| ClassSpec {
+                        label: match turn {
+                            Some(turn) => format!("{} turn {turn}", c.label),
+                            None => c.label.clone(),
+                        },
+                        prompt_tokens: c.prompt_tokens,
+                        level,
+                        turn,
+                    })
                 })
             })
             .collect(),
@@ -205,13 +218,16 @@ async fn run(options: &Options) -> Result<(Report, Samples), String> {
         );
         let (sender, mut receiver) = mpsc::unbounded_channel::<(u64, Outcome)>();
         let mut senders = load::start(shared.clone(), options, load, sender);
-        let offset = level as u64 * options.requests;
+        // Measured requests: a conversation's turns each (--warmup and --requests count conversations).
+        let per_unit = u64::from(options.shape.turns());
+        let (warmup, requests) = (options.warmup * per_unit, options.requests * per_unit);
+        let offset = level as u64 * requests;
         let mut last_answer = None;
         while let Some((number, outcome)) = receiver.recv().await {
-            let Some(index) = number.checked_sub(options.warmup) else {
+            let Some(index) = number.checked_sub(warmup) else {
                 continue;
             };
-            if index >= options.requests {
+            if index >= requests {
                 continue;
             }
             last_answer = Some(Instant::now());
@@ -373,6 +389,7 @@ fn assemble(
             label: label.clone(),
             class: c.label.clone(),
             prompt_tokens: c.prompt_tokens,
+            turn: c.turn,
         })
         .collect();
     let sweep = (!header.levels.is_empty()).then(|| {

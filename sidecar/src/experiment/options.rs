@@ -16,7 +16,7 @@ use kvab_judge::sweep::{Slo, MAX_LEVELS};
 
 use crate::args::{
     absolute_path, arm_name, boundary, header_name, http_url, local_url, long_seconds,
-    open_fraction, rate, seconds, service, slo, zipf, ServiceRef, MODEL,
+    open_fraction, rate, seconds, service, slo, think_time, zipf, ServiceRef, MODEL,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -130,8 +130,10 @@ pub struct ExperimentArgs {
     )]
     prompts: Option<PathBuf>,
     /// The shape of the synthetic prompts: unique (no prefix shared: every request moves its whole KV
-    /// cache), or shared-prefix (each prompt a group's prefix and a unique suffix of --suffix-tokens; the
-    /// groups of a class drawn by Zipf popularity, --prefix-groups and --zipf).
+    /// cache), shared-prefix (each prompt a group's prefix and a unique suffix of --suffix-tokens; the
+    /// groups of a class drawn by Zipf popularity, --prefix-groups and --zipf), or multi-turn
+    /// (conversations of --turns turns, each on one arm, each turn a message of the class's size sent with
+    /// the conversation so far, --think-time apart).
     #[arg(
         long,
         value_enum,
@@ -149,6 +151,14 @@ pub struct ExperimentArgs {
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=131_071),
           env = "KVAB_EXPERIMENT_SUFFIX_TOKENS", help_heading = "Workload")]
     suffix_tokens: u32,
+    /// multi-turn: turns per conversation (2-64); --requests and --warmup then count conversations.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..=64),
+          env = "KVAB_EXPERIMENT_TURNS", help_heading = "Workload")]
+    turns: u32,
+    /// multi-turn: seconds between an answer and the conversation's next turn (0-3600).
+    #[arg(long, value_name = "S", default_value = "0", value_parser = think_time,
+          env = "KVAB_EXPERIMENT_THINK_TIME", help_heading = "Workload")]
+    think_time: f64,
     /// shared-prefix: the Zipf exponent of the groups' popularity (group i drawn ∝ 1/i^S; 0: uniform;
     /// at most 4).
     #[arg(long, value_name = "S", default_value = "1", value_parser = zipf,
@@ -347,6 +357,7 @@ pub enum Plan {
 pub enum WorkloadKind {
     Unique,
     SharedPrefix,
+    MultiTurn,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -476,14 +487,23 @@ impl Options {
                 suffix_tokens: args.suffix_tokens,
                 zipf: args.zipf,
             },
+            WorkloadKind::MultiTurn => Shape::MultiTurn {
+                turns: args.turns,
+                think_time_s: args.think_time,
+            },
         };
+        if args.workload == WorkloadKind::MultiTurn && args.endpoint != Endpoint::Chat {
+            return Err(
+                "--workload multi-turn sends conversations: it needs --endpoint chat".into(),
+            );
+        }
         let synthetic = match &workload {
             Workload::Synthetic(sizes) => Some(sizes.as_slice()),
             Workload::File(_) => None,
         };
         shape
             .check(synthetic)
-            .map_err(|e| format!("--workload shared-prefix: {e}"))?;
+            .map_err(|e| format!("--workload: {e}"))?;
         let levels: Vec<Load> = if args.rate.is_empty() {
             let concurrency = args.concurrency.iter();
             concurrency

@@ -49,6 +49,9 @@ pub struct ClassSpec {
     /// In a load sweep: the cell's level, an index into the header's `levels`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub level: Option<usize>,
+    /// In a multi-turn workload: the cell's turn (1-based); the label names it (`1024 turn 2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn: Option<u32>,
 }
 
 /// A load sweep's level, as recorded: its load and what the run did at it.
@@ -200,9 +203,10 @@ impl Header {
             .collect()
     }
 
-    /// Measured requests planned: `requests` at each level.
+    /// Measured requests planned: `requests` units at each level, each unit a request or a conversation's
+    /// turns.
     pub fn planned(&self) -> u64 {
-        self.requests * self.levels.len().max(1) as u64
+        self.requests * u64::from(self.shape.turns()) * self.levels.len().max(1) as u64
     }
 
     /// What the analysis needs of it.
@@ -220,6 +224,12 @@ impl Header {
             tail_margin: self.method.tail_margin,
             error_margin: self.method.error_margin,
             stratum: kvab_judge::requests::STRATUM,
+            // A conversation was assigned, not its later turns.
+            unit_start: self
+                .classes
+                .iter()
+                .map(|c| c.turn.is_none_or(|t| t == 1))
+                .collect(),
         }
     }
 }

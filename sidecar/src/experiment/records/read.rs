@@ -418,7 +418,7 @@ fn read_record(fields: &mut Fields, header: &Header) -> Result<(u64, Outcome), S
     let group: Option<u32> = fields.take_or("group", None)?;
     let groups = match header.shape {
         Shape::SharedPrefix { groups, .. } => groups,
-        Shape::Unique => 0,
+        Shape::Unique | Shape::MultiTurn { .. } => 0,
     };
     check(
         group.is_none_or(|g| g < groups),

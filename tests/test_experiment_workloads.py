@@ -1,0 +1,63 @@
+"""`kvab experiment`'s workloads beyond unique prompts, end to end on the local stack (the real Envoy with the
+filter, the local arms): multi-turn conversations randomized and analysed as units, each turn a cell, a
+failed turn counting the conversation's later turns against its arm; shared-prefix groups whose reuse the
+report states, and the arms' prefix caches (the NVLink arm's small, the FS arm's large) making the FS arm
+the faster one where the working set exceeds the NVLink arm's cache."""
+
+import json
+import subprocess
+
+from kvablocal.sidecar import kvab_binary
+from test_experiment import experiment, judge, primary, without_judged_fields
+
+
+def test_conversations_are_the_units_and_every_turn_of_a_broken_one_counts(stack, tmp_path):
+    s = stack(nvlink_delay=0.0, fs_delay=0.0, fail_fraction={"fs": 0.15}, seed=4)
+    records = tmp_path / "conversations.jsonl"
+    code, report = experiment(
+        s, "--prompt-tokens", "512", "--workload", "multi-turn", "--turns", "3", "--think-time", "0.005",
+        "--requests", "80", "--warmup", "4", "--max-tokens", "4", "--seed", "21", "--records", str(records))
+    assert code in (0, 2), report["reasons"]
+    assert report["workload"]["kind"] == "multi-turn" and report["workload"]["turns"] == 3
+    cells = {c["label"]: c for c in report["classes"]}
+    assert list(cells) == ["512 turn 1", "512 turn 2", "512 turn 3"]
+    # The assignment check counts conversations (80), not their 240 requests.
+    planned = report["assignment"]["planned"]
+    assert sum(planned.values()) == 80 and report["assignment"]["srm_ok"], report["assignment"]
+    # Every conversation has a measured outcome at every turn: a broken one's later turns are its arm's
+    # failures, never left out.
+    errors = {e["class"]: e["arms"] for e in report["errors"]}
+    for label in cells:
+        assert {arm: counts["requests"] for arm, counts in errors[label].items()} == planned, (label, errors)
+    broken = errors["512 turn 3"]["fs"]["errors"]
+    assert broken >= errors["512 turn 1"]["fs"]["errors"] > 0, errors
+    assert errors["512 turn 3"]["nvlink"]["errors"] == 0
+    lines = [json.loads(line) for line in records.read_text().splitlines()[1:]]
+    never_sent = [r for r in lines if (r["error"] or "").startswith("conversation broken at turn")]
+    assert never_sent and all(r["assigned"] == "fs" and r["status"] is None for r in never_sent)
+    # Each turn sends the conversation so far: the server counts the earlier messages and answers.
+    measured = {label: c["measured_prompt_tokens"] for label, c in cells.items()}
+    assert 512 <= measured["512 turn 1"] < 530, measured
+    assert measured["512 turn 2"] > 2 * 512 and measured["512 turn 3"] > 3 * 512, measured
+    reuse = {r["class"]: r["arms"]["nvlink"] for r in report["workload"]["reuse"]}
+    assert reuse["512 turn 1"]["repeated"] == 0 and reuse["512 turn 1"]["shared_tokens"] == 0
+    assert 0.45 < reuse["512 turn 2"]["shared_fraction"] < 0.55, reuse
+    assert 0.6 < reuse["512 turn 3"]["shared_fraction"] < 0.7, reuse
+    # A turn cell's comparison has one request per conversation on each side: its units.
+    assert all(sum(c["n"].values()) <= 80 for c in report["comparisons"])
+    _, again = judge(records)
+    assert without_judged_fields(again) == without_judged_fields(report)
+
+
+def test_the_workload_flags_are_checked_before_any_traffic(stack):
+    s = stack()
+    for args, says in [
+        (["--workload", "multi-turn", "--endpoint", "completions"], "needs --endpoint chat"),
+        (["--workload", "shared-prefix", "--prompt-tokens", "64", "--suffix-tokens", "64"], "leaves no prefix"),
+        (["--workload", "multi-turn", "--turns", "1"], "--turns"),
+    ]:
+        done = subprocess.run([kvab_binary(), "experiment", "--gateway-url", s.urls()["gateway"], *args],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 3 and says in done.stderr, (args, done.stderr)
+        assert done.stderr.count("\n") <= 3, done.stderr
+    assert sum(arm.succeeded for arm in s.arms.values()) == 0, "no completion was sent"
