@@ -17,8 +17,8 @@ so they are alike at short prompts and apart at long ones: the experiment should
 KVAB_NVLINK_DELAY_MS and KVAB_FS_DELAY_MS (default 0) add a fixed time before each arm's first token.
 Each arm has a prefix cache: KVAB_NVLINK_CACHE_TOKENS (default 131072, the prefill GPU's memory) and
 KVAB_FS_CACHE_TOKENS (default 4194304, the shared storage) tokens; 0 turns it off. A hit skips the
-prefill of the cached tokens, not their transfer (the experiment's synthetic prompts each begin with a
-unique word: no hits).
+prefill of the cached tokens, not their transfer (the experiment's default prompts each begin with a
+unique word, so nothing hits; `--workload shared-prefix` and `multi-turn` repeat prefixes).
 KVAB_<ARM>_FAIL_FRACTION (default 0) answers that fraction of the arm's completions 503;
 KVAB_<ARM>_STALL_FRACTION (default 0) multiplies that fraction's time to first token by
 KVAB_<ARM>_STALL_FACTOR (default 6); KVAB_ARM_SEED (default 0) seeds which ones (ARM: NVLINK or FS).

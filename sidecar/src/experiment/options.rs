@@ -132,8 +132,8 @@ pub struct ExperimentArgs {
     /// The shape of the synthetic prompts: unique (no prefix shared: every request moves its whole KV
     /// cache), shared-prefix (each prompt a group's prefix and a unique suffix of --suffix-tokens; the
     /// groups of a class drawn by Zipf popularity, --prefix-groups and --zipf), or multi-turn
-    /// (conversations of --turns turns, each on one arm, each turn a message of the class's size sent with
-    /// the conversation so far, --think-time apart).
+    /// (conversations of --turns turns, each on one arm, each turn a message of the class's size sent
+    /// with the conversation so far, the turns --think-time apart).
     #[arg(
         long,
         value_enum,
