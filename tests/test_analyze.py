@@ -36,7 +36,10 @@ def untagged(port: int) -> int:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     work = tmp_path_factory.mktemp("analyze")
-    stack = Stack(workdir=work / "stack", nvlink_delay=0.0, fs_delay=0.0, filter_config=SPLIT)
+    # The one prompt sent 400 times would be served from the arms' prefix caches; without them every request
+    # prefills and moves its whole KV cache, as the experiment's unique prompts do.
+    stack = Stack(workdir=work / "stack", nvlink_delay=0.0, fs_delay=0.0, filter_config=SPLIT,
+                  nvlink_cache_tokens=0, fs_cache_tokens=0)
     prometheus = Prometheus(scrape_interval="500ms", workdir=work / "prometheus")
     try:
         stack.start()

@@ -61,3 +61,41 @@ def test_the_workload_flags_are_checked_before_any_traffic(stack):
         assert done.returncode == 3 and says in done.stderr, (args, done.stderr)
         assert done.stderr.count("\n") <= 3, done.stderr
     assert sum(arm.succeeded for arm in s.arms.values()) == 0, "no completion was sent"
+
+
+def sharegpt_file(path, conversations=24):
+    """A small conversations file in the ShareGPT layout: the human turns' lengths vary, each gpt reply is
+    6 words (8 tokens by kvab's estimate), and every fourth conversation has one human turn only."""
+    entries = []
+    for i in range(conversations):
+        turns = [{"from": "system", "value": "be brief"}]
+        for turn in range(1 if i % 4 == 3 else 2):
+            turns.append({"from": "human", "value": " ".join([f"q{i}-{turn}"] + ["word"] * (20 + 10 * (i % 5)))})
+            turns.append({"from": "gpt", "value": "one two three four five six"})
+        entries.append({"id": f"c{i}", "conversations": turns})
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def test_a_sharegpt_file_gives_prompts_or_conversations_and_the_answers_lengths(stack, tmp_path):
+    s = stack(nvlink_delay=0.0, fs_delay=0.0)
+    data = sharegpt_file(tmp_path / "sharegpt.json")
+    records = tmp_path / "single.jsonl"
+    code, report = experiment(s, "--prompts", str(data), "--requests", "48", "--warmup", "0", "--seed", "3",
+                              "--records", str(records))
+    assert code in (0, 2) and [c["label"] for c in report["classes"]] == ["sharegpt"], report["classes"]
+    lines = [json.loads(line) for line in records.read_text().splitlines()[1:]]
+    # Each answer as long as the dataset's reply (8 tokens), not --max-tokens' 32.
+    assert len(lines) == 48 and all(r["output_tokens"] == 8 for r in lines), {r["output_tokens"] for r in lines}
+    code, report = experiment(s, "--prompts", str(data), "--workload", "multi-turn", "--turns", "2",
+                              "--requests", "36", "--warmup", "0", "--seed", "3")
+    assert [c["label"] for c in report["classes"]] == ["sharegpt turn 1", "sharegpt turn 2"]
+    assert sum(report["assignment"]["planned"].values()) == 36
+    turn2 = next(c for c in report["classes"] if c["label"] == "sharegpt turn 2")
+    turn1 = next(c for c in report["classes"] if c["label"] == "sharegpt turn 1")
+    assert turn2["measured_prompt_tokens"] > 2 * turn1["measured_prompt_tokens"], (turn1, turn2)
+    lines_file = tmp_path / "lines.jsonl"
+    lines_file.write_text('{"prompt": "a b c"}\n')
+    done = subprocess.run([kvab_binary(), "experiment", "--gateway-url", s.urls()["gateway"], "--prompts",
+                           str(lines_file), "--workload", "multi-turn"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3 and "ShareGPT JSON file" in done.stderr, done.stderr

@@ -45,12 +45,7 @@ impl Shape {
             think_time_s,
         } = *self
         {
-            if sizes.is_none() {
-                return Err(
-                    "multi-turn builds synthetic conversations; prompts from a file have their own"
-                        .into(),
-                );
-            }
+            // Synthetic conversations, or a conversations file's (checked when it is read).
             if !(2..=64).contains(&turns) || !(0.0..=3600.0).contains(&think_time_s) {
                 return Err(
                     "multi-turn wants 2 to 64 turns and a think time of 0 to 3600 s".into(),

@@ -11,10 +11,12 @@ use serde_json::{json, Value};
 use kvab_serve::client::{HttpClient, Request};
 
 use super::measure::{execute, Exchange, Outcome};
+use super::sharegpt::Turn;
 
 pub struct Conversation {
-    /// Each turn's user message.
-    pub users: Vec<String>,
+    /// Each turn's user message, and its answer's length where a conversations file gives one (else the
+    /// template's `max_tokens`).
+    pub users: Vec<Turn>,
     /// The request body without its messages.
     pub template: Value,
     pub url: String,
@@ -40,9 +42,12 @@ pub async fn converse(
         if turn > 0 && !conversation.think.is_zero() {
             tokio::time::sleep(conversation.think).await;
         }
-        messages.push(json!({"role": "user", "content": user}));
+        messages.push(json!({"role": "user", "content": user.user}));
         let mut body = conversation.template.clone();
         body["messages"] = Value::Array(messages.clone());
+        if let Some(max_tokens) = user.max_tokens {
+            body["max_tokens"] = max_tokens.into();
+        }
         let request = Request::post_json(conversation.url.clone(), &body)
             .with_header(&exchange.header, &conversation.arm);
         let unmeasured = Outcome {

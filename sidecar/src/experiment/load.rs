@@ -19,6 +19,7 @@ use super::assign::Assigner;
 use super::conversation::{self, Conversation};
 use super::measure::{execute, Exchange, Outcome};
 use super::options::{Load, Options};
+use super::sharegpt::Turn;
 use super::workload::{self, Class, SharedPrefix};
 use kvab_judge::reuse::Shape;
 
@@ -126,14 +127,28 @@ impl Generator {
             group,
             work,
         };
-        if let (Some(tokens), Some(think)) = (spec.prompt_tokens, self.think) {
-            // Each turn's message unique from its first word; the conversation so far is its prefix.
-            let users = (0..self.turns)
-                .map(|turn| {
-                    let first = format!("{unique}-t{}", turn + 1);
-                    workload::synthetic_prompt(&first, tokens, &mut self.rng)
-                })
-                .collect();
+        if let Some(think) = self.think {
+            let users = match spec.prompt_tokens {
+                // Each turn's message unique from its first word; the conversation so far is its prefix.
+                Some(tokens) => (0..self.turns)
+                    .map(|turn| Turn {
+                        user: workload::synthetic_prompt(
+                            &format!("{unique}-t{}", turn + 1),
+                            tokens,
+                            &mut self.rng,
+                        ),
+                        max_tokens: None,
+                    })
+                    .collect(),
+                None => {
+                    let cursor = self.cursor.get_mut(class)?;
+                    let taken = spec
+                        .conversations
+                        .get(*cursor % spec.conversations.len().max(1))?;
+                    *cursor += 1;
+                    taken.clone()
+                }
+            };
             let conversation = Conversation {
                 users,
                 template: workload::body(&self.options, Value::Array(Vec::new())),
@@ -143,6 +158,7 @@ impl Generator {
             };
             return Some(job(Work::Conversation(conversation), None));
         }
+        let mut max_tokens = None;
         let prompt = match spec.prompt_tokens {
             // The seed in the prompt's first unique word keeps two runs' prompts apart too, the number
             // (counted over the levels) two requests of one run.
@@ -156,15 +172,17 @@ impl Generator {
             }),
             None => {
                 let cursor = self.cursor.get_mut(class)?;
-                let prompt = spec
-                    .prompts
-                    .get(*cursor % spec.prompts.len().max(1))?
-                    .clone();
+                let taken = *cursor % spec.prompts.len().max(1);
                 *cursor += 1;
-                prompt
+                max_tokens = spec.max_tokens.get(taken).copied().flatten();
+                spec.prompts.get(taken)?.clone()
             }
         };
-        let body = workload::body(&self.options, prompt);
+        let mut body = workload::body(&self.options, prompt);
+        if let Some(max_tokens) = max_tokens {
+            // The answer's length a conversations file gives.
+            body["max_tokens"] = max_tokens.into();
+        }
         let request =
             Request::post_json(self.url.clone(), &body).with_header(&self.options.header, arm_name);
         Some(job(Work::Request(request), group))

@@ -16,6 +16,7 @@ pub mod measure;
 pub mod options;
 mod progress;
 pub mod records;
+mod sharegpt;
 pub mod workload;
 
 use std::process::ExitCode;

@@ -13,6 +13,7 @@ use rand::{Rng, RngExt, SeedableRng};
 use serde_json::{json, Value};
 
 use super::options::{Endpoint, Options, Workload};
+use super::sharegpt::{self, Turn};
 
 /// Words that are one token each in common BPE vocabularies (with their leading space).
 const WORDS: &[&str] = &[
@@ -34,6 +35,10 @@ pub struct Class {
     pub prompt_tokens: Option<u32>,
     /// For file prompts: the prompts of this class (`prompt` string or `messages` array), taken in turn.
     pub prompts: Vec<Value>,
+    /// For a conversations file (ShareGPT): each prompt's answer length, where the file gives one; and
+    /// with `--workload multi-turn`, the conversations (taken in turn) instead of prompts.
+    pub max_tokens: Vec<Option<u32>>,
+    pub conversations: Vec<Vec<Turn>>,
 }
 
 /// The classes of the run, in report order.
@@ -45,8 +50,38 @@ pub fn classes(options: &Options) -> Result<Vec<Class>, String> {
                 label: format!("{tokens}"),
                 prompt_tokens: Some(tokens),
                 prompts: Vec::new(),
+                max_tokens: Vec::new(),
+                conversations: Vec::new(),
             })
             .collect()),
+        Workload::File(path) if sharegpt::is_sharegpt(path)? => {
+            let turns = options.shape.turns() as usize;
+            let (conversations, _) = sharegpt::read(path, turns)?;
+            let mut class = Class {
+                label: "sharegpt".into(),
+                prompt_tokens: None,
+                prompts: Vec::new(),
+                max_tokens: Vec::new(),
+                conversations: Vec::new(),
+            };
+            if turns > 1 {
+                class.conversations = conversations;
+            } else {
+                for turn in conversations.into_iter().flatten() {
+                    class.prompts.push(match options.endpoint {
+                        Endpoint::Chat => json!([{"role": "user", "content": turn.user}]),
+                        Endpoint::Completions => Value::String(turn.user),
+                    });
+                    class.max_tokens.push(turn.max_tokens);
+                }
+            }
+            Ok(vec![class])
+        }
+        Workload::File(path) if options.shape.turns() > 1 => Err(format!(
+            "--prompts {}: --workload multi-turn reads conversations from a ShareGPT JSON file (a JSON \
+             array), not JSON Lines",
+            path.display()
+        )),
         Workload::File(path) => read_prompts(path, options.endpoint),
     }
 }
@@ -106,6 +141,8 @@ fn read_prompts(path: &Path, endpoint: Endpoint) -> Result<Vec<Class>, String> {
                 label,
                 prompt_tokens: None,
                 prompts: vec![prompt],
+                max_tokens: Vec::new(),
+                conversations: Vec::new(),
             }),
             None => return Err(format!("{}: more than {MAX_CLASSES} classes", at())),
         }
