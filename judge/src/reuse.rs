@@ -30,6 +30,36 @@ pub enum Shape {
 }
 
 impl Shape {
+    /// `unique`, `shared-prefix`, `multi-turn`: how labels name the shape.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Shape::Unique => "unique",
+            Shape::SharedPrefix { .. } => "shared-prefix",
+            Shape::MultiTurn { .. } => "multi-turn",
+        }
+    }
+
+    /// `shared-prefix: 16 groups per class (Zipf 1), unique suffix of 64 tokens`, or `unique prompts`.
+    pub fn text(&self) -> String {
+        match *self {
+            Shape::Unique => "unique prompts (no prefix shared)".into(),
+            Shape::SharedPrefix {
+                groups,
+                suffix_tokens,
+                zipf,
+            } => format!(
+                "shared-prefix: {groups} groups per class (Zipf {zipf}), unique suffix of {suffix_tokens} tokens"
+            ),
+            Shape::MultiTurn {
+                turns,
+                think_time_s,
+            } => format!(
+                "multi-turn: conversations of {turns} turns, {think_time_s} s between them, each on one arm \
+                 (the unit of randomization), each turn a cell"
+            ),
+        }
+    }
+
     /// Requests per unit of randomization: a conversation's turns, else 1.
     pub fn turns(&self) -> u32 {
         match *self {
@@ -82,38 +112,30 @@ impl Shape {
     }
 }
 
-/// The report's `workload`: the shape, and for a shared-prefix workload each cell's reuse.
+/// The report's `workload`: the run's shapes and, for the cells of a shared-prefix or multi-turn shape,
+/// their reuse.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Workload {
-    #[serde(flatten)]
-    pub shape: Shape,
+    /// One, or several (each class at each shape: the cells of a class × workload grid).
+    pub shapes: Vec<Shape>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub reuse: Vec<Reuse>,
 }
 
+/// Requests per unit of randomization over a run's shapes (a multi-turn shape is never mixed with another).
+pub fn turns_of(shapes: &[Shape]) -> u32 {
+    shapes.iter().map(Shape::turns).max().unwrap_or(1)
+}
+
 impl Workload {
-    /// `shared-prefix: 16 groups per class (Zipf 1), unique suffix of 64 tokens`, or `unique prompts`.
+    /// The shapes, `; `-separated.
     pub fn text(&self) -> String {
-        match self.shape {
-            Shape::Unique => "unique prompts (no prefix shared)".into(),
-            Shape::SharedPrefix {
-                groups,
-                suffix_tokens,
-                zipf,
-            } => format!(
-                "shared-prefix: {groups} groups per class (Zipf {zipf}), unique suffix of {suffix_tokens} tokens"
-            ),
-            Shape::MultiTurn {
-                turns,
-                think_time_s,
-            } => format!(
-                "multi-turn: conversations of {turns} turns, {think_time_s} s between them, each on one arm \
-                 (the unit of randomization), each turn a cell"
-            ),
-        }
+        let texts: Vec<String> = self.shapes.iter().map(Shape::text).collect();
+        texts.join("; ")
     }
 
-    /// Per cell, `8192: nvlink 90/100 repeated (88.6 % of tokens), fs ...`: the reuse by construction.
+    /// Per cell, `8192 (prefix 8128 tokens): nvlink 90/100 repeated (88.6 % of tokens), fs ...`: the reuse
+    /// by construction.
     pub fn reuse_lines(&self) -> Vec<String> {
         self.reuse
             .iter()
@@ -130,12 +152,11 @@ impl Workload {
                         )
                     })
                     .collect();
-                format!(
-                    "{} (prefix {} tokens): {}",
-                    r.class,
-                    r.prefix_tokens,
-                    arms.join(", ")
-                )
+                let prefix = match r.prefix_tokens {
+                    0 => String::new(),
+                    tokens => format!(" (prefix {tokens} tokens)"),
+                };
+                format!("{}{prefix}: {}", r.class, arms.join(", "))
             })
             .collect()
     }
@@ -173,76 +194,33 @@ pub struct Cell {
     pub prompt_tokens: Option<u32>,
     /// A multi-turn conversation's turn (1-based).
     pub turn: Option<u32>,
+    /// The cell's workload shape.
+    pub shape: Shape,
 }
 
-/// Per cell, the reuse of a shared-prefix or multi-turn workload; empty for unique prompts. `outcomes` in
+/// The reuse of every cell of a shared-prefix or multi-turn shape (none for unique prompts). `outcomes` in
 /// measured order (a sweep's levels one after the other: an arm's cache carries over).
-pub fn reuse(shape: Shape, cells: &[Cell], arms: &[String], outcomes: &[Outcome]) -> Vec<Reuse> {
-    let suffix_tokens = match shape {
-        Shape::Unique => return Vec::new(),
-        Shape::MultiTurn { .. } => return conversation_reuse(cells, arms, outcomes),
-        Shape::SharedPrefix { suffix_tokens, .. } => suffix_tokens,
-    };
-    let prefix = |cell: &Cell| {
-        cell.prompt_tokens
-            .unwrap_or(0)
-            .saturating_sub(suffix_tokens)
-    };
+pub fn reuse(cells: &[Cell], arms: &[String], outcomes: &[Outcome]) -> Vec<Reuse> {
     let mut out: Vec<Reuse> = cells
         .iter()
         .map(|cell| Reuse {
             class: cell.label.clone(),
-            prefix_tokens: prefix(cell),
+            prefix_tokens: match cell.shape {
+                Shape::SharedPrefix { suffix_tokens, .. } => cell
+                    .prompt_tokens
+                    .unwrap_or(0)
+                    .saturating_sub(suffix_tokens),
+                _ => 0,
+            },
             arms: arms
                 .iter()
                 .map(|arm| (arm.clone(), ArmReuse::default()))
                 .collect(),
         })
         .collect();
+    // Shared-prefix: the groups each arm was sent, per workload class. Multi-turn: per cell and arm, the
+    // prompt tokens the server counted.
     let mut seen: HashSet<(usize, &str, u32)> = HashSet::new();
-    for o in outcomes {
-        let (Some(group), Some(cell), Some(arm)) =
-            (o.group, cells.get(o.class), arms.get(o.assigned))
-        else {
-            continue;
-        };
-        let repeated = !seen.insert((o.assigned, cell.class.as_str(), group));
-        let Some(counts) = out.get_mut(o.class).and_then(|r| r.arms.get_mut(arm)) else {
-            continue;
-        };
-        counts.requests += 1;
-        counts.repeated += u64::from(repeated);
-    }
-    for (reuse, cell) in out.iter_mut().zip(cells) {
-        let size = u64::from(cell.prompt_tokens.unwrap_or(0));
-        for counts in reuse.arms.values_mut() {
-            counts.shared_tokens = counts.repeated * u64::from(reuse.prefix_tokens);
-            let sent = counts.requests * size;
-            counts.shared_fraction = if sent > 0 {
-                counts.shared_tokens as f64 / sent as f64
-            } else {
-                0.0
-            };
-        }
-    }
-    out
-}
-
-/// A multi-turn workload's reuse: every turn after the first sends the conversation so far again, its
-/// prompt tokens beyond the new message (by the server's count, where it reported one).
-fn conversation_reuse(cells: &[Cell], arms: &[String], outcomes: &[Outcome]) -> Vec<Reuse> {
-    let mut out: Vec<Reuse> = cells
-        .iter()
-        .map(|cell| Reuse {
-            class: cell.label.clone(),
-            prefix_tokens: 0,
-            arms: arms
-                .iter()
-                .map(|arm| (arm.clone(), ArmReuse::default()))
-                .collect(),
-        })
-        .collect();
-    // Per cell and arm, the prompt tokens the server counted.
     let mut sent: BTreeMap<(usize, &str), u64> = BTreeMap::new();
     for o in outcomes {
         let (Some(cell), Some(arm)) = (cells.get(o.class), arms.get(o.assigned)) else {
@@ -251,19 +229,36 @@ fn conversation_reuse(cells: &[Cell], arms: &[String], outcomes: &[Outcome]) -> 
         let Some(counts) = out.get_mut(o.class).and_then(|r| r.arms.get_mut(arm)) else {
             continue;
         };
-        counts.requests += 1;
-        let later = cell.turn.is_some_and(|t| t > 1);
-        counts.repeated += u64::from(later);
-        if let Some(prompt) = o.prompt_tokens {
-            *sent.entry((o.class, arm.as_str())).or_default() += prompt;
-            if later {
+        match cell.shape {
+            Shape::Unique => {}
+            Shape::SharedPrefix { .. } => {
+                let Some(group) = o.group else { continue };
+                let repeated = !seen.insert((o.assigned, cell.class.as_str(), group));
+                counts.requests += 1;
+                counts.repeated += u64::from(repeated);
                 let size = u64::from(cell.prompt_tokens.unwrap_or(0));
-                counts.shared_tokens += prompt.saturating_sub(size);
+                *sent.entry((o.class, arm.as_str())).or_default() += size;
+            }
+            Shape::MultiTurn { .. } => {
+                counts.requests += 1;
+                let later = cell.turn.is_some_and(|t| t > 1);
+                counts.repeated += u64::from(later);
+                if let Some(prompt) = o.prompt_tokens {
+                    *sent.entry((o.class, arm.as_str())).or_default() += prompt;
+                    if later {
+                        let size = u64::from(cell.prompt_tokens.unwrap_or(0));
+                        counts.shared_tokens += prompt.saturating_sub(size);
+                    }
+                }
             }
         }
     }
     for (class, reuse) in out.iter_mut().enumerate() {
+        let prefix = u64::from(reuse.prefix_tokens);
         for (arm, counts) in reuse.arms.iter_mut() {
+            if prefix > 0 {
+                counts.shared_tokens = counts.repeated * prefix;
+            }
             let total = sent.get(&(class, arm.as_str())).copied().unwrap_or(0);
             counts.shared_fraction = if total > 0 {
                 counts.shared_tokens as f64 / total as f64
@@ -272,7 +267,12 @@ fn conversation_reuse(cells: &[Cell], arms: &[String], outcomes: &[Outcome]) -> 
             };
         }
     }
-    out
+    // Unique prompts share nothing by construction: no entry.
+    out.into_iter()
+        .zip(cells)
+        .filter(|(_, cell)| cell.shape != Shape::Unique)
+        .map(|(reuse, _)| reuse)
+        .collect()
 }
 
 #[cfg(test)]
@@ -292,6 +292,7 @@ mod tests {
             class: "1024".into(),
             prompt_tokens: Some(1024),
             turn: None,
+            shape,
         };
         let cells = [cell("1024 @ c=1"), cell("1024 @ c=8")];
         let arms = ["nvlink".to_string(), "fs".to_string()];
@@ -303,13 +304,17 @@ mod tests {
         };
         // Group 1 to nvlink twice (once per level), to fs once; group 2 to fs once.
         let outcomes = [sent(0, 0, 1), sent(0, 1, 1), sent(1, 0, 1), sent(1, 1, 2)];
-        let reuse = reuse(shape, &cells, &arms, &outcomes);
+        let reuse = reuse(&cells, &arms, &outcomes);
         assert_eq!(reuse[0].prefix_tokens, 1000);
         assert_eq!(reuse[0].arms["nvlink"].repeated, 0);
         assert_eq!(reuse[1].arms["nvlink"].repeated, 1);
         assert_eq!(reuse[1].arms["nvlink"].shared_tokens, 1000);
         assert!((reuse[1].arms["nvlink"].shared_fraction - 1000.0 / 1024.0).abs() < 1e-12);
         assert_eq!(reuse[1].arms["fs"].repeated, 0);
-        assert!(super::reuse(Shape::Unique, &cells, &arms, &outcomes).is_empty());
+        let unique = cells.map(|c| Cell {
+            shape: Shape::Unique,
+            ..c
+        });
+        assert!(super::reuse(&unique, &arms, &outcomes).is_empty());
     }
 }

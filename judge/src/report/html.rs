@@ -484,7 +484,7 @@ mod tests {
             },
             sweep: None,
             workload: crate::reuse::Workload {
-                shape: crate::reuse::Shape::Unique,
+                shapes: vec![crate::reuse::Shape::Unique],
                 reuse: Vec::new(),
             },
         }

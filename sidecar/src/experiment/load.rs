@@ -21,7 +21,7 @@ use super::measure::{execute, Exchange, Outcome};
 use super::options::{Load, Options};
 use super::sharegpt::Turn;
 use super::workload::{self, Class, SharedPrefix};
-use kvab_judge::reuse::Shape;
+use kvab_judge::reuse::{turns_of, Shape};
 
 /// One unit of randomization to send: a request, or a multi-turn conversation.
 pub struct Job {
@@ -79,15 +79,14 @@ impl Generator {
             next: 0,
             total: options.warmup + options.requests,
             level,
-            turns: options.shape.turns() as usize,
-            think: match options.shape {
+            turns: turns_of(&options.shapes) as usize,
+            think: options.shapes.iter().find_map(|shape| match *shape {
                 Shape::MultiTurn { think_time_s, .. } => {
                     Some(Duration::from_secs_f64(think_time_s))
                 }
                 _ => None,
-            },
-            shared: match options.shape {
-                Shape::Unique | Shape::MultiTurn { .. } => None,
+            }),
+            shared: options.shapes.iter().find_map(|shape| match *shape {
                 Shape::SharedPrefix {
                     groups,
                     suffix_tokens,
@@ -96,7 +95,8 @@ impl Generator {
                     SharedPrefix::new(options.seed, groups, suffix_tokens, zipf),
                     ChaCha8Rng::seed_from_u64(seed ^ 0x6b76_6162_6772_6f75),
                 )),
-            },
+                _ => None,
+            }),
             cursor: vec![0; classes.len()],
             classes,
             url: format!("{gateway}{}", options.path),
@@ -162,13 +162,13 @@ impl Generator {
         let prompt = match spec.prompt_tokens {
             // The seed in the prompt's first unique word keeps two runs' prompts apart too, the number
             // (counted over the levels) two requests of one run.
-            Some(tokens) => Value::String(match &mut self.shared {
-                None => workload::synthetic_prompt(&unique, tokens, &mut self.rng),
-                Some((shared, groups)) => {
+            Some(tokens) => Value::String(match (&mut self.shared, spec.shape) {
+                (Some((shared, groups)), Shape::SharedPrefix { .. }) => {
                     let drawn = shared.group(groups);
                     group = Some(drawn);
                     shared.prompt(class, drawn, tokens, &unique, &mut self.rng)
                 }
+                _ => workload::synthetic_prompt(&unique, tokens, &mut self.rng),
             }),
             None => {
                 let cursor = self.cursor.get_mut(class)?;
@@ -287,7 +287,7 @@ pub fn start(
         arms: options.arms.clone().into(),
         header: options.header.as_str().into(),
         stream: options.stream,
-        turns: u64::from(options.shape.turns()),
+        turns: u64::from(turns_of(&options.shapes)),
     };
     match *load {
         Load::Closed { concurrency } => {

@@ -244,12 +244,14 @@ mod tests {
                     prompt_tokens: Some(128),
                     level: None,
                     turn: None,
+                    workload: None,
                 },
                 ClassSpec {
                     label: "2048".into(),
                     prompt_tokens: Some(2048),
                     level: None,
                     turn: None,
+                    workload: None,
                 },
             ],
             stream: true,
@@ -277,7 +279,7 @@ mod tests {
             },
             levels: Vec::new(),
             slo: None,
-            shape: kvab_judge::reuse::Shape::Unique,
+            shapes: vec![kvab_judge::reuse::Shape::Unique],
         }
     }
 

@@ -29,7 +29,7 @@ use crate::cluster;
 use crate::output::{self, Failure};
 use kvab_judge::report::{experiment as report, html};
 use kvab_judge::requests as analysis;
-use kvab_judge::reuse::{self, Workload};
+use kvab_judge::reuse::{self, turns_of, Workload};
 use kvab_judge::stats::format_p;
 use kvab_judge::sweep::Cell;
 use kvab_judge::verdict::per_arm;
@@ -84,11 +84,12 @@ fn header(options: &Options, classes: &[workload::Class]) -> Header {
         true => (0..options.levels.len()).map(Some).collect(),
         false => vec![None],
     };
-    let turns: Vec<Option<u32>> = match options.shape.turns() {
+    let turns: Vec<Option<u32>> = match turns_of(&options.shapes) {
         1 => vec![None],
         turns => (1..=turns).map(Some).collect(),
     };
     let turns = &turns;
+    let (shapes, several) = (&options.shapes, options.shapes.len() > 1);
     let load_spec = |load: &Load| match *load {
         Load::Closed { concurrency } => LoadSpec::Closed { concurrency },
         Load::Open { rate, .. } => LoadSpec::Open { rate },
@@ -108,6 +109,9 @@ fn header(options: &Options, classes: &[workload::Class]) -> Header {
                         prompt_tokens: c.prompt_tokens,
                         level,
                         turn,
+                        workload: several
+                            .then(|| shapes.iter().position(|s| *s == c.shape))
+                            .flatten(),
                     })
                 })
             })
@@ -159,7 +163,7 @@ fn header(options: &Options, classes: &[workload::Class]) -> Header {
             false => Vec::new(),
         },
         slo: options.slo,
-        shape: options.shape,
+        shapes: options.shapes.clone(),
     }
 }
 
@@ -220,7 +224,7 @@ async fn run(options: &Options) -> Result<(Report, Samples), String> {
         let (sender, mut receiver) = mpsc::unbounded_channel::<(u64, Outcome)>();
         let mut senders = load::start(shared.clone(), options, load, sender);
         // Measured requests: a conversation's turns each (--warmup and --requests count conversations).
-        let per_unit = u64::from(options.shape.turns());
+        let per_unit = u64::from(turns_of(&options.shapes));
         let (warmup, requests) = (options.warmup * per_unit, options.requests * per_unit);
         let offset = level as u64 * requests;
         let mut last_answer = None;
@@ -391,6 +395,7 @@ fn assemble(
             class: c.label.clone(),
             prompt_tokens: c.prompt_tokens,
             turn: c.turn,
+            shape: header.shape_of(c),
         })
         .collect();
     let sweep = (!header.levels.is_empty()).then(|| {
@@ -469,8 +474,8 @@ fn assemble(
         },
         sweep,
         workload: Workload {
-            shape: header.shape,
-            reuse: reuse::reuse(header.shape, &reuse_cells, &header.arms, &ended.analyzed),
+            shapes: header.shapes.clone(),
+            reuse: reuse::reuse(&reuse_cells, &header.arms, &ended.analyzed),
         },
     }
 }

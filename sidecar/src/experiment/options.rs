@@ -133,15 +133,18 @@ pub struct ExperimentArgs {
     /// cache), shared-prefix (each prompt a group's prefix and a unique suffix of --suffix-tokens; the
     /// groups of a class drawn by Zipf popularity, --prefix-groups and --zipf), or multi-turn
     /// (conversations of --turns turns, each on one arm, each turn a message of the class's size sent
-    /// with the conversation so far, the turns --think-time apart).
+    /// with the conversation so far, the turns --think-time apart). Several (unique,shared-prefix) make
+    /// each class a cell at each workload; multi-turn goes alone.
     #[arg(
         long,
         value_enum,
+        value_name = "KIND,...",
+        value_delimiter = ',',
         default_value = "unique",
         env = "KVAB_EXPERIMENT_WORKLOAD",
         help_heading = "Workload"
     )]
-    workload: WorkloadKind,
+    workload: Vec<WorkloadKind>,
     /// shared-prefix: prefix groups per class (1-100000).
     #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=100_000),
           env = "KVAB_EXPERIMENT_PREFIX_GROUPS", help_heading = "Workload")]
@@ -353,7 +356,7 @@ pub enum Plan {
 }
 
 /// `--workload`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum WorkloadKind {
     Unique,
     SharedPrefix,
@@ -386,8 +389,8 @@ pub struct Options {
     pub arms: Vec<String>,
     pub header: String,
     pub workload: Workload,
-    /// The synthetic prompts' shape (`--workload`).
-    pub shape: Shape,
+    /// The synthetic prompts' shapes (`--workload`): one, or several (each class at each).
+    pub shapes: Vec<Shape>,
     pub max_tokens: u32,
     pub path: String,
     pub endpoint: Endpoint,
@@ -480,30 +483,44 @@ impl Options {
             Some(file) => Workload::File(file),
             None => Workload::Synthetic(sizes),
         };
-        let shape = match args.workload {
-            WorkloadKind::Unique => Shape::Unique,
-            WorkloadKind::SharedPrefix => Shape::SharedPrefix {
-                groups: args.prefix_groups,
-                suffix_tokens: args.suffix_tokens,
-                zipf: args.zipf,
-            },
-            WorkloadKind::MultiTurn => Shape::MultiTurn {
-                turns: args.turns,
-                think_time_s: args.think_time,
-            },
-        };
-        if args.workload == WorkloadKind::MultiTurn && args.endpoint != Endpoint::Chat {
+        let mut kinds = args.workload.clone();
+        kinds.sort_unstable();
+        kinds.dedup();
+        let shapes: Vec<Shape> = kinds
+            .iter()
+            .map(|kind| match kind {
+                WorkloadKind::Unique => Shape::Unique,
+                WorkloadKind::SharedPrefix => Shape::SharedPrefix {
+                    groups: args.prefix_groups,
+                    suffix_tokens: args.suffix_tokens,
+                    zipf: args.zipf,
+                },
+                WorkloadKind::MultiTurn => Shape::MultiTurn {
+                    turns: args.turns,
+                    think_time_s: args.think_time,
+                },
+            })
+            .collect();
+        let multi_turn = kinds.contains(&WorkloadKind::MultiTurn);
+        if multi_turn && (kinds.len() > 1 || args.endpoint != Endpoint::Chat) {
             return Err(
-                "--workload multi-turn sends conversations: it needs --endpoint chat".into(),
+                "--workload multi-turn sends conversations: it goes alone (its unit is the \
+                        conversation) and needs --endpoint chat"
+                    .into(),
             );
         }
         let synthetic = match &workload {
             Workload::Synthetic(sizes) => Some(sizes.as_slice()),
+            Workload::File(_) if shapes.len() > 1 => {
+                return Err("--workload: prompts from a file are one workload".into())
+            }
             Workload::File(_) => None,
         };
-        shape
-            .check(synthetic)
-            .map_err(|e| format!("--workload: {e}"))?;
+        for shape in &shapes {
+            shape
+                .check(synthetic)
+                .map_err(|e| format!("--workload: {e}"))?;
+        }
         let levels: Vec<Load> = if args.rate.is_empty() {
             let concurrency = args.concurrency.iter();
             concurrency
@@ -550,7 +567,7 @@ impl Options {
             arms,
             header: args.header,
             workload,
-            shape,
+            shapes,
             max_tokens: args.max_tokens,
             path: args
                 .path
@@ -679,7 +696,7 @@ mod tests {
             suffix_tokens: 256,
             zipf: 0.8,
         };
-        assert_eq!(shared.shape, expected);
+        assert_eq!(shared.shapes, [expected]);
         let short = plan(&["--workload", "shared-prefix", "--prompt-tokens", "64"]).unwrap_err();
         assert!(
             short.contains("a suffix of 64 tokens leaves no prefix"),
@@ -690,7 +707,13 @@ mod tests {
             file.contains("prompts from a file have their own"),
             "{file}"
         );
-        assert!(matches!(plan(&[]), Ok(Plan::Live(o)) if o.shape == Shape::Unique));
+        assert!(matches!(plan(&[]), Ok(Plan::Live(o)) if o.shapes == [Shape::Unique]));
+        let Ok(Plan::Live(both)) = plan(&["--workload", "unique,shared-prefix"]) else {
+            panic!("a live run");
+        };
+        assert_eq!(both.shapes.len(), 2);
+        let mixed = plan(&["--workload", "unique,multi-turn"]).unwrap_err();
+        assert!(mixed.contains("it goes alone"), "{mixed}");
     }
 
     #[test]

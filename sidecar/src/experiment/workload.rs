@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use super::options::{Endpoint, Options, Workload};
 use super::sharegpt::{self, Turn};
+use kvab_judge::reuse::{turns_of, Shape};
 
 /// Words that are one token each in common BPE vocabularies (with their leading space).
 const WORDS: &[&str] = &[
@@ -39,23 +40,32 @@ pub struct Class {
     /// with `--workload multi-turn`, the conversations (taken in turn) instead of prompts.
     pub max_tokens: Vec<Option<u32>>,
     pub conversations: Vec<Vec<Turn>>,
+    /// The workload shape of the class's prompts.
+    pub shape: Shape,
 }
 
 /// The classes of the run, in report order.
 pub fn classes(options: &Options) -> Result<Vec<Class>, String> {
     match &options.workload {
+        // Each size at each shape; with several shapes the label names it (`8192 shared-prefix`).
         Workload::Synthetic(sizes) => Ok(sizes
             .iter()
-            .map(|&tokens| Class {
-                label: format!("{tokens}"),
-                prompt_tokens: Some(tokens),
-                prompts: Vec::new(),
-                max_tokens: Vec::new(),
-                conversations: Vec::new(),
+            .flat_map(|&tokens| {
+                options.shapes.iter().map(move |&shape| Class {
+                    label: match options.shapes.len() {
+                        1 => format!("{tokens}"),
+                        _ => format!("{tokens} {}", shape.kind()),
+                    },
+                    prompt_tokens: Some(tokens),
+                    prompts: Vec::new(),
+                    max_tokens: Vec::new(),
+                    conversations: Vec::new(),
+                    shape,
+                })
             })
             .collect()),
         Workload::File(path) if sharegpt::is_sharegpt(path)? => {
-            let turns = options.shape.turns() as usize;
+            let turns = turns_of(&options.shapes) as usize;
             let (conversations, _) = sharegpt::read(path, turns)?;
             let mut class = Class {
                 label: "sharegpt".into(),
@@ -63,6 +73,7 @@ pub fn classes(options: &Options) -> Result<Vec<Class>, String> {
                 prompts: Vec::new(),
                 max_tokens: Vec::new(),
                 conversations: Vec::new(),
+                shape: options.shapes.first().copied().unwrap_or_default(),
             };
             if turns > 1 {
                 class.conversations = conversations;
@@ -77,7 +88,7 @@ pub fn classes(options: &Options) -> Result<Vec<Class>, String> {
             }
             Ok(vec![class])
         }
-        Workload::File(path) if options.shape.turns() > 1 => Err(format!(
+        Workload::File(path) if turns_of(&options.shapes) > 1 => Err(format!(
             "--prompts {}: --workload multi-turn reads conversations from a ShareGPT JSON file (a JSON \
              array), not JSON Lines",
             path.display()
@@ -143,6 +154,7 @@ fn read_prompts(path: &Path, endpoint: Endpoint) -> Result<Vec<Class>, String> {
                 prompts: vec![prompt],
                 max_tokens: Vec::new(),
                 conversations: Vec::new(),
+                shape: Shape::Unique,
             }),
             None => return Err(format!("{}: more than {MAX_CLASSES} classes", at())),
         }

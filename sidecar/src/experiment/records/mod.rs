@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::looks::Until;
 use super::measure::Outcome;
 use kvab_judge::requests::Design;
-use kvab_judge::reuse::Shape;
+use kvab_judge::reuse::{turns_of, Shape};
 use kvab_judge::sequential::Boundary;
 use kvab_judge::sweep::{Level, Slo};
 
@@ -52,6 +52,9 @@ pub struct ClassSpec {
     /// In a multi-turn workload: the cell's turn (1-based); the label names it (`1024 turn 2`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub turn: Option<u32>,
+    /// With several workloads: the class's, an index into the header's `workloads`; the label names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<usize>,
 }
 
 /// A load sweep's level, as recorded: its load and what the run did at it.
@@ -186,8 +189,8 @@ pub struct Header {
     pub levels: Vec<LevelSpec>,
     /// A load sweep's `--slo`.
     pub slo: Option<Slo>,
-    /// The synthetic prompts' shape (`--workload`).
-    pub shape: Shape,
+    /// The synthetic prompts' shapes (`--workload`): one, or several (each class names its own).
+    pub shapes: Vec<Shape>,
 }
 
 impl Header {
@@ -206,7 +209,13 @@ impl Header {
     /// Measured requests planned: `requests` units at each level, each unit a request or a conversation's
     /// turns.
     pub fn planned(&self) -> u64 {
-        self.requests * u64::from(self.shape.turns()) * self.levels.len().max(1) as u64
+        self.requests * u64::from(turns_of(&self.shapes)) * self.levels.len().max(1) as u64
+    }
+
+    /// The shape of class `c`'s prompts.
+    pub fn shape_of(&self, class: &ClassSpec) -> Shape {
+        let index = class.workload.unwrap_or(0);
+        self.shapes.get(index).copied().unwrap_or_default()
     }
 
     /// What the analysis needs of it.
@@ -269,12 +278,11 @@ struct HeaderLine<'a> {
     levels: &'a [LevelSpec],
     #[serde(skip_serializing_if = "Option::is_none")]
     slo: Option<Slo>,
-    #[serde(skip_serializing_if = "is_unique")]
-    workload: Shape,
-}
-
-fn is_unique(shape: &Shape) -> bool {
-    *shape == Shape::Unique
+    /// One shape but unique prompts': `workload`; several: `workloads`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    workload: Option<Shape>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    workloads: Option<&'a [Shape]>,
 }
 
 /// One measured request, as written.
@@ -333,7 +341,12 @@ pub fn write_to(
         run: &header.run,
         levels: &header.levels,
         slo: header.slo,
-        workload: header.shape,
+        workload: match header.shapes.as_slice() {
+            [Shape::Unique] | [] => None,
+            [shape] => Some(*shape),
+            _ => None,
+        },
+        workloads: (header.shapes.len() > 1).then_some(header.shapes.as_slice()),
     };
     serde_json::to_writer(&mut *out, &line)?;
     out.write_all(b"\n")?;

@@ -305,11 +305,25 @@ fn read_header(fields: &mut Fields) -> Result<Header, String> {
         "at most 64 classes, or in a load sweep 256 cells, each with the index of one of the `levels`",
     )?;
     // Written since the workloads came; a file from before had unique prompts.
-    let shape: Shape = fields.take_or("workload", Shape::Unique)?;
+    let shapes: Vec<Shape> = match fields.take_or::<Option<Shape>>("workload", None)? {
+        Some(shape) => vec![shape],
+        None => fields.take_or("workloads", vec![Shape::Unique])?,
+    };
     let sizes: Option<Vec<u32>> = classes.iter().map(|c| c.prompt_tokens).collect();
-    shape
-        .check(sizes.as_deref())
-        .map_err(|e| format!("field `workload`: {e}"))?;
+    for shape in &shapes {
+        shape
+            .check(sizes.as_deref())
+            .map_err(|e| format!("field `workload`: {e}"))?;
+    }
+    let one_unit = shapes.iter().filter(|s| s.turns() > 1).count() == 0 || shapes.len() == 1;
+    let indexed = classes.iter().all(|c| {
+        c.workload.unwrap_or(0) < shapes.len() && (shapes.len() > 1) == c.workload.is_some()
+    });
+    check(
+        !shapes.is_empty() && shapes.len() <= 3 && one_unit && indexed,
+        "workloads",
+        "one to three shapes (a multi-turn one alone), each class naming its own with several",
+    )?;
     let slo: Option<Slo> = fields.take_or("slo", None)?;
     let slo_ok = slo.is_none_or(|s| {
         let targets = [s.ttft_ms, s.itl_ms, s.e2e_ms];
@@ -348,7 +362,7 @@ fn read_header(fields: &mut Fields) -> Result<Header, String> {
         run,
         levels,
         slo,
-        shape,
+        shapes,
     };
     let mut cells = HashSet::new();
     for label in header.cell_labels() {
@@ -416,9 +430,9 @@ fn read_record(fields: &mut Fields, header: &Header) -> Result<(u64, Outcome), S
     let output_tokens: Option<u64> = fields.take("output_tokens")?;
     // Written for a shared-prefix workload.
     let group: Option<u32> = fields.take_or("group", None)?;
-    let groups = match header.shape {
-        Shape::SharedPrefix { groups, .. } => groups,
-        Shape::Unique | Shape::MultiTurn { .. } => 0,
+    let groups = match header.classes.get(class).map(|c| header.shape_of(c)) {
+        Some(Shape::SharedPrefix { groups, .. }) => groups,
+        _ => 0,
     };
     check(
         group.is_none_or(|g| g < groups),

@@ -222,7 +222,7 @@ fn a_shared_prefix_workload_records_its_shape_and_each_requests_group() {
         suffix_tokens: 16,
         zipf: 1.0,
     };
-    assert_eq!(records.header.shape, shape);
+    assert_eq!(records.header.shapes, [shape]);
     assert_eq!(records.outcomes[0].1.group, Some(3));
     let mut out = Vec::new();
     let slots = [Some(records.outcomes[0].1.clone())];
