@@ -19,7 +19,9 @@ import pytest
 
 from kvablocal import prom
 from kvablocal.arm import KV_BYTES_PER_TOKEN, MODEL, ArmServer, Link, PdModel, PrefixCache
-from kvablocal.loadmodel import lru_hit_ratio, predict_ttft, zipf
+from kvablocal.loadmodel import (cache_hit_tokens, lru_hit_ratio, predict_cells, predict_ttft, prefix_hit_ratio, prefix_tokens,
+                                 think_from_throughput, zipf)
+from kvablocal.predict import compare, table
 from kvablocal.stack import Stack
 
 _PROMPTS = itertools.count()
@@ -430,3 +432,139 @@ def test_ches_approximation_matches_a_simulated_lru_cache_under_zipf_requests(it
     assert simulated == pytest.approx(predicted, rel=0.03), (simulated, predicted)
     # The limits: no room, no hits; room for every item, every request a hit once the cache is warm.
     assert lru_hit_ratio(popularity, 0) == 0.0 and lru_hit_ratio(popularity, items) == 1.0
+
+
+# The experiment's shared-prefix workload as the load model sees it: 8192-token prompts, unique or a
+# group's prefix (64 groups, equally popular) and a 64-token suffix of their own.
+UNIQUE_8192 = {"label": "8192 unique", "prompt_tokens": 8192, "workload": {"kind": "unique"}}
+SHARED_8192 = {"label": "8192 shared-prefix", "prompt_tokens": 8192,
+               "workload": {"kind": "shared-prefix", "groups": 64, "zipf": 0.0, "suffix_tokens": 64}}
+
+
+def test_predict_cells_is_predict_ttft_per_size_and_the_fs_arms_cache_wins_at_light_load_only():
+    # One cell without hits is predict_ttft's one size; several sizes are its cells, hits included.
+    for concurrency in (1, 2, 16):
+        one = predict_cells([{"label": "8192", "prompt_tokens": 8192}], concurrency, max_tokens=8)
+        ttft = predict_ttft(8192, concurrency, max_tokens=8)
+        assert one["cells"]["8192"]["ttft"] == pytest.approx(ttft["ttft"]) and one["ttft"] == pytest.approx(ttft["ttft"])
+        assert one["throughput"] == pytest.approx(ttft["throughput"]) and one["in_link"] == pytest.approx(ttft["in_link"])
+    hits = {"fs": {8192: 8000}, "nvlink": 64}
+    sizes = predict_ttft([128, 8192], 8, hit_tokens=hits)
+    cells = predict_cells([{"label": s, "prompt_tokens": s, "hit_tokens": {"fs": {8192: 8000}.get(s, 0), "nvlink": 64}}
+                           for s in (128, 8192)], 8)
+    assert sizes["by_size"] == cells["cells"] and sizes["ratio"] == cells["ratio"]
+    with pytest.raises(ValueError):
+        predict_cells([{"label": "a", "prompt_tokens": 128}, {"label": "a", "prompt_tokens": 8192}], 2)
+
+    # The prefix caches by Che's approximation, the two cells mixed on each arm: a unique prompt hits
+    # nothing; the FS arm's 4,194,304 tokens hold every group's prefix (8128 tokens), the NVLink arm's
+    # 131,072 about 16 prompts, so few of the 64 groups (~12 %).
+    cached = cache_hit_tokens([UNIQUE_8192, SHARED_8192])
+    assert cached["8192 unique"] == {"nvlink": 0.0, "fs": 0.0}
+    assert prefix_tokens(SHARED_8192) == 8128 and prefix_tokens(UNIQUE_8192) == 0
+    assert 0.10 < cached["8192 shared-prefix"]["nvlink"] / 8128 < 0.14, cached
+    assert cached["8192 shared-prefix"]["fs"] / 8128 > 0.99, cached
+    # Measured ratios instead of Che's, for an arm; a cold cache finds nothing at its first request.
+    assert cache_hit_tokens([UNIQUE_8192, SHARED_8192], hit_ratio={"fs": 0.5})["8192 shared-prefix"]["fs"] == 4064
+    assert cache_hit_tokens([UNIQUE_8192, SHARED_8192], requests=(0, 1))["8192 shared-prefix"] == {"nvlink": 0.0, "fs": 0.0}
+    cells = [{**cell, "hit_tokens": cached[cell["label"]]} for cell in (UNIQUE_8192, SHARED_8192)]
+    # At 2 in flight the FS arm is faster on the shared prefixes (its prefill skipped, 73 ms against
+    # NVLink's ~108) and slower on unique prompts (×1.36); at 16 its link saturates and it is slower on both.
+    light, heavy = (predict_cells(cells, concurrency, max_tokens=4) for concurrency in (2, 16))
+    assert light["cells"]["8192 shared-prefix"]["ratio"] < 0.8 and 1.3 < light["cells"]["8192 unique"]["ratio"] < 1.4, light
+    assert heavy["cells"]["8192 shared-prefix"]["ratio"] > 3 and heavy["cells"]["8192 unique"]["ratio"] > 3, heavy
+    assert heavy["link_utilization"]["fs"] > 0.9 > 0.2 > heavy["link_utilization"]["nvlink"], heavy
+    # The client's time between requests (think) leaves fewer requests at the arms: the FS arm's time drops.
+    thinking = predict_cells(cells, 16, max_tokens=4, think=0.010)
+    assert thinking["ttft"]["fs"] < heavy["ttft"]["fs"] and thinking["throughput"] <= heavy["throughput"]
+    assert think_from_throughput(16, 96.0, 15.04) == pytest.approx(0.01) and think_from_throughput(2, 0, 1) == 0.0
+
+
+def test_ches_approximation_of_mixed_cells_matches_the_arms_cache_warm_and_cold():
+    # The shared-prefix run at a sixteenth of the scale (512-token prompts, a 16-token suffix, the caches
+    # 8192 and 262,144 tokens: still ~16 prompts and ~512), replayed through an arm's PrefixCache: unique
+    # and shared-prefix prompts in equal shares, 64 groups.
+    size, suffix, groups = 512, 16, 64
+    cells = [{"label": "u", "prompt_tokens": size, "workload": {"kind": "unique"}},
+             {"label": "s", "prompt_tokens": size, "workload": {"kind": "shared-prefix", "groups": groups, "zipf": 0.0,
+                                                                 "suffix_tokens": suffix}}]
+    prefixes = [words(f"g{g}.", size - suffix) for g in range(groups)]
+
+    def replay(capacity, first, end, seed):
+        draws, cache, hits = random.Random(seed), PrefixCache(capacity), []
+        for k in range(end):
+            if draws.random() < 0.5:
+                cache.query(words(f"u{k}.", size))
+            else:
+                hit = cache.query(prefixes[draws.randrange(groups)] + words(f"s{k}.", suffix))
+                if k >= first:
+                    hits.append(hit)
+        return hits, cache
+
+    # Warm (the NVLink-like cache, steady): ~12 % of the prefix tokens (simulated 0.120, Che 0.121).
+    warm = [hit for seed in range(4) for hit in replay(8192, 500, 3000, seed)[0]]
+    che = cache_hit_tokens(cells, {"arm": 8192})["s"]["arm"]
+    assert statistics.mean(warm) == pytest.approx(che, rel=0.1), (statistics.mean(warm), che)
+    # Cold (the FS-like cache, nothing evicted): requests 128 to 428 find what the ones before asked for,
+    # ~86 %, not Che's steady 100 %.
+    cold = [hit for seed in range(30) for hit in replay(262_144, 128, 428, seed)[0]]
+    che = cache_hit_tokens(cells, {"arm": 262_144}, requests=(128, 428))["s"]["arm"]
+    assert statistics.mean(cold) == pytest.approx(che, rel=0.03) and che / 496 < 0.9, (statistics.mean(cold), che)
+    # The cache's counters (as vllm:prefix_cache_hits_total / _queries_total) give the same fraction.
+    fractions = [prefix_hit_ratio(cache.hits, cache.queries, cells) for _, cache in (replay(262_144, 0, 856, s) for s in range(4))]
+    che = cache_hit_tokens(cells, {"arm": 262_144}, requests=(0, 856))["s"]["arm"] / 496
+    assert statistics.mean(fractions) == pytest.approx(che, abs=0.03), (fractions, che)
+
+
+def test_the_models_prediction_goes_beside_each_cell_of_a_reports_sweep(tmp_path):
+    # A sweep's report and records (two levels, unique and shared-prefix cells), made up; the rows join them.
+    workloads = [{"kind": "unique"}, {"kind": "shared-prefix", "groups": 64, "zipf": 0.0, "suffix_tokens": 64}]
+    levels = [{"load": "closed", "concurrency": 2, "rate": None, "measured_s": 10.0, "sent": 40},
+              {"load": "closed", "concurrency": 16, "rate": None, "measured_s": 5.0, "sent": 40}]
+    classes, comparisons, records = [], [], []
+    for level, c in enumerate((2, 16)):
+        for w, name in enumerate(("unique", "shared-prefix")):
+            label = f"8192 {name} @ c={c}"
+            classes.append({"label": label, "class": f"8192 {name}", "level": level, "prompt_tokens": 8192, "workload": w})
+            comparisons.append({"metric": "ttft_ms", "class": label, "primary": True, "ratio": 1.3 + level,
+                                "ratio_ci": [1.2 + level, 1.4 + level], "decision": "faster", "faster": "nvlink"})
+            comparisons.append({"metric": "itl_ms", "class": label, "primary": False, "ratio": 1.0})
+            for arm, ttft in (("nvlink", 100.0), ("fs", 150.0 * (1 + level))):
+                for extra in (0.0, 10.0):
+                    records.append({"class": label, "assigned": arm, "served": arm, "error": None, "ttft_ms": ttft + extra,
+                                    "e2e_ms": ttft + extra + 16, "prompt_tokens": 8192, "output_tokens": 8})
+            records.append({"class": label, "assigned": "fs", "served": None, "error": "timeout", "ttft_ms": None,
+                            "e2e_ms": 0, "prompt_tokens": None, "output_tokens": None})
+    curves = [{"arm": arm, "class": None, "points": [{"throughput": 8.0, "in_flight": 0.9}, {"throughput": 40.0, "in_flight": 7.6}]}
+              for arm in ("nvlink", "fs")]
+    report = {"arms": ["nvlink", "fs"], "classes": [{k: v for k, v in c.items() if k != "workload"} for c in classes],
+              "comparisons": comparisons, "run": {"warmup": 8, "concurrency": None},
+              "sweep": {"levels": levels, "curves": curves}}
+    header = {"kvab_records": 1, "arms": ["nvlink", "fs"], "warmup": 8, "workloads": workloads,
+              "classes": [{"label": c["class"], "prompt_tokens": 8192, "level": c["level"], "workload": c["workload"]} for c in classes]}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    (tmp_path / "records.jsonl").write_text("\n".join(json.dumps(line) for line in (header, *records)) + "\n")
+
+    rows = compare(tmp_path / "report.json", tmp_path / "records.jsonl")
+    assert [row["cell"] for row in rows] == [c["label"] for c in classes]
+    for row in rows:
+        level = row["level"]
+        assert row["concurrency"] == (2, 16)[level] and row["kvab"]["ratio"] == 1.3 + level and row["kvab"]["decision"] == "faster"
+        # Mean TTFTs of the answered requests (the timeout is in neither).
+        assert row["measured"]["n"] == {"nvlink": 2, "fs": 2}
+        assert row["measured"]["ratio"] == pytest.approx((150.0 * (1 + level) + 5) / 105.0)
+        # The model at the level's concurrency, its two cells mixed, each arm's cache from empty over its
+        # requests of the level (half of the sent ones), the think time by Little's law.
+        think = think_from_throughput(row["concurrency"], 2 * (8.0, 40.0)[level], 2 * (0.9, 7.6)[level])
+        assert row["think_ms"] == pytest.approx(think * 1000)
+        cells = [{"label": f"8192 {w} @ c={row['concurrency']}", "prompt_tokens": 8192,
+                  "workload": workloads[i]} for i, w in enumerate(("unique", "shared-prefix"))]
+        hits = cache_hit_tokens(cells, requests=((40 * level + 8) // 2, (40 * level + 40) // 2))
+        expected = predict_cells([{**cell, "hit_tokens": hits[cell["label"]]} for cell in cells], row["concurrency"],
+                                 max_tokens=8, think=think)["cells"][row["cell"]]
+        assert row["model"]["ratio"] == pytest.approx(expected["ratio"])
+        assert row["model"]["hit_tokens"] == hits[row["cell"]]
+    assert "8192 shared-prefix @ c=16" in table(rows) and "nvlink faster" in table(rows)
+    # Without a think time the FS arm's link holds more at 16 in flight: a larger predicted ratio.
+    plain = compare(tmp_path / "report.json", tmp_path / "records.jsonl", think=0)
+    assert plain[3]["model"]["ratio"] > rows[3]["model"]["ratio"] and plain[3]["think_ms"] == 0

@@ -315,7 +315,9 @@ impl Report {
             "{}\nwhere ({second}/{first}, primary metric, ratio [interval] decision):",
             sweep.levels_text()
         );
-        for (name, cells) in self.grid_rows() {
+        let rows = self.grid_rows();
+        let width = rows.iter().map(|(name, _)| name.chars().count()).max().unwrap_or(0);
+        for (name, cells) in rows {
             for (level, cell) in sweep.levels.iter().zip(cells) {
                 let label = cell
                     .and_then(|i| self.classes.get(i))
@@ -330,7 +332,7 @@ impl Report {
                             c.decision_text()
                         )
                     });
-                let _ = writeln!(out, "  {name:<10} {:<8} {shown}", level.label());
+                let _ = writeln!(out, "  {name:<width$} {:<8} {shown}", level.label());
             }
         }
         let _ = writeln!(out, "load curves (knee: {}):", sweep.knee_rule);
