@@ -316,7 +316,11 @@ impl Report {
             sweep.levels_text()
         );
         let rows = self.grid_rows();
-        let width = rows.iter().map(|(name, _)| name.chars().count()).max().unwrap_or(0);
+        let width = rows
+            .iter()
+            .map(|(name, _)| name.chars().count())
+            .max()
+            .unwrap_or(0);
         for (name, cells) in rows {
             for (level, cell) in sweep.levels.iter().zip(cells) {
                 let label = cell
