@@ -18,9 +18,10 @@ def test_conversations_are_the_units_and_every_turn_of_a_broken_one_counts(stack
         s, "--prompt-tokens", "512", "--workload", "multi-turn", "--turns", "3", "--think-time", "0.005",
         "--requests", "80", "--warmup", "4", "--max-tokens", "4", "--seed", "21", "--records", str(records))
     assert code in (0, 2), report["reasons"]
-    assert report["workload"]["kind"] == "multi-turn" and report["workload"]["turns"] == 3
+    assert report["workload"]["shapes"] == [{"kind": "multi-turn", "turns": 3, "think_time_s": 0.005}]
     cells = {c["label"]: c for c in report["classes"]}
     assert list(cells) == ["512 turn 1", "512 turn 2", "512 turn 3"]
+    assert [c["turn"] for c in cells.values()] == [1, 2, 3]
     # The assignment check counts conversations (80), not their 240 requests.
     planned = report["assignment"]["planned"]
     assert sum(planned.values()) == 80 and report["assignment"]["srm_ok"], report["assignment"]

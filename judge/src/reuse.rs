@@ -243,11 +243,12 @@ pub fn reuse(cells: &[Cell], arms: &[String], outcomes: &[Outcome]) -> Vec<Reuse
                 counts.requests += 1;
                 let later = cell.turn.is_some_and(|t| t > 1);
                 counts.repeated += u64::from(later);
-                if let Some(prompt) = o.prompt_tokens {
+                // A file's conversations have messages of their own lengths: what a turn re-sent is not
+                // known from its prompt tokens, only that it re-sent the conversation (`repeated`).
+                if let (Some(prompt), Some(size)) = (o.prompt_tokens, cell.prompt_tokens) {
                     *sent.entry((o.class, arm.as_str())).or_default() += prompt;
                     if later {
-                        let size = u64::from(cell.prompt_tokens.unwrap_or(0));
-                        counts.shared_tokens += prompt.saturating_sub(size);
+                        counts.shared_tokens += prompt.saturating_sub(u64::from(size));
                     }
                 }
             }

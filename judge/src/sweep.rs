@@ -155,7 +155,7 @@ pub struct Point {
     pub throughput: f64,
     /// Mean requests of the arm in flight (its requests' end-to-end time over the measured time).
     pub in_flight: f64,
-    /// The primary metric of the answered requests.
+    /// The primary metric of the requests that count, a failure of the arm ranked at `--max-time`.
     pub p50_ms: Option<f64>,
     pub p90_ms: Option<f64>,
     /// With --slo: requests that met it, and their rate (goodput).
@@ -203,6 +203,7 @@ pub fn sweep(
     outcomes: &[Outcome],
     slo: Option<Slo>,
     stream: bool,
+    max_time_ms: f64,
 ) -> Sweep {
     let target = slo.and_then(|s| s.primary_ms(stream));
     let metric = if stream { "TTFT" } else { "end-to-end time" };
@@ -239,7 +240,7 @@ pub fn sweep(
                         .iter()
                         .filter(|o| o.assigned == arm)
                         .filter(in_cell);
-                    point(of_cell, facts.measured_s, slo, stream)
+                    point(of_cell, facts.measured_s, slo, stream, max_time_ms)
                 })
                 .collect();
             let knee = knee(&points, target);
@@ -264,15 +265,20 @@ fn point<'a>(
     measured_s: f64,
     slo: Option<Slo>,
     stream: bool,
+    max_time_ms: f64,
 ) -> Point {
-    let (mut requests, mut busy_ms, mut met) = (0u64, 0.0, 0u64);
+    let (mut requests, mut answered, mut busy_ms, mut met) = (0u64, 0u64, 0.0, 0u64);
     let mut values = Vec::new();
     for o in outcomes {
         requests += 1;
         busy_ms += o.e2e_ms;
         met += u64::from(slo.is_some_and(|s| s.met(o)));
         if o.counts() {
+            answered += 1;
             values.extend(if stream { o.ttft_ms } else { Some(o.e2e_ms) });
+        } else if o.failed() {
+            // As the comparisons rank it: an arm that times out under load is slow, not absent.
+            values.push(max_time_ms);
         }
     }
     let per_second = |n: u64| {
@@ -282,7 +288,6 @@ fn point<'a>(
             0.0
         }
     };
-    let answered = values.len() as u64;
     Point {
         requests,
         answered,
@@ -401,6 +406,7 @@ mod tests {
             &outcomes,
             None,
             true,
+            60_000.0,
         );
         assert_eq!(free.curves.len(), 2, "one class: one curve per arm");
         assert_eq!(free.curves[0].class, None);
@@ -418,6 +424,7 @@ mod tests {
             &outcomes,
             Some(slo),
             true,
+            60_000.0,
         );
         // nvlink's p90 at level 1 is 105 + 17.1 > 120: its knee under the SLO is level 1 too; fs's p90 at
         // level 0 (127.1) already passes it.

@@ -548,11 +548,6 @@ class ArmServer(ThreadingHTTPServer):
 
         return _Running()
 
-    def first_token_delay(self, prompt_tokens: int) -> float:
-        """The unloaded time to first token: the model's, `delay` and a draw of `jitter`."""
-        extra = self.delay + random.uniform(-self.jitter, self.jitter)
-        return max(0.0, self.model_timing.first_token(prompt_tokens) + extra)
-
     def first_token_parts(self, prompt_tokens: int, cached_tokens: int = 0) -> tuple:
         """(seconds to wait, KV bytes to transfer) before the first token: the wait is the prefill of the
         tokens not cached, the transfer overhead, `delay` and a draw of `jitter`; the bytes are every

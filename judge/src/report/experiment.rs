@@ -40,6 +40,9 @@ pub struct Class {
     pub class: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub level: Option<usize>,
+    /// In a multi-turn workload: the cell's turn (1-based).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub turn: Option<u32>,
     /// The size asked for (`--prompt-tokens`); `null` for prompts from a file.
     pub prompt_tokens: Option<u32>,
     /// Mean `usage.prompt_tokens` the server reported, when it did.

@@ -4,12 +4,10 @@
 
 use std::fmt::Write as _;
 
-use super::experiment::ms_text;
-use super::experiment::{Report, Samples};
+use super::experiment::{ms_text, ArmSamples, Report, Samples};
 use super::page::{escape, figure};
-use super::plots::{finite, median_plot, MedianRow, CONCURRENCY_AXIS, MEDIAN_ALPHA, RATE_AXIS};
+use super::plots::{median_plot, medians, MedianRow, CONCURRENCY_AXIS, MEDIAN_ALPHA, RATE_AXIS};
 use crate::comparison::Decision;
-use crate::stats::{median_interval, percentile};
 
 /// The sweep's section of the HTML report: the grid, the curves' table and a plot per class.
 pub fn html(out: &mut String, report: &Report, samples: &Samples) {
@@ -106,21 +104,12 @@ pub fn html(out: &mut String, report: &Report, samples: &Samples) {
                 let class = samples.classes.get((*cell)?)?;
                 // The x axis: requests in flight (closed loop) or per second (open loop).
                 let x = level.concurrency.map(f64::from).or(level.rate)?;
-                let per_arm = class
-                    .arms
-                    .iter()
-                    .map(|a| {
-                        let sample = finite(if report.run.stream {
-                            &a.ttft_ms
-                        } else {
-                            &a.e2e_ms
-                        });
-                        let median = percentile(&sample, 50.0)?;
-                        let (lo, hi) = median_interval(&sample, MEDIAN_ALPHA)?;
-                        Some((median, lo, hi))
-                    })
-                    .collect();
-                Some((x, per_arm))
+                let pick: fn(&ArmSamples) -> &Vec<f64> = if report.run.stream {
+                    |a| &a.ttft_ms
+                } else {
+                    |a| &a.e2e_ms
+                };
+                Some((x, medians(&class.arms, pick)))
             })
             .collect();
         let axis = match sweep.levels.first().and_then(|l| l.rate) {

@@ -8,8 +8,8 @@ use std::fmt::Write as _;
 
 use super::experiment::{ArmSamples, Report, Samples};
 pub use super::page::{escape, figure, page};
-use super::plots::{ecdf_plot, finite, median_plot, MedianRow, MEDIAN_ALPHA, PROMPT_AXIS};
-use crate::stats::{format_p, median_interval, percentile};
+use super::plots::{ecdf_plot, median_plot, medians, MedianRow, MEDIAN_ALPHA, PROMPT_AXIS};
+use crate::stats::format_p;
 use crate::verdict::per_arm;
 
 fn fmt(value: Option<f64>, digits: usize) -> String {
@@ -312,17 +312,7 @@ pub fn render(report: &Report, samples: &Samples) -> String {
         .map(|(_, class)| class)
         .filter_map(|class| {
             let x = class.prompt_tokens.filter(|x| x.is_finite() && *x > 0.0)?;
-            let per_arm = class
-                .arms
-                .iter()
-                .map(|a| {
-                    let sample = finite(pick(a));
-                    let median = percentile(&sample, 50.0)?;
-                    let (lo, hi) = median_interval(&sample, MEDIAN_ALPHA)?;
-                    Some((median, lo, hi))
-                })
-                .collect();
-            Some((x, per_arm))
+            Some((x, medians(&class.arms, pick)))
         })
         .collect();
     figure(
@@ -370,7 +360,6 @@ mod tests {
     use super::*;
     use crate::comparison::{Comparison, Decision};
     use crate::report::experiment::*;
-    use crate::verdict::Verdict;
 
     fn arms_of() -> Vec<String> {
         vec!["nvlink".into(), "fs".into()]
@@ -382,13 +371,14 @@ mod tests {
             |a: f64, b: f64| BTreeMap::from([("nvlink".to_string(), a), ("fs".to_string(), b)]);
         let counts = |a: u64, b: u64| BTreeMap::from([("nvlink".into(), a), ("fs".into(), b)]);
         Report {
-            verdict: Verdict::Decided,
+            verdict: crate::verdict::Verdict::Decided,
             reasons: vec![format!("ttft_ms {label}: nvlink faster by 30.0%")],
             arms,
             classes: vec![Class {
                 label: label.into(),
                 class: None,
                 level: None,
+                turn: None,
                 prompt_tokens: Some(128),
                 measured_prompt_tokens: Some(131.5),
                 requests: 100,
@@ -592,7 +582,7 @@ mod tests {
     #[test]
     fn a_mismatch_is_a_warning() {
         let mut report = report("128");
-        report.verdict = Verdict::Invalid;
+        report.verdict = crate::verdict::Verdict::Invalid;
         report.assignment.srm_ok = false;
         report.assignment.srm_p = Some(1e-9);
         let html = render(&report, &samples("128"));

@@ -214,7 +214,21 @@ type MedianWithInterval = (f64, f64, f64);
 /// A prompt size and, per arm, its median with interval.
 pub(super) type MedianRow = (f64, Vec<Option<MedianWithInterval>>);
 
-/// The median with its distribution-free interval against prompt size, per arm (log x axis).
+/// Per arm, the median of `pick`'s finite values with its distribution-free interval at `MEDIAN_ALPHA`.
+pub(super) fn medians(
+    arms: &[super::experiment::ArmSamples],
+    pick: impl Fn(&super::experiment::ArmSamples) -> &Vec<f64>,
+) -> Vec<Option<MedianWithInterval>> {
+    arms.iter()
+        .map(|a| {
+            let sample = finite(pick(a));
+            let median = percentile(&sample, 50.0)?;
+            let (lo, hi) = crate::stats::median_interval(&sample, MEDIAN_ALPHA)?;
+            Some((median, lo, hi))
+        })
+        .collect()
+}
+
 /// The x axis of a median plot: its description, the plot title's "by ...", and what is said when no row
 /// has a value on it.
 pub(super) struct XAxis {

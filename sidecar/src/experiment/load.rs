@@ -97,7 +97,12 @@ impl Generator {
                 )),
                 _ => None,
             }),
-            cursor: vec![0; classes.len()],
+            // A file's prompts go on from level to level (each level from where the one before would
+            // have gone on), not from the start again.
+            cursor: vec![
+                level as usize * (options.warmup + options.requests) as usize;
+                classes.len()
+            ],
             classes,
             url: format!("{gateway}{}", options.path),
             options: options.clone(),

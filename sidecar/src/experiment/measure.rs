@@ -227,6 +227,7 @@ pub async fn execute(
         ..EventStream::default()
     };
     let mut kept: Vec<u8> = Vec::new();
+    let started = std::time::Instant::now();
     let result = client
         .stream(request, |data, at| {
             if stream {
@@ -239,6 +240,8 @@ pub async fn execute(
     let response = match result {
         Ok(response) => response,
         Err(failure) => {
+            // How long the request held its place (the load curves' requests in flight count it).
+            outcome.e2e_ms = ms(started.elapsed());
             // Headers that arrived name the arm that answered, whatever became of the body: the failure
             // is that arm's error. Without them the request stays untagged.
             if let Some(head) = &failure.head {

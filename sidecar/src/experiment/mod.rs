@@ -169,7 +169,15 @@ fn header(options: &Options, classes: &[workload::Class]) -> Header {
 
 async fn run(options: &Options) -> Result<(Report, Samples), String> {
     let classes = workload::classes(options)?;
-    // The records' temporary file first: a path that cannot be written stops before any traffic.
+    let mut header = header(options, &classes);
+    if header.classes.len() > records::MAX_CELLS {
+        return Err(format!(
+            "{} cells (classes × workloads × turns × load levels): a run has at most {}",
+            header.classes.len(),
+            records::MAX_CELLS
+        ));
+    }
+    // The records' temporary file next: a path that cannot be written stops before any traffic.
     let pending = options
         .records
         .as_deref()
@@ -190,15 +198,6 @@ async fn run(options: &Options) -> Result<(Report, Samples), String> {
             (Some(forward), url)
         }
     };
-    let mut header = header(options, &classes);
-    if header.classes.len() > records::MAX_CELLS {
-        return Err(format!(
-            "{} classes at {} load levels: a sweep has at most {} cells",
-            classes.len(),
-            options.levels.len(),
-            records::MAX_CELLS
-        ));
-    }
     let design = header.design();
     let started = Instant::now();
     // The looks (looks.rs) take each answer by its measured number (the level's offset + request number −
@@ -414,6 +413,7 @@ fn assemble(
             &ended.analyzed,
             header.slo,
             header.stream,
+            1000.0 * header.max_time_s,
         )
     });
     Report {
@@ -428,6 +428,7 @@ fn assemble(
                 label: cell_labels.get(i).cloned().unwrap_or_default(),
                 class: c.level.map(|_| c.label.clone()),
                 level: c.level,
+                turn: c.turn,
                 prompt_tokens: c.prompt_tokens,
                 measured_prompt_tokens: analysis.measured_prompt_tokens.get(i).copied().flatten(),
                 requests: analysis.requests_per_class.get(i).copied().unwrap_or(0),

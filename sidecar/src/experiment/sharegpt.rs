@@ -92,10 +92,13 @@ fn conversation(messages: &[Message], turns: usize) -> Vec<Turn> {
     let mut out: Vec<Turn> = Vec::new();
     for message in messages {
         match message.from.as_str() {
-            "human" | "user" if out.len() < turns => out.push(Turn {
-                user: message.value.clone(),
-                max_tokens: None,
-            }),
+            // A blank human turn is no turn: it takes no place among the first `turns`.
+            "human" | "user" if out.len() < turns && !message.value.trim().is_empty() => {
+                out.push(Turn {
+                    user: message.value.clone(),
+                    max_tokens: None,
+                })
+            }
             "gpt" | "assistant" | "chatgpt" | "bard" => {
                 if let Some(last) = out.last_mut().filter(|t| t.max_tokens.is_none()) {
                     last.max_tokens = Some(reply_tokens(&message.value));
@@ -104,7 +107,6 @@ fn conversation(messages: &[Message], turns: usize) -> Vec<Turn> {
             _ => {}
         }
     }
-    out.retain(|t| !t.user.trim().is_empty());
     out
 }
 

@@ -34,10 +34,10 @@ pub const MAX_FILE_BYTES: u64 = 1 << 30;
 /// Longest line read (its end not counted): 4 MiB (a request's inter-token gaps at the largest
 /// --max-tokens, 65536, take under 2 MiB).
 pub const MAX_LINE_BYTES: usize = 4 << 20;
-/// Most classes (as `--prompts`).
-const MAX_CLASSES: usize = 64;
-/// Most cells (class × load level) of a load sweep.
+/// Most cells of a run (classes × workloads × a conversation's turns × load levels).
 pub const MAX_CELLS: usize = 256;
+/// Most measured requests of a run (all levels, every turn): what a records file may number.
+pub const MAX_MEASURED: u64 = 10_000_000;
 
 /// A class of the design, as recorded.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -10,8 +10,8 @@ use serde_json::{Map, Value};
 
 use super::{
     ClassSpec, Header, LevelSpec, LoadSpec, MethodSpec, RunFacts, DEFAULT_ERROR_MARGIN,
-    DEFAULT_MAX_TIME_S, DEFAULT_TAIL_MARGIN, MAX_CELLS, MAX_CLASSES, MAX_FILE_BYTES,
-    MAX_LINE_BYTES, VERSION,
+    DEFAULT_MAX_TIME_S, DEFAULT_TAIL_MARGIN, MAX_CELLS, MAX_FILE_BYTES, MAX_LINE_BYTES,
+    MAX_MEASURED, VERSION,
 };
 use crate::experiment::looks::Until;
 use crate::experiment::measure::Outcome;
@@ -48,8 +48,10 @@ pub fn parse(reader: impl BufRead, name: &str) -> Result<Records, String> {
     let mut total = 0u64;
     let mut header: Option<Header> = None;
     let mut outcomes = Vec::new();
-    // Measured numbers seen, one flag each (at most `requests`, 10,000,000).
+    // Measured numbers seen, one flag each (below the header's planned requests, at most MAX_MEASURED).
     let mut seen: Vec<bool> = Vec::new();
+    // The cells' labels, as the records name their class.
+    let mut labels: Vec<String> = Vec::new();
     loop {
         line.clear();
         let read = (&mut reader)
@@ -85,9 +87,13 @@ pub fn parse(reader: impl BufRead, name: &str) -> Result<Records, String> {
             serde_json::from_slice(&line).map_err(|e| at(format!("not a JSON object: {e}")))?;
         let mut fields = Fields { object };
         match &header {
-            None => header = Some(read_header(&mut fields).map_err(at)?),
+            None => {
+                let read = read_header(&mut fields).map_err(at)?;
+                labels = read.cell_labels();
+                header = Some(read);
+            }
             Some(header) => {
-                let (n, outcome) = read_record(&mut fields, header).map_err(at)?;
+                let (n, outcome) = read_record(&mut fields, header, &labels).map_err(at)?;
                 // `n` < requests ≤ 10,000,000 (read_record): the flags stay small.
                 let index = n as usize;
                 if seen.len() <= index {
@@ -292,7 +298,7 @@ fn read_header(fields: &mut Fields) -> Result<Header, String> {
         )?;
     }
     let cells_ok = if levels.is_empty() {
-        classes.len() <= MAX_CLASSES && classes.iter().all(|c| c.level.is_none())
+        classes.len() <= MAX_CELLS && classes.iter().all(|c| c.level.is_none())
     } else {
         classes.len() <= MAX_CELLS
             && classes
@@ -302,7 +308,7 @@ fn read_header(fields: &mut Fields) -> Result<Header, String> {
     check(
         cells_ok,
         "classes",
-        "at most 64 classes, or in a load sweep 256 cells, each with the index of one of the `levels`",
+        "at most 256 cells, in a load sweep each with the index of one of the `levels`",
     )?;
     // Written since the workloads came; a file from before had unique prompts.
     let shapes: Vec<Shape> = match fields.take_or::<Option<Shape>>("workload", None)? {
@@ -364,6 +370,11 @@ fn read_header(fields: &mut Fields) -> Result<Header, String> {
         slo,
         shapes,
     };
+    check(
+        header.planned() <= MAX_MEASURED,
+        "requests",
+        "times the turns and the levels is more than the 10000000 measured requests a run may have",
+    )?;
     let mut cells = HashSet::new();
     for label in header.cell_labels() {
         if !cells.insert(label.clone()) {
@@ -379,7 +390,11 @@ fn milliseconds(value: f64) -> bool {
     value.is_finite() && value >= 0.0
 }
 
-fn read_record(fields: &mut Fields, header: &Header) -> Result<(u64, Outcome), String> {
+fn read_record(
+    fields: &mut Fields,
+    header: &Header,
+    labels: &[String],
+) -> Result<(u64, Outcome), String> {
     let number: u64 = fields.take("number")?;
     check(
         number < header.planned(),
@@ -396,8 +411,7 @@ fn read_record(fields: &mut Fields, header: &Header) -> Result<(u64, Outcome), S
             })
         };
     let class: String = fields.take("class")?;
-    let class = header
-        .cell_labels()
+    let class = labels
         .iter()
         .position(|c| *c == class)
         .ok_or_else(|| format!("field `class`: {class:?} is not one of the header's classes"))?;

@@ -174,7 +174,7 @@ fn a_load_sweep_reads_by_cell_round_trips_and_refuses_bad_levels() {
     let cases = [
         (
             sweep.replace(r#""level":1"#, r#""level":2"#),
-            "field `classes`: at most 64",
+            "field `classes`: at most 256",
         ),
         (
             sweep.replace(r#""level":1"#, r#""level":0"#),
@@ -193,7 +193,7 @@ fn a_load_sweep_reads_by_cell_round_trips_and_refuses_bad_levels() {
         ),
         (
             sweep.replace(r#","level":0"#, ""),
-            "field `classes`: at most 64",
+            "field `classes`: at most 256",
         ),
     ];
     for (header, expected) in cases {

@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
 
+mod shape;
+
 pub use super::looks::Until;
 pub use super::records::JudgeOptions;
 use super::records::{DEFAULT_ERROR_MARGIN, DEFAULT_LOOKS, DEFAULT_TAIL_MARGIN};
 use kvab_judge::reuse::Shape;
 use kvab_judge::sequential::Boundary;
-use kvab_judge::sweep::{Slo, MAX_LEVELS};
+use kvab_judge::sweep::Slo;
 
 use crate::args::{
     absolute_path, arm_name, boundary, header_name, http_url, local_url, long_seconds,
@@ -457,6 +459,15 @@ impl Options {
     }
 
     fn live(args: ExperimentArgs) -> Result<Options, String> {
+        let mut sizes = args.prompt_tokens.clone();
+        sizes.sort_unstable();
+        sizes.dedup();
+        let workload = match args.prompts.clone() {
+            Some(file) => Workload::File(file),
+            None => Workload::Synthetic(sizes),
+        };
+        let shapes = shape::shapes(&args, &workload)?;
+        let levels = shape::levels(&args, &shapes)?;
         let arms = args.arms;
         if arms.len() != 2 {
             return Err(format!("--arms wants exactly two arms, got {}", arms.len()));
@@ -476,83 +487,6 @@ impl Options {
             None if cluster => None,
             None => Some(local_url("KVAB_GATEWAY_PORT", 18080)),
         };
-        let mut sizes = args.prompt_tokens;
-        sizes.sort_unstable();
-        sizes.dedup();
-        let workload = match args.prompts {
-            Some(file) => Workload::File(file),
-            None => Workload::Synthetic(sizes),
-        };
-        let mut kinds = args.workload.clone();
-        kinds.sort_unstable();
-        kinds.dedup();
-        let shapes: Vec<Shape> = kinds
-            .iter()
-            .map(|kind| match kind {
-                WorkloadKind::Unique => Shape::Unique,
-                WorkloadKind::SharedPrefix => Shape::SharedPrefix {
-                    groups: args.prefix_groups,
-                    suffix_tokens: args.suffix_tokens,
-                    zipf: args.zipf,
-                },
-                WorkloadKind::MultiTurn => Shape::MultiTurn {
-                    turns: args.turns,
-                    think_time_s: args.think_time,
-                },
-            })
-            .collect();
-        let multi_turn = kinds.contains(&WorkloadKind::MultiTurn);
-        if multi_turn && (kinds.len() > 1 || args.endpoint != Endpoint::Chat) {
-            return Err(
-                "--workload multi-turn sends conversations: it goes alone (its unit is the \
-                        conversation) and needs --endpoint chat"
-                    .into(),
-            );
-        }
-        let synthetic = match &workload {
-            Workload::Synthetic(sizes) => Some(sizes.as_slice()),
-            Workload::File(_) if shapes.len() > 1 => {
-                return Err("--workload: prompts from a file are one workload".into())
-            }
-            Workload::File(_) => None,
-        };
-        for shape in &shapes {
-            shape
-                .check(synthetic)
-                .map_err(|e| format!("--workload: {e}"))?;
-        }
-        let levels: Vec<Load> = if args.rate.is_empty() {
-            let concurrency = args.concurrency.iter();
-            concurrency
-                .map(|&concurrency| Load::Closed { concurrency })
-                .collect()
-        } else {
-            let max_in_flight = args.max_in_flight;
-            let rate = args.rate.iter();
-            rate.map(|&rate| Load::Open {
-                rate,
-                max_in_flight,
-            })
-            .collect()
-        };
-        if levels.len() > MAX_LEVELS {
-            return Err(format!(
-                "{} load levels: a sweep has at most {MAX_LEVELS}",
-                levels.len()
-            ));
-        }
-        if levels.len() > 1 && args.until == Until::Decided {
-            return Err(
-                "--until decided stops one run when it is decided; a load sweep runs every level to its \
-                 budget (use --until budget)"
-                    .into(),
-            );
-        }
-        if args.slo.is_some() && levels.len() < 2 {
-            return Err(
-                "--slo applies to a load sweep: give several --concurrency or --rate levels".into(),
-            );
-        }
         let looks = match args.until {
             Until::Budget => 1,
             Until::Decided => args.looks,
